@@ -1,0 +1,35 @@
+"""treegraft: initialise part of a JAX model's state from another pytree or checkpoint."""
+
+from treegraft._errors import CheckpointError as CheckpointError
+from treegraft._errors import CheckpointNotFoundError as CheckpointNotFoundError
+from treegraft._errors import GraftError as GraftError
+from treegraft._errors import MappingError as MappingError
+from treegraft._errors import MismatchError as MismatchError
+from treegraft._errors import PathNotFoundError as PathNotFoundError
+from treegraft._errors import PathSyntaxError as PathSyntaxError
+from treegraft._paths import Path as Path
+from treegraft._paths import parse_path as parse_path
+from treegraft._patterns import Pattern as Pattern
+from treegraft._patterns import parse_pattern as parse_pattern
+from treegraft._tree import extract as extract
+from treegraft._tree import flatten as flatten
+from treegraft._tree import insert as insert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "GraftError",
+    "MappingError",
+    "MismatchError",
+    "Path",
+    "PathNotFoundError",
+    "PathSyntaxError",
+    "Pattern",
+    "extract",
+    "flatten",
+    "insert",
+    "parse_path",
+    "parse_pattern",
+]

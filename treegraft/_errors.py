@@ -1,0 +1,104 @@
+"""Exception types and the formatting shared by every message.
+
+Every error treegraft raises on bad input is a `GraftError` (a `ValueError`).
+Errors that report several problems keep them in `.problems` so a program can
+inspect them; the message lists them all.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "GraftError",
+    "PathSyntaxError",
+    "PathNotFoundError",
+    "MismatchError",
+    "MappingError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "suggest",
+]
+
+
+class GraftError(ValueError):
+    """Base class of every error treegraft raises on bad input.
+
+    Attributes:
+      problems: the individual problems, when the error reports several.
+    """
+
+    def __init__(self, message: str, *, problems: Sequence[object] = ()):
+        super().__init__(message)
+        self.message = message
+        self.problems = tuple(problems)
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would repr() the message; keep it readable.
+        return self.message
+
+
+class PathSyntaxError(GraftError):
+    """A path or pattern string does not follow the path grammar."""
+
+    def __init__(self, text: str, column: int, reason: str):
+        caret = " " * (column + 2) + "^"
+        message = (
+            f"invalid path {text!r}: {reason} at column {column + 1}\n  {text}\n{caret}"
+        )
+        super().__init__(message)
+        self.text = text
+        self.column = column
+        self.reason = reason
+
+
+class PathNotFoundError(GraftError, KeyError):
+    """A path does not exist in a tree or checkpoint (also a `KeyError`)."""
+
+
+class MismatchError(GraftError):
+    """Structure, shape or dtype differ between two sides that must agree."""
+
+
+class MappingError(GraftError):
+    """The mapping itself is invalid: wrong type, wildcards, or rules tied."""
+
+
+class CheckpointError(GraftError):
+    """A checkpoint cannot be used: unreadable, corrupt or inconsistent."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint, workdir or step does not exist (also a `FileNotFoundError`)."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+for _cls in (
+    GraftError,
+    PathSyntaxError,
+    PathNotFoundError,
+    MismatchError,
+    MappingError,
+    CheckpointError,
+    CheckpointNotFoundError,
+):
+    _cls.__module__ = "treegraft"
+
+
+def suggest(word: str, candidates: Iterable[str], *, n: int = 3) -> str:
+    """Returns ` (did you mean 'x'?)` for close matches of word, or ''."""
+    close = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
+def describe_leaf(shape: object, dtype: object) -> str:
+    """Renders a leaf's shape and dtype the same way in every message."""
+    if shape is None:
+        return str(dtype)
+    dims = ", ".join(str(d) for d in shape)  # type: ignore[attr-defined]
+    return f"{dtype}[{dims}]"

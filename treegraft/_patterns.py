@@ -1,0 +1,329 @@
+"""Glob patterns over paths, with captures that carry across a mapping.
+
+    **            zero or more whole segments
+    *             exactly one segment, whatever its key type
+    layers_*      one string segment; each `*` matches any run of characters
+
+A pattern is compiled once, when parsed; matching never re-parses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from treegraft._errors import MappingError
+from treegraft._paths import Part, Path, render_parts, scan
+
+__all__ = ["Pattern", "parse_pattern"]
+
+# Segment kinds.
+_LIT, _STAR, _GLOB, _DSTAR = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class _Seg:
+    kind: int
+    value: Any = None  # the part (_LIT), the compiled regex (_GLOB)
+    text: str = ""  # the source text of a glob segment
+
+    def matches(self, part: Part) -> tuple[Any, ...] | None:
+        """Captures of this one-segment matcher on part, or None."""
+        if self.kind == _LIT:
+            v = self.value
+            if type(part) is type(v) and part == v:
+                return ()
+            # Orbax turns int dict keys into strings: 0 also finds '0'.
+            if type(v) is int and type(part) is str and part == str(v):
+                return ()
+            return None
+        if self.kind == _STAR:
+            return (part,)
+        # _GLOB
+        if type(part) is str:
+            m = self.value.fullmatch(part)
+        elif type(part) is int:
+            m = self.value.fullmatch(str(part))
+        else:
+            return None
+        return None if m is None else m.groups()
+
+
+def _compile_glob(text: str) -> re.Pattern[str]:
+    pieces = text.split("*")
+    return re.compile("(.*?)".join(re.escape(p) for p in pieces), re.DOTALL)
+
+
+class Pattern:
+    """A compiled path pattern: literal segments, `*`, `**` and `name_*` globs.
+
+    Example:
+      >>> import treegraft as tg
+      >>> pat = tg.parse_pattern("params.**.bias")
+      >>> pat.match(tg.parse_path("params.enc.dense.bias"))
+      (('enc', 'dense'),)
+      >>> pat.match(tg.parse_path("params.enc.dense.kernel")) is None
+      True
+      >>> layers = tg.parse_pattern("dec.layers_*")
+      >>> layers.match_prefix(tg.parse_path("dec.layers_3.attn.q"))
+      (2, ('3',))
+    """
+
+    __slots__ = ("text", "_segs", "_has_dstar", "_min_len", "_is_literal")
+
+    def __init__(self, text: str, *, _segments: Sequence[tuple[str, Any]] | None = None):
+        self.text = text
+        segs = []
+        scanned = scan(text, wildcards=True) if _segments is None else _segments
+        for kind, value in scanned:
+            if kind == "part":
+                segs.append(_Seg(_LIT, value))
+            elif value == "**":
+                segs.append(_Seg(_DSTAR))
+            elif value == "*":
+                segs.append(_Seg(_STAR))
+            else:
+                segs.append(_Seg(_GLOB, _compile_glob(value), value))
+        self._segs: tuple[_Seg, ...] = tuple(segs)
+        self._has_dstar = any(s.kind == _DSTAR for s in segs)
+        self._min_len = sum(1 for s in segs if s.kind != _DSTAR)
+        self._is_literal = all(s.kind == _LIT for s in segs)
+
+    # -- introspection -------------------------------------------------------
+
+    @property
+    def is_literal(self) -> bool:
+        """Whether the pattern has no wildcard (it is a plain path)."""
+        return self._is_literal
+
+    @property
+    def literal_count(self) -> int:
+        """How many segments are literal (no wildcard in them)."""
+        return sum(1 for s in self._segs if s.kind == _LIT)
+
+    def as_path(self) -> Path:
+        """The plain path of a literal pattern.
+
+        Raises:
+          ValueError: the pattern has wildcards.
+        """
+        if not self._is_literal:
+            raise ValueError(f"pattern {self.text!r} has wildcards")
+        return Path(s.value for s in self._segs)
+
+    def wildcards(self) -> tuple[str, ...]:
+        """The wildcard kinds in order: '**' or '*' (one per star in a glob)."""
+        out: list[str] = []
+        for s in self._segs:
+            if s.kind == _DSTAR:
+                out.append("**")
+            elif s.kind == _STAR:
+                out.append("*")
+            elif s.kind == _GLOB:
+                out.extend("*" * s.text.count("*"))
+        return tuple(out)
+
+    # -- matching ------------------------------------------------------------
+
+    def match(self, path: Path | Sequence[Part]) -> tuple[Any, ...] | None:
+        """Matches the whole path.
+
+        Returns:
+          The captures in order, or None when the path does not match: a lone
+          `*` captures the part, a `*` in a glob captures a string, a `**`
+          captures a tuple of parts. Never raises for any path.
+        """
+        parts = path.parts if isinstance(path, Path) else tuple(path)
+        if not self._has_dstar:
+            if len(parts) != len(self._segs):
+                return None
+            return self._match_fixed(parts)
+        return self._match_from(parts, 0, 0)
+
+    def match_prefix(self, path: Path | Sequence[Part]) -> tuple[int, tuple[Any, ...]] | None:
+        """Matches the shortest prefix of path that the pattern matches whole.
+
+        Returns:
+          `(length, captures)`: the number of parts the pattern consumed and
+          its captures, or None when no prefix matches.
+        """
+        parts = path.parts if isinstance(path, Path) else tuple(path)
+        if not self._has_dstar:
+            n = len(self._segs)
+            if len(parts) < n:
+                return None
+            caps = self._match_fixed(parts[:n])
+            return None if caps is None else (n, caps)
+        for n in range(self._min_len, len(parts) + 1):
+            caps = self._match_from(parts[:n], 0, 0)
+            if caps is not None:
+                return n, caps
+        return None
+
+    def _match_fixed(self, parts: tuple[Part, ...]) -> tuple[Any, ...] | None:
+        caps: tuple[Any, ...] = ()
+        for seg, part in zip(self._segs, parts, strict=True):
+            got = seg.matches(part)
+            if got is None:
+                return None
+            if got:
+                caps += got
+        return caps
+
+    def _match_from(self, parts: tuple[Part, ...], si: int, pi: int) -> tuple[Any, ...] | None:
+        segs = self._segs
+        caps: tuple[Any, ...] = ()
+        while si < len(segs):
+            seg = segs[si]
+            if seg.kind == _DSTAR:
+                # Fewest segments first: the shortest reading wins.
+                rest_min = sum(1 for s in segs[si + 1 :] if s.kind != _DSTAR)
+                for k in range(pi, len(parts) - rest_min + 1):
+                    tail = self._match_from(parts, si + 1, k)
+                    if tail is not None:
+                        return (*caps, tuple(parts[pi:k]), *tail)
+                return None
+            if pi >= len(parts):
+                return None
+            got = seg.matches(parts[pi])
+            if got is None:
+                return None
+            caps += got
+            si += 1
+            pi += 1
+        return caps if pi == len(parts) else None
+
+    # -- substitution --------------------------------------------------------
+
+    def substitute(self, captures: Sequence[Any]) -> Path:
+        """Fills this pattern's wildcards with captures taken from another.
+
+        Args:
+          captures: as returned by `match` on a pattern with the same
+            wildcards (see `check_corresponds`).
+
+        Returns:
+          The concrete path.
+
+        Example:
+          >>> import treegraft as tg
+          >>> new = tg.parse_pattern("params.decoder.layers_*")
+          >>> caps = new.match(tg.parse_path("params.decoder.layers_3"))
+          >>> tg.parse_pattern("params.encoder.layers_*").substitute(caps)
+          Path('params.encoder.layers_3')
+        """
+        it = iter(captures)
+        parts: list[Part] = []
+        try:
+            for seg in self._segs:
+                if seg.kind == _LIT:
+                    parts.append(seg.value)
+                elif seg.kind == _DSTAR:
+                    cap = next(it)
+                    if not isinstance(cap, tuple):
+                        raise MappingError(
+                            f"pattern {self.text!r}: '**' needs a '**' capture, got {cap!r}"
+                        )
+                    parts.extend(cap)
+                elif seg.kind == _STAR:
+                    cap = next(it)
+                    if isinstance(cap, tuple):
+                        raise MappingError(
+                            f"pattern {self.text!r}: '*' cannot take the '**' capture {cap!r}"
+                        )
+                    parts.append(cap)
+                else:
+                    pieces = seg.text.split("*")
+                    out = pieces[0]
+                    for piece in pieces[1:]:
+                        cap = next(it)
+                        if isinstance(cap, tuple):
+                            raise MappingError(
+                                f"pattern {self.text!r}: '*' cannot take the '**' capture {cap!r}"
+                            )
+                        out += str(cap) + piece
+                    parts.append(out)
+        except StopIteration:
+            raise MappingError(
+                f"pattern {self.text!r} has more wildcards than the {len(captures)} "
+                "capture(s) given"
+            ) from None
+        if next(it, _END) is not _END:
+            raise MappingError(
+                f"pattern {self.text!r} has fewer wildcards than the {len(captures)} "
+                "capture(s) given"
+            )
+        return Path(parts)
+
+    def check_corresponds(self, other: Pattern) -> None:
+        """Checks that captures of self can fill other's wildcards, in order.
+
+        Raises:
+          MappingError: the wildcard sequences differ (naming both).
+        """
+        mine, theirs = self.wildcards(), other.wildcards()
+        if mine != theirs:
+            raise MappingError(
+                f"the wildcards of {self.text!r} ({' '.join(mine) or 'none'}) and "
+                f"{other.text!r} ({' '.join(theirs) or 'none'}) do not correspond: both "
+                "sides of a rule need the same '*' and '**' in the same order"
+            )
+
+    # -- dunder --------------------------------------------------------------
+
+    def __str__(self) -> str:
+        out = []
+        for i, s in enumerate(self._segs):
+            if s.kind == _LIT:
+                out.append(render_parts([s.value]) if i == 0 else _tail(s.value))
+            else:
+                text = "**" if s.kind == _DSTAR else "*" if s.kind == _STAR else s.text
+                out.append(text if i == 0 else "." + text)
+        return "".join(out)
+
+    def __repr__(self) -> str:
+        return f"Pattern({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Pattern):
+            return NotImplemented
+        return str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+
+Pattern.__module__ = "treegraft"
+
+_END = object()
+
+
+def _tail(part: Part) -> str:
+    # Renders one non-first part: '.name' or '[repr]'.
+    return render_parts(("x", part))[1:]
+
+
+def parse_pattern(text: str | Pattern | Path) -> Pattern:
+    """Parses a path pattern: a path whose segments may be `*`, `**` or globs.
+
+    Args:
+      text: e.g. `"params.**.bias"`, `"params.decoder.layers_*"`.
+
+    Returns:
+      The compiled `Pattern`.
+
+    Raises:
+      PathSyntaxError: the string is not a valid pattern.
+
+    Example:
+      >>> import treegraft as tg
+      >>> tg.parse_pattern("params.*.kernel").match(tg.parse_path("params.dense.kernel"))
+      ('dense',)
+    """
+    if isinstance(text, Pattern):
+        return text
+    if isinstance(text, Path):
+        return Pattern(str(text), _segments=[("part", p) for p in text.parts])
+    return Pattern(text)
