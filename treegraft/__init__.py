@@ -7,10 +7,18 @@ from treegraft._errors import MappingError as MappingError
 from treegraft._errors import MismatchError as MismatchError
 from treegraft._errors import PathNotFoundError as PathNotFoundError
 from treegraft._errors import PathSyntaxError as PathSyntaxError
+from treegraft._graft import graft as graft
 from treegraft._paths import Path as Path
 from treegraft._paths import parse_path as parse_path
 from treegraft._patterns import Pattern as Pattern
 from treegraft._patterns import parse_pattern as parse_pattern
+from treegraft._plan import Entry as Entry
+from treegraft._plan import GraftPlan as GraftPlan
+from treegraft._plan import Problem as Problem
+from treegraft._plan import plan as plan
+from treegraft._sharding import propagate_sharding as propagate_sharding
+from treegraft._source import ReadRequest as ReadRequest
+from treegraft._source import Source as Source
 from treegraft._tree import extract as extract
 from treegraft._tree import flatten as flatten
 from treegraft._tree import insert as insert
@@ -19,6 +27,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "Entry",
+    "GraftPlan",
+    "Problem",
+    "ReadRequest",
+    "Source",
+    "graft",
+    "plan",
+    "propagate_sharding",
     "CheckpointNotFoundError",
     "GraftError",
     "MappingError",

@@ -10,7 +10,7 @@ A pattern is compiled once, when parsed; matching never re-parses.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +161,30 @@ class Pattern:
             if caps is not None:
                 return n, caps
         return None
+
+    def prefix_matcher(self) -> Callable[[tuple[Part, ...]], tuple[int, tuple[Any, ...]] | None]:
+        """A fast `match_prefix` on part tuples, for matching many paths.
+
+        For patterns without `**` the result is cached per prefix, so paths
+        that share a prefix are matched once.
+        """
+        if self._has_dstar:
+            return self.match_prefix
+        n = len(self._segs)
+        fixed = self._match_fixed
+        cache: dict[tuple[Part, ...], tuple[Any, ...] | None] = {}
+
+        def match(parts: tuple[Part, ...]) -> tuple[int, tuple[Any, ...]] | None:
+            if len(parts) < n:
+                return None
+            prefix = parts[:n]
+            try:
+                caps = cache[prefix]
+            except KeyError:
+                caps = cache[prefix] = fixed(prefix)
+            return None if caps is None else (n, caps)
+
+        return match
 
     def _match_fixed(self, parts: tuple[Part, ...]) -> tuple[Any, ...] | None:
         caps: tuple[Any, ...] = ()

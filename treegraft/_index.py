@@ -1,0 +1,120 @@
+"""A flattened tree with the look-ups a plan needs: by path, by prefix, loosely.
+
+Built once per tree; every look-up is a dict access, so resolving a mapping
+costs a small constant per leaf.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from treegraft._errors import PathNotFoundError
+from treegraft._paths import Part, Path, render_parts
+from treegraft._tree import children, flatten_parts, resolve
+
+__all__ = ["TreeIndex", "loose", "is_abstract"]
+
+Parts = tuple[Part, ...]
+
+
+def loose(parts: Parts) -> Parts:
+    """Parts with int keys as strings: orbax saves int dict keys as '0'."""
+    return tuple(str(p) if type(p) is int else p for p in parts)
+
+
+class TreeIndex:
+    """The leaves of a pytree by path, with lazy indexes built on first use.
+
+    Attributes:
+      root: the pytree itself.
+      what: how messages name it ("the state", "the source").
+      paths: each leaf's parts, in leaf order.
+      leaves: the leaves, in the same order.
+      treedef: the tree's structure.
+    """
+
+    def __init__(self, root: Any, what: str):
+        self.root = root
+        self.what = what
+        self.paths, self.leaves, self.treedef = flatten_parts(root)
+        self._index: dict[Parts, int] | None = None
+        self._loose: dict[Parts, int] | None = None
+        self._groups: dict[int, dict[Parts, list[int]]] = {}
+        self._loose_groups: dict[int, dict[Parts, list[int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def find(self, parts: Parts) -> int | None:
+        """The index of the leaf at parts (int keys also find '0'), or None."""
+        if self._index is None:
+            self._index = {p: i for i, p in enumerate(self.paths)}
+        i = self._index.get(parts)
+        if i is not None and _same_types(self.paths[i], parts):
+            return i
+        if self._loose is None:
+            self._loose = {}
+            for j, p in enumerate(self.paths):
+                self._loose.setdefault(loose(p), j)
+        return self._loose.get(loose(parts))
+
+    def under(self, prefix: Parts) -> list[int]:
+        """Indices of the leaves whose path starts with prefix (int keys loose)."""
+        k = len(prefix)
+        groups = self._groups.get(k)
+        if groups is None:
+            groups = self._groups[k] = {}
+            for i, p in enumerate(self.paths):
+                if len(p) >= k:
+                    groups.setdefault(p[:k], []).append(i)
+        found = groups.get(prefix)
+        if found is not None and _same_types(self.paths[found[0]][:k], prefix):
+            return found
+        lgroups = self._loose_groups.get(k)
+        if lgroups is None:
+            lgroups = self._loose_groups[k] = {}
+            for key, members in groups.items():
+                lgroups.setdefault(loose(key), []).extend(members)
+        return lgroups.get(loose(prefix), [])
+
+    def node_exists(self, parts: Parts) -> bool:
+        """Whether parts names a node: a leaf, a subtree, or an empty node."""
+        if self.under(parts):
+            return True
+        try:
+            resolve(self.root, Path(parts), what=self.what)
+        except PathNotFoundError:
+            return False
+        return True
+
+    def why_missing(self, parts: Parts) -> str:
+        """A message saying where a path stops existing, with close names."""
+        try:
+            resolve(self.root, Path(parts), what=self.what)
+        except PathNotFoundError as e:
+            return str(e)
+        return f"{render_parts(parts)!r} exists in {self.what}"
+
+    def node_paths(self) -> list[Parts]:
+        """Every node's path, empty nodes and None included (a full walk)."""
+        out: list[Parts] = []
+        stack: list[tuple[Parts, Any]] = [((), self.root)]
+        while stack:
+            parts, node = stack.pop()
+            out.append(parts)
+            kids = children(node)
+            if kids:
+                stack.extend((parts + (k,), c) for k, c in reversed(kids))
+        return out
+
+
+def _same_types(a: Parts, b: Parts) -> bool:
+    # A dict lookup treats 1 and True alike; paths must not.
+    return all(type(x) is type(y) for x, y in zip(a, b, strict=True))
+
+
+def is_abstract(leaf: Any) -> bool:
+    """Whether a leaf is a shape-only placeholder (no values)."""
+    return isinstance(leaf, jax.ShapeDtypeStruct)
