@@ -8,6 +8,12 @@ from treegraft._errors import MismatchError as MismatchError
 from treegraft._errors import PathNotFoundError as PathNotFoundError
 from treegraft._errors import PathSyntaxError as PathSyntaxError
 from treegraft._graft import graft as graft
+from treegraft._loaders import AbstractPartialLoader as AbstractPartialLoader
+from treegraft._loaders import InitTransform as InitTransform
+from treegraft._loaders import MultiTransform as MultiTransform
+from treegraft._loaders import NoopTransform as NoopTransform
+from treegraft._loaders import PartialKauldronLoader as PartialKauldronLoader
+from treegraft._loaders import SimpleCheckpointLoader as SimpleCheckpointLoader
 from treegraft._paths import Path as Path
 from treegraft._paths import parse_path as parse_path
 from treegraft._patterns import Pattern as Pattern
@@ -16,6 +22,8 @@ from treegraft._plan import Entry as Entry
 from treegraft._plan import GraftPlan as GraftPlan
 from treegraft._plan import Problem as Problem
 from treegraft._plan import plan as plan
+from treegraft._read.kauldron import KauldronCheckpoint as KauldronCheckpoint
+from treegraft._read.orbax import OrbaxCheckpoint as OrbaxCheckpoint
 from treegraft._sharding import propagate_sharding as propagate_sharding
 from treegraft._source import ReadRequest as ReadRequest
 from treegraft._source import Source as Source
@@ -26,7 +34,15 @@ from treegraft._tree import insert as insert
 __version__ = "0.1.0"
 
 __all__ = [
+    "AbstractPartialLoader",
     "CheckpointError",
+    "InitTransform",
+    "KauldronCheckpoint",
+    "MultiTransform",
+    "NoopTransform",
+    "OrbaxCheckpoint",
+    "PartialKauldronLoader",
+    "SimpleCheckpointLoader",
     "Entry",
     "GraftPlan",
     "Problem",

@@ -103,6 +103,15 @@ class Pattern:
         """How many segments are literal (no wildcard in them)."""
         return sum(1 for s in self._segs if s.kind == _LIT)
 
+    def literal_prefix(self) -> tuple[Part, ...]:
+        """The parts before the first wildcard segment."""
+        out = []
+        for s in self._segs:
+            if s.kind != _LIT:
+                break
+            out.append(s.value)
+        return tuple(out)
+
     def as_path(self) -> Path:
         """The plain path of a literal pattern.
 

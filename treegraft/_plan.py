@@ -59,6 +59,7 @@ class Problem:
       target: the path in the state, where there is one.
       source: the path in the source, where there is one.
       rule: the rule involved, as "'new' <- 'old'", where there is one.
+      pattern: the ignore pattern involved, where there is one.
     """
 
     kind: str
@@ -66,6 +67,7 @@ class Problem:
     target: Path | None = None
     source: Path | None = None
     rule: str | None = None
+    pattern: str | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,7 @@ def plan(
     ignore_restored_keys: Sequence[str] | str = (),
     strict: bool = True,
     cast: bool = False,
+    check_ignores: bool = True,
 ) -> GraftPlan:
     """Resolves a `{new: old}` mapping and checks everything, reading no array.
 
@@ -272,6 +275,9 @@ def plan(
         entries of `plan.report` instead of errors. Shape and dtype
         mismatches stay errors.
       cast: allow dtype differences; values are then cast to the target dtype.
+      check_ignores: when False, an ignore pattern that matches nothing is a
+        `report` entry, not an error: for callers that split one mapping into
+        several grafts and check the patterns over all of them.
 
     Returns:
       A `GraftPlan`. The inputs are not modified.
@@ -298,7 +304,7 @@ def plan(
     tgt = TreeIndex(state, "the state")
     src = TreeIndex(src_tree, lazy.describe() if lazy is not None else "the source")
     return _Planner(rules, ignore_model, ignore_restored, tgt, src, cast=cast).run(
-        lazy, strict=strict
+        lazy, strict=strict, check_ignores=check_ignores
     )
 
 
@@ -327,15 +333,20 @@ class _Planner:
 
     # The steps, in order.
 
-    def run(self, lazy: Source | None, *, strict: bool) -> GraftPlan:
+    def run(self, lazy: Source | None, *, strict: bool, check_ignores: bool = True) -> GraftPlan:
         winner, prefix_len, rule_hits = self._assign_rules()
         instances, pairs = self._pair_leaves(winner, prefix_len)
         self._check_unexpected(instances, pairs)
         self._check_unmatched_rules(rule_hits)
         self._check_unmatched_ignores(instances)
-        fatal = [p for p in self.problems if strict or p.kind not in _KEY_KINDS]
+        fatal = [
+            p
+            for p in self.problems
+            if (strict or p.kind not in _KEY_KINDS)
+            and (check_ignores or p.kind != "unmatched_ignore")
+        ]
         if fatal:
-            raise _error(fatal, len(self.rules))
+            raise_problems(fatal, len(self.rules))
         report = [p for p in self.problems if p not in fatal]
         return GraftPlan(
             rules=self.rules,
@@ -606,6 +617,7 @@ class _Planner:
                         "unmatched_ignore",
                         f"{name} pattern {pat.text!r} matches no key of {index.what}"
                         f"{_close_paths(pat.text, index.paths)}",
+                        pattern=pat.text,
                     )
                 )
 
@@ -652,7 +664,12 @@ def _close_paths(text: str, paths: Sequence[Parts]) -> str:
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)" if close else ""
 
 
-def _error(problems: list[Problem], n_rules: int) -> GraftError:
+def raise_problems(problems: Sequence[Problem], n_rules: int) -> None:
+    """Raises one error listing every problem, typed by their kinds."""
+    raise _error(problems, n_rules)
+
+
+def _error(problems: Sequence[Problem], n_rules: int) -> GraftError:
     kinds = {p.kind for p in problems}
     lines = [f"cannot graft ({n_rules} rule(s)): {len(problems)} problem(s)"]
     for kind, title in _SECTIONS.items():

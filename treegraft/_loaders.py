@@ -1,0 +1,295 @@
+"""Init transforms compatible with Kauldron's `kd.ckpts`, built on graft.
+
+A Kauldron trainer calls `transform(state)` on the freshly initialised
+`TrainState` (whose `opt_state` is still None), builds the optimizer state, then
+calls `transform_after_optimizer(state)`. These classes keep Kauldron's names,
+fields and defaults, need no Kauldron install, and add treegraft's checks.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from treegraft._graft import execute
+from treegraft._patterns import parse_pattern
+from treegraft._plan import plan
+from treegraft._read.kauldron import KauldronCheckpoint
+
+__all__ = [
+    "InitTransform",
+    "AbstractPartialLoader",
+    "NoopTransform",
+    "MultiTransform",
+    "PartialKauldronLoader",
+    "SimpleCheckpointLoader",
+]
+
+_T = TypeVar("_T")
+_OPT = "opt_state"
+
+
+class InitTransform(abc.ABC):
+    """Base of the transforms applied to a state when training starts.
+
+    A transform may change values, never the structure, shapes or dtypes, and
+    keeps each leaf's sharding.
+    """
+
+    @abc.abstractmethod
+    def transform(self, state: _T) -> _T:
+        """Returns the state with new values, before the optimizer exists."""
+
+    def transform_after_optimizer(self, state: _T) -> _T:
+        """Returns the state with new values, once the optimizer state exists."""
+        return state
+
+
+AbstractPartialLoader = InitTransform
+
+
+@dataclasses.dataclass(frozen=True)
+class NoopTransform(InitTransform):
+    """A transform that returns the state unchanged.
+
+    Example:
+      >>> import treegraft as tg
+      >>> tg.NoopTransform().transform({'a': 1})
+      {'a': 1}
+    """
+
+    def transform(self, state: _T) -> _T:
+        return state
+
+
+class MultiTransform(InitTransform):
+    """Applies named transforms in order, in both phases.
+
+    An error is re-raised with the failing transform's name as a prefix.
+
+    Example:
+      >>> import treegraft as tg
+      >>> t = tg.MultiTransform(first=tg.NoopTransform(), second=tg.NoopTransform())
+      >>> t.transform({'a': 1})
+      {'a': 1}
+    """
+
+    def __init__(self, **transforms: InitTransform):
+        for name, t in transforms.items():
+            if not isinstance(t, InitTransform) and not (
+                hasattr(t, "transform") and hasattr(t, "transform_after_optimizer")
+            ):
+                raise TypeError(
+                    f"MultiTransform: {name!r} is a {type(t).__name__}, not an init transform "
+                    "(it needs transform and transform_after_optimizer)"
+                )
+        self.transforms: Mapping[str, InitTransform] = MappingProxyType(dict(transforms))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.transforms.items())
+        return f"MultiTransform({inner})"
+
+    def transform(self, state: _T) -> _T:
+        for name, t in self.transforms.items():
+            state = _named(name, t.transform, state)
+        return state
+
+    def transform_after_optimizer(self, state: _T) -> _T:
+        for name, t in self.transforms.items():
+            state = _named(name, t.transform_after_optimizer, state)
+        return state
+
+
+def _named(name: str, fn: Any, state: Any) -> Any:
+    try:
+        return fn(state)
+    except Exception as e:
+        prefix = f"init_transform {name!r} failed: "
+        try:
+            new = copy.copy(e)
+            new.args = (prefix + str(e),)
+            if hasattr(new, "message"):
+                new.message = prefix + e.message  # type: ignore[attr-defined]
+        except Exception:  # an exception type that cannot be copied
+            e.add_note(prefix.rstrip(": "))
+            raise
+        raise new from e
+
+
+def _default_new_to_old() -> Mapping[str, str]:
+    return {"params": "params", "collections": "collections"}
+
+
+def _is_opt(new_path: str) -> bool:
+    pattern = parse_pattern(new_path)
+    return pattern.literal_prefix()[:1] == (_OPT,)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PartialKauldronLoader(InitTransform):
+    """Loads part of a state from another Kauldron run's checkpoint.
+
+    Compatible with `kd.ckpts.PartialKauldronLoader`: same fields, defaults and
+    phases, but every shape, dtype and structure is checked before reading,
+    ignore patterns never crash, and only the mapped arrays are read.
+
+    Attributes:
+      workdir: the work directory of the run to load from.
+      new_to_old: `{new_path: old_path}`; patterns with captures allowed.
+        Defaults to all params and collections.
+      step: the step to load; -1 (default) for the latest complete one.
+      ignore_model_keys: patterns of state leaves that may be absent from the
+        checkpoint (they keep their value).
+      ignore_restored_keys: patterns of checkpoint leaves that may have no
+        place in the state.
+
+    Example:
+      >>> import treegraft as tg
+      >>> loader = tg.PartialKauldronLoader(          # doctest: +SKIP
+      ...     workdir='/runs/pretrain',
+      ...     new_to_old={'params.decoder.layers_0': 'params.encoder'},
+      ... )
+      >>> state = loader.transform(state)             # doctest: +SKIP
+    """
+
+    workdir: str | os.PathLike[str]
+    new_to_old: Mapping[str, str] = dataclasses.field(default_factory=_default_new_to_old)
+    step: int = -1
+    ignore_model_keys: Sequence[str] = ()
+    ignore_restored_keys: Sequence[str] = ()
+    _source: list[KauldronCheckpoint] = dataclasses.field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
+    _unused_ignores: list[set[str]] = dataclasses.field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
+
+    def __enter__(self) -> PartialKauldronLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Releases the opened checkpoint, if any (opens nothing itself)."""
+        while self._source:
+            self._source.pop().close()
+
+    def _split(self) -> tuple[dict[str, str], dict[str, str]]:
+        first: dict[str, str] = {}
+        after: dict[str, str] = {}
+        for new, old in dict(self.new_to_old).items():
+            (after if isinstance(new, str) and _is_opt(new) else first)[new] = old
+        return first, after
+
+    def _checkpoint(self) -> KauldronCheckpoint:
+        if not self._source:
+            self._source.append(KauldronCheckpoint(self.workdir, step=self.step))
+        return self._source[0]
+
+    def _graft(self, state: Any, mapping: dict[str, str], *, last: bool) -> Any:
+        p = plan(
+            state,
+            self._checkpoint(),
+            mapping,
+            ignore_model_keys=self.ignore_model_keys,
+            ignore_restored_keys=self.ignore_restored_keys,
+            check_ignores=False,
+        )
+        unused = {pr.pattern for pr in p.report if pr.kind == "unmatched_ignore"}
+        if self._unused_ignores:
+            unused &= self._unused_ignores[0]
+            self._unused_ignores.clear()
+        if last:
+            _raise_unused(p, unused)
+        else:
+            self._unused_ignores.append(unused)
+        return execute(p)
+
+    def transform(self, state: _T) -> _T:
+        """Grafts every entry whose new path is not under `opt_state`."""
+        first, after = self._split()
+        if not first:
+            return state
+        return self._graft(state, first, last=not after)
+
+    def transform_after_optimizer(self, state: _T) -> _T:
+        """Grafts the `opt_state` entries; returns state unchanged if none."""
+        first, after = self._split()
+        if not after:
+            return state
+        return self._graft(state, after, last=True)
+
+
+def _raise_unused(p: Any, unused: set[str | None]) -> None:
+    problems = [
+        pr for pr in p.report if pr.kind == "unmatched_ignore" and pr.pattern in unused
+    ]
+    if problems:
+        from treegraft._plan import raise_problems
+
+        raise_problems(problems, len(p.rules))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SimpleCheckpointLoader(InitTransform):
+    """Loads params and collections (and the optimizer state, if asked) as saved.
+
+    Compatible with `kd.ckpts.SimpleCheckpointLoader`, with treegraft's checks:
+    a wrong shape, dtype or structure is an error, never silently accepted.
+
+    Example:
+      >>> import treegraft as tg
+      >>> loader = tg.SimpleCheckpointLoader(workdir='/runs/a', load_opt_state=True)  # doctest: +SKIP
+    """
+
+    workdir: str | os.PathLike[str]
+    step: int = -1
+    load_opt_state: bool = False
+    _loader: list[PartialKauldronLoader] = dataclasses.field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
+
+    def _partial(self) -> PartialKauldronLoader:
+        if not self._loader:
+            mapping = dict(_default_new_to_old())
+            if self.load_opt_state:
+                mapping[_OPT] = _OPT
+            self._loader.append(
+                PartialKauldronLoader(workdir=self.workdir, new_to_old=mapping, step=self.step)
+            )
+        return self._loader[0]
+
+    def __enter__(self) -> SimpleCheckpointLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Releases the opened checkpoint, if any."""
+        while self._loader:
+            self._loader.pop().close()
+
+    def transform(self, state: _T) -> _T:
+        """Grafts params and collections."""
+        return self._partial().transform(state)
+
+    def transform_after_optimizer(self, state: _T) -> _T:
+        """Grafts the optimizer state when `load_opt_state` is set."""
+        return self._partial().transform_after_optimizer(state)
+
+
+for _cls in (
+    InitTransform,
+    NoopTransform,
+    MultiTransform,
+    PartialKauldronLoader,
+    SimpleCheckpointLoader,
+):
+    _cls.__module__ = "treegraft"

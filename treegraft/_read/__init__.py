@@ -1,0 +1,1 @@
+"""Read step: lazy sources that read only the leaves a plan asks for."""

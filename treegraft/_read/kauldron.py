@@ -1,0 +1,143 @@
+"""A lazy source over a Kauldron workdir: `<workdir>/checkpoints/ckpt_<step>/default`."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from treegraft._errors import CheckpointError, CheckpointNotFoundError
+from treegraft._read.orbax import OrbaxCheckpoint
+from treegraft._source import ReadRequest, Source
+
+__all__ = ["KauldronCheckpoint", "list_steps"]
+
+_STEP = re.compile(r"ckpt_(\d+)")
+# Orbax writes one of these into a step folder when the step is complete.
+_COMMIT_MARKERS = ("commit_success.txt", "_CHECKPOINT_METADATA")
+
+
+def list_steps(workdir: str | os.PathLike[str]) -> list[int]:
+    """The complete steps of a Kauldron workdir, ascending.
+
+    Step folders still being written (orbax's `.orbax-checkpoint-tmp` suffix)
+    or without a commit marker are left out.
+
+    Raises:
+      CheckpointNotFoundError: the workdir or its `checkpoints/` folder is missing.
+      CheckpointError: the workdir is a file.
+    """
+    wd = os.fspath(workdir)
+    if not os.path.exists(wd):
+        raise CheckpointNotFoundError(f"workdir {wd!r} does not exist")
+    if not os.path.isdir(wd):
+        raise CheckpointError(f"workdir {wd!r} is a file, not a Kauldron workdir")
+    ckpts = os.path.join(wd, "checkpoints")
+    if not os.path.isdir(ckpts):
+        raise CheckpointNotFoundError(
+            f"workdir {wd!r} has no checkpoints/ folder: it is not a Kauldron workdir, or "
+            "its run saved no checkpoint yet"
+        )
+    steps = []
+    for name in os.listdir(ckpts):
+        m = _STEP.fullmatch(name)
+        folder = os.path.join(ckpts, name)
+        if m is None or not os.path.isdir(folder):
+            continue
+        if any(os.path.exists(os.path.join(folder, marker)) for marker in _COMMIT_MARKERS):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+class KauldronCheckpoint(Source):
+    """A lazy source over the checkpoint of a Kauldron run.
+
+    Args:
+      workdir: the run's work directory (holding `checkpoints/ckpt_<step>/`).
+      step: the step to read; -1 (the default) means the latest complete one.
+
+    The step is chosen on first use and kept, so that metadata and reads come
+    from the same step even while the run writes new ones. Nothing is ever
+    created or written in the workdir.
+
+    Example:
+      >>> import treegraft as tg
+      >>> src = tg.KauldronCheckpoint('/runs/pretrain', step=-1)  # doctest: +SKIP
+      >>> src.step_dir                                            # doctest: +SKIP
+      '/runs/pretrain/checkpoints/ckpt_5000'
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], step: int = -1):
+        if isinstance(step, bool) or not isinstance(step, int) or step < -1:
+            raise CheckpointError(f"step must be an int >= 0, or -1 for the latest; got {step!r}")
+        self.workdir = os.fspath(workdir)
+        self.step = step
+        self._inner: OrbaxCheckpoint | None = None
+        self._resolved: int | None = None
+
+    def __repr__(self) -> str:
+        return f"KauldronCheckpoint({self.workdir!r}, step={self.step})"
+
+    @property
+    def resolved_step(self) -> int:
+        """The step actually read (the latest complete one for step=-1)."""
+        self._open()
+        assert self._resolved is not None
+        return self._resolved
+
+    @property
+    def step_dir(self) -> str:
+        """The step folder read, `<workdir>/checkpoints/ckpt_<step>`."""
+        return os.path.join(self.workdir, "checkpoints", f"ckpt_{self.resolved_step}")
+
+    def describe(self) -> str:
+        if self._resolved is None:
+            return f"the checkpoint of {self.workdir}"
+        return f"the checkpoint {self.step_dir}"
+
+    def _open(self) -> OrbaxCheckpoint:
+        if self._inner is None:
+            steps = list_steps(self.workdir)
+            if not steps:
+                raise CheckpointNotFoundError(
+                    f"workdir {self.workdir!r} has no complete checkpoint in checkpoints/ "
+                    "(steps still being written are ignored)"
+                )
+            if self.step == -1:
+                step = steps[-1]
+            elif self.step in steps:
+                step = self.step
+            else:
+                raise CheckpointNotFoundError(
+                    f"workdir {self.workdir!r} has no complete step {self.step}; "
+                    f"available steps: {_list(steps)}"
+                )
+            step_dir = os.path.join(self.workdir, "checkpoints", f"ckpt_{step}")
+            item = os.path.join(step_dir, "default")
+            if not os.path.isdir(item):
+                items = sorted(os.listdir(step_dir))
+                raise CheckpointError(
+                    f"step {step} of {self.workdir!r} has no 'default' item (the train state); "
+                    f"it holds: {', '.join(items) or 'nothing'}"
+                )
+            self._inner = OrbaxCheckpoint(item)
+            self._resolved = step
+        return self._inner
+
+    def metadata(self) -> Any:
+        return self._open().metadata()
+
+    def read(self, requests: Sequence[ReadRequest]) -> list[Any]:
+        return self._open().read(requests)
+
+    def close(self) -> None:
+        """Forgets the chosen step and cached metadata (nothing else is held)."""
+        self._inner = None
+        self._resolved = None
+
+
+def _list(steps: list[int]) -> str:
+    if len(steps) <= 12:
+        return ", ".join(map(str, steps))
+    return ", ".join(map(str, steps[:5])) + ", ..., " + ", ".join(map(str, steps[-5:]))

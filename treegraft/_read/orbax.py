@@ -1,0 +1,222 @@
+"""A lazy source over any orbax PyTree checkpoint.
+
+Metadata comes from orbax's `_METADATA` (no array bytes read). `read` restores
+only the requested leaves with orbax's public partial restore, each directly
+into the sharding of the target leaf it will replace, in the source's own
+dtype, so that orbax's silent cast can never happen unasked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from treegraft._errors import CheckpointError, CheckpointNotFoundError
+from treegraft._paths import Part, render_parts
+from treegraft._source import ReadRequest, Source
+
+__all__ = ["OrbaxCheckpoint", "ScalarSpec"]
+
+_TMP_MARK = ".orbax-checkpoint-tmp"
+_ITEM = "default"
+
+
+class ScalarSpec:
+    """Metadata of a Python scalar saved by orbax: shape () and a Python type."""
+
+    __slots__ = ("dtype",)
+    shape = ()
+
+    def __init__(self, dtype: type):
+        self.dtype = dtype
+
+    def __repr__(self) -> str:
+        return f"ScalarSpec({self.dtype.__name__})"
+
+
+def item_directory(path: str | os.PathLike[str]) -> str:
+    """The orbax item directory at path: path itself, or its `default` item.
+
+    Raises:
+      CheckpointNotFoundError: path does not exist.
+      CheckpointError: path is not an orbax PyTree checkpoint.
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise CheckpointNotFoundError(f"checkpoint {p!r} does not exist")
+    if not os.path.isdir(p):
+        raise CheckpointError(f"checkpoint {p!r} is a file, not an orbax checkpoint directory")
+    if _TMP_MARK in os.path.basename(p.rstrip("/")):
+        raise CheckpointError(f"checkpoint {p!r} is still being written (orbax temporary folder)")
+    if os.path.isfile(os.path.join(p, "_METADATA")):
+        return p
+    item = os.path.join(p, _ITEM)
+    if os.path.isfile(os.path.join(item, "_METADATA")):
+        return item
+    entries = sorted(os.listdir(p))
+    shown = ", ".join(entries[:10]) + (", ..." if len(entries) > 10 else "")
+    raise CheckpointError(
+        f"{p!r} is not an orbax PyTree checkpoint: neither {p}/_METADATA nor "
+        f"{p}/{_ITEM}/_METADATA exists (it holds: {shown or 'nothing'})"
+    )
+
+
+class OrbaxCheckpoint(Source):
+    """A lazy source over an orbax PyTree checkpoint.
+
+    Args:
+      path: an item directory (holding `_METADATA`) or a step directory, in
+        which case its `default` item is used.
+
+    Reading never writes: no file or folder is created or touched in path.
+
+    Example:
+      >>> import treegraft as tg
+      >>> src = tg.OrbaxCheckpoint('/path/to/ckpt_10')           # doctest: +SKIP
+      >>> new_state = tg.graft(state, src, {'params.dec': 'params.enc'})  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        self._metadata: Any = None
+
+    def __repr__(self) -> str:
+        return f"OrbaxCheckpoint({self.path!r})"
+
+    def describe(self) -> str:
+        return f"the checkpoint {self.path}"
+
+    def metadata(self) -> Any:
+        """The checkpoint's tree with shapes and dtypes (no array bytes read).
+
+        Raises:
+          CheckpointNotFoundError, CheckpointError: as `item_directory`, or the
+            metadata is unreadable.
+        """
+        if self._metadata is None:
+            self._metadata = _read_metadata(item_directory(self.path))
+        return self._metadata
+
+    def read(self, requests: Sequence[ReadRequest]) -> list[Any]:
+        """Restores exactly the requested leaves, each placed like its target."""
+        if not requests:
+            return []
+        import orbax.checkpoint as ocp
+        from etils import epath
+
+        meta = self.metadata()
+        directory = item_directory(self.path)
+        item: Any = _empty_like(meta)
+        restore_args: Any = _empty_like(meta)
+        for req in requests:
+            _set(item, meta, req.path.parts, _Marker())
+            _set(restore_args, meta, req.path.parts, _restore_args(req))
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            restored = handler.restore(
+                epath.Path(directory),
+                args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=restore_args, partial_restore=True
+                ),
+            )
+        except Exception as e:  # orbax/tensorstore raise ValueError, OSError, ...
+            raise CheckpointError(
+                f"reading {len(requests)} leaf(s) from {directory} failed: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        finally:
+            handler.close()
+        out = []
+        for req in requests:
+            value = _get(restored, req.path.parts)
+            if isinstance(value, _Marker):
+                raise CheckpointError(
+                    f"orbax did not restore {render_parts(req.path.parts)!r} from {directory}"
+                )
+            out.append(value)
+        return out
+
+
+class _Marker:
+    """A requested leaf in the restore template (orbax returns it if unread)."""
+
+
+def _read_metadata(directory: str) -> Any:
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        tree = handler.metadata(epath.Path(directory)).tree
+    except Exception as e:  # a corrupt _METADATA raises JSONDecodeError, KeyError, ...
+        raise CheckpointError(
+            f"cannot read the metadata of {directory} (is _METADATA corrupt?): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    finally:
+        handler.close()
+    if not isinstance(tree, dict | list):
+        raise CheckpointError(
+            f"the metadata of {directory} is a {type(tree).__name__}, not a tree of arrays"
+        )
+    return jax.tree_util.tree_map(_spec_leaf, tree)
+
+
+def _spec_leaf(leaf: Any) -> Any:
+    from orbax.checkpoint import metadata as ocp_metadata
+
+    if isinstance(leaf, ocp_metadata.ScalarMetadata):
+        kind = np.dtype(leaf.dtype).kind
+        return ScalarSpec({"b": bool, "i": int, "u": int, "f": float, "c": complex}.get(kind, float))
+    return leaf
+
+
+def _empty_like(meta: Any) -> Any:
+    if isinstance(meta, dict):
+        return {}
+    if isinstance(meta, list):
+        return [None] * len(meta)
+    return None
+
+
+def _set(tree: Any, meta: Any, parts: tuple[Part, ...], value: Any) -> None:
+    # Builds the sparse template: dicts hold only requested keys, lists keep
+    # their saved length with None where nothing is requested (orbax needs it).
+    node, m = tree, meta
+    for k, part in enumerate(parts):
+        last = k == len(parts) - 1
+        child_meta = m[part]
+        if last:
+            node[part] = value
+            return
+        if isinstance(node, dict):
+            if part not in node:
+                node[part] = _empty_like(child_meta)
+        elif node[part] is None:
+            node[part] = _empty_like(child_meta)
+        node, m = node[part], child_meta
+    raise CheckpointError("cannot read the root of a checkpoint as one leaf")
+
+
+def _get(tree: Any, parts: tuple[Part, ...]) -> Any:
+    node = tree
+    for part in parts:
+        node = node[part]
+    return node
+
+
+def _restore_args(req: ReadRequest) -> Any:
+    import orbax.checkpoint as ocp
+
+    like = req.like
+    dtype = req.dtype if isinstance(req.dtype, np.dtype) else None
+    if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
+        sharding = like.sharding
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(like.shape), dtype=dtype)
+    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
