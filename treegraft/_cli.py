@@ -1,23 +1,224 @@
-"""The `treegraft` command line."""
+"""The `treegraft` command line: demo, inspect, plan.
+
+Exit status: 0 on success, 1 when a plan would fail (or the demo's checks
+fail), 2 for usage errors and unusable inputs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import treegraft
+from treegraft._display import Style, leaf_rows, render_tree
+from treegraft._errors import CheckpointError, GraftError, MappingError, PathSyntaxError
+from treegraft._patterns import parse_pattern
+from treegraft._plan import format_bytes, plan
+from treegraft._read.kauldron import KauldronCheckpoint, list_steps
+from treegraft._read.orbax import OrbaxCheckpoint
+from treegraft._source import Source
+from treegraft._tree import flatten_parts
+
+__all__ = ["main"]
+
+_DEFAULT_MAP = ("params=params", "collections=collections")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the `treegraft` command; returns its exit status."""
-    parser = argparse.ArgumentParser(prog="treegraft", description=treegraft.__doc__)
+def open_checkpoint(path: str, step: int) -> Source:
+    """A Kauldron workdir (it has `checkpoints/`) or any orbax checkpoint folder."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return KauldronCheckpoint(path, step=step)
+    return OrbaxCheckpoint(path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="treegraft",
+        description="Initialise part of a JAX state from another checkpoint, checked.",
+    )
     parser.add_argument("--version", action="version", version=treegraft.__version__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="graft a pretrained encoder from an example checkpoint")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        print(f"treegraft {treegraft.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="write an example pretrained run and graft it into a new model"
+    )
+    demo.add_argument("--keep", metavar="DIR", help="write the example run to DIR and keep it")
+    demo.add_argument("--plain", action="store_true", help="no colour or bold")
+
+    inspect = sub.add_parser("inspect", help="show a checkpoint's tree (metadata only)")
+    inspect.add_argument("path", help="a Kauldron workdir, a step folder, or an orbax item folder")
+    inspect.add_argument("--step", type=int, default=-1, help="step of a workdir (-1: latest)")
+    inspect.add_argument("--depth", type=int, default=None, help="levels to show")
+    inspect.add_argument("--filter", metavar="PATTERN", help="only leaves under this pattern")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument("--plain", action="store_true", help="no colour or bold")
+
+    dry = sub.add_parser("plan", help="dry-run a graft between two checkpoints")
+    dry.add_argument("source", help="the checkpoint to read from (workdir, step or item folder)")
+    dry.add_argument("--target", required=True, help="a checkpoint with the new state's structure")
+    dry.add_argument(
+        "--map",
+        metavar="NEW=OLD",
+        action="append",
+        default=None,
+        help="a rule (repeat it); default: params=params collections=collections",
+    )
+    dry.add_argument("--step", type=int, default=-1, help="step of the source workdir")
+    dry.add_argument("--target-step", type=int, default=-1, help="step of the target workdir")
+    dry.add_argument("--ignore-model-keys", nargs="+", default=[], metavar="PATTERN")
+    dry.add_argument("--ignore-restored-keys", nargs="+", default=[], metavar="PATTERN")
+    dry.add_argument("--non-strict", action="store_true", help="report instead of failing")
+    dry.add_argument("--cast", action="store_true", help="allow dtype differences")
+    dry.add_argument("--json", action="store_true", help="machine-readable output")
+    dry.add_argument("--plain", action="store_true", help="no colour or bold")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the `treegraft` command; returns its exit status."""
+    args = _parser().parse_args(argv)
+    style = Style(sys.stdout, plain=getattr(args, "plain", False))
+    try:
+        if args.command == "demo":
+            return _demo(args, style)
+        if args.command == "inspect":
+            return _inspect(args, style)
+        return _plan(args, style)
+    except (CheckpointError, PathSyntaxError, MappingError, FileNotFoundError) as e:
+        print(f"treegraft {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _demo(args: argparse.Namespace, style: Style) -> int:
+    from treegraft._demo import run_demo
+
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+        if os.listdir(args.keep):
+            print(f"treegraft demo: --keep {args.keep!r} is not empty", file=sys.stderr)
+            return 2
+    return run_demo(args.keep, style=style)
+
+
+def _inspect(args: argparse.Namespace, style: Style) -> int:
+    source = open_checkpoint(args.path, args.step)
+    meta = source.metadata()
+    paths, leaves, _ = flatten_parts(meta)
+    items = list(zip(paths, leaves, strict=True))
+    if args.filter:
+        pattern = parse_pattern(args.filter)
+        items = [(p, leaf) for p, leaf in items if pattern.match_prefix(p) is not None]
+    steps = list_steps(args.path) if isinstance(source, KauldronCheckpoint) else None
+    where = source.step_dir if isinstance(source, KauldronCheckpoint) else source.path
+    if args.json:
+        rows = leaf_rows(items)
+        print(
+            json.dumps(
+                {
+                    "path": where,
+                    "steps": steps,
+                    "step": source.resolved_step if isinstance(source, KauldronCheckpoint) else None,
+                    "leaves": rows,
+                    "total_bytes": sum(r["nbytes"] for r in rows),
+                },
+                indent=2,
+            )
+        )
+        return 0
+    if steps is not None:
+        print(f"steps: {', '.join(map(str, steps))} (showing {source.resolved_step})")  # type: ignore[attr-defined]
+    for line in render_tree(items, title=where, depth=args.depth, style=style):
+        print(line)
     return 0
+
+
+def _parse_map(entries: Sequence[str]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for entry in entries:
+        if entry.count("=") != 1:
+            raise MappingError(f"--map takes NEW=OLD, got {entry!r}")
+        new, old = entry.split("=")
+        mapping[new.strip()] = old.strip()
+    return mapping
+
+
+def _plan(args: argparse.Namespace, style: Style) -> int:
+    mapping = _parse_map(args.map if args.map is not None else _DEFAULT_MAP)
+    source = open_checkpoint(args.source, args.step)
+    target = open_checkpoint(args.target, args.target_step).metadata()
+    try:
+        p = plan(
+            target,
+            source,
+            mapping,
+            ignore_model_keys=args.ignore_model_keys,
+            ignore_restored_keys=args.ignore_restored_keys,
+            strict=not args.non_strict,
+            cast=args.cast,
+        )
+    except GraftError as e:
+        if isinstance(e, MappingError) and not e.problems:
+            raise
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(e), "problems": _problems(e.problems)},
+                             indent=2))
+        else:
+            print(style.bad("the graft would fail:"))
+            print(str(e))
+        return 1
+    if args.json:
+        print(json.dumps(_plan_json(p), indent=2))
+        return 0
+    print(style.good("the graft would succeed:"))
+    print(str(p))
+    return 0
+
+
+def _problems(problems: Sequence[Any]) -> list[dict[str, Any]]:
+    out = []
+    for pr in problems:
+        if isinstance(pr, treegraft.Problem):
+            out.append(
+                {
+                    "kind": pr.kind,
+                    "message": pr.message,
+                    "target": None if pr.target is None else str(pr.target),
+                    "source": None if pr.source is None else str(pr.source),
+                    "rule": pr.rule,
+                }
+            )
+        else:
+            out.append({"kind": "error", "message": str(pr)})
+    return out
+
+
+def _plan_json(p: treegraft.GraftPlan) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "rules": [
+            {"rule": text, "leaves": n, "bytes": b, "size": format_bytes(b)}
+            for text, n, b in p.rule_counts()
+        ],
+        "entries": [
+            {
+                "target": str(e.target),
+                "source": str(e.source),
+                "rule": e.rule,
+                "shape": list(e.shape) if e.shape is not None else None,
+                "dtype": str(e.dtype),
+                "nbytes": e.nbytes,
+            }
+            for e in p.entries
+        ],
+        "untouched": [str(x) for x in p.untouched],
+        "unused": len(p.unused),
+        "bytes": p.nbytes,
+        "report": _problems(p.report),
+    }
 
 
 if __name__ == "__main__":

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from treegraft import _leaves
 from treegraft._errors import GraftError
 from treegraft._index import is_abstract
 from treegraft._paths import Path, render_parts
-from treegraft._plan import GraftPlan, plan
+from treegraft._display import ProgressBar
+from treegraft._plan import GraftPlan, format_bytes, plan
 from treegraft._sharding import place
-from treegraft._source import ReadRequest
+from treegraft._source import ReadRequest, Source
+
+log = logging.getLogger("treegraft")
+_BATCHED_FROM = 256 * 2**20  # reads this large are batched when progress is asked
+_BATCH = 64 * 2**20
 
 __all__ = ["graft", "execute"]
 
@@ -26,6 +32,7 @@ def graft(
     ignore_restored_keys: Sequence[str] | str = (),
     strict: bool = True,
     cast: bool = False,
+    progress: bool | Callable[[int, int], None] = False,
 ) -> Any:
     """Returns state with the leaves named by mapping taken from source.
 
@@ -43,6 +50,10 @@ def graft(
       ignore_restored_keys: see `treegraft.plan`.
       strict: see `treegraft.plan`.
       cast: allow dtype differences, casting to the target's dtype.
+      progress: for a checkpoint source, report reading progress: True draws a
+        bar on stderr (on a terminal), a callable is called with
+        `(bytes_done, bytes_total)`. Reads of at least 256 MiB are then done
+        in batches; progress is also logged to the `treegraft` logger.
 
     Returns:
       The new state.
@@ -66,11 +77,12 @@ def graft(
             ignore_restored_keys=ignore_restored_keys,
             strict=strict,
             cast=cast,
-        )
+        ),
+        progress=progress,
     )
 
 
-def execute(p: GraftPlan) -> Any:
+def execute(p: GraftPlan, *, progress: bool | Callable[[int, int], None] = False) -> Any:
     """Reads the leaves a plan needs and returns the new state."""
     tgt, src = p.target, p.source
     first_use: dict[int, int] = {}
@@ -86,7 +98,8 @@ def execute(p: GraftPlan) -> Any:
             )
             for si in order
         ]
-        got = p.lazy.read(requests)
+        sizes = [_leaves.nbytes(_leaves.spec_of(src.leaves[si])) for si in order]
+        got = _read_batched(p.lazy, requests, sizes, progress)
         value_of = dict(zip(order, got, strict=True))
     else:
         value_of = {si: src.leaves[si] for si in first_use}
@@ -104,6 +117,33 @@ def execute(p: GraftPlan) -> Any:
     for (ti, _, _), value in zip(p.pairs, placed, strict=True):
         out[ti] = value
     return tgt.treedef.unflatten(out)
+
+
+def _read_batched(
+    source: Source,
+    requests: list[ReadRequest],
+    sizes: list[int],
+    progress: bool | Callable[[int, int], None],
+) -> list[Any]:
+    total = sum(sizes)
+    log.info("reading %d leaf(s), %s, from %s", len(requests), format_bytes(total), source.describe())
+    if not progress or total < _BATCHED_FROM:
+        return list(source.read(requests))
+    report = ProgressBar() if progress is True else progress
+    out: list[Any] = []
+    done = 0
+    start = 0
+    while start < len(requests):
+        end, batch_bytes = start, 0
+        while end < len(requests) and (end == start or batch_bytes + sizes[end] <= _BATCH):
+            batch_bytes += sizes[end]
+            end += 1
+        out.extend(source.read(requests[start:end]))
+        done += batch_bytes
+        start = end
+        log.info("read %s of %s", format_bytes(done), format_bytes(total))
+        report(done, total)
+    return out
 
 
 def _read_dtype(source_leaf: Any, target_leaf: Any, cast: bool) -> Any:
