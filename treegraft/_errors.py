@@ -8,7 +8,7 @@ inspect them; the message lists them all.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 __all__ = [
     "GraftError",
@@ -88,12 +88,21 @@ for _cls in (
     _cls.__module__ = "treegraft"
 
 
-def suggest(word: str, candidates: Iterable[str], *, n: int = 3) -> str:
-    """Returns ` (did you mean 'x'?)` for close matches of word, or ''."""
+def suggest(
+    word: str,
+    candidates: Iterable[str],
+    *,
+    n: int = 3,
+    render: Callable[[str], str] = repr,
+) -> str:
+    """Returns ` (did you mean 'x'?)` for close matches of word, or ''.
+
+    `render` shows each close candidate (by default its `repr`).
+    """
     close = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
     if not close:
         return ""
-    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+    return " (did you mean " + " or ".join(render(c) for c in close) + "?)"
 
 
 def describe_leaf(shape: object, dtype: object) -> str:

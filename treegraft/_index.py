@@ -112,7 +112,7 @@ class TreeIndex:
 
 def _same_types(a: Parts, b: Parts) -> bool:
     # A dict lookup treats 1 and True alike; paths must not.
-    return all(type(x) is type(y) for x, y in zip(a, b, strict=True))
+    return tuple(map(type, a)) == tuple(map(type, b))
 
 
 def is_abstract(leaf: Any) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from jax import dtypes as jax_dtypes
 
 from treegraft._errors import describe_leaf
 
@@ -40,7 +41,14 @@ def spec_of(leaf: Any) -> Spec:
 def _kind(dtype: Any) -> str:
     if isinstance(dtype, type) and dtype in _PY_KINDS:
         return _PY_KINDS[dtype]
-    return np.dtype(dtype).kind if isinstance(dtype, np.dtype) else ""
+    if not isinstance(dtype, np.dtype):
+        return ""
+    if dtype.kind == "V":
+        # ml_dtypes (bfloat16, float8_*, int4, ...) report kind 'V'.
+        for kind, base in (("f", np.floating), ("i", np.signedinteger), ("u", np.unsignedinteger)):
+            if jax_dtypes.issubdtype(dtype, base):
+                return kind
+    return dtype.kind
 
 
 def mismatch(target: Spec, source: Spec, *, cast: bool = False) -> str | None:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import ast
 import functools
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeAlias
 
+import optree
 from jax import tree_util
 
 from treegraft._errors import PathSyntaxError
@@ -29,9 +31,9 @@ __all__ = ["Path", "Part", "parse_path", "render_parts"]
 Part: TypeAlias = Any  # str | int | float | bool | None, or any dict key
 
 _IDENT = re.compile(r"[^\W\d]\w*")
-_DIGITS = re.compile(r"\d+")
+_DIGITS = re.compile(r"[0-9]+")
 _GLOB = re.compile(r"[\w*]+")
-_NUMBER = re.compile(r"-?\d+(\.\d+)?([eE][-+]?\d+)?")
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 _WORDS = {"None": None, "True": True, "False": False}
 
 
@@ -108,12 +110,14 @@ def _scan_name(text: str, i: int, end: int, wildcards: bool) -> tuple[int, Segme
         raise PathSyntaxError(text, j, _unexpected(text[j], "'.' or '['"))
     if "*" in word:
         if not wildcards:
-            raise PathSyntaxError(text, i + word.index("*"), "wildcards are only allowed in patterns")
+            raise PathSyntaxError(
+                text, i + word.index("*"), "wildcards are only allowed in patterns"
+            )
         if "**" in word and word != "**":
             raise PathSyntaxError(text, i + word.index("**"), "'**' must be a whole segment")
         return j, ("glob", word)
     if _DIGITS.fullmatch(word):
-        return j, ("part", int(word))
+        return j, ("part", _to_int(text, i, word))
     if not _IDENT.fullmatch(word):
         raise PathSyntaxError(text, i, f"{word!r} is not a name (names start with a letter or '_')")
     return j, ("part", word)
@@ -132,14 +136,23 @@ def _scan_bracket(text: str, i: int, end: int, wildcards: bool) -> tuple[int, Se
         j = _string_end(text, i, end)
         literal = text[i:j]
         try:
-            value = ast.literal_eval(literal)
-        except (ValueError, SyntaxError) as e:
+            if "\\" in literal:
+                # An invalid escape ('\\d') is only a warning in Python; make it
+                # an error whatever the caller's warning filters are.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    value = ast.literal_eval(literal)
+            else:
+                value = ast.literal_eval(literal)
+        except (ValueError, SyntaxError, Warning) as e:
             raise PathSyntaxError(text, i, f"invalid string literal ({e})") from None
         if not isinstance(value, str):  # e.g. a bytes prefix cannot get here
             raise PathSyntaxError(text, i, "expected a string")
         seg = ("part", value)
         i = j
-    elif c == "*" and wildcards:
+    elif c == "*":
+        if not wildcards:
+            raise PathSyntaxError(text, i, "wildcards are only allowed in patterns")
         j = i
         while j < end and text[j] == "*":
             j += 1
@@ -152,7 +165,7 @@ def _scan_bracket(text: str, i: int, end: int, wildcards: bool) -> tuple[int, Se
         w = _IDENT.match(text, i, end)
         if m is not None:
             token = m.group()
-            value = float(token) if (m.group(1) or m.group(2)) else int(token)
+            value = float(token) if (m.group(1) or m.group(2)) else _to_int(text, i, token)
             seg = ("part", value)
             i = m.end()
         elif w is not None and w.group() in _WORDS:
@@ -173,6 +186,13 @@ def _scan_bracket(text: str, i: int, end: int, wildcards: bool) -> tuple[int, Se
     if text[i] != "]":
         raise PathSyntaxError(text, i, _unexpected(text[i], "']'"))
     return i + 1, seg
+
+
+def _to_int(text: str, i: int, token: str) -> int:
+    try:
+        return int(token)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        raise PathSyntaxError(text, i, f"number too long ({len(token)} characters)") from None
 
 
 def _string_end(text: str, i: int, end: int) -> int:
@@ -251,6 +271,9 @@ class Path:
         object.__setattr__(self, "_hash", None)
 
     def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Path is immutable")
+
+    def __delattr__(self, name: str) -> None:
         raise AttributeError("Path is immutable")
 
     @classmethod
@@ -336,7 +359,12 @@ def key_to_part(key: Any) -> Part:
         return key.idx
     if t is tree_util.FlattenedIndexKey:
         return key.key
-    # optree's accessor entries expose the key as `.entry`.
+    if isinstance(key, optree.PyTreeEntry):
+        # A namedtuple's entry is its index; jax (and treegraft) use the field name.
+        if isinstance(key, optree.NamedTupleEntry | optree.StructSequenceEntry):
+            return key.field
+        return key.entry
+    # Other accessor-like entries expose the key as `.entry`.
     entry = getattr(key, "entry", _MISSING)
     if entry is not _MISSING:
         return entry
