@@ -9,7 +9,6 @@ fields and defaults, need no Kauldron install, and add treegraft's checks.
 from __future__ import annotations
 
 import abc
-import copy
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
@@ -109,16 +108,45 @@ def _named(name: str, fn: Any, state: Any) -> Any:
     try:
         return fn(state)
     except Exception as e:
-        prefix = f"init_transform {name!r} failed: "
-        try:
-            new = copy.copy(e)
-            new.args = (prefix + str(e),)
-            if hasattr(new, "message"):
-                new.message = prefix + e.message  # type: ignore[attr-defined]
-        except Exception:  # an exception type that cannot be copied
-            e.add_note(prefix.rstrip(": "))
+        new = _prefixed(e, f"init_transform {name!r} failed: ")
+        if new is None:  # an exception type that cannot be rebuilt
+            e.add_note(f"init_transform {name!r} failed")
             raise
         raise new from e
+
+
+def _prefixed(e: Exception, prefix: str) -> Exception | None:
+    """A copy of e (same class and attributes) whose message starts with prefix.
+
+    Built without calling `__init__`, whose signature may differ from the
+    exception's args (e.g. `PathSyntaxError(text, column, reason)`).
+    """
+    cls = type(e)
+    try:
+        new = _blank(cls)
+        new.__dict__.update(e.__dict__)
+        new.args = (prefix + str(e),)
+        if isinstance(getattr(e, "message", None), str):
+            new.message = prefix + e.message  # type: ignore[attr-defined]
+        if isinstance(e, OSError):
+            # Keep errno; leave strerror unset so that str() is the new message.
+            new.errno = e.errno  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    return new
+
+
+def _blank(cls: type[Exception]) -> Exception:
+    # cls.__new__ may be a base's that refuses the layout of another base (a
+    # GraftError that is also a FileNotFoundError): take the first that accepts it.
+    error: Exception | None = None
+    for base in cls.__mro__:
+        if "__new__" in vars(base):
+            try:
+                return base.__new__(cls)  # type: ignore[no-any-return]
+            except TypeError as e:
+                error = e
+    raise error or TypeError(f"cannot create {cls.__name__}")
 
 
 def _default_new_to_old() -> Mapping[str, str]:
@@ -193,17 +221,19 @@ class PartialKauldronLoader(InitTransform):
         return self._source[0]
 
     def _graft(self, state: Any, mapping: dict[str, str], *, last: bool) -> Any:
+        earlier = self._unused_ignores[0] if self._unused_ignores else None
         p = plan(
             state,
             self._checkpoint(),
             mapping,
             ignore_model_keys=self.ignore_model_keys,
             ignore_restored_keys=self.ignore_restored_keys,
-            check_ignores=False,
+            # A single phase checks its patterns in plan, with all other problems.
+            check_ignores=last and earlier is None,
         )
         unused = {pr.pattern for pr in p.report if pr.kind == "unmatched_ignore"}
-        if self._unused_ignores:
-            unused &= self._unused_ignores[0]
+        if earlier is not None:
+            unused &= earlier
             self._unused_ignores.clear()
         if last:
             _raise_unused(p, unused)
@@ -245,7 +275,8 @@ class SimpleCheckpointLoader(InitTransform):
 
     Example:
       >>> import treegraft as tg
-      >>> loader = tg.SimpleCheckpointLoader(workdir='/runs/a', load_opt_state=True)  # doctest: +SKIP
+      >>> loader = tg.SimpleCheckpointLoader(  # doctest: +SKIP
+      ...     workdir='/runs/a', load_opt_state=True)
     """
 
     workdir: str | os.PathLike[str]
@@ -281,7 +312,14 @@ class SimpleCheckpointLoader(InitTransform):
         return self._partial().transform(state)
 
     def transform_after_optimizer(self, state: _T) -> _T:
-        """Grafts the optimizer state when `load_opt_state` is set."""
+        """Grafts the optimizer state when `load_opt_state` is set.
+
+        As Kauldron's, it returns a state without optimizer state (`opt_state`
+        None: built with `skip_optimizer=True`) unchanged.
+        """
+        opt = state.get(_OPT) if isinstance(state, Mapping) else getattr(state, _OPT, None)
+        if not self.load_opt_state or opt is None:
+            return state
         return self._partial().transform_after_optimizer(state)
 
 

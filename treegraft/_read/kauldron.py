@@ -28,6 +28,11 @@ def list_steps(workdir: str | os.PathLike[str]) -> list[int]:
       CheckpointNotFoundError: the workdir or its `checkpoints/` folder is missing.
       CheckpointError: the workdir is a file.
     """
+    return sorted(_step_folders(workdir))
+
+
+def _step_folders(workdir: str | os.PathLike[str]) -> dict[int, str]:
+    """{step: folder name} of the complete steps (`ckpt_7`, or a padded `ckpt_00007`)."""
     wd = os.fspath(workdir)
     if not os.path.exists(wd):
         raise CheckpointNotFoundError(f"workdir {wd!r} does not exist")
@@ -39,15 +44,18 @@ def list_steps(workdir: str | os.PathLike[str]) -> list[int]:
             f"workdir {wd!r} has no checkpoints/ folder: it is not a Kauldron workdir, or "
             "its run saved no checkpoint yet"
         )
-    steps = []
-    for name in os.listdir(ckpts):
+    steps: dict[int, str] = {}
+    for name in sorted(os.listdir(ckpts)):
         m = _STEP.fullmatch(name)
         folder = os.path.join(ckpts, name)
         if m is None or not os.path.isdir(folder):
             continue
         if any(os.path.exists(os.path.join(folder, marker)) for marker in _COMMIT_MARKERS):
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+            step = int(m.group(1))
+            # Kauldron's own name (no padding) wins over a padded duplicate.
+            if step not in steps or name == f"ckpt_{step}":
+                steps[step] = name
+    return steps
 
 
 class KauldronCheckpoint(Source):
@@ -75,6 +83,7 @@ class KauldronCheckpoint(Source):
         self.step = step
         self._inner: OrbaxCheckpoint | None = None
         self._resolved: int | None = None
+        self._folder: str | None = None
 
     def __repr__(self) -> str:
         return f"KauldronCheckpoint({self.workdir!r}, step={self.step})"
@@ -89,7 +98,9 @@ class KauldronCheckpoint(Source):
     @property
     def step_dir(self) -> str:
         """The step folder read, `<workdir>/checkpoints/ckpt_<step>`."""
-        return os.path.join(self.workdir, "checkpoints", f"ckpt_{self.resolved_step}")
+        self._open()
+        assert self._folder is not None
+        return os.path.join(self.workdir, "checkpoints", self._folder)
 
     def describe(self) -> str:
         if self._resolved is None:
@@ -98,7 +109,8 @@ class KauldronCheckpoint(Source):
 
     def _open(self) -> OrbaxCheckpoint:
         if self._inner is None:
-            steps = list_steps(self.workdir)
+            folders = _step_folders(self.workdir)
+            steps = sorted(folders)
             if not steps:
                 raise CheckpointNotFoundError(
                     f"workdir {self.workdir!r} has no complete checkpoint in checkpoints/ "
@@ -113,7 +125,7 @@ class KauldronCheckpoint(Source):
                     f"workdir {self.workdir!r} has no complete step {self.step}; "
                     f"available steps: {_list(steps)}"
                 )
-            step_dir = os.path.join(self.workdir, "checkpoints", f"ckpt_{step}")
+            step_dir = os.path.join(self.workdir, "checkpoints", folders[step])
             item = os.path.join(step_dir, "default")
             if not os.path.isdir(item):
                 items = sorted(os.listdir(step_dir))
@@ -123,6 +135,7 @@ class KauldronCheckpoint(Source):
                 )
             self._inner = OrbaxCheckpoint(item)
             self._resolved = step
+            self._folder = folders[step]
         return self._inner
 
     def metadata(self) -> Any:
@@ -135,6 +148,7 @@ class KauldronCheckpoint(Source):
         """Forgets the chosen step and cached metadata (nothing else is held)."""
         self._inner = None
         self._resolved = None
+        self._folder = None
 
 
 def _list(steps: list[int]) -> str:
