@@ -330,14 +330,19 @@ class _Planner:
         self.problems: list[Problem] = []
         self.used_model = [False] * len(ignore_model)
         self.used_restored = [False] * len(ignore_restored)
+        self._structure_seen: set[tuple[Parts, Parts]] = set()
+        # (rule, target leaf, prefix length) where a rule matched but a more
+        # specific one took the leaf: usually few, only with overlapping rules.
+        self._outranked: list[tuple[int, int, int]] = []
 
     # The steps, in order.
 
     def run(self, lazy: Source | None, *, strict: bool, check_ignores: bool = True) -> GraftPlan:
         winner, prefix_len, rule_hits = self._assign_rules()
         instances, pairs = self._pair_leaves(winner, prefix_len)
+        self._check_outranked_rules(instances)
+        self._check_unmatched_rules(rule_hits, instances)
         self._check_unexpected(instances, pairs)
-        self._check_unmatched_rules(rule_hits)
         self._check_unmatched_ignores(instances)
         fatal = [
             p
@@ -366,7 +371,9 @@ class _Planner:
         prefix_len = [0] * n
         rank: list[tuple[int, int]] = [(-1, -1)] * n
         hits = [0] * len(self.rules)
-        ties: dict[tuple[int, int], int] = {}
+        # Per leaf, the rules tied with its current winner; a more specific rule
+        # found later clears them, so the result does not depend on rule order.
+        tied: dict[int, list[int]] = {}
         paths = self.tgt.paths
         for r, rule in enumerate(self.rules):
             match = rule.new.prefix_matcher()
@@ -378,9 +385,18 @@ class _Planner:
                 hits[r] += 1
                 key = (m[0], literals)
                 if key > rank[i]:
+                    if winner[i] >= 0:
+                        self._outranked.append((winner[i], i, prefix_len[i]))
                     rank[i], winner[i], prefix_len[i] = key, r, m[0]
+                    tied.pop(i, None)
                 elif key == rank[i]:
-                    ties.setdefault((winner[i], r), i)
+                    tied.setdefault(i, []).append(r)
+                else:
+                    self._outranked.append((r, i, m[0]))
+        ties: dict[tuple[int, int], int] = {}
+        for i, others in tied.items():
+            for b in others:
+                ties.setdefault((winner[i], b), i)
         for (a, b), i in ties.items():
             self.problems.append(
                 Problem(
@@ -492,17 +508,25 @@ class _Planner:
             return
         if self._ignored_model(parts, n):
             return
-        leaf_at = self.src.find(old_prefix)
-        if leaf_at is not None and len(old_prefix) < len(sparts):
+        # A leaf in the source where the state has a subtree: at the old prefix
+        # or below it. Reported once per subtree, not once per target leaf.
+        for j in range(len(old_prefix), len(sparts)):
+            leaf_at = self.src.find(sparts[:j])
+            if leaf_at is None:
+                continue
+            tsub = parts[: n + j - len(old_prefix)]
+            if (tsub, sparts[:j]) in self._structure_seen:
+                return
+            self._structure_seen.add((tsub, sparts[:j]))
             self.problems.append(
                 Problem(
                     "structure",
-                    f"{render_parts(parts[:n])!r} is a subtree in the state but "
-                    f"{render_parts(old_prefix)!r} is a leaf in the source "
+                    f"{render_parts(tsub)!r} is a subtree in the state but "
+                    f"{render_parts(sparts[:j])!r} is a leaf in the source "
                     f"({_leaves.describe(_leaves.spec_of(self.src.leaves[leaf_at]))}) "
                     f"[rule {rule}]",
-                    target=Path(parts[:n]),
-                    source=Path(old_prefix),
+                    target=Path(tsub),
+                    source=Path(sparts[:j]),
                     rule=str(rule),
                 )
             )
@@ -569,8 +593,50 @@ class _Planner:
                     )
                 )
 
-    def _check_unmatched_rules(self, hits: list[int]) -> None:
-        """Rules whose new side matches no target leaf must name empty nodes."""
+    def _check_outranked_rules(self, instances: dict[tuple[int, Parts], Parts | None]) -> None:
+        """Rule instances whose every leaf a more specific rule took.
+
+        Their source subtree still counts for the unexpected check; and a rule
+        that wins no leaf at all must still name something in the source, or a
+        typo in it would pass silently.
+        """
+        if not self._outranked:
+            return
+        won = {r for r, _ in instances}
+        missing: dict[int, Parts] = {}
+        for r, i, n in self._outranked:
+            new_prefix = self.tgt.paths[i][:n]
+            if (r, new_prefix) in instances:
+                continue
+            old_prefix = self._old_prefix(r, new_prefix)
+            instances[(r, new_prefix)] = old_prefix
+            if old_prefix is None and r not in won:
+                missing.setdefault(r, new_prefix)
+        found = {r for (r, _), old in instances.items() if old is not None}
+        for r, new_prefix in missing.items():
+            if r in found:
+                continue
+            rule = self.rules[r]
+            old = rule.old.substitute(rule.new.match(new_prefix) or ()).parts
+            self.problems.append(
+                Problem(
+                    "unmatched_rule",
+                    f"rule {rule}: {self.src.why_missing(old)} (more specific rules "
+                    "take all its target leaves)",
+                    target=Path(new_prefix),
+                    source=Path(old),
+                    rule=str(rule),
+                )
+            )
+
+    def _check_unmatched_rules(
+        self, hits: list[int], instances: dict[tuple[int, Parts], Parts | None]
+    ) -> None:
+        """Rules whose new side matches no target leaf must name empty nodes.
+
+        Such a rule grafts nothing, but the source leaves under its old side
+        still have no target: its instances are added for the unexpected check.
+        """
         for r, rule in enumerate(self.rules):
             if hits[r]:
                 continue
@@ -586,7 +652,9 @@ class _Planner:
                 continue
             for parts in new_nodes:
                 old = rule.old.substitute(rule.new.match(parts) or ()).parts
-                if not self.src.node_exists(old):
+                if self.src.node_exists(old):
+                    instances.setdefault((r, parts), old)
+                else:
                     self.problems.append(
                         Problem(
                             "unmatched_rule",
@@ -605,18 +673,23 @@ class _Planner:
         )
         for name, patterns, used, index, is_new in sides:
             prefixes = []
-            for (r, new_prefix), old_prefix in instances.items():
+            for (_r, new_prefix), old_prefix in instances.items():
                 p = new_prefix if is_new else old_prefix
                 if p is not None:
-                    prefixes.append(len(p))
+                    prefixes.append(p)
             for pat, was_used in zip(patterns, used, strict=True):
-                if was_used or _matches_any(pat, index, prefixes):
+                if was_used or _matches_any(pat, index, [len(p) for p in prefixes]):
                     continue
+                # Suggest keys as the user may have meant them: absolute, or
+                # relative to a rule's prefix.
+                names = list(index.paths) + [
+                    index.paths[i][len(p) :] for p in set(prefixes) for i in index.under(p)
+                ]
                 self.problems.append(
                     Problem(
                         "unmatched_ignore",
                         f"{name} pattern {pat.text!r} matches no key of {index.what}"
-                        f"{_close_paths(pat.text, index.paths)}",
+                        f"{_close_paths(pat.text, names)}",
                         pattern=pat.text,
                     )
                 )
