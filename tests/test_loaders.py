@@ -779,3 +779,16 @@ def test_multi_transform_path_syntax_error(pretrain):
         multi.transform(fresh())
     assert isinstance(info.value, tg.PathSyntaxError)
     assert info.value.column == 7
+
+
+def test_loader_fields_are_frozen_and_hashable():
+    loader = tg.PartialKauldronLoader(
+        workdir="/nonexistent", new_to_old={"a": "b"}, ignore_model_keys=["c"]
+    )
+    assert loader.ignore_model_keys == ("c",)
+    assert hash(loader) == hash(
+        tg.PartialKauldronLoader(workdir="/nonexistent", new_to_old={"a": "b"},
+                                 ignore_model_keys=("c",))
+    )
+    with pytest.raises(TypeError, match="does not support item assignment"):
+        loader.new_to_old["x"] = "y"  # type: ignore[index]

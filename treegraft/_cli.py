@@ -121,7 +121,9 @@ def _inspect(args: argparse.Namespace, style: Style) -> int:
                 {
                     "path": where,
                     "steps": steps,
-                    "step": source.resolved_step if isinstance(source, KauldronCheckpoint) else None,
+                    "step": (
+                        source.resolved_step if isinstance(source, KauldronCheckpoint) else None
+                    ),
                     "leaves": rows,
                     "total_bytes": sum(r["nbytes"] for r in rows),
                 },

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from treegraft._display import Style
-from treegraft._graft import execute
 from treegraft._loaders import PartialKauldronLoader
 from treegraft._paths import render_parts
 from treegraft._plan import plan

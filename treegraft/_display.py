@@ -109,9 +109,9 @@ def render_tree(
                 continue
             folded = depth is not None and level + 1 >= depth
             summary = f"{_count(child.leaves)}, {format_bytes(child.nbytes)}"
-            lines.append(
-                f"{prefix}{branch}{style.bold(name)}  " + style.dim(summary + (" …" if folded else ""))
-            )
+            if folded:
+                summary += " …"
+            lines.append(f"{prefix}{branch}{style.bold(name)}  " + style.dim(summary))
             if not folded:
                 walk(child, prefix + ("    " if last else "│   "), level + 1)
 

@@ -7,10 +7,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from treegraft import _leaves
+from treegraft._display import ProgressBar
 from treegraft._errors import GraftError
 from treegraft._index import is_abstract
 from treegraft._paths import Path, render_parts
-from treegraft._display import ProgressBar
 from treegraft._plan import GraftPlan, format_bytes, plan
 from treegraft._sharding import place
 from treegraft._source import ReadRequest, Source
@@ -126,7 +126,9 @@ def _read_batched(
     progress: bool | Callable[[int, int], None],
 ) -> list[Any]:
     total = sum(sizes)
-    log.info("reading %d leaf(s), %s, from %s", len(requests), format_bytes(total), source.describe())
+    log.info(
+        "reading %d leaf(s), %s, from %s", len(requests), format_bytes(total), source.describe()
+    )
     if not progress or total < _BATCHED_FROM:
         return list(source.read(requests))
     report = ProgressBar() if progress is True else progress

@@ -149,8 +149,45 @@ def _blank(cls: type[Exception]) -> Exception:
     raise error or TypeError(f"cannot create {cls.__name__}")
 
 
+class FrozenMapping(Mapping[str, str]):
+    """A read-only, hashable mapping: a frozen loader's `new_to_old`."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str]):
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return dict(self._items) == dict(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
 def _default_new_to_old() -> Mapping[str, str]:
-    return {"params": "params", "collections": "collections"}
+    return FrozenMapping({"params": "params", "collections": "collections"})
+
+
+def _frozen_fields(obj: Any) -> None:
+    # Kauldron configs pass lists and dicts; keep the loader immutable and hashable.
+    object.__setattr__(obj, "new_to_old", FrozenMapping(obj.new_to_old))
+    for name in ("ignore_model_keys", "ignore_restored_keys"):
+        value = getattr(obj, name)
+        object.__setattr__(obj, name, (value,) if isinstance(value, str) else tuple(value))
 
 
 def _is_opt(new_path: str) -> bool:
@@ -196,6 +233,14 @@ class PartialKauldronLoader(InitTransform):
     _unused_ignores: list[set[str]] = dataclasses.field(
         default_factory=list, init=False, repr=False, compare=False
     )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.new_to_old, Mapping):
+            raise TypeError(
+                "new_to_old must be a mapping {new_path: old_path}, got "
+                f"{type(self.new_to_old).__name__}"
+            )
+        _frozen_fields(self)
 
     def __enter__(self) -> PartialKauldronLoader:
         return self

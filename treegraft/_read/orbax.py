@@ -8,6 +8,7 @@ dtype, so that orbax's silent cast can never happen unasked.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -110,6 +111,7 @@ class OrbaxCheckpoint(Source):
 
         meta = self.metadata()
         directory = item_directory(self.path)
+        _check_processes_agree(directory, requests)
         item: Any = _empty_like(meta)
         restore_args: Any = _empty_like(meta)
         for req in requests:
@@ -145,6 +147,60 @@ class _Marker:
     """A requested leaf in the restore template (orbax returns it if unread)."""
 
 
+_NAME_BYTES = 96  # of the step and item folder names, shown when processes disagree
+
+
+def _check_processes_agree(directory: str, requests: Sequence[ReadRequest]) -> None:
+    """Raises the same error on every process if the processes would read different data.
+
+    Active only with several processes and a target sharded across them: each
+    process then reads only its own shards of the same global arrays, so all of
+    them take part in this read, and they must read the same leaves of the same
+    step. They may not, silently: with step=-1 a step can complete while the
+    processes list the workdir, and each one then fills its shards from another
+    step. One all-gather of 128 bytes per process compares the step and item
+    folder names and a digest of the requested leaves; no array byte moves.
+    """
+    if jax.process_count() == 1 or not any(_spans_processes(r.like) for r in requests):
+        return
+    from jax.experimental import multihost_utils
+
+    parent, item = os.path.split(os.path.normpath(directory))
+    name = os.path.join(os.path.basename(parent), item).encode()[-_NAME_BYTES:]
+    digest = hashlib.sha256(name)
+    for req in requests:
+        shape = getattr(req.like, "shape", None)
+        digest.update(repr((render_parts(req.path.parts), shape, str(req.dtype))).encode())
+    payload = np.frombuffer(digest.digest() + name.ljust(_NAME_BYTES, b"\0"), np.uint8)
+    with jax.transfer_guard("allow"):  # 128 bytes per process, not array data
+        table = np.asarray(multihost_utils.process_allgather(payload))
+    if (table == table[0]).all():
+        return
+    rows = [bytes(row) for row in table]
+    names = [row[32:].rstrip(b"\0").decode(errors="replace") for row in rows]
+    listed = ", ".join(
+        f"process {i} reads {n!r} (leaves #{row[:4].hex()})"
+        for i, (n, row) in enumerate(zip(names, rows, strict=True))
+    )
+    if len(set(names)) > 1:
+        why = (
+            "they opened different checkpoints; with step=-1 (the latest) a step that "
+            "completed while they listed the workdir does this: pass the same explicit "
+            "step on every process"
+        )
+    else:
+        why = "they request different leaves: the state or the mapping differs between processes"
+    raise CheckpointError(
+        f"the {len(rows)} processes would fill their shards of the same global arrays "
+        f"from different data, so none reads: {why}. {listed}"
+    )
+
+
+def _spans_processes(like: Any) -> bool:
+    sharding = getattr(like, "sharding", None)
+    return isinstance(sharding, jax.sharding.Sharding) and not sharding.is_fully_addressable
+
+
 def _read_metadata(directory: str) -> Any:
     import orbax.checkpoint as ocp
     from etils import epath
@@ -171,7 +227,8 @@ def _spec_leaf(leaf: Any) -> Any:
 
     if isinstance(leaf, ocp_metadata.ScalarMetadata):
         kind = np.dtype(leaf.dtype).kind
-        return ScalarSpec({"b": bool, "i": int, "u": int, "f": float, "c": complex}.get(kind, float))
+        types = {"b": bool, "i": int, "u": int, "f": float, "c": complex}
+        return ScalarSpec(types.get(kind, float))
     return leaf
 
 
