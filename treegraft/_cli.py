@@ -113,7 +113,7 @@ def _inspect(args: argparse.Namespace, style: Style) -> int:
         pattern = parse_pattern(args.filter)
         items = [(p, leaf) for p, leaf in items if pattern.match_prefix(p) is not None]
     steps = list_steps(args.path) if isinstance(source, KauldronCheckpoint) else None
-    where = source.step_dir if isinstance(source, KauldronCheckpoint) else source.path
+    where = source.step_dir if isinstance(source, KauldronCheckpoint) else str(source.path)  # type: ignore[attr-defined]
     if args.json:
         rows = leaf_rows(items)
         print(

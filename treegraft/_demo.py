@@ -228,7 +228,8 @@ def _verify(
     before: TrainState, final: TrainState, saved: dict[tuple[Any, ...], np.ndarray]
 ) -> tuple[int, int, list[str]]:
     problems = []
-    if jax.tree_util.tree_structure(final) != jax.tree_util.tree_structure(before):
+    structure = jax.tree_util.tree_structure
+    if structure(final) != structure(before):  # type: ignore[operator]
         problems.append("the state's structure changed")
     old = dict(zip(*flatten_parts(before)[:2], strict=True))
     paths, leaves, _ = flatten_parts(final)

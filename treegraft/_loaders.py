@@ -143,7 +143,7 @@ def _blank(cls: type[Exception]) -> Exception:
     for base in cls.__mro__:
         if "__new__" in vars(base):
             try:
-                return base.__new__(cls)  # type: ignore[no-any-return]
+                return base.__new__(cls)  # type: ignore[no-any-return, call-overload]
             except TypeError as e:
                 error = e
     raise error or TypeError(f"cannot create {cls.__name__}")
@@ -276,7 +276,7 @@ class PartialKauldronLoader(InitTransform):
             # A single phase checks its patterns in plan, with all other problems.
             check_ignores=last and earlier is None,
         )
-        unused = {pr.pattern for pr in p.report if pr.kind == "unmatched_ignore"}
+        unused = {pr.pattern for pr in p.report if pr.kind == "unmatched_ignore" and pr.pattern}
         if earlier is not None:
             unused &= earlier
             self._unused_ignores.clear()
@@ -301,7 +301,7 @@ class PartialKauldronLoader(InitTransform):
         return self._graft(state, after, last=True)
 
 
-def _raise_unused(p: Any, unused: set[str | None]) -> None:
+def _raise_unused(p: Any, unused: set[str]) -> None:
     problems = [
         pr for pr in p.report if pr.kind == "unmatched_ignore" and pr.pattern in unused
     ]

@@ -265,6 +265,7 @@ class Path:
 
     __slots__ = ("parts", "_hash")
     parts: tuple[Part, ...]
+    _hash: int | None
 
     def __init__(self, parts: Iterable[Part] = ()):
         object.__setattr__(self, "parts", tuple(parts))
