@@ -439,7 +439,8 @@ def test_ignore_patterns_are_checked_over_both_phases(pretrain):
     with pytest.raises(
         tg.PathNotFoundError,
         match=r"ignore_restored_keys pattern '\*\.\*\.encoder\.nrom' matches no key of the "
-        r"checkpoint .*ckpt_3 \(did you mean",
+        r"checkpoint .*ckpt_3, relative to a rule's prefix \('opt_state'\) or from the root "
+        r"\(did you mean",
     ):
         loader.transform_after_optimizer(state)
 

@@ -402,15 +402,16 @@ def test_a_rule_matching_nothing_is_an_error_with_suggestions(mapping, needle):
         pytest.param(
             "ignore_model_keys",
             "norm.scal",
-            "ignore_model_keys pattern 'norm.scal' matches no key of the state "
+            "ignore_model_keys pattern 'norm.scal' matches no key of the state, relative to "
+            "a rule's prefix ('params.decoder.layers_0') or from the root "
             "(did you mean 'norm.scale'",
             id="model-relative",
         ),
         pytest.param(
             "ignore_restored_keys",
             "params.encoder.atn",
-            "ignore_restored_keys pattern 'params.encoder.atn' matches no key of the source "
-            "(did you mean",
+            "ignore_restored_keys pattern 'params.encoder.atn' matches no key of the source, "
+            "relative to a rule's prefix ('params.encoder') or from the root (did you mean",
             id="restored-absolute",
         ),
     ],

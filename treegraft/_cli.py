@@ -20,6 +20,7 @@ from treegraft._patterns import parse_pattern
 from treegraft._plan import format_bytes, plan
 from treegraft._read.kauldron import KauldronCheckpoint, list_steps
 from treegraft._read.orbax import OrbaxCheckpoint
+from treegraft._rules import parse_ignore, parse_mapping
 from treegraft._source import Source
 from treegraft._tree import flatten_parts
 
@@ -150,6 +151,10 @@ def _parse_map(entries: Sequence[str]) -> dict[str, str]:
 
 def _plan(args: argparse.Namespace, style: Style) -> int:
     mapping = _parse_map(args.map if args.map is not None else _DEFAULT_MAP)
+    # A malformed mapping or pattern is a usage error (2), not a failing graft (1).
+    parse_mapping(mapping)
+    parse_ignore(args.ignore_model_keys, name="--ignore-model-keys")
+    parse_ignore(args.ignore_restored_keys, name="--ignore-restored-keys")
     source = open_checkpoint(args.source, args.step)
     target = open_checkpoint(args.target, args.target_step).metadata()
     try:
@@ -163,8 +168,6 @@ def _plan(args: argparse.Namespace, style: Style) -> int:
             cast=args.cast,
         )
     except GraftError as e:
-        if isinstance(e, MappingError) and not e.problems:
-            raise
         if args.json:
             print(json.dumps({"ok": False, "error": str(e), "problems": _problems(e.problems)},
                              indent=2))

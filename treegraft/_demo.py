@@ -146,7 +146,7 @@ def run_demo(workdir: str | None = None, *, print_fn: Callable[[str], None] = pr
         tmp = tempfile.mkdtemp(prefix="treegraft-demo-")
         workdir = tmp
     try:
-        return _run(workdir, print_fn, style)
+        return _run(os.path.abspath(workdir), print_fn, style)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

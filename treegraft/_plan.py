@@ -685,11 +685,14 @@ class _Planner:
                 names = list(index.paths) + [
                     index.paths[i][len(p) :] for p in set(prefixes) for i in index.under(p)
                 ]
+                shown = sorted({render_parts(p) for p in prefixes})
+                where = ", ".join(repr(s) for s in shown[:3]) + (", ..." if len(shown) > 3 else "")
+                relative = f" relative to a rule's prefix ({where}) or" if shown else ""
                 self.problems.append(
                     Problem(
                         "unmatched_ignore",
-                        f"{name} pattern {pat.text!r} matches no key of {index.what}"
-                        f"{_close_paths(pat.text, names)}",
+                        f"{name} pattern {pat.text!r} matches no key of {index.what},"
+                        f"{relative} from the root{_close_paths(pat.text, names)}",
                         pattern=pat.text,
                     )
                 )

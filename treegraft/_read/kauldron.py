@@ -79,7 +79,7 @@ class KauldronCheckpoint(Source):
     def __init__(self, workdir: str | os.PathLike[str], step: int = -1):
         if isinstance(step, bool) or not isinstance(step, int) or step < -1:
             raise CheckpointError(f"step must be an int >= 0, or -1 for the latest; got {step!r}")
-        self.workdir = os.fspath(workdir)
+        self.workdir = os.path.abspath(os.fspath(workdir))
         self.step = step
         self._inner: OrbaxCheckpoint | None = None
         self._resolved: int | None = None

@@ -82,7 +82,8 @@ class OrbaxCheckpoint(Source):
     """
 
     def __init__(self, path: str | os.PathLike[str]):
-        self.path = os.fspath(path)
+        # orbax wants absolute paths; a relative one is taken from the current folder.
+        self.path = os.path.abspath(os.fspath(path))
         self._metadata: Any = None
 
     def __repr__(self) -> str:
