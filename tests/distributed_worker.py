@@ -379,6 +379,20 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         else:
             raise AssertionError("processes reading different steps did not raise")
 
+    # ---- 5. a plan that fails on one process only: every process raises -----
+    # Process 1 was given a mapping with a typo; process 0's plan is fine, but it
+    # must not go on to a read that process 1 will never join.
+    old = "params.encoder" if pid == 0 else "params.encodr"
+    with spy:
+        try:
+            tg.PartialKauldronLoader(
+                workdir=workdir, new_to_old={"params.backbone": old}, step=100
+            ).transform(state)
+        except tg.GraftError as e:
+            result["divergent_plan_error"] = f"{type(e).__name__}: {e}"
+        else:
+            raise AssertionError("a plan failing on one process did not fail everywhere")
+
     result["checked_shards"] = checked
     result["gathers"] = spy.calls
     multihost_utils.sync_global_devices("treegraft-test: done")

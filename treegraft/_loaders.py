@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from treegraft._graft import execute
+from treegraft._graft import execute, plan_on_every_process
 from treegraft._patterns import parse_pattern
-from treegraft._plan import plan
+from treegraft._plan import GraftPlan, plan
 from treegraft._read.kauldron import KauldronCheckpoint
 
 __all__ = [
@@ -267,24 +267,30 @@ class PartialKauldronLoader(InitTransform):
 
     def _graft(self, state: Any, mapping: dict[str, str], *, last: bool) -> Any:
         earlier = self._unused_ignores[0] if self._unused_ignores else None
-        p = plan(
-            state,
-            self._checkpoint(),
-            mapping,
-            ignore_model_keys=self.ignore_model_keys,
-            ignore_restored_keys=self.ignore_restored_keys,
-            # A single phase checks its patterns in plan, with all other problems.
-            check_ignores=last and earlier is None,
-        )
-        unused = {pr.pattern for pr in p.report if pr.kind == "unmatched_ignore" and pr.pattern}
-        if earlier is not None:
-            unused &= earlier
-            self._unused_ignores.clear()
-        if last:
-            _raise_unused(p, unused)
-        else:
-            self._unused_ignores.append(unused)
-        return execute(p)
+
+        def make_plan() -> GraftPlan:
+            p = plan(
+                state,
+                self._checkpoint(),
+                mapping,
+                ignore_model_keys=self.ignore_model_keys,
+                ignore_restored_keys=self.ignore_restored_keys,
+                # A single phase checks its patterns in plan, with all other problems.
+                check_ignores=last and earlier is None,
+            )
+            unused = {
+                pr.pattern for pr in p.report if pr.kind == "unmatched_ignore" and pr.pattern
+            }
+            if earlier is not None:
+                unused &= earlier
+                self._unused_ignores.clear()
+            if last:
+                _raise_unused(p, unused)
+            else:
+                self._unused_ignores.append(unused)
+            return p
+
+        return execute(plan_on_every_process(state, make_plan))
 
     def transform(self, state: _T) -> _T:
         """Grafts every entry whose new path is not under `opt_state`."""
