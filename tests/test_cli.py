@@ -1,0 +1,216 @@
+"""The `treegraft` command through its real entry point, on real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import treegraft as tg
+from kauldron_run import snapshot
+
+# The console script installed beside this interpreter, else the one on PATH.
+_BESIDE = os.path.join(os.path.dirname(sys.executable), "treegraft")
+EXE = _BESIDE if os.path.exists(_BESIDE) else shutil.which("treegraft") or ""
+
+
+def run(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs the installed console script (the same entry point a user types)."""
+    cmd = [EXE, *args] if EXE else [sys.executable, "-m", "treegraft._cli", *args]
+    env = dict(os.environ, NO_COLOR="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Kauldron-layout run written by `treegraft demo --keep` (two steps)."""
+    workdir = str(tmp_path_factory.mktemp("cli") / "run")
+    result = run("demo", "--keep", workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir
+
+
+def test_demo_grafts_and_verifies(demo_run: str) -> None:
+    result = run("demo")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "The plan" in out and "'params.decoder.layers_*' <- 'params.encoder.layers_*'" in out
+    assert "OK  29 grafted leaves equal their checkpoint arrays" in out
+    assert "OK  25 other leaves are the very same objects as before" in out
+    assert "FAIL" not in out
+
+
+def test_demo_keep_refuses_a_non_empty_folder(tmp_path) -> None:
+    (tmp_path / "x").write_text("mine")
+    result = run("demo", "--keep", str(tmp_path))
+    assert result.returncode == 2
+    assert "is not empty" in result.stderr
+    assert os.listdir(tmp_path) == ["x"]
+
+
+def test_inspect_workdir_lists_steps_and_tree(demo_run: str) -> None:
+    before = snapshot(demo_run)
+    result = run("inspect", demo_run)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "steps: 1000, 2000 (showing 2000)" in out
+    assert "ckpt_2000" in out
+    assert "embedding  float32[32, 16]  2.0 KiB" in out
+    assert "opt_state" in out and "count  int32[]" in out
+    assert snapshot(demo_run) == before  # metadata only: nothing written
+
+
+def test_inspect_step_depth_and_filter(demo_run: str) -> None:
+    result = run("inspect", demo_run, "--step", "1000", "--depth", "1")
+    assert result.returncode == 0, result.stderr
+    assert "ckpt_1000" in result.stdout
+    assert "params  13 leaves" in result.stdout and "…" in result.stdout
+    assert "embedding" not in result.stdout  # folded below depth 1
+    result = run("inspect", demo_run, "--filter", "params.encoder.**")
+    lines = result.stdout.splitlines()
+    assert any("encoder" in line for line in lines)
+    assert not any("decoder" in line or "embed" in line for line in lines)
+
+
+def test_inspect_json_matches_the_metadata(demo_run: str) -> None:
+    result = run("inspect", demo_run, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    meta = tg.flatten(tg.KauldronCheckpoint(demo_run).metadata())
+    assert data["steps"] == [1000, 2000] and data["step"] == 2000
+    got = {row["path"]: (tuple(row["shape"]), row["dtype"]) for row in data["leaves"]}
+    want = {
+        str(p): (tuple(leaf.shape), getattr(leaf.dtype, "__name__", str(leaf.dtype)))
+        for p, leaf in meta.items()
+    }
+    assert got == want
+    assert data["total_bytes"] == sum(row["nbytes"] for row in data["leaves"])
+    assert data["total_bytes"] == sum(
+        int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        for leaf in meta.values()
+        if not isinstance(leaf.dtype, type)
+    )
+
+
+def test_inspect_an_item_folder_and_a_step_folder(demo_run: str) -> None:
+    step = os.path.join(demo_run, "checkpoints", "ckpt_1000")
+    for path in (step, os.path.join(step, "default")):
+        result = run("inspect", path, "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["steps"] is None
+        assert len(json.loads(result.stdout)["leaves"]) == 42
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "/nonexistent/run"], "does not exist"),
+        (["inspect", "{run}", "--step", "7"], "available steps: 1000, 2000"),
+        (["inspect", "{run}/checkpoints"], "is not an orbax PyTree checkpoint"),
+    ],
+    ids=["missing", "no-such-step", "not-a-checkpoint"],
+)
+def test_inspect_unusable_input_exits_2(demo_run: str, args: list[str], message: str) -> None:
+    result = run(*[a.format(run=demo_run) for a in args])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_plan_that_would_succeed_exits_0(demo_run: str) -> None:
+    target = os.path.join(demo_run, "checkpoints", "ckpt_1000")
+    result = run("plan", demo_run, "--target", target, "--map", "params.decoder=params.encoder")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "the graft would succeed" in out
+    assert "'params.decoder' <- 'params.encoder'  6       8.1 KiB" in out
+    assert "params.decoder.layers_0.mlp.kernel       params.encoder.layers_0.mlp.kernel" in out
+
+
+def test_plan_that_would_fail_exits_1_with_every_problem(demo_run: str) -> None:
+    target = os.path.join(demo_run, "checkpoints", "ckpt_1000")
+    result = run(
+        "plan", demo_run, "--target", target,
+        "--map", "params.decoder=params.encodr",
+        "--map", "params.embd=params.embed",
+    )
+    assert result.returncode == 1
+    out = result.stdout
+    assert "the graft would fail" in out
+    assert "2 problem(s)" in out
+    assert "did you mean 'encoder'" in out and "did you mean 'embed'" in out
+
+
+def test_plan_ignore_and_non_strict(demo_run: str) -> None:
+    target = os.path.join(demo_run, "checkpoints", "ckpt_1000")
+    # The checkpoint's params have more than the decoder: unexpected unless ignored.
+    base = ["plan", demo_run, "--target", target, "--map", "params.decoder=params"]
+    failing = run(*base)
+    assert failing.returncode == 1
+    assert "unexpected in the source" in failing.stdout
+    assert "ignore_restored_keys" in failing.stdout
+    report = run(*base, "--non-strict", "--json")
+    assert report.returncode == 0, report.stderr
+    data = json.loads(report.stdout)
+    assert data["ok"] is True
+    assert {p["kind"] for p in data["report"]} >= {"missing", "unexpected"}
+
+
+def test_plan_json_lists_entries(demo_run: str) -> None:
+    target = os.path.join(demo_run, "checkpoints", "ckpt_1000")
+    result = run("plan", demo_run, "--target", target, "--map", "params.embed=params.embed",
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["entries"] == [
+        {
+            "target": "params.embed.embedding",
+            "source": "params.embed.embedding",
+            "rule": "'params.embed' <- 'params.embed'",
+            "shape": [32, 16],
+            "dtype": "float32",
+            "nbytes": 2048,
+        }
+    ]
+    assert data["bytes"] == 2048 and data["unused"] == 41
+    failing = run("plan", demo_run, "--target", target, "--map", "params.embed=params.x",
+                  "--json")
+    assert failing.returncode == 1
+    data = json.loads(failing.stdout)
+    assert data["ok"] is False and data["problems"][0]["kind"] == "missing"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--map", "params.decoder"], "--map takes NEW=OLD"),
+        (["--map", "params..x=params"], "invalid mapping"),
+        (["--map", "a=b", "--ignore-model-keys", "a[b]"], "invalid --ignore-model-keys"),
+    ],
+    ids=["no-equals", "path-syntax", "ignore-syntax"],
+)
+def test_plan_usage_errors_exit_2(demo_run: str, extra: list[str], message: str) -> None:
+    target = os.path.join(demo_run, "checkpoints", "ckpt_1000")
+    result = run("plan", demo_run, "--target", target, *extra)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_usage_errors_from_argparse_exit_2() -> None:
+    assert run().returncode == 2
+    result = run("plan", "/x")
+    assert result.returncode == 2 and "--target" in result.stderr
+
+
+def test_the_console_script_is_installed() -> None:
+    assert EXE, "the treegraft console script is not installed (pip install the package)"
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == tg.__version__
