@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+from kauldron_run import snapshot
 
 import treegraft as tg
-from kauldron_run import snapshot
 
 # The console script installed beside this interpreter, else the one on PATH.
 _BESIDE = os.path.join(os.path.dirname(sys.executable), "treegraft")
