@@ -115,7 +115,15 @@ def spec_tree(tree):
 def test_partial_loader_fields_and_defaults():
     loader = tg.PartialKauldronLoader(workdir="/nowhere")
     fields = [f.name for f in dataclasses.fields(loader) if f.init]
-    assert fields == ["workdir", "new_to_old", "step", "ignore_model_keys", "ignore_restored_keys"]
+    # Kauldron's fields, in Kauldron's names (lightweight_initialize: accepted, no effect).
+    assert fields == [
+        "workdir",
+        "new_to_old",
+        "step",
+        "ignore_model_keys",
+        "ignore_restored_keys",
+        "lightweight_initialize",
+    ]
     assert dict(loader.new_to_old) == {"params": "params", "collections": "collections"}
     assert loader.step == -1
     assert tuple(loader.ignore_model_keys) == () and tuple(loader.ignore_restored_keys) == ()
@@ -793,3 +801,9 @@ def test_loader_fields_are_frozen_and_hashable():
     )
     with pytest.raises(TypeError, match="does not support item assignment"):
         loader.new_to_old["x"] = "y"  # type: ignore[index]
+
+
+def test_lightweight_initialize_is_accepted_for_kauldron_configs():
+    loader = tg.PartialKauldronLoader(workdir="/nonexistent", lightweight_initialize=True)
+    assert loader.lightweight_initialize is True
+    loader.close()  # opens nothing, so nothing to fail on

@@ -517,3 +517,9 @@ def test_nothing_written(ckpts, tmp_path):
     with pytest.raises(tg.PathNotFoundError, match="'params.nope'"):
         tg.graft(state, src, {"k": "params.nope"})
     assert snapshot(item) == before
+
+
+@pytest.mark.parametrize("path", [None, 3], ids=["None", "int"])
+def test_a_path_that_is_not_a_path_is_a_checkpoint_error(path):
+    with pytest.raises(tg.CheckpointError, match="must be a str or os.PathLike, got"):
+        tg.OrbaxCheckpoint(path)

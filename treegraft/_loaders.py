@@ -15,8 +15,10 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from treegraft._errors import MappingError
 from treegraft._graft import execute, plan_on_every_process
-from treegraft._patterns import parse_pattern
+from treegraft._paths import Path
+from treegraft._patterns import Pattern, parse_pattern
 from treegraft._plan import GraftPlan, plan
 from treegraft._read.kauldron import KauldronCheckpoint
 
@@ -187,10 +189,25 @@ def _frozen_fields(obj: Any) -> None:
     object.__setattr__(obj, "new_to_old", FrozenMapping(obj.new_to_old))
     for name in ("ignore_model_keys", "ignore_restored_keys"):
         value = getattr(obj, name)
-        object.__setattr__(obj, name, (value,) if isinstance(value, str) else tuple(value))
+        if value is None:  # as graft takes it: no pattern
+            value = ()
+        elif isinstance(value, str | Path | Pattern):
+            value = (value,)
+        else:
+            try:
+                value = tuple(value)
+            except TypeError:
+                raise MappingError(
+                    f"{name} must be a sequence of path patterns, got {type(value).__name__}"
+                ) from None
+        object.__setattr__(obj, name, value)
 
 
-def _is_opt(new_path: str) -> bool:
+def _is_opt(new_path: Any) -> bool:
+    # Paths and patterns are keys too (as in `graft`): an opt_state entry given
+    # as `tg.parse_path('opt_state')` must wait for the optimizer like its string.
+    if not isinstance(new_path, str | Path | Pattern):
+        return False  # not a path: `plan` reports it with the mapping's other problems
     pattern = parse_pattern(new_path)
     return pattern.literal_prefix()[:1] == (_OPT,)
 
@@ -206,12 +223,15 @@ class PartialKauldronLoader(InitTransform):
     Attributes:
       workdir: the work directory of the run to load from.
       new_to_old: `{new_path: old_path}`; patterns with captures allowed.
-        Defaults to all params and collections.
+        Defaults to all params and collections; an empty mapping is an error
+        (a `MappingError`), as it is for `graft`.
       step: the step to load; -1 (default) for the latest complete one.
       ignore_model_keys: patterns of state leaves that may be absent from the
         checkpoint (they keep their value).
       ignore_restored_keys: patterns of checkpoint leaves that may have no
         place in the state.
+      lightweight_initialize: accepted so that Kauldron configs that set it
+        keep working; it has no effect (treegraft reads metadata only anyway).
 
     Example:
       >>> import treegraft as tg
@@ -227,6 +247,7 @@ class PartialKauldronLoader(InitTransform):
     step: int = -1
     ignore_model_keys: Sequence[str] = ()
     ignore_restored_keys: Sequence[str] = ()
+    lightweight_initialize: bool = False
     _source: list[KauldronCheckpoint] = dataclasses.field(
         default_factory=list, init=False, repr=False, compare=False
     )
@@ -236,7 +257,7 @@ class PartialKauldronLoader(InitTransform):
 
     def __post_init__(self) -> None:
         if not isinstance(self.new_to_old, Mapping):
-            raise TypeError(
+            raise MappingError(
                 "new_to_old must be a mapping {new_path: old_path}, got "
                 f"{type(self.new_to_old).__name__}"
             )
@@ -254,10 +275,18 @@ class PartialKauldronLoader(InitTransform):
             self._source.pop().close()
 
     def _split(self) -> tuple[dict[str, str], dict[str, str]]:
+        if not self.new_to_old:
+            # graft refuses an empty mapping; a loader that loads nothing is as
+            # likely a mistake, and would pass silently.
+            raise MappingError(
+                "new_to_old is empty: nothing would be loaded; give at least one "
+                "{new_path: old_path} entry, or leave new_to_old out for Kauldron's "
+                "default {'params': 'params', 'collections': 'collections'}"
+            )
         first: dict[str, str] = {}
         after: dict[str, str] = {}
         for new, old in dict(self.new_to_old).items():
-            (after if isinstance(new, str) and _is_opt(new) else first)[new] = old
+            (after if _is_opt(new) else first)[new] = old
         return first, after
 
     def _checkpoint(self) -> KauldronCheckpoint:

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from treegraft import _leaves
 from treegraft._errors import GraftError, MappingError, MismatchError, PathNotFoundError
 from treegraft._index import TreeIndex, is_abstract
@@ -21,6 +23,7 @@ from treegraft._paths import Part, Path, render_parts
 from treegraft._patterns import Pattern
 from treegraft._rules import Rule, parse_ignore, parse_mapping
 from treegraft._source import Source
+from treegraft._tree import resolve
 
 __all__ = ["plan", "GraftPlan", "Entry", "Problem"]
 
@@ -457,13 +460,17 @@ class _Planner:
     def _specs_agree(self, tleaf: Any, sleaf: Any) -> bool:
         # Fast path for arrays: plain attribute compares, no spec objects.
         try:
-            if tleaf.shape == sleaf.shape and (self.cast or tleaf.dtype == sleaf.dtype):
+            if tleaf.shape == sleaf.shape and (
+                tleaf.dtype == sleaf.dtype
+                or (self.cast and not _drops_imaginary(tleaf.dtype, sleaf.dtype))
+            ):
                 return True
         except AttributeError:
             pass
-        return _leaves.mismatch(
-            _leaves.spec_of(tleaf), _leaves.spec_of(sleaf), cast=self.cast
-        ) is None
+        tspec, sspec = _leaves.spec_of(tleaf), _leaves.spec_of(sleaf)
+        if self.cast and _drops_imaginary(tspec[1], sspec[1]):
+            return False
+        return _leaves.mismatch(tspec, sspec, cast=self.cast) is None
 
     def _ignored_model(self, parts: Parts, n: int) -> bool:
         return _ignored(self.ignore_model, self.used_model, parts, n)
@@ -546,13 +553,16 @@ class _Planner:
         tspec = _leaves.spec_of(self.tgt.leaves[i])
         sspec = _leaves.spec_of(self.src.leaves[si])
         why = _leaves.mismatch(tspec, sspec, cast=self.cast) or "type"
+        note = ""
+        if why == "type" and self.cast and _drops_imaginary(tspec[1], sspec[1]):
+            why, note = "dtype", " (cast=True never drops an imaginary part)"
         kind = why if why in ("shape", "dtype") else "structure"
         tp, sp = self.tgt.paths[i], self.src.paths[si]
         self.problems.append(
             Problem(
                 kind,
                 f"{render_parts(tp)!r} in the state is {_leaves.describe(tspec)}, "
-                f"{render_parts(sp)!r} in the source is {_leaves.describe(sspec)}",
+                f"{render_parts(sp)!r} in the source is {_leaves.describe(sspec)}{note}",
                 target=Path(tp),
                 source=Path(sp),
                 rule=str(self.rules[r]),
@@ -571,6 +581,7 @@ class _Planner:
             if old_prefix is None:
                 continue
             k = len(old_prefix)
+            hint: str | None = None
             for si in self.src.under(old_prefix):
                 if si in paired:
                     continue
@@ -581,17 +592,36 @@ class _Planner:
                     continue
                 if self._ignored_restored(sparts, k):
                     continue
+                if hint is None:
+                    hint = self._empty_target_hint(new_prefix)
                 self.problems.append(
                     Problem(
                         "unexpected",
                         f"{render_parts(sparts)!r} in the source has no target: the state "
-                        f"has no {render_parts(new_prefix + sparts[k:])!r} "
+                        f"has no {render_parts(new_prefix + sparts[k:])!r}{hint} "
                         f"[rule {self.rules[r]}]",
                         target=Path(new_prefix + sparts[k:]),
                         source=Path(sparts),
                         rule=str(self.rules[r]),
                     )
                 )
+
+    def _empty_target_hint(self, new_prefix: Parts) -> str:
+        """' (X is None in the state)' when a rule's whole target is an empty node.
+
+        The usual cause is a state built without that part, such as a TrainState
+        whose `opt_state` is still None: saying so beats a list of every leaf.
+        """
+        if self.tgt.under(new_prefix):
+            return ""
+        try:
+            _, node = resolve(self.tgt.root, Path(new_prefix))
+        except PathNotFoundError:
+            return ""
+        where = repr(render_parts(new_prefix)) if new_prefix else "the root"
+        if node is None:
+            return f" ({where} is None in the state)"
+        return f" ({where} is an empty {type(node).__name__} in the state)"
 
     def _check_outranked_rules(self, instances: dict[tuple[int, Parts], Parts | None]) -> None:
         """Rule instances whose every leaf a more specific rule took.
@@ -696,6 +726,22 @@ class _Planner:
                         pattern=pat.text,
                     )
                 )
+
+
+def _drops_imaginary(target_dtype: Any, source_dtype: Any) -> bool:
+    """Whether casting source to target would drop an imaginary part (complex to real).
+
+    numpy and jax do it with a ComplexWarning, Python's int() and float() refuse
+    it: `cast=True` allows precision changes, not losing half of every value.
+    """
+    return _is_complex(source_dtype) and not _is_complex(target_dtype)
+
+
+def _is_complex(dtype: Any) -> bool:
+    try:
+        return np.dtype(dtype).kind == "c"
+    except TypeError:  # not a dtype: an opaque leaf's type
+        return False
 
 
 def _ignored(patterns: list[Pattern], used: list[bool], parts: Parts, n: int) -> bool:

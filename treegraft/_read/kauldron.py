@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ __all__ = ["KauldronCheckpoint", "list_steps"]
 _STEP = re.compile(r"ckpt_(\d+)")
 # Orbax writes one of these into a step folder when the step is complete.
 _COMMIT_MARKERS = ("commit_success.txt", "_CHECKPOINT_METADATA")
+# After a failed read, how long to watch for the step's deletion by its run.
+_REMOVAL_GRACE_S = 0.5
 
 
 def list_steps(workdir: str | os.PathLike[str]) -> list[int]:
@@ -66,8 +69,10 @@ class KauldronCheckpoint(Source):
       step: the step to read; -1 (the default) means the latest complete one.
 
     The step is chosen on first use and kept, so that metadata and reads come
-    from the same step even while the run writes new ones. Nothing is ever
-    created or written in the workdir.
+    from the same step even while the run writes new ones. If the run deletes
+    that step before it is read (orbax's `max_to_keep`), reading raises a
+    `CheckpointNotFoundError` that says so. Nothing is ever created or written
+    in the workdir.
 
     Example:
       >>> import treegraft as tg
@@ -79,6 +84,11 @@ class KauldronCheckpoint(Source):
     def __init__(self, workdir: str | os.PathLike[str], step: int = -1):
         if isinstance(step, bool) or not isinstance(step, int) or step < -1:
             raise CheckpointError(f"step must be an int >= 0, or -1 for the latest; got {step!r}")
+        if not isinstance(workdir, str | os.PathLike):
+            raise CheckpointError(
+                f"workdir must be a path (str or os.PathLike), got {type(workdir).__name__}: "
+                f"{workdir!r}"
+            )
         self.workdir = os.path.abspath(os.fspath(workdir))
         self.step = step
         self._inner: OrbaxCheckpoint | None = None
@@ -128,7 +138,14 @@ class KauldronCheckpoint(Source):
             step_dir = os.path.join(self.workdir, "checkpoints", folders[step])
             item = os.path.join(step_dir, "default")
             if not os.path.isdir(item):
-                items = sorted(os.listdir(step_dir))
+                try:
+                    items = sorted(os.listdir(step_dir))
+                except FileNotFoundError:  # deleted by its run since it was listed
+                    raise CheckpointNotFoundError(
+                        f"step {step} of {self.workdir!r} was removed while it was being "
+                        "opened (a run that keeps only its latest steps deletes older ones); "
+                        "load again to read the latest complete step"
+                    ) from None
                 raise CheckpointError(
                     f"step {step} of {self.workdir!r} has no 'default' item (the train state); "
                     f"it holds: {', '.join(items) or 'nothing'}"
@@ -139,10 +156,45 @@ class KauldronCheckpoint(Source):
         return self._inner
 
     def metadata(self) -> Any:
-        return self._open().metadata()
+        inner = self._open()
+        try:
+            return inner.metadata()
+        except CheckpointError as e:
+            self._raise_if_removed(e, grace=0.0)
+            raise
 
     def read(self, requests: Sequence[ReadRequest]) -> list[Any]:
-        return self._open().read(requests)
+        inner = self._open()
+        try:
+            return inner.read(requests)
+        except CheckpointError as e:
+            self._raise_if_removed(e, grace=_REMOVAL_GRACE_S)
+            raise
+
+    def _raise_if_removed(self, error: CheckpointError, *, grace: float) -> None:
+        # A run that keeps only its latest steps (orbax's max_to_keep) deletes
+        # older ones: the chosen step can vanish between listing and reading,
+        # or while it is read. Say so, rather than what the read tripped on.
+        # A deletion still under way may not show yet: watch for it briefly
+        # (only on this error path).
+        deadline = time.monotonic() + grace
+        while self._intact():
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.02)
+        raise CheckpointNotFoundError(
+            f"step {self._resolved} of {self.workdir!r} was removed after it was chosen "
+            "(a run that keeps only its latest steps deletes older ones); nothing was "
+            "grafted: load again to read the latest complete step, or pass a step the "
+            "run keeps"
+        ) from error
+
+    def _intact(self) -> bool:
+        """Whether the chosen step still has its folder and a commit marker."""
+        step_dir = self.step_dir
+        return os.path.isdir(step_dir) and any(
+            os.path.exists(os.path.join(step_dir, m)) for m in _COMMIT_MARKERS
+        )
 
     def close(self) -> None:
         """Forgets the chosen step and cached metadata (nothing else is held)."""

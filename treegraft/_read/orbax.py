@@ -82,6 +82,10 @@ class OrbaxCheckpoint(Source):
     """
 
     def __init__(self, path: str | os.PathLike[str]):
+        if not isinstance(path, str | os.PathLike):
+            raise CheckpointError(
+                f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__}"
+            )
         # orbax wants absolute paths; a relative one is taken from the current folder.
         self.path = os.path.abspath(os.fspath(path))
         self._metadata: Any = None
@@ -128,8 +132,7 @@ class OrbaxCheckpoint(Source):
             )
         except Exception as e:  # orbax/tensorstore raise ValueError, OSError, ...
             raise CheckpointError(
-                f"reading {len(requests)} leaf(s) from {directory} failed: "
-                f"{type(e).__name__}: {e}"
+                f"reading {len(requests)} leaf(s) from {directory} failed: {_reason(e)}"
             ) from e
         finally:
             handler.close()
@@ -142,6 +145,18 @@ class OrbaxCheckpoint(Source):
                 )
             out.append(value)
         return out
+
+
+def _reason(error: BaseException) -> str:
+    # tensorstore's messages carry kilobytes of spec; the root cause's first
+    # line names the file and what was wrong with it.
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    line = str(root).strip().splitlines()[0] if str(root).strip() else ""
+    if len(line) > 400:
+        line = line[:400] + " ..."
+    return f"{type(root).__name__}: {line}"
 
 
 class _Marker:

@@ -1,0 +1,52 @@
+"""Smoke test of the benchmark script: `benchmarks/run.py --quick` runs and reports.
+
+No timing is asserted: the quick sizes are far too small to measure anything,
+and CI machines are noisy. This only checks that every case runs, every run
+succeeds, and the JSON report is complete.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = {"1_partial", "2_fanout", "3_memory", "4_plan", "5_sharded", "6_scaling"}
+
+
+def test_quick_benchmark_runs_and_writes_json(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "benchmarks", "run.py"),
+            "--quick",
+            "--json",
+            str(out),
+            "--tmpdir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["mode"] == "quick"
+    assert {c["id"] for c in results["cases"]} == CASES
+    for case in results["cases"]:
+        assert case["aims"], case["id"]
+        for config in case["configs"]:
+            assert set(config["summary"]) == set(config["variants"])
+            for variant, row in config["summary"].items():
+                where = f"{case['id']} {config['name']} {variant}"
+                assert row["errors"] == [] and row["runs"] >= 1, where
+                assert row["time_s"] is not None and row["time_s"] > 0, where
+                assert row["peak_rss"] > 0, where
+    for key in ("nproc", "cpu_model", "memory_total", "python", "jax", "orbax-checkpoint"):
+        assert results["machine"][key], key
+    assert results["command"].startswith("python benchmarks/run.py --quick")
+    # The data directory lived under tmp_path and is gone.
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("treegraft-bench-")]
+    assert "Aims:" in proc.stdout
