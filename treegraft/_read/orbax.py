@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from treegraft import _leaves
 from treegraft._errors import CheckpointError, CheckpointNotFoundError
 from treegraft._paths import Part, render_parts
 from treegraft._source import ReadRequest, Source
@@ -23,6 +24,7 @@ from treegraft._source import ReadRequest, Source
 __all__ = ["OrbaxCheckpoint", "ScalarSpec"]
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
+_WINDOW_BYTES = 256 * 10**6  # bytes of reads in flight at once, at least
 _ITEM = "default"
 
 
@@ -119,10 +121,17 @@ class OrbaxCheckpoint(Source):
         _check_processes_agree(directory, requests)
         item: Any = _empty_like(meta)
         restore_args: Any = _empty_like(meta)
+        largest = 0
         for req in requests:
-            _set(item, meta, req.path.parts, _Marker())
+            leaf = _set(item, meta, req.path.parts, _Marker())
             _set(restore_args, meta, req.path.parts, _restore_args(req))
-        handler = ocp.PyTreeCheckpointHandler()
+            largest = max(largest, _leaves.nbytes(_leaves.spec_of(leaf)))
+        # orbax lets up to 96 GB of reads be in flight at once: peak memory then
+        # grows well past the bytes grafted. A smaller window costs no time
+        # (measured: docs/benchmarks.md); it must hold the largest array whole.
+        handler = ocp.PyTreeCheckpointHandler(
+            restore_concurrent_gb=max(_WINDOW_BYTES, 2 * largest) / 1e9  # type: ignore[arg-type]
+        )
         try:
             restored = handler.restore(
                 epath.Path(directory),
@@ -256,16 +265,17 @@ def _empty_like(meta: Any) -> Any:
     return None
 
 
-def _set(tree: Any, meta: Any, parts: tuple[Part, ...], value: Any) -> None:
+def _set(tree: Any, meta: Any, parts: tuple[Part, ...], value: Any) -> Any:
     # Builds the sparse template: dicts hold only requested keys, lists keep
     # their saved length with None where nothing is requested (orbax needs it).
+    # Returns the leaf's metadata.
     node, m = tree, meta
     for k, part in enumerate(parts):
         last = k == len(parts) - 1
         child_meta = m[part]
         if last:
             node[part] = value
-            return
+            return child_meta
         if isinstance(node, dict):
             if part not in node:
                 node[part] = _empty_like(child_meta)
