@@ -151,6 +151,9 @@ class KauldronCheckpoint(Source):
                     f"it holds: {', '.join(items) or 'nothing'}"
                 )
             self._inner = OrbaxCheckpoint(item)
+            self._inner.on_metadata_error = lambda e: self._raise_if_removed(
+                e, grace=_REMOVAL_GRACE_S
+            )
             self._resolved = step
             self._folder = folders[step]
         return self._inner

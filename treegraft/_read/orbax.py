@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -19,6 +19,7 @@ import numpy as np
 from treegraft import _leaves
 from treegraft._errors import CheckpointError, CheckpointNotFoundError
 from treegraft._paths import Part, render_parts
+from treegraft._read.metadata import lazy_metadata
 from treegraft._source import ReadRequest, Source
 
 __all__ = ["OrbaxCheckpoint", "ScalarSpec"]
@@ -91,6 +92,9 @@ class OrbaxCheckpoint(Source):
         # orbax wants absolute paths; a relative one is taken from the current folder.
         self.path = os.path.abspath(os.fspath(path))
         self._metadata: Any = None
+        # Called when a leaf's metadata, read on demand during a plan, fails:
+        # an owner (KauldronCheckpoint) may raise a more telling error.
+        self.on_metadata_error: Callable[[CheckpointError], None] | None = None
 
     def __repr__(self) -> str:
         return f"OrbaxCheckpoint({self.path!r})"
@@ -106,7 +110,7 @@ class OrbaxCheckpoint(Source):
             metadata is unreadable.
         """
         if self._metadata is None:
-            self._metadata = _read_metadata(item_directory(self.path))
+            self._metadata = _read_metadata(item_directory(self.path), self.on_metadata_error)
         return self._metadata
 
     def read(self, requests: Sequence[ReadRequest]) -> list[Any]:
@@ -226,7 +230,12 @@ def _spans_processes(like: Any) -> bool:
     return isinstance(sharding, jax.sharding.Sharding) and not sharding.is_fully_addressable
 
 
-def _read_metadata(directory: str) -> Any:
+def _read_metadata(
+    directory: str, on_error: Callable[[CheckpointError], None] | None = None
+) -> Any:
+    tree = lazy_metadata(directory, on_error)
+    if tree is not None:
+        return tree
     import orbax.checkpoint as ocp
     from etils import epath
 

@@ -1,0 +1,184 @@
+"""Checkpoint metadata on demand: the tree from `_METADATA`, shapes when asked.
+
+orbax's `PyTreeCheckpointHandler.metadata` opens every array of a checkpoint
+to learn its shape and dtype (about 0.4 ms a leaf: 25 ms for 64 leaves, 38 s
+for 100,000). A plan needs the shapes of the leaves it pairs only. So the tree
+(keys, lists, empty nodes, which leaves exist) is read from the `_METADATA`
+file, and each leaf's shape and dtype from its zarr header, when first asked.
+
+This reads orbax's storage format for the default layout (OCDBT, zarr v2).
+Anything else, or anything unexpected in `_METADATA`, returns None so that the
+caller falls back to orbax's own metadata call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from treegraft._errors import CheckpointError
+
+__all__ = ["lazy_metadata", "LazyLeaf"]
+
+_SEQUENCE, _DICT = 1, 2
+_ARRAYS = ("jax.Array", "np.ndarray")
+_PY_TYPES = {"b": bool, "i": int, "u": int, "f": float, "c": complex}
+
+
+class _Unsupported(Exception):
+    """`_METADATA` holds something this reader does not know: use orbax's."""
+
+
+class _Store:
+    """One tensorstore context per checkpoint, so the OCDBT index is read once."""
+
+    def __init__(self, directory: str, on_error: Callable[[CheckpointError], None] | None):
+        self.directory = directory
+        self.on_error = on_error
+        self._context: Any = None
+
+    def header(self, name: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
+        import tensorstore as ts
+
+        if self._context is None:
+            self._context = ts.Context()
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory}/", "path": name},
+        }
+        try:
+            array = ts.open(spec, open=True, read=True, context=self._context).result()
+        except Exception as e:  # tensorstore raises ValueError with a status
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            error = CheckpointError(
+                f"cannot read the metadata of {self.directory} (leaf {name!r}): {reason[:300]}"
+            )
+            error.__cause__ = e
+            if self.on_error is not None:
+                self.on_error(error)  # may raise a better error (a step deleted meanwhile)
+            raise error from e
+        return tuple(array.shape), np.dtype(array.dtype.numpy_dtype)
+
+
+class LazyLeaf:
+    """A saved array's metadata; shape and dtype are read on first use.
+
+    A Python scalar saved by orbax has shape () and its Python type as dtype.
+    """
+
+    __slots__ = ("name", "scalar", "_store", "_spec")
+
+    def __init__(self, store: _Store, name: str, *, scalar: bool):
+        self._store = store
+        self.name = name
+        self.scalar = scalar
+        self._spec: tuple[tuple[int, ...], Any] | None = None
+
+    def _load(self) -> tuple[tuple[int, ...], Any]:
+        if self._spec is None:
+            shape, dtype = self._store.header(self.name)
+            if self.scalar:
+                self._spec = ((), _PY_TYPES.get(dtype.kind, float))
+            else:
+                self._spec = (shape, dtype)
+        return self._spec
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._load()[0]
+
+    @property
+    def dtype(self) -> Any:
+        return self._load()[1]
+
+    def __repr__(self) -> str:
+        if self._spec is None:
+            return f"LazyLeaf({self.name!r})"
+        return f"LazyLeaf({self.name!r}, shape={self._spec[0]}, dtype={self._spec[1]})"
+
+
+def lazy_metadata(
+    directory: str, on_error: Callable[[CheckpointError], None] | None = None
+) -> Any:
+    """The checkpoint's tree with `LazyLeaf` leaves, or None to use orbax's.
+
+    Args:
+      directory: the orbax item directory.
+      on_error: called with the error when a leaf's header cannot be read
+        later; it may raise a more telling one.
+    """
+    try:
+        with open(os.path.join(directory, "_METADATA"), encoding="utf-8") as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict) or meta.get("use_zarr3") or not meta.get("use_ocdbt"):
+            return None
+        entries = meta["tree_metadata"]
+        if not isinstance(entries, dict) or not entries:
+            return None
+        return _build(_Store(directory, on_error), entries.values())
+    except (_Unsupported, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _leaf(store: _Store, keys: list[str], value: dict[str, Any]) -> Any:
+    kind = value["value_type"]
+    if kind in _ARRAYS:
+        return LazyLeaf(store, ".".join(keys), scalar=False)
+    if kind == "scalar":
+        return LazyLeaf(store, ".".join(keys), scalar=True)
+    if kind == "None":
+        return None
+    if kind == "Dict":
+        return {}
+    if kind == "List":
+        return []
+    if kind == "Tuple":
+        return ()
+    raise _Unsupported(kind)
+
+
+def _build(store: _Store, entries: Any) -> Any:
+    # Nodes are dicts while building; sequences carry their kind so they can
+    # become lists (orbax saves tuples as lists) once every index is known.
+    root: dict[Any, Any] = {}
+    kinds: dict[int, int] = {id(root): 0}  # 0: kind not known yet
+    for entry in entries:
+        key_meta = entry["key_metadata"]
+        if not key_meta:
+            raise _Unsupported("a leaf at the root")
+        keys = [str(k["key"]) for k in key_meta]
+        node = root
+        for depth, k in enumerate(key_meta):
+            kind = k["key_type"]
+            if kind not in (_SEQUENCE, _DICT) or kinds[id(node)] not in (0, kind):
+                raise _Unsupported("key type")
+            kinds[id(node)] = kind
+            key: Any = int(k["key"]) if kind == _SEQUENCE else k["key"]
+            if depth == len(key_meta) - 1:
+                if key in node:
+                    raise _Unsupported("duplicate key")
+                node[key] = _leaf(store, keys, entry["value_metadata"])
+            else:
+                child = node.get(key)
+                if child is None:
+                    child = node[key] = {}
+                    kinds[id(child)] = 0  # kind set by its first key
+                elif not isinstance(child, dict) or id(child) not in kinds:
+                    raise _Unsupported("a leaf with children")
+                node = child
+    return _finish(root, kinds)
+
+
+def _finish(node: Any, kinds: dict[int, int]) -> Any:
+    if not isinstance(node, dict) or id(node) not in kinds:
+        return node  # a leaf, or an empty node from a value type
+    children = {k: _finish(v, kinds) for k, v in node.items()}
+    if kinds[id(node)] != _SEQUENCE:
+        return children
+    if sorted(children) != list(range(len(children))):
+        raise _Unsupported("a sequence with missing indices")
+    return [children[i] for i in range(len(children))]
