@@ -133,3 +133,23 @@ def test_a_missing_header_is_a_checkpoint_error_at_plan_time(items, tmp_path):
     with pytest.raises(tg.CheckpointError, match=r"cannot read the metadata of .*copy \(leaf "
                        r"'params.encoder.kernel'\): NOT_FOUND"):
         tg.plan(state, source, {"k": "params.encoder.kernel"})
+
+
+def test_prefetch_reads_headers_in_one_batch_and_leaves_failures_for_later(items, tmp_path):
+    from treegraft._read.metadata import prefetch
+
+    meta = lazy_metadata(os.path.abspath(items["mixed"]))
+    enc = meta["params"]["encoder"]
+    prefetch([enc["kernel"], enc["bias"], meta["none"], 3])  # non-lazy entries are skipped
+    assert enc["kernel"]._spec == ((4, 8), np.dtype("float32"))
+    assert enc["bias"]._spec == ((8,), np.dtype("float32"))
+    assert meta["params"]["decoder"]["kernel"]._spec is None  # not asked for
+    directory = str(tmp_path / "copy")
+    shutil.copytree(items["mixed"], directory)
+    broken = lazy_metadata(directory)
+    os.remove(os.path.join(directory, "manifest.ocdbt"))
+    leaf = broken["params"]["encoder"]["kernel"]
+    prefetch([leaf])
+    assert leaf._spec is None
+    with pytest.raises(tg.CheckpointError, match="NOT_FOUND"):
+        leaf.shape

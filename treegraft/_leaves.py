@@ -30,7 +30,7 @@ def spec_of(leaf: Any) -> Spec:
     dtype = getattr(leaf, "dtype", None)
     if shape is not None and dtype is not None:
         if isinstance(dtype, type) and dtype in _PY_KINDS:
-            return tuple(shape), dtype  # a saved Python scalar (treegraft.ScalarSpec)
+            return tuple(shape), dtype  # a Python scalar saved by orbax
         return tuple(shape), np.dtype(dtype)
     t = type(leaf)
     if t in _PY_KINDS:

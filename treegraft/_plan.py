@@ -330,6 +330,7 @@ class _Planner:
         self.tgt = tgt
         self.src = src
         self.cast = cast
+        self.lazy: Source | None = None
         self.problems: list[Problem] = []
         self.used_model = [False] * len(ignore_model)
         self.used_restored = [False] * len(ignore_restored)
@@ -341,6 +342,7 @@ class _Planner:
     # The steps, in order.
 
     def run(self, lazy: Source | None, *, strict: bool, check_ignores: bool = True) -> GraftPlan:
+        self.lazy = lazy
         winner, prefix_len, rule_hits = self._assign_rules()
         instances, pairs = self._pair_leaves(winner, prefix_len)
         self._check_outranked_rules(instances)
@@ -443,12 +445,17 @@ class _Planner:
             if si is None:
                 self._missing_leaf(i, r, n, old_prefix)
                 continue
-            tleaf, sleaf = tgt.leaves[i], src.leaves[si]
-            if not self._specs_agree(tleaf, sleaf):
-                self._mismatch(i, si, r)
-                continue
             pairs.append((i, si, r))
-        return instances, pairs
+        if self.lazy is not None and pairs:
+            # One batch for the metadata of every paired source leaf.
+            self.lazy.prefetch([src.leaves[si] for _, si, _ in pairs])
+        agreed = []
+        for i, si, r in pairs:
+            if self._specs_agree(tgt.leaves[i], src.leaves[si]):
+                agreed.append((i, si, r))
+            else:
+                self._mismatch(i, si, r)
+        return instances, agreed
 
     def _old_prefix(self, r: int, new_prefix: Parts) -> Parts | None:
         rule = self.rules[r]

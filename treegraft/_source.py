@@ -46,6 +46,14 @@ class Source(abc.ABC):
     def read(self, requests: Sequence[ReadRequest]) -> list[Any]:
         """Reads the requested leaves, each placed like its `like`; in order."""
 
+    def prefetch(self, leaves: Sequence[Any]) -> None:
+        """Reads ahead, in one batch, the shapes and dtypes of these metadata leaves.
+
+        A plan calls it with the source leaves it pairs, before it checks them.
+        Sources whose metadata is already complete need not override it.
+        """
+        return None
+
     def describe(self) -> str:
         """How messages name this source, e.g. "the checkpoint /w/ckpt_3"."""
         return "the source"

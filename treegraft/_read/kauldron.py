@@ -166,6 +166,9 @@ class KauldronCheckpoint(Source):
             self._raise_if_removed(e, grace=0.0)
             raise
 
+    def prefetch(self, leaves: Sequence[Any]) -> None:
+        self._open().prefetch(leaves)
+
     def read(self, requests: Sequence[ReadRequest]) -> list[Any]:
         inner = self._open()
         try:

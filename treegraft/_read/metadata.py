@@ -22,7 +22,7 @@ import numpy as np
 
 from treegraft._errors import CheckpointError
 
-__all__ = ["lazy_metadata", "LazyLeaf"]
+__all__ = ["lazy_metadata", "LazyLeaf", "prefetch"]
 
 _SEQUENCE, _DICT = 1, 2
 _ARRAYS = ("jax.Array", "np.ndarray")
@@ -41,17 +41,20 @@ class _Store:
         self.on_error = on_error
         self._context: Any = None
 
+    def spec(self, name: str) -> dict[str, Any]:
+        """The tensorstore spec of the array saved under name."""
+        return {
+            "driver": "zarr",
+            "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory}/", "path": name},
+        }
+
     def header(self, name: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
         import tensorstore as ts
 
         if self._context is None:
             self._context = ts.Context()
-        spec = {
-            "driver": "zarr",
-            "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory}/", "path": name},
-        }
         try:
-            array = ts.open(spec, open=True, read=True, context=self._context).result()
+            array = ts.open(self.spec(name), open=True, read=True, context=self._context).result()
         except Exception as e:  # tensorstore raises ValueError with a status
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             error = CheckpointError(
@@ -62,6 +65,33 @@ class _Store:
                 self.on_error(error)  # may raise a better error (a step deleted meanwhile)
             raise error from e
         return tuple(array.shape), np.dtype(array.dtype.numpy_dtype)
+
+
+def prefetch(leaves: Any) -> None:
+    """Reads the headers of these leaves not read yet, concurrently.
+
+    A header that cannot be read is left unread: touching that leaf later
+    raises the error, naming it.
+    """
+    import tensorstore as ts
+
+    by_store: dict[int, tuple[_Store, list[LazyLeaf]]] = {}
+    for leaf in leaves:
+        if type(leaf) is LazyLeaf and leaf._spec is None:
+            by_store.setdefault(id(leaf._store), (leaf._store, []))[1].append(leaf)
+    for store, pending in by_store.values():
+        if store._context is None:
+            store._context = ts.Context()
+        futures = [
+            ts.open(store.spec(leaf.name), open=True, read=True, context=store._context)
+            for leaf in pending
+        ]
+        for leaf, future in zip(pending, futures, strict=True):
+            try:
+                array = future.result()
+            except Exception:  # read again, and reported, when the leaf is used
+                continue
+            leaf._set(tuple(array.shape), np.dtype(array.dtype.numpy_dtype))
 
 
 class LazyLeaf:
@@ -78,13 +108,16 @@ class LazyLeaf:
         self.scalar = scalar
         self._spec: tuple[tuple[int, ...], Any] | None = None
 
+    def _set(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        if self.scalar:
+            self._spec = ((), _PY_TYPES.get(dtype.kind, float))
+        else:
+            self._spec = (shape, dtype)
+
     def _load(self) -> tuple[tuple[int, ...], Any]:
         if self._spec is None:
-            shape, dtype = self._store.header(self.name)
-            if self.scalar:
-                self._spec = ((), _PY_TYPES.get(dtype.kind, float))
-            else:
-                self._spec = (shape, dtype)
+            self._set(*self._store.header(self.name))
+        assert self._spec is not None
         return self._spec
 
     @property

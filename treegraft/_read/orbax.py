@@ -19,7 +19,7 @@ import numpy as np
 from treegraft import _leaves
 from treegraft._errors import CheckpointError, CheckpointNotFoundError
 from treegraft._paths import Part, render_parts
-from treegraft._read.metadata import lazy_metadata
+from treegraft._read.metadata import lazy_metadata, prefetch
 from treegraft._source import ReadRequest, Source
 
 __all__ = ["OrbaxCheckpoint", "ScalarSpec"]
@@ -112,6 +112,10 @@ class OrbaxCheckpoint(Source):
         if self._metadata is None:
             self._metadata = _read_metadata(item_directory(self.path), self.on_metadata_error)
         return self._metadata
+
+    def prefetch(self, leaves: Sequence[Any]) -> None:
+        """Reads the shapes and dtypes of these metadata leaves, concurrently."""
+        prefetch(leaves)
 
     def read(self, requests: Sequence[ReadRequest]) -> list[Any]:
         """Restores exactly the requested leaves, each placed like its target."""
