@@ -59,11 +59,17 @@ def items(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "prefetched"])
 @pytest.mark.parametrize("name", ["mixed", "kauldron"])
-def test_same_tree_shapes_and_dtypes_as_orbax(items, name):
+def test_same_tree_shapes_and_dtypes_as_orbax(items, name, batched):
+    from treegraft._read.metadata import prefetch
+
     directory = os.path.abspath(items[name])
     lazy = lazy_metadata(directory)
     assert lazy is not None
+    if batched:  # headers read from the key-value store in one batch
+        prefetch(jax.tree_util.tree_leaves(lazy))
+        assert all(leaf._spec is not None for leaf in jax.tree_util.tree_leaves(lazy))
     ref = orbax_metadata(directory)
     lazy_paths, lazy_leaves, lazy_def = flatten_parts(lazy)
     ref_paths, ref_leaves, ref_def = flatten_parts(ref)
@@ -152,4 +158,4 @@ def test_prefetch_reads_headers_in_one_batch_and_leaves_failures_for_later(items
     prefetch([leaf])
     assert leaf._spec is None
     with pytest.raises(tg.CheckpointError, match="NOT_FOUND"):
-        leaf.shape
+        _ = leaf.shape

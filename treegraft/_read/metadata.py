@@ -82,6 +82,7 @@ def prefetch(leaves: Any) -> None:
     for store, pending in by_store.values():
         if store._context is None:
             store._context = ts.Context()
+        pending = _read_headers(store, pending)
         futures = [
             ts.open(store.spec(leaf.name), open=True, read=True, context=store._context)
             for leaf in pending
@@ -92,6 +93,46 @@ def prefetch(leaves: Any) -> None:
             except Exception:  # read again, and reported, when the leaf is used
                 continue
             leaf._set(tuple(array.shape), np.dtype(array.dtype.numpy_dtype))
+
+
+def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
+    """Reads zarr headers straight from the OCDBT store, in one batch.
+
+    Opening an array through tensorstore costs about 95 µs; reading its small
+    JSON header from the key-value store costs a fraction of that. Returns the
+    leaves this could not read, for the caller to open the usual way.
+    """
+    import tensorstore as ts
+
+    try:
+        kv = ts.KvStore.open(
+            {"driver": "ocdbt", "base": f"file://{store.directory}/"}, context=store._context
+        ).result()
+        futures = [kv.read(f"{leaf.name}/.zarray".encode()) for leaf in leaves]
+    except Exception:  # another layout, or an unreadable store: open each array
+        return leaves
+    left = []
+    for leaf, future in zip(leaves, futures, strict=True):
+        try:
+            header = json.loads(bytes(future.result().value))
+            shape = tuple(int(d) for d in header["shape"])
+            dtype = _zarr_dtype(header["dtype"])
+        except Exception:  # missing, unparsable or unusual: the array open decides
+            left.append(leaf)
+            continue
+        leaf._set(shape, dtype)
+    return left
+
+
+def _zarr_dtype(text: Any) -> np.dtype[Any]:
+    if not isinstance(text, str):
+        raise TypeError("structured dtype")
+    try:
+        return np.dtype(text)
+    except TypeError:
+        import ml_dtypes  # bfloat16 and friends, as jax names them
+
+        return np.dtype(getattr(ml_dtypes, text))
 
 
 class LazyLeaf:
