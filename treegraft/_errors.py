@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "suggest",
+    "first_line",
 ]
 
 
@@ -103,6 +104,22 @@ def suggest(
     if not close:
         return ""
     return " (did you mean " + " or ".join(render(c) for c in close) + "?)"
+
+
+def first_line(error: BaseException, *, limit: int = 400) -> tuple[str, str]:
+    """The type name and first message line of an error's root cause.
+
+    tensorstore's messages carry kilobytes of spec; the root cause's first
+    line names the file and what was wrong with it.
+    """
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = str(root).strip()
+    line = text.splitlines()[0] if text else type(root).__name__
+    if len(line) > limit:
+        line = line[:limit] + " ..."
+    return type(root).__name__, line
 
 
 def describe_leaf(shape: object, dtype: object) -> str:

@@ -457,11 +457,13 @@ class _Planner:
                 self._mismatch(i, si, r)
         return instances, agreed
 
-    def _old_prefix(self, r: int, new_prefix: Parts) -> Parts | None:
+    def _old_of(self, r: int, new_prefix: Parts) -> Parts:
+        """The old path a rule's new side, matched at new_prefix, points to."""
         rule = self.rules[r]
-        caps = rule.new.match(new_prefix)
-        assert caps is not None  # new_prefix was matched by this very pattern
-        old = rule.old.substitute(caps).parts
+        return rule.old.substitute(rule.new.match(new_prefix) or ()).parts
+
+    def _old_prefix(self, r: int, new_prefix: Parts) -> Parts | None:
+        old = self._old_of(r, new_prefix)
         return old if self.src.node_exists(old) else None
 
     def _specs_agree(self, tleaf: Any, sleaf: Any) -> bool:
@@ -487,9 +489,7 @@ class _Planner:
 
     def _missing_prefix(self, r: int, new_prefix: Parts) -> None:
         rule = self.rules[r]
-        caps = rule.new.match(new_prefix)
-        assert caps is not None
-        old = rule.old.substitute(caps).parts
+        old = self._old_of(r, new_prefix)
         self.problems.append(
             Problem(
                 "missing",
@@ -654,7 +654,7 @@ class _Planner:
             if r in found:
                 continue
             rule = self.rules[r]
-            old = rule.old.substitute(rule.new.match(new_prefix) or ()).parts
+            old = self._old_of(r, new_prefix)
             self.problems.append(
                 Problem(
                     "unmatched_rule",
@@ -688,7 +688,7 @@ class _Planner:
                 )
                 continue
             for parts in new_nodes:
-                old = rule.old.substitute(rule.new.match(parts) or ()).parts
+                old = self._old_of(r, parts)
                 if self.src.node_exists(old):
                     instances.setdefault((r, parts), old)
                 else:

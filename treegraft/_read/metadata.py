@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from treegraft._errors import CheckpointError
+from treegraft._errors import CheckpointError, first_line
 
 __all__ = ["lazy_metadata", "LazyLeaf", "prefetch"]
 
@@ -56,9 +56,9 @@ class _Store:
         try:
             array = ts.open(self.spec(name), open=True, read=True, context=self._context).result()
         except Exception as e:  # tensorstore raises ValueError with a status
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            _, reason = first_line(e, limit=300)
             error = CheckpointError(
-                f"cannot read the metadata of {self.directory} (leaf {name!r}): {reason[:300]}"
+                f"cannot read the metadata of {self.directory} (leaf {name!r}): {reason}"
             )
             error.__cause__ = e
             if self.on_error is not None:

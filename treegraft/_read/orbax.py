@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from treegraft import _leaves
-from treegraft._errors import CheckpointError, CheckpointNotFoundError
+from treegraft._errors import CheckpointError, CheckpointNotFoundError, first_line
 from treegraft._paths import Part, render_parts
 from treegraft._read.metadata import lazy_metadata, prefetch
 from treegraft._source import ReadRequest, Source
@@ -165,15 +165,8 @@ class OrbaxCheckpoint(Source):
 
 
 def _reason(error: BaseException) -> str:
-    # tensorstore's messages carry kilobytes of spec; the root cause's first
-    # line names the file and what was wrong with it.
-    root = error
-    while root.__cause__ is not None:
-        root = root.__cause__
-    line = str(root).strip().splitlines()[0] if str(root).strip() else ""
-    if len(line) > 400:
-        line = line[:400] + " ..."
-    return f"{type(root).__name__}: {line}"
+    name, line = first_line(error)
+    return f"{name}: {line}"
 
 
 class _Marker:
