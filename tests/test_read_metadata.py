@@ -152,10 +152,123 @@ def test_prefetch_reads_headers_in_one_batch_and_leaves_failures_for_later(items
     assert meta["params"]["decoder"]["kernel"]._spec is None  # not asked for
     directory = str(tmp_path / "copy")
     shutil.copytree(items["mixed"], directory)
-    broken = lazy_metadata(directory)
     os.remove(os.path.join(directory, "manifest.ocdbt"))
+    broken = lazy_metadata(directory)  # the tree comes from _METADATA alone
     leaf = broken["params"]["encoder"]["kernel"]
     prefetch([leaf])
     assert leaf._spec is None
     with pytest.raises(tg.CheckpointError, match="NOT_FOUND"):
         _ = leaf.shape
+
+
+# The index walk: headers decoded from the OCDBT B-tree, a node per call.
+
+
+def reencode(item: str, out, **config) -> str:
+    """A copy of an orbax item whose OCDBT store is rewritten with config."""
+    import tensorstore as ts
+
+    config = {"max_inline_value_bytes": 1024, **config}  # as orbax writes it
+
+    out = str(out)
+    shutil.copytree(item, out, ignore=lambda d, names: [
+        n for n in names if n in ("d", "manifest.ocdbt") or n.startswith("ocdbt.process_")
+    ])
+    src = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{item}/"}).result()
+    dst = ts.KvStore.open(
+        {"driver": "ocdbt", "base": f"file://{out}/", "config": config}
+    ).result()
+    with ts.Transaction() as txn:
+        for key in src.list().result():
+            dst.with_transaction(txn)[key] = src[key]
+    return out
+
+
+def btree_height(item: str) -> int:
+    import tensorstore as ts
+
+    base = ts.KvStore.open(f"file://{item}/").result()
+    versions = ts.ocdbt.dump(base).result()["versions"]
+    return max(versions, key=lambda v: v["generation_number"])["root_height"]
+
+
+def all_specs(lazy):
+    from treegraft._read.metadata import prefetch
+
+    leaves = jax.tree_util.tree_leaves(lazy)
+    prefetch(leaves)
+    return [leaf._spec for leaf in leaves]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"max_decoded_node_bytes": 256},  # a B-tree of several levels
+        {"max_inline_value_bytes": 16},  # headers stored out of line: read key by key
+    ],
+    ids=["deep-btree", "out-of-line-headers"],
+)
+def test_walk_finds_every_header_of_other_store_layouts(items, tmp_path, config):
+    item = os.path.abspath(items["kauldron"])
+    copy = reencode(item, tmp_path / "copy", **config)
+    if "max_decoded_node_bytes" in config:
+        assert btree_height(copy) >= 2
+    lazy = lazy_metadata(copy)
+    ref = orbax_metadata(copy)
+    assert lazy is not None
+    specs = all_specs(lazy)
+    assert None not in specs
+    for leaf, spec, want in zip(jax.tree_util.tree_leaves(lazy), specs,
+                                jax.tree_util.tree_leaves(ref), strict=True):
+        assert spec == (tuple(want.shape), want.dtype), leaf.name
+
+
+def test_walk_reads_the_index_only_never_array_data(items, tmp_path):
+    directory = str(tmp_path / "copy")
+    shutil.copytree(items["kauldron"], directory)
+    data = [os.path.join(root, f) for root, _, files in os.walk(directory)
+            for f in files if "ocdbt.process_" in root]
+    assert data
+    for path in data:  # the arrays' bytes, and the per-process indexes
+        os.remove(path)
+    lazy = lazy_metadata(directory)
+    ref = orbax_metadata(items["kauldron"])
+    assert all_specs(lazy) == [(tuple(x.shape), x.dtype) for x in jax.tree_util.tree_leaves(ref)]
+
+
+@pytest.mark.parametrize("share,walks", [(1.0, True), (0.01, False)])
+def test_the_walk_is_used_only_when_it_beats_key_reads(tmp_path, monkeypatch, share, walks):
+    from treegraft._read import ocdbt_index
+
+    n = 200
+    tree = {"w": {f"k{i:03d}": np.full(3, i, np.float32) for i in range(n)}}
+    item = write_item(tmp_path / "many", tree)
+    calls = []
+    original = ocdbt_index.IndexWalk.values
+    monkeypatch.setattr(ocdbt_index.IndexWalk, "values",
+                        lambda self, wanted: calls.append(len(wanted)) or original(self, wanted))
+    lazy = lazy_metadata(os.path.abspath(item))
+    chosen = sorted(lazy["w"])[: max(1, int(n * share))]
+    from treegraft._read.metadata import prefetch
+
+    prefetch([lazy["w"][k] for k in chosen])
+    assert [lazy["w"][k]._spec for k in chosen] == [((3,), np.dtype("float32"))] * len(chosen)
+    assert bool(calls) is walks
+
+
+@pytest.mark.parametrize("node_bytes", [256, 100_000_000], ids=["deep", "one-node"])
+def test_walk_returns_the_inline_value_of_every_wanted_key(items, tmp_path, node_bytes):
+    import tensorstore as ts
+
+    from treegraft._read.ocdbt_index import IndexWalk
+
+    copy = reencode(os.path.abspath(items["kauldron"]), tmp_path / "copy",
+                    max_decoded_node_bytes=node_bytes)
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{copy}/"}).result()
+    keys = kv.list().result()
+    headers = {k: kv[k] for k in keys if k.endswith(b"/.zarray")}
+    assert len(headers) >= 5
+    walk = IndexWalk(copy, ts.Context())
+    assert walk.num_keys == len(keys)
+    assert walk.values(set(headers)) == headers
+    assert walk.values({b"no/such/key"}) == {}  # a second walk reads the root again

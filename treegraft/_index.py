@@ -6,6 +6,7 @@ costs a small constant per leaf.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import jax
@@ -40,6 +41,7 @@ class TreeIndex:
         self.what = what
         self.paths, self.leaves, self.treedef = flatten_parts(root)
         self._index: dict[Parts, int] | None = None
+        self._all_str = False  # every part a str: an equal path has the same types
         self._loose: dict[Parts, int] | None = None
         self._groups: dict[int, dict[Parts, list[int]]] = {}
         self._loose_groups: dict[int, dict[Parts, list[int]]] = {}
@@ -51,8 +53,9 @@ class TreeIndex:
         """The index of the leaf at parts (int keys also find '0'), or None."""
         if self._index is None:
             self._index = {p: i for i, p in enumerate(self.paths)}
+            self._all_str = set(map(type, itertools.chain.from_iterable(self.paths))) <= {str}
         i = self._index.get(parts)
-        if i is not None and _same_types(self.paths[i], parts):
+        if i is not None and (self._all_str or _same_types(self.paths[i], parts)):
             return i
         if self._loose is None:
             self._loose = {}

@@ -18,6 +18,7 @@ import numpy as np
 
 from treegraft import _leaves
 from treegraft._errors import GraftError, MappingError, MismatchError, PathNotFoundError
+from treegraft._gc import collector_paused
 from treegraft._index import TreeIndex, is_abstract
 from treegraft._paths import Part, Path, render_parts
 from treegraft._patterns import Pattern
@@ -303,12 +304,13 @@ def plan(
     ignore_model = parse_ignore(ignore_model_keys, name="ignore_model_keys")
     ignore_restored = parse_ignore(ignore_restored_keys, name="ignore_restored_keys")
     lazy = source if isinstance(source, Source) else None
-    src_tree = lazy.metadata() if lazy is not None else source
-    tgt = TreeIndex(state, "the state")
-    src = TreeIndex(src_tree, lazy.describe() if lazy is not None else "the source")
-    return _Planner(rules, ignore_model, ignore_restored, tgt, src, cast=cast).run(
-        lazy, strict=strict, check_ignores=check_ignores
-    )
+    with collector_paused():
+        src_tree = lazy.metadata() if lazy is not None else source
+        tgt = TreeIndex(state, "the state")
+        src = TreeIndex(src_tree, lazy.describe() if lazy is not None else "the source")
+        return _Planner(rules, ignore_model, ignore_restored, tgt, src, cast=cast).run(
+            lazy, strict=strict, check_ignores=check_ignores
+        )
 
 
 class _Planner:
@@ -441,20 +443,26 @@ class _Planner:
                     reported.add(key)
                     self._missing_prefix(r, new_prefix)
                 continue
-            si = src.find(old_prefix + parts[n:])
+            si = src.find(parts if old_prefix == new_prefix else old_prefix + parts[n:])
             if si is None:
                 self._missing_leaf(i, r, n, old_prefix)
                 continue
             pairs.append((i, si, r))
+        tleaves, sleaves = tgt.leaves, src.leaves
         if self.lazy is not None and pairs:
             # One batch for the metadata of every paired source leaf.
-            self.lazy.prefetch([src.leaves[si] for _, si, _ in pairs])
+            self.lazy.prefetch([sleaves[si] for _, si, _ in pairs])
         agreed = []
-        for i, si, r in pairs:
-            if self._specs_agree(tgt.leaves[i], src.leaves[si]):
-                agreed.append((i, si, r))
+        for pair in pairs:
+            tleaf, sleaf = tleaves[pair[0]], sleaves[pair[1]]
+            try:  # the common case first, inline: arrays of the same spec
+                same = tleaf.shape == sleaf.shape and tleaf.dtype == sleaf.dtype
+            except AttributeError:
+                same = False
+            if same or self._specs_agree(tleaf, sleaf):
+                agreed.append(pair)
             else:
-                self._mismatch(i, si, r)
+                self._mismatch(*pair)
         return instances, agreed
 
     def _old_of(self, r: int, new_prefix: Parts) -> Parts:

@@ -5,6 +5,7 @@ Every function here returns new trees; none modifies its input.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +34,7 @@ def flatten_parts(
         walked = _walk_paths(tree, len(leaves))
         if walked is not None:
             paths, seen = walked
-            if all(a is b for a, b in zip(seen, leaves, strict=True)):
+            if len(seen) == len(leaves) and all(map(operator.is_, seen, leaves)):
                 return paths, leaves, treedef
             # A type seen as a leaf was registered with jax since: learn again.
             _forget_types()
