@@ -65,6 +65,16 @@ def test_flatten_corpus(case: Case):
         assert tg.extract(case.tree, str(path)) is leaf
 
 
+def test_flatten_deep_trees_as_jax_does():
+    tree: object = [np.ones(2), {"w": 1.0}]
+    for i in range(300):
+        tree = {"a": tree, "b": i} if i % 2 else [tree, None]
+    keyed = tree_util.tree_flatten_with_path(tree)[0]
+    flat = tg.flatten(tree)
+    assert list(flat) == [Path.from_keypath(kp) for kp, _ in keyed]
+    assert all(a is b for a, b in zip(flat.values(), (x for _, x in keyed), strict=True))
+
+
 def test_flatten_documented_example():
     assert tg.flatten({"a": [1, 2], "b": {"c": 3}, "d": None}) == {
         Path(("a", 0)): 1,

@@ -1,35 +1,55 @@
-"""Pausing Python's cycle collector while a plan builds its tables."""
+"""Keeping Python's full collections out of a plan that builds big tables."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from collections.abc import Iterator
 
-__all__ = ["collector_paused"]
+__all__ = ["young_collections_only"]
+
+_NEVER = 2**31 - 1
+_lock = threading.Lock()
+_active = 0
+_saved: tuple[int, ...] = ()
 
 
 @contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Pauses automatic cycle collection for the duration of the block.
+def young_collections_only() -> Iterator[None]:
+    """Runs the block with collections of the youngest generation only.
 
     Planning over 100,000 leaves allocates a few million small objects (paths,
     index tables, parsed metadata), none of them in a cycle. Each automatic
-    collection on the way walks every object alive, the caller's too: 0.3 to
-    0.5 s of a 1.5 s plan. Objects that survive are looked at once by the next
-    collection after the block, as usual. The previous setting is restored,
-    also on error, and a collector already disabled stays disabled.
+    collection of an older generation walks every object alive, the caller's
+    too: 0.3 to 0.5 s of a 1.5 s plan. Young collections go on as usual, so
+    cyclic garbage made meanwhile is still freed, and objects that survive
+    are examined later like any others. Disabling the collector altogether
+    was measured worse: its one collection of every survivor at the end, cold
+    in the cache, cost 0.15 s against 0.06 s for the young collections.
+
+    Nested and concurrent blocks are fine: the first to enter saves the
+    thresholds, the last to leave restores them, also on error.
 
     Example:
       >>> import gc
-      >>> with collector_paused():
-      ...     gc.isenabled()
+      >>> before = gc.get_threshold()
+      >>> with young_collections_only():
+      ...     gc.get_threshold()[1:] == before[1:]
       False
+      >>> gc.get_threshold() == before
+      True
     """
-    enabled = gc.isenabled()
-    gc.disable()
+    global _active, _saved
+    with _lock:
+        if _active == 0:
+            _saved = gc.get_threshold()
+            gc.set_threshold(_saved[0], _NEVER, _NEVER)
+        _active += 1
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        with _lock:
+            _active -= 1
+            if _active == 0:
+                gc.set_threshold(*_saved)

@@ -18,7 +18,7 @@ import numpy as np
 
 from treegraft import _leaves
 from treegraft._errors import GraftError, MappingError, MismatchError, PathNotFoundError
-from treegraft._gc import collector_paused
+from treegraft._gc import young_collections_only
 from treegraft._index import TreeIndex, is_abstract
 from treegraft._paths import Part, Path, render_parts
 from treegraft._patterns import Pattern
@@ -304,7 +304,7 @@ def plan(
     ignore_model = parse_ignore(ignore_model_keys, name="ignore_model_keys")
     ignore_restored = parse_ignore(ignore_restored_keys, name="ignore_restored_keys")
     lazy = source if isinstance(source, Source) else None
-    with collector_paused():
+    with young_collections_only():
         src_tree = lazy.metadata() if lazy is not None else source
         tgt = TreeIndex(state, "the state")
         src = TreeIndex(src_tree, lazy.describe() if lazy is not None else "the source")

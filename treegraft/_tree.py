@@ -84,31 +84,49 @@ def _walk_paths(tree: Any, n_leaves: int) -> tuple[list[tuple[Part, ...]], list[
     """
     paths: list[tuple[Part, ...]] = []
     found: list[Any] = []
-    stack: list[tuple[tuple[Part, ...], Any]] = [((), tree)]
-    pop, push, add, keep = stack.pop, stack.extend, paths.append, found.append
-    try:
-        while stack:
-            prefix, node = pop()
-            t = type(node)
-            if t is dict:
-                push([(prefix + (k,), node[k]) for k in sorted(node, reverse=True)])
-            elif t is list or t is tuple:
-                push([(prefix + (i,), node[i]) for i in range(len(node) - 1, -1, -1)])
-            elif node is None:
-                continue
-            elif t in _LEAF_TYPES:
+    add, keep = paths.append, found.append
+    leaf_types = _LEAF_TYPES
+
+    def visit(prefix: tuple[Part, ...], node: Any) -> None:
+        # Children that are known leaves are taken in place: most of a big
+        # tree's nodes are leaves, and a call per leaf is what costs.
+        t = type(node)
+        if t is dict:
+            for k in sorted(node):
+                child = node[k]
+                if type(child) in leaf_types:
+                    add(prefix + (k,))
+                    keep(child)
+                else:
+                    visit(prefix + (k,), child)
+        elif t is list or t is tuple:
+            for i, child in enumerate(node):
+                if type(child) in leaf_types:
+                    add(prefix + (i,))
+                    keep(child)
+                else:
+                    visit(prefix + (i,), child)
+        elif node is None:
+            return
+        elif t in leaf_types:
+            add(prefix)
+            keep(node)
+        else:
+            kids = None if t in _NODE_TYPES else _generic_children(node, t)
+            if kids is None and t not in _NODE_TYPES:
                 add(prefix)
                 keep(node)
-            else:
-                kids = None if t in _NODE_TYPES else _generic_children(node, t)
-                if kids is None and t not in _NODE_TYPES:
-                    add(prefix)
-                    keep(node)
-                    continue
-                if kids is None:
-                    kids = children(node) or []
-                push([(prefix + (k,), c) for k, c in reversed(kids)])
+                return
+            if kids is None:
+                kids = children(node) or []
+            for k, c in kids:
+                visit(prefix + (k,), c)
+
+    try:
+        visit((), tree)
     except TypeError:  # dict keys that do not sort: jax has its own order for them
+        return None
+    except RecursionError:  # deeper than Python's stack: jax walks it
         return None
     return (paths, found) if len(paths) == n_leaves else None
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from treegraft._errors import CheckpointError, first_line
-from treegraft._gc import collector_paused
+from treegraft._gc import young_collections_only
 from treegraft._read.ocdbt_index import IndexWalk, start_walk
 
 __all__ = ["lazy_metadata", "LazyLeaf", "prefetch"]
@@ -86,14 +86,17 @@ def prefetch(leaves: Any) -> None:
     """
     import tensorstore as ts
 
-    by_store: dict[int, tuple[_Store, list[LazyLeaf]]] = {}
+    by_store: dict[_Store, list[LazyLeaf]] = {}
     for leaf in leaves:
         if type(leaf) is LazyLeaf and leaf._spec is None:
-            by_store.setdefault(id(leaf._store), (leaf._store, []))[1].append(leaf)
-    for store, pending in by_store.values():
+            group = by_store.get(leaf._store)
+            if group is None:
+                group = by_store[leaf._store] = []
+            group.append(leaf)
+    for store, pending in by_store.items():
         if store._context is None:
             store._context = ts.Context()
-        with collector_paused():
+        with young_collections_only():
             pending = _read_headers(store, pending)
         futures = [
             ts.open(store.spec(leaf.name), open=True, read=True, context=store._context)
@@ -126,7 +129,7 @@ def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
                 found = index.values(wanted)
             else:
                 index.drop()
-        rest = [key for key in wanted if key not in found]
+        rest = [key for key in wanted if key not in found] if len(found) < len(wanted) else []
         if rest:
             kv = ts.KvStore.open(
                 {"driver": "ocdbt", "base": f"file://{store.directory}/"}, context=store._context
@@ -139,7 +142,7 @@ def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
                     pass
     except Exception:  # another layout, or an unreadable store: open each array
         return leaves
-    left = [leaf for key, leaf in wanted.items() if key not in found]
+    left = [] if not rest else [leaf for key, leaf in wanted.items() if key not in found]
     parsed: dict[bytes, tuple[tuple[int, ...], np.dtype[Any]] | None] = {}
     for key, value in found.items():
         leaf = wanted[key]
@@ -230,7 +233,7 @@ def lazy_metadata(
         store = _Store(directory, on_error)
         if os.path.exists(os.path.join(directory, "manifest.ocdbt")):
             store.start_index()  # decodes on tensorstore's threads while we parse
-        with collector_paused():
+        with young_collections_only():
             with open(os.path.join(directory, "_METADATA"), encoding="utf-8") as f:
                 meta = json.load(f)
             if not isinstance(meta, dict) or meta.get("use_zarr3") or not meta.get("use_ocdbt"):
