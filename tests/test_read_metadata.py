@@ -48,10 +48,21 @@ def mixed_tree():
     }
 
 
+def write_zarr3_item(path, tree) -> str:
+    """Saves tree with orbax's zarr v3 arrays (its default is v2)."""
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True))
+    try:
+        ckptr.save(epath.Path(os.path.abspath(path)), args=ocp.args.PyTreeSave(tree))
+    finally:
+        ckptr.close()
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def items(tmp_path_factory):
     root = tmp_path_factory.mktemp("meta")
     out = {"mixed": write_item(root / "mixed", mixed_tree())}
+    out["zarr3"] = write_zarr3_item(root / "zarr3", mixed_tree())
     state = train_state(init_params({"dense": {"kernel": (4, 8)}}, seed=1), step=2,
                         opt=optax.adam(1e-3))
     write_run(root / "run", {2: state})
@@ -60,7 +71,7 @@ def items(tmp_path_factory):
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "prefetched"])
-@pytest.mark.parametrize("name", ["mixed", "kauldron"])
+@pytest.mark.parametrize("name", ["mixed", "kauldron", "zarr3"])
 def test_same_tree_shapes_and_dtypes_as_orbax(items, name, batched):
     from treegraft._read.metadata import prefetch
 
@@ -110,13 +121,13 @@ def test_other_layouts_fall_back_to_orbax(tmp_path):
 @pytest.mark.parametrize(
     "edit",
     [
-        lambda m: m.update(use_zarr3=True),
+        lambda m: m.update(use_zarr3="maybe"),
         lambda m: m.update(tree_metadata=[]),
         lambda m: next(iter(m["tree_metadata"].values()))["value_metadata"].update(
             value_type="mystery"
         ),
     ],
-    ids=["zarr3", "not-a-dict", "unknown-value-type"],
+    ids=["unknown-zarr-version", "not-a-dict", "unknown-value-type"],
 )
 def test_unknown_metadata_is_left_to_orbax(items, tmp_path, edit):
     directory = str(tmp_path / "copy")
@@ -272,3 +283,30 @@ def test_walk_returns_the_inline_value_of_every_wanted_key(items, tmp_path, node
     assert walk.num_keys == len(keys)
     assert walk.values(set(headers)) == headers
     assert walk.values({b"no/such/key"}) == {}  # a second walk reads the root again
+
+
+@pytest.mark.parametrize("name", ["mixed", "zarr3"])
+def test_headers_of_both_zarr_versions_parse_without_opening_arrays(items, name):
+    from treegraft._read.metadata import _read_headers
+
+    lazy = lazy_metadata(os.path.abspath(items[name]))
+    leaves = jax.tree_util.tree_leaves(lazy)
+    store = leaves[0]._store
+    assert store.zarr3 is (name == "zarr3")
+    assert _read_headers(store, leaves) == []  # none left for tensorstore to open
+    ref = jax.tree_util.tree_leaves(orbax_metadata(os.path.abspath(items[name])))
+    assert [leaf._spec for leaf in leaves] == [
+        (tuple(r.shape), r.dtype) for r in ref
+    ]
+
+
+def test_a_graft_from_a_zarr3_checkpoint(items):
+    source = tg.OrbaxCheckpoint(items["zarr3"])
+    state = {"enc": {"kernel": jnp.zeros((4, 8)), "bias": jnp.ones(8)},
+             "dec": jnp.zeros((8, 4), jnp.bfloat16), "epoch": 0}
+    out = tg.graft(state, source, {"enc": "params.encoder", "dec": "params.decoder.kernel",
+                                   "epoch": "epoch"})
+    want = mixed_tree()
+    np.testing.assert_array_equal(out["enc"]["kernel"], want["params"]["encoder"]["kernel"])
+    np.testing.assert_array_equal(out["dec"], want["params"]["decoder"]["kernel"])
+    assert out["epoch"] == 3 and state["epoch"] == 0

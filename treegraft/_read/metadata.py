@@ -6,9 +6,10 @@ for 100,000). A plan needs the shapes of the leaves it pairs only. So the tree
 (keys, lists, empty nodes, which leaves exist) is read from the `_METADATA`
 file, and each leaf's shape and dtype from its zarr header, when first asked.
 
-This reads orbax's storage format for the default layout (OCDBT, zarr v2).
-Anything else, or anything unexpected in `_METADATA`, returns None so that the
-caller falls back to orbax's own metadata call.
+This reads orbax's storage format for its OCDBT layouts, with zarr v2 (the
+default) or zarr v3 arrays. Anything else, or anything unexpected in
+`_METADATA`, returns None so that the caller falls back to orbax's own
+metadata call.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class _Store:
         self.on_error = on_error
         self._context: Any = None
         self.index: IndexWalk | None = None
+        self.zarr3 = False  # set from `_METADATA`
 
     def start_index(self) -> None:
         """Starts decoding the store's index, to overlap it with other work."""
@@ -55,7 +57,7 @@ class _Store:
     def spec(self, name: str) -> dict[str, Any]:
         """The tensorstore spec of the array saved under name."""
         return {
-            "driver": "zarr",
+            "driver": "zarr3" if self.zarr3 else "zarr",
             "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory}/", "path": name},
         }
 
@@ -120,7 +122,8 @@ def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
     """
     import tensorstore as ts
 
-    wanted = {f"{leaf.name}/.zarray".encode(): leaf for leaf in leaves}
+    suffix = "/zarr.json" if store.zarr3 else "/.zarray"
+    wanted = {f"{leaf.name}{suffix}".encode(): leaf for leaf in leaves}
     try:
         index = store.index
         found: dict[bytes, bytes] = {}
@@ -149,7 +152,7 @@ def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
         if value in parsed:  # most headers repeat: parse each text once
             spec = parsed[value]
         else:
-            spec = parsed[value] = _parse_header(value)
+            spec = parsed[value] = _parse_header(value, store.zarr3)
         if spec is None:  # unparsable or unusual: the array open decides
             left.append(leaf)
         elif leaf.scalar:
@@ -159,11 +162,12 @@ def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
     return left
 
 
-def _parse_header(text: bytes) -> tuple[tuple[int, ...], np.dtype[Any]] | None:
-    """Shape and dtype from a zarr v2 header, or None if it is not one."""
+def _parse_header(text: bytes, zarr3: bool) -> tuple[tuple[int, ...], np.dtype[Any]] | None:
+    """Shape and dtype from a zarr v2 `.zarray` or v3 `zarr.json`, or None."""
     try:
         header = json.loads(text)
-        return tuple(int(d) for d in header["shape"]), _zarr_dtype(header["dtype"])
+        dtype = header["data_type"] if zarr3 else header["dtype"]
+        return tuple(int(d) for d in header["shape"]), _zarr_dtype(dtype)
     except Exception:
         return None
 
@@ -236,8 +240,10 @@ def lazy_metadata(
         with young_collections_only():
             with open(os.path.join(directory, "_METADATA"), encoding="utf-8") as f:
                 meta = json.load(f)
-            if not isinstance(meta, dict) or meta.get("use_zarr3") or not meta.get("use_ocdbt"):
+            zarr3 = meta.get("use_zarr3", False) if isinstance(meta, dict) else None
+            if zarr3 not in (True, False) or meta.get("use_ocdbt") is not True:
                 return None
+            store.zarr3 = zarr3
             entries = meta["tree_metadata"]
             if not isinstance(entries, dict) or not entries:
                 return None
