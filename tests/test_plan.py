@@ -884,3 +884,53 @@ def test_summary_cuts_long_tables():
 def test_summary_says_how_many_leaves_stay_abstract():
     p = tg.plan(jax.eval_shape(_init), {"head": np.ones(3, np.float32)}, {"params.head": "head"})
     assert "untouched target leaves: 2 (2 stay abstract)" in str(p)
+
+
+# ----------------------------------------------------------------------------
+# Glob rules: instances only the source has.
+# ----------------------------------------------------------------------------
+
+
+def _layers(n, *, prefix="layers"):
+    return {f"{prefix}_{i}": {"w": f32(2), "b": f32(1)} for i in range(n)}
+
+
+def test_source_instances_of_a_glob_rule_without_a_target_are_unexpected():
+    state = {"dec": _layers(2)}
+    source = {"enc": _layers(4)}
+    mapping = {"dec.layers_*": "enc.layers_*"}
+    with pytest.raises(tg.PathNotFoundError, match=r"unexpected in the source.*: 4") as info:
+        tg.plan(state, source, mapping)
+    message = str(info.value)
+    assert "'enc.layers_3.w' in the source has no target: the state has no " \
+           "'dec.layers_3.w'" in message
+    assert "enc.layers_1" not in message
+    # Ignored relative to the rule's old prefix, or by strict=False.
+    p = tg.plan(state, source, mapping, ignore_restored_keys=["w", "b"])
+    assert len(p.pairs) == 4
+    loose = tg.plan(state, source, mapping, strict=False)
+    assert sorted(str(u.source) for u in loose.report) == [
+        "enc.layers_2.b", "enc.layers_2.w", "enc.layers_3.b", "enc.layers_3.w"]
+
+
+def test_a_glob_rule_source_instance_whose_target_is_empty_is_unexpected_with_a_hint():
+    state = {"dec": {"layers_0": {"w": f32(2), "b": f32(1)}, "layers_1": {}}}
+    source = {"enc": _layers(2)}
+    with pytest.raises(tg.PathNotFoundError) as info:
+        tg.plan(state, source, {"dec.layers_*": "enc.layers_*"})
+    assert "(\'dec.layers_1\' is an empty dict in the state)" in str(info.value)
+
+
+def test_a_source_instance_taken_by_a_more_specific_rule_is_not_unexpected():
+    state = {"dec": _layers(2)}
+    source = {"enc": _layers(2), "extra": {"w": f32(2), "b": f32(1)}}
+    p = tg.plan(state, source, {"dec.layers_*": "enc.layers_*", "dec.layers_1": "extra"})
+    assert pairs(p)["dec.layers_1.w"] == "extra.w"
+    assert [str(u) for u in p.unused] == ["enc.layers_1.b", "enc.layers_1.w"]
+
+
+def test_double_star_globs_find_source_only_instances_too():
+    state = {"dec": {"a": {"w": f32(2)}}}
+    source = {"enc": {"a": {"w": f32(2)}, "b": {"c": {"w": f32(2)}}}}
+    with pytest.raises(tg.PathNotFoundError, match=r"'enc\.b\.c\.w' in the source has no target"):
+        tg.plan(state, source, {"dec.**.w": "enc.**.w"})

@@ -349,6 +349,7 @@ class _Planner:
         instances, pairs = self._pair_leaves(winner, prefix_len)
         self._check_outranked_rules(instances)
         self._check_unmatched_rules(rule_hits, instances)
+        self._add_source_instances(instances)
         self._check_unexpected(instances, pairs)
         self._check_unmatched_ignores(instances)
         fatal = [
@@ -673,6 +674,30 @@ class _Planner:
                     rule=str(rule),
                 )
             )
+
+    def _add_source_instances(self, instances: dict[tuple[int, Parts], Parts | None]) -> None:
+        """Instances of glob rules that only the source has, for the unexpected check.
+
+        A glob rule's instances come from the target leaves it covers. Where
+        the source has one more (`enc.layers_5` for `dec.layers_* <- enc.layers_*`
+        and a state without `dec.layers_5`), its leaves mirror no target leaf.
+        """
+        for r, rule in enumerate(self.rules):
+            if rule.old.is_literal:
+                continue  # its one instance is known whenever the rule matched
+            match = rule.old.prefix_matcher()
+            seen: set[Parts] = set()
+            for parts in self.src.paths:
+                m = match(parts)
+                if m is None or parts[: m[0]] in seen:
+                    continue
+                old_prefix = parts[: m[0]]
+                seen.add(old_prefix)
+                try:
+                    new_prefix = rule.new.substitute(m[1]).parts
+                except GraftError:  # a capture the new side cannot take
+                    continue
+                instances.setdefault((r, new_prefix), old_prefix)
 
     def _check_unmatched_rules(
         self, hits: list[int], instances: dict[tuple[int, Parts], Parts | None]
