@@ -99,6 +99,11 @@ class Pattern:
         return self._is_literal
 
     @property
+    def length(self) -> int | None:
+        """How many parts every match has, or None for a pattern with `**`."""
+        return None if self._has_dstar else len(self._segs)
+
+    @property
     def literal_count(self) -> int:
         """How many segments are literal (no wildcard in them)."""
         return sum(1 for s in self._segs if s.kind == _LIT)

@@ -685,16 +685,22 @@ class _Planner:
         for r, rule in enumerate(self.rules):
             if rule.old.is_literal:
                 continue  # its one instance is known whenever the rule matched
-            match = rule.old.prefix_matcher()
-            seen: set[Parts] = set()
-            for parts in self.src.paths:
-                m = match(parts)
-                if m is None or parts[: m[0]] in seen:
-                    continue
-                old_prefix = parts[: m[0]]
-                seen.add(old_prefix)
+            n = rule.old.length
+            found: dict[Parts, tuple[Any, ...]] = {}
+            if n is not None:  # match each distinct prefix once, in leaf order
+                for prefix in dict.fromkeys(p[:n] for p in self.src.paths if len(p) >= n):
+                    caps = rule.old.match(prefix)
+                    if caps is not None:
+                        found[prefix] = caps
+            else:
+                match = rule.old.prefix_matcher()
+                for parts in self.src.paths:
+                    m = match(parts)
+                    if m is not None:
+                        found.setdefault(parts[: m[0]], m[1])
+            for old_prefix, caps in found.items():
                 try:
-                    new_prefix = rule.new.substitute(m[1]).parts
+                    new_prefix = rule.new.substitute(caps).parts
                 except GraftError:  # a capture the new side cannot take
                     continue
                 instances.setdefault((r, new_prefix), old_prefix)
