@@ -214,3 +214,23 @@ def test_the_console_script_is_installed() -> None:
 def test_version() -> None:
     result = run("--version")
     assert result.returncode == 0 and result.stdout.strip() == tg.__version__
+
+
+def test_inspect_and_plan_read_shapes_in_one_batch(tmp_path, monkeypatch, capsys):
+    # Run in process, with single array opens forbidden: every shape they show
+    # or check must come from a batch read.
+    import numpy as np
+    from kauldron_run import write_item
+
+    from treegraft import _cli
+    from treegraft._read import metadata
+
+    item = write_item(tmp_path / "item", {"w": {f"k{i:02d}": np.zeros(i + 1) for i in range(40)}})
+
+    def forbidden(self, name):
+        raise AssertionError(f"single array open of {name}")
+
+    monkeypatch.setattr(metadata._Store, "header", forbidden)
+    assert _cli.main(["inspect", item, "--plain"]) == 0
+    assert "float64[40]" in capsys.readouterr().out
+    assert _cli.main(["plan", item, "--target", item, "--map", "w=w", "--plain"]) == 0

@@ -310,3 +310,32 @@ def test_a_graft_from_a_zarr3_checkpoint(items):
     np.testing.assert_array_equal(out["enc"]["kernel"], want["params"]["encoder"]["kernel"])
     np.testing.assert_array_equal(out["dec"], want["params"]["decoder"]["kernel"])
     assert out["epoch"] == 3 and state["epoch"] == 0
+
+
+def test_touching_every_shape_in_turn_reads_them_in_bulk_after_a_few(tmp_path, monkeypatch):
+    from treegraft._read import metadata
+
+    n = 120
+    tree = {"w": {f"k{i:03d}": np.full((i % 5 + 1,), i, np.float32) for i in range(n)}}
+    item = os.path.abspath(write_item(tmp_path / "many", tree))
+    single = []
+    original = metadata._Store.header
+    monkeypatch.setattr(metadata._Store, "header",
+                        lambda self, name: single.append(name) or original(self, name))
+    lazy = lazy_metadata(item)
+    shapes = jax.tree.map(lambda x: x.shape, lazy)  # as user code would
+    assert shapes == {"w": {f"k{i:03d}": (i % 5 + 1,) for i in range(n)}}
+    assert len(single) == metadata._SINGLE_LOADS  # then one batch for the other 104
+    assert [leaf._spec is not None for leaf in jax.tree.leaves(lazy)] == [True] * n
+
+
+def test_a_leaf_that_fails_after_the_bulk_load_still_names_itself(items, tmp_path, monkeypatch):
+    from treegraft._read import metadata
+
+    monkeypatch.setattr(metadata, "_SINGLE_LOADS", 0)  # the first touch loads in bulk
+    directory = str(tmp_path / "copy")
+    shutil.copytree(items["mixed"], directory)
+    os.remove(os.path.join(directory, "manifest.ocdbt"))
+    lazy = lazy_metadata(directory)
+    with pytest.raises(tg.CheckpointError, match=r"leaf 'params.encoder.kernel'.*NOT_FOUND"):
+        _ = lazy["params"]["encoder"]["kernel"].shape

@@ -113,6 +113,8 @@ def _inspect(args: argparse.Namespace, style: Style) -> int:
     if args.filter:
         pattern = parse_pattern(args.filter)
         items = [(p, leaf) for p, leaf in items if pattern.match_prefix(p) is not None]
+    # Every shape shown is needed: read them in one batch, not one array at a time.
+    source.prefetch([leaf for _, leaf in items])
     steps = list_steps(args.path) if isinstance(source, KauldronCheckpoint) else None
     where = source.step_dir if isinstance(source, KauldronCheckpoint) else str(source.path)  # type: ignore[attr-defined]
     if args.json:
@@ -156,7 +158,10 @@ def _plan(args: argparse.Namespace, style: Style) -> int:
     parse_ignore(args.ignore_model_keys, name="--ignore-model-keys")
     parse_ignore(args.ignore_restored_keys, name="--ignore-restored-keys")
     source = open_checkpoint(args.source, args.step)
-    target = open_checkpoint(args.target, args.target_step).metadata()
+    target_source = open_checkpoint(args.target, args.target_step)
+    target = target_source.metadata()
+    # The plan checks the target's shapes: read them in one batch up front.
+    target_source.prefetch(flatten_parts(target)[1])
     try:
         p = plan(
             target,

@@ -36,6 +36,21 @@ class _Unsupported(Exception):
     """`_METADATA` holds something this reader does not know: use orbax's."""
 
 
+# Single reads of a store before the rest of its leaves are read in one batch.
+_SINGLE_LOADS = 16
+
+
+def _context() -> Any:
+    """A tensorstore context whose cache keeps the decoded OCDBT index nodes.
+
+    Without a cache pool each array open reads and decodes the index again:
+    16 ms a leaf on a store of 100,000 keys, against 0.7 ms with one.
+    """
+    import tensorstore as ts
+
+    return ts.Context({"cache_pool": {"total_bytes_limit": 64 << 20}})
+
+
 class _Store:
     """One tensorstore context per checkpoint, so the OCDBT index is read once."""
 
@@ -45,13 +60,30 @@ class _Store:
         self._context: Any = None
         self.index: IndexWalk | None = None
         self.zarr3 = False  # set from `_METADATA`
+        self.leaves: list[LazyLeaf] = []  # every leaf of the tree, for one bulk load
+        self._single_loads = 0
+        self._bulk_loaded = False
+
+    def load(self, leaf: LazyLeaf) -> None:
+        """Reads one leaf's shape and dtype; past a few, every leaf's at once.
+
+        One array opened on its own costs 0.5 to 20 ms on a store of 100,000
+        keys (each open decodes the index again), and code such as
+        `jax.tree.map(lambda x: x.shape, metadata)` asks for every leaf in
+        turn. A bulk load reads them all for about what 20 single ones cost.
+        """
+        self._single_loads += 1
+        if self._single_loads > _SINGLE_LOADS and not self._bulk_loaded:
+            self._bulk_loaded = True
+            prefetch([x for x in self.leaves if x._spec is None])
+            if leaf._spec is not None:
+                return
+        leaf._set(*self.header(leaf.name))
 
     def start_index(self) -> None:
         """Starts decoding the store's index, to overlap it with other work."""
-        import tensorstore as ts
-
         if self._context is None:
-            self._context = ts.Context()
+            self._context = _context()
         self.index = start_walk(self.directory, self._context)
 
     def spec(self, name: str) -> dict[str, Any]:
@@ -65,7 +97,7 @@ class _Store:
         import tensorstore as ts
 
         if self._context is None:
-            self._context = ts.Context()
+            self._context = _context()
         try:
             array = ts.open(self.spec(name), open=True, read=True, context=self._context).result()
         except Exception as e:  # tensorstore raises ValueError with a status
@@ -97,7 +129,7 @@ def prefetch(leaves: Any) -> None:
             group.append(leaf)
     for store, pending in by_store.items():
         if store._context is None:
-            store._context = ts.Context()
+            store._context = _context()
         with young_collections_only():
             pending = _read_headers(store, pending)
         futures = [
@@ -205,7 +237,7 @@ class LazyLeaf:
 
     def _load(self) -> tuple[tuple[int, ...], Any]:
         if self._spec is None:
-            self._set(*self._store.header(self.name))
+            self._store.load(self)
         assert self._spec is not None
         return self._spec
 
@@ -298,9 +330,11 @@ def _build(store: _Store, entries: Any) -> Any:
             raise _Unsupported("duplicate key")
         kind = entry["value_metadata"]["value_type"]
         if kind in _ARRAYS:
-            parent[key] = LazyLeaf(store, f"{parent_name}{last['key']}", False)
+            parent[key] = leaf = LazyLeaf(store, f"{parent_name}{last['key']}", False)
+            store.leaves.append(leaf)
         elif kind == "scalar":
-            parent[key] = LazyLeaf(store, f"{parent_name}{last['key']}", True)
+            parent[key] = leaf = LazyLeaf(store, f"{parent_name}{last['key']}", True)
+            store.leaves.append(leaf)
         elif kind in _EMPTY_NODES:
             parent[key] = _EMPTY_NODES[kind]()
         else:
