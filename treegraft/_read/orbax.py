@@ -105,6 +105,12 @@ class OrbaxCheckpoint(Source):
     def metadata(self) -> Any:
         """The checkpoint's tree with shapes and dtypes (no array bytes read).
 
+        The tree comes from orbax's `_METADATA` file. Each leaf reads its shape
+        and dtype from the array's zarr header when first asked; `prefetch`
+        reads many at once, and after a few single reads the rest of the
+        checkpoint's headers are read in one batch, so walking every leaf's
+        shape is about as fast as a plan.
+
         Raises:
           CheckpointNotFoundError, CheckpointError: as `item_directory`, or the
             metadata is unreadable.
@@ -114,7 +120,12 @@ class OrbaxCheckpoint(Source):
         return self._metadata
 
     def prefetch(self, leaves: Sequence[Any]) -> None:
-        """Reads the shapes and dtypes of these metadata leaves, concurrently."""
+        """Reads the shapes and dtypes of these metadata leaves in one batch.
+
+        From one walk of the checkpoint's OCDBT index when enough of its leaves
+        are wanted, else key by key; a header that cannot be read is reported
+        when its leaf is used.
+        """
         prefetch(leaves)
 
     def read(self, requests: Sequence[ReadRequest]) -> list[Any]:
