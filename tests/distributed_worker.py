@@ -31,7 +31,6 @@ device memory is host memory and it sees no device-to-host copy.)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -109,19 +108,6 @@ def main() -> int:
     return 0
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-    """Like Kauldron's TrainState: step, params, collections, opt_state."""
-
-    step: Any
-    params: Any
-    collections: Any
-    opt_state: Any
-
-    def replace(self, **kw: Any) -> TrainState:
-        return dataclasses.replace(self, **kw)
-
-
 def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     import jax
     import numpy as np
@@ -130,14 +116,9 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
+    from kauldron_run import TrainState  # beside this script, so on sys.path
 
     import treegraft as tg
-
-    jax.tree_util.register_dataclass(
-        TrainState,
-        data_fields=["step", "params", "collections", "opt_state"],
-        meta_fields=[],
-    )
 
     spy = GatherSpy()
     spy.install()

@@ -455,12 +455,7 @@ class _Planner:
             self.lazy.prefetch([sleaves[si] for _, si, _ in pairs])
         agreed = []
         for pair in pairs:
-            tleaf, sleaf = tleaves[pair[0]], sleaves[pair[1]]
-            try:  # the common case first, inline: arrays of the same spec
-                same = tleaf.shape == sleaf.shape and tleaf.dtype == sleaf.dtype
-            except AttributeError:
-                same = False
-            if same or self._specs_agree(tleaf, sleaf):
+            if self._specs_agree(tleaves[pair[0]], sleaves[pair[1]]):
                 agreed.append(pair)
             else:
                 self._mismatch(*pair)
