@@ -226,7 +226,18 @@ class _Blocks:
         leaf = p.source.leaves[si]
         if p.lazy is None:
             _check_concrete(p, [si] if is_abstract(leaf) else [])
-            return np.array(leaf[box] if box else leaf)
+            whole = self._whole.get(si)
+            if whole is None:
+                # One host copy per source leaf: slicing a sharded jax.Array
+                # per target shard would gather it once per shard instead.
+                if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+                    raise GraftError(
+                        f"the in-memory source leaf {render_parts(p.source.paths[si])!r} spans "
+                        "several processes; a stack, unstack, cast, transpose or reshape rule "
+                        "cannot read it: save it and graft from the checkpoint"
+                    )
+                whole = self._whole[si] = np.asarray(leaf)
+            return np.array(whole[box] if box else whole)
         box_request = getattr(_source, "BoxRequest", None)
         read_boxes = getattr(p.lazy, "read_boxes", None)
         if box_request is not None and read_boxes is not None:

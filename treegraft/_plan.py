@@ -741,7 +741,7 @@ class _Planner:
             else:
                 indices[index] = prefix
         ordered = dict(sorted(indices.items()))
-        gaps = [k for k in range(len(ordered)) if k not in ordered]
+        gaps = [k for k in range(max(ordered, default=-1) + 1) if k not in ordered]
         if bad or gaps:
             why = []
             if bad:
@@ -1172,9 +1172,12 @@ def _as_index(capture: Any) -> int | None:
 
 
 def _ranges(indices: list[int]) -> str:
+    """'0, 2, 3' or, past ten, '0, 1, 2, ..., 31' (indices ascending)."""
     if not indices:
         return "none"
-    return f"{indices[0]}..{indices[-1]}" if len(indices) > 1 else str(indices[0])
+    if len(indices) <= 10:
+        return ", ".join(map(str, indices))
+    return ", ".join(map(str, indices[:3])) + f", ..., {indices[-1]}"
 
 
 def _source_prefixes(pattern: Pattern, index: TreeIndex) -> dict[Parts, tuple[Any, ...]]:
