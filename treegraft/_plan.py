@@ -513,6 +513,8 @@ class _Planner:
         # (rule, new prefix, old prefix) of each stacked source subtree.
         self._stack_instances: list[tuple[int, Parts, Parts]] = []
         self._members: dict[tuple[int, Parts], dict[int, Parts] | None] = {}
+        self._literal: dict[int, Parts] = {}
+        self._captures: list[tuple[Any, ...]] = []
 
     # The steps, in order.
 
@@ -560,10 +562,17 @@ class _Planner:
         # found later clears them, so the result does not depend on rule order.
         tied: dict[int, list[int]] = {}
         paths = self.tgt.paths
+        everything = range(n)
+        # The winning rule's captures, so that pairing need not match again.
+        captures = self._captures = [()] * n
         for r, rule in enumerate(self.rules):
             match = rule.new.prefix_matcher()
             literals = rule.new.literal_count
-            for i, parts in enumerate(paths):
+            # Only the leaves under a rule's literal prefix can match it: with
+            # one rule per subtree, planning stays linear in rules + leaves.
+            head = rule.new.literal_prefix()
+            for i in self.tgt.under(head) if head else everything:
+                parts = paths[i]
                 m = match(parts)
                 if m is None:
                     continue
@@ -573,6 +582,7 @@ class _Planner:
                     if winner[i] >= 0:
                         self._outranked.append((winner[i], i, prefix_len[i]))
                     rank[i], winner[i], prefix_len[i] = key, r, m[0]
+                    captures[i] = m[1]
                     tied.pop(i, None)
                 elif key == rank[i]:
                     tied.setdefault(i, []).append(r)
@@ -641,7 +651,7 @@ class _Planner:
             if key in instances:
                 old_prefix = instances[key]
             else:
-                old_prefix = self._old_prefix(r, new_prefix)
+                old_prefix = self._old_prefix(r, new_prefix, self._captures[i])
                 instances[key] = old_prefix
                 if rule.gather == "unstack":
                     taken[key] = self._unstack_index(r, new_prefix)
@@ -834,23 +844,35 @@ class _Planner:
         )
         return False
 
-    def _old_of(self, r: int, new_prefix: Parts) -> Parts:
+    def _old_of(self, r: int, new_prefix: Parts, caps: tuple[Any, ...] | None = None) -> Parts:
         """The old path a rule's new side, matched at new_prefix, points to.
 
-        For a stack rule, the literal part of its old side (before the index).
+        `caps` are new's captures at new_prefix, when already known. For a
+        stack rule, the literal part of its old side (before the index).
         """
         rule = self.rules[r]
         assert rule.old is not None
         if rule.gather == "stack":
             return rule.old.literal_prefix()
-        caps = rule.old_captures(rule.new.match(new_prefix) or ())
-        return rule.old.substitute(caps).parts
+        if rule.old.is_literal:
+            return self._literal_old(r)
+        if caps is None:
+            caps = rule.new.match(new_prefix) or ()
+        return rule.old.substitute(rule.old_captures(caps)).parts
 
-    def _old_prefix(self, r: int, new_prefix: Parts) -> Parts | None:
+    def _literal_old(self, r: int) -> Parts:
+        old = self._literal.get(r)
+        if old is None:
+            old = self._literal[r] = self.rules[r].old.as_path().parts  # type: ignore[union-attr]
+        return old
+
+    def _old_prefix(
+        self, r: int, new_prefix: Parts, caps: tuple[Any, ...] | None = None
+    ) -> Parts | None:
         if self.rules[r].gather == "stack":
             group = self._stack_members(r, new_prefix)
             return next(iter(group.values())) if group else None
-        old = self._old_of(r, new_prefix)
+        old = self._old_of(r, new_prefix, caps)
         return old if self.src.node_exists(old) else None
 
     def _specs_agree(self, tleaf: Any, sleaf: Any) -> bool:
@@ -988,7 +1010,9 @@ class _Planner:
                 sparts = self.src.paths[si]
                 if self.tgt.find(new_prefix + sparts[k:]) is not None:
                     continue  # taken by a more specific rule, or reported already
-                if accounted and any(Path(sparts).startswith(a) for a in accounted if a):
+                if accounted and any(
+                    Path(sparts[:k]) in accounted for k in range(1, len(sparts) + 1)
+                ):
                     continue
                 if self._ignored_restored(sparts, k):
                     continue
@@ -1066,12 +1090,17 @@ class _Planner:
         the source has one more (`enc.layers_5` for `dec.layers_* <- enc.layers_*`
         and a state without `dec.layers_5`), its leaves mirror no target leaf.
         """
+        by_rule: dict[int, set[Parts]] = {}
+        for (k, _), known_old in instances.items():
+            if known_old is not None:
+                by_rule.setdefault(k, set()).add(known_old)
         for r, rule in enumerate(self.rules):
             if rule.old is None or rule.old.is_literal or rule.gather == "unstack":
                 # A keep rule reads nothing; an unstack takes the layers it is
                 # asked for; a literal rule's one instance is known when it matched.
                 continue
-            for old_prefix, caps in _source_prefixes(rule.old, self.src).items():
+            known = by_rule.get(r, set())
+            for old_prefix, caps in _source_prefixes(rule.old, self.src, known).items():
                 try:
                     new_prefix = rule.new.substitute(
                         caps[:-1] if rule.gather == "stack" else caps
@@ -1180,20 +1209,29 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(map(str, indices[:3])) + f", ..., {indices[-1]}"
 
 
-def _source_prefixes(pattern: Pattern, index: TreeIndex) -> dict[Parts, tuple[Any, ...]]:
-    """Each distinct prefix of the index's leaf paths that pattern matches, with captures."""
+def _source_prefixes(
+    pattern: Pattern, index: TreeIndex, skip: set[Parts] | frozenset[Parts] = frozenset()
+) -> dict[Parts, tuple[Any, ...]]:
+    """Each distinct prefix of the index's leaf paths that pattern matches, with captures.
+
+    Prefixes in `skip` (already known) are left out without being matched.
+    """
     found: dict[Parts, tuple[Any, ...]] = {}
+    head = pattern.literal_prefix()
+    paths = [index.paths[i] for i in index.under(head)] if head else index.paths
     n = pattern.length
     if n is not None:  # match each distinct prefix once, in leaf order
-        for prefix in dict.fromkeys(p[:n] for p in index.paths if len(p) >= n):
+        for prefix in dict.fromkeys(p[:n] for p in paths if len(p) >= n):
+            if prefix in skip:
+                continue
             caps = pattern.match(prefix)
             if caps is not None:
                 found[prefix] = caps
         return found
     match = pattern.prefix_matcher()
-    for parts in index.paths:
+    for parts in paths:
         m = match(parts)
-        if m is not None:
+        if m is not None and parts[: m[0]] not in skip:
             found.setdefault(parts[: m[0]], m[1])
     return found
 
