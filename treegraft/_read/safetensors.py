@@ -22,15 +22,19 @@ import os
 import re
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
 
-from treegraft._errors import CheckpointError, CheckpointNotFoundError, GraftError, first_line
-from treegraft._errors import PathSyntaxError
+from treegraft._errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    GraftError,
+    PathSyntaxError,
+    first_line,
+)
 from treegraft._paths import Part, Path, parse_path, render_parts
 from treegraft._source import ReadRequest, Source
 
@@ -115,14 +119,6 @@ def _kvstore(location: str) -> Any:
     return ts.KvStore.open({"driver": "file", "path": location.rstrip("/") + "/"}).result()
 
 
-@dataclass(frozen=True, slots=True)
-class _Want:
-    """One box of one tensor to return as a host array."""
-
-    info: TensorInfo
-    box: tuple[tuple[int, int], ...]  # (start, stop) per axis
-
-
 class SafetensorsCheckpoint(Source):
     """A lazy source over Hugging Face safetensors weights.
 
@@ -149,7 +145,8 @@ class SafetensorsCheckpoint(Source):
       >>> src = tg.SafetensorsCheckpoint('/models/llama')               # doctest: +SKIP
       >>> src.metadata()['model']['layers'][0]['mlp']['up_proj']['weight']  # doctest: +SKIP
       TensorInfo(bfloat16[11008, 4096] in model-00001-of-00002.safetensors)
-      >>> state = tg.graft(state, src, {'embed.embedding': 'model.embed_tokens.weight'})  # doctest: +SKIP
+      >>> mapping = {'embed.embedding': 'model.embed_tokens.weight'}
+      >>> state = tg.graft(state, src, mapping)                         # doctest: +SKIP
     """
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -238,7 +235,9 @@ class SafetensorsCheckpoint(Source):
                 if sharding is None:
                     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
                 indices = sharding.addressable_devices_indices_map(info.shape)
-                boxes = list(dict.fromkeys(_box(index, info.shape) for index in indices.values()))
+                boxes = list(
+                    dict.fromkeys(_box(index or (), info.shape) for index in indices.values())
+                )
                 jobs.append((info, boxes, sharding))
             else:
                 jobs.append((info, [_full_box(info.shape)], None))
@@ -249,14 +248,7 @@ class SafetensorsCheckpoint(Source):
             if sharding is None:
                 out.append(_owned(pieces[boxes[0]]))
                 continue
-            out.append(
-                jax.make_array_from_callback(
-                    info.shape,
-                    sharding,
-                    lambda index, p=pieces, s=info.shape: p[_box(index, s)],
-                    dtype=info.dtype,
-                )
-            )
+            out.append(_assemble(info, sharding, pieces))
         return out
 
     def read_boxes(self, requests: Sequence[Any]) -> list[np.ndarray]:
@@ -350,7 +342,7 @@ class SafetensorsCheckpoint(Source):
         lengths = {f: kv.read(f, byte_range=slice(0, 8)) for f in files}
         sizes: dict[str, int] = {}
         for f, future in lengths.items():
-            raw = _result(future, f, self.folder, "its header length")
+            raw = _result(future, f, self.folder, "its header length", bytes_wanted=8)
             if len(raw) < 8:
                 raise CheckpointError(
                     f"{_where(self.folder, f)} is truncated: it has {len(raw)} byte(s), fewer than "
@@ -367,7 +359,9 @@ class SafetensorsCheckpoint(Source):
         infos: list[TensorInfo] = []
         ends: dict[str, int] = {}
         for f, future in headers.items():
-            raw = _result(future, f, self.folder, f"its {sizes[f]}-byte header", bytes_wanted=8 + sizes[f])
+            raw = _result(
+                future, f, self.folder, f"its {sizes[f]}-byte header", bytes_wanted=8 + sizes[f]
+            )
             parsed, meta = _parse_header(raw, f, self.folder, 8 + sizes[f])
             if meta:
                 self._file_metadata[f] = meta
@@ -444,6 +438,15 @@ class SafetensorsCheckpoint(Source):
                     piece = np.array(piece)  # do not keep a larger buffer alive
                 pieces[box] = piece if piece.dtype == info.dtype else piece.astype(info.dtype)
             yield pieces
+
+
+def _assemble(info: TensorInfo, sharding: Any, pieces: dict[Box, np.ndarray]) -> jax.Array:
+    """A jax.Array in sharding whose every device shard is its piece."""
+
+    def shard(index: tuple[slice, ...] | None) -> np.ndarray:
+        return pieces[_box(index or (), info.shape)]
+
+    return jax.make_array_from_callback(info.shape, sharding, shard, dtype=info.dtype)
 
 
 def _stored(dtype: np.dtype) -> np.dtype:
@@ -529,7 +532,10 @@ def _covering(info: TensorInfo, box: Box) -> tuple[int, int, tuple[int, ...], tu
 
 def _merge(
     info: TensorInfo, boxes: Sequence[Box]
-) -> tuple[list[tuple[int, int]], dict[Box, tuple[int, int, tuple[int, ...], tuple[slice, ...], tuple[int, ...]]]]:
+) -> tuple[
+    list[tuple[int, int]],
+    dict[Box, tuple[int, int, tuple[int, ...], tuple[slice, ...], tuple[int, ...]]],
+]:
     """Byte ranges to read for boxes (overlapping ranges merged), and where each box is.
 
     Returns the ranges, and per box `(range index, element offset in it,
@@ -605,13 +611,15 @@ def _read_index(kv: Any, index: str, folder: str) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError(
-            f"{where} has no \"weight_map\" object of tensor name -> file name, as Hugging "
+            f'{where} has no "weight_map" object of tensor name -> file name, as Hugging '
             "Face writes it"
         )
     listed = set(weight_map.values())
     for f in sorted(listed):
         if "/" in f or f in ("", ".", ".."):
-            raise CheckpointError(f"{where} names shard {f!r}, which is not a file name in {folder}")
+            raise CheckpointError(
+                f"{where} names shard {f!r}, which is not a file name in {folder}"
+            )
     missing = sorted(f for f in listed if not _exists(kv, f))
     if missing:
         raise CheckpointError(
@@ -672,9 +680,7 @@ def _tensor_info(name: str, entry: Any, file: str, where: str, data_start: int) 
         )
     dtype = DTYPES[code]
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(
-        type(d) is int and d >= 0 for d in shape
-    ):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"shape must be a list of non-negative ints, got {shape!r:.80}")
     offsets = entry.get("data_offsets")
     if (
@@ -726,7 +732,7 @@ def _build_tree(
                 f"{render_parts(parts)!r}"
             )
         node = root
-        for k, part in enumerate(parts[:-1]):
+        for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise CheckpointError(
