@@ -649,6 +649,23 @@ def test_a_file_truncated_after_opening_fails_on_read(tmp_path):
         src.read([request("w", np.zeros(64, np.float32))])
 
 
+def test_a_file_rewritten_after_opening_fails_on_read(tmp_path):
+    path = str(tmp_path / "rewritten.safetensors")
+    st_numpy.save_file({"w": np.arange(64, dtype=np.float32)}, path)
+    src = SafetensorsCheckpoint(path)
+    src.metadata()
+    st_numpy.save_file({"w": -np.arange(64, dtype=np.float32)}, path + ".new")
+    os.replace(path + ".new", path)  # same size, other bytes: a new upload
+    with pytest.raises(
+        tg.CheckpointError,
+        match=r"rewritten.safetensors has changed since its header was read \(reading tensor "
+        r"'w'\): open a new SafetensorsCheckpoint",
+    ):
+        src.read([request("w", np.zeros(64, np.float32))])
+    (got,) = SafetensorsCheckpoint(path).read([request("w", np.zeros(64, np.float32))])
+    np.testing.assert_array_equal(got, -np.arange(64, dtype=np.float32))
+
+
 def sharded_copy(files, tmp_path):
     folder = tmp_path / "hf"
     write_sharded(folder, files["llama"])

@@ -181,6 +181,7 @@ class SafetensorsCheckpoint(Source):
         self._tree: dict[Any, Any] | None = None
         self._by_parts: dict[tuple[Part, ...], TensorInfo] = {}
         self._file_metadata: dict[str, dict[str, str]] = {}
+        self._generations: dict[str, bytes] = {}  # of each file when its header was read
 
     # -- the Source interface ---------------------------------------------------
 
@@ -339,10 +340,13 @@ class SafetensorsCheckpoint(Source):
         else:
             names = None
             files = [str(self._single)]
+        gens: dict[str, bytes] = {}
         lengths = {f: kv.read(f, byte_range=slice(0, 8)) for f in files}
         sizes: dict[str, int] = {}
         for f, future in lengths.items():
-            raw = _result(future, f, self.folder, "its header length", bytes_wanted=8)
+            raw = _result(
+                future, f, self.folder, "its header length", bytes_wanted=8, generations=gens
+            )
             if len(raw) < 8:
                 raise CheckpointError(
                     f"{_where(self.folder, f)} is truncated: it has {len(raw)} byte(s), fewer than "
@@ -360,7 +364,12 @@ class SafetensorsCheckpoint(Source):
         ends: dict[str, int] = {}
         for f, future in headers.items():
             raw = _result(
-                future, f, self.folder, f"its {sizes[f]}-byte header", bytes_wanted=8 + sizes[f]
+                future,
+                f,
+                self.folder,
+                f"its {sizes[f]}-byte header",
+                bytes_wanted=8 + sizes[f],
+                generations=gens,
             )
             parsed, meta = _parse_header(raw, f, self.folder, 8 + sizes[f])
             if meta:
@@ -382,7 +391,15 @@ class SafetensorsCheckpoint(Source):
             f: kv.read(f, byte_range=slice(end - 1, end)) for f, end in ends.items() if end > 0
         }
         for f, future in probes.items():
-            _result(future, f, self.folder, "the end of its data", bytes_wanted=ends[f])
+            _result(
+                future,
+                f,
+                self.folder,
+                "the end of its data",
+                bytes_wanted=ends[f],
+                generations=gens,
+            )
+        self._generations = gens
         return infos
 
     def _fetch(
@@ -420,7 +437,12 @@ class SafetensorsCheckpoint(Source):
                     buffers.append(np.empty(0, _stored(info.dtype)))
                     continue
                 raw = _result(
-                    future, info.file, self.folder, f"tensor {info.name!r}", bytes_wanted=e
+                    future,
+                    info.file,
+                    self.folder,
+                    f"tensor {info.name!r}",
+                    bytes_wanted=e,
+                    generations=self._generations,
                 )
                 if len(raw) != e - b:
                     raise CheckpointError(
@@ -575,9 +597,20 @@ _SIZE = re.compile(r"value of size (\d+)")
 
 
 def _result(
-    future: Any, file: str, folder: str, what: str, *, bytes_wanted: int | None = None
+    future: Any,
+    file: str,
+    folder: str,
+    what: str,
+    *,
+    bytes_wanted: int | None = None,
+    generations: dict[str, bytes] | None = None,
 ) -> bytes:
-    """The bytes of a kvstore read, or a CheckpointError naming the file."""
+    """The bytes of a kvstore read, or a CheckpointError naming the file.
+
+    With `generations`, the file's storage generation is recorded on its first
+    read and must be the same on every later one: a file rewritten since its
+    header was read would otherwise give bytes that do not match the header.
+    """
     try:
         result = future.result()
     except Exception as e:  # tensorstore raises ValueError with a status code
@@ -596,6 +629,13 @@ def _result(
         raise CheckpointError(
             f"{_where(folder, file)} does not exist (reading {what}); was it moved or deleted?"
         )
+    if generations is not None:
+        seen = generations.setdefault(file, result.stamp.generation)
+        if seen != result.stamp.generation:
+            raise CheckpointError(
+                f"{_where(folder, file)} has changed since its header was read (reading "
+                f"{what}): open a new SafetensorsCheckpoint to read the new file"
+            )
     return bytes(result.value)
 
 
