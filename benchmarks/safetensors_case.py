@@ -251,6 +251,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small model, one repeat")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the model folder")
+    parser.add_argument("--model", help="reuse a model folder kept by an earlier --keep run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -258,10 +259,15 @@ def main() -> None:
         return
     size = SIZES["quick" if args.quick else "full"]
     repeats = args.repeats or (1 if args.quick else 5)
-    folder = tempfile.mkdtemp(prefix="treegraft-safetensors-", dir="/tmp")
+    folder = args.model or tempfile.mkdtemp(prefix="treegraft-safetensors-", dir="/tmp")
     try:
         start = time.perf_counter()
-        built = build(folder, size)
+        if args.model:
+            with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+                index = json.load(f)
+            built = {"bytes": index["metadata"]["total_size"], "tensors": len(index["weight_map"])}
+        else:
+            built = build(folder, size)
         print(
             f"model: {built['tensors']} tensors, {built['bytes'] / MIB:.0f} MiB bf16 in "
             f"{size['shards']} shards at {folder} (written in {time.perf_counter() - start:.1f} s)"
@@ -277,7 +283,8 @@ def main() -> None:
                     results.setdefault(f"sharded-{split}/{variant}", []).append(_run(spec))
         print(f"\none layer (model.layers.{LAYER}.*), warm page cache, median of {repeats}:")
         print(
-            f"  {'variant':<18} {'time':>9} {'rchar MiB':>10} {'mapped MiB':>11} {'read/mapped':>12}"
+            f"  {'variant':<18} {'time':>9} {'rchar MiB':>10} {'mapped MiB':>11} "
+            f"{'read/mapped':>12}"
         )
         base = statistics.median(r["seconds"] for r in results["layer/safe_open"])
         for variant in ("treegraft-numpy", "treegraft-graft", "safe_open"):
@@ -292,7 +299,8 @@ def main() -> None:
             )
         print(f"\nwhole model into a state sharded 8 ways, median of {repeats}:")
         print(
-            f"  {'split/variant':<22} {'time':>8} {'peak RSS growth':>16} {'grafted':>9} {'ratio':>7}"
+            f"  {'split/variant':<22} {'time':>8} {'peak RSS growth':>16} {'grafted':>9} "
+            f"{'ratio':>7}"
         )
         for split in ("rows", "cols"):
             for variant in ("treegraft", "safe_open"):
@@ -308,7 +316,7 @@ def main() -> None:
         for key, rs in results.items():
             print(json.dumps({"measure": key, "runs": rs}))
     finally:
-        if args.keep:
+        if args.keep or args.model:
             print(f"kept {folder}")
         else:
             shutil.rmtree(folder, ignore_errors=True)
