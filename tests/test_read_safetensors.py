@@ -255,6 +255,30 @@ def test_a_tensor_cannot_also_be_a_prefix(tmp_path):
         SafetensorsCheckpoint(path).metadata()
 
 
+def test_int_and_name_keys_side_by_side(tmp_path):
+    # jax cannot flatten {0: ..., 'norm': ...}: such a level keeps its digits as strings.
+    path = str(tmp_path / "mixed.safetensors")
+    tensors = {
+        "m.0.w": np.ones(2, np.float32),
+        "m.1.w": np.full(2, 2, np.float32),
+        "m.norm": np.zeros(3, np.float32),
+        "layers.0.w": np.ones(1, np.float32),
+    }
+    st_numpy.save_file(tensors, path)
+    src = SafetensorsCheckpoint(path)
+    meta = src.metadata()
+    assert sorted(meta["m"]) == ["0", "1", "norm"] and list(meta["layers"]) == [0]
+    state = {
+        "a": np.zeros(2, np.float32),
+        "n": np.ones(3, np.float32),
+        "l": np.zeros(1, np.float32),
+    }
+    out = tg.graft(state, src, {"a": "m.1.w", "n": "m.norm", "l": "layers[0].w"})
+    np.testing.assert_array_equal(out["a"], [2, 2])
+    np.testing.assert_array_equal(out["n"], [0, 0, 0])
+    np.testing.assert_array_equal(out["l"], [1])
+
+
 def test_folder_with_one_file_and_no_index(files, tmp_path):
     folder = tmp_path / "single"
     folder.mkdir()

@@ -117,9 +117,6 @@ class TensorInfo:
         return f"TensorInfo({self.dtype}[{dims}] in {self.file})"
 
 
-TensorInfo.__module__ = "treegraft"
-
-
 def _kvstore(location: str) -> Any:
     """Opens the kvstore of a folder; keys are the file names in it.
 
@@ -886,7 +883,37 @@ def _build_tree(
         node[parts[-1]] = info
         by_parts[parts] = info
         names[parts] = info.name
+    if _unify_keys(root):
+        by_parts = {}
+        _leaf_parts(root, (), by_parts)
     return root, by_parts
+
+
+def _unify_keys(node: dict[Any, Any]) -> bool:
+    """Makes int keys strings in dicts that mix them with names; True if any changed.
+
+    jax cannot flatten a dict whose keys do not sort (`{0: ..., 'norm': ...}`);
+    an int path part still finds the string key `'0'`, as for orbax.
+    """
+    changed = False
+    if len({type(k) for k in node}) > 1:
+        for k in [k for k in node if type(k) is not str]:
+            node[str(k)] = node.pop(k)
+        changed = True
+    for child in node.values():
+        if isinstance(child, dict):
+            changed = _unify_keys(child) or changed
+    return changed
+
+
+def _leaf_parts(
+    node: dict[Any, Any], prefix: tuple[Part, ...], out: dict[tuple[Part, ...], TensorInfo]
+) -> None:
+    for k, child in node.items():
+        if isinstance(child, dict):
+            _leaf_parts(child, (*prefix, k), out)
+        else:
+            out[(*prefix, k)] = child
 
 
 SafetensorsCheckpoint.__module__ = "treegraft"
