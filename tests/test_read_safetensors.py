@@ -22,8 +22,16 @@ import treegraft as tg
 from treegraft._read import safetensors as st_module
 from treegraft._read.safetensors import SafetensorsCheckpoint
 
-st_numpy = pytest.importorskip("safetensors.numpy")
-safetensors = pytest.importorskip("safetensors")
+
+def st_numpy():
+    """The safetensors package's numpy API: the tests that write files with it need it;
+    the reader does not."""
+    return pytest.importorskip("safetensors.numpy")
+
+
+def st_package():
+    return pytest.importorskip("safetensors")
+
 
 MiB = 1 << 20
 
@@ -107,7 +115,7 @@ def write_sharded(folder, tensors, n_shards=2):
     for k in range(n_shards):
         shard = f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
         part = {n: tensors[n] for n in names[k::n_shards]}
-        st_numpy.save_file(part, os.path.join(folder, shard), metadata={"format": "pt"})
+        st_numpy().save_file(part, os.path.join(folder, shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, shard))
     total = sum(a.nbytes for a in tensors.values())
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
@@ -147,7 +155,7 @@ def files(tmp_path_factory):
             name = f"t.{np.dtype(dtype).name}.s{'x'.join(map(str, shape)) or 'scalar'}"
             every[name] = random_array(rng, shape, dtype)
     out["every_path"] = str(root / "every.safetensors")
-    st_numpy.save_file(every, out["every_path"], metadata={"format": "np", "note": "test"})
+    st_numpy().save_file(every, out["every_path"], metadata={"format": "np", "note": "test"})
     out["every"] = every
     sharded = {
         "rows": np.arange(16 * 8, dtype=np.float32).reshape(16, 8),
@@ -156,7 +164,7 @@ def files(tmp_path_factory):
         "half": random_array(rng, (16, 8), ml_dtypes.bfloat16),
     }
     out["arrays_path"] = str(root / "arrays.safetensors")
-    st_numpy.save_file(sharded, out["arrays_path"])
+    st_numpy().save_file(sharded, out["arrays_path"])
     out["arrays"] = sharded
     out["llama"] = llama_like(rng)
     out["hf"] = write_sharded(root / "hf", out["llama"])
@@ -166,13 +174,13 @@ def files(tmp_path_factory):
 def reference(path, name):
     """A tensor as the safetensors package reads it (raw bytes for fp8, which its numpy
     reader does not know)."""
-    with safetensors.safe_open(path, framework="np") as f:
+    with st_package().safe_open(path, framework="np") as f:
         try:
             return f.get_tensor(name)
         except AttributeError:  # fp8: numpy has no such dtype attribute
             pass
     with open(path, "rb") as f:
-        found = dict(safetensors.deserialize(f.read()))[name]
+        found = dict(st_package().deserialize(f.read()))[name]
     dtype = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}[found["dtype"]]
     return np.frombuffer(bytes(found["data"]), dtype).reshape(found["shape"])
 
@@ -210,7 +218,7 @@ def test_names_parse_as_paths(files):
 def test_metadata_matches_the_package_headers(files):
     src = SafetensorsCheckpoint(files["every_path"])
     flat = {k.parts: v for k, v in tg.flatten(src.metadata()).items()}
-    with safetensors.safe_open(files["every_path"], framework="np") as f:
+    with st_package().safe_open(files["every_path"], framework="np") as f:
         names = list(f.keys())
         assert src.header_metadata == {"every.safetensors": f.metadata()}
     assert len(flat) == len(names)
@@ -236,7 +244,7 @@ def test_metadata_is_cached(files, monkeypatch):
 
 def test_a_name_the_grammar_refuses_is_split_on_dots(tmp_path):
     path = str(tmp_path / "odd.safetensors")
-    st_numpy.save_file({"block-sparse.0.w": np.ones(2, np.float32)}, path)
+    st_numpy().save_file({"block-sparse.0.w": np.ones(2, np.float32)}, path)
     meta = SafetensorsCheckpoint(path).metadata()
     assert list(meta) == ["block-sparse"] and list(meta["block-sparse"]) == [0]
     out = tg.graft(
@@ -247,7 +255,7 @@ def test_a_name_the_grammar_refuses_is_split_on_dots(tmp_path):
 
 def test_a_tensor_cannot_also_be_a_prefix(tmp_path):
     path = str(tmp_path / "clash.safetensors")
-    st_numpy.save_file({"a.b": np.ones(2, np.float32), "a.b.c": np.ones(2, np.float32)}, path)
+    st_numpy().save_file({"a.b": np.ones(2, np.float32), "a.b.c": np.ones(2, np.float32)}, path)
     with pytest.raises(
         tg.CheckpointError,
         match=r"tensor 'a.b.c' lies under tensor 'a.b'.*both a tensor and a prefix",
@@ -264,7 +272,7 @@ def test_int_and_name_keys_side_by_side(tmp_path):
         "m.norm": np.zeros(3, np.float32),
         "layers.0.w": np.ones(1, np.float32),
     }
-    st_numpy.save_file(tensors, path)
+    st_numpy().save_file(tensors, path)
     src = SafetensorsCheckpoint(path)
     meta = src.metadata()
     assert sorted(meta["m"]) == ["0", "1", "norm"] and list(meta["layers"]) == [0]
@@ -282,7 +290,7 @@ def test_int_and_name_keys_side_by_side(tmp_path):
 def test_folder_with_one_file_and_no_index(files, tmp_path):
     folder = tmp_path / "single"
     folder.mkdir()
-    st_numpy.save_file({"w": np.arange(3, dtype=np.int32)}, str(folder / "model.safetensors"))
+    st_numpy().save_file({"w": np.arange(3, dtype=np.int32)}, str(folder / "model.safetensors"))
     src = SafetensorsCheckpoint(folder)
     (got,) = src.read([request("w", np.zeros(3, np.int32))])
     np.testing.assert_array_equal(got, [0, 1, 2])
@@ -683,7 +691,7 @@ def test_damaged_files_are_checkpoint_errors(tmp_path, kind, message):
 
 def test_a_file_truncated_after_opening_fails_on_read(tmp_path, backend):
     path = str(tmp_path / "shrinks.safetensors")
-    st_numpy.save_file({"w": np.arange(64, dtype=np.float32)}, path)
+    st_numpy().save_file({"w": np.arange(64, dtype=np.float32)}, path)
     src = SafetensorsCheckpoint(path)
     src.metadata()
     with open(path, "r+b") as f:
@@ -700,10 +708,10 @@ def test_a_file_truncated_after_opening_fails_on_read(tmp_path, backend):
 
 def test_a_file_rewritten_after_opening_fails_on_read(tmp_path, backend):
     path = str(tmp_path / "rewritten.safetensors")
-    st_numpy.save_file({"w": np.arange(64, dtype=np.float32)}, path)
+    st_numpy().save_file({"w": np.arange(64, dtype=np.float32)}, path)
     src = SafetensorsCheckpoint(path)
     src.metadata()
-    st_numpy.save_file({"w": -np.arange(64, dtype=np.float32)}, path + ".new")
+    st_numpy().save_file({"w": -np.arange(64, dtype=np.float32)}, path + ".new")
     os.replace(path + ".new", path)  # same size, other bytes: a new upload
     with pytest.raises(
         tg.CheckpointError,
@@ -776,7 +784,7 @@ def test_missing_path(tmp_path):
 
 def test_folder_without_index(tmp_path):
     for name in ("a.safetensors", "b.safetensors"):
-        st_numpy.save_file({"w": np.ones(1, np.float32)}, str(tmp_path / name))
+        st_numpy().save_file({"w": np.ones(1, np.float32)}, str(tmp_path / name))
     with pytest.raises(
         tg.CheckpointError,
         match=r"has no model.safetensors.index.json and holds 2 .safetensors files "
