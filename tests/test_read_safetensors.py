@@ -834,6 +834,28 @@ def test_close_and_context_manager(files, backend):
     SafetensorsCheckpoint(files["arrays_path"]).close()  # closing what never opened
 
 
+def test_files_are_closed(files, backend):
+    def open_fds():
+        out = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                out.add(os.readlink(f"/proc/self/fd/{fd}"))
+            except FileNotFoundError:  # the fd listdir itself used
+                pass
+        return out
+
+    src = SafetensorsCheckpoint(files["arrays_path"])
+    src.read([request("rows", np.zeros((16, 8), np.float32))])
+    if backend == "pread":
+        assert files["arrays_path"] in open_fds()
+    src.close()
+    assert files["arrays_path"] not in open_fds()
+    src = SafetensorsCheckpoint(files["arrays_path"])
+    src.read([request("rows", np.zeros((16, 8), np.float32))])
+    del src  # never closed: the files close with the source
+    assert files["arrays_path"] not in open_fds()
+
+
 def test_the_reader_does_not_import_safetensors():
     code = (
         "import sys, treegraft._read.safetensors as m; "

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import struct
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -37,8 +38,10 @@ from treegraft._errors import (
     CheckpointError,
     CheckpointNotFoundError,
     GraftError,
+    PathNotFoundError,
     PathSyntaxError,
     first_line,
+    suggest,
 )
 from treegraft._paths import Part, Path, parse_path, render_parts
 from treegraft._source import ReadRequest, Source
@@ -193,6 +196,7 @@ class SafetensorsCheckpoint(Source):
             self._index = None
         self._kv: Any = None
         self._fds: dict[str, int] = {}  # local files opened for reading data
+        weakref.finalize(self, _close_fds, self._fds)
         self._stats: dict[str, tuple[int, int, int]] = {}  # (inode, size, mtime) at header read
         self._closed = False
         self._tree: dict[Any, Any] | None = None
@@ -305,7 +309,10 @@ class SafetensorsCheckpoint(Source):
         return out
 
     def box_nbytes(self, path: Path | str, box: tuple[slice, ...]) -> int:
-        """Bytes that reading `box` of the tensor at path really reads.
+        """Bytes that reading `box` of the tensor at path alone really reads.
+
+        The smallest range of rows that covers the box; boxes of one tensor read
+        in one `read_boxes` call share the bytes of their overlapping ranges.
 
         Raises:
           GraftError: the box is not one slice per axis with step 1 inside the shape.
@@ -317,9 +324,7 @@ class SafetensorsCheckpoint(Source):
 
     def close(self) -> None:
         """Closes the files and the kvstore; later reads raise `CheckpointError`."""
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
+        _close_fds(self._fds)
         self._kv = None
         self._closed = True
 
@@ -349,8 +354,6 @@ class SafetensorsCheckpoint(Source):
             for key, candidate in self._by_parts.items():
                 if tuple(str(p) if type(p) is int else p for p in key) == loose:
                     return candidate
-            from treegraft._errors import PathNotFoundError, suggest
-
             names = [render_parts(k) for k in self._by_parts]
             raise PathNotFoundError(
                 f"{render_parts(parts)!r} is not a tensor of {self.describe()}"
@@ -551,6 +554,11 @@ class SafetensorsCheckpoint(Source):
             yield pieces
 
 
+def _close_fds(fds: dict[str, int]) -> None:
+    while fds:
+        os.close(fds.popitem()[1])
+
+
 def _assemble(info: TensorInfo, sharding: Any, pieces: dict[Box, np.ndarray]) -> jax.Array:
     """A jax.Array in sharding whose every device shard is its piece."""
 
@@ -682,8 +690,6 @@ def _where(folder: str, name: str) -> str:
 
 
 def _close(name: str, names: Any) -> str:
-    from treegraft._errors import suggest
-
     return suggest(name, list(names))
 
 
