@@ -641,6 +641,12 @@ def damaged(tmp_path, kind):
         return str(path)
     if kind == "not-an-object":
         return write_raw(path, [1, 2, 3], data)
+    if kind == "entry-not-an-object":
+        return write_raw(path, {"a": [0, 16]}, data)
+    if kind == "bad-metadata":
+        return write_raw(path, {"__metadata__": ["x"], **GOOD}, data)
+    if kind == "empty-name":
+        return write_raw(path, {"": GOOD["a"]}, data)
     raise AssertionError(kind)
 
 
@@ -673,6 +679,12 @@ DAMAGED = [
     ("bad-shape", r"tensor 'a' .*: shape must be a list of non-negative ints, got \[2, -2\]"),
     ("bad-json", r"the header of .*bad.safetensors is not valid JSON"),
     ("not-an-object", r"the header of .*bad.safetensors is a JSON list, not an object of tensors"),
+    (
+        "entry-not-an-object",
+        r"tensor 'a' in the header of .*: expected an object with dtype, shape and data_offsets",
+    ),
+    ("bad-metadata", r"the __metadata__ of .*bad.safetensors is not a JSON object of strings"),
+    ("empty-name", r"the safetensors checkpoint .*bad.safetensors has a tensor with an empty name"),
 ]
 
 
