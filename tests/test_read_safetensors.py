@@ -595,6 +595,55 @@ def test_unexpected_source_tensors_are_reported(files):
         tg.plan(state, src, {"layer": "model.layers.0"})
 
 
+def rule_operations():
+    if not hasattr(tg, "stack") or not hasattr(tg, "transpose"):
+        pytest.skip("needs the rule operations tg.stack and tg.transpose (DESIGN section 10)")
+    return tg
+
+
+@pytest.mark.parametrize("spec", [P(), P(None, None, "x"), P(None, "x")], ids=str)
+def test_torch_layout_into_a_scanned_flax_layout_in_one_mapping(files, spec):
+    tg_ops = rule_operations()
+    src = SafetensorsCheckpoint(files["hf"])
+    llama = files["llama"]
+    bf16 = ml_dtypes.bfloat16
+    sharding = NamedSharding(mesh_1d(), spec)
+
+    def stacked(*shape):
+        return jax.ShapeDtypeStruct((2, *shape), bf16, sharding=sharding)
+
+    state = {
+        "embed": np.zeros((64, 16), bf16),
+        "layers": {"q": stacked(16, 16), "up": stacked(16, 32), "norm": np.zeros((2, 16), bf16)},
+        "head": jnp.zeros((16, 64), bf16),
+    }
+
+    def linear(name):
+        return tg_ops.transpose(tg_ops.stack(f"model.layers.*.{name}", axis=0), (0, 2, 1))
+
+    mapping = {
+        "embed": "model.embed_tokens.weight",
+        "head": tg_ops.transpose("lm_head.weight", (1, 0)),
+        "layers.q": linear("self_attn.q_proj.weight"),
+        "layers.up": linear("mlp.up_proj.weight"),
+        "layers.norm": tg_ops.stack("model.layers.*.input_layernorm.weight", axis=0),
+    }
+    out = tg.graft(state, src, mapping)
+    for i in range(2):
+        q = llama[f"model.layers.{i}.self_attn.q_proj.weight"]
+        np.testing.assert_array_equal(np.asarray(out["layers"]["q"][i]), q.T)
+        up = llama[f"model.layers.{i}.mlp.up_proj.weight"]
+        np.testing.assert_array_equal(np.asarray(out["layers"]["up"][i]), up.T)
+        norm = llama[f"model.layers.{i}.input_layernorm.weight"]
+        np.testing.assert_array_equal(out["layers"]["norm"][i], norm)
+    assert out["layers"]["up"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(out["head"]), llama["lm_head.weight"].T)
+    with pytest.raises(tg.MismatchError, match=r"'layers.up' .* is bfloat16\[2, 16, 32\]"):
+        tg.plan(
+            state, src, {**mapping, "layers.up": tg_ops.stack("model.layers.*.mlp.up_proj.weight")}
+        )
+
+
 # -- damaged files ---------------------------------------------------------------------------
 
 
