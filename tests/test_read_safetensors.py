@@ -644,6 +644,25 @@ def test_torch_layout_into_a_scanned_flax_layout_in_one_mapping(files, spec):
         )
 
 
+def test_unstack_plans_the_bytes_of_its_layers(files):
+    tg_ops = rule_operations()
+    src = SafetensorsCheckpoint(files["arrays_path"])
+    cube = reference(files["arrays_path"], "cube")  # (4, 16, 8) float32: 4 stacked layers
+    sharding = NamedSharding(mesh_1d(), P("x"))
+    state = {
+        f"layers_{i}": jax.ShapeDtypeStruct((16, 8), np.float32, sharding=sharding) for i in (1, 3)
+    }
+    mapping = {"layers_*": tg_ops.unstack("cube", axis=0)}
+    p = tg.plan(state, src, mapping, strict=False)
+    layer = 16 * 8 * 4
+    assert src.box_nbytes("cube", (slice(1, 2), slice(0, 16), slice(0, 8))) == layer
+    assert p.nbytes == 2 * layer  # two layers of four
+    out = tg.graft(state, src, mapping, strict=False)
+    for i in (1, 3):
+        assert out[f"layers_{i}"].sharding == sharding
+        np.testing.assert_array_equal(np.asarray(out[f"layers_{i}"]), cube[i])
+
+
 # -- damaged files ---------------------------------------------------------------------------
 
 
