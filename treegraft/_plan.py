@@ -1226,14 +1226,18 @@ class _Planner:
                 p = new_prefix if is_new else old_prefix
                 if p is not None:
                     prefixes.append(p)
+            names: list[str] | None = None
+            lengths = sorted({len(p) for p in prefixes})
             for pat, was_used in zip(patterns, used, strict=True):
-                if was_used or _matches_any(pat, index, [len(p) for p in prefixes]):
+                if was_used or _matches_any(pat, index, lengths):
                     continue
-                # Suggest keys as the user may have meant them: absolute, or
-                # relative to a rule's prefix.
-                names = list(index.paths) + [
-                    index.paths[i][len(p) :] for p in set(prefixes) for i in index.under(p)
-                ]
+                if names is None:
+                    # Keys as the user may have meant them: absolute, or relative
+                    # to a rule's prefix; rendered once for every pattern.
+                    parts = list(index.paths) + [
+                        index.paths[i][len(p) :] for p in set(prefixes) for i in index.under(p)
+                    ]
+                    names = sorted({render_parts(p) for p in parts[:40000]})
                 shown = sorted({render_parts(p) for p in prefixes})
                 where = ", ".join(repr(s) for s in shown[:3]) + (", ..." if len(shown) > 3 else "")
                 relative = f" relative to a rule's prefix ({where}) or" if shown else ""
@@ -1241,7 +1245,7 @@ class _Planner:
                     Problem(
                         "unmatched_ignore",
                         f"{name} pattern {pat.text!r} matches no key of {index.what},"
-                        f"{relative} from the root{_close_paths(pat.text, names)}",
+                        f"{relative} from the root{_close_names(pat.text, names)}",
                         pattern=pat.text,
                     )
                 )
@@ -1344,12 +1348,20 @@ def _ignored(patterns: list[Pattern], used: list[bool], parts: Parts, n: int) ->
     return hit
 
 
-def _matches_any(pat: Pattern, index: TreeIndex, prefix_lengths: list[int]) -> bool:
-    lengths = sorted(set(prefix_lengths))
-    for parts in index.paths:
-        if pat.match_prefix(parts) is not None:
+def _matches_any(pat: Pattern, index: TreeIndex, lengths: list[int]) -> bool:
+    """Whether pat matches a prefix of some path, from the root or after n parts.
+
+    Only paths holding the pattern's literal head where it would start are
+    matched, so a pattern costs about the size of the subtree it names.
+    """
+    head = pat.literal_prefix()
+    paths = index.paths
+    for i in index.under(head) if head else range(len(paths)):
+        if pat.match_prefix(paths[i]) is not None:
             return True
-        for n in lengths:
+    for n in lengths:
+        for i in index.under_at(n, head) if head else range(len(paths)):
+            parts = paths[i]
             if n <= len(parts) and pat.match_prefix(parts[n:]) is not None:
                 return True
     return False
@@ -1371,7 +1383,10 @@ def _nothing_matches(pattern: Pattern, index: TreeIndex) -> str:
 
 
 def _close_paths(text: str, paths: Sequence[Parts]) -> str:
-    names = sorted({render_parts(p) for p in paths[:20000]})
+    return _close_names(text, sorted({render_parts(p) for p in paths[:20000]}))
+
+
+def _close_names(text: str, names: Sequence[str]) -> str:
     close = difflib.get_close_matches(text, names, n=3, cutoff=0.5)
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)" if close else ""
 
