@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 __all__ = [
     "GraftError",
     "PathSyntaxError",
+    "PathTypeError",
     "PathNotFoundError",
     "MismatchError",
     "MappingError",
@@ -54,6 +55,10 @@ class PathSyntaxError(GraftError):
         self.reason = reason
 
 
+class PathTypeError(GraftError, TypeError):
+    """A path or pattern is not a string (also a `TypeError`, as it used to be)."""
+
+
 class PathNotFoundError(GraftError, KeyError):
     """A path does not exist in a tree or checkpoint (also a `KeyError`)."""
 
@@ -80,6 +85,7 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 for _cls in (
     GraftError,
     PathSyntaxError,
+    PathTypeError,
     PathNotFoundError,
     MismatchError,
     MappingError,
