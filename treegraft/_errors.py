@@ -17,6 +17,7 @@ __all__ = [
     "PathNotFoundError",
     "MismatchError",
     "MappingError",
+    "TreeError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "suggest",
@@ -71,6 +72,11 @@ class MappingError(GraftError):
     """The mapping itself is invalid: wrong type, wildcards, or rules tied."""
 
 
+class TreeError(GraftError):
+    """A pytree treegraft cannot walk: two children under one key, dict keys of
+    kinds that do not sort together, or nesting deeper than jax flattens."""
+
+
 class CheckpointError(GraftError):
     """A checkpoint cannot be used: unreadable, corrupt or inconsistent."""
 
@@ -89,6 +95,7 @@ for _cls in (
     PathNotFoundError,
     MismatchError,
     MappingError,
+    TreeError,
     CheckpointError,
     CheckpointNotFoundError,
 ):

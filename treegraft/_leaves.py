@@ -259,6 +259,9 @@ def check_not_traced(leaves: list[Any], paths: list[tuple[Any, ...]], what: str)
       GraftError: naming the first traced leaf and the remedy.
     """
     tracer = jax.core.Tracer
+    # One isinstance per leaf type, not per leaf: this runs on every tree indexed.
+    if not any(issubclass(t, tracer) for t in set(map(type, leaves))):
+        return
     for parts, leaf in zip(paths, leaves, strict=True):
         if isinstance(leaf, tracer):
             where = render_parts(parts) or "the root"
