@@ -132,8 +132,11 @@ class Mismatch(str):
         self.detail = detail
         return self
 
-    def __repr__(self) -> str:
-        return f"Mismatch({str(self)!r}, {self.detail!r})"
+    # Shown as the plain kind, as it is stored (e.g. as a `Problem.kind`).
+    __repr__ = str.__repr__
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (Mismatch, (str(self), self.detail))
 
 
 def _name(dtype: Any) -> str:
