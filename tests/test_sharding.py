@@ -487,3 +487,25 @@ def test_propagate_sharding_shape_mismatch_names_the_leaf():
         r"  'w': in values float32\[4, 8\], in like float32\[8, 8\]",
     ):
         tg.propagate_sharding({"w": np.zeros((4, 8), np.float32)}, like)
+
+
+def test_place_refuses_a_cast_the_policy_does_not_allow():
+    # place checks the casting policy again: a refused cast never happens silently.
+    from treegraft._sharding import place
+
+    like = jax.device_put(jnp.zeros(2, jnp.int32), TARGET_SHARDINGS["1d-replicated"])
+    nan = np.array([np.nan, 1.0], np.float32)
+    with pytest.raises(
+        tg.MismatchError,
+        match=r"cannot place 'w': the value is float32\[2\], the leaf it replaces is int32\[2\] "
+        r"\(float32 -> int32 can change values; pass cast='unsafe'\)",
+    ):
+        place([nan], [like], cast=True, name_of=lambda k: "w")
+    with pytest.raises(tg.MismatchError, match=r"cannot place leaf #0: .*pass cast=True"):
+        place([np.zeros(2, np.int8)], [like])
+    [out] = place([np.array([2.0, 1.0], np.float32)], [like], cast="unsafe")
+    assert out.dtype == jnp.int32 and out.sharding == like.sharding
+    # complex to real under "unsafe": the real part, with no ComplexWarning.
+    [real] = place([np.array([1 + 2j])], [np.zeros(1, np.float32)], cast="unsafe")
+    [jreal] = place([jnp.array([3 + 4j])], [jnp.zeros(1)], cast="unsafe")
+    assert real.tolist() == [1.0] and float(jreal[0]) == 3.0

@@ -9,7 +9,7 @@ own (DESIGN section 12); `propagate_sharding` is a placement utility like
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -31,7 +31,7 @@ def place(
     *,
     cast: bool | str = False,
     owned: bool = False,
-    paths: Sequence[str] | None = None,
+    name_of: Callable[[int], str] | None = None,
 ) -> list[Any]:
     """Places each value like the corresponding leaf of likes, in buffers of its own.
 
@@ -51,7 +51,8 @@ def place(
         each may be used as it is once; a value that appears several times is
         still copied for its other uses. By default every value belongs to the
         caller and is copied.
-      paths: how messages name each leaf (rendered paths), if known.
+      name_of: how messages name the k-th leaf (its rendered path), if known;
+        called only to build a message.
 
     Returns:
       The placed values, in order. The inputs are not modified.
@@ -71,7 +72,7 @@ def place(
         keep = owned and first  # the value may be used without a copy
         original = value
         if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
-            value = _cast_for(value, like, cast, k, paths)
+            value = _cast_for(value, like, cast, k, name_of)
             keep = keep or value is not original  # a cast made a new array
             sharding = like.sharding
             if isinstance(value, jax.Array) and sharding is None:
@@ -98,7 +99,7 @@ def place(
                 value = np.array(value, copy=True)
             puts.append((k, value, sharding))
         elif isinstance(like, np.ndarray | np.generic):
-            _check_cast(value, like, cast, k, paths)
+            _check_cast(value, like, cast, k, name_of)
             array = _to_host(value)
             if _leaves._kind(array.dtype) == "c" and _leaves._kind(like.dtype) != "c":
                 array = np.real(array)  # cast="unsafe": drop the imaginary part, no warning
@@ -107,7 +108,7 @@ def place(
                 array = np.array(array, dtype=like.dtype, copy=True)
             out[k] = array if isinstance(like, np.ndarray) else array[()]
         elif type(like) in _PY_SCALARS:
-            _check_cast(value, like, cast, k, paths)
+            _check_cast(value, like, cast, k, name_of)
             host = _to_host(value)
             if _leaves._kind(host.dtype) == "c" and type(like) is not complex:
                 host = np.real(host)
@@ -165,12 +166,12 @@ def _buffers(x: jax.Array) -> set[int]:
     return out
 
 
-def _describe_at(k: int, paths: Sequence[str] | None) -> str:
-    return f"{paths[k]!r}" if paths is not None else f"leaf #{k}"
+def _describe_at(k: int, name_of: Callable[[int], str] | None) -> str:
+    return repr(name_of(k)) if name_of is not None else f"leaf #{k}"
 
 
 def _check_cast(
-    value: Any, like: Any, cast: bool | str, k: int, paths: Sequence[str] | None
+    value: Any, like: Any, cast: bool | str, k: int, name_of: Callable[[int], str] | None
 ) -> None:
     if getattr(value, "dtype", None) is None and type(value) not in _PY_SCALARS:
         return
@@ -180,14 +181,14 @@ def _check_cast(
     why = _leaves.mismatch(lspec, vspec, cast=cast)
     if why is not None and why != "shape":
         raise MismatchError(
-            f"cannot place {_describe_at(k, paths)}: the value is {_leaves.describe(vspec)}, "
+            f"cannot place {_describe_at(k, name_of)}: the value is {_leaves.describe(vspec)}, "
             f"the leaf it replaces is {_leaves.describe(lspec)} ({why.detail})"
         )
 
 
-def _cast_for(value: Any, like: Any, cast: bool | str, k: int, paths: Sequence[str] | None) -> Any:
+def _cast_for(value: Any, like: Any, cast: bool | str, k: int, name_of: Callable[[int], str] | None) -> Any:
     """The value in the like's dtype, when the policy allows; the value itself otherwise."""
-    _check_cast(value, like, cast, k, paths)
+    _check_cast(value, like, cast, k, name_of)
     dtype = like.dtype
     vdtype = getattr(value, "dtype", None)
     if vdtype == dtype:
@@ -303,5 +304,6 @@ def propagate_sharding(values: Any, like: Any, /) -> Any:
             + "\n".join(bad[:20]),
             problems=bad,
         )
-    names = [render_parts(p) for p in vpaths]
-    return ldef.unflatten(place(vleaves, lleaves, owned=True, paths=names))
+    return ldef.unflatten(
+        place(vleaves, lleaves, owned=True, name_of=lambda k: render_parts(vpaths[k]))
+    )

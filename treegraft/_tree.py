@@ -361,7 +361,7 @@ def resolve(
     node = tree
     used: list[Part] = []
     for part in path.parts:
-        kids = children(node, is_leaf=is_leaf)
+        kids = children(node, is_leaf=is_leaf, where=used)
         if kids is None:
             here = repr(render_parts(used)) if used else "the root"
             raise PathNotFoundError(
