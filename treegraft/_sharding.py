@@ -116,11 +116,17 @@ def place(
         else:
             out[k] = value
     if puts:
+        # may_alias as a list: broadcasting one bool over the values costs more
+        # than the copies of small arrays.
         placed = jax.device_put(
-            [v for _, v, _ in puts], [sh for _, _, sh in puts], may_alias=False
+            [v for _, v, _ in puts], [sh for _, _, sh in puts], may_alias=[False] * len(puts)
         )
         for (k, value, sharding), got in zip(puts, placed, strict=True):
-            if isinstance(value, jax.Array) and _buffers(got) & _buffers(value):
+            if (
+                isinstance(value, jax.Array)
+                and value.sharding != sharding
+                and _buffers(got) & _buffers(value)
+            ):
                 # jax keeps the source's buffer as one shard of a resharded array
                 # (one device to replicated), even with may_alias=False.
                 got = _copy(got)
@@ -134,7 +140,7 @@ def place(
         made = jax.device_put(
             [out[k_first] for k_first, _ in batch],
             [out[k_first].sharding for k_first, _ in batch],
-            may_alias=False,
+            may_alias=[False] * len(batch),
         )
         for (k_first, k), got in zip(batch, made, strict=True):
             if _buffers(got) & _buffers(out[k_first]):
@@ -173,8 +179,12 @@ def _describe_at(k: int, name_of: Callable[[int], str] | None) -> str:
 def _check_cast(
     value: Any, like: Any, cast: bool | str, k: int, name_of: Callable[[int], str] | None
 ) -> None:
-    if getattr(value, "dtype", None) is None and type(value) not in _PY_SCALARS:
-        return
+    vdtype = getattr(value, "dtype", None)
+    if vdtype is None:
+        if type(value) not in _PY_SCALARS:
+            return
+    elif vdtype == getattr(like, "dtype", None):
+        return  # the common case, without building specs
     vspec, lspec = _leaves.spec_of(value), _leaves.spec_of(like)
     if vspec[1] == lspec[1]:
         return
@@ -188,11 +198,11 @@ def _check_cast(
 
 def _cast_for(value: Any, like: Any, cast: bool | str, k: int, name_of: Callable[[int], str] | None) -> Any:
     """The value in the like's dtype, when the policy allows; the value itself otherwise."""
-    _check_cast(value, like, cast, k, name_of)
     dtype = like.dtype
     vdtype = getattr(value, "dtype", None)
     if vdtype == dtype:
         return value
+    _check_cast(value, like, cast, k, name_of)
     if vdtype is None and type(value) not in _PY_SCALARS:
         return value
     if _leaves.is_key_dtype(dtype):
