@@ -273,7 +273,8 @@ def test_cast_with_python_scalar_source():
     # float to int can change values: it needs cast="unsafe" (DESIGN section 10).
     state = {"x": jnp.zeros((), jnp.int32)}
     with pytest.raises(
-        tg.MismatchError, match=r"'x' in the state is int32\[\], 'x' in the source is float \(python\)"
+        tg.MismatchError,
+        match=r"'x' in the state is int32\[\], 'x' in the source is float \(python\)",
     ):
         tg.graft(state, {"x": 2.0}, {"x": "x"}, cast=True)
     out = tg.graft(state, {"x": 2.0}, {"x": "x"}, cast="unsafe")

@@ -431,7 +431,8 @@ def test_propagate_sharding_copies_a_value_used_twice():
 
 
 def test_propagate_sharding_dtype_mismatch_names_the_leaf():
-    like = {"w": jax.ShapeDtypeStruct(SHAPE, jnp.float32, sharding=TARGET_SHARDINGS["1d-replicated"])}
+    sharding = TARGET_SHARDINGS["1d-replicated"]
+    like = {"w": jax.ShapeDtypeStruct(SHAPE, jnp.float32, sharding=sharding)}
     with pytest.raises(
         tg.MismatchError,
         match=r"cannot place 'w': the value is float64\[8, 8\], the leaf it replaces is "

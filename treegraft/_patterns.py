@@ -212,11 +212,11 @@ class Pattern:
                 if caps is not None:
                     return n, caps
             return None
-        n = self._shortest_prefix(parts)
-        if n is None:
+        shortest = self._shortest_prefix(parts)
+        if shortest is None:
             return None
-        caps = self._match_dp(parts, n)
-        return None if caps is None else (n, caps)
+        caps = self._match_dp(parts, shortest)
+        return None if caps is None else (shortest, caps)
 
     def prefix_matcher(self) -> Callable[[tuple[Part, ...]], tuple[int, tuple[Any, ...]] | None]:
         """A fast `match_prefix` on part tuples, for matching many paths.

@@ -103,7 +103,8 @@ def place(
             array = _to_host(value)
             if _leaves._kind(array.dtype) == "c" and _leaves._kind(like.dtype) != "c":
                 array = np.real(array)  # cast="unsafe": drop the imaginary part, no warning
-            if not (keep and array is value and array.flags.writeable and array.dtype == like.dtype):
+            owned_here = keep and array is value and array.flags.writeable
+            if not (owned_here and array.dtype == like.dtype):
                 # A copy: never the caller's array, nor a read-only view of a device buffer.
                 array = np.array(array, dtype=like.dtype, copy=True)
             out[k] = array if isinstance(like, np.ndarray) else array[()]
@@ -196,7 +197,9 @@ def _check_cast(
         )
 
 
-def _cast_for(value: Any, like: Any, cast: bool | str, k: int, name_of: Callable[[int], str] | None) -> Any:
+def _cast_for(
+    value: Any, like: Any, cast: bool | str, k: int, name_of: Callable[[int], str] | None
+) -> Any:
     """The value in the like's dtype, when the policy allows; the value itself otherwise."""
     dtype = like.dtype
     vdtype = getattr(value, "dtype", None)
@@ -239,7 +242,10 @@ def _local_to_global(value: Any, like: Any) -> jax.Array:
         # placed array owns its buffers (DESIGN section 12).
         # numpy blocks are copied too: jax's CPU client would keep their memory.
         if piece is local or not isinstance(piece, jax.Array):
-            piece = jax.numpy.array(piece, copy=True) if isinstance(piece, jax.Array) else np.array(piece)
+            if isinstance(piece, jax.Array):
+                piece = jax.numpy.array(piece, copy=True)
+            else:
+                piece = np.array(piece)
         return piece
 
     return jax.make_array_from_callback(tuple(like.shape), like.sharding, block, dtype=like.dtype)
