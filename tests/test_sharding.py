@@ -510,3 +510,14 @@ def test_place_refuses_a_cast_the_policy_does_not_allow():
     [real] = place([np.array([1 + 2j])], [np.zeros(1, np.float32)], cast="unsafe")
     [jreal] = place([jnp.array([3 + 4j])], [jnp.zeros(1)], cast="unsafe")
     assert real.tolist() == [1.0] and float(jreal[0]) == 3.0
+
+
+def test_an_unsafe_cast_asked_for_does_not_warn():
+    from treegraft._sharding import place
+
+    nan = np.array([np.nan, 300.0], np.float32)
+    [host] = place([nan], [np.zeros(2, np.uint8)], cast="unsafe")
+    [dev] = place([nan], [jnp.zeros(2, jnp.uint8)], cast="unsafe")
+    assert host.dtype == np.uint8 and dev.dtype == jnp.uint8
+    with pytest.raises(tg.MismatchError, match=r"float32 -> uint8 can change values"):
+        place([nan], [np.zeros(2, np.uint8)], cast=True)

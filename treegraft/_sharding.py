@@ -105,8 +105,11 @@ def place(
                 array = np.real(array)  # cast="unsafe": drop the imaginary part, no warning
             owned_here = keep and array is value and array.flags.writeable
             if not (owned_here and array.dtype == like.dtype):
-                # A copy: never the caller's array, nor a read-only view of a device buffer.
-                array = np.array(array, dtype=like.dtype, copy=True)
+                # A copy: never the caller's array, nor a read-only view of a device
+                # buffer. A cast the policy let through (cast="unsafe") may change
+                # values, as asked: no numpy warning about it.
+                with np.errstate(invalid="ignore", over="ignore"):
+                    array = np.array(array, dtype=like.dtype, copy=True)
             out[k] = array if isinstance(like, np.ndarray) else array[()]
         elif type(like) in _PY_SCALARS:
             _check_cast(value, like, cast, k, name_of)
@@ -217,7 +220,8 @@ def _cast_for(
     array = np.asarray(value)
     if _leaves._kind(array.dtype) == "c" and _leaves._kind(np.dtype(dtype)) != "c":
         array = np.real(array)
-    return array.astype(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):  # cast="unsafe" asked for it
+        return array.astype(dtype)
 
 
 def _is_local(value: Any) -> bool:
