@@ -247,12 +247,12 @@ def test_path_not_found_error_types():
         (
             {"a": None},
             "a.b",
-            "path 'a.b' not found in the tree: 'a' is empty, it has no key 'b'",
+            "path 'a.b' not found in the tree: 'a' is None, it has no key 'b'",
         ),
         (
             {"a": {}},
             "a[0]",
-            "path 'a[0]' not found in the tree: 'a' is empty, it has no key 0",
+            "path 'a[0]' not found in the tree: 'a' is an empty dict, it has no key 0",
         ),
         (
             {"p": Pair(first=1, second=2)},

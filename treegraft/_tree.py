@@ -349,6 +349,9 @@ def find_child(kids: list[tuple[Part, Any]], part: Part) -> tuple[Part, Any] | N
     return None
 
 
+_NO_NODE = object()
+
+
 def resolve(
     tree: Any, path: Path, *, is_leaf: IsLeaf = None, what: str = "the tree"
 ) -> tuple[tuple[Part, ...], Any]:
@@ -370,16 +373,28 @@ def resolve(
             )
         found = find_child(kids, part)
         if found is None:
-            raise PathNotFoundError(not_found_message(path, used, part, [k for k, _ in kids], what))
+            raise PathNotFoundError(
+                not_found_message(path, used, part, [k for k, _ in kids], what, node=node)
+            )
         key, node = found
         used.append(key)
     return tuple(used), node
 
 
 def not_found_message(
-    path: Path, found: list[Part] | tuple[Part, ...], part: Part, keys: list[Part], what: str
+    path: Path,
+    found: list[Part] | tuple[Part, ...],
+    part: Part,
+    keys: list[Part],
+    what: str,
+    *,
+    node: Any = _NO_NODE,
 ) -> str:
-    """The message for a missing key: where it stopped, the keys there, close names."""
+    """The message for a missing key: where it stopped, the keys there, close names.
+
+    `node`, when given, is the node where the walk stopped: an empty one is
+    named for what it is (None, an empty dict).
+    """
     here = render_parts(found)
     where = f"{here!r}" if here else "the root"
     # Keys are compared as text but shown as keys, so that 0 and '0' differ.
@@ -388,7 +403,13 @@ def not_found_message(
     if len(keys) > _MAX_LISTED:
         listed += f", ... ({len(keys)} keys)"
     if not keys:
-        return f"path {str(path)!r} not found in {what}: {where} is empty, it has no key {part!r}"
+        if node is None:
+            empty = "None"
+        elif node is _NO_NODE:
+            empty = "empty"
+        else:
+            empty = f"an empty {type(node).__name__}"
+        return f"path {str(path)!r} not found in {what}: {where} is {empty}, it has no key {part!r}"
     return (
         f"path {str(path)!r} not found in {what}: {where} has no key {part!r}"
         f"{suggest(str(part), names, render=lambda name: repr(names[name]))}; "
