@@ -234,3 +234,68 @@ def test_inspect_and_plan_read_shapes_in_one_batch(tmp_path, monkeypatch, capsys
     assert _cli.main(["inspect", item, "--plain"]) == 0
     assert "float64[40]" in capsys.readouterr().out
     assert _cli.main(["plan", item, "--target", item, "--map", "w=w", "--plain"]) == 0
+
+
+# ----------------------------------------------------------------------------
+# Reliability, round 2 (item 20).
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source, extra, message",
+    [
+        ("/nonexistent/run", [], "treegraft plan: checkpoint '/nonexistent/run' does not exist"),
+        ("{run}", ["--step", "7"], "has no complete step 7; available steps: 1000, 2000"),
+    ],
+    ids=["missing-source", "missing-step"],
+)
+def test_plan_with_an_unusable_source_exits_2(demo_run, source, extra, message):
+    target = os.path.join(demo_run, "checkpoints", "ckpt_1000")
+    result = run("plan", source.format(run=demo_run), "--target", target, *extra)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "the graft would fail" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["inspect", "{step}", "--step", "1000"], "--step 1000"),
+        (["plan", "{step}", "--step", "1000", "--target", "{step}"], "--step 1000"),
+        (["plan", "{run}", "--target", "{step}", "--target-step", "-1"], "--target-step -1"),
+    ],
+    ids=["inspect", "plan-source", "plan-target"],
+)
+def test_a_step_for_a_plain_orbax_checkpoint_is_refused(demo_run, args, flag):
+    step = os.path.join(demo_run, "checkpoints", "ckpt_2000")
+    result = run(*[a.format(run=demo_run, step=step) for a in args])
+    assert result.returncode == 2
+    assert (
+        f"{flag}: {step!r} is not a Kauldron workdir (it has no checkpoints/ folder), so it "
+        "has no steps to choose from" in result.stderr
+    )
+
+
+def test_inspect_filter_that_matches_nothing_suggests_and_exits_1(demo_run):
+    result = run("inspect", demo_run, "--filter", "params.encodr.**")
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        "treegraft inspect: --filter 'params.encodr.**' matches no leaf of the checkpoint "
+    )
+    assert "(did you mean 'params.encoder'" in result.stderr
+    assert result.stdout == ""
+
+
+def test_a_tilde_in_paths_is_expanded(demo_run):
+    home = os.path.dirname(demo_run)
+    name = os.path.basename(demo_run)
+    env = dict(os.environ, NO_COLOR="1", HOME=home)
+    cmd = [EXE] if EXE else [sys.executable, "-m", "treegraft._cli"]
+    result = subprocess.run(
+        [*cmd, "plan", f"~/{name}", "--target", f"~/{name}/checkpoints/ckpt_1000",
+         "--map", "params.embed=params.embed"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"from the checkpoint {demo_run}/checkpoints/ckpt_2000" in result.stdout
+    assert not os.path.exists("~")

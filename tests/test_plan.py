@@ -635,13 +635,16 @@ def test_every_shape_and_dtype_mismatch_is_listed_with_both_sides():
 def test_cast_allows_dtype_but_not_shape_differences():
     state = {"a": np.zeros(2, np.int32), "b": f32(2)}
     source = {"a": np.zeros(2, np.float64), "b": f32(2)}
-    p = tg.plan(state, source, {"": ""}, cast=True)
+    # float64 -> int32 can change values: cast=True refuses it, "unsafe" allows it.
+    with pytest.raises(tg.MismatchError, match=r"float64 -> int32 can change values"):
+        tg.plan(state, source, {"": ""}, cast=True)
+    p = tg.plan(state, source, {"": ""}, cast="unsafe")
     assert len(p.entries) == 2
     with pytest.raises(
         tg.MismatchError,
         match=r"'b' in the state is float32\[2\], 'b' in the source is float32\[3\]",
     ):
-        tg.plan(state, {"a": np.zeros(2, np.float64), "b": f32(3)}, {"": ""}, cast=True)
+        tg.plan(state, {"a": np.zeros(2, np.float64), "b": f32(3)}, {"": ""}, cast="unsafe")
 
 
 @pytest.mark.parametrize(

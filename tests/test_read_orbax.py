@@ -421,7 +421,7 @@ def test_dtype_mismatch_is_an_error(ckpts, monkeypatch):
         tg.graft(state, tg.OrbaxCheckpoint(ckpts["mixed"]), {"k": "params.encoder.kernel"})
     msg = str(info.value)
     assert "dtype differs (casting is never implicit)" in msg
-    assert "to fix:\n  - to cast values to the state's dtypes, pass cast=True" in msg
+    assert "to fix:\n  - float32 -> bfloat16: casting is never implicit; pass cast=True" in msg
     assert (
         "'k' in the state is bfloat16[4, 8], 'params.encoder.kernel' in the source is float32[4, 8]"
         in msg

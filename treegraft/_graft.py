@@ -15,7 +15,8 @@ from treegraft._errors import GraftError
 from treegraft._index import is_abstract
 from treegraft._paths import Path, render_parts
 from treegraft import _source
-from treegraft._plan import GraftPlan, Pair, format_bytes, gathered_spec, plan
+from treegraft._leaves import format_bytes
+from treegraft._plan import GraftPlan, Pair, gathered_spec, plan
 from treegraft._sharding import place
 from treegraft._source import ReadRequest, Source
 
@@ -184,7 +185,15 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
         _check_concrete(p, [si for si in value_of if is_abstract(value_of[si])])
     values = [value_of[pair.source] for pair in plain]
     likes = [tgt.leaves[pair.target] for pair in plain]
-    placed = place(values, likes, cast=bool(p.cast))
+    # Values read from a checkpoint are fresh: each is used as is once (other
+    # uses are copied); in-memory values belong to the caller and are copied.
+    placed = place(
+        values,
+        likes,
+        cast=p.cast,
+        owned=p.lazy is not None,
+        name_of=lambda k: render_parts(tgt.paths[plain[k].target]),
+    )
     out = list(tgt.leaves)
     for pair, value in zip(plain, placed, strict=True):
         out[pair.target] = value
@@ -300,8 +309,12 @@ def _place_blocks(fetch: Callable[[tuple[slice, ...]], np.ndarray], like: Any, d
     whole = tuple(slice(0, d) for d in shape)
 
     def block(box: tuple[slice, ...]) -> np.ndarray:
+        # Always a fresh, contiguous buffer: a fetch may return a view of a
+        # cached source leaf, and jax may adopt host memory without a copy.
         value = np.asarray(fetch(box))
-        return value if isinstance(dtype, type) else value.astype(dtype, copy=False)
+        if isinstance(dtype, type):
+            return np.array(value, copy=True)
+        return np.array(value, dtype=dtype, copy=True, order="C")
 
     if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
         sharding = like.sharding
@@ -314,8 +327,9 @@ def _place_blocks(fetch: Callable[[tuple[slice, ...]], np.ndarray], like: Any, d
                 slice(*s.indices(d)[:2]) for s, d in zip(index, shape, strict=True)
             )
             key = tuple((b.start, b.stop) for b in box)
-            if key not in done:  # replicated shards share one read
-                done[key] = block(box)
+            if key in done:  # replicated shards share one read, not one buffer
+                return done[key].copy()
+            done[key] = block(box)
             return done[key]
 
         return jax.make_array_from_callback(shape, sharding, shard, dtype=like.dtype)

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from treegraft._errors import PathNotFoundError
+from treegraft._leaves import check_not_traced
 from treegraft._paths import Part, Path, render_parts
 from treegraft._tree import children, flatten_parts, resolve
 
@@ -40,6 +41,7 @@ class TreeIndex:
         self.root = root
         self.what = what
         self.paths, self.leaves, self.treedef = flatten_parts(root)
+        check_not_traced(self.leaves, self.paths, what)
         self._index: dict[Parts, int] | None = None
         self._all_str = False  # every part a str: an equal path has the same types
         self._loose: dict[Parts, int] | None = None
@@ -109,10 +111,11 @@ class TreeIndex:
     def why_missing(self, parts: Parts) -> str:
         """A message saying where a path stops existing, with close names."""
         try:
-            resolve(self.root, Path(parts), what=self.what)
+            _, node = resolve(self.root, Path(parts), what=self.what)
         except PathNotFoundError as e:
             return str(e)
-        return f"{render_parts(parts)!r} exists in {self.what}"
+        where = repr(render_parts(parts)) if parts else "the root"
+        return f"{where} is {_what_node(node)} in {self.what}"
 
     def node_paths(self) -> list[Parts]:
         """Every node's path, empty nodes and None included (a full walk)."""
@@ -125,7 +128,6 @@ class TreeIndex:
             if kids:
                 stack.extend((parts + (k,), c) for k, c in reversed(kids))
         return out
-
 
     def under_at(self, n: int, head: Parts) -> list[int]:
         """Indices of the leaves whose parts after the first n start with head (loosely)."""
@@ -145,6 +147,19 @@ def _all_str(parts: Parts) -> bool:
         if type(p) is not str:
             return False
     return True
+
+def _what_node(node: Any) -> str:
+    """Says what a node that holds no leaf is: 'None', 'an empty dict', ..."""
+    if node is None:
+        return "None"
+    kids = children(node)
+    name = type(node).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    if kids is None:
+        return f"a leaf ({name})"
+    if not kids:
+        return f"an empty {name}"
+    return f"{article} {name} with no leaves"
 
 
 def _same_types(a: Parts, b: Parts) -> bool:

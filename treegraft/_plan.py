@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from treegraft import _leaves
+from treegraft._leaves import format_bytes
 from treegraft._errors import GraftError, MappingError, MismatchError, PathNotFoundError
 from treegraft._gc import young_collections_only
 from treegraft._index import TreeIndex, is_abstract, loose
@@ -374,16 +375,6 @@ def output_spec(
             return None, f"{step.kind} needs an array, the source leaf is {_leaves.describe(out)}"
         out, why = step.spec(out)
     return out, why
-
-
-def format_bytes(n: int) -> str:
-    """Renders a byte count as B, KiB, MiB or GiB."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
@@ -883,9 +874,8 @@ class _Planner:
                 return True
         except (AttributeError, TypeError):
             pass
+        # Every dtype difference goes through the casting policy (DESIGN section 10).
         tspec, sspec = _leaves.spec_of(tleaf), _leaves.spec_of(sleaf)
-        if self.cast is True and _drops_imaginary(tspec[1], sspec[1]):
-            return False
         return _leaves.mismatch(tspec, sspec, cast=self.cast) is None
 
     def _ignored_model(self, parts: Parts, n: int) -> bool:
@@ -1017,21 +1007,20 @@ class _Planner:
     def _mismatch(self, i: int, si: int, r: int) -> None:
         tspec = _leaves.spec_of(self.tgt.leaves[i])
         sspec = _leaves.spec_of(self.src.leaves[si])
-        why = _leaves.mismatch(tspec, sspec, cast=self.cast) or "type"
-        note = ""
-        if why == "type" and self.cast is True and _drops_imaginary(tspec[1], sspec[1]):
-            why, note = "dtype", " (cast=True never drops an imaginary part)"
-        kind = why if why in ("shape", "dtype") else "structure"
+        why = _leaves.mismatch(tspec, sspec, cast=self.cast)
+        kind = str(why) if why in ("shape", "dtype") else "structure"
+        # The cast option that would allow it, once per pair of dtypes, under "to fix".
+        remedy = why.detail if why is not None and kind == "dtype" else ""
         tp, sp = self.tgt.paths[i], self.src.paths[si]
         self.problems.append(
             Problem(
                 kind,
                 f"{render_parts(tp)!r} in the state is {_leaves.describe(tspec)}, "
-                f"{render_parts(sp)!r} in the source is {_leaves.describe(sspec)}{note}",
+                f"{render_parts(sp)!r} in the source is {_leaves.describe(sspec)}",
                 target=Path(tp),
                 source=Path(sp),
                 rule=str(self.rules[r]),
-                remedy=_cast_remedy(tspec[1], sspec[1]) if kind == "dtype" and not note else "",
+                remedy=remedy,
             )
         )
 
@@ -1258,20 +1247,6 @@ def _keep_remedy(target: Parts) -> str:
     )
 
 
-def _cast_remedy(target_dtype: Any, source_dtype: Any) -> str:
-    """The cast option that allows a dtype change, by what the cast can do to values."""
-    try:
-        safe = np.can_cast(np.dtype(source_dtype), np.dtype(target_dtype), "same_kind")
-    except TypeError:  # a typed PRNG key, a Python type: no cast makes them agree
-        return ""
-    if safe:
-        return "to cast values to the state's dtypes, pass cast=True"
-    return (
-        "these casts can change values (out of range, fractions dropped): pass cast='unsafe', "
-        "or cast one rule's leaves with tg.cast(old_path, dtype)"
-    )
-
-
 def _count(n: int, one: str, many: str | None = None) -> str:
     """'1 problem', '2 problems': a count with its noun in the right number."""
     return f"{n} {one}" if n == 1 else f"{n} {many or one + 's'}"
@@ -1320,22 +1295,6 @@ def _source_prefixes(
         if m is not None and parts[: m[0]] not in skip:
             found.setdefault(parts[: m[0]], m[1])
     return found
-
-
-def _drops_imaginary(target_dtype: Any, source_dtype: Any) -> bool:
-    """Whether casting source to target would drop an imaginary part (complex to real).
-
-    numpy and jax do it with a ComplexWarning, Python's int() and float() refuse
-    it: `cast=True` allows precision changes, not losing half of every value.
-    """
-    return _is_complex(source_dtype) and not _is_complex(target_dtype)
-
-
-def _is_complex(dtype: Any) -> bool:
-    try:
-        return np.dtype(dtype).kind == "c"
-    except TypeError:  # not a dtype: an opaque leaf's type
-        return False
 
 
 def _ignored(patterns: list[Pattern], used: list[bool], parts: Parts, n: int) -> bool:
