@@ -320,19 +320,20 @@ def _place_blocks(fetch: Callable[[tuple[slice, ...]], np.ndarray], like: Any, d
         sharding = like.sharding
         if sharding is None:
             return jax.device_put(block(whole))
+        # Each device gets its own block, put on it alone: make_array_from_callback
+        # may hand one host block to several devices of a replicated sharding,
+        # and the CPU client can adopt its memory for all of them.
         done: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
-
-        def shard(index: tuple[slice, ...]) -> np.ndarray:
-            box = tuple(
-                slice(*s.indices(d)[:2]) for s, d in zip(index, shape, strict=True)
-            )
+        arrays = []
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            box = tuple(slice(*s.indices(d)[:2]) for s, d in zip(index, shape, strict=True))
             key = tuple((b.start, b.stop) for b in box)
             if key in done:  # replicated shards share one read, not one buffer
-                return done[key].copy()
-            done[key] = block(box)
-            return done[key]
-
-        return jax.make_array_from_callback(shape, sharding, shard, dtype=like.dtype)
+                data = done[key].copy()
+            else:
+                data = done[key] = block(box)
+            arrays.append(jax.device_put(data, device, may_alias=False))
+        return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
     value = block(whole)
     if isinstance(like, np.ndarray):
         return np.array(value, dtype=like.dtype)
