@@ -299,3 +299,36 @@ def test_a_tilde_in_paths_is_expanded(demo_run):
     assert result.returncode == 0, result.stderr
     assert f"from the checkpoint {demo_run}/checkpoints/ckpt_2000" in result.stdout
     assert not os.path.exists("~")
+
+
+def _hf_weights(folder) -> str:
+    """A Hugging Face style folder: one .safetensors shard and its index."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    os.makedirs(folder, exist_ok=True)
+    tensors = {
+        "model.layers.0.mlp.up_proj.weight": np.ones((4, 3), np.float32),
+        "model.layers.1.mlp.up_proj.weight": np.ones((4, 3), np.float32),
+        "model.norm.weight": np.ones(3, np.float32),
+    }
+    safetensors_numpy.save_file(tensors, os.path.join(folder, "model-00001-of-00001.safetensors"))
+    index = {"weight_map": {name: "model-00001-of-00001.safetensors" for name in tensors}}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    return str(folder)
+
+
+def test_inspect_and_plan_take_safetensors_weights(tmp_path) -> None:
+    folder = _hf_weights(tmp_path / "llama")
+    before = snapshot(str(tmp_path))
+    result = run("inspect", folder, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {row["path"]: row for row in json.loads(result.stdout)["leaves"]}
+    assert rows["model.layers[1].mlp.up_proj.weight"]["shape"] == [4, 3]
+    shard = os.path.join(folder, "model-00001-of-00001.safetensors")
+    result = run("plan", shard, "--target", folder, "--map", "model.layers[0]=model.layers[1]")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the graft would succeed" in result.stdout
+    result = run("plan", folder, "--target", folder, "--map", "model.layrs=model.layers")
+    assert result.returncode == 1
+    assert "'model' has no key 'layrs' (did you mean 'layers'?)" in result.stdout
+    assert snapshot(str(tmp_path)) == before  # nothing written beside the weights

@@ -22,6 +22,7 @@ from treegraft._leaves import format_bytes
 from treegraft._plan import plan
 from treegraft._read.kauldron import KauldronCheckpoint, list_steps
 from treegraft._read.orbax import OrbaxCheckpoint
+from treegraft._read.safetensors import SafetensorsCheckpoint
 from treegraft._rules import parse_ignore, parse_mapping
 from treegraft._source import Source
 from treegraft._tree import flatten_parts
@@ -32,7 +33,7 @@ _DEFAULT_MAP = ("params=params", "collections=collections")
 
 
 def open_checkpoint(path: str, step: int | None, *, flag: str = "--step") -> Source:
-    """A Kauldron workdir (it has `checkpoints/`) or any orbax checkpoint folder.
+    """A Kauldron workdir (it has `checkpoints/`), an orbax checkpoint folder, or safetensors.
 
     Args:
       path: the folder; `~` is expanded.
@@ -52,7 +53,24 @@ def open_checkpoint(path: str, step: int | None, *, flag: str = "--step") -> Sou
             f"folder), so it has no steps to choose from; pass the workdir with {flag}, "
             f"or this folder without {flag}"
         )
+    if _is_safetensors(path):
+        return SafetensorsCheckpoint(path)
     return OrbaxCheckpoint(path)
+
+
+def _is_safetensors(path: str) -> bool:
+    """A `.safetensors` file, or a folder of Hugging Face weights (an index or shards)."""
+    if path.endswith(".safetensors"):
+        return True
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "_METADATA")):
+        return False
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return "model.safetensors.index.json" in names or any(
+        n.endswith(".safetensors") for n in names
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--plain", action="store_true", help="no colour or bold")
 
     inspect = sub.add_parser("inspect", help="show a checkpoint's tree (metadata only)")
-    inspect.add_argument("path", help="a Kauldron workdir, a step folder, or an orbax item folder")
+    inspect.add_argument(
+        "path",
+        help="a Kauldron workdir, a step folder, an orbax item folder, or safetensors weights",
+    )
     inspect.add_argument(
         "--step", type=int, default=None, help="step of a workdir (default or -1: the latest)"
     )
@@ -80,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--plain", action="store_true", help="no colour or bold")
 
     dry = sub.add_parser("plan", help="dry-run a graft between two checkpoints")
-    dry.add_argument("source", help="the checkpoint to read from (workdir, step or item folder)")
+    dry.add_argument(
+        "source", help="the checkpoint to read from (workdir, step or item folder, safetensors)"
+    )
     dry.add_argument("--target", required=True, help="a checkpoint with the new state's structure")
     dry.add_argument(
         "--map",
