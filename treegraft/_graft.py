@@ -231,6 +231,19 @@ class _Blocks:
         self._whole: dict[int, np.ndarray] = {}
 
     def fetch(self, si: int, box: tuple[slice, ...]) -> np.ndarray:
+        return self.fetch_many([(si, box)])[0]
+
+    def fetch_many(self, wanted: Sequence[tuple[int, tuple[slice, ...]]]) -> list[np.ndarray]:
+        """Boxes of several source leaves, read in one batch where the source can."""
+        p = self.p
+        box_request = getattr(_source, "BoxRequest", None)
+        read_boxes = getattr(p.lazy, "read_boxes", None)
+        if p.lazy is not None and box_request is not None and read_boxes is not None:
+            requests = [box_request(Path(p.source.paths[si]), box) for si, box in wanted]
+            return [np.asarray(x) for x in read_boxes(requests)]
+        return [self._fetch_one(si, box) for si, box in wanted]
+
+    def _fetch_one(self, si: int, box: tuple[slice, ...]) -> np.ndarray:
         p = self.p
         leaf = p.source.leaves[si]
         if p.lazy is None:
@@ -247,10 +260,6 @@ class _Blocks:
                     )
                 whole = self._whole[si] = np.asarray(leaf)
             return np.array(whole[box] if box else whole)
-        box_request = getattr(_source, "BoxRequest", None)
-        read_boxes = getattr(p.lazy, "read_boxes", None)
-        if box_request is not None and read_boxes is not None:
-            return np.asarray(read_boxes([box_request(Path(p.source.paths[si]), box)])[0])
         whole = self._whole.get(si)
         if whole is None:
             shape, dtype = _leaves.spec_of(leaf)
@@ -278,7 +287,8 @@ def _build(p: GraftPlan, pair: Pair, blocks: _Blocks) -> Any:
         def fetch(box: tuple[slice, ...]) -> np.ndarray:
             inner = box[:axis] + box[axis + 1 :]
             layers = range(box[axis].start, box[axis].stop)
-            return np.stack([blocks.fetch(sources[k], inner) for k in layers], axis=axis)
+            parts = blocks.fetch_many([(sources[k], inner) for k in layers])
+            return np.stack(parts, axis=axis)
 
     elif rule.gather == "unstack":
         axis = _axis(rule.axis, len(shape))
