@@ -510,8 +510,8 @@ def test_step_removed_by_its_run(workdir, monkeypatch, stage, message):
     if stage == "opening":
         listed = kauldron._step_folders
 
-        def step_folders(wd):
-            out = listed(wd)  # the step is complete when listed...
+        def step_folders(wd, *args):
+            out = listed(wd, *args)  # the step is complete when listed...
             _remove_step(workdir)  # ...and deleted right after
             return out
 

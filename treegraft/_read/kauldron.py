@@ -10,11 +10,13 @@ from typing import Any
 
 from treegraft._errors import CheckpointError, CheckpointNotFoundError
 from treegraft._read.orbax import OrbaxCheckpoint
+from treegraft._read.storage import _kind, _listdir
 from treegraft._source import ReadRequest, Source
 
 __all__ = ["KauldronCheckpoint", "list_steps"]
 
-_STEP = re.compile(r"ckpt_(\d+)")
+# ASCII digits only: `\d` would also take `ckpt_١٠` (Arabic-Indic digits) as step 10.
+_STEP = re.compile(r"ckpt_([0-9]+)")
 # Orbax writes one of these into a step folder when the step is complete.
 _COMMIT_MARKERS = ("commit_success.txt", "_CHECKPOINT_METADATA")
 # After a failed read, how long to watch for the step's deletion by its run.
@@ -29,35 +31,62 @@ def list_steps(workdir: str | os.PathLike[str]) -> list[int]:
 
     Raises:
       CheckpointNotFoundError: the workdir or its `checkpoints/` folder is missing.
-      CheckpointError: the workdir is a file.
+      CheckpointError: the workdir is a file, or a folder in it cannot be read.
     """
-    return sorted(_step_folders(workdir))
+    return sorted(_step_folders(workdir, None))
 
 
-def _step_folders(workdir: str | os.PathLike[str]) -> dict[int, str]:
-    """{step: folder name} of the complete steps (`ckpt_7`, or a padded `ckpt_00007`)."""
+def _step_folders(workdir: str | os.PathLike[str], wanted: int | None = -1) -> dict[int, str]:
+    """{step: folder name} of the complete steps (`ckpt_7`, or a padded `ckpt_00007`).
+
+    A step folder that cannot be read is an error when it matters for wanted:
+    the step itself, any step above the latest complete one for -1 (it might
+    be the latest), any at all for None.
+    """
     wd = os.fspath(workdir)
-    if not os.path.exists(wd):
+    kind = _kind(wd, "workdir")
+    if kind is None:
         raise CheckpointNotFoundError(f"workdir {wd!r} does not exist")
-    if not os.path.isdir(wd):
+    if kind != "dir":
         raise CheckpointError(f"workdir {wd!r} is a file, not a Kauldron workdir")
     ckpts = os.path.join(wd, "checkpoints")
-    if not os.path.isdir(ckpts):
+    if _kind(ckpts, "the checkpoints folder") != "dir":
         raise CheckpointNotFoundError(
             f"workdir {wd!r} has no checkpoints/ folder: it is not a Kauldron workdir, or "
             "its run saved no checkpoint yet"
         )
     steps: dict[int, str] = {}
-    for name in sorted(os.listdir(ckpts)):
+    unreadable: dict[int, tuple[str, CheckpointError]] = {}
+    for name in _listdir(ckpts, "the checkpoints folder"):
         m = _STEP.fullmatch(name)
-        folder = os.path.join(ckpts, name)
-        if m is None or not os.path.isdir(folder):
+        if m is None:
             continue
-        if any(os.path.exists(os.path.join(folder, marker)) for marker in _COMMIT_MARKERS):
-            step = int(m.group(1))
+        folder = os.path.join(ckpts, name)
+        step = int(m.group(1))
+        try:
+            if _kind(folder, "step folder") != "dir":
+                continue
+            committed = any(
+                _kind(os.path.join(folder, marker), "step folder") is not None
+                for marker in _COMMIT_MARKERS
+            )
+        except CheckpointError as e:
+            unreadable[step] = (folder, e)
+            continue
+        if committed:
             # Kauldron's own name (no padding) wins over a padded duplicate.
             if step not in steps or name == f"ckpt_{step}":
                 steps[step] = name
+    latest = max(steps, default=-1)
+    for step, (folder, error) in sorted(unreadable.items()):
+        if wanted is None or step == wanted or (wanted == -1 and step > latest):
+            cause = error.__cause__
+            reason = getattr(cause, "strerror", None) or type(cause).__name__
+            raise CheckpointError(
+                f"step folder {folder!r} exists but cannot be read ({reason}), so whether "
+                "it is complete is unknown; treegraft does not fall back to an older step: "
+                "fix the folder's permissions, or pass an explicit step"
+            ) from error
     return steps
 
 
@@ -119,7 +148,7 @@ class KauldronCheckpoint(Source):
 
     def _open(self) -> OrbaxCheckpoint:
         if self._inner is None:
-            folders = _step_folders(self.workdir)
+            folders = _step_folders(self.workdir, self.step)
             steps = sorted(folders)
             if not steps:
                 raise CheckpointNotFoundError(
@@ -137,9 +166,9 @@ class KauldronCheckpoint(Source):
                 )
             step_dir = os.path.join(self.workdir, "checkpoints", folders[step])
             item = os.path.join(step_dir, "default")
-            if not os.path.isdir(item):
+            if _kind(item, "the train state item") != "dir":
                 try:
-                    items = sorted(os.listdir(step_dir))
+                    items = _listdir(step_dir, "step folder")
                 except FileNotFoundError:  # deleted by its run since it was listed
                     raise CheckpointNotFoundError(
                         f"step {step} of {self.workdir!r} was removed while it was being "

@@ -36,6 +36,10 @@ class _Unsupported(Exception):
     """`_METADATA` holds something this reader does not know: use orbax's."""
 
 
+class _Corrupt(Exception):
+    """`_METADATA` holds what orbax never writes: the checkpoint is damaged."""
+
+
 # Single reads of a store before the rest of its leaves are read in one batch.
 _SINGLE_LOADS = 16
 
@@ -280,8 +284,19 @@ def lazy_metadata(
             if not isinstance(entries, dict) or not entries:
                 return None
             return _build(store, entries.values())
+    except _Corrupt as e:
+        raise _corrupt(directory, str(e)) from None
+    except RecursionError:
+        raise _corrupt(directory, "its JSON is nested too deeply to be orbax's") from None
     except (_Unsupported, OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _corrupt(directory: str, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"cannot read the metadata of {directory} (is _METADATA corrupt?): {reason}; "
+        "restore the checkpoint from a good copy, or read another step"
+    )
 
 
 _EMPTY_NODES: dict[str, Callable[[], Any]] = {
@@ -295,7 +310,11 @@ def _key(node: dict[Any, Any], k: dict[str, Any], kinds: dict[int, int]) -> Any:
     if kind not in (_SEQUENCE, _DICT) or kinds[id(node)] not in (0, kind):
         raise _Unsupported("key type")
     kinds[id(node)] = kind
-    return int(k["key"]) if kind == _SEQUENCE else k["key"]
+    key = k["key"]
+    if kind == _DICT and not isinstance(key, str):
+        # orbax writes every dict key as a string; jax cannot sort mixed keys.
+        raise _Corrupt(f"the dict key {key!r} is not a string")
+    return int(key) if kind == _SEQUENCE else key
 
 
 def _build(store: _Store, entries: Any) -> Any:

@@ -20,6 +20,7 @@ from treegraft import _leaves
 from treegraft._errors import CheckpointError, CheckpointNotFoundError, first_line
 from treegraft._paths import Part, render_parts
 from treegraft._read.metadata import lazy_metadata, prefetch
+from treegraft._read.storage import _kind, _listdir
 from treegraft._source import ReadRequest, Source
 
 __all__ = ["OrbaxCheckpoint", "ScalarSpec"]
@@ -50,18 +51,19 @@ def item_directory(path: str | os.PathLike[str]) -> str:
       CheckpointError: path is not an orbax PyTree checkpoint.
     """
     p = os.fspath(path)
-    if not os.path.exists(p):
+    kind = _kind(p, "checkpoint")
+    if kind is None:
         raise CheckpointNotFoundError(f"checkpoint {p!r} does not exist")
-    if not os.path.isdir(p):
+    if kind != "dir":
         raise CheckpointError(f"checkpoint {p!r} is a file, not an orbax checkpoint directory")
     if _TMP_MARK in os.path.basename(p.rstrip("/")):
         raise CheckpointError(f"checkpoint {p!r} is still being written (orbax temporary folder)")
-    if os.path.isfile(os.path.join(p, "_METADATA")):
+    if _kind(os.path.join(p, "_METADATA"), "checkpoint") == "file":
         return p
     item = os.path.join(p, _ITEM)
-    if os.path.isfile(os.path.join(item, "_METADATA")):
+    if _kind(os.path.join(item, "_METADATA"), "the item folder") == "file":
         return item
-    entries = sorted(os.listdir(p))
+    entries = _listdir(p, "checkpoint")
     shown = ", ".join(entries[:10]) + (", ..." if len(entries) > 10 else "")
     raise CheckpointError(
         f"{p!r} is not an orbax PyTree checkpoint: neither {p}/_METADATA nor "
@@ -250,6 +252,11 @@ def _read_metadata(
     handler = ocp.PyTreeCheckpointHandler()
     try:
         tree = handler.metadata(epath.Path(directory)).tree
+    except RecursionError as e:
+        raise CheckpointError(
+            f"cannot read the metadata of {directory} (is _METADATA corrupt?): its JSON is "
+            "nested too deeply to be orbax's"
+        ) from e
     except Exception as e:  # a corrupt _METADATA raises JSONDecodeError, KeyError, ...
         raise CheckpointError(
             f"cannot read the metadata of {directory} (is _METADATA corrupt?): "
@@ -261,7 +268,13 @@ def _read_metadata(
         raise CheckpointError(
             f"the metadata of {directory} is a {type(tree).__name__}, not a tree of arrays"
         )
-    return jax.tree_util.tree_map(_spec_leaf, tree)
+    try:
+        return jax.tree_util.tree_map(_spec_leaf, tree)
+    except (ValueError, TypeError, RecursionError) as e:  # jax cannot sort mixed dict keys
+        raise CheckpointError(
+            f"cannot read the metadata of {directory} (is _METADATA corrupt?): "
+            f"{type(e).__name__}: {first_line(e)[1]}"
+        ) from e
 
 
 def _spec_leaf(leaf: Any) -> Any:
