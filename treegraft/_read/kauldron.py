@@ -10,7 +10,7 @@ from typing import Any
 
 from treegraft._errors import CheckpointError, CheckpointNotFoundError
 from treegraft._read.orbax import OrbaxCheckpoint
-from treegraft._read.storage import _kind, _listdir
+from treegraft._read.storage import Location
 from treegraft._source import ReadRequest, Source
 
 __all__ = ["KauldronCheckpoint", "list_steps"]
@@ -36,56 +36,60 @@ def list_steps(workdir: str | os.PathLike[str]) -> list[int]:
     return sorted(_step_folders(workdir, None))
 
 
-def _step_folders(workdir: str | os.PathLike[str], wanted: int | None = -1) -> dict[int, str]:
+def _step_folders(workdir: str | os.PathLike[str] | Location, wanted: int | None = -1
+                  ) -> dict[int, str]:
     """{step: folder name} of the complete steps (`ckpt_7`, or a padded `ckpt_00007`).
 
     A step folder that cannot be read is an error when it matters for wanted:
     the step itself, any step above the latest complete one for -1 (it might
     be the latest), any at all for None.
     """
-    wd = os.fspath(workdir)
-    kind = _kind(wd, "workdir")
+    wd = Location.parse(workdir, what="workdir")
+    kind = wd.kind("workdir")
     if kind is None:
-        raise CheckpointNotFoundError(f"workdir {wd!r} does not exist")
+        raise CheckpointNotFoundError(f"workdir {str(wd)!r} does not exist")
     if kind != "dir":
-        raise CheckpointError(f"workdir {wd!r} is a file, not a Kauldron workdir")
-    ckpts = os.path.join(wd, "checkpoints")
-    if _kind(ckpts, "the checkpoints folder") != "dir":
+        raise CheckpointError(f"workdir {str(wd)!r} is a file, not a Kauldron workdir")
+    ckpts = wd.join("checkpoints")
+    if ckpts.kind("the checkpoints folder") != "dir":
         raise CheckpointNotFoundError(
-            f"workdir {wd!r} has no checkpoints/ folder: it is not a Kauldron workdir, or "
+            f"workdir {str(wd)!r} has no checkpoints/ folder: it is not a Kauldron workdir, or "
             "its run saved no checkpoint yet"
         )
+    # Remote: one listing of every key below checkpoints/ shows the markers too.
+    keys = None if ckpts.is_local else set(ckpts.keys())
     steps: dict[int, str] = {}
     unreadable: dict[int, tuple[str, CheckpointError]] = {}
-    for name in _listdir(ckpts, "the checkpoints folder"):
+    for name, entry in ckpts.children("the checkpoints folder").items():
         m = _STEP.fullmatch(name)
-        if m is None:
+        if m is None or entry != "dir":
             continue
-        folder = os.path.join(ckpts, name)
+        folder = ckpts.join(name)
         step = int(m.group(1))
         try:
-            if _kind(folder, "step folder") != "dir":
-                continue
-            committed = any(
-                _kind(os.path.join(folder, marker), "step folder") is not None
-                for marker in _COMMIT_MARKERS
-            )
+            if keys is not None:
+                committed = any(f"{name}/{marker}" in keys for marker in _COMMIT_MARKERS)
+            else:
+                committed = any(
+                    folder.join(marker).kind("step folder") is not None
+                    for marker in _COMMIT_MARKERS
+                )
         except CheckpointError as e:
-            unreadable[step] = (folder, e)
+            unreadable[step] = (str(folder), e)
             continue
         if committed:
             # Kauldron's own name (no padding) wins over a padded duplicate.
             if step not in steps or name == f"ckpt_{step}":
                 steps[step] = name
     latest = max(steps, default=-1)
-    for step, (folder, error) in sorted(unreadable.items()):
+    for step, (folder_name, error) in sorted(unreadable.items()):
         if wanted is None or step == wanted or (wanted == -1 and step > latest):
             cause = error.__cause__
             reason = getattr(cause, "strerror", None) or type(cause).__name__
             raise CheckpointError(
-                f"step folder {folder!r} exists but cannot be read ({reason}), so whether "
-                "it is complete is unknown; treegraft does not fall back to an older step: "
-                "fix the folder's permissions, or pass an explicit step"
+                f"step folder {folder_name!r} exists but cannot be read ({reason}), so "
+                "whether it is complete is unknown; treegraft does not fall back to an older "
+                "step: fix the folder's permissions, or pass an explicit step"
             ) from error
     return steps
 
@@ -94,8 +98,11 @@ class KauldronCheckpoint(Source):
     """A lazy source over the checkpoint of a Kauldron run.
 
     Args:
-      workdir: the run's work directory (holding `checkpoints/ckpt_<step>/`).
+      workdir: the run's work directory (holding `checkpoints/ckpt_<step>/`): a
+        local path, or a `file://`, `gs://` or `s3://` URL.
       step: the step to read; -1 (the default) means the latest complete one.
+      timeout: seconds each remote storage operation may take (default 30, or
+        `TREEGRAFT_STORAGE_TIMEOUT`).
 
     The step is chosen on first use and kept, so that metadata and reads come
     from the same step even while the run writes new ones. If the run deletes
@@ -110,15 +117,18 @@ class KauldronCheckpoint(Source):
       '/runs/pretrain/checkpoints/ckpt_5000'
     """
 
-    def __init__(self, workdir: str | os.PathLike[str], step: int = -1):
+    def __init__(
+        self, workdir: str | os.PathLike[str], step: int = -1, *, timeout: float | None = None
+    ):
         if isinstance(step, bool) or not isinstance(step, int) or step < -1:
             raise CheckpointError(f"step must be an int >= 0, or -1 for the latest; got {step!r}")
-        if not isinstance(workdir, str | os.PathLike):
+        if not isinstance(workdir, str | os.PathLike | Location):
             raise CheckpointError(
                 f"workdir must be a path (str or os.PathLike), got {type(workdir).__name__}: "
                 f"{workdir!r}"
             )
-        self.workdir = os.path.abspath(os.fspath(workdir))
+        self.location = Location.parse(workdir, timeout=timeout, what="workdir")
+        self.workdir = str(self.location)
         self.step = step
         self._inner: OrbaxCheckpoint | None = None
         self._resolved: int | None = None
@@ -139,7 +149,7 @@ class KauldronCheckpoint(Source):
         """The step folder read, `<workdir>/checkpoints/ckpt_<step>`."""
         self._open()
         assert self._folder is not None
-        return os.path.join(self.workdir, "checkpoints", self._folder)
+        return str(self.location.join("checkpoints", self._folder))
 
     def describe(self) -> str:
         if self._resolved is None:
@@ -148,7 +158,7 @@ class KauldronCheckpoint(Source):
 
     def _open(self) -> OrbaxCheckpoint:
         if self._inner is None:
-            folders = _step_folders(self.workdir, self.step)
+            folders = _step_folders(self.location, self.step)
             steps = sorted(folders)
             if not steps:
                 raise CheckpointNotFoundError(
@@ -164,11 +174,13 @@ class KauldronCheckpoint(Source):
                     f"workdir {self.workdir!r} has no complete step {self.step}; "
                     f"available steps: {_list(steps)}"
                 )
-            step_dir = os.path.join(self.workdir, "checkpoints", folders[step])
-            item = os.path.join(step_dir, "default")
-            if _kind(item, "the train state item") != "dir":
+            step_dir = self.location.join("checkpoints", folders[step])
+            item = step_dir.join("default")
+            if item.kind("the train state item") != "dir":
                 try:
-                    items = _listdir(step_dir, "step folder")
+                    items = step_dir.listdir("step folder")
+                    if not items:  # an object store has no empty folders
+                        raise FileNotFoundError(str(step_dir))
                 except FileNotFoundError:  # deleted by its run since it was listed
                     raise CheckpointNotFoundError(
                         f"step {step} of {self.workdir!r} was removed while it was being "
@@ -226,10 +238,14 @@ class KauldronCheckpoint(Source):
 
     def _intact(self) -> bool:
         """Whether the chosen step still has its folder and a commit marker."""
-        step_dir = self.step_dir
-        return os.path.isdir(step_dir) and any(
-            os.path.exists(os.path.join(step_dir, m)) for m in _COMMIT_MARKERS
-        )
+        assert self._folder is not None
+        step_dir = self.location.join("checkpoints", self._folder)
+        try:
+            return step_dir.kind("step folder") == "dir" and any(
+                step_dir.join(m).kind("step folder") is not None for m in _COMMIT_MARKERS
+            )
+        except CheckpointError:  # cannot tell: report the read's own error
+            return True
 
     def close(self) -> None:
         """Forgets the chosen step and cached metadata (nothing else is held)."""

@@ -20,7 +20,7 @@ from treegraft import _leaves
 from treegraft._errors import CheckpointError, CheckpointNotFoundError, first_line
 from treegraft._paths import Part, render_parts
 from treegraft._read.metadata import lazy_metadata, prefetch
-from treegraft._read.storage import _kind, _listdir
+from treegraft._read.storage import Location
 from treegraft._source import ReadRequest, Source
 
 __all__ = ["OrbaxCheckpoint", "ScalarSpec"]
@@ -43,27 +43,36 @@ class ScalarSpec:
         return f"ScalarSpec({self.dtype.__name__})"
 
 
-def item_directory(path: str | os.PathLike[str]) -> str:
+def item_directory(path: str | os.PathLike[str] | Location) -> Location:
     """The orbax item directory at path: path itself, or its `default` item.
 
     Raises:
       CheckpointNotFoundError: path does not exist.
-      CheckpointError: path is not an orbax PyTree checkpoint.
+      CheckpointError: path is not an orbax PyTree checkpoint, or cannot be read.
     """
-    p = os.fspath(path)
-    kind = _kind(p, "checkpoint")
+    loc = Location.parse(path)
+    p = str(loc)
+    kind = loc.kind("checkpoint")
     if kind is None:
         raise CheckpointNotFoundError(f"checkpoint {p!r} does not exist")
     if kind != "dir":
         raise CheckpointError(f"checkpoint {p!r} is a file, not an orbax checkpoint directory")
-    if _TMP_MARK in os.path.basename(p.rstrip("/")):
+    if _TMP_MARK in loc.name:
         raise CheckpointError(f"checkpoint {p!r} is still being written (orbax temporary folder)")
-    if _kind(os.path.join(p, "_METADATA"), "checkpoint") == "file":
-        return p
-    item = os.path.join(p, _ITEM)
-    if _kind(os.path.join(item, "_METADATA"), "the item folder") == "file":
-        return item
-    entries = _listdir(p, "checkpoint")
+    if loc.is_local:
+        if loc.join("_METADATA").kind("checkpoint") == "file":
+            return loc
+        item = loc.join(_ITEM)
+        if item.join("_METADATA").kind("the item folder") == "file":
+            return item
+        entries = loc.listdir("checkpoint")
+    else:  # one listing answers every question
+        children = loc.children("checkpoint")
+        if children.get("_METADATA") == "file":
+            return loc
+        if children.get(_ITEM) == "dir" and loc.join(_ITEM, "_METADATA").kind() == "file":
+            return loc.join(_ITEM)
+        entries = list(children)
     shown = ", ".join(entries[:10]) + (", ..." if len(entries) > 10 else "")
     raise CheckpointError(
         f"{p!r} is not an orbax PyTree checkpoint: neither {p}/_METADATA nor "
@@ -76,7 +85,10 @@ class OrbaxCheckpoint(Source):
 
     Args:
       path: an item directory (holding `_METADATA`) or a step directory, in
-        which case its `default` item is used.
+        which case its `default` item is used: a local path, or a `file://`,
+        `gs://` or `s3://` URL.
+      timeout: seconds each remote storage operation may take (default 30, or
+        `TREEGRAFT_STORAGE_TIMEOUT`).
 
     Reading never writes: no file or folder is created or touched in path.
 
@@ -86,13 +98,14 @@ class OrbaxCheckpoint(Source):
       >>> new_state = tg.graft(state, src, {'params.dec': 'params.enc'})  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
-        if not isinstance(path, str | os.PathLike):
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float | None = None):
+        if not isinstance(path, str | os.PathLike | Location):
             raise CheckpointError(
                 f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__}"
             )
         # orbax wants absolute paths; a relative one is taken from the current folder.
-        self.path = os.path.abspath(os.fspath(path))
+        self.location = Location.parse(path, timeout=timeout)
+        self.path = str(self.location)
         self._metadata: Any = None
         # Called when a leaf's metadata, read on demand during a plan, fails:
         # an owner (KauldronCheckpoint) may raise a more telling error.
@@ -118,7 +131,9 @@ class OrbaxCheckpoint(Source):
             metadata is unreadable.
         """
         if self._metadata is None:
-            self._metadata = _read_metadata(item_directory(self.path), self.on_metadata_error)
+            self._metadata = _read_metadata(
+                item_directory(self.location), self.on_metadata_error
+            )
         return self._metadata
 
     def prefetch(self, leaves: Sequence[Any]) -> None:
@@ -135,11 +150,10 @@ class OrbaxCheckpoint(Source):
         if not requests:
             return []
         import orbax.checkpoint as ocp
-        from etils import epath
 
         meta = self.metadata()
-        directory = item_directory(self.path)
-        _check_processes_agree(directory, requests)
+        directory = item_directory(self.location)
+        _check_processes_agree(str(directory), requests)
         item: Any = _empty_like(meta)
         restore_args: Any = _empty_like(meta)
         largest = 0
@@ -155,7 +169,7 @@ class OrbaxCheckpoint(Source):
         )
         try:
             restored = handler.restore(
-                epath.Path(directory),
+                directory.orbax_path(),
                 args=ocp.args.PyTreeRestore(
                     item=item, restore_args=restore_args, partial_restore=True
                 ),
@@ -204,8 +218,8 @@ def _check_processes_agree(directory: str, requests: Sequence[ReadRequest]) -> N
         return
     from jax.experimental import multihost_utils
 
-    parent, item = os.path.split(os.path.normpath(directory))
-    name = os.path.join(os.path.basename(parent), item).encode()[-_NAME_BYTES:]
+    parent, _, item = directory.rstrip("/").rpartition("/")
+    name = f"{parent.rpartition('/')[2]}/{item}".encode()[-_NAME_BYTES:]
     digest = hashlib.sha256(name)
     for req in requests:
         shape = getattr(req.like, "shape", None)
@@ -241,17 +255,17 @@ def _spans_processes(like: Any) -> bool:
 
 
 def _read_metadata(
-    directory: str, on_error: Callable[[CheckpointError], None] | None = None
+    directory: Location, on_error: Callable[[CheckpointError], None] | None = None
 ) -> Any:
     tree = lazy_metadata(directory, on_error)
     if tree is not None:
         return tree
     import orbax.checkpoint as ocp
-    from etils import epath
 
+    path = directory.orbax_path()
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        tree = handler.metadata(epath.Path(directory)).tree
+        tree = handler.metadata(path).tree
     except RecursionError as e:
         raise CheckpointError(
             f"cannot read the metadata of {directory} (is _METADATA corrupt?): its JSON is "
