@@ -8,10 +8,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from treegraft._errors import CheckpointError, CheckpointNotFoundError
 from treegraft._read.orbax import OrbaxCheckpoint
 from treegraft._read.storage import Location
-from treegraft._source import ReadRequest, Source
+from treegraft._paths import Path
+from treegraft._source import BoxRequest, ReadRequest, Source
 
 __all__ = ["KauldronCheckpoint", "list_steps"]
 
@@ -217,6 +220,19 @@ class KauldronCheckpoint(Source):
         except CheckpointError as e:
             self._raise_if_removed(e, grace=_REMOVAL_GRACE_S)
             raise
+
+    def read_boxes(self, requests: Sequence[BoxRequest]) -> list[np.ndarray]:
+        """`leaf[box]` for each request, reading only the chunks that hold the box."""
+        inner = self._open()
+        try:
+            return inner.read_boxes(requests)
+        except CheckpointError as e:
+            self._raise_if_removed(e, grace=_REMOVAL_GRACE_S)
+            raise
+
+    def box_nbytes(self, path: Path, box: Sequence[slice]) -> int:
+        """Bytes a read of `leaf[box]` really reads, given the array's chunking."""
+        return self._open().box_nbytes(path, box)
 
     def _raise_if_removed(self, error: CheckpointError, *, grace: float) -> None:
         # A run that keeps only its latest steps (orbax's max_to_keep) deletes

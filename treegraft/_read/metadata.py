@@ -66,6 +66,10 @@ class _Store:
         self._context: Any = None
         self.index: IndexWalk | None = None
         self.zarr3 = False  # set from `_METADATA`
+        # Whether a chunk missing from the store reads as the fill value. orbax
+        # stores every chunk unless told not to: then a missing chunk means the
+        # checkpoint is damaged or being deleted, and must fail, never read as 0.
+        self.fill_missing = True
         self.leaves: list[LazyLeaf] = []  # every leaf of the tree, for one bulk load
         self._single_loads = 0
         self._bulk_loaded = False
@@ -295,6 +299,7 @@ def lazy_metadata(
             if zarr3 not in (True, False) or meta.get("use_ocdbt") is not True:
                 return None
             store.zarr3 = zarr3
+            store.fill_missing = meta.get("store_array_data_equal_to_fill_value") is not True
             entries = meta["tree_metadata"]
             if not isinstance(entries, dict) or not entries:
                 return None
