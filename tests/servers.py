@@ -55,7 +55,8 @@ def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float =
         try:
             urllib.request.urlopen(url, timeout=1).close()
             return
-        except urllib.error.HTTPError:
+        except urllib.error.HTTPError as e:
+            e.close()
             return  # it answers
         except OSError:
             time.sleep(0.05)
@@ -83,12 +84,13 @@ def gcs_server(root: str | None = None) -> Server:
     log = Path(workdir) / "server.log"
     data = Path(workdir) / "data"
     data.mkdir(exist_ok=True)
-    process = subprocess.Popen(
-        [_fake_gcs_binary(), "-scheme", "http", "-backend", "filesystem",
-         "-filesystem-root", str(data), "-host", "127.0.0.1", "-port", str(port),
-         "-external-url", url, "-log-level", "error"],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [_fake_gcs_binary(), "-scheme", "http", "-backend", "filesystem",
+             "-filesystem-root", str(data), "-host", "127.0.0.1", "-port", str(port),
+             "-external-url", url, "-log-level", "error"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
     _wait_ready(f"{url}/storage/v1/b", process, log)
     return Server(url, process, workdir)
 
@@ -100,10 +102,11 @@ def s3_server(root: str | None = None) -> Server:
     url = f"http://127.0.0.1:{port}"
     log = Path(workdir) / "server.log"
     env = dict(os.environ, **loopback_env(s3=url))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-    )
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )
     _wait_ready(url, process, log)
     return Server(url, process, workdir)
 
@@ -164,7 +167,122 @@ def patched_env(values: dict[str, str]) -> Iterator[None]:
 def in_loopback_netns() -> bool:
     """Whether this process sees no network interface but loopback."""
     try:
-        names = os.listdir("/sys/class/net")
+        names = [name for _, name in socket.if_nameindex()]
     except OSError:
         return False
     return names == ["lo"]
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def enter_loopback_netns() -> str | None:
+    """Moves this process into a new network namespace with only loopback, up.
+
+    Must run before any thread starts (a namespace belongs to the calling
+    thread, and threads started later inherit it). Returns None on success or
+    when already isolated, else the reason it could not.
+    """
+    import ctypes
+    import threading
+
+    if in_loopback_netns():
+        return None
+    if os.environ.get("TREEGRAFT_TEST_NETNS") == "0":
+        return "TREEGRAFT_TEST_NETNS=0 asked to stay in the host's network"
+    if sys.platform != "linux":
+        return f"network namespaces are Linux only (this is {sys.platform})"
+    if threading.active_count() != 1:
+        return "threads already run: a new namespace would not cover them"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNET) != 0:
+        return f"unshare(CLONE_NEWNET) failed: {os.strerror(ctypes.get_errno())} (needs root)"
+    up = subprocess.run(["ip", "link", "set", "lo", "up"], capture_output=True, text=True,
+                        check=False)
+    if up.returncode != 0:
+        return f"'ip link set lo up' failed in the new namespace: {up.stderr.strip()}"
+    return None
+
+
+class Storage:
+    """Where a test's checkpoints live: local, or published to a loopback server."""
+
+    def __init__(self, kind: str, bucket: str = "", server: Server | None = None):
+        self.kind = kind
+        self.bucket = bucket
+        self.server = server
+        self._count = 0
+        self._published: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"Storage({self.kind})"
+
+    def publish(self, local: str | os.PathLike[str], *, cache: bool = False) -> str:
+        """The location of a copy of the local folder in this storage (local: itself)."""
+        local = os.fspath(local)
+        if self.kind == "local":
+            return local
+        if cache and local in self._published:
+            return self._published[local]
+        self._count += 1
+        prefix = f"t{os.getpid()}-{self._count}/{os.path.basename(local.rstrip('/'))}"
+        files = []
+        for dirpath, _, names in os.walk(local):
+            for name in names:
+                full = os.path.join(dirpath, name)
+                files.append((full, f"{prefix}/{os.path.relpath(full, local)}"))
+        self.upload(files)
+        url = f"{'gs' if self.kind == 'gcs' else 's3'}://{self.bucket}/{prefix}"
+        if cache:
+            self._published[local] = url
+        return url
+
+    def upload(self, files: list[tuple[str, str]]) -> None:
+        if self.kind == "gcs":
+            bucket = gcs_client().bucket(self.bucket)
+            for full, key in files:
+                bucket.blob(key).upload_from_filename(full)
+        else:
+            client = s3_client()
+            for full, key in files:
+                client.upload_file(full, self.bucket, key)
+
+    def snapshot(self, url: str) -> dict[str, tuple[int, str]]:
+        """Every object under url: {key: (size, etag)} (local: `kauldron_run.snapshot`)."""
+        if self.kind == "local":
+            from kauldron_run import snapshot
+
+            return snapshot(url)  # type: ignore[return-value]
+        prefix = url.split("://", 1)[1].split("/", 1)[1]
+        out = {}
+        if self.kind == "gcs":
+            for blob in gcs_client().list_blobs(self.bucket, prefix=prefix):
+                out[blob.name] = (blob.size, f"{blob.etag}:{blob.generation}")
+        else:
+            pages = s3_client().get_paginator("list_objects_v2")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    out[obj["Key"]] = (obj["Size"], obj["ETag"])
+        return out
+
+    def bucket_keys(self) -> list[str]:
+        """Every object key in the whole bucket (to prove nothing was created)."""
+        if self.kind == "gcs":
+            return sorted(b.name for b in gcs_client().list_blobs(self.bucket))
+        pages = s3_client().get_paginator("list_objects_v2")
+        return sorted(o["Key"] for p in pages.paginate(Bucket=self.bucket)
+                      for o in p.get("Contents", []))
+
+
+def gcs_client():
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    return storage.Client(project="test-project", credentials=AnonymousCredentials())
+
+
+def s3_client():
+    import boto3
+
+    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"],
+                        region_name=os.environ["AWS_REGION"])
