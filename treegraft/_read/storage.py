@@ -243,6 +243,7 @@ class Location:
     def error(self, e: BaseException, doing: str) -> CheckpointError:
         """A typed error naming this location for a failed tensorstore operation."""
         _, line = first_line(e, limit=300)
+        line = line.split(" [http_response", 1)[0]  # the raw body repeats the message
         status = line.split(":", 1)[0].strip()
         if status in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
             fix = ("the credentials were refused: check them ("
