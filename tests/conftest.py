@@ -34,6 +34,8 @@ NETNS_REFUSED = servers.enter_loopback_netns()
 
 def _need_isolation() -> None:
     if NETNS_REFUSED is not None:
+        if os.environ.get("TREEGRAFT_REQUIRE_EMULATORS") == "1":  # CI: never skip them
+            pytest.fail(f"TREEGRAFT_REQUIRE_EMULATORS=1 but: {NETNS_REFUSED}")
         pytest.skip(
             "storage-emulator tests run only in a loopback-only network namespace, and none "
             f"could be entered: {NETNS_REFUSED}"

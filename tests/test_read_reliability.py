@@ -45,7 +45,7 @@ def open_run(run):
     os.chmod(parent, 0o755)
     copy = os.path.join(parent, "run")
     shutil.copytree(run[0], copy)
-    for dirpath, dirs, files in os.walk(copy):
+    for dirpath, _, files in os.walk(copy):
         os.chmod(dirpath, 0o755)
         for name in files:
             os.chmod(os.path.join(dirpath, name), 0o644)
@@ -60,7 +60,7 @@ def _can_drop_privileges() -> bool:
         return False
     if os.geteuid() != 0:
         return True  # not root: permission bits already apply
-    probe = "import os; os.setgid(%d); os.setuid(%d)" % (NOBODY, NOBODY)
+    probe = f"import os; os.setgid({NOBODY}); os.setuid({NOBODY})"
     return subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
 
 
@@ -135,7 +135,8 @@ def test_unreadable_latest_step_is_an_error_never_an_older_step(open_run):
     out = as_nobody(ENCODER, workdir=workdir, step=2)
     assert out["ok"]["step"] == 2
     np.testing.assert_array_equal(
-        np.asarray(out["ok"]["kernel"], np.float32), np.asarray(states[2].params["encoder"]["kernel"])
+        np.asarray(out["ok"]["kernel"], np.float32),
+        np.asarray(states[2].params["encoder"]["kernel"]),
     )
     out = as_nobody('result = list_steps(values["workdir"])', workdir=workdir)
     assert_typed(out, rf"step folder '{ckpt_5}' exists but cannot be read")
@@ -187,7 +188,9 @@ def test_unreadable_default_item_is_a_checkpoint_error(open_run):
     assert_typed(out, r"cannot read .*'.*/ckpt_5/default/_METADATA': Permission denied")
 
 
-@pytest.mark.parametrize("digits", ["١٠", "１０", "१०"], ids=["arabic-indic", "fullwidth", "devanagari"])
+@pytest.mark.parametrize(
+    "digits", ["١٠", "１０", "१०"], ids=["arabic-indic", "fullwidth", "devanagari"]
+)
 def test_non_ascii_digits_are_not_a_step(run, tmp_path, digits):
     workdir = str(tmp_path / "run")
     shutil.copytree(run[0], workdir)

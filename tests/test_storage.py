@@ -24,7 +24,8 @@ import numpy as np
 import optax
 import pytest
 import servers
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from kauldron_run import init_params, train_state, write_item, write_run
 
 import treegraft as tg
@@ -148,7 +149,8 @@ def test_orbax_writes_to_gcs_and_treegraft_reads_it_back(gcs_server, tmp_path, m
                    {"params.encoder": "params.encoder"})
     kernel = new["params"]["encoder"]["kernel"]
     assert kernel.sharding == NamedSharding(mesh, P("x"))
-    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(states[4].params["encoder"]["kernel"]))
+    want = states[4].params["encoder"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(want))
     loader = tg.PartialKauldronLoader(workdir=url, new_to_old={"params.encoder": "params.encoder"})
     with loader:
         state = loader.transform({"params": {"encoder": {"kernel": jnp.zeros((64, 32)),

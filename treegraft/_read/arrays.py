@@ -173,7 +173,7 @@ class DirectReader:
             parts = []
             nbytes = 0
             for device, index in index_map.items():
-                box = _normalize(index, shape) if shape else ()
+                box = _normalize(tuple(index or ()), shape) if shape else ()
                 future = futures.get(box)
                 if future is None:  # replicated shards read their slice once
                     future = futures[box] = array[tuple(slice(a, b) for a, b in box)].read()

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from treegraft._errors import CheckpointError, CheckpointNotFoundError
+from treegraft._paths import Path
 from treegraft._read.orbax import OrbaxCheckpoint
 from treegraft._read.storage import Location
-from treegraft._paths import Path
 from treegraft._source import BoxRequest, ReadRequest, Source
 
 __all__ = ["KauldronCheckpoint", "list_steps"]

@@ -305,9 +305,9 @@ def lazy_metadata(
                 return None
             return _build(store, entries.values())
     except _Corrupt as e:
-        raise _corrupt(directory, str(e)) from None
+        raise _corrupt(str(location), str(e)) from None
     except RecursionError:
-        raise _corrupt(directory, "its JSON is nested too deeply to be orbax's") from None
+        raise _corrupt(str(location), "its JSON is nested too deeply to be orbax's") from None
     except CheckpointError:
         if location.is_local:
             return None  # orbax's own reader reports it

@@ -99,7 +99,9 @@ class OrbaxCheckpoint(Source):
       >>> new_state = tg.graft(state, src, {'params.dec': 'params.enc'})  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float | None = None):
+    def __init__(
+        self, path: str | os.PathLike[str] | Location, *, timeout: float | None = None
+    ):
         if not isinstance(path, str | os.PathLike | Location):
             raise CheckpointError(
                 f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__}"
