@@ -965,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
         size["repeats"] = args.repeats
     jobs = args.jobs if args.jobs is not None else (2 if args.quick else 1)
     selected = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = set(selected) - set(CASES)
+    unknown = set(selected) - set(CASES) - {"storage"}  # storage: benchmarks/storage_cases.py
     if unknown:
         parser.error(f"unknown case(s) {sorted(unknown)}; choose from {','.join(CASES)}")
 
@@ -998,6 +998,10 @@ def main(argv: list[str] | None = None) -> int:
             case["aims"] = evaluate(case)
             case["load_after"] = os.getloadavg()
         results["cases"] = cases
+        if "storage" in selected:  # one fresh process with 8 devices
+            spec = {"quick": args.quick, "root": root}
+            results["storage"] = _run_script("storage_cases.py", spec, devices=8,
+                                             timeout=args.timeout)
     finally:
         if args.data is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -83,7 +83,7 @@ def gcs_server(root: str | None = None) -> Server:
     url = f"http://127.0.0.1:{port}"
     log = Path(workdir) / "server.log"
     data = Path(workdir) / "data"
-    data.mkdir(exist_ok=True)
+    data.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         process = subprocess.Popen(
             [_fake_gcs_binary(), "-scheme", "http", "-backend", "filesystem",
