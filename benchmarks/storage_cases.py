@@ -64,7 +64,7 @@ def _write_layers(path: str, n: int, side: int, *, step: int = 1) -> None:
 
 def _timed(variants: dict, repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for name, fn in variants.items():  # warm-up: imports, page cache
+    for fn in variants.values():  # warm-up: imports, page cache
         fn()
     for _ in range(repeats):
         for name, fn in variants.items():
@@ -138,9 +138,10 @@ def case_s1(root: str, quick: bool) -> dict:
 
 
 def case_s2(root: str, quick: bool) -> dict:
-    import treegraft as tg
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
+
+    import treegraft as tg
 
     side = 4096 if quick else 16384  # float32: 64 MiB or 1 GiB
     wd = os.path.join(root, "s2")
