@@ -9,6 +9,7 @@ section 11).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import subprocess
@@ -174,6 +175,7 @@ def in_loopback_netns() -> bool:
 
 
 _CLONE_NEWNET = 0x40000000
+_PUBLISHED = itertools.count(1)  # unique prefixes across every Storage of the session
 
 
 def enter_loopback_netns() -> str | None:
@@ -211,7 +213,6 @@ class Storage:
         self.kind = kind
         self.bucket = bucket
         self.server = server
-        self._count = 0
         self._published: dict[str, str] = {}
 
     def __repr__(self) -> str:
@@ -224,8 +225,7 @@ class Storage:
             return local
         if cache and local in self._published:
             return self._published[local]
-        self._count += 1
-        prefix = f"t{os.getpid()}-{self._count}/{os.path.basename(local.rstrip('/'))}"
+        prefix = f"t{os.getpid()}-{next(_PUBLISHED)}/{os.path.basename(local.rstrip('/'))}"
         files = []
         for dirpath, _, names in os.walk(local):
             for name in names:

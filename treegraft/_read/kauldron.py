@@ -13,7 +13,7 @@ import numpy as np
 from treegraft._errors import CheckpointError, CheckpointNotFoundError
 from treegraft._paths import Path
 from treegraft._read.orbax import OrbaxCheckpoint
-from treegraft._read.storage import Location
+from treegraft._read.storage import Location, children_of
 from treegraft._source import BoxRequest, ReadRequest, Source
 
 __all__ = ["KauldronCheckpoint", "list_steps"]
@@ -48,22 +48,31 @@ def _step_folders(workdir: str | os.PathLike[str] | Location, wanted: int | None
     be the latest), any at all for None.
     """
     wd = Location.parse(workdir, what="workdir")
-    kind = wd.kind("workdir")
-    if kind is None:
-        raise CheckpointNotFoundError(f"workdir {str(wd)!r} does not exist")
-    if kind != "dir":
-        raise CheckpointError(f"workdir {str(wd)!r} is a file, not a Kauldron workdir")
     ckpts = wd.join("checkpoints")
-    if ckpts.kind("the checkpoints folder") != "dir":
-        raise CheckpointNotFoundError(
-            f"workdir {str(wd)!r} has no checkpoints/ folder: it is not a Kauldron workdir, or "
-            "its run saved no checkpoint yet"
-        )
-    # Remote: one listing of every key below checkpoints/ shows the markers too.
-    keys = None if ckpts.is_local else set(ckpts.keys())
+    keys: set[str] | None = None
+    listed: list[str] = []
+    if not wd.is_local:
+        # One listing of every key below checkpoints/ shows the steps and their
+        # markers; the workdir is looked at only when it finds nothing.
+        listed = ckpts.keys(shown=wd)
+        keys = set(listed)
+    if not listed:
+        kind = wd.kind("workdir")
+        if kind is None:
+            raise CheckpointNotFoundError(f"workdir {str(wd)!r} does not exist")
+        if kind != "dir":
+            raise CheckpointError(f"workdir {str(wd)!r} is a file, not a Kauldron workdir")
+        if ckpts.kind("the checkpoints folder") != "dir":
+            raise CheckpointNotFoundError(
+                f"workdir {str(wd)!r} has no checkpoints/ folder: it is not a Kauldron workdir, "
+                "or its run saved no checkpoint yet"
+            )
+    entries = (
+        ckpts.children("the checkpoints folder") if keys is None else children_of(listed)
+    )
     steps: dict[int, str] = {}
     unreadable: dict[int, tuple[str, CheckpointError]] = {}
-    for name, entry in ckpts.children("the checkpoints folder").items():
+    for name, entry in entries.items():
         m = _STEP.fullmatch(name)
         if m is None or entry != "dir":
             continue

@@ -21,7 +21,7 @@ from treegraft._errors import CheckpointError, CheckpointNotFoundError, first_li
 from treegraft._paths import Part, Path, render_parts
 from treegraft._read import arrays
 from treegraft._read.metadata import LazyLeaf, lazy_metadata, prefetch
-from treegraft._read.storage import Location
+from treegraft._read.storage import Location, children_of
 from treegraft._source import BoxRequest, ReadRequest, Source
 
 __all__ = ["OrbaxCheckpoint", "ScalarSpec"]
@@ -53,7 +53,8 @@ def item_directory(path: str | os.PathLike[str] | Location) -> Location:
     """
     loc = Location.parse(path)
     p = str(loc)
-    kind = loc.kind("checkpoint")
+    keys: list[str] = [] if loc.is_local else loc.keys()  # remote: one listing answers all
+    kind = "dir" if keys else loc.kind("checkpoint")
     if kind is None:
         raise CheckpointNotFoundError(f"checkpoint {p!r} does not exist")
     if kind != "dir":
@@ -67,13 +68,12 @@ def item_directory(path: str | os.PathLike[str] | Location) -> Location:
         if item.join("_METADATA").kind("the item folder") == "file":
             return item
         entries = loc.listdir("checkpoint")
-    else:  # one listing answers every question
-        children = loc.children("checkpoint")
-        if children.get("_METADATA") == "file":
+    else:
+        if "_METADATA" in keys:
             return loc
-        if children.get(_ITEM) == "dir" and loc.join(_ITEM, "_METADATA").kind() == "file":
+        if f"{_ITEM}/_METADATA" in keys:
             return loc.join(_ITEM)
-        entries = list(children)
+        entries = list(children_of(keys))
     shown = ", ".join(entries[:10]) + (", ..." if len(entries) > 10 else "")
     raise CheckpointError(
         f"{p!r} is not an orbax PyTree checkpoint: neither {p}/_METADATA nor "

@@ -208,7 +208,7 @@ class Location:
         retries = {"max_retries": 6, "initial_delay": "0.1s", "max_delay": "2s"}
         return {"gcs_request_retries": retries, "s3_request_retries": retries}
 
-    def _kv(self, *, folder: bool = True) -> Any:
+    def _kv(self, *, folder: bool = True, shown: Location | None = None) -> Any:
         """A kvstore whose key b'' is this location (folder=False) or its folder prefix."""
         import tensorstore as ts
 
@@ -217,10 +217,16 @@ class Location:
         if not folder:
             spec["path"] = spec["path"].rstrip("/")
         context = ts.Context(self.context_spec())
-        return self.wait(ts.KvStore.open(spec, context=context), "opening")
+        return self.wait(ts.KvStore.open(spec, context=context), "opening", shown=shown)
 
-    def wait(self, future: Any, doing: str) -> Any:
+    def wait(self, future: Any, doing: str, *, shown: Location | None = None) -> Any:
         """The result of a tensorstore future about this location, within the timeout.
+
+        Args:
+          future: a tensorstore future.
+          doing: what it does, for messages ("listing", "reading").
+          shown: the location messages name (default: this one), e.g. the
+            workdir the user gave rather than a folder inside it.
 
         Raises:
           CheckpointError: the operation failed or took longer than the timeout;
@@ -234,11 +240,12 @@ class Location:
             except Exception:  # already done
                 pass
             raise CheckpointError(
-                f"{doing} {self} took more than {self.timeout:g} s: {self._endpoint_hint()}; "
-                "pass timeout= or set TREEGRAFT_STORAGE_TIMEOUT to wait longer"
+                f"{doing} {shown or self} took more than {self.timeout:g} s: "
+                f"{self._endpoint_hint()}; pass timeout= or set TREEGRAFT_STORAGE_TIMEOUT to "
+                "wait longer"
             ) from e
         except Exception as e:  # tensorstore raises ValueError with a status code
-            raise self.error(e, doing) from e
+            raise (shown or self).error(e, doing) from e
 
     def error(self, e: BaseException, doing: str) -> CheckpointError:
         """A typed error naming this location for a failed tensorstore operation."""
@@ -303,8 +310,9 @@ class Location:
                 return "file"
         return "dir" if self._keys(self._kv()) else None
 
-    def _keys(self, kv: Any) -> list[str]:
-        return sorted(k.decode("utf-8", "replace") for k in self.wait(kv.list(), "listing"))
+    def _keys(self, kv: Any, shown: Location | None = None) -> list[str]:
+        listed = self.wait(kv.list(), "listing", shown=shown)
+        return sorted(k.decode("utf-8", "replace") for k in listed)
 
     def children(self, what: str = "folder") -> dict[str, str]:
         """{name: 'dir' or 'file'} of the entries directly in this folder.
@@ -330,18 +338,17 @@ class Location:
                     f"cannot list {what} {self.key!r}: {e.strerror or type(e).__name__}; fix "
                     "its permissions (treegraft needs to list and read it)"
                 ) from e
-        out = {}
-        for key in self._keys(self._kv()):
-            first, sep, _ = key.partition("/")
-            if first:
-                out[first] = "dir" if sep else out.get(first, "file")
-        return dict(sorted(out.items()))
+        return children_of(self._keys(self._kv()))
 
-    def keys(self) -> list[str]:
-        """Every object key below this remote folder, relative to it, sorted."""
+    def keys(self, *, shown: Location | None = None) -> list[str]:
+        """Every object key below this remote folder, relative to it, sorted.
+
+        Args:
+          shown: the location errors name (default: this one).
+        """
         if self.is_local:
             raise CheckpointError(f"{self} is local: walk it with os")
-        return self._keys(self._kv())
+        return self._keys(self._kv(shown=shown), shown)
 
     def listdir(self, what: str = "folder") -> list[str]:
         """The names of the entries directly in this folder, sorted."""
@@ -368,6 +375,16 @@ class Location:
         if found.state != "value":
             raise CheckpointNotFoundError(f"{what} {self} does not exist")
         return bytes(found.value)
+
+
+def children_of(keys: list[str]) -> dict[str, str]:
+    """{name: 'dir' or 'file'} of the first names of object keys (relative to a folder)."""
+    out: dict[str, str] = {}
+    for key in keys:
+        first, sep, _ = key.partition("/")
+        if first:
+            out[first] = "dir" if sep else out.get(first, "file")
+    return dict(sorted(out.items()))
 
 
 def _gcs_endpoint_from_env() -> None:
