@@ -294,7 +294,12 @@ def lazy_metadata(
             store.start_index()  # no manifest: the walk fails and reads go key by key
         with young_collections_only():
             text = location.join("_METADATA").read_bytes("metadata file")
-            meta = json.loads(text)
+            try:
+                meta = json.loads(text)
+            except json.JSONDecodeError as e:
+                if location.is_local:
+                    return None  # orbax's reader reports it, as it always did
+                raise _corrupt(str(location), f"JSONDecodeError: {e}") from None
             zarr3 = meta.get("use_zarr3", False) if isinstance(meta, dict) else None
             if zarr3 not in (True, False) or meta.get("use_ocdbt") is not True:
                 return None
