@@ -20,7 +20,7 @@ from kauldron_run import (
 )
 
 import treegraft as tg
-from treegraft._read.kauldron import list_steps
+from treegraft._read.kauldron import is_workdir, list_steps
 
 SHAPES = {"encoder": {"kernel": (4, 8), "bias": (8,)}, "decoder": {"kernel": (8, 4)}}
 STEPS = (1, 2, 5)
@@ -373,3 +373,11 @@ def test_nothing_created_for_missing_checkpoints_folder(tmp_path):
         load_encoder(tg.KauldronCheckpoint(tmp_path))
     assert snapshot(tmp_path) == before
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_is_workdir(run, where, tmp_path):
+    workdir, _ = run
+    workdir = where.publish(workdir, cache=True)
+    assert is_workdir(workdir)
+    assert not is_workdir(f"{workdir}/checkpoints/ckpt_5")
+    assert not is_workdir(f"{workdir}/nothing-here")

@@ -16,7 +16,7 @@ from treegraft._read.orbax import OrbaxCheckpoint
 from treegraft._read.storage import Location, children_of
 from treegraft._source import BoxRequest, ReadRequest, Source
 
-__all__ = ["KauldronCheckpoint", "list_steps"]
+__all__ = ["KauldronCheckpoint", "list_steps", "is_workdir"]
 
 # ASCII digits only: `\d` would also take `ckpt_١٠` (Arabic-Indic digits) as step 10.
 _STEP = re.compile(r"ckpt_([0-9]+)")
@@ -37,6 +37,16 @@ def list_steps(workdir: str | os.PathLike[str]) -> list[int]:
       CheckpointError: the workdir is a file, or a folder in it cannot be read.
     """
     return sorted(_step_folders(workdir, None))
+
+
+def is_workdir(path: str | os.PathLike[str] | Location) -> bool:
+    """Whether path (local, file://, gs:// or s3://) holds a `checkpoints/` folder.
+
+    Raises:
+      CheckpointError: path cannot be looked at (permission denied, storage
+        unreachable).
+    """
+    return Location.parse(path).join("checkpoints").kind("the checkpoints folder") == "dir"
 
 
 def _step_folders(workdir: str | os.PathLike[str] | Location, wanted: int | None = -1
