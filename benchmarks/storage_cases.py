@@ -10,9 +10,10 @@ each repeat; medians are reported with ratios. Cases:
      (graft with a fresh KauldronCheckpoint, plan included), tensorstore's own
      open + read + device_put of that array (the floor), orbax's exact partial
      restore, and treegraft with its orbax fallback.
-  S2 an array of 1 GiB (quick: 64 MiB) into a target sharded over 8 devices:
-     bytes read from files (rchar) per byte grafted, and time; treegraft's reader
-     against its orbax fallback.
+  S2 an array of 1 GiB (quick: 64 MiB) into a target sharded over 8 devices,
+     each variant in a fresh process: time, bytes read from files (rchar) and
+     peak RSS growth per byte grafted; treegraft's reader against tensorstore's
+     full read + device_put (the floor) and against treegraft's orbax fallback.
   S3 one layer [i] of a stacked array saved with one chunk per layer, and of one
      saved as a single chunk: bytes read per byte of the layer (read_boxes).
   S4 a partial read from the GCS emulator (fake-gcs-server on 127.0.0.1): bytes
@@ -137,33 +138,83 @@ def case_s1(root: str, quick: bool) -> dict:
     }
 
 
-def case_s2(root: str, quick: bool) -> dict:
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _s2_one(path: str, side: int, variant: str) -> dict:
+    """One S2 variant, in this (fresh) process: seconds, bytes read, peak RSS growth."""
+    import tensorstore as ts
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import treegraft as tg
 
-    side = 4096 if quick else 16384  # float32: 64 MiB or 1 GiB
-    wd = os.path.join(root, "s2")
-    rng = np.random.default_rng(1)
-    from kauldron_run import write_item
-
-    write_item(wd, {"w": rng.standard_normal((side, side), dtype=np.float32)})
     mesh = jax.make_mesh((8,), ("x",))
     like = jax.ShapeDtypeStruct((side, side), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+    src = tg.OrbaxCheckpoint(path)
+    src.metadata()
+    src._direct_reads = variant == "treegraft"
+    jax.device_put(np.zeros(8), like.sharding).block_until_ready()  # backend up
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current RSS
+        f.write("5")
+    rss, before, start = _rss(), rchar(), time.perf_counter()
+    if variant == "tensorstore":
+        spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt",
+                "base": {"driver": "file", "path": path + "/"}, "path": "w"}}
+        host = ts.open(spec).result().read().result()
+        out = jax.device_put(host, like.sharding)
+    else:
+        out = tg.graft({"w": like}, src, {"w": "w"})["w"]
+    out.block_until_ready()
+    seconds = time.perf_counter() - start
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return {"seconds": seconds, "bytes_read": rchar() - before, "rss_growth": peak - rss}
+
+
+def case_s2(root: str, quick: bool) -> dict:
+    import subprocess
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    from kauldron_run import write_item
+
+    side = 4096 if quick else 16384  # float32: 64 MiB or 1 GiB
+    rng = np.random.default_rng(1)
+    host = rng.standard_normal((side, side), dtype=np.float32)
     grafted = side * side * 4
-    out = {"title": f"S2 {grafted / MIB:.0f} MiB into a target sharded over 8 devices",
-           "bytes_grafted": grafted}
-    for variant, direct in (("treegraft", True), ("treegraft_orbax_fallback", False)):
-        src = tg.OrbaxCheckpoint(wd)
-        src.metadata()
-        src._direct_reads = direct
-        before, start = rchar(), time.perf_counter()
-        new = tg.graft({"w": like}, src, {"w": "w"})
-        new["w"].block_until_ready()
-        out[variant] = {"seconds": time.perf_counter() - start,
-                        "bytes_read_per_byte_grafted": (rchar() - before) / grafted}
-        del new
+    out: dict = {"title": f"S2 {grafted / MIB:.0f} MiB into a target sharded over 8 devices "
+                          "(each variant in a fresh process)", "bytes_grafted": grafted}
+    layouts = {
+        # Saved from one device: one chunk, which every target shard slices.
+        "one_chunk": jax.device_put(host, jax.devices()[0]),
+        # Saved by an 8-device run sharded like the target: a chunk per shard.
+        "chunk_per_shard": jax.device_put(host, NamedSharding(jax.make_mesh((8,), ("x",)),
+                                                              P("x"))),
+    }
+    del host
+    for layout, array in layouts.items():
+        wd = os.path.join(root, f"s2-{layout}")
+        write_item(wd, {"w": array})
+        rows = out[layout] = {}
+        for variant in ("treegraft", "tensorstore", "treegraft_orbax_fallback"):
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--s2-one",
+                 json.dumps([wd, side, variant])],
+                capture_output=True, text=True, check=True,
+            )
+            got = json.loads(proc.stdout.strip().splitlines()[-1].split("RESULT ", 1)[1])
+            rows[variant] = {
+                "seconds": got["seconds"],
+                "bytes_read_per_byte_grafted": got["bytes_read"] / grafted,
+                "peak_rss_growth_per_byte_grafted": got["rss_growth"] / grafted,
+            }
+        rows["treegraft_over_tensorstore_time"] = (
+            rows["treegraft"]["seconds"] / rows["tensorstore"]["seconds"])
+        shutil.rmtree(wd, ignore_errors=True)
+    layouts.clear()
     return out
 
 
@@ -294,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cases", default="", help="comma-separated subset of S1,S2,S3,S4")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--s2-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.s2_one:
+        print("RESULT " + json.dumps(_s2_one(*json.loads(args.s2_one))))
+        return 0
     spec = json.loads(args.spec) if args.spec else {}
     quick = args.quick or spec.get("quick", False)
     root = tempfile.mkdtemp(prefix="treegraft-storage-bench-", dir=spec.get("root"))

@@ -237,11 +237,18 @@ _ORBAX_LEFTOVER_MESSAGES = (
 )
 
 
+def _is_coroutine(o: object) -> bool:
+    try:
+        return isinstance(o, types.CoroutineType)
+    except ReferenceError:  # a weakref.proxy whose object is gone
+        return False
+
+
 def _suspended_orbax_coroutines() -> list[types.CoroutineType]:
     return [
         o
         for o in gc.get_objects()
-        if isinstance(o, types.CoroutineType)
+        if _is_coroutine(o)
         and o.cr_frame is not None
         and f"{os.sep}orbax{os.sep}" in o.cr_code.co_filename
     ]

@@ -15,6 +15,7 @@ it takes.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -75,6 +76,52 @@ def box_nbytes(shape: Sequence[int], chunks: Sequence[int], itemsize: int,
     return total
 
 
+def _slices(like: Any, shape: tuple[int, ...]) -> dict[tuple[tuple[int, int], ...], list[Any]]:
+    """{box: devices} of the slices a target needs: its addressable shards, replicas
+    grouped; [None] for a host (numpy or Python) target, which gets the whole array."""
+    if not isinstance(like, jax.Array | jax.ShapeDtypeStruct):
+        return {tuple((0, n) for n in shape): [None]}
+    sharding = like.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    out: dict[tuple[tuple[int, int], ...], list[Any]] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        box = _normalize(tuple(index or ()), shape) if shape else ()
+        out.setdefault(box, []).append(device)
+    return out
+
+
+class _Job:
+    """One request being read: its device buffers, or its host value."""
+
+    __slots__ = ("leaf", "req", "buffers", "host")
+
+    def __init__(self, leaf: LazyLeaf, req: ReadRequest):
+        self.leaf = leaf
+        self.req = req
+        self.buffers: dict[Any, Any] = {}
+        self.host: np.ndarray | None = None
+
+    def result(self) -> Any:
+        like = self.req.like
+        if not isinstance(like, jax.Array | jax.ShapeDtypeStruct):
+            return self.host
+        sharding = like.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        devices = sharding.addressable_devices_indices_map(tuple(like.shape))
+        buffers = [self.buffers[d] for d in devices]
+        return jax.make_array_from_single_device_arrays(tuple(like.shape), sharding, buffers)
+
+
+class _Unit:
+    """One slice being read, for the devices that hold it."""
+
+    __slots__ = ("job", "devices", "future", "nbytes")
+
+    def __init__(self, job: _Job, devices: list[Any], future: Any, nbytes: int):
+        self.job = job
+        self.devices = devices
+        self.future = future
+        self.nbytes = nbytes
+
+
 def _normalize(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     out = []
     for s, n in zip(index, shape, strict=False):
@@ -123,87 +170,65 @@ class DirectReader:
     def read(self, leaves: Sequence[LazyLeaf], requests: Sequence[ReadRequest]) -> list[Any]:
         """The requested leaves, each placed like its target, in the source dtype.
 
-        Reads are started request by request and collected oldest first once
-        more than a window of bytes (256 MB, or the largest request) is in
-        flight, so peak memory stays near the bytes grafted.
+        Every distinct slice (a target shard; replicas read theirs once) is one
+        read. Reads start in order, and the oldest is moved to its devices
+        whenever more than a window of bytes (256 MB, or one slice) would be in
+        flight: peak memory stays near the bytes grafted plus the window.
         """
-        pending: list[tuple[int, list[tuple[Any, Any]], int]] = []
+        units: collections.deque[_Unit] = collections.deque()
         try:
-            return self._read(leaves, requests, pending)
+            return self._read(leaves, requests, units)
         except BaseException:
-            for _, parts, _ in pending:  # nothing keeps reading after a failure
-                for _, future in parts:
-                    future.cancel()
+            for unit in units:  # nothing keeps reading after a failure
+                if unit.future is not None:
+                    unit.future.cancel()
             raise
 
     def _read(self, leaves: Sequence[LazyLeaf], requests: Sequence[ReadRequest],
-              pending: list[tuple[int, list[tuple[Any, Any]], int]]) -> list[Any]:
-        out: list[Any] = [None] * len(requests)
+              units: collections.deque[_Unit]) -> list[Any]:
+        jobs = []
         in_flight = 0
-        for i, (leaf, req) in enumerate(zip(leaves, requests, strict=True)):
+        for leaf, req in zip(leaves, requests, strict=True):
             array = self.open(leaf.name)
             if tuple(array.shape) != tuple(leaf.shape):
                 raise CheckpointError(
                     f"array {leaf.name!r} of {self.location} has shape {tuple(array.shape)} in "
                     f"its header but {tuple(leaf.shape)} in the metadata"
                 )
-            parts, nbytes = self._submit(array, req)
-            pending.append((i, parts, nbytes))
-            in_flight += nbytes
-            while in_flight > _WINDOW_BYTES and len(pending) > 1:
-                j, parts0, nbytes0 = pending[0]
-                out[j] = self._finish(requests[j], leaves[j], parts0)
-                pending.pop(0)
-                in_flight -= nbytes0
-        while pending:
-            j, parts, _ = pending[0]
-            out[j] = self._finish(requests[j], leaves[j], parts)
-            pending.pop(0)
-        return out
+            job = _Job(leaf, req)
+            jobs.append(job)
+            itemsize = np.dtype(array.dtype.numpy_dtype).itemsize
+            for box, devices in _slices(req.like, tuple(array.shape)).items():
+                nbytes = itemsize * math.prod(b - a for a, b in box)
+                while units and in_flight + nbytes > _WINDOW_BYTES:
+                    in_flight -= self._place(units.popleft())
+                future = array[tuple(slice(a, b) for a, b in box)].read()
+                units.append(_Unit(job, devices, future, nbytes))
+                in_flight += nbytes
+        while units:
+            self._place(units[0])
+            units.popleft()
+        return [job.result() for job in jobs]
 
-    def _submit(self, array: Any, req: ReadRequest) -> tuple[list[tuple[Any, Any]], int]:
-        """Starts the reads of one request: ([(device or None, future)], bytes read)."""
-        like = req.like
-        shape = tuple(array.shape)
-        itemsize = np.dtype(array.dtype.numpy_dtype).itemsize
-        if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
-            sharding = like.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            index_map = sharding.addressable_devices_indices_map(shape)
-            futures: dict[tuple[tuple[int, int], ...], Any] = {}
-            parts = []
-            nbytes = 0
-            for device, index in index_map.items():
-                box = _normalize(tuple(index or ()), shape) if shape else ()
-                future = futures.get(box)
-                if future is None:  # replicated shards read their slice once
-                    future = futures[box] = array[tuple(slice(a, b) for a, b in box)].read()
-                    nbytes += itemsize * math.prod(b - a for a, b in box)
-                parts.append((device, future))
-            return parts, nbytes
-        return [(None, array.read())], itemsize * math.prod(shape)
-
-    def _finish(self, req: ReadRequest, leaf: LazyLeaf, parts: list[tuple[Any, Any]]) -> Any:
-        like = req.like
-        seen: set[int] = set()
-        hosts = []
-        for device, future in parts:
-            try:
-                value = self.location.wait(future, f"reading array {leaf.name!r} of")
-            except CheckpointError as e:
-                raise _LeafError(leaf.name, e) from e.__cause__
-            value = np.asarray(value)
-            if id(future) in seen:  # replicas must not share a host buffer (DESIGN 12)
-                value = value.copy()
-            seen.add(id(future))
-            value = _as_dtype(value, req.dtype)
-            hosts.append((device, value))
-        if parts[0][0] is None:
-            return hosts[0][1]
-        shape = tuple(like.shape)
-        sharding = like.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    def _place(self, unit: _Unit) -> int:
+        """Waits for one slice and puts it on its devices; returns its bytes."""
+        job = unit.job
+        future, unit.future = unit.future, None
+        try:
+            value = self.location.wait(future, f"reading array {job.leaf.name!r} of")
+        except CheckpointError as e:
+            raise _LeafError(job.leaf.name, e) from e.__cause__
+        del future
+        host = _as_dtype(np.asarray(value), job.req.dtype)
+        del value
+        if unit.devices == [None]:
+            job.host = host
+            return unit.nbytes
         with jax.transfer_guard("allow"):
-            buffers = [jax.device_put(value, device) for device, value in hosts]
-            return jax.make_array_from_single_device_arrays(shape, sharding, buffers)
+            for k, device in enumerate(unit.devices):
+                # Replicas get their own buffers (DESIGN 12): device_put may alias host.
+                job.buffers[device] = jax.device_put(host if k == 0 else host.copy(), device)
+        return unit.nbytes
 
     def read_box(self, leaf: LazyLeaf, box: tuple[slice, ...]) -> np.ndarray:
         """leaf[box] as a host numpy array in the source dtype."""
