@@ -305,3 +305,14 @@ def test_base_class_box_reads_slice_the_whole_leaf():
         assert not np.shares_memory(got, x)
         assert src.box_nbytes(parse_path("x"), (slice(0, 1), slice(0, 1))) == x.nbytes
     assert src.closed
+
+
+def test_sources_are_context_managers_that_forget_on_close(layers):
+    path, stacked = layers
+    with tg.OrbaxCheckpoint(path) as src:
+        first = src.metadata()
+        assert src.metadata() is first
+    assert src.metadata() is not first  # read again after close
+    (value,) = src.read_boxes([BoxRequest(parse_path("per_layer"), (slice(0, 1),) +
+                                          (slice(None),) * 2)])
+    np.testing.assert_array_equal(value, stacked[:1])

@@ -140,6 +140,10 @@ class OrbaxCheckpoint(Source):
             )
         return self._metadata
 
+    def close(self) -> None:
+        """Forgets the cached metadata (and the tensorstore handles it holds)."""
+        self._metadata = None
+
     def prefetch(self, leaves: Sequence[Any]) -> None:
         """Reads the shapes and dtypes of these metadata leaves in one batch.
 
