@@ -4,9 +4,11 @@ orbax saves each array as a zarr (v2 or v3) array in its OCDBT store. For a
 checkpoint whose metadata `metadata.lazy_metadata` could read, this module
 opens those arrays with tensorstore over the location's own kvstore and reads,
 for every addressable device of the target's sharding, exactly the slice that
-device holds, then places it there. One tensorstore context per read call
-holds a bounded chunk cache shared by every array and shard of that call, so
-a chunk that several shards need is fetched and decoded once.
+device holds, then places it there. One tensorstore context per read call,
+with a bounded cache (64 MiB: the OCDBT index and headers), serves every array
+and shard of that call; the slices of one array are read together, so a chunk
+that several shards need is fetched and decoded once (tensorstore joins the
+reads of a chunk in flight).
 
 Anything this reader does not know (typed PRNG keys, a layout its metadata did
 not come from) is left to orbax's restore: `plan_direct` says which requests
@@ -29,8 +31,7 @@ from treegraft._source import ReadRequest
 
 __all__ = ["DirectReader", "chunk_shape", "box_nbytes"]
 
-_CACHE_MIN_BYTES = 64 << 20
-_CACHE_MAX_BYTES = 1 << 30
+_CACHE_BYTES = 64 << 20
 _WINDOW_BYTES = 256 << 20  # bytes of reads in flight at once, at least
 
 
@@ -138,19 +139,17 @@ class DirectReader:
 
     Args:
       store: the checkpoint's metadata store (`metadata._Store`).
-      chunk_bytes: a bound on the largest chunk the reads will touch (the
-        largest array), so that the cache can hold it; the cache never grows
-        past 1 GiB.
     """
 
-    def __init__(self, store: Any, chunk_bytes: int = 0):
+    def __init__(self, store: Any):
         import tensorstore as ts
 
         self.store = store
         self.location = store.location
-        limit = min(max(_CACHE_MIN_BYTES, 2 * chunk_bytes), _CACHE_MAX_BYTES)
+        # The cache keeps the OCDBT index and zarr headers, not array chunks: a
+        # chunk several slices need is shared by reads in flight together.
         self.context = ts.Context(
-            {"cache_pool": {"total_bytes_limit": limit}, **self.location.context_spec()}
+            {"cache_pool": {"total_bytes_limit": _CACHE_BYTES}, **self.location.context_spec()}
         )
         self._open: dict[str, Any] = {}
 
@@ -171,9 +170,10 @@ class DirectReader:
         """The requested leaves, each placed like its target, in the source dtype.
 
         Every distinct slice (a target shard; replicas read theirs once) is one
-        read. Reads start in order, and the oldest is moved to its devices
-        whenever more than a window of bytes (256 MB, or one slice) would be in
-        flight: peak memory stays near the bytes grafted plus the window.
+        read; a request's slices start together. Before a request starts, the
+        oldest slices are moved to their devices until less than a window of
+        bytes (256 MB, or the request) is in flight; each host slice is dropped
+        once placed, so peak memory stays near the bytes grafted plus the window.
         """
         units: collections.deque[_Unit] = collections.deque()
         try:
@@ -198,10 +198,13 @@ class DirectReader:
             job = _Job(leaf, req)
             jobs.append(job)
             itemsize = np.dtype(array.dtype.numpy_dtype).itemsize
-            for box, devices in _slices(req.like, tuple(array.shape)).items():
-                nbytes = itemsize * math.prod(b - a for a, b in box)
-                while units and in_flight + nbytes > _WINDOW_BYTES:
-                    in_flight -= self._place(units.popleft())
+            slices = _slices(req.like, tuple(array.shape))
+            sizes = [itemsize * math.prod(b - a for a, b in box) for box in slices]
+            # A request's slices start together: slices sharing a chunk then share
+            # one fetch and decode of it (tensorstore joins reads of a chunk in flight).
+            while units and in_flight + sum(sizes) > _WINDOW_BYTES:
+                in_flight -= self._place(units.popleft())
+            for (box, devices), nbytes in zip(slices.items(), sizes, strict=True):
                 future = array[tuple(slice(a, b) for a, b in box)].read()
                 units.append(_Unit(job, devices, future, nbytes))
                 in_flight += nbytes

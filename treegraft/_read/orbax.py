@@ -172,8 +172,7 @@ class OrbaxCheckpoint(Source):
         ]
         out: list[Any] = [None] * len(requests)
         if direct:
-            largest = max(_leaves.nbytes(_leaves.spec_of(leaves[i])) for i in direct)
-            reader = arrays.DirectReader(leaves[direct[0]]._store, largest)
+            reader = arrays.DirectReader(leaves[direct[0]]._store)
             try:
                 got = reader.read([leaves[i] for i in direct], [requests[i] for i in direct])
             except arrays._LeafError as e:
