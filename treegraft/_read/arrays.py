@@ -114,13 +114,15 @@ class _Job:
 class _Unit:
     """One slice being read, for the devices that hold it."""
 
-    __slots__ = ("job", "devices", "future", "nbytes")
+    __slots__ = ("job", "devices", "future", "nbytes", "out")
 
-    def __init__(self, job: _Job, devices: list[Any], future: Any, nbytes: int):
+    def __init__(self, job: _Job, devices: list[Any], future: Any, nbytes: int,
+                 out: np.ndarray):
         self.job = job
         self.devices = devices
         self.future = future
         self.nbytes = nbytes
+        self.out: np.ndarray | None = out
 
 
 def _normalize(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -186,6 +188,8 @@ class DirectReader:
 
     def _read(self, leaves: Sequence[LazyLeaf], requests: Sequence[ReadRequest],
               units: collections.deque[_Unit]) -> list[Any]:
+        import tensorstore as ts
+
         jobs = []
         in_flight = 0
         for leaf, req in zip(leaves, requests, strict=True):
@@ -205,8 +209,12 @@ class DirectReader:
             while units and in_flight + sum(sizes) > _WINDOW_BYTES:
                 in_flight -= self._place(units.popleft())
             for (box, devices), nbytes in zip(slices.items(), sizes, strict=True):
-                future = array[tuple(slice(a, b) for a, b in box)].read()
-                units.append(_Unit(job, devices, future, nbytes))
+                source = array[tuple(slice(a, b) for a, b in box)]
+                # Read into an aligned buffer of ours: on CPU, device_put then adopts
+                # it without a copy, so peak memory stays at the bytes grafted.
+                out = _aligned_empty(tuple(b - a for a, b in box), array.dtype.numpy_dtype)
+                future = ts.array(out, copy=False, write=True).write(source)
+                units.append(_Unit(job, devices, future, nbytes, out))
                 in_flight += nbytes
         while units:
             self._place(units[0])
@@ -217,13 +225,14 @@ class DirectReader:
         """Waits for one slice and puts it on its devices; returns its bytes."""
         job = unit.job
         future, unit.future = unit.future, None
+        host, unit.out = unit.out, None
         try:
-            value = self.location.wait(future, f"reading array {job.leaf.name!r} of")
+            self.location.wait(future, f"reading array {job.leaf.name!r} of")
         except CheckpointError as e:
             raise _LeafError(job.leaf.name, e) from e.__cause__
         del future
-        host = _as_dtype(np.asarray(value), job.req.dtype)
-        del value
+        assert host is not None
+        host = _as_dtype(host, job.req.dtype)
         if unit.devices == [None]:
             job.host = host
             return unit.nbytes
@@ -259,6 +268,19 @@ class _LeafError(CheckpointError):
             reason = f"{kind}: {line}"
         super().__init__(f"array {name!r}: {reason}")
         self.reason = reason
+
+
+_ALIGN = 64  # what XLA's CPU client needs to adopt a host buffer without copying
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-ordered array whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = max(int(math.prod(shape)) * dtype.itemsize, 1)
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    offset = (-raw.ctypes.data) % _ALIGN
+    return raw[offset:offset + nbytes][: int(math.prod(shape)) * dtype.itemsize].view(
+        dtype).reshape(shape)
 
 
 def _as_dtype(value: np.ndarray, dtype: Any) -> np.ndarray:
