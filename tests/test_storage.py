@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -198,12 +199,19 @@ def test_missing_buckets_are_not_found_errors(gcs_server, s3_server):
 
 
 class _Refuse(http.server.BaseHTTPRequestHandler):
-    """Answers every request 403 AccessDenied, as S3 does for refused credentials."""
+    """Answers every request 403, as S3 (XML) and GCS (JSON) do for refused credentials."""
 
     def do_GET(self):
-        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
-                b"<Message>Access Denied</Message></Error>")
+        if self.path.startswith(("/storage/", "/download/")):  # the GCS JSON API
+            body = json.dumps({"error": {"code": 403, "message": "caller does not have "
+                               "storage.objects.list access", "errors": []}}).encode()
+            kind = "application/json"
+        else:
+            body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                    b"<Message>Access Denied</Message></Error>")
+            kind = "application/xml"
         self.send_response(403)
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -318,3 +326,14 @@ def test_reading_writes_nothing_remotely_or_locally(gcs_server, s3_server, tmp_p
             tg.OrbaxCheckpoint(url + "/nothing").metadata()
         assert storage.bucket_keys() == before
     assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_gcs_refused_credentials_are_a_checkpoint_error(refusing_server):
+    out = _gcs_child(refusing_server, 20)
+    assert out["type"] == "CheckpointError", out
+    assert re.match(
+        r"(listing|reading) gs://treegraft/run failed: the credentials were refused: check "
+        r"them \(GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default login`\)",
+        out["message"],
+    ), out
+    assert out["seconds"] < 20
