@@ -11,7 +11,7 @@ that several shards need is fetched and decoded once (tensorstore joins the
 reads of a chunk in flight).
 
 Anything this reader does not know (typed PRNG keys, a layout its metadata did
-not come from) is left to orbax's restore: `plan_direct` says which requests
+not come from) is left to orbax's restore: `takes` says which requests
 it takes.
 """
 
