@@ -75,7 +75,8 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
-def _storages(request):
+def _storages() -> dict:
+    """The session's Storage objects, one per kind, made on first use."""
     return {}
 
 
