@@ -1,6 +1,6 @@
 """Storage benchmarks: treegraft's tensorstore reader against tensorstore and orbax.
 
-    python benchmarks/storage_cases.py [--quick] [--json out.json]
+    python benchmarks/storage_cases.py [--quick] [--repeats N] [--json out.json]
     python benchmarks/run.py --cases storage [--quick]      # the same, from run.py
 
 Runs in one process with 8 CPU devices; compared commands alternate within
@@ -63,7 +63,11 @@ def _write_layers(path: str, n: int, side: int, *, step: int = 1) -> None:
     write_run(path, {step: train_state(params, step=step)}, timer=False, ds_iter=False)
 
 
+_REPEATS: int | None = None  # --repeats: overrides each case's own count
+
+
 def _timed(variants: dict, repeats: int) -> dict[str, float]:
+    repeats = _REPEATS or repeats
     times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():  # warm-up: imports, page cache
         fn()
@@ -345,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cases", default="", help="comma-separated subset of S1,S2,S3,S4")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs of S1 and S4")
     parser.add_argument("--s2-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.s2_one:
@@ -352,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     spec = json.loads(args.spec) if args.spec else {}
     quick = args.quick or spec.get("quick", False)
+    global _REPEATS
+    _REPEATS = args.repeats
     root = tempfile.mkdtemp(prefix="treegraft-storage-bench-", dir=spec.get("root"))
     try:
         results = run(root, quick, [c for c in args.cases.split(",") if c] or None)

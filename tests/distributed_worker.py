@@ -345,8 +345,15 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     got = moved["decoder"]["layers_1"]["kernel"]
     assert got.sharding == before.sharding, (got.sharding, before.sharding)
     assert got.sharding != state.params["decoder"]["layers_0"]["kernel"].sharding
-    # Same sharding: the very same array, no copy.
-    assert moved["backbone"]["embed"] is state.params["backbone"]["embed"]
+    # Same sharding: a copy with buffers of its own (DESIGN section 12), made on
+    # each process's own devices.
+    embed, original = moved["backbone"]["embed"], state.params["backbone"]["embed"]
+    assert embed is not original and embed.sharding == original.sharding
+    mine = {s.data.unsafe_buffer_pointer() for s in embed.addressable_shards}
+    assert not mine & {s.data.unsafe_buffer_pointer() for s in original.addressable_shards}
+    for a, b in zip(embed.addressable_shards, original.addressable_shards, strict=True):
+        assert a.index == b.index
+        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
     checked += _check_tree(
         moved,
         {("decoder", "layers_1", "kernel"): old_seed["encoder"]["block"]["kernel"]},

@@ -7,6 +7,9 @@ from treegraft._errors import MappingError as MappingError
 from treegraft._errors import MismatchError as MismatchError
 from treegraft._errors import PathNotFoundError as PathNotFoundError
 from treegraft._errors import PathSyntaxError as PathSyntaxError
+from treegraft._graft import execute as execute
+from treegraft._errors import PathTypeError as PathTypeError
+from treegraft._errors import TreeError as TreeError
 from treegraft._graft import graft as graft
 from treegraft._loaders import AbstractPartialLoader as AbstractPartialLoader
 from treegraft._loaders import InitTransform as InitTransform
@@ -14,16 +17,24 @@ from treegraft._loaders import MultiTransform as MultiTransform
 from treegraft._loaders import NoopTransform as NoopTransform
 from treegraft._loaders import PartialKauldronLoader as PartialKauldronLoader
 from treegraft._loaders import SimpleCheckpointLoader as SimpleCheckpointLoader
+from treegraft._ops import Operation as Operation
+from treegraft._ops import cast as cast
+from treegraft._ops import reshape as reshape
+from treegraft._ops import stack as stack
+from treegraft._ops import transpose as transpose
+from treegraft._ops import unstack as unstack
 from treegraft._paths import Path as Path
 from treegraft._paths import parse_path as parse_path
 from treegraft._patterns import Pattern as Pattern
 from treegraft._patterns import parse_pattern as parse_pattern
 from treegraft._plan import Entry as Entry
 from treegraft._plan import GraftPlan as GraftPlan
+from treegraft._plan import Pair as Pair
 from treegraft._plan import Problem as Problem
 from treegraft._plan import plan as plan
 from treegraft._read.kauldron import KauldronCheckpoint as KauldronCheckpoint
 from treegraft._read.orbax import OrbaxCheckpoint as OrbaxCheckpoint
+from treegraft._read.safetensors import SafetensorsCheckpoint as SafetensorsCheckpoint
 from treegraft._sharding import propagate_sharding as propagate_sharding
 from treegraft._source import ReadRequest as ReadRequest
 from treegraft._source import Source as Source
@@ -42,14 +53,23 @@ __all__ = [
     "NoopTransform",
     "OrbaxCheckpoint",
     "PartialKauldronLoader",
+    "SafetensorsCheckpoint",
     "SimpleCheckpointLoader",
     "Entry",
     "GraftPlan",
     "Problem",
     "ReadRequest",
     "Source",
+    "Operation",
+    "Pair",
+    "cast",
+    "execute",
     "graft",
     "plan",
+    "reshape",
+    "stack",
+    "transpose",
+    "unstack",
     "propagate_sharding",
     "CheckpointNotFoundError",
     "GraftError",
@@ -58,6 +78,8 @@ __all__ = [
     "Path",
     "PathNotFoundError",
     "PathSyntaxError",
+    "PathTypeError",
+    "TreeError",
     "Pattern",
     "extract",
     "flatten",
