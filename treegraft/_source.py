@@ -101,7 +101,7 @@ class Source(abc.ABC):
             out.append(np.array(host[tuple(r.box)], copy=True))
         return out
 
-    def box_nbytes(self, path: Path, box: Sequence[slice]) -> int:
+    def box_nbytes(self, path: Path, box: tuple[slice, ...]) -> int:
         """Bytes `read_boxes` really reads for this box (the default: the whole leaf)."""
         leaf = _leaf(self.metadata(), path)
         return int(math.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize

@@ -211,7 +211,7 @@ class OrbaxCheckpoint(Source):
         """Bytes a read of `leaf[box]` really reads, given the array's chunking."""
         leaf = _leaf_at(self.metadata(), path.parts)
         if not isinstance(leaf, LazyLeaf):
-            return super().box_nbytes(path, box)
+            return super().box_nbytes(path, tuple(box))
         reader = arrays.DirectReader(leaf._store)
         return reader.box_nbytes(leaf, _check_box(BoxRequest(path, tuple(box)), leaf.shape))
 
