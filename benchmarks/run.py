@@ -49,7 +49,7 @@ from _common import FANOUT, MIB, SIZES, layer  # noqa: E402
 CASES = ("partial", "fanout", "memory", "plan", "sharded", "scaling")
 # Cases with a script of their own: run in a subprocess, their report and JSON
 # kept beside the others' (`results["extra"]`).
-EXTRA = {"planscale": "planscale.py", "ops": "rule_ops.py"}
+EXTRA = {"planscale": "planscale.py", "ops": "rule_ops.py", "storage": "storage_cases.py"}
 
 TREEGRAFT = "treegraft"
 LABELS = {
