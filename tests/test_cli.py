@@ -332,3 +332,17 @@ def test_inspect_and_plan_take_safetensors_weights(tmp_path) -> None:
     assert result.returncode == 1
     assert "'model' has no key 'layrs' (did you mean 'layers'?)" in result.stdout
     assert snapshot(str(tmp_path)) == before  # nothing written beside the weights
+
+
+@pytest.mark.parametrize("kind", ["gcs", "s3"])
+def test_inspect_and_plan_a_remote_workdir(demo_run: str, kind: str, request) -> None:
+    import servers
+
+    storage = servers.Storage(kind, "treegraft", request.getfixturevalue(f"{kind}_server"))
+    url = storage.publish(demo_run)
+    result = run("inspect", url, "--depth", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "steps: 1000, 2000" in result.stdout
+    result = run("plan", url, "--target", url, "--map", "params.decoder=params.encodr")
+    assert result.returncode == 1
+    assert f"{url}/checkpoints/ckpt_2000" in result.stdout and "did you mean 'encoder'" in result.stdout

@@ -20,9 +20,10 @@ from treegraft._paths import render_parts
 from treegraft._patterns import parse_pattern
 from treegraft._leaves import format_bytes
 from treegraft._plan import plan
-from treegraft._read.kauldron import KauldronCheckpoint, list_steps
+from treegraft._read.kauldron import KauldronCheckpoint, is_workdir, list_steps
 from treegraft._read.orbax import OrbaxCheckpoint
 from treegraft._read.safetensors import SafetensorsCheckpoint
+from treegraft._read.storage import Location
 from treegraft._rules import parse_ignore, parse_mapping
 from treegraft._source import Source
 from treegraft._tree import flatten_parts
@@ -45,7 +46,7 @@ def open_checkpoint(path: str, step: int | None, *, flag: str = "--step") -> Sou
         (a step folder or an orbax item folder has no steps to choose from).
     """
     path = os.path.expanduser(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if is_workdir(path):
         return KauldronCheckpoint(path, step=-1 if step is None else step)
     if step is not None:
         raise CheckpointError(
@@ -62,11 +63,11 @@ def _is_safetensors(path: str) -> bool:
     """A `.safetensors` file, or a folder of Hugging Face weights (an index or shards)."""
     if path.endswith(".safetensors"):
         return True
-    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "_METADATA")):
+    location = Location.parse(path)
+    if location.kind() != "dir":
         return False
-    try:
-        names = os.listdir(path)
-    except OSError:
+    names = location.listdir()
+    if "_METADATA" in names:
         return False
     return "model.safetensors.index.json" in names or any(
         n.endswith(".safetensors") for n in names

@@ -292,7 +292,7 @@ def _build(p: GraftPlan, pair: Pair, blocks: _Blocks) -> Any:
 
     elif rule.gather == "unstack":
         axis = _axis(rule.axis, len(shape))
-        si, index = pair.source, pair.index
+        si, index = pair.source, pair.layer
         assert index is not None
 
         def fetch(box: tuple[slice, ...]) -> np.ndarray:
@@ -305,17 +305,17 @@ def _build(p: GraftPlan, pair: Pair, blocks: _Blocks) -> Any:
         def fetch(box: tuple[slice, ...]) -> np.ndarray:
             return blocks.fetch(si, box)
 
-    current, _ = gathered_spec(rule, spec, len(pair.sources), pair.index)
+    current: Any = gathered_spec(rule, spec, len(pair.sources), pair.layer)[0]
     for step in rule.steps:
         fetch = step.pull(fetch, current)
-        current, _ = step.spec(current)
+        current = step.spec(current)[0]
     dtype = _leaves.spec_of(like)[1]
     return _place_blocks(fetch, like, dtype)
 
 
 def _place_blocks(fetch: Callable[[tuple[slice, ...]], np.ndarray], like: Any, dtype: Any) -> Any:
     """Builds a value like `like` from a fetch of its boxes: shard by shard if sharded."""
-    shape = tuple(getattr(like, "shape", ()))
+    shape: tuple[int, ...] = tuple(getattr(like, "shape", ()))
     whole = tuple(slice(0, d) for d in shape)
 
     def block(box: tuple[slice, ...]) -> np.ndarray:
@@ -336,7 +336,9 @@ def _place_blocks(fetch: Callable[[tuple[slice, ...]], np.ndarray], like: Any, d
         done: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
         arrays = []
         for device, index in sharding.addressable_devices_indices_map(shape).items():
-            box = tuple(slice(*s.indices(d)[:2]) for s, d in zip(index, shape, strict=True))
+            box = tuple(
+                slice(*s.indices(d)[:2]) for s, d in zip(index or (), shape, strict=True)
+            )
             key = tuple((b.start, b.stop) for b in box)
             if key in done:  # replicated shards share one read, not one buffer
                 data = done[key].copy()

@@ -83,14 +83,14 @@ class Pair(NamedTuple):
       source: the (first) source leaf's index in the source's leaves.
       rule: the rule's index in the mapping.
       sources: for a stack rule, every source leaf, in index order; else ().
-      index: for an unstack rule, the index taken along its axis; else None.
+      layer: for an unstack rule, the index taken along its axis; else None.
     """
 
     target: int
     source: int
     rule: int
     sources: tuple[int, ...] = ()
-    index: int | None = None
+    layer: int | None = None
 
 
 @dataclass(frozen=True)
@@ -162,10 +162,10 @@ class GraftPlan:
         if rule.gather == "stack":
             out.append(f"stack {len(pair.sources)} along axis {rule.axis}")
         elif rule.gather == "unstack":
-            out.append(f"[{pair.index}] along axis {rule.axis}")
-        spec = gathered_spec(rule, spec, len(pair.sources), pair.index)[0] or spec
+            out.append(f"[{pair.layer}] along axis {rule.axis}")
+        spec = gathered_spec(rule, spec, len(pair.sources), pair.layer)[0] or spec
         for step in rule.steps:
-            out.append(step.describe(spec))
+            out.append(step.describe(spec))  # type: ignore[arg-type]
             spec = step.spec(spec)[0] or spec  # type: ignore[arg-type]
         tdtype = _leaves.spec_of(self.target.leaves[pair.target])[1]
         if spec[1] != tdtype and not isinstance(tdtype, type):
@@ -179,17 +179,18 @@ class GraftPlan:
             return [((si, None), _leaves.nbytes(_leaves.spec_of(leaves[si]))) for si in pair.sources]
         si = pair.source
         whole = _leaves.nbytes(_leaves.spec_of(leaves[si]))
-        if pair.index is None:
+        if pair.layer is None:
             return [((si, None), whole)]
         rule = self.rules[pair.rule]
         shape = _leaves.spec_of(leaves[si])[0] or ()
-        box = index_box(shape, rule.axis, pair.index)
+        axis = rule.axis + len(shape) if rule.axis < 0 else rule.axis
+        box = index_box(shape, axis, pair.layer)
         box_bytes = getattr(self.lazy, "box_nbytes", None)
         if self.lazy is None:
-            return [((si, pair.index), whole // max(shape[rule.axis], 1))]
+            return [((si, pair.layer), whole // max(shape[axis], 1))]
         if box_bytes is None:
             return [((si, None), whole)]  # this source reads whole leaves
-        return [((si, pair.index), int(box_bytes(Path(self.source.paths[si]), box)))]
+        return [((si, pair.layer), int(box_bytes(Path(self.source.paths[si]), box)))]
 
     @property
     def entries(self) -> list[Entry]:
@@ -671,7 +672,7 @@ class _Planner:
         tleaves, sleaves = tgt.leaves, src.leaves
         if self.lazy is not None and pairs:
             # One batch for the metadata of every paired source leaf.
-            needed = []
+            needed: list[Any] = []
             for pair in pairs:
                 needed.extend(sleaves[si] for si in (pair.sources or (pair.source,)))
             self.lazy.prefetch(needed)
@@ -808,7 +809,7 @@ class _Planner:
                 )
             )
             return False
-        out, why = output_spec(rule, specs[0], len(specs), pair.index)
+        out, why = output_spec(rule, specs[0], len(specs), pair.layer)
         if out is None:
             self.problems.append(
                 Problem(
