@@ -527,3 +527,28 @@ def test_nothing_written(ckpts, tmp_path, where):
 def test_a_path_that_is_not_a_path_is_a_checkpoint_error(path):
     with pytest.raises(tg.CheckpointError, match="must be a str or os.PathLike, got"):
         tg.OrbaxCheckpoint(path)
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"], indirect=True)
+def test_typed_prng_keys_plan_print_and_graft_from_a_checkpoint(where, tmp_path):
+    """orbax saves a key array as its key data; treegraft shows and restores the keys."""
+    saved = {"rngs": {"dropout": jax.random.split(jax.random.key(1), 8), "params": jax.random.key(2)},
+             "w": jnp.ones(4)}
+    src = tg.OrbaxCheckpoint(where.publish(write_item(tmp_path / "item", saved)))
+    meta = src.metadata()
+    assert (meta["rngs"]["dropout"].shape, str(meta["rngs"]["dropout"].dtype)) == ((8,), "key<fry>")
+    sharding = NamedSharding(mesh_1d(), P("x"))
+    state = {"rngs": {"dropout": jax.device_put(jax.random.split(jax.random.key(9), 8), sharding),
+                      "params": jax.random.key(3)}, "w": jnp.zeros(4)}
+    p = tg.plan(state, src, {"rngs": "rngs"})
+    assert "key<fry>[8]" in str(p) and p.nbytes == 8 * 2 * 4 + 2 * 4
+    new = tg.execute(p)
+    assert new["rngs"]["dropout"].sharding == sharding
+    for path in ("dropout", "params"):
+        np.testing.assert_array_equal(jax.random.key_data(new["rngs"][path]),
+                                      jax.random.key_data(saved["rngs"][path]))
+    with pytest.raises(tg.MismatchError, match=r"'rngs\.params' in the state is key<rbg>\[\], "
+                       r"'rngs\.params' in the source is key<fry>\[\](.|\n)*PRNG keys of different "
+                       r"implementations are never cast"):
+        tg.plan({"rngs": {"params": jax.random.key(3, impl="rbg")}}, src, {"rngs.params": "rngs.params"},
+                cast="unsafe")

@@ -66,6 +66,7 @@ class _Store:
         self._context: Any = None
         self.index: IndexWalk | None = None
         self.zarr3 = False  # set from `_METADATA`
+        self.key_impls: dict[str, str] = {}  # array name -> PRNG impl, from orbax
         # Whether a chunk missing from the store reads as the fill value. orbax
         # stores every chunk unless told not to: then a missing chunk means the
         # checkpoint is damaged or being deleted, and must fail, never read as 0.
@@ -203,11 +204,45 @@ def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
             spec = parsed[value] = _parse_header(value, store.zarr3)
         if spec is None:  # unparsable or unusual: the array open decides
             left.append(leaf)
-        elif leaf.scalar:
+        elif leaf.scalar or leaf.key_impl is not None:
             leaf._set(*spec)
         else:
             leaf._spec = spec
     return left
+
+
+_KEY_SPECS: dict[str, tuple[Any, int]] = {}
+
+
+def _key_spec(impl: str) -> tuple[Any, int]:
+    """The key dtype of a PRNG implementation, and the rank of its key data."""
+    if impl not in _KEY_SPECS:
+        import jax
+
+        key = jax.eval_shape(lambda: jax.random.key(0, impl=impl))
+        data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl)))
+        _KEY_SPECS[impl] = (key.dtype, len(data.shape))
+    return _KEY_SPECS[impl]
+
+
+def _key_impls(location: Location) -> dict[str, str]:
+    """{array name: PRNG implementation} of the key arrays orbax saved (its array metadata)."""
+    folder = location.join("array_metadatas")
+    if folder.kind("array metadata folder") != "dir":
+        return {}
+    out: dict[str, str] = {}
+    for name in folder.listdir("array metadata folder"):
+        try:
+            entries = json.loads(folder.join(name).read_bytes("array metadata"))["array_metadatas"]
+        except (CheckpointError, ValueError, KeyError, TypeError):
+            continue  # not orbax's array metadata: no key arrays known from it
+        for entry in entries if isinstance(entries, list) else ():
+            meta = entry.get("array_metadata") if isinstance(entry, dict) else None
+            ext = meta.get("ext_metadata") if isinstance(meta, dict) else None
+            impl = ext.get("random_key_impl") if isinstance(ext, dict) else None
+            if isinstance(impl, str) and isinstance(meta.get("param_name"), str):
+                out[meta["param_name"]] = impl
+    return out
 
 
 def _parse_header(text: bytes, zarr3: bool) -> tuple[tuple[int, ...], np.dtype[Any]] | None:
@@ -237,17 +272,23 @@ class LazyLeaf:
     A Python scalar saved by orbax has shape () and its Python type as dtype.
     """
 
-    __slots__ = ("name", "scalar", "_store", "_spec")
+    __slots__ = ("name", "scalar", "key_impl", "_store", "_spec")
 
-    def __init__(self, store: _Store, name: str, scalar: bool):
+    def __init__(self, store: _Store, name: str, scalar: bool, key_impl: str | None = None):
         self._store = store
         self.name = name
         self.scalar = scalar
+        # A typed PRNG key array is saved as its key data (uint32[..., 2] for
+        # threefry): its metadata is the key array's own shape and key dtype.
+        self.key_impl = key_impl
         self._spec: tuple[tuple[int, ...], Any] | None = None
 
     def _set(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
         if self.scalar:
             self._spec = ((), _PY_TYPES.get(dtype.kind, float))
+        elif self.key_impl is not None:
+            key_dtype, data_ndim = _key_spec(self.key_impl)
+            self._spec = (tuple(shape[: len(shape) - data_ndim]), key_dtype)
         else:
             self._spec = (shape, dtype)
 
@@ -304,6 +345,7 @@ def lazy_metadata(
             if zarr3 not in (True, False) or meta.get("use_ocdbt") is not True:
                 return None
             store.zarr3 = zarr3
+            store.key_impls = _key_impls(location)
             store.fill_missing = meta.get("store_array_data_equal_to_fill_value") is not True
             entries = meta["tree_metadata"]
             if not isinstance(entries, dict) or not entries:
@@ -378,7 +420,8 @@ def _build(store: _Store, entries: Any) -> Any:
             raise _Unsupported("duplicate key")
         kind = entry["value_metadata"]["value_type"]
         if kind in _ARRAYS:
-            parent[key] = leaf = LazyLeaf(store, f"{parent_name}{last['key']}", False)
+            name = f"{parent_name}{last['key']}"
+            parent[key] = leaf = LazyLeaf(store, name, False, store.key_impls.get(name))
             store.leaves.append(leaf)
         elif kind == "scalar":
             parent[key] = leaf = LazyLeaf(store, f"{parent_name}{last['key']}", True)

@@ -166,6 +166,16 @@ class OrbaxCheckpoint(Source):
         directory = item_directory(self.location)
         _check_processes_agree(str(directory), requests)
         leaves = [_leaf_at(meta, req.path.parts) for req in requests]
+        # Typed PRNG keys are saved as their key data: read the data, then wrap it.
+        keyed = {
+            i: impl
+            for i, leaf in enumerate(leaves)
+            if (impl := getattr(leaf, "key_impl", None)) is not None
+        }
+        if keyed:
+            requests = list(requests)
+            for i in keyed:
+                requests[i] = _key_data_request(requests[i], keyed[i])
         direct = [
             i for i, (leaf, req) in enumerate(zip(leaves, requests, strict=True))
             if self._direct_reads and arrays.takes(leaf, req)
@@ -187,6 +197,8 @@ class OrbaxCheckpoint(Source):
             got = self._orbax_read(meta, directory, [requests[i] for i in rest])
             for i, value in zip(rest, got, strict=True):
                 out[i] = value
+        for i, impl in keyed.items():
+            out[i] = jax.random.wrap_key_data(out[i], impl=impl)
         return out
 
     def read_boxes(self, requests: Sequence[BoxRequest]) -> list[np.ndarray]:
@@ -314,6 +326,18 @@ def _check_box(req: BoxRequest, shape: tuple[int, ...]) -> tuple[slice, ...]:
                     f"{shape}"
                 )
     return box
+
+
+def _key_data_request(req: ReadRequest, impl: str) -> ReadRequest:
+    """The request for the key data of a typed PRNG key target, sharded like it."""
+    like = req.like
+    data = jax.eval_shape(
+        lambda: jax.random.key_data(jax.random.key(0, impl=impl))
+    )
+    shape = tuple(getattr(like, "shape", ())) + tuple(data.shape)
+    sharding = getattr(like, "sharding", None)
+    return ReadRequest(req.path, jax.ShapeDtypeStruct(shape, data.dtype, sharding=sharding),
+                       np.dtype(data.dtype))
 
 
 def _reason(error: BaseException) -> str:
