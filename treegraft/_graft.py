@@ -234,7 +234,11 @@ class _Blocks:
         return self.fetch_many([(si, box)])[0]
 
     def fetch_many(self, wanted: Sequence[tuple[int, tuple[slice, ...]]]) -> list[np.ndarray]:
-        """Boxes of several source leaves, read in one batch where the source can."""
+        """Boxes of several source leaves, read in one batch where the source can.
+
+        Each returned array is fresh: the caller owns it (no view of a source
+        leaf or of a cached read).
+        """
         p = self.p
         box_request = getattr(_source, "BoxRequest", None)
         read_boxes = getattr(p.lazy, "read_boxes", None)
@@ -266,7 +270,7 @@ class _Blocks:
             like = np.broadcast_to(np.zeros((), dtype), shape or ())
             request = ReadRequest(Path(p.source.paths[si]), like, dtype)
             whole = self._whole[si] = np.asarray(p.lazy.read([request])[0])
-        return whole[box] if box else whole
+        return np.array(whole[box] if box else whole)  # the caller's own copy
 
 
 def _axis(axis: int, ndim: int) -> int:
@@ -287,8 +291,18 @@ def _build(p: GraftPlan, pair: Pair, blocks: _Blocks) -> Any:
         def fetch(box: tuple[slice, ...]) -> np.ndarray:
             inner = box[:axis] + box[axis + 1 :]
             layers = range(box[axis].start, box[axis].stop)
-            parts = blocks.fetch_many([(sources[k], inner) for k in layers])
-            return np.stack(parts, axis=axis)
+            # Layer by layer into one block: host memory holds the block and
+            # one layer's slice, not every slice and then their stack.
+            out: np.ndarray | None = None
+            for j, k in enumerate(layers):
+                part = blocks.fetch(sources[k], inner)
+                if out is None:
+                    out = np.empty(part.shape[:axis] + (len(layers),) + part.shape[axis:],
+                                   part.dtype)
+                out[(slice(None),) * axis + (j,)] = part
+                del part
+            assert out is not None
+            return out
 
     elif rule.gather == "unstack":
         axis = _axis(rule.axis, len(shape))
@@ -319,12 +333,10 @@ def _place_blocks(fetch: Callable[[tuple[slice, ...]], np.ndarray], like: Any, d
     whole = tuple(slice(0, d) for d in shape)
 
     def block(box: tuple[slice, ...]) -> np.ndarray:
-        # Always a fresh, contiguous buffer: a fetch may return a view of a
-        # cached source leaf, and jax may adopt host memory without a copy.
+        # Fetches return arrays of their own (DESIGN section 12), so a block is
+        # copied only to change its dtype.
         value = np.asarray(fetch(box))
-        if isinstance(dtype, type):
-            return np.array(value, copy=True)
-        return np.array(value, dtype=dtype, copy=True, order="C")
+        return value if isinstance(dtype, type) else value.astype(dtype, copy=False)
 
     if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
         sharding = like.sharding
@@ -333,18 +345,30 @@ def _place_blocks(fetch: Callable[[tuple[slice, ...]], np.ndarray], like: Any, d
         # Each device gets its own block, put on it alone: make_array_from_callback
         # may hand one host block to several devices of a replicated sharding,
         # and the CPU client can adopt its memory for all of them.
-        done: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
-        arrays = []
+        boxes = {}
         for device, index in sharding.addressable_devices_indices_map(shape).items():
-            box = tuple(
+            boxes[device] = tuple(
                 slice(*s.indices(d)[:2]) for s, d in zip(index or (), shape, strict=True)
             )
+        left: dict[tuple[tuple[int, int], ...], int] = {}
+        for box in boxes.values():
             key = tuple((b.start, b.stop) for b in box)
-            if key in done:  # replicated shards share one read, not one buffer
-                data = done[key].copy()
+            left[key] = left.get(key, 0) + 1
+        # A block read for replicated shards is kept only until its last use,
+        # so host memory holds one shard's block at a time, not the array.
+        done: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+        arrays = []
+        for device, box in boxes.items():
+            key = tuple((b.start, b.stop) for b in box)
+            left[key] -= 1
+            data = done[key] if key in done else block(box)
+            if left[key]:
+                done[key] = data
+                data = data.copy()  # this device's own buffer
             else:
-                data = done[key] = block(box)
+                done.pop(key, None)
             arrays.append(jax.device_put(data, device, may_alias=False))
+            del data
         return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
     value = block(whole)
     if isinstance(like, np.ndarray):
