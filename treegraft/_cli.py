@@ -16,9 +16,9 @@ from typing import Any
 import treegraft
 from treegraft._display import Style, leaf_rows, render_tree
 from treegraft._errors import CheckpointError, GraftError, MappingError, PathSyntaxError, suggest
+from treegraft._leaves import format_bytes
 from treegraft._paths import render_parts
 from treegraft._patterns import parse_pattern
-from treegraft._leaves import format_bytes
 from treegraft._plan import plan
 from treegraft._read.kauldron import KauldronCheckpoint, is_workdir, list_steps
 from treegraft._read.orbax import OrbaxCheckpoint

@@ -9,13 +9,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft import _leaves
+from treegraft import _leaves, _source
 from treegraft._display import ProgressBar
 from treegraft._errors import GraftError
 from treegraft._index import is_abstract
-from treegraft._paths import Path, render_parts
-from treegraft import _source
 from treegraft._leaves import format_bytes
+from treegraft._paths import Path, render_parts
 from treegraft._plan import GraftPlan, Pair, gathered_spec, plan
 from treegraft._sharding import place
 from treegraft._source import ReadRequest, Source
