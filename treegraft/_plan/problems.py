@@ -7,11 +7,10 @@ remedies chosen by their causes.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from treegraft._errors import GraftError, MappingError, MismatchError, PathNotFoundError
+from treegraft._errors import GraftError, MappingError, MismatchError, PathNotFoundError, suggest
 from treegraft._paths import Part, Path, render_parts
 
 Parts = tuple[Part, ...]
@@ -90,8 +89,8 @@ def _close_paths(text: str, paths: Sequence[Parts]) -> str:
 
 
 def _close_names(text: str, names: Sequence[str]) -> str:
-    close = difflib.get_close_matches(text, names, n=3, cutoff=0.5)
-    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)" if close else ""
+    # Whole paths differ in more places than single keys: a lower cutoff.
+    return suggest(text, names, cutoff=0.5)
 
 
 def raise_problems(problems: Sequence[Problem], n_rules: int) -> None:
