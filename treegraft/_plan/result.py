@@ -76,6 +76,28 @@ class GraftPlan:
     A plan whose in-memory source holds `jax.ShapeDtypeStruct`s where it has
     leaves to graft can be looked at but not executed: `executable` is False
     and `report` says which leaves.
+
+    Attributes:
+      rules: the compiled rules, in the mapping's order (`str(rule)` is
+        "'new' <- 'old'").
+      pairs: one `Pair` per grafted target leaf; its indices point into
+        `target.leaves`/`target.paths` and `source.leaves`/`source.paths`.
+      target: the state, flattened: `.root` (the state itself), `.paths`
+        (each leaf's parts), `.leaves`, `.treedef`.
+      source: the source's metadata tree, flattened the same way.
+      lazy: the lazy source (`tg.OrbaxCheckpoint`, ...) the plan reads from,
+        or None for an in-memory source.
+      report: with `strict=False`, the problems that did not fail the plan.
+      cast: the `cast` option the plan was made with.
+      strict: the `strict` option the plan was made with.
+
+    Example:
+      >>> import numpy as np, treegraft as tg
+      >>> p = tg.plan({'w': np.zeros(2)}, {'v': np.ones(2)}, {'w': 'v'})
+      >>> [(str(e.target), str(e.source), e.nbytes) for e in p.entries]
+      [('w', 'v', 16)]
+      >>> tg.execute(p)['w']
+      array([1., 1.])
     """
 
     def __init__(
