@@ -362,6 +362,10 @@ class Pattern:
           >>> tg.parse_pattern("params.encoder.layers_*").substitute(caps)
           Path('params.encoder.layers_3')
         """
+        return Path(self.substitute_parts(captures))
+
+    def substitute_parts(self, captures: Sequence[Any]) -> tuple[Part, ...]:
+        """`substitute`, as a tuple of parts (the planner's fast path)."""
         it = iter(captures)
         parts: list[Part] = []
         try:
@@ -383,7 +387,7 @@ class Pattern:
                         )
                     parts.append(cap)
                 else:
-                    pieces = seg.text.split("*")
+                    pieces = seg.value.pieces
                     out = pieces[0]
                     for piece in pieces[1:]:
                         cap = next(it)
@@ -403,7 +407,7 @@ class Pattern:
                 f"pattern {self.text!r} has fewer wildcards than the {len(captures)} "
                 "capture(s) given"
             )
-        return Path(parts)
+        return tuple(parts)
 
     def check_corresponds(self, other: Pattern) -> None:
         """Checks that captures of self can fill other's wildcards, in order.

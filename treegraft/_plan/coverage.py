@@ -151,9 +151,9 @@ class Coverage(Resolve):
             known = by_rule.get(r, set())
             for old_prefix, caps in _source_prefixes(rule.old, self.src, known).items():
                 try:
-                    new_prefix = rule.new.substitute(
+                    new_prefix = rule.new.substitute_parts(
                         caps[:-1] if rule.gather == "stack" else caps
-                    ).parts
+                    )
                 except GraftError:  # a capture the new side cannot take
                     continue
                 if rule.gather == "stack":

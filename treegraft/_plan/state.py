@@ -71,7 +71,7 @@ class PlanState:
             return self._literal_old(r)
         if caps is None:
             caps = rule.new.match(new_prefix) or ()
-        return rule.old.substitute(rule.old_captures(caps)).parts
+        return rule.old.substitute_parts(rule.old_captures(caps))
 
     def _literal_old(self, r: int) -> Parts:
         old = self._literal.get(r)
