@@ -47,9 +47,11 @@ def _variable_bases() -> tuple[type, ...]:
     nnx = sys.modules.get("flax.nnx")
     if nnx is None:
         return ()
-    # `VariableState` was the leaf type of `nnx.State` before flax 0.11; it is
-    # an alias of `Variable` since.
-    bases = (getattr(nnx, "Variable", None), getattr(nnx, "VariableState", None))
+    # `VariableState` was the leaf type of `nnx.State` before flax 0.11; since,
+    # it is a deprecated alias of `Variable` that warns on attribute access, so
+    # the module's dict is read directly.
+    names = vars(nnx)
+    bases = (names.get("Variable"), names.get("VariableState"))
     return tuple(b for b in bases if isinstance(b, type))
 
 
