@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from typing import Any
 
 import jax
@@ -257,7 +256,8 @@ def test_nnx_optimizer_state(nnx, tmp_path):
     mu = new_opt["opt_state"][0]["mu"]["encoder"]["linear"]["kernel"]
     assert type(mu) is type(opt_state["opt_state"][0]["mu"]["encoder"]["linear"]["kernel"])
     want = nnx.state(pre_opt)["opt_state"][0]
-    np.testing.assert_array_equal(mu.get_value(), want["mu"]["encoder"]["linear"]["kernel"].get_value())
+    want_mu = want["mu"]["encoder"]["linear"]["kernel"]
+    np.testing.assert_array_equal(mu.get_value(), want_mu.get_value())
     np.testing.assert_array_equal(
         new_opt["opt_state"][0]["nu"]["encoder"]["norm"]["scale"].get_value(),
         want["nu"]["encoder"]["norm"]["scale"].get_value(),
@@ -355,3 +355,154 @@ def test_nnx_rngs_and_dropout_from_checkpoint(nnx, tmp_path):
     # Same weights and the same dropout stream: the same training-mode output.
     np.testing.assert_array_equal(restored(X), pretrained(X))
 
+
+
+# ----------------------------------------------------------------------------
+# Flax Linen with optax: a TrainState.
+# ----------------------------------------------------------------------------
+
+
+@functools.cache
+def linen_net() -> Any:
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        classes: int
+
+        @nn.compact
+        def __call__(self, x: jax.Array) -> jax.Array:
+            x = nn.relu(nn.Dense(8, name="encoder")(x))
+            return nn.Dense(self.classes, name="head")(x)
+
+    return Net
+
+
+def make_train_state(classes: int, seed: int) -> Any:
+    from flax.training import train_state
+
+    net = linen_net()(classes)
+    params = net.init(jax.random.key(seed), X)["params"]
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
+    return train_state.TrainState.create(apply_fn=net.apply, params=params, tx=tx)
+
+
+def linen_loss(params: Any, state: Any) -> jax.Array:
+    return jnp.mean(state.apply_fn({"params": params}, X) ** 2)
+
+
+# Params and adam's moments of the encoder; the head (10 -> 3 classes) is new.
+# adamw's state sits in the chain's tuple: opt_state[1] is adamw's own chain,
+# [0] its ScaleByAdamState.
+LINEN_MAPPING = {
+    "params.encoder": "params.encoder",
+    "opt_state[1][0].*.encoder": "opt_state[1][0].*.encoder",
+    "opt_state[1][0].count": "opt_state[1][0].count",
+    "step": "step",
+}
+
+
+@pytest.mark.parametrize("from_checkpoint", [False, True], ids=["memory", "checkpoint"])
+def test_linen_train_state_with_chained_adamw(from_checkpoint, tmp_path):
+    pytest.importorskip("flax.linen")
+    pretrained = make_train_state(10, seed=0)
+    for _ in range(2):
+        grads = jax.grad(linen_loss)(pretrained.params, pretrained)
+        pretrained = pretrained.apply_gradients(grads=grads)
+    source: Any = pretrained
+    if from_checkpoint:
+        source = tg.OrbaxCheckpoint(save(tmp_path / "run", pretrained))
+    state = make_train_state(3, seed=1)
+
+    new = tg.graft(state, source, LINEN_MAPPING)
+
+    assert type(new) is type(state) and new.tx is state.tx and new.apply_fn is state.apply_fn
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+    assert int(new.step) == 2
+    assert_same_values(new.params["encoder"], pretrained.params["encoder"])
+    adam, fresh = new.opt_state[1][0], state.opt_state[1][0]
+    assert type(adam) is type(fresh)  # ScaleByAdamState, though orbax saved a dict
+    assert_same_values(adam.mu["encoder"], pretrained.opt_state[1][0].mu["encoder"])
+    assert_same_values(adam.nu["encoder"], pretrained.opt_state[1][0].nu["encoder"])
+    assert new.params["head"]["kernel"] is state.params["head"]["kernel"]
+    assert adam.mu["head"]["kernel"] is fresh.mu["head"]["kernel"]
+
+    stepped = new.apply_gradients(grads=jax.grad(linen_loss)(new.params, new))
+    assert int(stepped.step) == 3
+    assert_differ(stepped.params, new.params)
+    assert stepped.apply_fn({"params": stepped.params}, X).shape == (2, 3)
+
+
+def test_linen_head_shape_mismatch_lists_params_and_moments(tmp_path):
+    pytest.importorskip("flax.linen")
+    source = tg.OrbaxCheckpoint(save(tmp_path / "run", make_train_state(10, seed=0)))
+    state = make_train_state(3, seed=1)
+    mapping = {"params": "params", "opt_state": "opt_state"}
+    with pytest.raises(tg.MismatchError) as info:
+        tg.plan(state, source, mapping)
+    message = str(info.value)
+    assert "'params.head.kernel' in the state is float32[8, 3]" in message
+    assert "'opt_state[1][0].mu.head.kernel' in the state is float32[8, 3]" in message
+
+
+# ----------------------------------------------------------------------------
+# Equinox.
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def eqx() -> Any:
+    return pytest.importorskip("equinox")
+
+
+def make_mlp(eqx: Any, out_size: int, seed: int) -> Any:
+    return eqx.nn.MLP(8, out_size, width_size=16, depth=3, key=jax.random.key(seed))
+
+
+def hidden(mlp: Any, x: jax.Array) -> jax.Array:
+    """The MLP's features: every layer but the last."""
+    for layer in mlp.layers[:-1]:
+        x = mlp.activation(layer(x))
+    return x
+
+
+# All layers but the last (its output size differs).
+MLP_MAPPING = {f"layers[{i}]": f"layers[{i}]" for i in range(3)}
+
+
+def test_equinox_module_from_memory(eqx):
+    pretrained = make_mlp(eqx, 10, seed=0)
+    model = make_mlp(eqx, 3, seed=1)
+
+    new = tg.graft(model, pretrained, MLP_MAPPING)
+
+    assert type(new) is type(model)
+    assert new.activation is model.activation  # non-array leaves are untouched
+    for i in range(3):
+        assert_same_values(new.layers[i], pretrained.layers[i])
+    assert new.layers[3].weight is model.layers[3].weight
+    np.testing.assert_allclose(hidden(new, X[0]), hidden(pretrained, X[0]), rtol=1e-6)
+    assert jax.vmap(new)(X).shape == (2, 3)
+
+
+def test_equinox_from_orbax_save_of_partition(eqx, tmp_path):
+    pretrained = make_mlp(eqx, 10, seed=0)
+    params, _ = eqx.partition(pretrained, eqx.is_array)
+    source = tg.OrbaxCheckpoint(save(tmp_path / "mlp", params))
+    model = make_mlp(eqx, 3, seed=1)
+    target, static = eqx.partition(model, eqx.is_array)
+
+    new_params = tg.graft(target, source, MLP_MAPPING)
+
+    assert jax.tree.structure(new_params) == jax.tree.structure(target)
+    new = eqx.combine(new_params, static)
+    for i in range(3):
+        assert_same_values(new.layers[i], pretrained.layers[i])
+
+    @eqx.filter_jit
+    def loss(m, x):
+        return jnp.mean(jax.vmap(m)(x) ** 2)
+
+    np.testing.assert_allclose(hidden(new, X[0]), hidden(pretrained, X[0]), rtol=1e-6)
+    assert jax.vmap(new)(X).shape == (2, 3)
+    grads = eqx.filter_grad(loss)(new, X)
+    assert np.isfinite(float(loss(new, X))) and np.any(np.asarray(grads.layers[0].weight))
