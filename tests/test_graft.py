@@ -229,17 +229,17 @@ def test_cast_casts_to_the_target_dtype():
     state = {
         "np": np.zeros(2, np.float16),
         "jax": jnp.zeros(2, jnp.bfloat16),
-        "i": np.zeros(2, np.int8),
+        "i": np.zeros(2, np.int64),
     }
     source = {
         "np": np.array([1.5, 2.5]),
         "jax": np.array([1.5, 2.5], np.float32),
-        "i": np.array([3, 4]),
+        "i": np.array([3, 4], np.int8),  # a wider int keeps every value: cast=True
     }
     out = tg.graft(state, source, {"": ""}, cast=True)
     assert out["np"].dtype == np.float16 and isinstance(out["np"], np.ndarray)
     assert out["jax"].dtype == jnp.bfloat16 and isinstance(out["jax"], jax.Array)
-    assert out["i"].dtype == np.int8
+    assert out["i"].dtype == np.int64
     np.testing.assert_array_equal(out["np"], np.array([1.5, 2.5], np.float16))
     np.testing.assert_array_equal(np.asarray(out["jax"], np.float32), [1.5, 2.5])
     np.testing.assert_array_equal(out["i"], [3, 4])
@@ -270,8 +270,13 @@ def test_python_float_source_into_a_bfloat16_target():
 
 
 def test_cast_with_python_scalar_source():
+    # float to int can change values: it needs cast="unsafe" (DESIGN section 10).
     state = {"x": jnp.zeros((), jnp.int32)}
-    out = tg.graft(state, {"x": 2.0}, {"x": "x"}, cast=True)
+    with pytest.raises(
+        tg.MismatchError, match=r"'x' in the state is int32\[\], 'x' in the source is float \(python\)"
+    ):
+        tg.graft(state, {"x": 2.0}, {"x": "x"}, cast=True)
+    out = tg.graft(state, {"x": 2.0}, {"x": "x"}, cast="unsafe")
     assert out["x"].dtype == jnp.int32 and int(out["x"]) == 2
 
 
@@ -646,3 +651,85 @@ def test_graft_property_identity_mapping_from_itself(state):
     for got, like in zip(jax.tree.leaves(out), jax.tree.leaves(state), strict=True):
         _assert_placed_like(got, like)
     trees.assert_unchanged(state, snap)
+
+
+# ----------------------------------------------------------------------------
+# Reliability, round 2: casts, typed PRNG keys, buffers of their own.
+# ----------------------------------------------------------------------------
+
+
+def test_cast_true_never_turns_nan_into_int_min():
+    # float to an int type can change values: cast=True refuses it (DESIGN section 10).
+    state = {"w": np.zeros(2, np.uint8), "j": jnp.zeros(2, jnp.int32)}
+    source = {"w": np.array([np.nan, 300.0], np.float32), "j": jnp.array([np.nan, -1.0])}
+    with pytest.raises(tg.MismatchError, match=r"uint8\[2\]"):
+        tg.graft(state, source, {"w": "w"}, cast=True, ignore_model_keys="j")
+    with pytest.raises(tg.MismatchError, match=r"int32\[2\]"):
+        tg.graft(state, source, {"j": "j"}, cast=True, ignore_model_keys="w")
+    out = tg.graft(state, {"w": np.array([1.0, 2.0], np.float32)}, {"w": "w"},
+                   cast="unsafe", ignore_model_keys="j")
+    np.testing.assert_array_equal(out["w"], [1, 2])
+
+
+def _key_state():
+    return {"rng": jax.random.split(jax.random.key(1), 2), "w": jnp.zeros(3)}
+
+
+def test_key_arrays_plan_print_and_graft_from_memory():
+    source = {"rng": jax.random.split(jax.random.key(7), 2), "w": jnp.ones(3)}
+    p = tg.plan(_key_state(), source, {"": ""})
+    assert "key<fry>[2]" in str(p)
+    assert [e.nbytes for e in p.entries] == [16, 12] and p.nbytes == 28
+    out = tg.graft(_key_state(), source, {"": ""})
+    assert out["rng"].dtype == source["rng"].dtype
+    np.testing.assert_array_equal(
+        np.asarray(jax.random.key_data(out["rng"])), np.asarray(jax.random.key_data(source["rng"]))
+    )
+    # The grafted keys work as keys.
+    assert jax.random.normal(out["rng"][0], (2,)).shape == (2,)
+
+
+def test_key_array_against_its_raw_data_is_a_typed_dtype_mismatch():
+    raw = {"rng": jnp.zeros(2, jnp.uint32), "w": jnp.ones(3)}
+    with pytest.raises(
+        tg.MismatchError,
+        match=r"'rng' in the state is key<fry>\[2\], 'rng' in the source is uint32\[2\]",
+    ):
+        tg.plan(_key_state(), raw, {"": ""})
+    with pytest.raises(tg.MismatchError, match=r"key<fry>\[2\]"):
+        tg.graft(raw, _key_state(), {"": ""}, cast="unsafe")
+
+
+@pytest.mark.parametrize("cast", [True, "unsafe"])
+def test_keys_of_another_impl_are_never_cast(cast):
+    rbg = {"rng": jax.random.split(jax.random.key(1, impl="rbg"), 2), "w": jnp.ones(3)}
+    with pytest.raises(tg.MismatchError, match=r"key<rbg>\[2\]"):
+        tg.graft(_key_state(), rbg, {"": ""}, cast=cast)
+
+
+def test_one_layer_into_many_then_a_donating_step():
+    # DESIGN section 12: every grafted leaf owns its buffers.
+    mesh = jax.make_mesh((8,), ("d",))
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    layer = {"w": jax.device_put(jnp.arange(16.0), sharded), "b": np.arange(8.0)}
+    state = {
+        "layers": [{"w": jax.device_put(jnp.zeros(16), sharded), "b": np.zeros(8)}
+                   for _ in range(3)],
+        "step": jnp.zeros((), jnp.int32),
+    }
+    out = tg.graft(state, {"enc": layer}, {f"layers[{i}]": "enc" for i in range(3)})
+    ws = [out["layers"][i]["w"] for i in range(3)]
+    assert len({id(w) for w in ws}) == 3
+    pointers = [{s.data.unsafe_buffer_pointer() for s in w.addressable_shards} for w in ws]
+    source_pointers = {s.data.unsafe_buffer_pointer() for s in layer["w"].addressable_shards}
+    for i, p in enumerate(pointers):
+        assert not p & source_pointers
+        assert not any(p & q for q in pointers[i + 1 :])
+    bs = [out["layers"][i]["b"] for i in range(3)]
+    assert not any(np.shares_memory(b, layer["b"]) for b in bs)
+    assert not np.shares_memory(bs[0], bs[1])
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+    new = step({"layers": [{"w": w} for w in ws]})
+    np.testing.assert_array_equal(np.asarray(new["layers"][2]["w"]), np.arange(16.0) + 1)
+    assert not layer["w"].is_deleted()
+    np.testing.assert_array_equal(np.asarray(layer["w"]), np.arange(16.0))

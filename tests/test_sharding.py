@@ -75,13 +75,122 @@ def test_grafted_leaf_takes_the_target_sharding(target, placement):
     assert out["keep"] is state["keep"]
 
 
-def test_a_source_already_placed_right_is_not_copied():
+def test_a_source_already_placed_right_is_copied_into_buffers_of_its_own():
+    # DESIGN section 12: a grafted leaf never shares memory with the source.
     sharding = TARGET_SHARDINGS["2d-partitioned"]
     source = jax.device_put(VALUES, sharding)
     out = tg.graft(
         {"w": jax.device_put(np.zeros(SHAPE, np.float32), sharding)}, {"w": source}, {"w": "w"}
     )
-    assert out["w"] is source
+    assert out["w"] is not source
+    assert out["w"].sharding == sharding
+    assert not buffers(out["w"]) & buffers(source)
+    np.testing.assert_array_equal(np.asarray(out["w"]), VALUES)
+
+
+def buffers(x):
+    """The device buffer addresses of every shard of x (numpy: its data address)."""
+    if isinstance(x, np.ndarray):
+        return {x.ctypes.data}
+    return {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+
+
+ALIAS_TARGETS = {
+    "device-0": SingleDeviceSharding(DEVICES[0]),
+    "device-3": SingleDeviceSharding(DEVICES[3]),
+    "1d-partitioned": NamedSharding(MESH_1D, P("d")),
+    "1d-replicated": NamedSharding(MESH_1D, P()),
+    "2d-partitioned": NamedSharding(MESH_2D, P("x", "y")),
+    "numpy": None,
+}
+
+
+def aligned_values():
+    """VALUES in 64-byte aligned memory: jax's CPU client would keep such memory."""
+    raw = np.empty(VALUES.nbytes + 64, np.uint8)
+    offset = (-raw.ctypes.data) % 64
+    out = raw[offset : offset + VALUES.nbytes].view(np.float32).reshape(SHAPE)
+    out[...] = VALUES
+    return out
+
+
+ALIAS_SOURCES = [*SOURCE_PLACEMENTS, "numpy-aligned"]
+
+
+def alias_source(placement):
+    return aligned_values() if placement == "numpy-aligned" else source_value(placement)
+
+
+def _target(name):
+    sharding = ALIAS_TARGETS[name]
+    zeros = np.zeros(SHAPE, np.float32)
+    return zeros if sharding is None else jax.device_put(zeros, sharding)
+
+
+@pytest.mark.parametrize("placement", ALIAS_SOURCES)
+@pytest.mark.parametrize("target", list(ALIAS_TARGETS))
+def test_one_layer_copied_into_many_gives_leaves_that_own_their_buffers(target, placement):
+    source = alias_source(placement)
+    state = {f"layers_{i}": {"w": _target(target)} for i in range(3)}
+    out = tg.graft(state, {"enc": {"w": source}}, {f"layers_{i}": "enc" for i in range(3)})
+    got = [out[f"layers_{i}"]["w"] for i in range(3)]
+    if target == "numpy":
+        assert all(type(g) is np.ndarray and g.flags.writeable for g in got)
+        for i, g in enumerate(got):
+            assert not any(np.shares_memory(g, h) for h in got[i + 1 :])
+            if isinstance(source, np.ndarray):
+                assert not np.shares_memory(g, source)
+        got[0][...] += 5  # writing one result changes neither its siblings nor the source
+        np.testing.assert_array_equal(got[1], VALUES)
+    else:
+        seen = buffers(source)
+        for g in got:
+            assert g.sharding == ALIAS_TARGETS[target]
+            assert not buffers(g) & seen, "a grafted leaf shares a buffer"
+            seen |= buffers(g)
+    np.testing.assert_array_equal(np.asarray(source), VALUES)
+
+
+@pytest.mark.parametrize("placement", ALIAS_SOURCES)
+@pytest.mark.parametrize("target", [t for t in ALIAS_TARGETS if t != "numpy"])
+def test_donating_the_new_state_keeps_the_callers_source(target, placement):
+    source = alias_source(placement)
+    state = {"a": _target(target), "b": _target(target), "keep": jnp.zeros(2)}
+    out = tg.graft(state, {"enc": source}, {"a": "enc", "b": "enc"})
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+    stepped = step(out)
+    np.testing.assert_array_equal(np.asarray(stepped["a"]), VALUES + 1)
+    if isinstance(source, jax.Array):
+        assert not source.is_deleted()
+    np.testing.assert_array_equal(np.asarray(source), VALUES)
+    # Untouched leaves are the state's own objects (documented): donated with it.
+    assert out["keep"] is state["keep"]
+
+
+def test_a_cast_leaf_and_its_uncast_sibling_do_not_share_buffers():
+    sharding = TARGET_SHARDINGS["1d-partitioned"]
+    source = jax.device_put(VALUES, sharding)
+    state = {
+        "a": jax.device_put(np.zeros(SHAPE, jnp.bfloat16), sharding),
+        "b": jax.device_put(np.zeros(SHAPE, np.float32), sharding),
+    }
+    out = tg.graft(state, {"w": source}, {"a": "w", "b": "w"}, cast=True)
+    assert out["a"].dtype == jnp.bfloat16 and out["b"].dtype == np.float32
+    assert not buffers(out["a"]) & buffers(out["b"])
+    assert not buffers(out["b"]) & buffers(source)
+
+
+def test_key_arrays_graft_into_buffers_of_their_own():
+    sharding = TARGET_SHARDINGS["1d-partitioned"]
+    keys = jax.device_put(jax.random.split(jax.random.key(0), 8), sharding)
+    state = {"a": jax.device_put(jax.random.split(jax.random.key(1), 8), sharding), "b": keys}
+    out = tg.graft(state, {"rng": keys}, {"a": "rng", "b": "rng"})
+    assert out["a"].dtype == keys.dtype and out["a"].sharding == sharding
+    assert not buffers(out["a"]) & buffers(out["b"])
+    assert not buffers(out["b"]) & buffers(keys)
+    np.testing.assert_array_equal(
+        np.asarray(jax.random.key_data(out["a"])), np.asarray(jax.random.key_data(keys))
+    )
 
 
 def test_one_source_leaf_feeding_targets_with_different_shardings():
@@ -299,12 +408,36 @@ def test_propagate_sharding_places_every_leaf_like_its_counterpart():
 
 
 def test_propagate_sharding_does_not_copy_arrays_already_placed():
+    # Documented: propagate_sharding moves values like jax.device_put; only
+    # graft promises buffers of their own.
     sharding = TARGET_SHARDINGS["2d-transposed"]
     value = jax.device_put(VALUES, sharding)
+    host = VALUES.copy()
     out = tg.propagate_sharding(
-        {"w": value}, {"w": jax.ShapeDtypeStruct(SHAPE, jnp.float32, sharding=sharding)}
+        {"w": value, "h": host},
+        {"w": jax.ShapeDtypeStruct(SHAPE, jnp.float32, sharding=sharding), "h": VALUES},
     )
     assert out["w"] is value
+    assert out["h"] is host
+
+
+def test_propagate_sharding_copies_a_value_used_twice():
+    sharding = TARGET_SHARDINGS["1d-partitioned"]
+    value = jax.device_put(VALUES, sharding)
+    like = jax.ShapeDtypeStruct(SHAPE, jnp.float32, sharding=sharding)
+    out = tg.propagate_sharding([value, value], [like, like])
+    assert out[0] is value
+    assert not buffers(out[1]) & buffers(value)
+
+
+def test_propagate_sharding_dtype_mismatch_names_the_leaf():
+    like = {"w": jax.ShapeDtypeStruct(SHAPE, jnp.float32, sharding=TARGET_SHARDINGS["1d-replicated"])}
+    with pytest.raises(
+        tg.MismatchError,
+        match=r"cannot place 'w': the value is float64\[8, 8\], the leaf it replaces is "
+        r"float32\[8, 8\] \(float64 -> float32: casting is never implicit; pass cast=True\)",
+    ):
+        tg.propagate_sharding({"w": np.zeros(SHAPE, np.float64)}, like)
 
 
 def test_propagate_sharding_does_not_modify_its_inputs():

@@ -623,3 +623,25 @@ def test_insert_identity_at_root_keeps_everything(tree):
     assert all(
         a is b for a, b in zip(tree_util.tree_leaves(out), tree_util.tree_leaves(tree), strict=True)
     )
+
+
+# ----------------------------------------------------------------------------
+# Reliability, round 2.
+# ----------------------------------------------------------------------------
+
+
+def test_insert_key_arrays():
+    tree = {"rng": jax.random.split(jax.random.key(0), 2), "w": np.zeros(2)}
+    new = jax.random.split(jax.random.key(5), 2)
+    out = tg.insert(tree, "rng", new)
+    assert out["rng"] is new
+    with pytest.raises(
+        MismatchError,
+        match=r"'rng': dtype differs: in the tree key<fry>\[2\], in the subtree uint32\[2\]",
+    ):
+        tg.insert(tree, "rng", jnp.zeros(2, jnp.uint32))
+    with pytest.raises(
+        MismatchError,
+        match=r"'rng': dtype differs: in the tree key<fry>\[2\], in the subtree key<rbg>\[2\]",
+    ):
+        tg.insert(tree, "rng", jax.random.split(jax.random.key(0, impl="rbg"), 2))

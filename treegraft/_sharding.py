@@ -2,8 +2,9 @@
 
 A grafted leaf takes the sharding of the target leaf (`jax.Array.sharding`, or
 `.sharding` of a `jax.ShapeDtypeStruct`); numpy targets stay numpy, Python
-scalars stay Python scalars. Values already placed right are returned as they
-are, without a copy.
+scalars stay Python scalars. `place` gives every grafted leaf buffers of its
+own (DESIGN section 12); `propagate_sharding` is a placement utility like
+`jax.device_put` and returns arrays already placed right as they are.
 """
 
 from __future__ import annotations
@@ -24,66 +25,185 @@ __all__ = ["propagate_sharding", "place"]
 _PY_SCALARS = (bool, int, float, complex)
 
 
-def place(values: Sequence[Any], likes: Sequence[Any], *, cast: bool = False) -> list[Any]:
-    """Places each value like the corresponding leaf of likes.
+def place(
+    values: Sequence[Any],
+    likes: Sequence[Any],
+    *,
+    cast: bool | str = False,
+    owned: bool = False,
+    paths: Sequence[str] | None = None,
+) -> list[Any]:
+    """Places each value like the corresponding leaf of likes, in buffers of its own.
+
+    Every placed array owns its buffers (DESIGN section 12): it shares memory
+    neither with the value it came from nor with another placed value, so the
+    result can be donated (`jax.jit(f, donate_argnums=0)`) without deleting the
+    caller's arrays, and a numpy result can be written to. Copies stay on the
+    devices (`jax.device_put(..., may_alias=False)`), with no host round trip.
 
     Args:
       values: the new values (arrays or scalars).
       likes: the leaves they replace.
-      cast: cast values to the like's dtype where it differs.
+      cast: False, True or "unsafe": which dtype changes are allowed, under the
+        policy of `treegraft._leaves.mismatch` (the plan has checked them;
+        this checks again, so a refused cast can never happen silently).
+      owned: the values are fresh (read from a checkpoint for this call):
+        each may be used as it is once; a value that appears several times is
+        still copied for its other uses. By default every value belongs to the
+        caller and is copied.
+      paths: how messages name each leaf (rendered paths), if known.
 
     Returns:
       The placed values, in order. The inputs are not modified.
+
+    Raises:
+      MismatchError: a value's dtype differs from its like's and `cast` does
+        not allow that cast.
     """
     out: list[Any] = [None] * len(values)
-    put_at: list[int] = []
-    put_values: list[Any] = []
-    put_shardings: list[Any] = []
+    puts: list[tuple[int, Any, Any]] = []  # (k, value, sharding): one batched device_put
+    first_put: dict[tuple[int, Any], int] = {}  # (id(value), sharding) -> k of its put
+    copies: dict[int, list[int]] = {}  # k of a put -> the ks that get a copy of its result
+    seen: set[int] = set()
     for k, (value, like) in enumerate(zip(values, likes, strict=True)):
+        first = id(value) not in seen
+        seen.add(id(value))
+        keep = owned and first  # the value may be used without a copy
+        original = value
         if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
-            if cast or _same_kind_scalar(value, like):
-                value = _as_dtype(value, like.dtype)
+            value = _cast_for(value, like, cast, k, paths)
+            keep = keep or value is not original  # a cast made a new array
             sharding = like.sharding
-            if isinstance(value, jax.Array) and (sharding is None or value.sharding == sharding):
-                out[k] = value
-            elif sharding is None:
-                out[k] = jax.device_put(value)
-            elif not sharding.is_fully_addressable and _is_local(value):
+            if isinstance(value, jax.Array) and sharding is None:
+                sharding = value.sharding
+            if sharding is None:
+                # No sharding to follow: the default device, in a copy of its own.
+                out[k] = jax.numpy.array(value, copy=not keep)
+                continue
+            if not sharding.is_fully_addressable and _is_local(value):
                 out[k] = _local_to_global(value, like)
-            else:
-                put_at.append(k)
-                put_values.append(value)
-                put_shardings.append(sharding)
+                continue
+            if keep and isinstance(value, jax.Array) and value.sharding == sharding:
+                out[k] = value
+                first_put.setdefault((id(value), sharding), k)
+                continue
+            key = (id(value), sharding)
+            if key in first_put:
+                copies.setdefault(first_put[key], []).append(k)
+                continue
+            first_put[key] = k
+            if not keep and not isinstance(value, jax.Array) and _on_cpu(sharding):
+                # jax's CPU client keeps an aligned numpy array's memory as the
+                # buffer, even with may_alias=False: copy it on the host first.
+                value = np.array(value, copy=True)
+            puts.append((k, value, sharding))
         elif isinstance(like, np.ndarray | np.generic):
+            _check_cast(value, like, cast, k, paths)
             array = _to_host(value)
-            if cast or array.dtype != like.dtype:
-                array = array.astype(like.dtype)
+            if _leaves._kind(array.dtype) == "c" and _leaves._kind(like.dtype) != "c":
+                array = np.real(array)  # cast="unsafe": drop the imaginary part, no warning
+            if not (keep and array is value and array.flags.writeable and array.dtype == like.dtype):
+                # A copy: never the caller's array, nor a read-only view of a device buffer.
+                array = np.array(array, dtype=like.dtype, copy=True)
             out[k] = array if isinstance(like, np.ndarray) else array[()]
         elif type(like) in _PY_SCALARS:
-            out[k] = type(like)(_to_host(value).item())
+            _check_cast(value, like, cast, k, paths)
+            host = _to_host(value)
+            if _leaves._kind(host.dtype) == "c" and type(like) is not complex:
+                host = np.real(host)
+            out[k] = type(like)(host.item())
         else:
             out[k] = value
-    if put_at:
-        placed = jax.device_put(put_values, put_shardings)
-        for k, value in zip(put_at, placed, strict=True):
-            out[k] = value
+    if puts:
+        placed = jax.device_put(
+            [v for _, v, _ in puts], [sh for _, _, sh in puts], may_alias=False
+        )
+        for (k, value, sharding), got in zip(puts, placed, strict=True):
+            if isinstance(value, jax.Array) and _buffers(got) & _buffers(value):
+                # jax keeps the source's buffer as one shard of a resharded array
+                # (one device to replicated), even with may_alias=False.
+                got = _copy(got)
+            out[k] = got
+    # The other uses of a value placed once: device-to-device copies of the first
+    # result. One batch per round, so that no batch holds the same input twice
+    # (a batched device_put gives equal inputs one shared buffer).
+    rounds = max((len(ks) for ks in copies.values()), default=0)
+    for r in range(rounds):
+        batch = [(k_first, ks[r]) for k_first, ks in copies.items() if len(ks) > r]
+        made = jax.device_put(
+            [out[k_first] for k_first, _ in batch],
+            [out[k_first].sharding for k_first, _ in batch],
+            may_alias=False,
+        )
+        for (k_first, k), got in zip(batch, made, strict=True):
+            if _buffers(got) & _buffers(out[k_first]):
+                got = _copy(got)
+            out[k] = got
     return out
 
 
-def _same_kind_scalar(value: Any, like: Any) -> bool:
-    # A Python scalar of the target's kind (the plan allows it) must take the
-    # target's dtype: jax alone would make it a weakly typed int32 or float32.
-    return type(value) in _PY_SCALARS and (
-        _leaves.mismatch(_leaves.spec_of(like), _leaves.spec_of(value)) is None
-    )
+def _on_cpu(sharding: Any) -> bool:
+    return any(d.platform == "cpu" for d in sharding.device_set)
 
 
-def _as_dtype(value: Any, dtype: Any) -> Any:
-    if getattr(value, "dtype", None) == dtype:
+def _copy(x: jax.Array) -> jax.Array:
+    """A copy of x with the same sharding in new device buffers (no host round trip)."""
+    y = jax.device_put(x, x.sharding, may_alias=False)
+    if _buffers(y) & _buffers(x):
+        y = jax.jit(lambda a: a.copy(), out_shardings=x.sharding)(x)
+    return y
+
+
+def _buffers(x: jax.Array) -> set[int]:
+    """The device buffer addresses of an array's addressable shards."""
+    out = set()
+    for shard in x.addressable_shards:
+        try:
+            out.add(shard.data.unsafe_buffer_pointer())
+        except Exception:  # noqa: BLE001 (a backend without pointers: nothing to compare)
+            pass
+    return out
+
+
+def _describe_at(k: int, paths: Sequence[str] | None) -> str:
+    return f"{paths[k]!r}" if paths is not None else f"leaf #{k}"
+
+
+def _check_cast(
+    value: Any, like: Any, cast: bool | str, k: int, paths: Sequence[str] | None
+) -> None:
+    if getattr(value, "dtype", None) is None and type(value) not in _PY_SCALARS:
+        return
+    vspec, lspec = _leaves.spec_of(value), _leaves.spec_of(like)
+    if vspec[1] == lspec[1]:
+        return
+    why = _leaves.mismatch(lspec, vspec, cast=cast)
+    if why is not None and why != "shape":
+        raise MismatchError(
+            f"cannot place {_describe_at(k, paths)}: the value is {_leaves.describe(vspec)}, "
+            f"the leaf it replaces is {_leaves.describe(lspec)} ({why.detail})"
+        )
+
+
+def _cast_for(value: Any, like: Any, cast: bool | str, k: int, paths: Sequence[str] | None) -> Any:
+    """The value in the like's dtype, when the policy allows; the value itself otherwise."""
+    _check_cast(value, like, cast, k, paths)
+    dtype = like.dtype
+    vdtype = getattr(value, "dtype", None)
+    if vdtype == dtype:
         return value
+    if vdtype is None and type(value) not in _PY_SCALARS:
+        return value
+    if _leaves.is_key_dtype(dtype):
+        return value  # same key dtype, or _check_cast raised
     if isinstance(value, jax.Array):
+        if _leaves._kind(np.dtype(vdtype)) == "c" and _leaves._kind(np.dtype(dtype)) != "c":
+            value = value.real  # cast="unsafe": drop the imaginary part, no warning
         return value.astype(dtype)
-    return np.asarray(value, dtype=dtype)
+    array = np.asarray(value)
+    if _leaves._kind(array.dtype) == "c" and _leaves._kind(np.dtype(dtype)) != "c":
+        array = np.real(array)
+    return array.astype(dtype)
 
 
 def _is_local(value: Any) -> bool:
@@ -101,9 +221,17 @@ def _local_to_global(value: Any, like: Any) -> jax.Array:
     number of processes, per leaf.
     """
     local = value if isinstance(value, jax.Array) else np.asarray(value, dtype=like.dtype)
-    return jax.make_array_from_callback(
-        tuple(like.shape), like.sharding, lambda index: local[index], dtype=like.dtype
-    )
+
+    def block(index: Any) -> Any:
+        piece = local[index]
+        # A whole-array index gives the value itself: copy it, so that the
+        # placed array owns its buffers (DESIGN section 12).
+        # numpy blocks are copied too: jax's CPU client would keep their memory.
+        if piece is local or not isinstance(piece, jax.Array):
+            piece = jax.numpy.array(piece, copy=True) if isinstance(piece, jax.Array) else np.array(piece)
+        return piece
+
+    return jax.make_array_from_callback(tuple(like.shape), like.sharding, block, dtype=like.dtype)
 
 
 def _to_host(value: Any) -> np.ndarray:
@@ -121,9 +249,15 @@ def propagate_sharding(values: Any, like: Any, /) -> Any:
 
     Each leaf goes to the sharding of the corresponding leaf of `like`
     (`jax.Array` or `jax.ShapeDtypeStruct` with `.sharding`); numpy leaves of
-    `like` give numpy arrays, Python scalars give Python scalars. Arrays
-    already on the right sharding are not copied. The input is not modified;
-    use the return value.
+    `like` give numpy arrays, Python scalars give Python scalars. Like
+    `jax.device_put`, it moves values and does not copy what is already
+    placed right: an array already on its sharding (a numpy array already of
+    its dtype) is returned as it is, so the result may share buffers with
+    `values` (only a value used twice is copied for its second use). Copy
+    first (`jnp.copy`) if you will donate the result and still need `values`;
+    `treegraft.graft` always returns leaves with buffers of their own. Dtypes
+    must agree (a Python scalar meets any dtype of its kind): nothing is cast.
+    The input is not modified; use the return value.
 
     Args:
       values: a pytree of arrays.
@@ -134,7 +268,7 @@ def propagate_sharding(values: Any, like: Any, /) -> Any:
 
     Raises:
       MismatchError: the two trees do not have the same structure, or leaves
-        differ in shape.
+        differ in shape or dtype.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, treegraft as tg
@@ -169,4 +303,5 @@ def propagate_sharding(values: Any, like: Any, /) -> Any:
             + "\n".join(bad[:20]),
             problems=bad,
         )
-    return ldef.unflatten(place(vleaves, lleaves))
+    names = [render_parts(p) for p in vpaths]
+    return ldef.unflatten(place(vleaves, lleaves, owned=True, paths=names))
