@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -167,6 +168,66 @@ def test_nnx_paths_are_the_pure_dict_paths(nnx):
     assert isinstance(kernel, nnx.Param)
     with pytest.raises(tg.PathNotFoundError, match=r"'encoder.linear.kernel' is a leaf"):
         tg.extract(state, "encoder.linear.kernel.value")
+
+
+def test_nnx_variable_holding_a_tree_or_none(nnx):
+    state = nnx.State(
+        {
+            "stats": nnx.Variable({"mean": jnp.zeros(2), "count": jnp.ones(())}),
+            "empty": nnx.Variable(None),
+            "w": nnx.Param(jnp.ones(3)),
+        }
+    )
+    want = ["stats.count", "stats.mean", "w"]
+    assert [str(p) for p in tg.flatten(state)] == want
+    assert [str(p) for p in tg.flatten(state, is_leaf=lambda x: x is None)] == [
+        "empty", "stats.count", "stats.mean", "w"
+    ]
+    new = tg.graft(state, {"stats": {"mean": jnp.full(2, 5.0), "count": jnp.ones(())}},
+                   {"stats": "stats"})
+    assert type(new["stats"]) is nnx.Variable
+    np.testing.assert_array_equal(new["stats"].get_value()["mean"], [5.0, 5.0])
+    assert new["empty"].get_value() is None
+
+
+def test_value_fields_of_other_nodes_stay_in_paths(nnx):
+    # Only NNX Variables lose their `value` key: a flax struct field named
+    # `value` is a path part like any other, on the fast and the slow path.
+    import flax.struct
+
+    @flax.struct.dataclass
+    class Box:
+        value: Any
+
+    tree = {"box": Box(value=np.zeros(2)), "w": nnx.Param(np.ones(2))}
+    assert [str(p) for p in tg.flatten(tree)] == ["box.value", "w"]
+    slow = tg.flatten(tree, is_leaf=lambda x: isinstance(x, np.ndarray))
+    assert [str(p) for p in slow] == ["box.value", "w"]
+
+
+def test_insert_a_pure_dict_into_a_state(nnx):
+    models = nnx_models()
+    state = nnx.state(models.EncoderDecoder(rngs=nnx.Rngs(1)))
+    pure = nnx.to_pure_dict(nnx.state(models.Classifier(rngs=nnx.Rngs(0))))
+    new = tg.insert(state, "decoder", pure["encoder"])
+    assert type(new) is type(state) and type(new["decoder"]["norm"]["scale"]) is nnx.Param
+    np.testing.assert_array_equal(
+        new["decoder"]["linear"]["kernel"].get_value(), pure["encoder"]["linear"]["kernel"]
+    )
+    with pytest.raises(tg.MismatchError, match=r"'head.kernel': shape differs"):
+        tg.insert(state, "head", pure["head"])
+
+
+def test_treegraft_imports_without_flax():
+    import subprocess
+
+    code = (
+        "import sys; import treegraft as tg, numpy as np; "
+        "tg.graft({'a': np.zeros(2)}, {'a': np.ones(2)}, {'a': 'a'}); "
+        "assert 'flax' not in sys.modules, 'treegraft imported flax'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("kind", NNX_SOURCES)

@@ -63,6 +63,9 @@ def is_variable_type(t: type) -> bool:
 
 def value_of(variable: Any) -> Any:
     """The one child jax flattens a Variable to: its raw value."""
+    get = getattr(variable, "get_raw_value", None)  # flax >= 0.11: what jax flattens to
+    if get is not None:
+        return get()
     kids, _ = tree_util.tree_flatten(variable, is_leaf=lambda x: x is not variable)
     if len(kids) != 1:  # not a layout this adapter knows: should not happen
         from treegraft._errors import GraftError
@@ -101,14 +104,17 @@ def drop_value_keys(
     def stop(x: Any) -> bool:
         return isinstance(x, bases) or (is_leaf is not None and is_leaf(x))
 
-    out: list[tuple[Any, Any]] = []
+    paths: list[tuple[Any, ...]] = []
 
     def walk(prefix: tuple[Any, ...], node: Any) -> None:
         for keypath, x in tree_util.tree_flatten_with_path(node, is_leaf=stop)[0]:
             if isinstance(x, bases) and not (is_leaf is not None and is_leaf(x)):
                 walk(prefix + tuple(keypath), value_of(x))
             else:
-                out.append((prefix + tuple(keypath), x))
+                paths.append(prefix + tuple(keypath))
 
     walk((), tree)
-    return out
+    if len(paths) != len(keyed):  # cannot vouch for the pairing: keep jax's paths
+        return keyed
+    # The leaves stay jax's own objects, in jax's order.
+    return [(p, leaf) for p, (_, leaf) in zip(paths, keyed, strict=True)]
