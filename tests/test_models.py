@@ -275,6 +275,21 @@ def test_nnx_mismatch_names_pure_dict_paths(nnx):
         tg.graft(state, source, {"head": "head"})
 
 
+def test_nnx_module_itself_as_target(nnx):
+    # NNX modules are pytrees too: grafting into one returns a new module.
+    models = nnx_models()
+    pretrained = models.Classifier(rngs=nnx.Rngs(0))
+    model = models.EncoderDecoder(rngs=nnx.Rngs(1))
+    before = np.asarray(model.decoder.linear.kernel.get_value())
+
+    new = tg.graft(model, nnx.to_pure_dict(nnx.state(pretrained)), ENCODER_TO_BOTH)
+
+    assert type(new) is type(model) and new is not model
+    np.testing.assert_array_equal(model.decoder.linear.kernel.get_value(), before)
+    np.testing.assert_allclose(new.decoder(X), pretrained.encoder(X), rtol=1e-6)
+    assert new(X).shape == (2, 3)
+
+
 def test_nnx_optimizer_state(nnx, tmp_path):
     models = nnx_models()
 
