@@ -142,7 +142,7 @@ def test_plan_that_would_fail_exits_1_with_every_problem(demo_run: str) -> None:
     assert result.returncode == 1
     out = result.stdout
     assert "the graft would fail" in out
-    assert "2 problem(s)" in out
+    assert "2 problems" in out
     assert "did you mean 'encoder'" in out and "did you mean 'embed'" in out
 
 

@@ -356,7 +356,7 @@ def test_flax_struct_and_frozendict_are_preserved():
 def test_identity_graft_on_the_corpus(case):
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(case.tree)):
         with pytest.raises(
-            tg.GraftError, match=r"are abstract \(jax.ShapeDtypeStruct\) and have no value"
+            tg.GraftError, match=r"(is|are) abstract \(jax.ShapeDtypeStruct\) and (has|have) no value"
         ):
             tg.graft(case.tree, case.tree, {"": ""})
         return
@@ -416,7 +416,7 @@ def test_abstract_source_leaves_cannot_be_grafted():
     }
     assert len(tg.plan(state, source, {"": ""}).entries) == 2  # planning needs no values
     with pytest.raises(
-        tg.GraftError, match=r"2 source leaf\(s\) are abstract .* no value to graft: 'b', 'w'"
+        tg.GraftError, match=r"2 source leaves are abstract .* no value to graft: 'b', 'w'"
     ):
         tg.graft(state, source, {"": ""})
 
@@ -462,8 +462,9 @@ def test_lazy_source_is_named_in_messages_and_read_in_its_own_dtype_unless_cast(
         tg.MismatchError, match=r"'w' in the state is int32\[3\], 'w' in the source is int64\[3\]"
     ):
         tg.graft({"w": np.zeros(3, np.int32)}, ckpt, {"w": "w"})
-    out = tg.graft({"w": np.zeros(3, np.int32)}, ckpt, {"w": "w"}, cast=True)
-    assert [r.dtype for r in ckpt.requests] == [np.int32]
+    out = tg.graft({"w": np.zeros(3, np.int32)}, ckpt, {"w": "w"}, cast="unsafe")
+    # Read in the source's dtype; each target is cast to its own afterwards.
+    assert [r.dtype for r in ckpt.requests] == [np.int64]
     assert out["w"].dtype == np.int32
     np.testing.assert_array_equal(out["w"], [0, 1, 2])
 

@@ -255,7 +255,7 @@ def test_missing_and_unexpected_reported_together(pretrain):
     with pytest.raises(tg.PathNotFoundError) as info:
         tg.PartialKauldronLoader(workdir=workdir).transform(fresh(shapes))
     msg = str(info.value)
-    assert "2 problem(s)" in msg
+    assert "2 problems" in msg
     assert "ignore_model_keys" in msg and "ignore_restored_keys" in msg
     assert {p.kind for p in info.value.problems} == {"missing", "unexpected"}
 

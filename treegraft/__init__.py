@@ -7,6 +7,7 @@ from treegraft._errors import MappingError as MappingError
 from treegraft._errors import MismatchError as MismatchError
 from treegraft._errors import PathNotFoundError as PathNotFoundError
 from treegraft._errors import PathSyntaxError as PathSyntaxError
+from treegraft._graft import execute as execute
 from treegraft._graft import graft as graft
 from treegraft._loaders import AbstractPartialLoader as AbstractPartialLoader
 from treegraft._loaders import InitTransform as InitTransform
@@ -14,12 +15,19 @@ from treegraft._loaders import MultiTransform as MultiTransform
 from treegraft._loaders import NoopTransform as NoopTransform
 from treegraft._loaders import PartialKauldronLoader as PartialKauldronLoader
 from treegraft._loaders import SimpleCheckpointLoader as SimpleCheckpointLoader
+from treegraft._ops import Operation as Operation
+from treegraft._ops import cast as cast
+from treegraft._ops import reshape as reshape
+from treegraft._ops import stack as stack
+from treegraft._ops import transpose as transpose
+from treegraft._ops import unstack as unstack
 from treegraft._paths import Path as Path
 from treegraft._paths import parse_path as parse_path
 from treegraft._patterns import Pattern as Pattern
 from treegraft._patterns import parse_pattern as parse_pattern
 from treegraft._plan import Entry as Entry
 from treegraft._plan import GraftPlan as GraftPlan
+from treegraft._plan import Pair as Pair
 from treegraft._plan import Problem as Problem
 from treegraft._plan import plan as plan
 from treegraft._read.kauldron import KauldronCheckpoint as KauldronCheckpoint
@@ -48,8 +56,16 @@ __all__ = [
     "Problem",
     "ReadRequest",
     "Source",
+    "Operation",
+    "Pair",
+    "cast",
+    "execute",
     "graft",
     "plan",
+    "reshape",
+    "stack",
+    "transpose",
+    "unstack",
     "propagate_sharding",
     "CheckpointNotFoundError",
     "GraftError",

@@ -14,7 +14,8 @@ from treegraft._display import ProgressBar
 from treegraft._errors import GraftError
 from treegraft._index import is_abstract
 from treegraft._paths import Path, render_parts
-from treegraft._plan import GraftPlan, format_bytes, plan
+from treegraft import _source
+from treegraft._plan import GraftPlan, Pair, format_bytes, gathered_spec, plan
 from treegraft._sharding import place
 from treegraft._source import ReadRequest, Source
 
@@ -34,7 +35,7 @@ def graft(
     ignore_model_keys: Sequence[str] | str = (),
     ignore_restored_keys: Sequence[str] | str = (),
     strict: bool = True,
-    cast: bool = False,
+    cast: bool | str = False,
     progress: bool | Callable[[int, int], None] = False,
 ) -> Any:
     """Returns state with the leaves named by mapping taken from source.
@@ -52,7 +53,8 @@ def graft(
       ignore_model_keys: see `treegraft.plan`.
       ignore_restored_keys: see `treegraft.plan`.
       strict: see `treegraft.plan`.
-      cast: allow dtype differences, casting to the target's dtype.
+      cast: see `treegraft.plan`: False, True (numpy 'same_kind' casts) or
+        "unsafe".
       progress: for a checkpoint source, report reading progress: True draws a
         bar on stderr (on a terminal), a callable is called with
         `(bytes_done, bytes_total)`. Reads of at least 256 MiB are then done
@@ -126,19 +128,51 @@ def _spans_processes(state: Any) -> bool:
     return False
 
 
-def execute(p: GraftPlan, *, progress: bool | Callable[[int, int], None] = False) -> Any:
-    """Reads the leaves a plan needs and returns the new state."""
+def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = False) -> Any:
+    """Runs a plan: reads the leaves it needs and returns the new state.
+
+    `tg.graft(state, source, mapping)` is `tg.execute(tg.plan(state, source,
+    mapping))`: plan once, look at it, then execute it without planning again.
+    Each source leaf is read once, in its own dtype, and each target gets its
+    own value, cast to its own dtype where the plan allows it.
+
+    Args:
+      p: a plan made by `treegraft.plan`.
+      progress: as for `treegraft.graft`.
+
+    Returns:
+      The new state: the plan's state with every planned leaf replaced. The
+      inputs are not modified.
+
+    Raises:
+      CheckpointError: reading the checkpoint failed.
+
+    Example:
+      >>> import numpy as np, treegraft as tg
+      >>> p = tg.plan({'w': np.zeros(2)}, {'v': np.ones(2)}, {'w': 'v'})
+      >>> tg.execute(p)['w']
+      array([1., 1.])
+    """
+    if not isinstance(p, GraftPlan):
+        raise GraftError(f"execute takes a plan made by tg.plan, got {type(p).__name__}")
+    abstract = [pr for pr in p.report if pr.kind == "abstract"]
+    if abstract:
+        raise GraftError(abstract[0].message, problems=abstract)
     tgt, src = p.target, p.source
+    plain = [pair for pair in p.pairs if _is_copy(p, pair)]
+    changed = [pair for pair in p.pairs if not _is_copy(p, pair)]
     first_use: dict[int, int] = {}
-    for ti, si, _ in p.pairs:
-        first_use.setdefault(si, ti)
+    for pair in plain:
+        first_use.setdefault(pair.source, pair.target)
     if p.lazy is not None:
         order = list(first_use)
+        # Read in the source's own dtype: a checkpoint reader must never cast
+        # unasked, and each target is cast to its own dtype afterwards.
         requests = [
             ReadRequest(
                 Path(src.paths[si]),
                 tgt.leaves[first_use[si]],
-                _read_dtype(src.leaves[si], tgt.leaves[first_use[si]], p.cast),
+                _leaves.spec_of(src.leaves[si])[1],
             )
             for si in order
         ]
@@ -147,20 +181,150 @@ def execute(p: GraftPlan, *, progress: bool | Callable[[int, int], None] = False
         value_of = dict(zip(order, got, strict=True))
     else:
         value_of = {si: src.leaves[si] for si in first_use}
-        abstract = [si for si, v in value_of.items() if is_abstract(v)]
-        if abstract:
-            names = ", ".join(repr(render_parts(src.paths[si])) for si in abstract[:10])
-            raise GraftError(
-                f"{len(abstract)} source leaf(s) are abstract (jax.ShapeDtypeStruct) and have "
-                f"no value to graft: {names}"
-            )
-    values = [value_of[si] for _, si, _ in p.pairs]
-    likes = [tgt.leaves[ti] for ti, _, _ in p.pairs]
-    placed = place(values, likes, cast=p.cast)
+        _check_concrete(p, [si for si in value_of if is_abstract(value_of[si])])
+    values = [value_of[pair.source] for pair in plain]
+    likes = [tgt.leaves[pair.target] for pair in plain]
+    placed = place(values, likes, cast=bool(p.cast))
     out = list(tgt.leaves)
-    for (ti, _, _), value in zip(p.pairs, placed, strict=True):
-        out[ti] = value
+    for pair, value in zip(plain, placed, strict=True):
+        out[pair.target] = value
+    if changed:
+        blocks = _Blocks(p)
+        for pair in changed:
+            out[pair.target] = _build(p, pair, blocks)
     return tgt.treedef.unflatten(out)
+
+
+def _is_copy(p: GraftPlan, pair: Pair) -> bool:
+    rule = p.rules[pair.rule]
+    return rule.gather == "copy" and not rule.steps
+
+
+def _check_concrete(p: GraftPlan, abstract: list[int]) -> None:
+    if abstract:
+        names = ", ".join(repr(render_parts(p.source.paths[si])) for si in abstract[:10])
+        many = len(abstract) > 1
+        raise GraftError(
+            f"{len(abstract)} source {'leaves are' if many else 'leaf is'} abstract "
+            f"(jax.ShapeDtypeStruct) and {'have' if many else 'has'} no value to graft: {names}"
+        )
+
+
+class _Blocks:
+    """Boxes of source leaves, for the rules that transform them.
+
+    A source that can read boxes (`read_boxes`) reads only the chunks each box
+    needs; for any other, each leaf is read whole once and kept for this graft.
+    """
+
+    def __init__(self, p: GraftPlan):
+        self.p = p
+        self._whole: dict[int, np.ndarray] = {}
+
+    def fetch(self, si: int, box: tuple[slice, ...]) -> np.ndarray:
+        p = self.p
+        leaf = p.source.leaves[si]
+        if p.lazy is None:
+            _check_concrete(p, [si] if is_abstract(leaf) else [])
+            whole = self._whole.get(si)
+            if whole is None:
+                # One host copy per source leaf: slicing a sharded jax.Array
+                # per target shard would gather it once per shard instead.
+                if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+                    raise GraftError(
+                        f"the in-memory source leaf {render_parts(p.source.paths[si])!r} spans "
+                        "several processes; a stack, unstack, cast, transpose or reshape rule "
+                        "cannot read it: save it and graft from the checkpoint"
+                    )
+                whole = self._whole[si] = np.asarray(leaf)
+            return np.array(whole[box] if box else whole)
+        box_request = getattr(_source, "BoxRequest", None)
+        read_boxes = getattr(p.lazy, "read_boxes", None)
+        if box_request is not None and read_boxes is not None:
+            return np.asarray(read_boxes([box_request(Path(p.source.paths[si]), box)])[0])
+        whole = self._whole.get(si)
+        if whole is None:
+            shape, dtype = _leaves.spec_of(leaf)
+            like = np.broadcast_to(np.zeros((), dtype), shape or ())
+            request = ReadRequest(Path(p.source.paths[si]), like, dtype)
+            whole = self._whole[si] = np.asarray(p.lazy.read([request])[0])
+        return whole[box] if box else whole
+
+
+def _axis(axis: int, ndim: int) -> int:
+    return axis + ndim if axis < 0 else axis
+
+
+def _build(p: GraftPlan, pair: Pair, blocks: _Blocks) -> Any:
+    """The value of one target leaf under a transforming rule, placed like it."""
+    rule = p.rules[pair.rule]
+    like = p.target.leaves[pair.target]
+    spec = _leaves.spec_of(p.source.leaves[pair.source])
+    shape = tuple(spec[0] or ())
+    fetch: Callable[[tuple[slice, ...]], np.ndarray]
+    if rule.gather == "stack":
+        axis = _axis(rule.axis, len(shape) + 1)
+        sources = pair.sources
+
+        def fetch(box: tuple[slice, ...]) -> np.ndarray:
+            inner = box[:axis] + box[axis + 1 :]
+            layers = range(box[axis].start, box[axis].stop)
+            return np.stack([blocks.fetch(sources[k], inner) for k in layers], axis=axis)
+
+    elif rule.gather == "unstack":
+        axis = _axis(rule.axis, len(shape))
+        si, index = pair.source, pair.index
+        assert index is not None
+
+        def fetch(box: tuple[slice, ...]) -> np.ndarray:
+            full = box[:axis] + (slice(index, index + 1),) + box[axis:]
+            return np.squeeze(blocks.fetch(si, full), axis=axis)
+
+    else:
+        si = pair.source
+
+        def fetch(box: tuple[slice, ...]) -> np.ndarray:
+            return blocks.fetch(si, box)
+
+    current, _ = gathered_spec(rule, spec, len(pair.sources), pair.index)
+    for step in rule.steps:
+        fetch = step.pull(fetch, current)
+        current, _ = step.spec(current)
+    dtype = _leaves.spec_of(like)[1]
+    return _place_blocks(fetch, like, dtype)
+
+
+def _place_blocks(fetch: Callable[[tuple[slice, ...]], np.ndarray], like: Any, dtype: Any) -> Any:
+    """Builds a value like `like` from a fetch of its boxes: shard by shard if sharded."""
+    shape = tuple(getattr(like, "shape", ()))
+    whole = tuple(slice(0, d) for d in shape)
+
+    def block(box: tuple[slice, ...]) -> np.ndarray:
+        value = np.asarray(fetch(box))
+        return value if isinstance(dtype, type) else value.astype(dtype, copy=False)
+
+    if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
+        sharding = like.sharding
+        if sharding is None:
+            return jax.device_put(block(whole))
+        done: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+
+        def shard(index: tuple[slice, ...]) -> np.ndarray:
+            box = tuple(
+                slice(*s.indices(d)[:2]) for s, d in zip(index, shape, strict=True)
+            )
+            key = tuple((b.start, b.stop) for b in box)
+            if key not in done:  # replicated shards share one read
+                done[key] = block(box)
+            return done[key]
+
+        return jax.make_array_from_callback(shape, sharding, shard, dtype=like.dtype)
+    value = block(whole)
+    if isinstance(like, np.ndarray):
+        return np.array(value, dtype=like.dtype)
+    if isinstance(like, np.generic):
+        return np.array(value, dtype=like.dtype)[()]
+    return type(like)(value.item())
 
 
 def _read_batched(
@@ -171,7 +335,11 @@ def _read_batched(
 ) -> list[Any]:
     total = sum(sizes)
     log.info(
-        "reading %d leaf(s), %s, from %s", len(requests), format_bytes(total), source.describe()
+        "reading %d %s, %s, from %s",
+        len(requests),
+        "leaf" if len(requests) == 1 else "leaves",
+        format_bytes(total),
+        source.describe(),
     )
     if not progress or total < _BATCHED_FROM:
         return list(source.read(requests))
@@ -190,9 +358,3 @@ def _read_batched(
         log.info("read %s of %s", format_bytes(done), format_bytes(total))
         report(done, total)
     return out
-
-
-def _read_dtype(source_leaf: Any, target_leaf: Any, cast: bool) -> Any:
-    # Read in the source's own dtype: a checkpoint reader must never cast unasked.
-    spec = _leaves.spec_of(target_leaf if cast else source_leaf)
-    return spec[1]

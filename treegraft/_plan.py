@@ -10,9 +10,10 @@ and on checkpoint metadata.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from treegraft._rules import Rule, parse_ignore, parse_mapping
 from treegraft._source import Source
 from treegraft._tree import resolve
 
-__all__ = ["plan", "GraftPlan", "Entry", "Problem"]
+__all__ = ["plan", "GraftPlan", "Entry", "Problem", "Pair"]
 
 Parts = tuple[Part, ...]
 _LISTED = 20  # problems listed per kind in a message before "... and N more"
@@ -49,6 +50,7 @@ _SECTIONS = {
     "shape": "shape differs",
     "dtype": "dtype differs (casting is never implicit: pass cast=True to allow it)",
     "tie": "rules tied on the same leaf (make one more specific)",
+    "abstract": "source leaves without values",
 }
 
 
@@ -74,9 +76,39 @@ class Problem:
     pattern: str | None = None
 
 
+class Pair(NamedTuple):
+    """One grafted target leaf and the source leaves that feed it (leaf indices).
+
+    Attributes:
+      target: the target leaf's index in the state's leaves.
+      source: the (first) source leaf's index in the source's leaves.
+      rule: the rule's index in the mapping.
+      sources: for a stack rule, every source leaf, in index order; else ().
+      index: for an unstack rule, the index taken along its axis; else None.
+    """
+
+    target: int
+    source: int
+    rule: int
+    sources: tuple[int, ...] = ()
+    index: int | None = None
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One grafted leaf: where it goes, where it comes from, by which rule."""
+    """One grafted leaf: where it goes, where it comes from, by which rule.
+
+    Attributes:
+      target: the target leaf's path.
+      source: the source leaf's path (the first one, for a stack).
+      rule: the rule, as "'new' <- 'old'".
+      shape: the source leaf's shape.
+      dtype: the source leaf's dtype.
+      nbytes: the bytes this entry reads from the source.
+      operation: what happens on the way in ("" for a plain copy), e.g.
+        "stack 4 along axis 0; cast float32 -> bfloat16".
+      sources: every source leaf's path (more than one for a stack).
+    """
 
     target: Path
     source: Path
@@ -84,13 +116,20 @@ class Entry:
     shape: tuple[int, ...] | None
     dtype: Any
     nbytes: int
+    operation: str = ""
+    sources: tuple[Path, ...] = ()
 
 
 class GraftPlan:
     """The resolved graft: every target leaf's source, checked, nothing read yet.
 
     Print it for a table; inspect `entries`, `untouched`, `unused`, `abstract`,
-    `report` and `nbytes` in code. Made by `treegraft.plan`.
+    `report` and `nbytes` in code; run it with `treegraft.execute`. Made by
+    `treegraft.plan`.
+
+    A plan whose in-memory source holds `jax.ShapeDtypeStruct`s where it has
+    leaves to graft can be looked at but not executed: `executable` is False
+    and `report` says which leaves.
     """
 
     def __init__(
@@ -100,80 +139,142 @@ class GraftPlan:
         target: TreeIndex,
         source: TreeIndex,
         lazy: Source | None,
-        pairs: list[tuple[int, int, int]],
+        pairs: list[Pair],
         report: Sequence[Problem],
-        cast: bool,
+        cast: bool | str,
         strict: bool,
     ):
         self.rules = tuple(rules)
         self.target = target
         self.source = source
         self.lazy = lazy
-        self.pairs = pairs  # (target index, source index, rule index)
+        self.pairs = pairs
         self.report: tuple[Problem, ...] = tuple(report)
         self.cast = cast
         self.strict = strict
 
     # -- inspection ----------------------------------------------------------
 
+    def operation(self, pair: Pair) -> str:
+        """What happens to a pair's values on the way in ("" for a plain copy)."""
+        rule = self.rules[pair.rule]
+        spec = _leaves.spec_of(self.source.leaves[pair.source])
+        out = []
+        if rule.gather == "stack":
+            out.append(f"stack {len(pair.sources)} along axis {rule.axis}")
+        elif rule.gather == "unstack":
+            out.append(f"[{pair.index}] along axis {rule.axis}")
+        spec = gathered_spec(rule, spec, len(pair.sources), pair.index)[0] or spec
+        for step in rule.steps:
+            out.append(step.describe(spec))
+            spec = step.spec(spec)[0] or spec  # type: ignore[arg-type]
+        tdtype = _leaves.spec_of(self.target.leaves[pair.target])[1]
+        if spec[1] != tdtype and not isinstance(tdtype, type):
+            out.append(f"cast {spec[1]} -> {tdtype}")
+        return "; ".join(out)
+
+    def _pair_reads(self, pair: Pair) -> list[tuple[tuple[int, Any], int]]:
+        """The reads a pair needs, each as (key, bytes); equal keys are read once."""
+        leaves = self.source.leaves
+        if pair.sources:
+            return [((si, None), _leaves.nbytes(_leaves.spec_of(leaves[si]))) for si in pair.sources]
+        si = pair.source
+        whole = _leaves.nbytes(_leaves.spec_of(leaves[si]))
+        if pair.index is None:
+            return [((si, None), whole)]
+        rule = self.rules[pair.rule]
+        shape = _leaves.spec_of(leaves[si])[0] or ()
+        box = index_box(shape, rule.axis, pair.index)
+        box_bytes = getattr(self.lazy, "box_nbytes", None)
+        if self.lazy is None:
+            return [((si, pair.index), whole // max(shape[rule.axis], 1))]
+        if box_bytes is None:
+            return [((si, None), whole)]  # this source reads whole leaves
+        return [((si, pair.index), int(box_bytes(Path(self.source.paths[si]), box)))]
+
     @property
     def entries(self) -> list[Entry]:
-        """Each grafted target leaf with its source path and rule."""
+        """Each grafted target leaf with its source path, rule and operation."""
         out = []
-        for ti, si, r in self.pairs:
-            spec = _leaves.spec_of(self.source.leaves[si])
+        for pair in self.pairs:
+            spec = _leaves.spec_of(self.source.leaves[pair.source])
+            sources = pair.sources or (pair.source,)
             out.append(
                 Entry(
-                    target=Path(self.target.paths[ti]),
-                    source=Path(self.source.paths[si]),
-                    rule=str(self.rules[r]),
+                    target=Path(self.target.paths[pair.target]),
+                    source=Path(self.source.paths[pair.source]),
+                    rule=str(self.rules[pair.rule]),
                     shape=spec[0],
                     dtype=spec[1],
-                    nbytes=_leaves.nbytes(spec),
+                    nbytes=sum(n for _, n in self._pair_reads(pair)),
+                    operation=self.operation(pair),
+                    sources=tuple(Path(self.source.paths[si]) for si in sources),
                 )
             )
         return out
 
     @property
+    def executable(self) -> bool:
+        """Whether `treegraft.execute` can run this plan (every source leaf has a value)."""
+        return not any(p.kind == "abstract" for p in self.report)
+
+    def _taken(self) -> set[int]:
+        return {pair.target for pair in self.pairs}
+
+    @property
     def untouched(self) -> list[Path]:
-        """Target leaves that keep their current value."""
-        taken = {ti for ti, _, _ in self.pairs}
+        """Target leaves that keep their current value (keep rules included)."""
+        taken = self._taken()
         return [Path(p) for i, p in enumerate(self.target.paths) if i not in taken]
 
     @property
     def abstract(self) -> list[Path]:
         """Untouched target leaves that are abstract and stay so."""
-        taken = {ti for ti, _, _ in self.pairs}
+        taken = self._taken()
         return [
             Path(p)
             for i, p in enumerate(self.target.paths)
             if i not in taken and is_abstract(self.target.leaves[i])
         ]
 
+    def _used(self) -> set[int]:
+        used: set[int] = set()
+        for pair in self.pairs:
+            used.update(pair.sources or (pair.source,))
+        return used
+
     @property
     def unused(self) -> list[Path]:
         """Source leaves the graft does not read."""
-        used = {si for _, si, _ in self.pairs}
+        used = self._used()
         return [Path(p) for i, p in enumerate(self.source.paths) if i not in used]
 
     @property
     def nbytes(self) -> int:
-        """Array bytes to read: each needed source leaf counted once."""
-        used = {si for _, si, _ in self.pairs}
-        return sum(_leaves.nbytes(_leaves.spec_of(self.source.leaves[i])) for i in used)
+        """Array bytes to read: each needed source leaf (or slice) counted once.
+
+        For an unstack rule over a checkpoint, the bytes of the chunks that
+        hold each slice: a slice of an array stored as one chunk costs it whole.
+        """
+        reads: dict[tuple[int, Any], int] = {}
+        for pair in self.pairs:
+            for key, n in self._pair_reads(pair):
+                reads[key] = n
+        whole = {si for si, index in reads if index is None}
+        return sum(n for (si, index), n in reads.items() if index is None or si not in whole)
 
     def rule_counts(self) -> list[tuple[str, int, int]]:
         """Per rule: its text, how many leaves it feeds, and their bytes."""
         counts = [[0, 0] for _ in self.rules]
-        for _, si, r in self.pairs:
-            counts[r][0] += 1
-            counts[r][1] += _leaves.nbytes(_leaves.spec_of(self.source.leaves[si]))
+        for pair in self.pairs:
+            counts[pair.rule][0] += 1
+            counts[pair.rule][1] += sum(n for _, n in self._pair_reads(pair))
         return [(str(rule), n, b) for rule, (n, b) in zip(self.rules, counts, strict=True)]
 
     def summary(self, *, max_rows: int = 40) -> str:
         """A readable table: rules, grafted leaves, untouched and unused counts."""
         n_target = len(self.target)
-        reads = len({si for _, si, _ in self.pairs})
+        reads = len(self._used())
         lines = [
             f"GraftPlan: {len(self.pairs)} of {n_target} target leaves from "
             f"{self.source.what}; {reads} source leaves to read ({format_bytes(self.nbytes)})",
@@ -184,15 +285,21 @@ class GraftPlan:
         ]
         lines += _table(rule_rows)
         lines.append("")
-        rows = [("target", "source", "shape/dtype")]
-        for ti, si, _ in self.pairs[:max_rows]:
-            spec = _leaves.spec_of(self.source.leaves[si])
+        ops = [self.operation(pair) for pair in self.pairs[:max_rows]]
+        show_ops = any(ops)
+        rows = [("target", "source", "shape/dtype") + (("operation",) if show_ops else ())]
+        for pair, op in zip(self.pairs[:max_rows], ops, strict=True):
+            spec = _leaves.spec_of(self.source.leaves[pair.source])
+            source = render_parts(self.source.paths[pair.source])
+            if pair.sources:
+                source += f" (+{len(pair.sources) - 1})"
             rows.append(
                 (
-                    render_parts(self.target.paths[ti]),
-                    render_parts(self.source.paths[si]),
+                    render_parts(self.target.paths[pair.target]),
+                    source,
                     _leaves.describe(spec),
                 )
+                + ((op,) if show_ops else ())
             )
         lines += _table(rows)
         if len(self.pairs) > max_rows:
@@ -206,7 +313,7 @@ class GraftPlan:
         )
         lines.append(f"unused source leaves: {len(self.source) - reads}")
         if self.report:
-            lines.append(f"report (strict=False): {len(self.report)} problem(s)")
+            lines.append(f"report (strict=False): {_count(len(self.report), 'problem')}")
             lines += ["  " + p.message for p in self.report[:max_rows]]
         return "\n".join(lines)
 
@@ -221,8 +328,54 @@ class GraftPlan:
 
 
 GraftPlan.__module__ = "treegraft"
+Pair.__module__ = "treegraft"
 Entry.__module__ = "treegraft"
 Problem.__module__ = "treegraft"
+
+
+def index_box(shape: Sequence[int], axis: int, index: int) -> tuple[slice, ...]:
+    """The box of `x[index]` along axis, as one slice per axis."""
+    return tuple(slice(index, index + 1) if k == axis else slice(0, d) for k, d in enumerate(shape))
+
+
+def gathered_spec(
+    rule: Rule, spec: Any, count: int, index: int | None
+) -> tuple[Any | None, str]:
+    """The spec a stack or unstack makes of a source spec, or None and why not."""
+    shape, dtype = spec
+    if rule.gather not in ("stack", "unstack"):
+        return spec, ""
+    if shape is None:
+        return None, f"{rule.gather} needs array leaves, the source leaf is {_leaves.describe(spec)}"
+    ndim = len(shape)
+    if rule.gather == "stack":
+        axis = rule.axis + ndim + 1 if rule.axis < 0 else rule.axis
+        if not 0 <= axis <= ndim:
+            return None, f"stack axis {rule.axis} is out of range for {ndim}-d source leaves"
+        return (tuple(shape[:axis]) + (count,) + tuple(shape[axis:]), dtype), ""
+    axis = rule.axis + ndim if rule.axis < 0 else rule.axis
+    if not 0 <= axis < ndim:
+        return None, f"unstack axis {rule.axis} is out of range for a {ndim}-d source leaf"
+    if index is None or not 0 <= index < shape[axis]:
+        return None, (
+            f"unstack index {index} is out of range: the source has {shape[axis]} along "
+            f"axis {rule.axis}"
+        )
+    return (tuple(shape[:axis]) + tuple(shape[axis + 1 :]), dtype), ""
+
+
+def output_spec(
+    rule: Rule, spec: Any, count: int = 0, index: int | None = None
+) -> tuple[Any | None, str]:
+    """The spec of what a rule makes of a source spec: gather, then each step."""
+    out, why = gathered_spec(rule, spec, count, index)
+    for step in rule.steps:
+        if out is None:
+            break
+        if out[0] is None:
+            return None, f"{step.kind} needs an array, the source leaf is {_leaves.describe(out)}"
+        out, why = step.spec(out)
+    return out, why
 
 
 def format_bytes(n: int) -> str:
@@ -255,7 +408,7 @@ def plan(
     ignore_model_keys: Sequence[str] | str = (),
     ignore_restored_keys: Sequence[str] | str = (),
     strict: bool = True,
-    cast: bool = False,
+    cast: bool | str = False,
     check_ignores: bool = True,
 ) -> GraftPlan:
     """Resolves a `{new: old}` mapping and checks everything, reading no array.
@@ -278,7 +431,10 @@ def plan(
       strict: when False, missing, unexpected and unmatched entries become
         entries of `plan.report` instead of errors. Shape and dtype
         mismatches stay errors.
-      cast: allow dtype differences; values are then cast to the target dtype.
+      cast: False (dtypes must match), True (numpy 'same_kind' casts only,
+        such as float32 -> bfloat16 or int32 -> float32) or "unsafe" (any
+        cast that can change values, such as float32 -> int8). A rule can
+        cast its own leaves with `tg.cast`.
       check_ignores: when False, an ignore pattern that matches nothing is a
         `report` entry, not an error: for callers that split one mapping into
         several grafts and check the patterns over all of them.
@@ -300,6 +456,18 @@ def plan(
       >>> [(str(e.target), str(e.source)) for e in p.entries]
       [('enc.w', 'encoder.w')]
     """
+    if not (cast is False or cast is True or (isinstance(cast, str) and cast == "unsafe")):
+        raise MappingError(
+            f"cast must be False (the default: dtypes must match), True (numpy 'same_kind' "
+            f"casts, such as float32 -> bfloat16) or 'unsafe' (any cast, such as float32 -> "
+            f"int8); got {cast!r}"
+        )
+    if isinstance(source, str | os.PathLike):
+        raise MappingError(
+            f"the source {os.fspath(source)!r} is a path, not a tree: wrap it in "
+            f"tg.OrbaxCheckpoint({os.fspath(source)!r}) for an orbax checkpoint folder, or "
+            f"tg.KauldronCheckpoint({os.fspath(source)!r}) for a Kauldron workdir"
+        )
     rules = parse_mapping(mapping)
     ignore_model = parse_ignore(ignore_model_keys, name="ignore_model_keys")
     ignore_restored = parse_ignore(ignore_restored_keys, name="ignore_restored_keys")
@@ -324,7 +492,7 @@ class _Planner:
         tgt: TreeIndex,
         src: TreeIndex,
         *,
-        cast: bool,
+        cast: bool | str,
     ):
         self.rules = rules
         self.ignore_model = ignore_model
@@ -340,6 +508,11 @@ class _Planner:
         # (rule, target leaf, prefix length) where a rule matched but a more
         # specific one took the leaf: usually few, only with overlapping rules.
         self._outranked: list[tuple[int, int, int]] = []
+        # Per stack rule: {captures of new: [(index capture, old prefix)]}.
+        self._stack_groups: dict[int, dict[tuple[Any, ...], list[tuple[Any, Parts]]]] = {}
+        # (rule, new prefix, old prefix) of each stacked source subtree.
+        self._stack_instances: list[tuple[int, Parts, Parts]] = []
+        self._members: dict[tuple[int, Parts], dict[int, Parts] | None] = {}
 
     # The steps, in order.
 
@@ -347,6 +520,8 @@ class _Planner:
         self.lazy = lazy
         winner, prefix_len, rule_hits = self._assign_rules()
         instances, pairs = self._pair_leaves(winner, prefix_len)
+        if lazy is None:
+            self._check_concrete(pairs)
         self._check_outranked_rules(instances)
         self._check_unmatched_rules(rule_hits, instances)
         self._add_source_instances(instances)
@@ -357,6 +532,8 @@ class _Planner:
             for p in self.problems
             if (strict or p.kind not in _KEY_KINDS)
             and (check_ignores or p.kind != "unmatched_ignore")
+            # A plan on shapes alone is fine to look at; executing it is not.
+            and p.kind != "abstract"
         ]
         if fatal:
             raise_problems(fatal, len(self.rules))
@@ -420,25 +597,54 @@ class _Planner:
 
     def _pair_leaves(
         self, winner: list[int], prefix_len: list[int]
-    ) -> tuple[dict[tuple[int, Parts], Parts | None], list[tuple[int, int, int]]]:
-        """Pairs each covered target leaf with its source leaf; checks specs."""
+    ) -> tuple[dict[tuple[int, Parts], Parts | None], list[Pair]]:
+        """Pairs each covered target leaf with its source leaves; checks specs."""
         tgt, src = self.tgt, self.src
         # (rule, new prefix) -> old prefix, or None when it is not in the source.
         instances: dict[tuple[int, Parts], Parts | None] = {}
-        pairs: list[tuple[int, int, int]] = []
+        # (rule, new prefix) -> {index: old prefix} of a stack rule.
+        members: dict[tuple[int, Parts], dict[int, Parts] | None] = {}
+        # (rule, new prefix) -> the index an unstack rule takes.
+        taken: dict[tuple[int, Parts], int | None] = {}
+        pairs: list[Pair] = []
         reported: set[tuple[int, Parts]] = set()
+        rules = self.rules
         for i, r in enumerate(winner):
             if r < 0:
                 continue
+            rule = rules[r]
+            if rule.old is None:
+                continue  # a keep rule: the leaf keeps its value
             parts = tgt.paths[i]
             n = prefix_len[i]
             new_prefix = parts[:n]
             key = (r, new_prefix)
+            if rule.gather == "stack":
+                if key not in members:
+                    members[key] = self._stack_members(r, new_prefix)
+                group = members[key]
+                if not group:
+                    instances.setdefault(key, None)
+                    if group is None and not self._ignored_model(parts, n) and key not in reported:
+                        reported.add(key)
+                        self._missing_prefix(r, new_prefix)
+                    continue
+                found = [src.find(op + parts[n:]) for op in group.values()]
+                if any(si is None for si in found):
+                    for op, si in zip(group.values(), found, strict=True):
+                        if si is None:
+                            self._missing_leaf(i, r, n, op)
+                            break
+                    continue
+                pairs.append(Pair(i, found[0], r, tuple(found)))  # type: ignore[arg-type]
+                continue
             if key in instances:
                 old_prefix = instances[key]
             else:
                 old_prefix = self._old_prefix(r, new_prefix)
                 instances[key] = old_prefix
+                if rule.gather == "unstack":
+                    taken[key] = self._unstack_index(r, new_prefix)
             if old_prefix is None:
                 if not self._ignored_model(parts, n) and key not in reported:
                     reported.add(key)
@@ -448,40 +654,214 @@ class _Planner:
             if si is None:
                 self._missing_leaf(i, r, n, old_prefix)
                 continue
-            pairs.append((i, si, r))
+            if rule.gather == "unstack":
+                index = taken[key]
+                if index is None:
+                    continue  # reported by _unstack_index
+                pairs.append(Pair(i, si, r, (), index))
+            else:
+                pairs.append(Pair(i, si, r))
+        for key, group in members.items():
+            for op in (group or {}).values():
+                self._stack_instances.append((key[0], key[1], op))
+            if group:
+                instances[key] = next(iter(group.values()))
         tleaves, sleaves = tgt.leaves, src.leaves
         if self.lazy is not None and pairs:
             # One batch for the metadata of every paired source leaf.
-            self.lazy.prefetch([sleaves[si] for _, si, _ in pairs])
+            needed = []
+            for pair in pairs:
+                needed.extend(sleaves[si] for si in (pair.sources or (pair.source,)))
+            self.lazy.prefetch(needed)
         agreed = []
         for pair in pairs:
-            if self._specs_agree(tleaves[pair[0]], sleaves[pair[1]]):
+            rule = rules[pair.rule]
+            if rule.gather == "copy" and not rule.steps:
+                if self._specs_agree(tleaves[pair.target], sleaves[pair.source]):
+                    agreed.append(pair)
+                else:
+                    self._mismatch(pair.target, pair.source, pair.rule)
+            elif self._op_agrees(pair):
                 agreed.append(pair)
-            else:
-                self._mismatch(*pair)
         return instances, agreed
 
-    def _old_of(self, r: int, new_prefix: Parts) -> Parts:
-        """The old path a rule's new side, matched at new_prefix, points to."""
+    def _check_concrete(self, pairs: list[Pair]) -> None:
+        """In-memory source leaves to graft must hold values, not only shapes."""
+        abstract = sorted(
+            {
+                si
+                for pair in pairs
+                for si in (pair.sources or (pair.source,))
+                if is_abstract(self.src.leaves[si])
+            }
+        )
+        if abstract:
+            names = ", ".join(repr(render_parts(self.src.paths[si])) for si in abstract[:10])
+            more = f", ... ({len(abstract)} in all)" if len(abstract) > 10 else ""
+            self.problems.append(
+                Problem(
+                    "abstract",
+                    f"{_count(len(abstract), 'source leaf', 'source leaves')} "
+                    f"{'is' if len(abstract) == 1 else 'are'} abstract (jax.ShapeDtypeStruct) "
+                    f"and {'has' if len(abstract) == 1 else 'have'} no value to graft: "
+                    f"{names}{more}",
+                    source=Path(self.src.paths[abstract[0]]),
+                )
+            )
+
+    def _stack_members(self, r: int, new_prefix: Parts) -> dict[int, Parts] | None:
+        """{index: old prefix} of a stack rule at new_prefix, or None if it has none.
+
+        The indices must run 0..N-1; a gap or a capture that is not an integer
+        is reported once (and {} returned).
+        """
+        key = (r, new_prefix)
+        if key not in self._members:
+            self._members[key] = self._find_members(r, new_prefix)
+        return self._members[key]
+
+    def _find_members(self, r: int, new_prefix: Parts) -> dict[int, Parts] | None:
         rule = self.rules[r]
-        return rule.old.substitute(rule.new.match(new_prefix) or ()).parts
+        caps = rule.new.match(new_prefix) or ()
+        groups = self._stack_groups.get(r)
+        if groups is None:
+            groups = self._stack_groups[r] = {}
+            assert rule.old is not None
+            for prefix, found in _source_prefixes(rule.old, self.src).items():
+                groups.setdefault(found[:-1], []).append((found[-1], prefix))
+        group = groups.get(tuple(caps))
+        if not group:
+            return None
+        indices: dict[int, Parts] = {}
+        bad = []
+        for cap, prefix in group:
+            index = _as_index(cap)
+            if index is None:
+                bad.append(repr(render_parts(prefix)))
+            else:
+                indices[index] = prefix
+        ordered = dict(sorted(indices.items()))
+        gaps = [k for k in range(max(ordered, default=-1) + 1) if k not in ordered]
+        if bad or gaps:
+            why = []
+            if bad:
+                why.append(f"{', '.join(bad[:5])} captured no integer index")
+            if gaps:
+                shown = ", ".join(map(str, gaps[:10]))
+                why.append(
+                    f"indices found {_ranges(list(ordered))}, missing {shown}: a stack needs "
+                    "exactly 0..N-1"
+                )
+            self.problems.append(
+                Problem(
+                    "structure",
+                    f"{render_parts(new_prefix)!r}: the source subtrees matching "
+                    f"{rule.old.text if rule.old else ''!r} cannot be stacked: "
+                    f"{'; '.join(why)} [rule {rule}]",
+                    target=Path(new_prefix),
+                    rule=str(rule),
+                )
+            )
+            return {}
+        return ordered
+
+    def _unstack_index(self, r: int, new_prefix: Parts) -> int | None:
+        rule = self.rules[r]
+        caps = rule.new.match(new_prefix) or ()
+        index = _as_index(caps[-1]) if caps else None
+        if index is None:
+            self.problems.append(
+                Problem(
+                    "structure",
+                    f"{render_parts(new_prefix)!r}: the last '*' of {rule.new.text!r} captured "
+                    f"{caps[-1] if caps else None!r}, not an integer index to unstack [rule {rule}]",
+                    target=Path(new_prefix),
+                    rule=str(rule),
+                )
+            )
+        return index
+
+    def _op_agrees(self, pair: Pair) -> bool:
+        """Whether what a rule's operation makes of its source fits the target."""
+        rule = self.rules[pair.rule]
+        sleaves = self.src.leaves
+        specs = [_leaves.spec_of(sleaves[si]) for si in (pair.sources or (pair.source,))]
+        tspec = _leaves.spec_of(self.tgt.leaves[pair.target])
+        tp = render_parts(self.tgt.paths[pair.target])
+        sp = render_parts(self.src.paths[pair.source])
+        if any(spec != specs[0] for spec in specs[1:]):
+            differ = [
+                f"{render_parts(self.src.paths[si])!r} is {_leaves.describe(spec)}"
+                for si, spec in zip(pair.sources, specs, strict=True)
+                if spec != specs[0]
+            ]
+            self.problems.append(
+                Problem(
+                    "shape",
+                    f"{tp!r}: the {len(specs)} source leaves to stack differ: {sp!r} is "
+                    f"{_leaves.describe(specs[0])} but {', '.join(differ[:3])} [rule {rule}]",
+                    target=Path(self.tgt.paths[pair.target]),
+                    source=Path(self.src.paths[pair.source]),
+                    rule=str(rule),
+                )
+            )
+            return False
+        out, why = output_spec(rule, specs[0], len(specs), pair.index)
+        if out is None:
+            self.problems.append(
+                Problem(
+                    "shape",
+                    f"{tp!r} <- {sp!r} ({_leaves.describe(specs[0])}): {why} [rule {rule}]",
+                    target=Path(self.tgt.paths[pair.target]),
+                    source=Path(self.src.paths[pair.source]),
+                    rule=str(rule),
+                )
+            )
+            return False
+        problem = _leaves.mismatch(tspec, out, cast=self.cast)
+        if problem is None:
+            return True
+        kind = problem if problem in ("shape", "dtype") else "structure"
+        self.problems.append(
+            Problem(
+                kind,
+                f"{tp!r} in the state is {_leaves.describe(tspec)}, {rule.shown} makes "
+                f"{_leaves.describe(out)} of {sp!r} ({_leaves.describe(specs[0])})",
+                target=Path(self.tgt.paths[pair.target]),
+                source=Path(self.src.paths[pair.source]),
+                rule=str(rule),
+            )
+        )
+        return False
+
+    def _old_of(self, r: int, new_prefix: Parts) -> Parts:
+        """The old path a rule's new side, matched at new_prefix, points to.
+
+        For a stack rule, the literal part of its old side (before the index).
+        """
+        rule = self.rules[r]
+        assert rule.old is not None
+        if rule.gather == "stack":
+            return rule.old.literal_prefix()
+        caps = rule.old_captures(rule.new.match(new_prefix) or ())
+        return rule.old.substitute(caps).parts
 
     def _old_prefix(self, r: int, new_prefix: Parts) -> Parts | None:
+        if self.rules[r].gather == "stack":
+            group = self._stack_members(r, new_prefix)
+            return next(iter(group.values())) if group else None
         old = self._old_of(r, new_prefix)
         return old if self.src.node_exists(old) else None
 
     def _specs_agree(self, tleaf: Any, sleaf: Any) -> bool:
         # Fast path for arrays: plain attribute compares, no spec objects.
         try:
-            if tleaf.shape == sleaf.shape and (
-                tleaf.dtype == sleaf.dtype
-                or (self.cast and not _drops_imaginary(tleaf.dtype, sleaf.dtype))
-            ):
+            if tleaf.shape == sleaf.shape and tleaf.dtype == sleaf.dtype:
                 return True
-        except AttributeError:
+        except (AttributeError, TypeError):
             pass
         tspec, sspec = _leaves.spec_of(tleaf), _leaves.spec_of(sleaf)
-        if self.cast and _drops_imaginary(tspec[1], sspec[1]):
+        if self.cast is True and _drops_imaginary(tspec[1], sspec[1]):
             return False
         return _leaves.mismatch(tspec, sspec, cast=self.cast) is None
 
@@ -494,10 +874,16 @@ class _Planner:
     def _missing_prefix(self, r: int, new_prefix: Parts) -> None:
         rule = self.rules[r]
         old = self._old_of(r, new_prefix)
+        if rule.gather == "stack" and rule.old is not None:
+            why = f"no subtree of {self.src.what} matches {rule.old.text!r}" + _close_paths(
+                rule.old.text, self.src.node_paths()
+            )
+        else:
+            why = self.src.why_missing(old)
         self.problems.append(
             Problem(
                 "missing",
-                f"{render_parts(new_prefix)!r} has no source: {self.src.why_missing(old)}"
+                f"{render_parts(new_prefix)!r} has no source: {why}"
                 f" [rule {rule}]",
                 target=Path(new_prefix),
                 source=Path(old),
@@ -565,7 +951,7 @@ class _Planner:
         sspec = _leaves.spec_of(self.src.leaves[si])
         why = _leaves.mismatch(tspec, sspec, cast=self.cast) or "type"
         note = ""
-        if why == "type" and self.cast and _drops_imaginary(tspec[1], sspec[1]):
+        if why == "type" and self.cast is True and _drops_imaginary(tspec[1], sspec[1]):
             why, note = "dtype", " (cast=True never drops an imaginary part)"
         kind = why if why in ("shape", "dtype") else "structure"
         tp, sp = self.tgt.paths[i], self.src.paths[si]
@@ -583,13 +969,16 @@ class _Planner:
     def _check_unexpected(
         self,
         instances: dict[tuple[int, Parts], Parts | None],
-        pairs: list[tuple[int, int, int]],
+        pairs: list[Pair],
     ) -> None:
         """Source leaves under a rule's old prefix that mirror no target leaf."""
-        paired = {si for _, si, _ in pairs}
+        paired: set[int] = set()
+        for pair in pairs:
+            paired.update(pair.sources or (pair.source,))
         accounted = {p.source for p in self.problems if p.kind in ("structure", "shape", "dtype")}
-        for (r, new_prefix), old_prefix in instances.items():
-            if old_prefix is None:
+        every = [(r, new, old) for (r, new), old in instances.items()] + self._stack_instances
+        for r, new_prefix, old_prefix in dict.fromkeys(every):
+            if old_prefix is None or self.rules[r].old is None:
                 continue
             k = len(old_prefix)
             hint: str | None = None
@@ -647,7 +1036,7 @@ class _Planner:
         missing: dict[int, Parts] = {}
         for r, i, n in self._outranked:
             new_prefix = self.tgt.paths[i][:n]
-            if (r, new_prefix) in instances:
+            if (r, new_prefix) in instances or self.rules[r].old is None:
                 continue
             old_prefix = self._old_prefix(r, new_prefix)
             instances[(r, new_prefix)] = old_prefix
@@ -678,27 +1067,22 @@ class _Planner:
         and a state without `dec.layers_5`), its leaves mirror no target leaf.
         """
         for r, rule in enumerate(self.rules):
-            if rule.old.is_literal:
-                continue  # its one instance is known whenever the rule matched
-            n = rule.old.length
-            found: dict[Parts, tuple[Any, ...]] = {}
-            if n is not None:  # match each distinct prefix once, in leaf order
-                for prefix in dict.fromkeys(p[:n] for p in self.src.paths if len(p) >= n):
-                    caps = rule.old.match(prefix)
-                    if caps is not None:
-                        found[prefix] = caps
-            else:
-                match = rule.old.prefix_matcher()
-                for parts in self.src.paths:
-                    m = match(parts)
-                    if m is not None:
-                        found.setdefault(parts[: m[0]], m[1])
-            for old_prefix, caps in found.items():
+            if rule.old is None or rule.old.is_literal or rule.gather == "unstack":
+                # A keep rule reads nothing; an unstack takes the layers it is
+                # asked for; a literal rule's one instance is known when it matched.
+                continue
+            for old_prefix, caps in _source_prefixes(rule.old, self.src).items():
                 try:
-                    new_prefix = rule.new.substitute(caps).parts
+                    new_prefix = rule.new.substitute(
+                        caps[:-1] if rule.gather == "stack" else caps
+                    ).parts
                 except GraftError:  # a capture the new side cannot take
                     continue
-                instances.setdefault((r, new_prefix), old_prefix)
+                if rule.gather == "stack":
+                    if (r, new_prefix) not in instances:
+                        self._stack_instances.append((r, new_prefix, old_prefix))
+                else:
+                    instances.setdefault((r, new_prefix), old_prefix)
 
     def _check_unmatched_rules(
         self, hits: list[int], instances: dict[tuple[int, Parts], Parts | None]
@@ -721,6 +1105,8 @@ class _Planner:
                     )
                 )
                 continue
+            if rule.old is None or rule.gather == "stack":
+                continue  # a keep rule needs no source; a stack finds its members
             for parts in new_nodes:
                 old = self._old_of(r, parts)
                 if self.src.node_exists(old):
@@ -744,7 +1130,9 @@ class _Planner:
         )
         for name, patterns, used, index, is_new in sides:
             prefixes = []
-            for (_r, new_prefix), old_prefix in instances.items():
+            every = [(new, old) for (_, new), old in instances.items()]
+            every += [(new, old) for _, new, old in self._stack_instances]
+            for new_prefix, old_prefix in every:
                 p = new_prefix if is_new else old_prefix
                 if p is not None:
                     prefixes.append(p)
@@ -767,6 +1155,47 @@ class _Planner:
                         pattern=pat.text,
                     )
                 )
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """'1 problem', '2 problems': a count with its noun in the right number."""
+    return f"{n} {one}" if n == 1 else f"{n} {many or one + 's'}"
+
+
+def _as_index(capture: Any) -> int | None:
+    """A capture as a layer index: an int, or a string of ASCII digits."""
+    if type(capture) is int:
+        return capture if capture >= 0 else None
+    if isinstance(capture, str) and capture.isascii() and capture.isdigit():
+        return int(capture)
+    return None
+
+
+def _ranges(indices: list[int]) -> str:
+    """'0, 2, 3' or, past ten, '0, 1, 2, ..., 31' (indices ascending)."""
+    if not indices:
+        return "none"
+    if len(indices) <= 10:
+        return ", ".join(map(str, indices))
+    return ", ".join(map(str, indices[:3])) + f", ..., {indices[-1]}"
+
+
+def _source_prefixes(pattern: Pattern, index: TreeIndex) -> dict[Parts, tuple[Any, ...]]:
+    """Each distinct prefix of the index's leaf paths that pattern matches, with captures."""
+    found: dict[Parts, tuple[Any, ...]] = {}
+    n = pattern.length
+    if n is not None:  # match each distinct prefix once, in leaf order
+        for prefix in dict.fromkeys(p[:n] for p in index.paths if len(p) >= n):
+            caps = pattern.match(prefix)
+            if caps is not None:
+                found[prefix] = caps
+        return found
+    match = pattern.prefix_matcher()
+    for parts in index.paths:
+        m = match(parts)
+        if m is not None:
+            found.setdefault(parts[: m[0]], m[1])
+    return found
 
 
 def _drops_imaginary(target_dtype: Any, source_dtype: Any) -> bool:
@@ -834,7 +1263,7 @@ def raise_problems(problems: Sequence[Problem], n_rules: int) -> None:
 
 def _error(problems: Sequence[Problem], n_rules: int) -> GraftError:
     kinds = {p.kind for p in problems}
-    lines = [f"cannot graft ({n_rules} rule(s)): {len(problems)} problem(s)"]
+    lines = [f"cannot graft ({_count(n_rules, 'rule')}): {_count(len(problems), 'problem')}"]
     for kind, title in _SECTIONS.items():
         group = [p for p in problems if p.kind == kind]
         if not group:

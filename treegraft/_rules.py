@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from treegraft._errors import MappingError, PathSyntaxError
+from treegraft._ops import Operation, Step, flatten_operation
 from treegraft._paths import Path
 from treegraft._patterns import Pattern, parse_pattern
 
@@ -24,16 +25,38 @@ class Rule:
 
     Attributes:
       new: the pattern matched against the state (the target).
-      old: the pattern filled with `new`'s captures to find the source.
+      old: the pattern filled with `new`'s captures to find the source; None
+        for a keep rule (`{new: None}`).
       index: the rule's position in the mapping (for stable reports).
+      gather: how source leaves feed a target leaf: "copy" (one leaf),
+        "keep" (none: the target keeps its value), "stack" (one per index of
+        old's last `*`) or "unstack" (one leaf, indexed by new's last `*`).
+      axis: the axis of "stack" and "unstack".
+      steps: per-leaf changes (cast, transpose, reshape), in the order they apply.
+      shown: the rule's value as the user wrote it, for messages.
     """
 
     new: Pattern
-    old: Pattern
+    old: Pattern | None
     index: int
+    gather: str = "copy"
+    axis: int = 0
+    steps: tuple[Step, ...] = ()
+    shown: str = ""
+
+    @property
+    def keep(self) -> bool:
+        """Whether this is a keep rule: its target leaves keep their value."""
+        return self.old is None
+
+    def old_captures(self, captures: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The captures of new that fill old (unstack's extra index left out)."""
+        return captures[:-1] if self.gather == "unstack" else captures
 
     def __str__(self) -> str:
-        return f"{self.new.text!r} <- {self.old.text!r}"
+        if self.old is None:
+            return f"{self.new.text!r} <- None (keep)"
+        return f"{self.new.text!r} <- {self.shown or repr(self.old.text)}"
 
 
 def _as_text(value: Any) -> str | None:
@@ -44,12 +67,55 @@ def _as_text(value: Any) -> str | None:
     return None
 
 
+def _a(value: Any) -> str:
+    """'an int', 'a float': a value's type with its article."""
+    name = type(value).__name__
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
+
+
+def _compile(new: Any, new_text: str, old: Any, index: int) -> Rule:
+    new_pat = parse_pattern(new if isinstance(new, Pattern | Path) else new_text)
+    if old is None:
+        return Rule(new_pat, None, index, gather="keep")
+    if isinstance(old, Operation):
+        gather, source, axis, steps = flatten_operation(old)
+        shown = old.describe()
+    else:
+        source_text = _as_text(old)
+        if source_text is None:
+            raise MappingError(
+                f"the value {old!r} is {_a(old)}; a value is a path string, None (keep the "
+                "target's value) or an operation such as tg.stack(...)"
+            )
+        gather, source, axis, steps, shown = "copy", source_text, 0, (), ""
+    old_pat = parse_pattern(old if isinstance(old, Pattern | Path) else source)
+    if gather == "copy":
+        new_pat.check_corresponds(old_pat)
+    elif gather == "stack":
+        _check_one_more(old_pat, new_pat, "stack", "source")
+    else:
+        _check_one_more(new_pat, old_pat, "unstack", "new side")
+    return Rule(new_pat, old_pat, index, gather=gather, axis=axis, steps=steps, shown=shown)
+
+
+def _check_one_more(more: Pattern, fewer: Pattern, what: str, side: str) -> None:
+    """Checks that more has fewer's wildcards plus one last '*' (the layer index)."""
+    mine, theirs = more.wildcards(), fewer.wildcards()
+    if mine[:-1] != theirs or not mine or mine[-1] != "*":
+        raise MappingError(
+            f"{what}: the {side} {more.text!r} ({' '.join(mine) or 'no wildcards'}) must have "
+            f"the wildcards of {fewer.text!r} ({' '.join(theirs) or 'none'}) plus one last "
+            "'*' for the layer index"
+        )
+
+
 def parse_mapping(mapping: Any) -> list[Rule]:
     """Validates a `{new: old}` mapping and compiles it into rules.
 
     Args:
       mapping: a mapping from new (target) paths or patterns to old (source)
-        ones; keys and values are strings, `Path`s or `Pattern`s.
+        ones; keys are strings, `Path`s or `Pattern`s; values are those,
+        `None` (keep the target's value) or an operation (`tg.stack`, ...).
 
     Returns:
       The rules, in the mapping's order.
@@ -72,29 +138,20 @@ def parse_mapping(mapping: Any) -> list[Rule]:
     problems: list[str] = []
     rules: list[Rule] = []
     for index, (new, old) in enumerate(mapping.items()):
-        new_text, old_text = _as_text(new), _as_text(old)
-        bad = False
-        for side, raw, text in (("key", new, new_text), ("value", old, old_text)):
-            if text is None:
-                problems.append(
-                    f"  entry {index}: the {side} {raw!r} is a {type(raw).__name__}, "
-                    "not a path string"
-                )
-                bad = True
-        if bad:
+        new_text = _as_text(new)
+        name = repr(new_text) if new_text is not None else f"{index} (key {new!r})"
+        if new_text is None:
+            problems.append(f"  entry {name}: the key is {_a(new)}, not a path string")
+            if not (old is None or isinstance(old, Operation) or _as_text(old) is not None):
+                problems.append(f"  entry {name}: the value {old!r} is {_a(old)}, not a path")
             continue
-        assert new_text is not None and old_text is not None
         try:
-            new_pat = parse_pattern(new if isinstance(new, Pattern | Path) else new_text)
-            old_pat = parse_pattern(old if isinstance(old, Pattern | Path) else old_text)
-            new_pat.check_corresponds(old_pat)
+            rules.append(_compile(new, new_text, old, index))
         except (PathSyntaxError, MappingError) as e:
-            problems.append(f"  entry {new_text!r}: " + str(e).replace("\n", "\n    "))
-            continue
-        rules.append(Rule(new_pat, old_pat, index))
+            problems.append(f"  entry {name}: " + str(e).replace("\n", "\n    "))
     if problems:
         raise MappingError(
-            f"invalid mapping ({len(problems)} problem(s)):\n" + "\n".join(problems),
+            f"invalid mapping ({_count(len(problems), 'problem')}):\n" + "\n".join(problems),
             problems=problems,
         )
     return rules
@@ -122,7 +179,7 @@ def parse_ignore(patterns: Any, *, name: str) -> list[Pattern]:
     for item in items:
         text = _as_text(item)
         if text is None:
-            problems.append(f"  {item!r} is a {type(item).__name__}, not a pattern string")
+            problems.append(f"  {item!r} is {_a(item)}, not a pattern string")
             continue
         try:
             out.append(parse_pattern(item if isinstance(item, Pattern | Path) else text))
@@ -130,7 +187,11 @@ def parse_ignore(patterns: Any, *, name: str) -> list[Pattern]:
             problems.append("  " + str(e).replace("\n", "\n    "))
     if problems:
         raise MappingError(
-            f"invalid {name} ({len(problems)} problem(s)):\n" + "\n".join(problems),
+            f"invalid {name} ({_count(len(problems), 'problem')}):\n" + "\n".join(problems),
             problems=problems,
         )
     return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
