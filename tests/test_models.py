@@ -548,15 +548,20 @@ def hidden(mlp: Any, x: jax.Array) -> jax.Array:
     return x
 
 
-# All layers but the last (its output size differs).
-MLP_MAPPING = {f"layers[{i}]": f"layers[{i}]" for i in range(3)}
+# All layers but the last (its output size differs): one rule per layer, or
+# all layers and a keep rule (DESIGN section 10) for the last.
+MLP_MAPPINGS = {
+    "per_layer": {f"layers[{i}]": f"layers[{i}]" for i in range(3)},
+    "keep_last": {"layers": "layers", "layers[3]": None},
+}
 
 
-def test_equinox_module_from_memory(eqx):
+@pytest.mark.parametrize("mapping", MLP_MAPPINGS)
+def test_equinox_module_from_memory(eqx, mapping):
     pretrained = make_mlp(eqx, 10, seed=0)
     model = make_mlp(eqx, 3, seed=1)
 
-    new = tg.graft(model, pretrained, MLP_MAPPING)
+    new = tg.graft(model, pretrained, MLP_MAPPINGS[mapping])
 
     assert type(new) is type(model)
     assert new.activation is model.activation  # non-array leaves are untouched
@@ -567,14 +572,15 @@ def test_equinox_module_from_memory(eqx):
     assert jax.vmap(new)(X).shape == (2, 3)
 
 
-def test_equinox_from_orbax_save_of_partition(eqx, tmp_path):
+@pytest.mark.parametrize("mapping", MLP_MAPPINGS)
+def test_equinox_from_orbax_save_of_partition(eqx, mapping, tmp_path):
     pretrained = make_mlp(eqx, 10, seed=0)
     params, _ = eqx.partition(pretrained, eqx.is_array)
     source = tg.OrbaxCheckpoint(save(tmp_path / "mlp", params))
     model = make_mlp(eqx, 3, seed=1)
     target, static = eqx.partition(model, eqx.is_array)
 
-    new_params = tg.graft(target, source, MLP_MAPPING)
+    new_params = tg.graft(target, source, MLP_MAPPINGS[mapping])
 
     assert jax.tree.structure(new_params) == jax.tree.structure(target)
     new = eqx.combine(new_params, static)
