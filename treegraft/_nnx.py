@@ -38,6 +38,8 @@ from typing import Any
 
 from jax import tree_util
 
+from treegraft._errors import GraftError
+
 __all__ = ["is_variable_type", "value_of", "drop_value_keys"]
 
 _VALUE_KEY = tree_util.GetAttrKey("value")
@@ -68,8 +70,6 @@ def value_of(variable: Any) -> Any:
         return get()
     kids, _ = tree_util.tree_flatten(variable, is_leaf=lambda x: x is not variable)
     if len(kids) != 1:  # not a layout this adapter knows: should not happen
-        from treegraft._errors import GraftError
-
         raise GraftError(
             f"a flax NNX {type(variable).__name__} flattened to {len(kids)} children, "
             "expected one (its value): this flax version is not supported"
