@@ -248,6 +248,13 @@ def test_nnx_encoder_into_encoder_and_decoder(nnx, kind, tmp_path):
     assert model(X).shape == (2, 3)
     # The head keeps its own initialisation.
     assert new_state["head"]["kernel"].get_value() is state["head"]["kernel"].get_value()
+    # Grafted leaves own their buffers (DESIGN section 12), one per target.
+    pointers = {
+        new_state[name]["linear"]["kernel"].get_value().unsafe_buffer_pointer()
+        for name in ("encoder", "decoder")
+    }
+    pointers.add(pretrained.encoder.linear.kernel.get_value().unsafe_buffer_pointer())
+    assert len(pointers) == 3
 
 
 @pytest.mark.parametrize("kind", NNX_SOURCES)
