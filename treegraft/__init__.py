@@ -32,6 +32,7 @@ from treegraft._plan import Problem as Problem
 from treegraft._plan import plan as plan
 from treegraft._read.kauldron import KauldronCheckpoint as KauldronCheckpoint
 from treegraft._read.orbax import OrbaxCheckpoint as OrbaxCheckpoint
+from treegraft._read.safetensors import SafetensorsCheckpoint as SafetensorsCheckpoint
 from treegraft._sharding import propagate_sharding as propagate_sharding
 from treegraft._source import ReadRequest as ReadRequest
 from treegraft._source import Source as Source
@@ -50,6 +51,7 @@ __all__ = [
     "NoopTransform",
     "OrbaxCheckpoint",
     "PartialKauldronLoader",
+    "SafetensorsCheckpoint",
     "SimpleCheckpointLoader",
     "Entry",
     "GraftPlan",

@@ -9,6 +9,7 @@ and on checkpoint metadata.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,7 @@ import numpy as np
 from treegraft import _leaves
 from treegraft._errors import GraftError, MappingError, MismatchError, PathNotFoundError
 from treegraft._gc import young_collections_only
-from treegraft._index import TreeIndex, is_abstract
+from treegraft._index import TreeIndex, is_abstract, loose
 from treegraft._paths import Part, Path, render_parts
 from treegraft._patterns import Pattern
 from treegraft._rules import Rule, parse_ignore, parse_mapping
@@ -38,17 +39,11 @@ _MISMATCH_KINDS = ("shape", "dtype", "structure")
 _SECTIONS = {
     "unmatched_rule": "rules that match nothing",
     "unmatched_ignore": "ignore patterns that match nothing",
-    "missing": (
-        "missing in the source: target leaves covered by a rule with no source leaf "
-        "(to keep their current value, add them to ignore_model_keys)"
-    ),
-    "unexpected": (
-        "unexpected in the source: source leaves under a rule with no target leaf "
-        "(to skip them, add them to ignore_restored_keys)"
-    ),
+    "missing": "missing in the source: target leaves covered by a rule with no source leaf",
+    "unexpected": "unexpected in the source: source leaves under a rule with no target leaf",
     "structure": "structure differs",
     "shape": "shape differs",
-    "dtype": "dtype differs (casting is never implicit: pass cast=True to allow it)",
+    "dtype": "dtype differs (casting is never implicit)",
     "tie": "rules tied on the same leaf (make one more specific)",
     "abstract": "source leaves without values",
 }
@@ -66,6 +61,8 @@ class Problem:
       source: the path in the source, where there is one.
       rule: the rule involved, as "'new' <- 'old'", where there is one.
       pattern: the ignore pattern involved, where there is one.
+      remedy: the fix that fits this problem's cause, or "" when the message
+        says it (a close name) or there is no generic fix.
     """
 
     kind: str
@@ -74,6 +71,7 @@ class Problem:
     source: Path | None = None
     rule: str | None = None
     pattern: str | None = None
+    remedy: str = ""
 
 
 class Pair(NamedTuple):
@@ -513,6 +511,10 @@ class _Planner:
         # (rule, new prefix, old prefix) of each stacked source subtree.
         self._stack_instances: list[tuple[int, Parts, Parts]] = []
         self._members: dict[tuple[int, Parts], dict[int, Parts] | None] = {}
+        self._literal: dict[int, Parts] = {}
+        # (rule, target subtree) -> [leaves, index of its problem, source subtree].
+        self._missing_groups: dict[tuple[int, Parts], list[Any]] = {}
+        self._captures: list[tuple[Any, ...]] = []
 
     # The steps, in order.
 
@@ -520,6 +522,7 @@ class _Planner:
         self.lazy = lazy
         winner, prefix_len, rule_hits = self._assign_rules()
         instances, pairs = self._pair_leaves(winner, prefix_len)
+        self._count_missing_subtrees()
         if lazy is None:
             self._check_concrete(pairs)
         self._check_outranked_rules(instances)
@@ -560,10 +563,17 @@ class _Planner:
         # found later clears them, so the result does not depend on rule order.
         tied: dict[int, list[int]] = {}
         paths = self.tgt.paths
+        everything = range(n)
+        # The winning rule's captures, so that pairing need not match again.
+        captures = self._captures = [()] * n
         for r, rule in enumerate(self.rules):
             match = rule.new.prefix_matcher()
             literals = rule.new.literal_count
-            for i, parts in enumerate(paths):
+            # Only the leaves under a rule's literal prefix can match it: with
+            # one rule per subtree, planning stays linear in rules + leaves.
+            head = rule.new.literal_prefix()
+            for i in self.tgt.under(head) if head else everything:
+                parts = paths[i]
                 m = match(parts)
                 if m is None:
                     continue
@@ -573,6 +583,7 @@ class _Planner:
                     if winner[i] >= 0:
                         self._outranked.append((winner[i], i, prefix_len[i]))
                     rank[i], winner[i], prefix_len[i] = key, r, m[0]
+                    captures[i] = m[1]
                     tied.pop(i, None)
                 elif key == rank[i]:
                     tied.setdefault(i, []).append(r)
@@ -641,7 +652,7 @@ class _Planner:
             if key in instances:
                 old_prefix = instances[key]
             else:
-                old_prefix = self._old_prefix(r, new_prefix)
+                old_prefix = self._old_prefix(r, new_prefix, self._captures[i])
                 instances[key] = old_prefix
                 if rule.gather == "unstack":
                     taken[key] = self._unstack_index(r, new_prefix)
@@ -834,23 +845,35 @@ class _Planner:
         )
         return False
 
-    def _old_of(self, r: int, new_prefix: Parts) -> Parts:
+    def _old_of(self, r: int, new_prefix: Parts, caps: tuple[Any, ...] | None = None) -> Parts:
         """The old path a rule's new side, matched at new_prefix, points to.
 
-        For a stack rule, the literal part of its old side (before the index).
+        `caps` are new's captures at new_prefix, when already known. For a
+        stack rule, the literal part of its old side (before the index).
         """
         rule = self.rules[r]
         assert rule.old is not None
         if rule.gather == "stack":
             return rule.old.literal_prefix()
-        caps = rule.old_captures(rule.new.match(new_prefix) or ())
-        return rule.old.substitute(caps).parts
+        if rule.old.is_literal:
+            return self._literal_old(r)
+        if caps is None:
+            caps = rule.new.match(new_prefix) or ()
+        return rule.old.substitute(rule.old_captures(caps)).parts
 
-    def _old_prefix(self, r: int, new_prefix: Parts) -> Parts | None:
+    def _literal_old(self, r: int) -> Parts:
+        old = self._literal.get(r)
+        if old is None:
+            old = self._literal[r] = self.rules[r].old.as_path().parts  # type: ignore[union-attr]
+        return old
+
+    def _old_prefix(
+        self, r: int, new_prefix: Parts, caps: tuple[Any, ...] | None = None
+    ) -> Parts | None:
         if self.rules[r].gather == "stack":
             group = self._stack_members(r, new_prefix)
             return next(iter(group.values())) if group else None
-        old = self._old_of(r, new_prefix)
+        old = self._old_of(r, new_prefix, caps)
         return old if self.src.node_exists(old) else None
 
     def _specs_agree(self, tleaf: Any, sleaf: Any) -> bool:
@@ -880,6 +903,9 @@ class _Planner:
             )
         else:
             why = self.src.why_missing(old)
+        # A close name for a literal rule's source means a typo: fix it, as
+        # ignoring would only hide it. A glob rule found its other instances.
+        typo = "did you mean" in why and rule.old is not None and rule.old.is_literal
         self.problems.append(
             Problem(
                 "missing",
@@ -888,6 +914,11 @@ class _Planner:
                 target=Path(new_prefix),
                 source=Path(old),
                 rule=str(rule),
+                remedy=""
+                if typo
+                else _keep_remedy(new_prefix)
+                if rule.old is None or not rule.old.is_literal
+                else "check the rule's source path or, " + _keep_remedy(new_prefix),
             )
         )
 
@@ -903,7 +934,7 @@ class _Planner:
                     f"{render_parts(parts)!r} is a leaf in the state "
                     f"({_leaves.describe(_leaves.spec_of(self.tgt.leaves[i]))}) but "
                     f"{render_parts(sparts)!r} is a subtree in the source "
-                    f"({len(below)} leaves) [rule {rule}]",
+                    f"({_count(len(below), 'leaf', 'leaves')}) [rule {rule}]",
                     target=Path(parts),
                     source=Path(sparts),
                     rule=str(rule),
@@ -935,16 +966,53 @@ class _Planner:
                 )
             )
             return
+        # Where the source stops: a whole missing subtree is one problem, with
+        # its leaf count, not one line per leaf.
+        k = len(old_prefix) + 1
+        while k < len(sparts) and self.src.node_exists(sparts[:k]):
+            k += 1
+        sroot = sparts[:k]
+        troot = parts[: n + k - len(old_prefix)]
+        group = self._missing_groups.get((r, troot))
+        if group is not None:
+            group[0] += 1
+            return
+        self._missing_groups[(r, troot)] = [1, len(self.problems), sroot, parts, sparts]
         self.problems.append(
             Problem(
                 "missing",
-                f"{render_parts(parts)!r} <- {render_parts(sparts)!r}: "
-                f"{self.src.why_missing(sparts)} [rule {rule}]",
-                target=Path(parts),
-                source=Path(sparts),
+                f"{render_parts(troot)!r} <- {render_parts(sroot)!r}: "
+                f"{self.src.why_missing(sroot)} [rule {rule}]",
+                target=Path(troot),
+                source=Path(sroot),
                 rule=str(rule),
+                remedy=_keep_remedy(troot),
             )
         )
+
+    def _count_missing_subtrees(self) -> None:
+        """Adds the leaf count to each missing subtree's problem."""
+        for (r, troot), (count, at, sroot, parts, sparts) in self._missing_groups.items():
+            problem = self.problems[at]
+            if count == 1:  # one leaf: name it
+                message = (
+                    f"{render_parts(parts)!r} <- {render_parts(sparts)!r}: "
+                    f"{self.src.why_missing(sparts)} [rule {self.rules[r]}]"
+                )
+                target, source = Path(parts), Path(sparts)
+            else:
+                message = (
+                    f"{render_parts(troot)!r} ({count} leaves) <- {render_parts(sroot)!r}: "
+                    f"{self.src.why_missing(sroot)} [rule {self.rules[r]}]"
+                )
+                target, source = problem.target, problem.source
+            self.problems[at] = dataclasses.replace(
+                problem,
+                message=message,
+                target=target,
+                source=source,
+                remedy=_keep_remedy(target.parts if target is not None else troot),
+            )
 
     def _mismatch(self, i: int, si: int, r: int) -> None:
         tspec = _leaves.spec_of(self.tgt.leaves[i])
@@ -963,6 +1031,7 @@ class _Planner:
                 target=Path(tp),
                 source=Path(sp),
                 rule=str(self.rules[r]),
+                remedy=_cast_remedy(tspec[1], sspec[1]) if kind == "dtype" and not note else "",
             )
         )
 
@@ -975,7 +1044,13 @@ class _Planner:
         paired: set[int] = set()
         for pair in pairs:
             paired.update(pair.sources or (pair.source,))
-        accounted = {p.source for p in self.problems if p.kind in ("structure", "shape", "dtype")}
+        # Compared loosely: a structure problem names the source path with the
+        # state's int keys, where a checkpoint holds their strings.
+        accounted = {
+            loose(p.source.parts)
+            for p in self.problems
+            if p.kind in ("structure", "shape", "dtype") and p.source
+        }
         every = [(r, new, old) for (r, new), old in instances.items()] + self._stack_instances
         for r, new_prefix, old_prefix in dict.fromkeys(every):
             if old_prefix is None or self.rules[r].old is None:
@@ -988,7 +1063,9 @@ class _Planner:
                 sparts = self.src.paths[si]
                 if self.tgt.find(new_prefix + sparts[k:]) is not None:
                     continue  # taken by a more specific rule, or reported already
-                if accounted and any(Path(sparts).startswith(a) for a in accounted if a):
+                if accounted and any(
+                    loose(sparts[:j]) in accounted for j in range(1, len(sparts) + 1)
+                ):
                     continue
                 if self._ignored_restored(sparts, k):
                     continue
@@ -1003,6 +1080,14 @@ class _Planner:
                         target=Path(new_prefix + sparts[k:]),
                         source=Path(sparts),
                         rule=str(self.rules[r]),
+                        remedy=(
+                            "a rule's target is an empty node of the state: graft it once it "
+                            "is built (a Kauldron loader grafts opt_state entries in "
+                            "transform_after_optimizer), or drop the rule"
+                            if hint
+                            else "to skip source leaves the state has no place for, add them "
+                            "to ignore_restored_keys"
+                        ),
                     )
                 )
 
@@ -1066,12 +1151,17 @@ class _Planner:
         the source has one more (`enc.layers_5` for `dec.layers_* <- enc.layers_*`
         and a state without `dec.layers_5`), its leaves mirror no target leaf.
         """
+        by_rule: dict[int, set[Parts]] = {}
+        for (k, _), known_old in instances.items():
+            if known_old is not None:
+                by_rule.setdefault(k, set()).add(known_old)
         for r, rule in enumerate(self.rules):
             if rule.old is None or rule.old.is_literal or rule.gather == "unstack":
                 # A keep rule reads nothing; an unstack takes the layers it is
                 # asked for; a literal rule's one instance is known when it matched.
                 continue
-            for old_prefix, caps in _source_prefixes(rule.old, self.src).items():
+            known = by_rule.get(r, set())
+            for old_prefix, caps in _source_prefixes(rule.old, self.src, known).items():
                 try:
                     new_prefix = rule.new.substitute(
                         caps[:-1] if rule.gather == "stack" else caps
@@ -1157,6 +1247,27 @@ class _Planner:
                 )
 
 
+def _keep_remedy(target: Parts) -> str:
+    return (
+        f"to keep the state's values where the source has none, map them to None "
+        f"({{{render_parts(target)!r}: None}}) or add them to ignore_model_keys"
+    )
+
+
+def _cast_remedy(target_dtype: Any, source_dtype: Any) -> str:
+    """The cast option that allows a dtype change, by what the cast can do to values."""
+    try:
+        safe = np.can_cast(np.dtype(source_dtype), np.dtype(target_dtype), "same_kind")
+    except TypeError:  # a typed PRNG key, a Python type: no cast makes them agree
+        return ""
+    if safe:
+        return "to cast values to the state's dtypes, pass cast=True"
+    return (
+        "these casts can change values (out of range, fractions dropped): pass cast='unsafe', "
+        "or cast one rule's leaves with tg.cast(old_path, dtype)"
+    )
+
+
 def _count(n: int, one: str, many: str | None = None) -> str:
     """'1 problem', '2 problems': a count with its noun in the right number."""
     return f"{n} {one}" if n == 1 else f"{n} {many or one + 's'}"
@@ -1180,20 +1291,29 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(map(str, indices[:3])) + f", ..., {indices[-1]}"
 
 
-def _source_prefixes(pattern: Pattern, index: TreeIndex) -> dict[Parts, tuple[Any, ...]]:
-    """Each distinct prefix of the index's leaf paths that pattern matches, with captures."""
+def _source_prefixes(
+    pattern: Pattern, index: TreeIndex, skip: set[Parts] | frozenset[Parts] = frozenset()
+) -> dict[Parts, tuple[Any, ...]]:
+    """Each distinct prefix of the index's leaf paths that pattern matches, with captures.
+
+    Prefixes in `skip` (already known) are left out without being matched.
+    """
     found: dict[Parts, tuple[Any, ...]] = {}
+    head = pattern.literal_prefix()
+    paths = [index.paths[i] for i in index.under(head)] if head else index.paths
     n = pattern.length
     if n is not None:  # match each distinct prefix once, in leaf order
-        for prefix in dict.fromkeys(p[:n] for p in index.paths if len(p) >= n):
+        for prefix in dict.fromkeys(p[:n] for p in paths if len(p) >= n):
+            if prefix in skip:
+                continue
             caps = pattern.match(prefix)
             if caps is not None:
                 found[prefix] = caps
         return found
     match = pattern.prefix_matcher()
-    for parts in index.paths:
+    for parts in paths:
         m = match(parts)
-        if m is not None:
+        if m is not None and parts[: m[0]] not in skip:
             found.setdefault(parts[: m[0]], m[1])
     return found
 
@@ -1272,6 +1392,10 @@ def _error(problems: Sequence[Problem], n_rules: int) -> GraftError:
         lines += ["  " + p.message for p in group[:_LISTED]]
         if len(group) > _LISTED:
             lines.append(f"  ... and {len(group) - _LISTED} more")
+    remedies = list(dict.fromkeys(p.remedy for p in problems if p.remedy))
+    if remedies:
+        lines.append("to fix:")
+        lines += [f"  - {remedy}" for remedy in remedies[:_LISTED]]
     message = "\n".join(lines)
     cls: type[GraftError]
     if kinds <= set(_KEY_KINDS):
