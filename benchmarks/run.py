@@ -47,6 +47,9 @@ sys.path.insert(0, HERE)
 from _common import FANOUT, MIB, SIZES, layer  # noqa: E402
 
 CASES = ("partial", "fanout", "memory", "plan", "sharded", "scaling")
+# Cases with a script of their own: run in a subprocess, their report and JSON
+# kept beside the others' (`results["extra"]`).
+EXTRA = {"planscale": "planscale.py", "ops": "rule_ops.py", "storage": "storage_cases.py"}
 
 TREEGRAFT = "treegraft"
 LABELS = {
@@ -684,6 +687,9 @@ def pool(paths: list[str]) -> dict:
 
 def print_report(results: dict) -> None:
     """Prints the table, the aims and the machine to stdout."""
+    for name, extra in results.get("extra", {}).items():
+        print(f"case {name}:")
+        print(extra.get("report") or f"FAILED: {extra.get('stderr', '')}")
     mode = results["mode"]
     print(render_table(table_rows(results)))
     print()
@@ -899,6 +905,20 @@ def run_case(case: dict, repeats: int, *, jobs: int, timeout: float) -> int:
     return failures
 
 
+def run_extra(name: str, *, quick: bool, repeats: int | None, root: str) -> dict:
+    """Runs a case that has a script of its own; returns its JSON (with its report)."""
+    out = os.path.join(root, f"{name}.json")
+    cmd = [sys.executable, os.path.join(HERE, EXTRA[name]), "--json", out]
+    cmd += ["--quick"] if quick else []
+    cmd += ["--repeats", str(repeats)] if repeats else []
+    _log(f"\ncase {name}: {' '.join(cmd[1:])}")
+    done = subprocess.run(cmd, env=_env(8), capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"failed": done.returncode, "stderr": done.stderr[-4000:]}
+    with open(out) as f:
+        return json.load(f)
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -916,7 +936,9 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=None, help="runs per command (default: 5, or 1 with --quick)"
     )
     parser.add_argument(
-        "--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}"
+        "--cases",
+        default=",".join(CASES + tuple(EXTRA)),
+        help=f"comma-separated subset of {','.join(CASES + tuple(EXTRA))}",
     )
     parser.add_argument(
         "--json",
@@ -965,6 +987,8 @@ def main(argv: list[str] | None = None) -> int:
         size["repeats"] = args.repeats
     jobs = args.jobs if args.jobs is not None else (2 if args.quick else 1)
     selected = [c.strip() for c in args.cases.split(",") if c.strip()]
+    extra = [c for c in selected if c in EXTRA]
+    selected = [c for c in selected if c not in EXTRA]
     unknown = set(selected) - set(CASES)
     if unknown:
         parser.error(f"unknown case(s) {sorted(unknown)}; choose from {','.join(CASES)}")
@@ -998,6 +1022,10 @@ def main(argv: list[str] | None = None) -> int:
             case["aims"] = evaluate(case)
             case["load_after"] = os.getloadavg()
         results["cases"] = cases
+        results["extra"] = {
+            name: run_extra(name, quick=args.quick, repeats=args.repeats, root=root)
+            for name in extra
+        }
     finally:
         if args.data is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -234,3 +234,115 @@ def test_inspect_and_plan_read_shapes_in_one_batch(tmp_path, monkeypatch, capsys
     assert _cli.main(["inspect", item, "--plain"]) == 0
     assert "float64[40]" in capsys.readouterr().out
     assert _cli.main(["plan", item, "--target", item, "--map", "w=w", "--plain"]) == 0
+
+
+# ----------------------------------------------------------------------------
+# Reliability, round 2 (item 20).
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source, extra, message",
+    [
+        ("/nonexistent/run", [], "treegraft plan: checkpoint '/nonexistent/run' does not exist"),
+        ("{run}", ["--step", "7"], "has no complete step 7; available steps: 1000, 2000"),
+    ],
+    ids=["missing-source", "missing-step"],
+)
+def test_plan_with_an_unusable_source_exits_2(demo_run, source, extra, message):
+    target = os.path.join(demo_run, "checkpoints", "ckpt_1000")
+    result = run("plan", source.format(run=demo_run), "--target", target, *extra)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "the graft would fail" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["inspect", "{step}", "--step", "1000"], "--step 1000"),
+        (["plan", "{step}", "--step", "1000", "--target", "{step}"], "--step 1000"),
+        (["plan", "{run}", "--target", "{step}", "--target-step", "-1"], "--target-step -1"),
+    ],
+    ids=["inspect", "plan-source", "plan-target"],
+)
+def test_a_step_for_a_plain_orbax_checkpoint_is_refused(demo_run, args, flag):
+    step = os.path.join(demo_run, "checkpoints", "ckpt_2000")
+    result = run(*[a.format(run=demo_run, step=step) for a in args])
+    assert result.returncode == 2
+    assert (
+        f"{flag}: {step!r} is not a Kauldron workdir (it has no checkpoints/ folder), so it "
+        "has no steps to choose from" in result.stderr
+    )
+
+
+def test_inspect_filter_that_matches_nothing_suggests_and_exits_1(demo_run):
+    result = run("inspect", demo_run, "--filter", "params.encodr.**")
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        "treegraft inspect: --filter 'params.encodr.**' matches no leaf of the checkpoint "
+    )
+    assert "(did you mean 'params.encoder'" in result.stderr
+    assert result.stdout == ""
+
+
+def test_a_tilde_in_paths_is_expanded(demo_run):
+    home = os.path.dirname(demo_run)
+    name = os.path.basename(demo_run)
+    env = dict(os.environ, NO_COLOR="1", HOME=home)
+    cmd = [EXE] if EXE else [sys.executable, "-m", "treegraft._cli"]
+    result = subprocess.run(
+        [*cmd, "plan", f"~/{name}", "--target", f"~/{name}/checkpoints/ckpt_1000",
+         "--map", "params.embed=params.embed"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"from the checkpoint {demo_run}/checkpoints/ckpt_2000" in result.stdout
+    assert not os.path.exists("~")
+
+
+def _hf_weights(folder) -> str:
+    """A Hugging Face style folder: one .safetensors shard and its index."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    os.makedirs(folder, exist_ok=True)
+    tensors = {
+        "model.layers.0.mlp.up_proj.weight": np.ones((4, 3), np.float32),
+        "model.layers.1.mlp.up_proj.weight": np.ones((4, 3), np.float32),
+        "model.norm.weight": np.ones(3, np.float32),
+    }
+    safetensors_numpy.save_file(tensors, os.path.join(folder, "model-00001-of-00001.safetensors"))
+    index = {"weight_map": {name: "model-00001-of-00001.safetensors" for name in tensors}}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    return str(folder)
+
+
+def test_inspect_and_plan_take_safetensors_weights(tmp_path) -> None:
+    folder = _hf_weights(tmp_path / "llama")
+    before = snapshot(str(tmp_path))
+    result = run("inspect", folder, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {row["path"]: row for row in json.loads(result.stdout)["leaves"]}
+    assert rows["model.layers[1].mlp.up_proj.weight"]["shape"] == [4, 3]
+    shard = os.path.join(folder, "model-00001-of-00001.safetensors")
+    result = run("plan", shard, "--target", folder, "--map", "model.layers[0]=model.layers[1]")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the graft would succeed" in result.stdout
+    result = run("plan", folder, "--target", folder, "--map", "model.layrs=model.layers")
+    assert result.returncode == 1
+    assert "'model' has no key 'layrs' (did you mean 'layers'?)" in result.stdout
+    assert snapshot(str(tmp_path)) == before  # nothing written beside the weights
+
+
+@pytest.mark.parametrize("kind", ["gcs", "s3"])
+def test_inspect_and_plan_a_remote_workdir(demo_run: str, kind: str, request) -> None:
+    import servers
+
+    storage = servers.Storage(kind, "treegraft", request.getfixturevalue(f"{kind}_server"))
+    url = storage.publish(demo_run)
+    result = run("inspect", url, "--depth", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "steps: 1000, 2000" in result.stdout
+    result = run("plan", url, "--target", url, "--map", "params.decoder=params.encodr")
+    assert result.returncode == 1
+    assert f"{url}/checkpoints/ckpt_2000" in result.stdout and "did you mean 'encoder'" in result.stdout

@@ -48,7 +48,7 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _run_workers(workdir: str) -> list[tuple[int, str, str]]:
+def _run_workers(workdir: str, storage_url: str | None = None) -> list[tuple[int, str, str]]:
     """Runs the workers; returns (exit code, stdout, stderr) per process."""
     port = _free_port()
     env = _worker_env()
@@ -66,7 +66,7 @@ def _run_workers(workdir: str) -> list[tuple[int, str, str]]:
                 f"--num-processes={NUM_PROCESSES}",
                 f"--port={port}",
                 f"--workdir={workdir}",
-            ]
+            ] + ([f"--storage-url={storage_url}"] if storage_url else [])
             procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err))
         deadline = time.monotonic() + TIMEOUT_S
         while True:
@@ -103,9 +103,19 @@ def _result(out: str) -> dict:
     return json.loads(lines[0][len(RESULT_PREFIX) :])
 
 
-def test_graft_across_two_processes(tmp_path):
+@pytest.mark.parametrize("storage", ["local", "gcs"])
+def test_graft_across_two_processes(tmp_path, storage, request):
+    """Both processes save together, then each reads only its own shards.
+
+    On GCS (the emulator) the bytes each process reads are those tensorstore's
+    gcs kvstore received, against rchar from the page cache locally.
+    """
+    url = None
+    if storage == "gcs":
+        request.getfixturevalue("gcs_server")  # sets the loopback environment the workers get
+        url = f"gs://treegraft/distributed-{os.getpid()}-{time.monotonic_ns()}"
     start = time.monotonic()
-    outputs = _run_workers(str(tmp_path))
+    outputs = _run_workers(str(tmp_path), url)
     assert time.monotonic() - start < TIMEOUT_S, f"the workers did not finish in {TIMEOUT_S} s"
     results = []
     for i, (code, out, err) in enumerate(outputs):

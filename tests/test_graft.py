@@ -273,7 +273,8 @@ def test_cast_with_python_scalar_source():
     # float to int can change values: it needs cast="unsafe" (DESIGN section 10).
     state = {"x": jnp.zeros((), jnp.int32)}
     with pytest.raises(
-        tg.MismatchError, match=r"'x' in the state is int32\[\], 'x' in the source is float \(python\)"
+        tg.MismatchError,
+        match=r"'x' in the state is int32\[\], 'x' in the source is float \(python\)",
     ):
         tg.graft(state, {"x": 2.0}, {"x": "x"}, cast=True)
     out = tg.graft(state, {"x": 2.0}, {"x": "x"}, cast="unsafe")
@@ -462,6 +463,8 @@ def test_lazy_source_is_named_in_messages_and_read_in_its_own_dtype_unless_cast(
         tg.MismatchError, match=r"'w' in the state is int32\[3\], 'w' in the source is int64\[3\]"
     ):
         tg.graft({"w": np.zeros(3, np.int32)}, ckpt, {"w": "w"})
+    with pytest.raises(tg.MismatchError, match=r"int64 -> int32 can change values"):
+        tg.graft({"w": np.zeros(3, np.int32)}, ckpt, {"w": "w"}, cast=True)
     out = tg.graft({"w": np.zeros(3, np.int32)}, ckpt, {"w": "w"}, cast="unsafe")
     # Read in the source's dtype; each target is cast to its own afterwards.
     assert [r.dtype for r in ckpt.requests] == [np.int64]
@@ -631,6 +634,82 @@ def test_graft_property_matches_reference_and_preserves_placement(case):
             assert got == want
     trees.assert_unchanged(state, snap_state)
     trees.assert_unchanged(source, snap_source)
+
+
+# The reference model with globs, tie-breaks and keep rules: an independent
+# statement of DESIGN section 4 (longest matched prefix, then most literal
+# segments, equal on both is an error) and section 10 (None keeps).
+_MENU = [
+    ("dec.layers_*", "dec.layers_*"),
+    ("dec.*", "dec.*"),  # ties with the one above on every layer
+    ("dec.layers_1", "enc"),
+    ("enc", "dec.layers_0"),
+    ("**", "**"),
+    ("dec.layers_0", None),
+]
+
+
+@st.composite
+def glob_grafts(draw):
+    module = draw(trees.pytrees(leaves_with_shardings(), max_leaves=4))
+    state = {"enc": module, "dec": {"layers_0": _renewed(module), "layers_1": _renewed(module)}}
+    source = source_like(state)
+    chosen = draw(st.lists(st.sampled_from(range(len(_MENU))), min_size=1, max_size=4,
+                           unique=True))
+    mapping = {_MENU[k][0]: _MENU[k][1] for k in chosen}
+    nodes = [n for n in trees.node_paths(module) if len(n)]
+    if nodes and draw(st.booleans()):  # keep one subtree of a grafted layer
+        mapping[str(tg.Path(("dec", "layers_1")) / draw(st.sampled_from(nodes)))] = None
+    return state, source, mapping
+
+
+def _reference(state, source, mapping):
+    """Per target leaf: ('copy', source path), ('keep',), ('none',) or ('tie',)."""
+    rules = []
+    for new, old in mapping.items():
+        pattern = tg.parse_pattern(new)
+        rules.append((pattern, None if old is None else tg.parse_pattern(old)))
+    out = {}
+    for path in tg.flatten(state):
+        ranked = []
+        for new, old in rules:
+            m = new.match_prefix(path)
+            if m is not None:
+                ranked.append(((m[0], new.literal_count), new, old, m))
+        if not ranked:
+            out[path] = ("none",)
+            continue
+        best = max(r[0] for r in ranked)
+        top = [r for r in ranked if r[0] == best]
+        if len(top) > 1:
+            out[path] = ("tie",)
+            continue
+        _, _, old, (n, caps) = top[0]
+        out[path] = ("keep",) if old is None else ("copy", old.substitute(caps) / path[n:])
+    return out
+
+
+@given(glob_grafts())
+def test_graft_property_with_globs_ties_and_keep_rules_matches_the_reference(case):
+    state, source, mapping = case
+    snaps = trees.snapshot(state), trees.snapshot(source)
+    expected = _reference(state, source, mapping)
+    if any(e == ("tie",) for e in expected.values()):
+        with pytest.raises(tg.MappingError, match="rules tied on the same leaf"):
+            tg.graft(state, source, mapping)
+        return
+    out = tg.graft(state, source, mapping)  # no tie: the graft must succeed
+    flat_in, flat_out, flat_src = tg.flatten(state), tg.flatten(out), tg.flatten(source)
+    assert jax.tree.structure(out) == jax.tree.structure(state)
+    for path, like in flat_in.items():
+        got, want = flat_out[path], expected[path]
+        if want[0] != "copy":
+            assert got is like
+            continue
+        _assert_placed_like(got, like)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(flat_src[want[1]]))
+    trees.assert_unchanged(state, snaps[0])
+    trees.assert_unchanged(source, snaps[1])
 
 
 @given(grafts())

@@ -400,3 +400,31 @@ def test_loader_unstacks_params_and_adam_state_in_both_phases(tmp_path):
         np.testing.assert_array_equal(state.opt_state[0].nu[f"layers_{i}"]["w"],
                                       saved[0].nu["layers"]["w"][i])
     assert int(state.opt_state[0].count) == 0  # not mapped: kept
+
+
+# ----------------------------------------------------------------------------
+# Results own their buffers (DESIGN section 12), from memory and checkpoints.
+# ----------------------------------------------------------------------------
+
+
+def _pointers(x: jax.Array) -> list[int]:
+    return [s.data.unsafe_buffer_pointer() for s in x.addressable_shards]
+
+
+@pytest.mark.parametrize("from_checkpoint", [False, True], ids=["memory", "checkpoint"])
+def test_operation_results_own_their_buffers_and_can_be_donated(tmp_path, from_checkpoint):
+    stacked = {"w": np.arange(3 * 8, dtype=np.float32).reshape(3, 8)}
+    source = tg.OrbaxCheckpoint(write_item(tmp_path / "item", stacked)) if from_checkpoint else stacked
+    replicated = jax.sharding.NamedSharding(mesh(), jax.sharding.PartitionSpec())
+    like = {f"l{i}": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=replicated) for i in range(3)}
+    like["t"] = np.zeros((8, 3), np.float32)
+    mapping = {"l*": tg.unstack("w", axis=0), "t": tg.transpose("w", (1, 0))}
+    new = tg.graft(like, source, mapping)
+    pointers = [p for i in range(3) for p in _pointers(new[f"l{i}"])]
+    assert len(set(pointers)) == len(pointers) == 3 * 8  # every shard of every leaf its own
+    assert not np.shares_memory(new["t"], stacked["w"])
+    donated = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)(
+        {k: new[k] for k in ("l0", "l1", "l2")}
+    )
+    np.testing.assert_array_equal(np.asarray(donated["l1"]), stacked["w"][1] + 1)
+    np.testing.assert_array_equal(stacked["w"][1], np.arange(8, 16))  # the source is intact

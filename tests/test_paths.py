@@ -166,6 +166,13 @@ ERRORS = [
     ("params.layers_*", 15, "wildcards are only allowed in patterns"),
     ("**.bias", 1, "wildcards are only allowed in patterns"),
     ("a[*]", 3, "wildcards are only allowed in patterns"),
+    # A blank between two names (a blank inside a name) stays an error.
+    ("a . b c", 6, "unexpected blank, expected '.' or '['"),
+    ("a[0] b", 5, "unexpected blank, expected '.' or '['"),
+    ("a . ", 4, "expected a name after '.'"),
+    # inf does not render back to anything that parses.
+    ("a[1e999]", 3, "number out of range (1e999 is not a finite float)"),
+    ("a[ -1e999 ]", 4, "number out of range (-1e999 is not a finite float)"),
     ("a['\\d']", 3, "invalid string literal (invalid escape sequence '\\d'"),
 ]
 
@@ -224,6 +231,52 @@ def test_parse_path_rejects_non_strings():
         parse_path(3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"a path must be a str, got tuple: \('a',\)"):
         parse_path(("a",))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [None, 3, 1.5, b"a.b", ["a"]], ids=repr)
+def test_a_non_string_path_is_a_graft_error_and_a_type_error(bad):
+    # DESIGN section 2: every bad-input error is a GraftError; old code caught TypeError.
+    for parse in (parse_path, parse_pattern):
+        with pytest.raises(tg.PathTypeError, match=r"^a path must be a str, got ") as info:
+            parse(bad)
+        assert isinstance(info.value, GraftError) and isinstance(info.value, TypeError)
+    with pytest.raises(GraftError, match=rf"got {type(bad).__name__}"):
+        parse_path(bad)
+
+
+BLANKS = [
+    (" a . b ", ("a", "b")),
+    ("a [ 0 ]", ("a", 0)),
+    ("a.\tb", ("a", "b")),
+    ("a\n.b", ("a", "b")),
+    ("a [ 'x y' ] . c", ("a", "x y", "c")),
+    ("a . 0 . b", ("a", 0, "b")),
+    ("a[0] [1]", ("a", 0, 1)),
+    ("\ta\t", ("a",)),
+]
+
+
+@pytest.mark.parametrize(("text", "parts"), BLANKS, ids=[repr(t) for t, _ in BLANKS])
+def test_blanks_around_tokens_are_ignored(text, parts):
+    # DESIGN section 3: as kontext does.
+    assert parse_path(text).parts == parts
+
+
+def test_blanks_around_pattern_tokens_are_ignored():
+    assert parse_pattern(" ** . bias ") == parse_pattern("**.bias")
+    assert parse_pattern("params . layers_* [ * ]") == parse_pattern("params.layers_*[*]")
+
+
+@given(st.from_regex(r"\A-?[0-9]{1,4}(\.[0-9]{1,3})?([eE][-+]?[0-9]{1,4})?\Z"))
+def test_bracketed_numbers_parse_and_round_trip_or_are_rejected(number):
+    text = f"a[{number}]"
+    try:
+        path = parse_path(text)
+    except PathSyntaxError as e:
+        assert "is not a finite float" in e.reason and e.column == 2
+    else:
+        assert parse_path(str(path)) == path
+        assert str(parse_path(str(path))) == str(path)
 
 
 def test_parse_path_returns_a_path_as_is():

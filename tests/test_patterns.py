@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import trees
@@ -406,3 +407,49 @@ def test_glob_captures_substitute_back(names):
     caps = pat.match(path)
     assert caps == tuple(names)
     assert pat.substitute(caps) == path
+
+
+# ----------------------------------------------------------------------------
+# No backtracking (reliability round 2, item 7).
+# ----------------------------------------------------------------------------
+
+
+def _regex_captures(glob: str, text: str):
+    """The captures the old regex `p0(.*?)p1...` gave: the reference semantics."""
+    pieces = glob.split("*")
+    m = re.fullmatch("(.*?)".join(re.escape(p) for p in pieces), text, re.DOTALL)
+    return None if m is None else m.groups()
+
+
+@given(
+    st.text("ab*", min_size=1, max_size=6).filter(lambda g: "*" in g and "**" not in g),
+    st.text("ab\n", max_size=8),
+)
+def test_glob_captures_are_the_shortest_runs_as_the_regex_gave(glob, text):
+    pat = parse_pattern(glob)
+    assert pat.match([text]) == _regex_captures(str(pat), text)
+
+
+@pytest.mark.parametrize(
+    "pattern, path",
+    [
+        pytest.param("*a*a*a*a*b", ["a" * 200], id="glob-200-chars"),
+        pytest.param("*a*a*a*a*b", ["a" * 199 + "b" + "a"], id="glob-200-chars-b-inside"),
+        pytest.param("**.**.**.*a*a*a*a*b", ["a" * 20] * 40, id="dstar-glob-depth-40"),
+        pytest.param("**.**.**.**.**.**.x", ["a"] * 60, id="six-dstars-depth-60"),
+    ],
+)
+def test_pathological_patterns_do_not_hang(pattern, path):
+    # A "does not hang" guard, not a speed figure: these took 7 s to over a
+    # minute with backtracking; now well under a millisecond.
+    pat = parse_pattern(pattern)
+    start = time.perf_counter()
+    assert pat.match(path) is None
+    assert pat.match_prefix(path) is None
+    assert time.perf_counter() - start < 2.0
+
+
+def test_several_dstars_take_the_fewest_segments_first():
+    pat = parse_pattern("**.a.**.a.**")
+    assert pat.match(P("a.a.a.a")) == ((), (), ("a", "a"))
+    assert pat.match_prefix(P("x.a.y.a.z")) == (4, (("x",), ("y",), ()))

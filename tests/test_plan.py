@@ -635,13 +635,16 @@ def test_every_shape_and_dtype_mismatch_is_listed_with_both_sides():
 def test_cast_allows_dtype_but_not_shape_differences():
     state = {"a": np.zeros(2, np.int32), "b": f32(2)}
     source = {"a": np.zeros(2, np.float64), "b": f32(2)}
-    p = tg.plan(state, source, {"": ""}, cast=True)
+    # float64 -> int32 can change values: cast=True refuses it, "unsafe" allows it.
+    with pytest.raises(tg.MismatchError, match=r"float64 -> int32 can change values"):
+        tg.plan(state, source, {"": ""}, cast=True)
+    p = tg.plan(state, source, {"": ""}, cast="unsafe")
     assert len(p.entries) == 2
     with pytest.raises(
         tg.MismatchError,
         match=r"'b' in the state is float32\[2\], 'b' in the source is float32\[3\]",
     ):
-        tg.plan(state, {"a": np.zeros(2, np.float64), "b": f32(3)}, {"": ""}, cast=True)
+        tg.plan(state, {"a": np.zeros(2, np.float64), "b": f32(3)}, {"": ""}, cast="unsafe")
 
 
 @pytest.mark.parametrize(
@@ -935,3 +938,29 @@ def test_double_star_globs_find_source_only_instances_too():
     source = {"enc": {"a": {"w": f32(2)}, "b": {"c": {"w": f32(2)}}}}
     with pytest.raises(tg.PathNotFoundError, match=r"'enc\.b\.c\.w' in the source has no target"):
         tg.plan(state, source, {"dec.**.w": "enc.**.w"})
+
+
+def test_a_structure_problem_with_int_keys_is_reported_once():
+    # A checkpoint gives int keys back as strings: the state's leaf a[0] against the
+    # source's subtree a['0'] is one structure problem, with no spurious unexpected leaf.
+    state = {"a": [np.zeros(2, np.float32)]}
+    source = {"a": {"0": {"x": np.zeros(2, np.float32)}}}
+    with pytest.raises(tg.MismatchError) as info:
+        tg.plan(state, source, {"a": "a"})
+    assert [p.kind for p in info.value.problems] == ["structure"]
+    assert "'a[0]' is a leaf in the state (float32[2]) but 'a[0]' is a subtree in the source " \
+           "(1 leaf)" in str(info.value)
+
+
+def test_a_missing_subtree_is_one_problem_with_its_leaf_count():
+    state = {"dec": {"l0": {"attn": {k: np.zeros(2) for k in "abcdefgh"},
+                            "mlp": {"w": np.zeros(2)}}}}
+    source = {"enc": {"mlp": {"w": np.zeros(2)}}}
+    with pytest.raises(tg.PathNotFoundError) as info:
+        tg.plan(state, source, {"dec.l0": "enc"})
+    message = str(info.value)
+    assert len(info.value.problems) == 1
+    assert "'dec.l0.attn' (8 leaves) <- 'enc.attn': path 'enc.attn' not found in the source" \
+        in message
+    assert "(s)" not in message
+    assert "map them to None ({'dec.l0.attn': None})" in message

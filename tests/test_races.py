@@ -237,11 +237,18 @@ _ORBAX_LEFTOVER_MESSAGES = (
 )
 
 
+def _is_coroutine(o: object) -> bool:
+    try:
+        return isinstance(o, types.CoroutineType)
+    except ReferenceError:  # a weakref.proxy whose object is gone
+        return False
+
+
 def _suspended_orbax_coroutines() -> list[types.CoroutineType]:
     return [
         o
         for o in gc.get_objects()
-        if isinstance(o, types.CoroutineType)
+        if _is_coroutine(o)
         and o.cr_frame is not None
         and f"{os.sep}orbax{os.sep}" in o.cr_code.co_filename
     ]
@@ -310,14 +317,21 @@ def half_broken_item(tmp_path_factory) -> str:
     return item
 
 
-@pytest.mark.xfail(
+_ORBAX_ABANDONS_READS = pytest.mark.xfail(
     strict=True,
     reason="orbax 0.12.8 abandons the other reads of a restore when one fails (private event "
     "loop closed without cancelling its tasks); their callbacks later hit the closed loop. "
     "Closing the suspended coroutines is not enough (tried): the in-flight tensorstore reads "
     "still call back into the closed loop. Needs a fix in orbax's asyncio_utils.",
 )
-def test_failed_read_leaves_no_read_running(half_broken_item):
+
+
+# tensorstore: treegraft's own reader, which cancels its other reads on a failure;
+# orbax: its restore, still the fallback for layouts treegraft does not read itself.
+@pytest.mark.parametrize(
+    "reader", ["tensorstore", pytest.param("orbax", marks=_ORBAX_ABANDONS_READS)]
+)
+def test_failed_read_leaves_no_read_running(half_broken_item, reader):
     mesh = jax.make_mesh((8,), ("x",))
     state = {
         "bad": jnp.zeros((512, 1024)),
@@ -325,7 +339,9 @@ def test_failed_read_leaves_no_read_running(half_broken_item):
     }
     with orbax_leftovers(settle=0.5) as found:
         with pytest.raises(tg.CheckpointError, match=r"reading 2 leaf\(s\) from .*item failed"):
-            tg.graft(state, tg.OrbaxCheckpoint(half_broken_item), {"bad": "bad", "slow": "slow"})
+            src = tg.OrbaxCheckpoint(half_broken_item)
+            src._direct_reads = reader == "tensorstore"
+            tg.graft(state, src, {"bad": "bad", "slow": "slow"})
     assert found == {"unraisable": [], "abandoned": []}
 
 
@@ -510,8 +526,8 @@ def test_step_removed_by_its_run(workdir, monkeypatch, stage, message):
     if stage == "opening":
         listed = kauldron._step_folders
 
-        def step_folders(wd):
-            out = listed(wd)  # the step is complete when listed...
+        def step_folders(wd, *args):
+            out = listed(wd, *args)  # the step is complete when listed...
             _remove_step(workdir)  # ...and deleted right after
             return out
 

@@ -20,7 +20,7 @@ from kauldron_run import (
 )
 
 import treegraft as tg
-from treegraft._read.kauldron import list_steps
+from treegraft._read.kauldron import is_workdir, list_steps
 
 SHAPES = {"encoder": {"kernel": (4, 8), "bias": (8,)}, "decoder": {"kernel": (8, 4)}}
 STEPS = (1, 2, 5)
@@ -73,25 +73,28 @@ def test_layout_is_kauldrons(run):
     ]
 
 
-def test_latest_step_by_default(run):
+def test_latest_step_by_default(run, where):
     workdir, states = run
+    workdir = where.publish(workdir, cache=True)
     src = tg.KauldronCheckpoint(workdir)
     assert src.step == -1
     assert src.resolved_step == 5
-    assert src.step_dir == os.path.join(workdir, "checkpoints", "ckpt_5")
+    assert src.step_dir == f"{workdir}/checkpoints/ckpt_5"
     assert_same_values(load_encoder(src), states[5].params["encoder"])
 
 
 @pytest.mark.parametrize("step", [1, 2, 5])
-def test_explicit_step(run, step):
+def test_explicit_step(run, step, where):
     workdir, states = run
+    workdir = where.publish(workdir, cache=True)
     src = tg.KauldronCheckpoint(workdir, step=step)
     assert src.resolved_step == step
     assert_same_values(load_encoder(src), states[step].params["encoder"])
 
 
-def test_metadata_is_the_train_state_as_orbax_stores_it(run):
+def test_metadata_is_the_train_state_as_orbax_stores_it(run, where):
     workdir, _ = run
+    workdir = where.publish(workdir, cache=True)
     meta = tg.KauldronCheckpoint(workdir).metadata()
     assert sorted(meta) == ["collections", "opt_state", "params", "step"]
     assert meta["collections"] == {}
@@ -104,24 +107,27 @@ def test_metadata_is_the_train_state_as_orbax_stores_it(run):
     assert (meta["step"].shape, meta["step"].dtype) == ((), np.dtype("int32"))
 
 
-def test_list_steps(run):
+def test_list_steps(run, where):
     workdir, _ = run
+    workdir = where.publish(workdir, cache=True)
     assert list_steps(workdir) == [1, 2, 5]
 
 
-def test_half_written_step_is_ignored(own_run):
+def test_half_written_step_is_ignored(own_run, where):
     workdir, states = own_run
     tmp = add_half_written_step(workdir, 9, like_step=1)
     assert os.path.basename(tmp) == "ckpt_9.orbax-checkpoint-tmp"
+    workdir = where.publish(workdir)
     assert list_steps(workdir) == [1, 2, 5]
     src = tg.KauldronCheckpoint(workdir)
     assert src.resolved_step == 5
     assert_same_values(load_encoder(src), states[5].params["encoder"])
 
 
-def test_step_without_commit_marker_is_ignored(own_run):
+def test_step_without_commit_marker_is_ignored(own_run, where):
     workdir, states = own_run
     add_uncommitted_step(workdir, 8, like_step=1)
+    workdir = where.publish(workdir)
     # orbax's own manager would count it; a reader must not take a step in progress.
     assert list_steps(workdir) == [1, 2, 5]
     assert_same_values(load_encoder(tg.KauldronCheckpoint(workdir)), states[5].params["encoder"])
@@ -131,17 +137,19 @@ def test_step_without_commit_marker_is_ignored(own_run):
         tg.KauldronCheckpoint(workdir, step=8).metadata()
 
 
-def test_explicit_half_written_step_is_not_found(own_run):
+def test_explicit_half_written_step_is_not_found(own_run, where):
     workdir, _ = own_run
     add_half_written_step(workdir, 9, like_step=1)
+    workdir = where.publish(workdir)
     with pytest.raises(
         tg.CheckpointNotFoundError, match=r"no complete step 9; available steps: 1, 2, 5"
     ):
         tg.KauldronCheckpoint(workdir, step=9).metadata()
 
 
-def test_missing_step_lists_available_steps(run):
+def test_missing_step_lists_available_steps(run, where):
     workdir, _ = run
+    workdir = where.publish(workdir, cache=True)
     src = tg.KauldronCheckpoint(workdir, step=3)
     with pytest.raises(tg.CheckpointNotFoundError) as info:
         src.metadata()
@@ -159,7 +167,7 @@ def test_missing_step_through_graft(run):
         load_encoder(tg.KauldronCheckpoint(workdir, step=4))
 
 
-def test_many_steps_are_abbreviated(tmp_path):
+def test_many_steps_are_abbreviated(tmp_path, where):
     ckpts = tmp_path / "checkpoints"
     source_state = train_state(init_params({"w": (2,)}, seed=0))
     write_run(tmp_path, {0: source_state}, timer=False, ds_iter=False)
@@ -169,36 +177,38 @@ def test_many_steps_are_abbreviated(tmp_path):
         tg.CheckpointNotFoundError,
         match=r"available steps: 0, 1, 2, 3, 4, \.\.\., 15, 16, 17, 18, 19$",
     ):
-        tg.KauldronCheckpoint(tmp_path, step=100).metadata()
+        tg.KauldronCheckpoint(where.publish(tmp_path), step=100).metadata()
 
 
-def test_missing_workdir(tmp_path):
-    missing = tmp_path / "nope"
+def test_missing_workdir(tmp_path, where):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("x")
+    missing = where.publish(tmp_path) + "/nope"
     with pytest.raises(
         tg.CheckpointNotFoundError, match=r"workdir '.*/nope' does not exist"
     ) as info:
         tg.KauldronCheckpoint(missing).metadata()
     assert isinstance(info.value, FileNotFoundError)
-    assert not missing.exists()
+    assert not os.path.exists(missing) and not os.path.exists(missing.split("://")[0] + ":")
 
 
-def test_workdir_is_a_file(tmp_path):
+def test_workdir_is_a_file(tmp_path, where):
     f = tmp_path / "file.txt"
     f.write_text("hello")
     with pytest.raises(
         tg.CheckpointError, match=r"workdir '.*/file.txt' is a file, not a Kauldron workdir"
     ):
-        tg.KauldronCheckpoint(f).metadata()
+        tg.KauldronCheckpoint(where.publish(tmp_path) + "/file.txt").metadata()
 
 
-def test_workdir_without_checkpoints_folder(tmp_path):
+def test_workdir_without_checkpoints_folder(tmp_path, where):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(
         tg.CheckpointNotFoundError,
         match=r"has no checkpoints/ folder: it is not a Kauldron workdir, "
         r"or its run saved no checkpoint yet",
     ):
-        tg.KauldronCheckpoint(tmp_path).metadata()
+        tg.KauldronCheckpoint(where.publish(tmp_path)).metadata()
     assert sorted(os.listdir(tmp_path)) == ["config.json"]
 
 
@@ -212,42 +222,47 @@ def test_empty_checkpoints_folder(tmp_path):
         tg.KauldronCheckpoint(tmp_path).metadata()
 
 
-def test_only_half_written_steps(own_run):
+def test_only_half_written_steps(own_run, where):
     workdir, _ = own_run
     ckpts = os.path.join(workdir, "checkpoints")
     add_half_written_step(workdir, 9, like_step=5)
     for s in STEPS:
         shutil.rmtree(os.path.join(ckpts, f"ckpt_{s}"))
+    workdir = where.publish(workdir)
     with pytest.raises(
         tg.CheckpointNotFoundError, match=r"has no complete checkpoint in checkpoints/"
     ):
         tg.KauldronCheckpoint(workdir).metadata()
 
 
-def test_unrelated_entries_in_checkpoints_are_ignored(own_run):
+def test_unrelated_entries_in_checkpoints_are_ignored(own_run, where):
     workdir, _ = own_run
     ckpts = os.path.join(workdir, "checkpoints")
     os.mkdir(os.path.join(ckpts, "ckpt_abc"))
     os.mkdir(os.path.join(ckpts, "backup_7"))
+    with open(os.path.join(ckpts, "backup_7", "commit_success.txt"), "w") as f:
+        f.write("x")
     with open(os.path.join(ckpts, "ckpt_11"), "w") as f:  # a file, not a step folder
         f.write("x")
+    workdir = where.publish(workdir)
     assert list_steps(workdir) == [1, 2, 5]
     assert tg.KauldronCheckpoint(workdir).resolved_step == 5
 
 
-def test_zero_padded_step_folders(own_run):
+def test_zero_padded_step_folders(own_run, where):
     # orbax's step_format_fixed_length writes ckpt_00007; Kauldron does not, but the
     # folder must then be read as it is named, not as ckpt_7.
     workdir, states = own_run
     ckpts = os.path.join(workdir, "checkpoints")
     shutil.copytree(os.path.join(ckpts, "ckpt_1"), os.path.join(ckpts, "ckpt_00007"))
+    workdir = where.publish(workdir)
     src = tg.KauldronCheckpoint(workdir)
     assert src.resolved_step == 7
-    assert src.step_dir == os.path.join(ckpts, "ckpt_00007")
+    assert src.step_dir == f"{workdir}/checkpoints/ckpt_00007"
     assert_same_values(load_encoder(src), states[1].params["encoder"])
 
 
-def test_step_without_default_item(tmp_path):
+def test_step_without_default_item(tmp_path, where):
     # A step holding only the timer, as written by an orbax manager.
     mgr = ocp.CheckpointManager(
         str(tmp_path / "checkpoints"), options=ocp.CheckpointManagerOptions(step_prefix="ckpt")
@@ -255,6 +270,7 @@ def test_step_without_default_item(tmp_path):
     mgr.save(3, args=ocp.args.Composite(timer=ocp.args.JsonSave({"elapsed_s": 1.0})))
     mgr.wait_until_finished()
     mgr.close()
+    tmp_path = where.publish(tmp_path)
     assert list_steps(tmp_path) == [3]
     with pytest.raises(
         tg.CheckpointError,
@@ -286,8 +302,9 @@ def test_step_is_kept_once_chosen(own_run):
     assert_same_values(load_encoder(src), states[1].params["encoder"])
 
 
-def test_describe_and_repr(run):
+def test_describe_and_repr(run, where):
     workdir, _ = run
+    workdir = where.publish(workdir, cache=True)
     src = tg.KauldronCheckpoint(workdir, step=2)
     assert repr(src) == f"KauldronCheckpoint({workdir!r}, step=2)"
     assert src.describe() == f"the checkpoint of {workdir}"
@@ -295,8 +312,9 @@ def test_describe_and_repr(run):
     assert src.describe() == f"the checkpoint {workdir}/checkpoints/ckpt_2"
 
 
-def test_errors_name_the_step_folder(run):
+def test_errors_name_the_step_folder(run, where):
     workdir, _ = run
+    workdir = where.publish(workdir, cache=True)
     state = {"params": {"encoder": {"kernel": jnp.zeros((4, 9)), "bias": jnp.zeros(8)}}}
     with pytest.raises(tg.MismatchError) as info:
         tg.graft(state, tg.KauldronCheckpoint(workdir), {"params.encoder": "params.encoder"})
@@ -305,8 +323,9 @@ def test_errors_name_the_step_folder(run):
     assert "'params.encoder.kernel' in the source is float32[4, 8]" in msg
 
 
-def test_plan_from_workdir(run):
+def test_plan_from_workdir(run, where):
     workdir, _ = run
+    workdir = where.publish(workdir, cache=True)
     p = tg.plan(target(), tg.KauldronCheckpoint(workdir, step=2), {"params": "params"})
     assert [str(e.target) for e in p.entries] == [
         "params.decoder.kernel",
@@ -317,11 +336,14 @@ def test_plan_from_workdir(run):
     assert f"from the checkpoint {workdir}/checkpoints/ckpt_2" in str(p)
 
 
-def test_nothing_written_in_the_workdir(own_run):
+def test_nothing_written_in_the_workdir(own_run, where):
     workdir, states = own_run
     add_half_written_step(workdir, 9, like_step=1)
     add_uncommitted_step(workdir, 8, like_step=1)
-    before = snapshot(workdir)
+    workdir = where.publish(workdir)
+    before = where.snapshot(workdir)
+    bucket_before = where.bucket_keys() if where.kind != "local" else None
+    cwd_before = sorted(os.listdir("."))
     # Successful loads: metadata, plan, graft, at the latest and an explicit step.
     for step in (-1, 2):
         src = tg.KauldronCheckpoint(workdir, step=step)
@@ -339,7 +361,10 @@ def test_nothing_written_in_the_workdir(own_run):
         )
     with pytest.raises(tg.PathNotFoundError, match="params.encoderr"):
         tg.graft(target(), tg.KauldronCheckpoint(workdir), {"params.encoder": "params.encoderr"})
-    assert snapshot(workdir) == before
+    assert where.snapshot(workdir) == before
+    if bucket_before is not None:  # nothing created anywhere in the bucket
+        assert where.bucket_keys() == bucket_before
+    assert sorted(os.listdir(".")) == cwd_before  # no local folder named gs: or s3:
 
 
 def test_nothing_created_for_missing_checkpoints_folder(tmp_path):
@@ -348,3 +373,11 @@ def test_nothing_created_for_missing_checkpoints_folder(tmp_path):
         load_encoder(tg.KauldronCheckpoint(tmp_path))
     assert snapshot(tmp_path) == before
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_is_workdir(run, where, tmp_path):
+    workdir, _ = run
+    workdir = where.publish(workdir, cache=True)
+    assert is_workdir(workdir)
+    assert not is_workdir(f"{workdir}/checkpoints/ckpt_5")
+    assert not is_workdir(f"{workdir}/nothing-here")

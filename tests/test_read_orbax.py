@@ -15,7 +15,6 @@ from jax.sharding import PartitionSpec as P
 from kauldron_run import (
     data_files,
     init_params,
-    snapshot,
     train_state,
     write_item,
     write_run,
@@ -117,15 +116,16 @@ def spy_reads(monkeypatch):
 # -- opening ------------------------------------------------------------------
 
 
-def test_step_dir_reads_its_default_item(ckpts):
-    item = os.path.join(ckpts["step_dir"], "default")
-    by_step = tg.OrbaxCheckpoint(ckpts["step_dir"]).metadata()
+def test_step_dir_reads_its_default_item(ckpts, where):
+    step_dir = where.publish(ckpts["step_dir"], cache=True)
+    item = f"{step_dir}/default"
+    by_step = tg.OrbaxCheckpoint(step_dir).metadata()
     by_item = tg.OrbaxCheckpoint(item).metadata()
     assert specs(by_step) == specs(by_item)
     assert sorted(by_step) == ["collections", "opt_state", "params", "step"]
     state = ckpts["state"]
     target = {"k": jnp.zeros((4, 8))}
-    for path in (ckpts["step_dir"], item):
+    for path in (step_dir, item):
         out = tg.graft(target, tg.OrbaxCheckpoint(path), {"k": "params.dense.kernel"})
         np.testing.assert_array_equal(out["k"], state.params["dense"]["kernel"])
 
@@ -168,43 +168,46 @@ def test_metadata_is_cached(ckpts, monkeypatch):
     assert src.metadata() is first
 
 
-def test_missing_path(tmp_path):
+def test_missing_path(tmp_path, where):
+    (tmp_path / "other").write_text("x")
+    missing = where.publish(tmp_path) + "/nope"
     with pytest.raises(
         tg.CheckpointNotFoundError, match=r"checkpoint '.*/nope' does not exist"
     ) as info:
-        tg.OrbaxCheckpoint(tmp_path / "nope").metadata()
+        tg.OrbaxCheckpoint(missing).metadata()
     assert isinstance(info.value, FileNotFoundError)
     assert not (tmp_path / "nope").exists()
 
 
-def test_path_is_a_file(tmp_path):
+def test_path_is_a_file(tmp_path, where):
     f = tmp_path / "x.txt"
     f.write_text("x")
     with pytest.raises(tg.CheckpointError, match=r"is a file, not an orbax checkpoint directory"):
-        tg.OrbaxCheckpoint(f).metadata()
+        tg.OrbaxCheckpoint(where.publish(tmp_path) + "/x.txt").metadata()
 
 
-def test_not_a_checkpoint(tmp_path):
+def test_not_a_checkpoint(tmp_path, where):
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x").write_text("x")  # an object store has no empty folders
     with pytest.raises(
         tg.CheckpointError,
         match=r"is not an orbax PyTree checkpoint: neither .*/_METADATA nor .*/default/_METADATA "
         r"exists \(it holds: notes.txt, sub\)",
     ):
-        tg.OrbaxCheckpoint(tmp_path).metadata()
+        tg.OrbaxCheckpoint(where.publish(tmp_path)).metadata()
 
 
-def test_temporary_folder_is_refused(ckpts, tmp_path):
+def test_temporary_folder_is_refused(ckpts, tmp_path, where):
     tmp = tmp_path / "ckpt_4.orbax-checkpoint-tmp"
     shutil.copytree(ckpts["step_dir"], tmp)
     with pytest.raises(
         tg.CheckpointError, match=r"is still being written \(orbax temporary folder\)"
     ):
-        tg.OrbaxCheckpoint(tmp).metadata()
+        tg.OrbaxCheckpoint(where.publish(tmp)).metadata()
 
 
-def test_corrupt_metadata_file(ckpts, tmp_path):
+def test_corrupt_metadata_file(ckpts, tmp_path, where):
     item = copy_item(ckpts["mixed"], tmp_path)
     with open(os.path.join(item, "_METADATA"), "w") as f:
         f.write("{not json")
@@ -212,7 +215,7 @@ def test_corrupt_metadata_file(ckpts, tmp_path):
         tg.CheckpointError,
         match=r"cannot read the metadata of .* \(is _METADATA corrupt\?\): JSONDecodeError",
     ):
-        tg.OrbaxCheckpoint(item).metadata()
+        tg.OrbaxCheckpoint(where.publish(item)).metadata()
 
 
 # -- plan reads nothing ---------------------------------------------------------
@@ -340,11 +343,12 @@ def test_read_of_nothing_opens_nothing(tmp_path):
     ],
     ids=["1d-cols", "1d-replicated", "2d", "2d-rows"],
 )
-def test_restores_into_target_sharding(ckpts, mesh, spec):
+def test_restores_into_target_sharding(ckpts, mesh, spec, where):
     sharding = NamedSharding(mesh(), spec)
     saved = np.arange(128, dtype=np.float32).reshape(16, 8)
     state = {"w": jax.device_put(jnp.zeros((16, 8)), sharding), "keep": jnp.ones(3)}
-    out = tg.graft(state, tg.OrbaxCheckpoint(ckpts["sharded"]), {"w": "w"})
+    source = tg.OrbaxCheckpoint(where.publish(ckpts["sharded"], cache=True))
+    out = tg.graft(state, source, {"w": "w"})
     assert out["w"].sharding == sharding
     np.testing.assert_array_equal(np.asarray(out["w"]), saved)
     assert out["keep"] is state["keep"]
@@ -421,7 +425,7 @@ def test_dtype_mismatch_is_an_error(ckpts, monkeypatch):
         tg.graft(state, tg.OrbaxCheckpoint(ckpts["mixed"]), {"k": "params.encoder.kernel"})
     msg = str(info.value)
     assert "dtype differs (casting is never implicit)" in msg
-    assert "to fix:\n  - to cast values to the state's dtypes, pass cast=True" in msg
+    assert "to fix:\n  - float32 -> bfloat16: casting is never implicit; pass cast=True" in msg
     assert (
         "'k' in the state is bfloat16[4, 8], 'params.encoder.kernel' in the source is float32[4, 8]"
         in msg
@@ -470,7 +474,7 @@ def test_shape_mismatch_names_both_sides(ckpts):
         tg.graft(state, tg.OrbaxCheckpoint(ckpts["mixed"]), {"k": "params.encoder.kernel"})
 
 
-def test_scalars_and_list_elements(ckpts):
+def test_scalars_and_list_elements(ckpts, where):
     state = {
         "epoch": 0,
         "lr": 0.0,
@@ -479,7 +483,7 @@ def test_scalars_and_list_elements(ckpts):
         "x": jnp.zeros(2),
     }
     mapping = {"epoch": "epoch", "lr": "lr", "count": "count", "first": "lst.0", "x": "lst[2].x"}
-    out = tg.graft(state, tg.OrbaxCheckpoint(ckpts["mixed"]), mapping)
+    out = tg.graft(state, tg.OrbaxCheckpoint(where.publish(ckpts["mixed"], cache=True)), mapping)
     assert type(out["epoch"]) is int and out["epoch"] == 3
     assert type(out["lr"]) is float and out["lr"] == 0.25
     assert isinstance(out["count"], jax.Array) and int(out["count"]) == 7
@@ -487,10 +491,11 @@ def test_scalars_and_list_elements(ckpts):
     np.testing.assert_array_equal(out["x"], [1.0, 1.0])
 
 
-def test_whole_tree_round_trip(ckpts):
+def test_whole_tree_round_trip(ckpts, where):
     tree = mixed_tree()
     like = jax.tree.map(lambda x: x * 0 if hasattr(x, "shape") else type(x)(0), tree)
-    out = tg.graft(like, tg.OrbaxCheckpoint(ckpts["mixed"]), {"": ""})
+    source = tg.OrbaxCheckpoint(where.publish(ckpts["mixed"], cache=True))
+    out = tg.graft(like, source, {"": ""})
     assert jax.tree.structure(out) == jax.tree.structure(tree)
     for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True):
         assert type(got) is type(want)
@@ -500,9 +505,9 @@ def test_whole_tree_round_trip(ckpts):
 # -- the checkpoint is never written ---------------------------------------------------
 
 
-def test_nothing_written(ckpts, tmp_path):
-    item = copy_item(ckpts["mixed"], tmp_path)
-    before = snapshot(item)
+def test_nothing_written(ckpts, tmp_path, where):
+    item = where.publish(copy_item(ckpts["mixed"], tmp_path))
+    before = where.snapshot(item)
     src = tg.OrbaxCheckpoint(item)
     state = {"k": jnp.zeros((4, 8)), "t": np.zeros((3, 2))}
     tg.graft(state, src, {"k": "params.encoder.kernel", "t": "table"})
@@ -515,10 +520,35 @@ def test_nothing_written(ckpts, tmp_path):
         tg.graft({"k": jnp.zeros((4, 8), jnp.int32)}, src, {"k": "params.encoder.kernel"})
     with pytest.raises(tg.PathNotFoundError, match="'params.nope'"):
         tg.graft(state, src, {"k": "params.nope"})
-    assert snapshot(item) == before
+    assert where.snapshot(item) == before
 
 
 @pytest.mark.parametrize("path", [None, 3], ids=["None", "int"])
 def test_a_path_that_is_not_a_path_is_a_checkpoint_error(path):
     with pytest.raises(tg.CheckpointError, match="must be a str or os.PathLike, got"):
         tg.OrbaxCheckpoint(path)
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"], indirect=True)
+def test_typed_prng_keys_plan_print_and_graft_from_a_checkpoint(where, tmp_path):
+    """orbax saves a key array as its key data; treegraft shows and restores the keys."""
+    saved = {"rngs": {"dropout": jax.random.split(jax.random.key(1), 8), "params": jax.random.key(2)},
+             "w": jnp.ones(4)}
+    src = tg.OrbaxCheckpoint(where.publish(write_item(tmp_path / "item", saved)))
+    meta = src.metadata()
+    assert (meta["rngs"]["dropout"].shape, str(meta["rngs"]["dropout"].dtype)) == ((8,), "key<fry>")
+    sharding = NamedSharding(mesh_1d(), P("x"))
+    state = {"rngs": {"dropout": jax.device_put(jax.random.split(jax.random.key(9), 8), sharding),
+                      "params": jax.random.key(3)}, "w": jnp.zeros(4)}
+    p = tg.plan(state, src, {"rngs": "rngs"})
+    assert "key<fry>[8]" in str(p) and p.nbytes == 8 * 2 * 4 + 2 * 4
+    new = tg.execute(p)
+    assert new["rngs"]["dropout"].sharding == sharding
+    for path in ("dropout", "params"):
+        np.testing.assert_array_equal(jax.random.key_data(new["rngs"][path]),
+                                      jax.random.key_data(saved["rngs"][path]))
+    with pytest.raises(tg.MismatchError, match=r"'rngs\.params' in the state is key<rbg>\[\], "
+                       r"'rngs\.params' in the source is key<fry>\[\](.|\n)*PRNG keys of different "
+                       r"implementations are never cast"):
+        tg.plan({"rngs": {"params": jax.random.key(3, impl="rbg")}}, src, {"rngs.params": "rngs.params"},
+                cast="unsafe")

@@ -416,16 +416,35 @@ CATALOGUE: list[Case] = [
          memory({"params.encoder.dense.bias": "params.encoder.dense.bias"}, cast=True),
          tg.MismatchError,
          r"dtype differs .*: 1\n  'params\.encoder\.dense\.bias' in the state is float32\[16\], "
-         r"'params\.encoder\.dense\.bias' in the source is complex64\[16\] "
-         r"\(cast=True never drops an imaginary part\)",
+         # cast=True refuses complex to real (cast="unsafe" allows it). The planner's
+         # line is to end with the policy's reason, once it shows Mismatch.detail:
+         # " (complex64 -> float32 drops the imaginary part; pass cast='unsafe')".
+         r"'params\.encoder\.dense\.bias' in the source is complex64\[16\]",
          state=replaced("params.encoder.dense.bias", np.zeros(16, np.float32)),
          source=lambda: _set(memory_source(), ["params", "encoder", "dense", "bias"],
                              np.ones(16, np.complex64))),
     Case("cast-complex-to-python-int", memory({"step": "step"}, cast=True), tg.MismatchError,
-         r"'step' in the state is int \(python\)\[\], 'step' in the source is complex64\[\] "
-         r"\(cast=True never drops an imaginary part\)",
+         r"'step' in the state is int \(python\)\[\], 'step' in the source is complex64\[\]",
          state=replaced("step", 0),
          source=lambda: {**memory_source(), "step": np.complex64(1 + 2j)}),
+    # -- round 2 (issue 12) --------------------------------------------------------
+    Case("cast-true-float-to-uint8",
+         memory({"params.encoder.dense.bias": "params.encoder.dense.bias"}, cast=True),
+         tg.MismatchError, r"float32 -> uint8 can change values; pass cast='unsafe'",
+         state=replaced("params.encoder.dense.bias", np.zeros(16, np.uint8))),
+    Case("path-non-finite-number", loader({"params.encoder[1e999]": "params.encoder"}),
+         tg.PathSyntaxError, r"number out of range \(1e999 is not a finite float\) at column 16"),
+    Case("graft-under-jit",
+         lambda state, source, workdir: jax.jit(
+             lambda s: tg.graft(s, source, {"params": "params"}))(state),
+         tg.GraftError, r"the state holds a traced value at 'step' "
+         r"\(\w+Tracer\): treegraft runs outside jax\.jit"),
+    Case("source-none-where-state-has-arrays", memory({"collections": "collections"}),
+         tg.PathNotFoundError,
+         r"'collections\.batch_stats\.mean' <- 'collections\.batch_stats\.mean': path "
+         r"'collections\.batch_stats\.mean' not found in the source: 'collections' is None, "
+         r"it has no key 'batch_stats'",
+         source=lambda: {**memory_source(), "collections": None}),
     Case("structure-list-vs-dict", memory({"params.decoder": "params.decoder"}),
          tg.PathNotFoundError,
          r"'params\.decoder\[0\]\.kernel' <- 'params\.decoder\[0\]\.kernel': path "
@@ -468,8 +487,7 @@ CATALOGUE: list[Case] = [
          r"int32\[8, 16\], 'params\.encoder\.dense\.kernel' in the source is float32\[8, 16\]\n"
          r"to fix:\n  - to keep the state's values where the source has none, map them to None "
          r"\(\{'params\.head': None\}\) or add them to ignore_model_keys\n"
-         r"  - these casts can change values .*: pass cast='unsafe', or cast one rule's leaves "
-         r"with tg\.cast\(old_path, dtype\)$",
+         r"  - float32 -> int32 can change values; pass cast='unsafe'$",
          state=replaced("params",
                         {**fresh_state().params,
                          "embed": jnp.zeros((1024, 512)),
@@ -481,7 +499,7 @@ CATALOGUE: list[Case] = [
          r"rule 'params' <- 'params': path 'params' not found in the state: the root is a leaf "
          r"\(str\), it has no key 'params'", state=lambda: "params"),
     Case("state-is-none", checkpoint(P), tg.PathNotFoundError,
-         r"path 'params' not found in the state: the root is empty, it has no key 'params'",
+         r"path 'params' not found in the state: the root is None, it has no key 'params'",
          state=lambda: None),
     Case("state-leaves-are-not-arrays", loader(P), tg.MismatchError,
          r"structure differs: 5\n  'params\.decoder\.layers_0\.kernel' in the state is str, "

@@ -431,7 +431,8 @@ def test_propagate_sharding_copies_a_value_used_twice():
 
 
 def test_propagate_sharding_dtype_mismatch_names_the_leaf():
-    like = {"w": jax.ShapeDtypeStruct(SHAPE, jnp.float32, sharding=TARGET_SHARDINGS["1d-replicated"])}
+    sharding = TARGET_SHARDINGS["1d-replicated"]
+    like = {"w": jax.ShapeDtypeStruct(SHAPE, jnp.float32, sharding=sharding)}
     with pytest.raises(
         tg.MismatchError,
         match=r"cannot place 'w': the value is float64\[8, 8\], the leaf it replaces is "
@@ -487,3 +488,36 @@ def test_propagate_sharding_shape_mismatch_names_the_leaf():
         r"  'w': in values float32\[4, 8\], in like float32\[8, 8\]",
     ):
         tg.propagate_sharding({"w": np.zeros((4, 8), np.float32)}, like)
+
+
+def test_place_refuses_a_cast_the_policy_does_not_allow():
+    # place checks the casting policy again: a refused cast never happens silently.
+    from treegraft._sharding import place
+
+    like = jax.device_put(jnp.zeros(2, jnp.int32), TARGET_SHARDINGS["1d-replicated"])
+    nan = np.array([np.nan, 1.0], np.float32)
+    with pytest.raises(
+        tg.MismatchError,
+        match=r"cannot place 'w': the value is float32\[2\], the leaf it replaces is int32\[2\] "
+        r"\(float32 -> int32 can change values; pass cast='unsafe'\)",
+    ):
+        place([nan], [like], cast=True, name_of=lambda k: "w")
+    with pytest.raises(tg.MismatchError, match=r"cannot place leaf #0: .*pass cast=True"):
+        place([np.zeros(2, np.int8)], [like])
+    [out] = place([np.array([2.0, 1.0], np.float32)], [like], cast="unsafe")
+    assert out.dtype == jnp.int32 and out.sharding == like.sharding
+    # complex to real under "unsafe": the real part, with no ComplexWarning.
+    [real] = place([np.array([1 + 2j])], [np.zeros(1, np.float32)], cast="unsafe")
+    [jreal] = place([jnp.array([3 + 4j])], [jnp.zeros(1)], cast="unsafe")
+    assert real.tolist() == [1.0] and float(jreal[0]) == 3.0
+
+
+def test_an_unsafe_cast_asked_for_does_not_warn():
+    from treegraft._sharding import place
+
+    nan = np.array([np.nan, 300.0], np.float32)
+    [host] = place([nan], [np.zeros(2, np.uint8)], cast="unsafe")
+    [dev] = place([nan], [jnp.zeros(2, jnp.uint8)], cast="unsafe")
+    assert host.dtype == np.uint8 and dev.dtype == jnp.uint8
+    with pytest.raises(tg.MismatchError, match=r"float32 -> uint8 can change values"):
+        place([nan], [np.zeros(2, np.uint8)], cast=True)

@@ -17,6 +17,7 @@ from trees import TREES, Box, Case, Dense, Pair, Unkeyed, case_id, renew
 
 import treegraft as tg
 from treegraft import GraftError, MismatchError, Path, PathNotFoundError, parse_path
+from treegraft._errors import TreeError
 
 
 def f32(*shape: int) -> np.ndarray:
@@ -246,12 +247,12 @@ def test_path_not_found_error_types():
         (
             {"a": None},
             "a.b",
-            "path 'a.b' not found in the tree: 'a' is empty, it has no key 'b'",
+            "path 'a.b' not found in the tree: 'a' is None, it has no key 'b'",
         ),
         (
             {"a": {}},
             "a[0]",
-            "path 'a[0]' not found in the tree: 'a' is empty, it has no key 0",
+            "path 'a[0]' not found in the tree: 'a' is an empty dict, it has no key 0",
         ),
         (
             {"p": Pair(first=1, second=2)},
@@ -645,3 +646,80 @@ def test_insert_key_arrays():
         match=r"'rng': dtype differs: in the tree key<fry>\[2\], in the subtree key<rbg>\[2\]",
     ):
         tg.insert(tree, "rng", jax.random.split(jax.random.key(0, impl="rbg"), 2))
+
+
+class TwoUnderOneKey:
+    """A custom node whose flatten function gives both children the key 'x'."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+tree_util.register_pytree_with_keys(
+    TwoUnderOneKey,
+    lambda t: (((tree_util.GetAttrKey("x"), t.a), (tree_util.GetAttrKey("x"), t.b)), None),
+    lambda _, kids: TwoUnderOneKey(*kids),
+)
+
+_TWO_KEYS = (
+    r"the TwoUnderOneKey node at 'm\[0\]' has two children under the key 'x': a path can "
+    r"reach only one of them, and a graft would give both the same value\. Give every child "
+    r"its own key in the node's flatten function \(jax\.tree_util\.register_pytree_with_keys\)"
+)
+
+
+@pytest.mark.parametrize(
+    "children",
+    [
+        pytest.param((np.zeros(2), np.ones(2)), id="two-leaves"),
+        pytest.param((np.zeros(2), {"y": np.ones(2)}), id="a-leaf-and-a-subtree"),
+    ],
+)
+def test_two_children_under_one_key_are_an_error(children):
+    tree = {"m": [TwoUnderOneKey(*children)]}
+    with pytest.raises(TreeError, match=_TWO_KEYS):
+        tg.flatten(tree)
+    with pytest.raises(GraftError, match=_TWO_KEYS):
+        tg.flatten(tree, is_leaf=lambda x: False)  # the keyed (slow) flatten
+    with pytest.raises(GraftError, match=_TWO_KEYS):
+        tg.plan(tree, {"m": [{"x": np.zeros(2)}]}, {"": ""})
+
+
+@pytest.mark.parametrize(
+    "tree, message",
+    [
+        pytest.param({0: 1, "0": 2}, r"the dict at the root mixes keys that do not sort "
+                     r"together \(int and str: 0, '0'\)", id="0-and-'0'"),
+        pytest.param({"a": [{None: 1, "n": 2}]}, r"the dict at 'a\[0\]' mixes keys that do not "
+                     r"sort together \(NoneType and str: None, 'n'\)", id="None-and-'n'"),
+    ],
+)
+def test_dicts_mixing_key_types_are_a_typed_error(tree, message):
+    full = message + r"; jax sorts dict keys, so a pytree dict needs keys that compare with " \
+        r"each other: make them all str"
+    for call in (tg.flatten, lambda t: tg.flatten(t, is_leaf=lambda x: False),
+                 lambda t: tg.plan(t, t, {"": ""})):
+        with pytest.raises(TreeError, match=full):
+            call(tree)
+
+
+def _chain(depth):
+    tree = node = {}
+    for _ in range(depth - 1):
+        node["a"] = {}
+        node = node["a"]
+    node["w"] = np.zeros(1)
+    return tree
+
+
+def test_a_tree_too_deep_for_jax_is_a_typed_error_with_its_depth():
+    message = (
+        r"tree too deep: 1200 levels, at 'a\.a\.a\.a' \.\.\. 'a\.a\.w' \(1200 keys\); jax cannot "
+        r"flatten pytrees deeper than about 1000 levels\. Keep long chains as a list"
+    )
+    with pytest.raises(TreeError, match=message):
+        tg.flatten(_chain(1200))
+    with pytest.raises(TreeError, match=message):
+        tg.plan(_chain(1200), {"w": np.zeros(1)}, {"": ""})
+    # A deep tree under jax's limit still works.
+    assert len(tg.flatten(_chain(600))) == 1

@@ -15,11 +15,15 @@ from typing import Any
 
 import treegraft
 from treegraft._display import Style, leaf_rows, render_tree
-from treegraft._errors import CheckpointError, GraftError, MappingError, PathSyntaxError
+from treegraft._errors import CheckpointError, GraftError, MappingError, PathSyntaxError, suggest
+from treegraft._paths import render_parts
 from treegraft._patterns import parse_pattern
-from treegraft._plan import format_bytes, plan
-from treegraft._read.kauldron import KauldronCheckpoint, list_steps
+from treegraft._leaves import format_bytes
+from treegraft._plan import plan
+from treegraft._read.kauldron import KauldronCheckpoint, is_workdir, list_steps
 from treegraft._read.orbax import OrbaxCheckpoint
+from treegraft._read.safetensors import SafetensorsCheckpoint
+from treegraft._read.storage import Location
 from treegraft._rules import parse_ignore, parse_mapping
 from treegraft._source import Source
 from treegraft._tree import flatten_parts
@@ -29,11 +33,45 @@ __all__ = ["main"]
 _DEFAULT_MAP = ("params=params", "collections=collections")
 
 
-def open_checkpoint(path: str, step: int) -> Source:
-    """A Kauldron workdir (it has `checkpoints/`) or any orbax checkpoint folder."""
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return KauldronCheckpoint(path, step=step)
+def open_checkpoint(path: str, step: int | None, *, flag: str = "--step") -> Source:
+    """A Kauldron workdir (it has `checkpoints/`), an orbax checkpoint folder, or safetensors.
+
+    Args:
+      path: the folder; `~` is expanded.
+      step: the step of a workdir (None: the latest).
+      flag: the option that gave step, for messages.
+
+    Raises:
+      CheckpointError: a step was given for a folder that is not a workdir
+        (a step folder or an orbax item folder has no steps to choose from).
+    """
+    path = os.path.expanduser(path)
+    if is_workdir(path):
+        return KauldronCheckpoint(path, step=-1 if step is None else step)
+    if step is not None:
+        raise CheckpointError(
+            f"{flag} {step}: {path!r} is not a Kauldron workdir (it has no checkpoints/ "
+            f"folder), so it has no steps to choose from; pass the workdir with {flag}, "
+            f"or this folder without {flag}"
+        )
+    if _is_safetensors(path):
+        return SafetensorsCheckpoint(path)
     return OrbaxCheckpoint(path)
+
+
+def _is_safetensors(path: str) -> bool:
+    """A `.safetensors` file, or a folder of Hugging Face weights (an index or shards)."""
+    if path.endswith(".safetensors"):
+        return True
+    location = Location.parse(path)
+    if location.kind() != "dir":
+        return False
+    names = location.listdir()
+    if "_METADATA" in names:
+        return False
+    return "model.safetensors.index.json" in names or any(
+        n.endswith(".safetensors") for n in names
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,15 +89,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--plain", action="store_true", help="no colour or bold")
 
     inspect = sub.add_parser("inspect", help="show a checkpoint's tree (metadata only)")
-    inspect.add_argument("path", help="a Kauldron workdir, a step folder, or an orbax item folder")
-    inspect.add_argument("--step", type=int, default=-1, help="step of a workdir (-1: latest)")
+    inspect.add_argument(
+        "path",
+        help="a Kauldron workdir, a step folder, an orbax item folder, or safetensors weights",
+    )
+    inspect.add_argument(
+        "--step", type=int, default=None, help="step of a workdir (default or -1: the latest)"
+    )
     inspect.add_argument("--depth", type=int, default=None, help="levels to show")
     inspect.add_argument("--filter", metavar="PATTERN", help="only leaves under this pattern")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--plain", action="store_true", help="no colour or bold")
 
     dry = sub.add_parser("plan", help="dry-run a graft between two checkpoints")
-    dry.add_argument("source", help="the checkpoint to read from (workdir, step or item folder)")
+    dry.add_argument(
+        "source", help="the checkpoint to read from (workdir, step or item folder, safetensors)"
+    )
     dry.add_argument("--target", required=True, help="a checkpoint with the new state's structure")
     dry.add_argument(
         "--map",
@@ -68,8 +113,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="a rule (repeat it); default: params=params collections=collections",
     )
-    dry.add_argument("--step", type=int, default=-1, help="step of the source workdir")
-    dry.add_argument("--target-step", type=int, default=-1, help="step of the target workdir")
+    dry.add_argument("--step", type=int, default=None, help="step of the source workdir")
+    dry.add_argument("--target-step", type=int, default=None, help="step of the target workdir")
     dry.add_argument("--ignore-model-keys", nargs="+", default=[], metavar="PATTERN")
     dry.add_argument("--ignore-restored-keys", nargs="+", default=[], metavar="PATTERN")
     dry.add_argument("--non-strict", action="store_true", help="report instead of failing")
@@ -82,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the `treegraft` command; returns its exit status."""
     args = _parser().parse_args(argv)
+    for name in ("path", "source", "target", "keep"):  # '~' even when the shell left it
+        value = getattr(args, name, None)
+        if value:
+            setattr(args, name, os.path.expanduser(value))
     style = Style(sys.stdout, plain=getattr(args, "plain", False))
     try:
         if args.command == "demo":
@@ -112,7 +161,15 @@ def _inspect(args: argparse.Namespace, style: Style) -> int:
     items = list(zip(paths, leaves, strict=True))
     if args.filter:
         pattern = parse_pattern(args.filter)
-        items = [(p, leaf) for p, leaf in items if pattern.match_prefix(p) is not None]
+        matched = [(p, leaf) for p, leaf in items if pattern.match_prefix(p) is not None]
+        if not matched:
+            print(
+                f"treegraft inspect: --filter {args.filter!r} matches no leaf of "
+                f"{source.describe()}{_close_names(pattern, paths)}",
+                file=sys.stderr,
+            )
+            return 1
+        items = matched
     # Every shape shown is needed: read them in one batch, not one array at a time.
     source.prefetch([leaf for _, leaf in items])
     steps = list_steps(args.path) if isinstance(source, KauldronCheckpoint) else None
@@ -141,6 +198,16 @@ def _inspect(args: argparse.Namespace, style: Style) -> int:
     return 0
 
 
+def _close_names(pattern: Any, paths: Sequence[tuple[Any, ...]]) -> str:
+    """` (did you mean 'x'?)`: node paths as deep as the pattern's named part."""
+    text = str(pattern)
+    while text.endswith(".**"):
+        text = text[: -len(".**")]
+    depth = max(pattern._min_len, 1)  # the segments other than '**'
+    names = {render_parts(p[:depth]) for p in paths if len(p) >= depth}
+    return suggest(text, names) if text and text != "**" else ""
+
+
 def _parse_map(entries: Sequence[str]) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for entry in entries:
@@ -158,7 +225,10 @@ def _plan(args: argparse.Namespace, style: Style) -> int:
     parse_ignore(args.ignore_model_keys, name="--ignore-model-keys")
     parse_ignore(args.ignore_restored_keys, name="--ignore-restored-keys")
     source = open_checkpoint(args.source, args.step)
-    target_source = open_checkpoint(args.target, args.target_step)
+    target_source = open_checkpoint(args.target, args.target_step, flag="--target-step")
+    # A missing or unreadable checkpoint (or step) is unusable input (2), not a
+    # failing graft (1): open both before planning.
+    source.metadata()
     target = target_source.metadata()
     # The plan checks the target's shapes: read them in one batch up front.
     target_source.prefetch(flatten_parts(target)[1])

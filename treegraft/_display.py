@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from treegraft import _leaves
 from treegraft._paths import Part, render_parts
-from treegraft._plan import format_bytes
+from treegraft._leaves import format_bytes
 
 __all__ = ["Style", "render_tree", "ProgressBar"]
 

@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterable, Sequence
 __all__ = [
     "GraftError",
     "PathSyntaxError",
+    "PathTypeError",
     "PathNotFoundError",
     "MismatchError",
     "MappingError",
+    "TreeError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "suggest",
@@ -54,6 +56,10 @@ class PathSyntaxError(GraftError):
         self.reason = reason
 
 
+class PathTypeError(GraftError, TypeError):
+    """A path or pattern is not a string (also a `TypeError`, as it used to be)."""
+
+
 class PathNotFoundError(GraftError, KeyError):
     """A path does not exist in a tree or checkpoint (also a `KeyError`)."""
 
@@ -64,6 +70,11 @@ class MismatchError(GraftError):
 
 class MappingError(GraftError):
     """The mapping itself is invalid: wrong type, wildcards, or rules tied."""
+
+
+class TreeError(GraftError):
+    """A pytree treegraft cannot walk: two children under one key, dict keys of
+    kinds that do not sort together, or nesting deeper than jax flattens."""
 
 
 class CheckpointError(GraftError):
@@ -80,9 +91,11 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 for _cls in (
     GraftError,
     PathSyntaxError,
+    PathTypeError,
     PathNotFoundError,
     MismatchError,
     MappingError,
+    TreeError,
     CheckpointError,
     CheckpointNotFoundError,
 ):

@@ -15,7 +15,8 @@ from treegraft._errors import GraftError
 from treegraft._index import is_abstract
 from treegraft._paths import Path, render_parts
 from treegraft import _source
-from treegraft._plan import GraftPlan, Pair, format_bytes, gathered_spec, plan
+from treegraft._leaves import format_bytes
+from treegraft._plan import GraftPlan, Pair, gathered_spec, plan
 from treegraft._sharding import place
 from treegraft._source import ReadRequest, Source
 
@@ -184,7 +185,15 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
         _check_concrete(p, [si for si in value_of if is_abstract(value_of[si])])
     values = [value_of[pair.source] for pair in plain]
     likes = [tgt.leaves[pair.target] for pair in plain]
-    placed = place(values, likes, cast=bool(p.cast))
+    # Values read from a checkpoint are fresh: each is used as is once (other
+    # uses are copied); in-memory values belong to the caller and are copied.
+    placed = place(
+        values,
+        likes,
+        cast=p.cast,
+        owned=p.lazy is not None,
+        name_of=lambda k: render_parts(tgt.paths[plain[k].target]),
+    )
     out = list(tgt.leaves)
     for pair, value in zip(plain, placed, strict=True):
         out[pair.target] = value
@@ -222,6 +231,23 @@ class _Blocks:
         self._whole: dict[int, np.ndarray] = {}
 
     def fetch(self, si: int, box: tuple[slice, ...]) -> np.ndarray:
+        return self.fetch_many([(si, box)])[0]
+
+    def fetch_many(self, wanted: Sequence[tuple[int, tuple[slice, ...]]]) -> list[np.ndarray]:
+        """Boxes of several source leaves, read in one batch where the source can.
+
+        Each returned array is fresh: the caller owns it (no view of a source
+        leaf or of a cached read).
+        """
+        p = self.p
+        box_request = getattr(_source, "BoxRequest", None)
+        read_boxes = getattr(p.lazy, "read_boxes", None)
+        if p.lazy is not None and box_request is not None and read_boxes is not None:
+            requests = [box_request(Path(p.source.paths[si]), box) for si, box in wanted]
+            return [np.asarray(x) for x in read_boxes(requests)]
+        return [self._fetch_one(si, box) for si, box in wanted]
+
+    def _fetch_one(self, si: int, box: tuple[slice, ...]) -> np.ndarray:
         p = self.p
         leaf = p.source.leaves[si]
         if p.lazy is None:
@@ -238,17 +264,13 @@ class _Blocks:
                     )
                 whole = self._whole[si] = np.asarray(leaf)
             return np.array(whole[box] if box else whole)
-        box_request = getattr(_source, "BoxRequest", None)
-        read_boxes = getattr(p.lazy, "read_boxes", None)
-        if box_request is not None and read_boxes is not None:
-            return np.asarray(read_boxes([box_request(Path(p.source.paths[si]), box)])[0])
         whole = self._whole.get(si)
         if whole is None:
             shape, dtype = _leaves.spec_of(leaf)
             like = np.broadcast_to(np.zeros((), dtype), shape or ())
             request = ReadRequest(Path(p.source.paths[si]), like, dtype)
             whole = self._whole[si] = np.asarray(p.lazy.read([request])[0])
-        return whole[box] if box else whole
+        return np.array(whole[box] if box else whole)  # the caller's own copy
 
 
 def _axis(axis: int, ndim: int) -> int:
@@ -269,11 +291,22 @@ def _build(p: GraftPlan, pair: Pair, blocks: _Blocks) -> Any:
         def fetch(box: tuple[slice, ...]) -> np.ndarray:
             inner = box[:axis] + box[axis + 1 :]
             layers = range(box[axis].start, box[axis].stop)
-            return np.stack([blocks.fetch(sources[k], inner) for k in layers], axis=axis)
+            # Layer by layer into one block: host memory holds the block and
+            # one layer's slice, not every slice and then their stack.
+            out: np.ndarray | None = None
+            for j, k in enumerate(layers):
+                part = blocks.fetch(sources[k], inner)
+                if out is None:
+                    out = np.empty(part.shape[:axis] + (len(layers),) + part.shape[axis:],
+                                   part.dtype)
+                out[(slice(None),) * axis + (j,)] = part
+                del part
+            assert out is not None
+            return out
 
     elif rule.gather == "unstack":
         axis = _axis(rule.axis, len(shape))
-        si, index = pair.source, pair.index
+        si, index = pair.source, pair.layer
         assert index is not None
 
         def fetch(box: tuple[slice, ...]) -> np.ndarray:
@@ -286,20 +319,22 @@ def _build(p: GraftPlan, pair: Pair, blocks: _Blocks) -> Any:
         def fetch(box: tuple[slice, ...]) -> np.ndarray:
             return blocks.fetch(si, box)
 
-    current, _ = gathered_spec(rule, spec, len(pair.sources), pair.index)
+    current: Any = gathered_spec(rule, spec, len(pair.sources), pair.layer)[0]
     for step in rule.steps:
         fetch = step.pull(fetch, current)
-        current, _ = step.spec(current)
+        current = step.spec(current)[0]
     dtype = _leaves.spec_of(like)[1]
     return _place_blocks(fetch, like, dtype)
 
 
 def _place_blocks(fetch: Callable[[tuple[slice, ...]], np.ndarray], like: Any, dtype: Any) -> Any:
     """Builds a value like `like` from a fetch of its boxes: shard by shard if sharded."""
-    shape = tuple(getattr(like, "shape", ()))
+    shape: tuple[int, ...] = tuple(getattr(like, "shape", ()))
     whole = tuple(slice(0, d) for d in shape)
 
     def block(box: tuple[slice, ...]) -> np.ndarray:
+        # Fetches return arrays of their own (DESIGN section 12), so a block is
+        # copied only to change its dtype.
         value = np.asarray(fetch(box))
         return value if isinstance(dtype, type) else value.astype(dtype, copy=False)
 
@@ -307,18 +342,34 @@ def _place_blocks(fetch: Callable[[tuple[slice, ...]], np.ndarray], like: Any, d
         sharding = like.sharding
         if sharding is None:
             return jax.device_put(block(whole))
-        done: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
-
-        def shard(index: tuple[slice, ...]) -> np.ndarray:
-            box = tuple(
-                slice(*s.indices(d)[:2]) for s, d in zip(index, shape, strict=True)
+        # Each device gets its own block, put on it alone: make_array_from_callback
+        # may hand one host block to several devices of a replicated sharding,
+        # and the CPU client can adopt its memory for all of them.
+        boxes = {}
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            boxes[device] = tuple(
+                slice(*s.indices(d)[:2]) for s, d in zip(index or (), shape, strict=True)
             )
+        left: dict[tuple[tuple[int, int], ...], int] = {}
+        for box in boxes.values():
             key = tuple((b.start, b.stop) for b in box)
-            if key not in done:  # replicated shards share one read
-                done[key] = block(box)
-            return done[key]
-
-        return jax.make_array_from_callback(shape, sharding, shard, dtype=like.dtype)
+            left[key] = left.get(key, 0) + 1
+        # A block read for replicated shards is kept only until its last use,
+        # so host memory holds one shard's block at a time, not the array.
+        done: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+        arrays = []
+        for device, box in boxes.items():
+            key = tuple((b.start, b.stop) for b in box)
+            left[key] -= 1
+            data = done[key] if key in done else block(box)
+            if left[key]:
+                done[key] = data
+                data = data.copy()  # this device's own buffer
+            else:
+                done.pop(key, None)
+            arrays.append(jax.device_put(data, device, may_alias=False))
+            del data
+        return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
     value = block(whole)
     if isinstance(like, np.ndarray):
         return np.array(value, dtype=like.dtype)

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from treegraft._errors import PathNotFoundError
+from treegraft._leaves import check_not_traced
 from treegraft._paths import Part, Path, render_parts
 from treegraft._tree import children, flatten_parts, resolve
 
@@ -40,11 +41,13 @@ class TreeIndex:
         self.root = root
         self.what = what
         self.paths, self.leaves, self.treedef = flatten_parts(root)
+        check_not_traced(self.leaves, self.paths, what)
         self._index: dict[Parts, int] | None = None
         self._all_str = False  # every part a str: an equal path has the same types
         self._loose: dict[Parts, int] | None = None
         self._groups: dict[int, dict[Parts, list[int]]] = {}
         self._loose_groups: dict[int, dict[Parts, list[int]]] = {}
+        self._at_groups: dict[tuple[int, int], dict[Parts, list[int]]] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -52,8 +55,8 @@ class TreeIndex:
     def find(self, parts: Parts) -> int | None:
         """The index of the leaf at parts (int keys also find '0'), or None."""
         if self._index is None:
-            self._index = {p: i for i, p in enumerate(self.paths)}
-            self._all_str = set(map(type, itertools.chain.from_iterable(self.paths))) <= {str}
+            self._build_index()
+        assert self._index is not None
         i = self._index.get(parts)
         if i is not None and (self._all_str or _same_types(self.paths[i], parts)):
             return i
@@ -73,7 +76,10 @@ class TreeIndex:
                 if len(p) >= k:
                     groups.setdefault(p[:k], []).append(i)
         found = groups.get(prefix)
-        if found is not None and _same_types(self.paths[found[0]][:k], prefix):
+        if found is not None and (
+            (self._str_only() and _all_str(prefix))
+            or _same_types(self.paths[found[0]][:k], prefix)
+        ):
             return found
         lgroups = self._loose_groups.get(k)
         if lgroups is None:
@@ -81,6 +87,16 @@ class TreeIndex:
             for key, members in groups.items():
                 lgroups.setdefault(loose(key), []).extend(members)
         return lgroups.get(loose(prefix), [])
+
+    def _build_index(self) -> None:
+        self._index = {p: i for i, p in enumerate(self.paths)}
+        self._all_str = set(map(type, itertools.chain.from_iterable(self.paths))) <= {str}
+
+    def _str_only(self) -> bool:
+        """Whether every part of every path is a str (then equal paths have equal types)."""
+        if self._index is None:
+            self._build_index()
+        return self._all_str
 
     def node_exists(self, parts: Parts) -> bool:
         """Whether parts names a node: a leaf, a subtree, or an empty node."""
@@ -95,10 +111,11 @@ class TreeIndex:
     def why_missing(self, parts: Parts) -> str:
         """A message saying where a path stops existing, with close names."""
         try:
-            resolve(self.root, Path(parts), what=self.what)
+            _, node = resolve(self.root, Path(parts), what=self.what)
         except PathNotFoundError as e:
             return str(e)
-        return f"{render_parts(parts)!r} exists in {self.what}"
+        where = repr(render_parts(parts)) if parts else "the root"
+        return f"{where} is {_what_node(node)} in {self.what}"
 
     def node_paths(self) -> list[Parts]:
         """Every node's path, empty nodes and None included (a full walk)."""
@@ -111,6 +128,38 @@ class TreeIndex:
             if kids:
                 stack.extend((parts + (k,), c) for k, c in reversed(kids))
         return out
+
+    def under_at(self, n: int, head: Parts) -> list[int]:
+        """Indices of the leaves whose parts after the first n start with head (loosely)."""
+        key = (n, len(head))
+        groups = self._at_groups.get(key)
+        if groups is None:
+            groups = self._at_groups[key] = {}
+            k = len(head)
+            for i, p in enumerate(self.paths):
+                if len(p) >= n + k:
+                    groups.setdefault(loose(p[n : n + k]), []).append(i)
+        return groups.get(loose(head), [])
+
+
+def _all_str(parts: Parts) -> bool:
+    for p in parts:
+        if type(p) is not str:
+            return False
+    return True
+
+def _what_node(node: Any) -> str:
+    """Says what a node that holds no leaf is: 'None', 'an empty dict', ..."""
+    if node is None:
+        return "None"
+    kids = children(node)
+    name = type(node).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    if kids is None:
+        return f"a leaf ({name})"
+    if not kids:
+        return f"an empty {name}"
+    return f"{article} {name} with no leaves"
 
 
 def _same_types(a: Parts, b: Parts) -> bool:

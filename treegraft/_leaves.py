@@ -99,9 +99,7 @@ def _same_kind(source: Any, target: Any) -> bool:
     and ints to ints (or uints to ints) wide enough for every value. Not
     allowed: float to int, complex to real, narrower ints, int to uint.
     """
-    ks, kt = _kind(source), _kind(target)
-    ks = "i" if ks == "iu" else ks  # a Python int
-    kt = "i" if kt == "iu" else kt
+    ks, kt = _norm(_kind(source)), _norm(_kind(target))
     if not ks or not kt or ks not in "buifc" or kt not in "buifc":
         return False
     if ks == "b":
@@ -111,6 +109,10 @@ def _same_kind(source: Any, target: Any) -> bool:
     if ks == "u" and kt == "i":
         return _bits(target, kt) > _bits(source, ks)
     return (ks in "ui" and kt in "fc") or (ks == "f" and kt == "c")
+
+
+def _norm(kind: str) -> str:
+    return "i" if kind == "iu" else kind  # a Python int
 
 
 def _numeric(kind: str) -> bool:
@@ -132,8 +134,11 @@ class Mismatch(str):
         self.detail = detail
         return self
 
-    def __repr__(self) -> str:
-        return f"Mismatch({str(self)!r}, {self.detail!r})"
+    # Shown as the plain kind, as it is stored (e.g. as a `Problem.kind`).
+    __repr__ = str.__repr__
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (Mismatch, (str(self), self.detail))
 
 
 def _name(dtype: Any) -> str:
@@ -198,6 +203,8 @@ def mismatch(target: Spec, source: Spec, *, cast: bool | str = False) -> Mismatc
         return None
     if safe:
         return Mismatch("dtype", f"{arrow}: casting is never implicit; pass cast=True")
+    if _norm(sk) == "c" and _norm(tk) != "c":
+        return Mismatch("dtype", f"{arrow} drops the imaginary part; pass cast='unsafe'")
     return Mismatch("dtype", f"{arrow} can change values; pass cast='unsafe'")
 
 
@@ -259,6 +266,9 @@ def check_not_traced(leaves: list[Any], paths: list[tuple[Any, ...]], what: str)
       GraftError: naming the first traced leaf and the remedy.
     """
     tracer = jax.core.Tracer
+    # One isinstance per leaf type, not per leaf: this runs on every tree indexed.
+    if not any(issubclass(t, tracer) for t in set(map(type, leaves))):
+        return
     for parts, leaf in zip(paths, leaves, strict=True):
         if isinstance(leaf, tracer):
             where = render_parts(parts) or "the root"

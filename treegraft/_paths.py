@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import math
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -24,7 +25,7 @@ from typing import Any, TypeAlias
 import optree
 from jax import tree_util
 
-from treegraft._errors import PathSyntaxError
+from treegraft._errors import PathSyntaxError, PathTypeError
 
 __all__ = ["Path", "Part", "parse_path", "render_parts"]
 
@@ -60,19 +61,19 @@ def scan(text: str, *, wildcards: bool) -> list[Segment]:
       PathSyntaxError: naming the column of the first offending character.
     """
     if not isinstance(text, str):
-        raise TypeError(f"a path must be a str, got {type(text).__name__}: {text!r}")
+        raise PathTypeError(f"a path must be a str, got {type(text).__name__}: {text!r}")
     segments: list[Segment] = []
     n = len(text)
-    i = 0
-    # Leading and trailing blanks are tolerated; blanks inside are not.
-    while i < n and text[i].isspace():
-        i += 1
+    # Blanks around tokens are ignored, as kontext ignores them ('a . b' is
+    # 'a.b', 'a [ 0 ]' is 'a[0]'); a blank between two names is an error.
+    i = _skip_blanks(text, 0, n)
     end = n
     while end > i and text[end - 1].isspace():
         end -= 1
     if i == end:
         return segments
     first = True
+    blank_at = -1  # where the blanks after the last segment started, or -1
     while i < end:
         c = text[i]
         if c == "[":
@@ -81,14 +82,24 @@ def scan(text: str, *, wildcards: bool) -> list[Segment]:
         else:
             if not first:
                 if c != ".":
-                    raise PathSyntaxError(text, i, _unexpected(c, "'.' or '['"))
-                i += 1
+                    at = blank_at if blank_at >= 0 else i
+                    raise PathSyntaxError(text, at, _unexpected(text[at], "'.' or '['"))
+                i = _skip_blanks(text, i + 1, end)
                 if i >= end:
                     raise PathSyntaxError(text, i, "expected a name after '.'")
             i, seg = _scan_name(text, i, end, wildcards)
             segments.append(seg)
         first = False
+        j = _skip_blanks(text, i, end)
+        blank_at = i if j > i else -1
+        i = j
     return segments
+
+
+def _skip_blanks(text: str, i: int, end: int) -> int:
+    while i < end and text[i].isspace():
+        i += 1
+    return i
 
 
 def _unexpected(c: str, wanted: str) -> str:
@@ -106,7 +117,7 @@ def _scan_name(text: str, i: int, end: int, wildcards: bool) -> tuple[int, Segme
         raise PathSyntaxError(text, i, _unexpected(c, "a name"))
     word = m.group()
     j = m.end()
-    if j < end and text[j] not in ".[":
+    if j < end and text[j] not in ".[" and not text[j].isspace():
         raise PathSyntaxError(text, j, _unexpected(text[j], "'.' or '['"))
     if "*" in word:
         if not wildcards:
@@ -166,6 +177,11 @@ def _scan_bracket(text: str, i: int, end: int, wildcards: bool) -> tuple[int, Se
         if m is not None:
             token = m.group()
             value = float(token) if (m.group(1) or m.group(2)) else _to_int(text, i, token)
+            if type(value) is float and not math.isfinite(value):
+                # No literal renders inf back: str(path) would not parse.
+                raise PathSyntaxError(
+                    text, i, f"number out of range ({token} is not a finite float)"
+                )
             seg = ("part", value)
             i = m.end()
         elif w is not None and w.group() in _WORDS:
@@ -387,6 +403,8 @@ def parse_path(text: str | Path) -> Path:
 
     Raises:
       PathSyntaxError: the string is not a path (it names the column).
+      PathTypeError: text is neither a str nor a `Path` (a `GraftError` and
+        a `TypeError`).
 
     Example:
       >>> import treegraft as tg

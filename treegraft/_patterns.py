@@ -9,7 +9,6 @@ A pattern is compiled once, when parsed; matching never re-parses.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ _LIT, _STAR, _GLOB, _DSTAR = 0, 1, 2, 3
 @dataclass(frozen=True, slots=True)
 class _Seg:
     kind: int
-    value: Any = None  # the part (_LIT), the compiled regex (_GLOB)
+    value: Any = None  # the part (_LIT), the compiled `_Glob` (_GLOB)
     text: str = ""  # the source text of a glob segment
 
     def matches(self, part: Part) -> tuple[Any, ...] | None:
@@ -43,17 +42,48 @@ class _Seg:
             return (part,)
         # _GLOB
         if type(part) is str:
-            m = self.value.fullmatch(part)
-        elif type(part) is int:
-            m = self.value.fullmatch(str(part))
-        else:
+            return self.value.fullmatch(part)
+        if type(part) is int:
+            return self.value.fullmatch(str(part))
+        return None
+
+
+class _Glob:
+    """A glob within one segment (`layers_*`, `*a*b`), matched without backtracking.
+
+    Captures are those of the regex `p0(.*?)p1(.*?)...pn` matched whole: each
+    `*` takes the shortest run that lets the rest match. That reading is the
+    greedy leftmost one (the first piece after a `*` at its first occurrence),
+    so one scan with `str.find` finds it: time linear in the key for a given
+    glob, where the regex backtracks exponentially (`*a*a*a*a*b`).
+    """
+
+    __slots__ = ("pieces", "_head", "_tail", "_middle", "_fixed")
+
+    def __init__(self, text: str):
+        self.pieces = tuple(text.split("*"))
+        self._head = self.pieces[0]
+        self._tail = self.pieces[-1]
+        self._middle = self.pieces[1:-1]
+        self._fixed = sum(len(p) for p in self.pieces)
+
+    def fullmatch(self, text: str) -> tuple[str, ...] | None:
+        """The captures (one string per `*`) if the glob matches all of text."""
+        if len(text) < self._fixed or not text.startswith(self._head):
             return None
-        return None if m is None else m.groups()
-
-
-def _compile_glob(text: str) -> re.Pattern[str]:
-    pieces = text.split("*")
-    return re.compile("(.*?)".join(re.escape(p) for p in pieces), re.DOTALL)
+        end = len(text) - len(self._tail)
+        if not text.endswith(self._tail):
+            return None
+        caps = []
+        pos = len(self._head)
+        for piece in self._middle:
+            at = text.find(piece, pos, end)
+            if at < 0:
+                return None
+            caps.append(text[pos:at])
+            pos = at + len(piece)
+        caps.append(text[pos:end])
+        return tuple(caps)
 
 
 class Pattern:
@@ -71,7 +101,9 @@ class Pattern:
       (2, ('3',))
     """
 
-    __slots__ = ("text", "_segs", "_has_dstar", "_min_len", "_is_literal")
+    __slots__ = (
+        "text", "_segs", "_has_dstar", "_min_len", "_is_literal", "_n_dstar", "_dstar_at"
+    )
 
     def __init__(self, text: str, *, _segments: Sequence[tuple[str, Any]] | None = None):
         self.text = text
@@ -85,9 +117,11 @@ class Pattern:
             elif value == "*":
                 segs.append(_Seg(_STAR))
             else:
-                segs.append(_Seg(_GLOB, _compile_glob(value), value))
+                segs.append(_Seg(_GLOB, _Glob(value), value))
         self._segs: tuple[_Seg, ...] = tuple(segs)
         self._has_dstar = any(s.kind == _DSTAR for s in segs)
+        self._n_dstar = sum(1 for s in segs if s.kind == _DSTAR)
+        self._dstar_at = next((i for i, s in enumerate(segs) if s.kind == _DSTAR), -1)
         self._min_len = sum(1 for s in segs if s.kind != _DSTAR)
         self._is_literal = all(s.kind == _LIT for s in segs)
 
@@ -154,7 +188,9 @@ class Pattern:
             if len(parts) != len(self._segs):
                 return None
             return self._match_fixed(parts)
-        return self._match_from(parts, 0, 0)
+        if self._n_dstar == 1:
+            return self._match_one_dstar(parts, len(parts))
+        return self._match_dp(parts, len(parts))
 
     def match_prefix(self, path: Path | Sequence[Part]) -> tuple[int, tuple[Any, ...]] | None:
         """Matches the shortest prefix of path that the pattern matches whole.
@@ -170,11 +206,17 @@ class Pattern:
                 return None
             caps = self._match_fixed(parts[:n])
             return None if caps is None else (n, caps)
-        for n in range(self._min_len, len(parts) + 1):
-            caps = self._match_from(parts[:n], 0, 0)
-            if caps is not None:
-                return n, caps
-        return None
+        if self._n_dstar == 1:
+            for n in range(self._min_len, len(parts) + 1):
+                caps = self._match_one_dstar(parts, n)
+                if caps is not None:
+                    return n, caps
+            return None
+        shortest = self._shortest_prefix(parts)
+        if shortest is None:
+            return None
+        caps = self._match_dp(parts, shortest)
+        return None if caps is None else (shortest, caps)
 
     def prefix_matcher(self) -> Callable[[tuple[Part, ...]], tuple[int, tuple[Any, ...]] | None]:
         """A fast `match_prefix` on part tuples, for matching many paths.
@@ -210,28 +252,96 @@ class Pattern:
                 caps += got
         return caps
 
-    def _match_from(self, parts: tuple[Part, ...], si: int, pi: int) -> tuple[Any, ...] | None:
+    def _match_one_dstar(self, parts: tuple[Part, ...], n: int) -> tuple[Any, ...] | None:
+        """Matches parts[:n] with a pattern holding exactly one `**`.
+
+        The segments around the `**` have fixed lengths, so the `**` takes
+        exactly what is left: one pass, no search.
+        """
         segs = self._segs
+        d = self._dstar_at
+        after = len(segs) - d - 1
+        if n < len(segs) - 1:
+            return None
         caps: tuple[Any, ...] = ()
-        while si < len(segs):
-            seg = segs[si]
-            if seg.kind == _DSTAR:
-                # Fewest segments first: the shortest reading wins.
-                rest_min = sum(1 for s in segs[si + 1 :] if s.kind != _DSTAR)
-                for k in range(pi, len(parts) - rest_min + 1):
-                    tail = self._match_from(parts, si + 1, k)
-                    if tail is not None:
-                        return (*caps, tuple(parts[pi:k]), *tail)
-                return None
-            if pi >= len(parts):
-                return None
-            got = seg.matches(parts[pi])
+        for si in range(d):
+            got = segs[si].matches(parts[si])
             if got is None:
                 return None
             caps += got
-            si += 1
-            pi += 1
-        return caps if pi == len(parts) else None
+        stop = n - after
+        caps += (tuple(parts[d:stop]),)
+        for si in range(after):
+            got = segs[d + 1 + si].matches(parts[stop + si])
+            if got is None:
+                return None
+            caps += got
+        return caps
+
+    def _match_dp(self, parts: tuple[Part, ...], n: int) -> tuple[Any, ...] | None:
+        """Matches parts[:n] with several `**`: dynamic programming, no retries.
+
+        `ok[si][pi]` says whether segments si.. match parts[pi:n] (filled from
+        the end, each cell once); the captures are then read in one forward
+        walk where each `**` takes the fewest segments that let the rest match,
+        the reading a search trying the shortest first would find. Time is
+        segments times parts, where the search was exponential in the `**`.
+        """
+        segs = self._segs
+        m = len(segs)
+        got: dict[tuple[int, int], tuple[Any, ...] | None] = {}
+        ok = [[False] * (n + 2) for _ in range(m + 1)]
+        ok[m][n] = True
+        for si in range(m - 1, -1, -1):
+            seg, row, nxt = segs[si], ok[si], ok[si + 1]
+            if seg.kind == _DSTAR:
+                row[n] = nxt[n]
+                for pi in range(n - 1, -1, -1):
+                    row[pi] = nxt[pi] or row[pi + 1]
+            else:
+                for pi in range(n - 1, -1, -1):
+                    if nxt[pi + 1]:
+                        caps = seg.matches(parts[pi])
+                        got[si, pi] = caps
+                        row[pi] = caps is not None
+        if not ok[0][0]:
+            return None
+        out: list[Any] = []
+        pi = 0
+        for si, seg in enumerate(segs):
+            if seg.kind == _DSTAR:
+                k = pi
+                while not ok[si + 1][k]:
+                    k += 1
+                out.append(tuple(parts[pi:k]))
+                pi = k
+            else:
+                out.extend(got[si, pi])  # type: ignore[arg-type]
+                pi += 1
+        return tuple(out)
+
+    def _shortest_prefix(self, parts: tuple[Part, ...]) -> int | None:
+        """The length of the shortest prefix of parts the pattern matches whole.
+
+        One forward pass over (segment, part) states: which positions each
+        segment can end at.
+        """
+        n = len(parts)
+        reach = [False] * (n + 1)  # positions the segments so far can end at
+        reach[0] = True
+        for seg in self._segs:
+            if seg.kind == _DSTAR:
+                for pi in range(1, n + 1):
+                    reach[pi] = reach[pi] or reach[pi - 1]
+            else:
+                new = [False] * (n + 1)
+                for pi in range(n):
+                    if reach[pi] and seg.matches(parts[pi]) is not None:
+                        new[pi + 1] = True
+                reach = new
+            if not any(reach):
+                return None
+        return next((pi for pi in range(n + 1) if reach[pi]), None)
 
     # -- substitution --------------------------------------------------------
 

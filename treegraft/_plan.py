@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from treegraft import _leaves
+from treegraft._leaves import format_bytes
 from treegraft._errors import GraftError, MappingError, MismatchError, PathNotFoundError
 from treegraft._gc import young_collections_only
 from treegraft._index import TreeIndex, is_abstract, loose
@@ -82,14 +83,14 @@ class Pair(NamedTuple):
       source: the (first) source leaf's index in the source's leaves.
       rule: the rule's index in the mapping.
       sources: for a stack rule, every source leaf, in index order; else ().
-      index: for an unstack rule, the index taken along its axis; else None.
+      layer: for an unstack rule, the index taken along its axis; else None.
     """
 
     target: int
     source: int
     rule: int
     sources: tuple[int, ...] = ()
-    index: int | None = None
+    layer: int | None = None
 
 
 @dataclass(frozen=True)
@@ -161,10 +162,10 @@ class GraftPlan:
         if rule.gather == "stack":
             out.append(f"stack {len(pair.sources)} along axis {rule.axis}")
         elif rule.gather == "unstack":
-            out.append(f"[{pair.index}] along axis {rule.axis}")
-        spec = gathered_spec(rule, spec, len(pair.sources), pair.index)[0] or spec
+            out.append(f"[{pair.layer}] along axis {rule.axis}")
+        spec = gathered_spec(rule, spec, len(pair.sources), pair.layer)[0] or spec
         for step in rule.steps:
-            out.append(step.describe(spec))
+            out.append(step.describe(spec))  # type: ignore[arg-type]
             spec = step.spec(spec)[0] or spec  # type: ignore[arg-type]
         tdtype = _leaves.spec_of(self.target.leaves[pair.target])[1]
         if spec[1] != tdtype and not isinstance(tdtype, type):
@@ -178,17 +179,18 @@ class GraftPlan:
             return [((si, None), _leaves.nbytes(_leaves.spec_of(leaves[si]))) for si in pair.sources]
         si = pair.source
         whole = _leaves.nbytes(_leaves.spec_of(leaves[si]))
-        if pair.index is None:
+        if pair.layer is None:
             return [((si, None), whole)]
         rule = self.rules[pair.rule]
         shape = _leaves.spec_of(leaves[si])[0] or ()
-        box = index_box(shape, rule.axis, pair.index)
+        axis = rule.axis + len(shape) if rule.axis < 0 else rule.axis
+        box = index_box(shape, axis, pair.layer)
         box_bytes = getattr(self.lazy, "box_nbytes", None)
         if self.lazy is None:
-            return [((si, pair.index), whole // max(shape[rule.axis], 1))]
+            return [((si, pair.layer), whole // max(shape[axis], 1))]
         if box_bytes is None:
             return [((si, None), whole)]  # this source reads whole leaves
-        return [((si, pair.index), int(box_bytes(Path(self.source.paths[si]), box)))]
+        return [((si, pair.layer), int(box_bytes(Path(self.source.paths[si]), box)))]
 
     @property
     def entries(self) -> list[Entry]:
@@ -374,16 +376,6 @@ def output_spec(
             return None, f"{step.kind} needs an array, the source leaf is {_leaves.describe(out)}"
         out, why = step.spec(out)
     return out, why
-
-
-def format_bytes(n: int) -> str:
-    """Renders a byte count as B, KiB, MiB or GiB."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
@@ -680,7 +672,7 @@ class _Planner:
         tleaves, sleaves = tgt.leaves, src.leaves
         if self.lazy is not None and pairs:
             # One batch for the metadata of every paired source leaf.
-            needed = []
+            needed: list[Any] = []
             for pair in pairs:
                 needed.extend(sleaves[si] for si in (pair.sources or (pair.source,)))
             self.lazy.prefetch(needed)
@@ -817,7 +809,7 @@ class _Planner:
                 )
             )
             return False
-        out, why = output_spec(rule, specs[0], len(specs), pair.index)
+        out, why = output_spec(rule, specs[0], len(specs), pair.layer)
         if out is None:
             self.problems.append(
                 Problem(
@@ -883,9 +875,8 @@ class _Planner:
                 return True
         except (AttributeError, TypeError):
             pass
+        # Every dtype difference goes through the casting policy (DESIGN section 10).
         tspec, sspec = _leaves.spec_of(tleaf), _leaves.spec_of(sleaf)
-        if self.cast is True and _drops_imaginary(tspec[1], sspec[1]):
-            return False
         return _leaves.mismatch(tspec, sspec, cast=self.cast) is None
 
     def _ignored_model(self, parts: Parts, n: int) -> bool:
@@ -1017,21 +1008,20 @@ class _Planner:
     def _mismatch(self, i: int, si: int, r: int) -> None:
         tspec = _leaves.spec_of(self.tgt.leaves[i])
         sspec = _leaves.spec_of(self.src.leaves[si])
-        why = _leaves.mismatch(tspec, sspec, cast=self.cast) or "type"
-        note = ""
-        if why == "type" and self.cast is True and _drops_imaginary(tspec[1], sspec[1]):
-            why, note = "dtype", " (cast=True never drops an imaginary part)"
-        kind = why if why in ("shape", "dtype") else "structure"
+        why = _leaves.mismatch(tspec, sspec, cast=self.cast)
+        kind = str(why) if why in ("shape", "dtype") else "structure"
+        # The cast option that would allow it, once per pair of dtypes, under "to fix".
+        remedy = why.detail if why is not None and kind == "dtype" else ""
         tp, sp = self.tgt.paths[i], self.src.paths[si]
         self.problems.append(
             Problem(
                 kind,
                 f"{render_parts(tp)!r} in the state is {_leaves.describe(tspec)}, "
-                f"{render_parts(sp)!r} in the source is {_leaves.describe(sspec)}{note}",
+                f"{render_parts(sp)!r} in the source is {_leaves.describe(sspec)}",
                 target=Path(tp),
                 source=Path(sp),
                 rule=str(self.rules[r]),
-                remedy=_cast_remedy(tspec[1], sspec[1]) if kind == "dtype" and not note else "",
+                remedy=remedy,
             )
         )
 
@@ -1226,14 +1216,18 @@ class _Planner:
                 p = new_prefix if is_new else old_prefix
                 if p is not None:
                     prefixes.append(p)
+            names: list[str] | None = None
+            lengths = sorted({len(p) for p in prefixes})
             for pat, was_used in zip(patterns, used, strict=True):
-                if was_used or _matches_any(pat, index, [len(p) for p in prefixes]):
+                if was_used or _matches_any(pat, index, lengths):
                     continue
-                # Suggest keys as the user may have meant them: absolute, or
-                # relative to a rule's prefix.
-                names = list(index.paths) + [
-                    index.paths[i][len(p) :] for p in set(prefixes) for i in index.under(p)
-                ]
+                if names is None:
+                    # Keys as the user may have meant them: absolute, or relative
+                    # to a rule's prefix; rendered once for every pattern.
+                    parts = list(index.paths) + [
+                        index.paths[i][len(p) :] for p in set(prefixes) for i in index.under(p)
+                    ]
+                    names = sorted({render_parts(p) for p in parts[:40000]})
                 shown = sorted({render_parts(p) for p in prefixes})
                 where = ", ".join(repr(s) for s in shown[:3]) + (", ..." if len(shown) > 3 else "")
                 relative = f" relative to a rule's prefix ({where}) or" if shown else ""
@@ -1241,7 +1235,7 @@ class _Planner:
                     Problem(
                         "unmatched_ignore",
                         f"{name} pattern {pat.text!r} matches no key of {index.what},"
-                        f"{relative} from the root{_close_paths(pat.text, names)}",
+                        f"{relative} from the root{_close_names(pat.text, names)}",
                         pattern=pat.text,
                     )
                 )
@@ -1251,20 +1245,6 @@ def _keep_remedy(target: Parts) -> str:
     return (
         f"to keep the state's values where the source has none, map them to None "
         f"({{{render_parts(target)!r}: None}}) or add them to ignore_model_keys"
-    )
-
-
-def _cast_remedy(target_dtype: Any, source_dtype: Any) -> str:
-    """The cast option that allows a dtype change, by what the cast can do to values."""
-    try:
-        safe = np.can_cast(np.dtype(source_dtype), np.dtype(target_dtype), "same_kind")
-    except TypeError:  # a typed PRNG key, a Python type: no cast makes them agree
-        return ""
-    if safe:
-        return "to cast values to the state's dtypes, pass cast=True"
-    return (
-        "these casts can change values (out of range, fractions dropped): pass cast='unsafe', "
-        "or cast one rule's leaves with tg.cast(old_path, dtype)"
     )
 
 
@@ -1318,22 +1298,6 @@ def _source_prefixes(
     return found
 
 
-def _drops_imaginary(target_dtype: Any, source_dtype: Any) -> bool:
-    """Whether casting source to target would drop an imaginary part (complex to real).
-
-    numpy and jax do it with a ComplexWarning, Python's int() and float() refuse
-    it: `cast=True` allows precision changes, not losing half of every value.
-    """
-    return _is_complex(source_dtype) and not _is_complex(target_dtype)
-
-
-def _is_complex(dtype: Any) -> bool:
-    try:
-        return np.dtype(dtype).kind == "c"
-    except TypeError:  # not a dtype: an opaque leaf's type
-        return False
-
-
 def _ignored(patterns: list[Pattern], used: list[bool], parts: Parts, n: int) -> bool:
     hit = False
     rel = parts[n:]
@@ -1344,12 +1308,20 @@ def _ignored(patterns: list[Pattern], used: list[bool], parts: Parts, n: int) ->
     return hit
 
 
-def _matches_any(pat: Pattern, index: TreeIndex, prefix_lengths: list[int]) -> bool:
-    lengths = sorted(set(prefix_lengths))
-    for parts in index.paths:
-        if pat.match_prefix(parts) is not None:
+def _matches_any(pat: Pattern, index: TreeIndex, lengths: list[int]) -> bool:
+    """Whether pat matches a prefix of some path, from the root or after n parts.
+
+    Only paths holding the pattern's literal head where it would start are
+    matched, so a pattern costs about the size of the subtree it names.
+    """
+    head = pat.literal_prefix()
+    paths = index.paths
+    for i in index.under(head) if head else range(len(paths)):
+        if pat.match_prefix(paths[i]) is not None:
             return True
-        for n in lengths:
+    for n in lengths:
+        for i in index.under_at(n, head) if head else range(len(paths)):
+            parts = paths[i]
             if n <= len(parts) and pat.match_prefix(parts[n:]) is not None:
                 return True
     return False
@@ -1371,7 +1343,10 @@ def _nothing_matches(pattern: Pattern, index: TreeIndex) -> str:
 
 
 def _close_paths(text: str, paths: Sequence[Parts]) -> str:
-    names = sorted({render_parts(p) for p in paths[:20000]})
+    return _close_names(text, sorted({render_parts(p) for p in paths[:20000]}))
+
+
+def _close_names(text: str, names: Sequence[str]) -> str:
     close = difflib.get_close_matches(text, names, n=3, cutoff=0.5)
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)" if close else ""
 

@@ -9,7 +9,7 @@ own (DESIGN section 12); `propagate_sharding` is a placement utility like
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -31,7 +31,7 @@ def place(
     *,
     cast: bool | str = False,
     owned: bool = False,
-    paths: Sequence[str] | None = None,
+    name_of: Callable[[int], str] | None = None,
 ) -> list[Any]:
     """Places each value like the corresponding leaf of likes, in buffers of its own.
 
@@ -51,7 +51,8 @@ def place(
         each may be used as it is once; a value that appears several times is
         still copied for its other uses. By default every value belongs to the
         caller and is copied.
-      paths: how messages name each leaf (rendered paths), if known.
+      name_of: how messages name the k-th leaf (its rendered path), if known;
+        called only to build a message.
 
     Returns:
       The placed values, in order. The inputs are not modified.
@@ -71,7 +72,7 @@ def place(
         keep = owned and first  # the value may be used without a copy
         original = value
         if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
-            value = _cast_for(value, like, cast, k, paths)
+            value = _cast_for(value, like, cast, k, name_of)
             keep = keep or value is not original  # a cast made a new array
             sharding = like.sharding
             if isinstance(value, jax.Array) and sharding is None:
@@ -98,16 +99,20 @@ def place(
                 value = np.array(value, copy=True)
             puts.append((k, value, sharding))
         elif isinstance(like, np.ndarray | np.generic):
-            _check_cast(value, like, cast, k, paths)
+            _check_cast(value, like, cast, k, name_of)
             array = _to_host(value)
             if _leaves._kind(array.dtype) == "c" and _leaves._kind(like.dtype) != "c":
                 array = np.real(array)  # cast="unsafe": drop the imaginary part, no warning
-            if not (keep and array is value and array.flags.writeable and array.dtype == like.dtype):
-                # A copy: never the caller's array, nor a read-only view of a device buffer.
-                array = np.array(array, dtype=like.dtype, copy=True)
+            owned_here = keep and array is value and array.flags.writeable
+            if not (owned_here and array.dtype == like.dtype):
+                # A copy: never the caller's array, nor a read-only view of a device
+                # buffer. A cast the policy let through (cast="unsafe") may change
+                # values, as asked: no numpy warning about it.
+                with np.errstate(invalid="ignore", over="ignore"):
+                    array = np.array(array, dtype=like.dtype, copy=True)
             out[k] = array if isinstance(like, np.ndarray) else array[()]
         elif type(like) in _PY_SCALARS:
-            _check_cast(value, like, cast, k, paths)
+            _check_cast(value, like, cast, k, name_of)
             host = _to_host(value)
             if _leaves._kind(host.dtype) == "c" and type(like) is not complex:
                 host = np.real(host)
@@ -115,11 +120,17 @@ def place(
         else:
             out[k] = value
     if puts:
+        # may_alias as a list: broadcasting one bool over the values costs more
+        # than the copies of small arrays.
         placed = jax.device_put(
-            [v for _, v, _ in puts], [sh for _, _, sh in puts], may_alias=False
+            [v for _, v, _ in puts], [sh for _, _, sh in puts], may_alias=[False] * len(puts)
         )
         for (k, value, sharding), got in zip(puts, placed, strict=True):
-            if isinstance(value, jax.Array) and _buffers(got) & _buffers(value):
+            if (
+                isinstance(value, jax.Array)
+                and value.sharding != sharding
+                and _buffers(got) & _buffers(value)
+            ):
                 # jax keeps the source's buffer as one shard of a resharded array
                 # (one device to replicated), even with may_alias=False.
                 got = _copy(got)
@@ -133,7 +144,7 @@ def place(
         made = jax.device_put(
             [out[k_first] for k_first, _ in batch],
             [out[k_first].sharding for k_first, _ in batch],
-            may_alias=False,
+            may_alias=[False] * len(batch),
         )
         for (k_first, k), got in zip(batch, made, strict=True):
             if _buffers(got) & _buffers(out[k_first]):
@@ -165,33 +176,39 @@ def _buffers(x: jax.Array) -> set[int]:
     return out
 
 
-def _describe_at(k: int, paths: Sequence[str] | None) -> str:
-    return f"{paths[k]!r}" if paths is not None else f"leaf #{k}"
+def _describe_at(k: int, name_of: Callable[[int], str] | None) -> str:
+    return repr(name_of(k)) if name_of is not None else f"leaf #{k}"
 
 
 def _check_cast(
-    value: Any, like: Any, cast: bool | str, k: int, paths: Sequence[str] | None
+    value: Any, like: Any, cast: bool | str, k: int, name_of: Callable[[int], str] | None
 ) -> None:
-    if getattr(value, "dtype", None) is None and type(value) not in _PY_SCALARS:
-        return
+    vdtype = getattr(value, "dtype", None)
+    if vdtype is None:
+        if type(value) not in _PY_SCALARS:
+            return
+    elif vdtype == getattr(like, "dtype", None):
+        return  # the common case, without building specs
     vspec, lspec = _leaves.spec_of(value), _leaves.spec_of(like)
     if vspec[1] == lspec[1]:
         return
     why = _leaves.mismatch(lspec, vspec, cast=cast)
     if why is not None and why != "shape":
         raise MismatchError(
-            f"cannot place {_describe_at(k, paths)}: the value is {_leaves.describe(vspec)}, "
+            f"cannot place {_describe_at(k, name_of)}: the value is {_leaves.describe(vspec)}, "
             f"the leaf it replaces is {_leaves.describe(lspec)} ({why.detail})"
         )
 
 
-def _cast_for(value: Any, like: Any, cast: bool | str, k: int, paths: Sequence[str] | None) -> Any:
+def _cast_for(
+    value: Any, like: Any, cast: bool | str, k: int, name_of: Callable[[int], str] | None
+) -> Any:
     """The value in the like's dtype, when the policy allows; the value itself otherwise."""
-    _check_cast(value, like, cast, k, paths)
     dtype = like.dtype
     vdtype = getattr(value, "dtype", None)
     if vdtype == dtype:
         return value
+    _check_cast(value, like, cast, k, name_of)
     if vdtype is None and type(value) not in _PY_SCALARS:
         return value
     if _leaves.is_key_dtype(dtype):
@@ -203,7 +220,8 @@ def _cast_for(value: Any, like: Any, cast: bool | str, k: int, paths: Sequence[s
     array = np.asarray(value)
     if _leaves._kind(array.dtype) == "c" and _leaves._kind(np.dtype(dtype)) != "c":
         array = np.real(array)
-    return array.astype(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):  # cast="unsafe" asked for it
+        return array.astype(dtype)
 
 
 def _is_local(value: Any) -> bool:
@@ -228,7 +246,10 @@ def _local_to_global(value: Any, like: Any) -> jax.Array:
         # placed array owns its buffers (DESIGN section 12).
         # numpy blocks are copied too: jax's CPU client would keep their memory.
         if piece is local or not isinstance(piece, jax.Array):
-            piece = jax.numpy.array(piece, copy=True) if isinstance(piece, jax.Array) else np.array(piece)
+            if isinstance(piece, jax.Array):
+                piece = jax.numpy.array(piece, copy=True)
+            else:
+                piece = np.array(piece)
         return piece
 
     return jax.make_array_from_callback(tuple(like.shape), like.sharding, block, dtype=like.dtype)
@@ -303,5 +324,6 @@ def propagate_sharding(values: Any, like: Any, /) -> Any:
             + "\n".join(bad[:20]),
             problems=bad,
         )
-    names = [render_parts(p) for p in vpaths]
-    return ldef.unflatten(place(vleaves, lleaves, owned=True, paths=names))
+    return ldef.unflatten(
+        place(vleaves, lleaves, owned=True, name_of=lambda k: render_parts(vpaths[k]))
+    )

@@ -9,13 +9,16 @@ leaves the plan asks for later, in `read`.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from treegraft._paths import Path
 
-__all__ = ["Source", "ReadRequest"]
+__all__ = ["Source", "ReadRequest", "BoxRequest"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,19 @@ class ReadRequest:
     path: Path
     like: Any
     dtype: Any
+
+
+@dataclass(frozen=True)
+class BoxRequest:
+    """A box (one slice per axis, step 1) of one source leaf, to read to the host.
+
+    Attributes:
+      path: the leaf's path in the source.
+      box: one `slice` per axis of the leaf, each of step 1 (None bounds allowed).
+    """
+
+    path: Path
+    box: tuple[slice, ...]
 
 
 class Source(abc.ABC):
@@ -57,6 +73,68 @@ class Source(abc.ABC):
     def describe(self) -> str:
         """How messages name this source, e.g. "the checkpoint /w/ckpt_3"."""
         return "the source"
+
+    def read_boxes(self, requests: Sequence[BoxRequest]) -> list[np.ndarray]:
+        """Reads `leaf[box]` of each request as a host numpy array, in the source dtype.
+
+        The default reads each whole leaf (to the host) and slices it; sources
+        whose layout allows it read only the chunks that hold each box. Each
+        result owns its memory.
+
+        Returns:
+          One array per request, in order.
+        """
+        if not requests:
+            return []
+        import jax
+
+        meta = self.metadata()
+        reqs = []
+        for r in requests:
+            leaf = _leaf(meta, r.path)
+            like = _host_like(leaf)
+            reqs.append(ReadRequest(r.path, like, np.dtype(leaf.dtype)))
+        out = []
+        for r, value in zip(requests, self.read(reqs), strict=True):
+            with jax.transfer_guard("allow"):
+                host = np.asarray(value)
+            out.append(np.array(host[tuple(r.box)], copy=True))
+        return out
+
+    def box_nbytes(self, path: Path, box: tuple[slice, ...]) -> int:
+        """Bytes `read_boxes` really reads for this box (the default: the whole leaf)."""
+        leaf = _leaf(self.metadata(), path)
+        return int(math.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+
+    def close(self) -> None:
+        """Releases what the source holds open (the default holds nothing)."""
+        return None
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _leaf(meta: Any, path: Path) -> Any:
+    from treegraft._errors import PathNotFoundError
+
+    node = meta
+    for part in path.parts:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            raise PathNotFoundError(f"{path} is not a leaf of the source") from None
+    if not hasattr(node, "shape") or not hasattr(node, "dtype"):
+        raise PathNotFoundError(f"{path} is not an array leaf of the source")
+    return node
+
+
+def _host_like(leaf: Any) -> np.ndarray:
+    # A numpy target of the leaf's shape, which sources read to the host whole;
+    # a broadcast view, so that it costs no memory.
+    return np.broadcast_to(np.zeros((), dtype=np.dtype(leaf.dtype)), tuple(leaf.shape))
 
 
 Source.__module__ = "treegraft"

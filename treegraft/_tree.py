@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import operator
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from jax import tree_util
 
 from treegraft import _leaves, _nnx
-from treegraft._errors import MismatchError, PathNotFoundError, suggest
+from treegraft._errors import MismatchError, PathNotFoundError, TreeError, suggest
 from treegraft._paths import Part, Path, key_to_part, parse_path, render_parts
 
 __all__ = ["flatten", "extract", "insert", "flatten_parts", "children", "resolve"]
@@ -31,7 +31,7 @@ def flatten_parts(
     This is the internal fast path: parts are plain tuples, not `Path`s.
     """
     if is_leaf is None:
-        leaves, treedef = tree_util.tree_flatten(tree)
+        leaves, treedef = _jax_flatten(tree_util.tree_flatten, tree, None)
         walked = _walk_paths(tree, len(leaves))
         if walked is not None:
             paths, seen = walked
@@ -39,7 +39,7 @@ def flatten_parts(
                 return paths, leaves, treedef
             # A type seen as a leaf was registered with jax since: learn again.
             _forget_types()
-    keyed, treedef = tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    keyed, treedef = _jax_flatten(tree_util.tree_flatten_with_path, tree, is_leaf)
     if "flax.nnx" in sys.modules:  # NNX Variables' `value` keys are not in paths
         keyed = _nnx.drop_value_keys(tree, keyed, is_leaf)
     cache: dict[Any, Part] = {}
@@ -61,7 +61,120 @@ def flatten_parts(
             parts.append(p)
         paths.append(tuple(parts))
         leaves.append(leaf)
+    _check_distinct_paths(tree, paths, is_leaf)
     return paths, leaves, treedef
+
+
+# jax's flatten gives up (SystemError) at about 1000 levels, fewer when called
+# from deep in the stack: a failure past this depth is taken for that.
+_JAX_MAX_DEPTH = 500
+
+
+def _jax_flatten(fn: Callable[..., Any], tree: Any, is_leaf: IsLeaf) -> Any:
+    """Calls a jax flatten function; its low-level failures become TreeErrors."""
+    try:
+        return fn(tree, is_leaf=is_leaf) if is_leaf is not None else fn(tree)
+    except ValueError as e:
+        if "sort" not in str(e):
+            raise
+        found = _find_unsortable(tree, is_leaf)
+        if found is None:
+            raise
+        raise found from e
+    except (SystemError, RecursionError) as e:
+        depth, parts = _depth(tree, is_leaf)
+        if depth < _JAX_MAX_DEPTH:
+            raise
+        raise TreeError(
+            f"tree too deep: {depth} levels, at {_short_path(parts)}; jax cannot flatten "
+            f"pytrees deeper than about 1000 levels. Keep long chains as a list (one "
+            f"level) or as a dict keyed by path strings"
+        ) from e
+
+
+def _short_path(parts: Sequence[Part]) -> str:
+    """A path for a message, its middle elided when it is long."""
+    if len(parts) <= 8:
+        return repr(render_parts(parts)) if parts else "the root"
+    head, tail = render_parts(parts[:4]), render_parts(parts[-3:])
+    return f"{head!r} ... {tail!r} ({len(parts)} keys)"
+
+
+def _kids(node: Any, is_leaf: IsLeaf) -> list[tuple[Part, Any]] | None:
+    """Children for the walks below, without sorting dict keys (no jax for builtins)."""
+    if is_leaf is not None and is_leaf(node):
+        return None
+    t = type(node)
+    if t is dict:
+        return list(node.items())
+    if t is list or t is tuple:
+        return list(enumerate(node))
+    if node is None:
+        return []
+    try:
+        return children(node, is_leaf=is_leaf)
+    except (TypeError, ValueError, SystemError, RecursionError):
+        return None
+
+
+def _depth(tree: Any, is_leaf: IsLeaf) -> tuple[int, tuple[Part, ...]]:
+    """The number of levels of tree and the path to its deepest node (no recursion)."""
+    best: tuple[int, tuple[Part, ...]] = (0, ())
+    stack: list[tuple[Any, tuple[Part, ...]]] = [(tree, ())]
+    while stack:
+        node, parts = stack.pop()
+        if len(parts) > best[0]:
+            best = (len(parts), parts)
+        kids = _kids(node, is_leaf)
+        if kids:
+            stack.extend((child, parts + (key,)) for key, child in kids)
+    return best
+
+
+def _find_unsortable(
+    tree: Any, is_leaf: IsLeaf, base: tuple[Part, ...] = ()
+) -> TreeError | None:
+    """The error for the first dict whose keys do not sort (jax must sort them)."""
+    stack: list[tuple[Any, tuple[Part, ...]]] = [(tree, base)]
+    while stack:
+        node, parts = stack.pop()
+        if isinstance(node, dict) and not (is_leaf is not None and is_leaf(node)):
+            try:
+                sorted(node)
+            except TypeError:
+                keys = list(node)
+                kinds = sorted({type(k).__name__ for k in keys})
+                shown = ", ".join(repr(k) for k in keys[:_MAX_LISTED])
+                where = repr(render_parts(parts)) if parts else "the root"
+                return TreeError(
+                    f"the dict at {where} mixes keys that do not sort together "
+                    f"({' and '.join(kinds)}: {shown}); jax sorts dict keys, so a pytree "
+                    "dict needs keys that compare with each other: make them all str"
+                )
+        kids = _kids(node, is_leaf)
+        if kids:
+            stack.extend((child, parts + (key,)) for key, child in reversed(kids))
+    return None
+
+
+def _check_distinct_paths(tree: Any, paths: list[tuple[Part, ...]], is_leaf: IsLeaf) -> None:
+    """Raises when two leaves have one path: a node with two children under one key."""
+    # Equal typed paths are equal as tuples: check those (C speed) first.
+    unique = set(paths)
+    clash = len(unique) != len(paths)
+    if not clash:
+        # A leaf and a subtree under one key: a leaf's path prefixes another's.
+        clash = any(parts[:n] in unique for parts in paths for n in range(1, len(parts)))
+    if not clash:
+        return
+    # Find the node: children() raises naming it.
+    stack: list[tuple[Any, tuple[Part, ...]]] = [(tree, ())]
+    while stack:
+        node, parts = stack.pop()
+        kids = children(node, is_leaf=is_leaf, where=parts)
+        if kids:
+            stack.extend((child, parts + (key,)) for key, child in kids)
+    raise TreeError("two leaves of the tree have the same path")  # not reached in practice
 
 
 # Types seen to be leaves, or generic nodes, in this process. A type registered
@@ -120,13 +233,13 @@ def _walk_paths(tree: Any, n_leaves: int) -> tuple[list[tuple[Part, ...]], list[
         elif t not in _NODE_TYPES and _is_variable(t):
             visit(prefix, _nnx.value_of(node))
         else:
-            kids = None if t in _NODE_TYPES else _generic_children(node, t)
+            kids = None if t in _NODE_TYPES else _generic_children(node, t, prefix)
             if kids is None and t not in _NODE_TYPES:
                 add(prefix)
                 keep(node)
                 return
             if kids is None:
-                kids = children(node) or []
+                kids = children(node, where=prefix) or []
             for k, c in kids:
                 visit(prefix + (k,), c)
 
@@ -146,8 +259,8 @@ def _is_variable(t: type) -> bool:
     return known
 
 
-def _generic_children(node: Any, t: type) -> list[tuple[Part, Any]] | None:
-    kids = children(node)
+def _generic_children(node: Any, t: type, where: tuple[Part, ...]) -> list[tuple[Part, Any]] | None:
+    kids = children(node, where=where)
     if kids is None:
         _LEAF_TYPES.add(t)
     else:
@@ -178,22 +291,68 @@ def flatten(tree: Any, /, *, is_leaf: IsLeaf = None) -> dict[Path, Any]:
     return {Path(p): leaf for p, leaf in zip(paths, leaves, strict=True)}
 
 
-def children(node: Any, *, is_leaf: IsLeaf = None) -> list[tuple[Part, Any]] | None:
+def children(
+    node: Any, *, is_leaf: IsLeaf = None, where: Sequence[Part] = ()
+) -> list[tuple[Part, Any]] | None:
     """The direct children of node as `(part, child)`, or None if node is a leaf.
 
     `None` and empty containers are nodes with no children. A flax NNX Variable
     has its value's children (a Variable holding an array is a leaf).
+
+    Args:
+      node: any pytree node.
+      is_leaf: as in `jax.tree_util`.
+      where: the node's path, for messages.
+
+    Raises:
+      TreeError: two children have the same key (a custom node whose flatten
+        function repeats a key), or the node is a dict whose keys do not sort.
     """
     if is_leaf is not None and is_leaf(node):
         return None
-    if _is_variable(type(node)):
-        return children(_nnx.value_of(node), is_leaf=is_leaf)  # an NNX Variable
-    keyed, _ = tree_util.tree_flatten_with_path(
-        node, is_leaf=lambda x: x is not node or (is_leaf is not None and is_leaf(x))
-    )
+    if _is_variable(type(node)):  # an NNX Variable: its value's children
+        return children(_nnx.value_of(node), is_leaf=is_leaf, where=where)
+    try:
+        keyed, _ = tree_util.tree_flatten_with_path(
+            node, is_leaf=lambda x: x is not node or (is_leaf is not None and is_leaf(x))
+        )
+    except ValueError as e:
+        if "sort" not in str(e):
+            raise
+        found = _find_unsortable(node, is_leaf, tuple(where))
+        if found is None:
+            raise
+        raise found from e
     if len(keyed) == 1 and keyed[0][0] == () and keyed[0][1] is node:
         return None
-    return [(key_to_part(kp[0]), child) for kp, child in keyed]
+    kids = [(key_to_part(kp[0]), child) for kp, child in keyed]
+    if len(kids) > 1 and type(node) not in (dict, list, tuple):
+        _check_unique_keys(node, kids, where)
+    return kids
+
+
+def _check_unique_keys(node: Any, kids: list[tuple[Part, Any]], where: Sequence[Part]) -> None:
+    seen: set[Any] = set()
+    for key, _ in kids:
+        try:
+            typed = (type(key), key)
+            if typed in seen:
+                break
+            seen.add(typed)
+        except TypeError:  # an unhashable key: compare by its rendering
+            typed = (type(key), repr(key))
+            if typed in seen:
+                break
+            seen.add(typed)
+    else:
+        return
+    here = repr(render_parts(where)) if where else "the root"
+    raise TreeError(
+        f"the {type(node).__name__} node at {here} has two children under the key "
+        f"{key!r}: a path can reach only one of them, and a graft would give both the "
+        "same value. Give every child its own key in the node's flatten function "
+        "(jax.tree_util.register_pytree_with_keys)"
+    )
 
 
 def find_child(kids: list[tuple[Part, Any]], part: Part) -> tuple[Part, Any] | None:
@@ -208,6 +367,9 @@ def find_child(kids: list[tuple[Part, Any]], part: Part) -> tuple[Part, Any] | N
     return None
 
 
+_NO_NODE = object()
+
+
 def resolve(
     tree: Any, path: Path, *, is_leaf: IsLeaf = None, what: str = "the tree"
 ) -> tuple[tuple[Part, ...], Any]:
@@ -220,7 +382,7 @@ def resolve(
     node = tree
     used: list[Part] = []
     for part in path.parts:
-        kids = children(node, is_leaf=is_leaf)
+        kids = children(node, is_leaf=is_leaf, where=used)
         if kids is None:
             here = repr(render_parts(used)) if used else "the root"
             raise PathNotFoundError(
@@ -229,16 +391,28 @@ def resolve(
             )
         found = find_child(kids, part)
         if found is None:
-            raise PathNotFoundError(not_found_message(path, used, part, [k for k, _ in kids], what))
+            raise PathNotFoundError(
+                not_found_message(path, used, part, [k for k, _ in kids], what, node=node)
+            )
         key, node = found
         used.append(key)
     return tuple(used), node
 
 
 def not_found_message(
-    path: Path, found: list[Part] | tuple[Part, ...], part: Part, keys: list[Part], what: str
+    path: Path,
+    found: list[Part] | tuple[Part, ...],
+    part: Part,
+    keys: list[Part],
+    what: str,
+    *,
+    node: Any = _NO_NODE,
 ) -> str:
-    """The message for a missing key: where it stopped, the keys there, close names."""
+    """The message for a missing key: where it stopped, the keys there, close names.
+
+    `node`, when given, is the node where the walk stopped: an empty one is
+    named for what it is (None, an empty dict).
+    """
     here = render_parts(found)
     where = f"{here!r}" if here else "the root"
     # Keys are compared as text but shown as keys, so that 0 and '0' differ.
@@ -247,7 +421,13 @@ def not_found_message(
     if len(keys) > _MAX_LISTED:
         listed += f", ... ({len(keys)} keys)"
     if not keys:
-        return f"path {str(path)!r} not found in {what}: {where} is empty, it has no key {part!r}"
+        if node is None:
+            empty = "None"
+        elif node is _NO_NODE:
+            empty = "empty"
+        else:
+            empty = f"an empty {type(node).__name__}"
+        return f"path {str(path)!r} not found in {what}: {where} is {empty}, it has no key {part!r}"
     return (
         f"path {str(path)!r} not found in {what}: {where} has no key {part!r}"
         f"{suggest(str(part), names, render=lambda name: repr(names[name]))}; "

@@ -8,13 +8,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from treegraft._errors import CheckpointError, CheckpointNotFoundError
+from treegraft._paths import Path
 from treegraft._read.orbax import OrbaxCheckpoint
-from treegraft._source import ReadRequest, Source
+from treegraft._read.storage import Location, children_of
+from treegraft._source import BoxRequest, ReadRequest, Source
 
-__all__ = ["KauldronCheckpoint", "list_steps"]
+__all__ = ["KauldronCheckpoint", "list_steps", "is_workdir"]
 
-_STEP = re.compile(r"ckpt_(\d+)")
+# ASCII digits only: `\d` would also take `ckpt_١٠` (Arabic-Indic digits) as step 10.
+_STEP = re.compile(r"ckpt_([0-9]+)")
 # Orbax writes one of these into a step folder when the step is complete.
 _COMMIT_MARKERS = ("commit_success.txt", "_CHECKPOINT_METADATA")
 # After a failed read, how long to watch for the step's deletion by its run.
@@ -29,35 +34,85 @@ def list_steps(workdir: str | os.PathLike[str]) -> list[int]:
 
     Raises:
       CheckpointNotFoundError: the workdir or its `checkpoints/` folder is missing.
-      CheckpointError: the workdir is a file.
+      CheckpointError: the workdir is a file, or a folder in it cannot be read.
     """
-    return sorted(_step_folders(workdir))
+    return sorted(_step_folders(workdir, None))
 
 
-def _step_folders(workdir: str | os.PathLike[str]) -> dict[int, str]:
-    """{step: folder name} of the complete steps (`ckpt_7`, or a padded `ckpt_00007`)."""
-    wd = os.fspath(workdir)
-    if not os.path.exists(wd):
-        raise CheckpointNotFoundError(f"workdir {wd!r} does not exist")
-    if not os.path.isdir(wd):
-        raise CheckpointError(f"workdir {wd!r} is a file, not a Kauldron workdir")
-    ckpts = os.path.join(wd, "checkpoints")
-    if not os.path.isdir(ckpts):
-        raise CheckpointNotFoundError(
-            f"workdir {wd!r} has no checkpoints/ folder: it is not a Kauldron workdir, or "
-            "its run saved no checkpoint yet"
-        )
+def is_workdir(path: str | os.PathLike[str] | Location) -> bool:
+    """Whether path (local, file://, gs:// or s3://) holds a `checkpoints/` folder.
+
+    Raises:
+      CheckpointError: path cannot be looked at (permission denied, storage
+        unreachable).
+    """
+    return Location.parse(path).join("checkpoints").kind("the checkpoints folder") == "dir"
+
+
+def _step_folders(workdir: str | os.PathLike[str] | Location, wanted: int | None = -1
+                  ) -> dict[int, str]:
+    """{step: folder name} of the complete steps (`ckpt_7`, or a padded `ckpt_00007`).
+
+    A step folder that cannot be read is an error when it matters for wanted:
+    the step itself, any step above the latest complete one for -1 (it might
+    be the latest), any at all for None.
+    """
+    wd = Location.parse(workdir, what="workdir")
+    ckpts = wd.join("checkpoints")
+    keys: set[str] | None = None
+    listed: list[str] = []
+    if not wd.is_local:
+        # One listing of every key below checkpoints/ shows the steps and their
+        # markers; the workdir is looked at only when it finds nothing.
+        listed = ckpts.keys(shown=wd)
+        keys = set(listed)
+    if not listed:
+        kind = wd.kind("workdir")
+        if kind is None:
+            raise CheckpointNotFoundError(f"workdir {str(wd)!r} does not exist")
+        if kind != "dir":
+            raise CheckpointError(f"workdir {str(wd)!r} is a file, not a Kauldron workdir")
+        if ckpts.kind("the checkpoints folder") != "dir":
+            raise CheckpointNotFoundError(
+                f"workdir {str(wd)!r} has no checkpoints/ folder: it is not a Kauldron workdir, "
+                "or its run saved no checkpoint yet"
+            )
+    entries = (
+        ckpts.children("the checkpoints folder") if keys is None else children_of(listed)
+    )
     steps: dict[int, str] = {}
-    for name in sorted(os.listdir(ckpts)):
+    unreadable: dict[int, tuple[str, CheckpointError]] = {}
+    for name, entry in entries.items():
         m = _STEP.fullmatch(name)
-        folder = os.path.join(ckpts, name)
-        if m is None or not os.path.isdir(folder):
+        if m is None or entry != "dir":
             continue
-        if any(os.path.exists(os.path.join(folder, marker)) for marker in _COMMIT_MARKERS):
-            step = int(m.group(1))
+        folder = ckpts.join(name)
+        step = int(m.group(1))
+        try:
+            if keys is not None:
+                committed = any(f"{name}/{marker}" in keys for marker in _COMMIT_MARKERS)
+            else:
+                committed = any(
+                    folder.join(marker).kind("step folder") is not None
+                    for marker in _COMMIT_MARKERS
+                )
+        except CheckpointError as e:
+            unreadable[step] = (str(folder), e)
+            continue
+        if committed:
             # Kauldron's own name (no padding) wins over a padded duplicate.
             if step not in steps or name == f"ckpt_{step}":
                 steps[step] = name
+    latest = max(steps, default=-1)
+    for step, (folder_name, error) in sorted(unreadable.items()):
+        if wanted is None or step == wanted or (wanted == -1 and step > latest):
+            cause = error.__cause__
+            reason = getattr(cause, "strerror", None) or type(cause).__name__
+            raise CheckpointError(
+                f"step folder {folder_name!r} exists but cannot be read ({reason}), so "
+                "whether it is complete is unknown; treegraft does not fall back to an older "
+                "step: fix the folder's permissions, or pass an explicit step"
+            ) from error
     return steps
 
 
@@ -65,8 +120,11 @@ class KauldronCheckpoint(Source):
     """A lazy source over the checkpoint of a Kauldron run.
 
     Args:
-      workdir: the run's work directory (holding `checkpoints/ckpt_<step>/`).
+      workdir: the run's work directory (holding `checkpoints/ckpt_<step>/`): a
+        local path, or a `file://`, `gs://` or `s3://` URL.
       step: the step to read; -1 (the default) means the latest complete one.
+      timeout: seconds each remote storage operation may take (default 30, or
+        `TREEGRAFT_STORAGE_TIMEOUT`).
 
     The step is chosen on first use and kept, so that metadata and reads come
     from the same step even while the run writes new ones. If the run deletes
@@ -81,15 +139,18 @@ class KauldronCheckpoint(Source):
       '/runs/pretrain/checkpoints/ckpt_5000'
     """
 
-    def __init__(self, workdir: str | os.PathLike[str], step: int = -1):
+    def __init__(
+        self, workdir: str | os.PathLike[str], step: int = -1, *, timeout: float | None = None
+    ):
         if isinstance(step, bool) or not isinstance(step, int) or step < -1:
             raise CheckpointError(f"step must be an int >= 0, or -1 for the latest; got {step!r}")
-        if not isinstance(workdir, str | os.PathLike):
+        if not isinstance(workdir, str | os.PathLike | Location):
             raise CheckpointError(
                 f"workdir must be a path (str or os.PathLike), got {type(workdir).__name__}: "
                 f"{workdir!r}"
             )
-        self.workdir = os.path.abspath(os.fspath(workdir))
+        self.location = Location.parse(workdir, timeout=timeout, what="workdir")
+        self.workdir = str(self.location)
         self.step = step
         self._inner: OrbaxCheckpoint | None = None
         self._resolved: int | None = None
@@ -110,7 +171,7 @@ class KauldronCheckpoint(Source):
         """The step folder read, `<workdir>/checkpoints/ckpt_<step>`."""
         self._open()
         assert self._folder is not None
-        return os.path.join(self.workdir, "checkpoints", self._folder)
+        return str(self.location.join("checkpoints", self._folder))
 
     def describe(self) -> str:
         if self._resolved is None:
@@ -119,7 +180,7 @@ class KauldronCheckpoint(Source):
 
     def _open(self) -> OrbaxCheckpoint:
         if self._inner is None:
-            folders = _step_folders(self.workdir)
+            folders = _step_folders(self.location, self.step)
             steps = sorted(folders)
             if not steps:
                 raise CheckpointNotFoundError(
@@ -135,11 +196,13 @@ class KauldronCheckpoint(Source):
                     f"workdir {self.workdir!r} has no complete step {self.step}; "
                     f"available steps: {_list(steps)}"
                 )
-            step_dir = os.path.join(self.workdir, "checkpoints", folders[step])
-            item = os.path.join(step_dir, "default")
-            if not os.path.isdir(item):
+            step_dir = self.location.join("checkpoints", folders[step])
+            item = step_dir.join("default")
+            if item.kind("the train state item") != "dir":
                 try:
-                    items = sorted(os.listdir(step_dir))
+                    items = step_dir.listdir("step folder")
+                    if not items:  # an object store has no empty folders
+                        raise FileNotFoundError(str(step_dir))
                 except FileNotFoundError:  # deleted by its run since it was listed
                     raise CheckpointNotFoundError(
                         f"step {step} of {self.workdir!r} was removed while it was being "
@@ -177,6 +240,19 @@ class KauldronCheckpoint(Source):
             self._raise_if_removed(e, grace=_REMOVAL_GRACE_S)
             raise
 
+    def read_boxes(self, requests: Sequence[BoxRequest]) -> list[np.ndarray]:
+        """`leaf[box]` for each request, reading only the chunks that hold the box."""
+        inner = self._open()
+        try:
+            return inner.read_boxes(requests)
+        except CheckpointError as e:
+            self._raise_if_removed(e, grace=_REMOVAL_GRACE_S)
+            raise
+
+    def box_nbytes(self, path: Path, box: Sequence[slice]) -> int:
+        """Bytes a read of `leaf[box]` really reads, given the array's chunking."""
+        return self._open().box_nbytes(path, box)
+
     def _raise_if_removed(self, error: CheckpointError, *, grace: float) -> None:
         # A run that keeps only its latest steps (orbax's max_to_keep) deletes
         # older ones: the chosen step can vanish between listing and reading,
@@ -197,10 +273,14 @@ class KauldronCheckpoint(Source):
 
     def _intact(self) -> bool:
         """Whether the chosen step still has its folder and a commit marker."""
-        step_dir = self.step_dir
-        return os.path.isdir(step_dir) and any(
-            os.path.exists(os.path.join(step_dir, m)) for m in _COMMIT_MARKERS
-        )
+        assert self._folder is not None
+        step_dir = self.location.join("checkpoints", self._folder)
+        try:
+            return step_dir.kind("step folder") == "dir" and any(
+                step_dir.join(m).kind("step folder") is not None for m in _COMMIT_MARKERS
+            )
+        except CheckpointError:  # cannot tell: report the read's own error
+            return True
 
     def close(self) -> None:
         """Forgets the chosen step and cached metadata (nothing else is held)."""

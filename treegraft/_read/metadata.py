@@ -24,6 +24,7 @@ import numpy as np
 from treegraft._errors import CheckpointError, first_line
 from treegraft._gc import young_collections_only
 from treegraft._read.ocdbt_index import IndexWalk, start_walk
+from treegraft._read.storage import Location
 
 __all__ = ["lazy_metadata", "LazyLeaf", "prefetch"]
 
@@ -36,11 +37,15 @@ class _Unsupported(Exception):
     """`_METADATA` holds something this reader does not know: use orbax's."""
 
 
+class _Corrupt(Exception):
+    """`_METADATA` holds what orbax never writes: the checkpoint is damaged."""
+
+
 # Single reads of a store before the rest of its leaves are read in one batch.
 _SINGLE_LOADS = 16
 
 
-def _context() -> Any:
+def _context(location: Location) -> Any:
     """A tensorstore context whose cache keeps the decoded OCDBT index nodes.
 
     Without a cache pool each array open reads and decodes the index again:
@@ -48,18 +53,24 @@ def _context() -> Any:
     """
     import tensorstore as ts
 
-    return ts.Context({"cache_pool": {"total_bytes_limit": 64 << 20}})
+    return ts.Context({"cache_pool": {"total_bytes_limit": 64 << 20}, **location.context_spec()})
 
 
 class _Store:
     """One tensorstore context per checkpoint, so the OCDBT index is read once."""
 
-    def __init__(self, directory: str, on_error: Callable[[CheckpointError], None] | None):
-        self.directory = directory
+    def __init__(self, directory: Location, on_error: Callable[[CheckpointError], None] | None):
+        self.location = directory
+        self.directory = str(directory)
         self.on_error = on_error
         self._context: Any = None
         self.index: IndexWalk | None = None
         self.zarr3 = False  # set from `_METADATA`
+        self.key_impls: dict[str, str] = {}  # array name -> PRNG impl, from orbax
+        # Whether a chunk missing from the store reads as the fill value. orbax
+        # stores every chunk unless told not to: then a missing chunk means the
+        # checkpoint is damaged or being deleted, and must fail, never read as 0.
+        self.fill_missing = True
         self.leaves: list[LazyLeaf] = []  # every leaf of the tree, for one bulk load
         self._single_loads = 0
         self._bulk_loaded = False
@@ -83,23 +94,26 @@ class _Store:
     def start_index(self) -> None:
         """Starts decoding the store's index, to overlap it with other work."""
         if self._context is None:
-            self._context = _context()
-        self.index = start_walk(self.directory, self._context)
+            self._context = _context(self.location)
+        self.index = start_walk(self.location, self._context)
 
     def spec(self, name: str) -> dict[str, Any]:
         """The tensorstore spec of the array saved under name."""
         return {
             "driver": "zarr3" if self.zarr3 else "zarr",
-            "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory}/", "path": name},
+            "kvstore": {"driver": "ocdbt", "base": self.location.kvstore(), "path": name},
         }
 
     def header(self, name: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
         import tensorstore as ts
 
         if self._context is None:
-            self._context = _context()
+            self._context = _context(self.location)
         try:
-            array = ts.open(self.spec(name), open=True, read=True, context=self._context).result()
+            array = self.location.wait(
+                ts.open(self.spec(name), open=True, read=True, context=self._context),
+                "reading an array header of",
+            )
         except Exception as e:  # tensorstore raises ValueError with a status
             _, reason = first_line(e, limit=300)
             error = CheckpointError(
@@ -129,7 +143,7 @@ def prefetch(leaves: Any) -> None:
             group.append(leaf)
     for store, pending in by_store.items():
         if store._context is None:
-            store._context = _context()
+            store._context = _context(store.location)
         with young_collections_only():
             pending = _read_headers(store, pending)
         futures = [
@@ -138,7 +152,7 @@ def prefetch(leaves: Any) -> None:
         ]
         for leaf, future in zip(pending, futures, strict=True):
             try:
-                array = future.result()
+                array = future.result(timeout=store.location.timeout)
             except Exception:  # read again, and reported, when the leaf is used
                 continue
             leaf._set(tuple(array.shape), np.dtype(array.dtype.numpy_dtype))
@@ -166,13 +180,16 @@ def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
                 index.drop()
         rest = [key for key in wanted if key not in found] if len(found) < len(wanted) else []
         if rest:
-            kv = ts.KvStore.open(
-                {"driver": "ocdbt", "base": f"file://{store.directory}/"}, context=store._context
-            ).result()
+            kv = store.location.wait(
+                ts.KvStore.open(
+                    {"driver": "ocdbt", "base": store.location.kvstore()}, context=store._context
+                ),
+                "opening",
+            )
             futures = [kv.read(key) for key in rest]
             for key, future in zip(rest, futures, strict=True):
                 try:
-                    found[key] = bytes(future.result().value)
+                    found[key] = bytes(future.result(timeout=store.location.timeout).value)
                 except Exception:  # left for the array open, which reports it
                     pass
     except Exception:  # another layout, or an unreadable store: open each array
@@ -187,11 +204,45 @@ def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
             spec = parsed[value] = _parse_header(value, store.zarr3)
         if spec is None:  # unparsable or unusual: the array open decides
             left.append(leaf)
-        elif leaf.scalar:
+        elif leaf.scalar or leaf.key_impl is not None:
             leaf._set(*spec)
         else:
             leaf._spec = spec
     return left
+
+
+_KEY_SPECS: dict[str, tuple[Any, int]] = {}
+
+
+def _key_spec(impl: str) -> tuple[Any, int]:
+    """The key dtype of a PRNG implementation, and the rank of its key data."""
+    if impl not in _KEY_SPECS:
+        import jax
+
+        key = jax.eval_shape(lambda: jax.random.key(0, impl=impl))
+        data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl)))
+        _KEY_SPECS[impl] = (key.dtype, len(data.shape))
+    return _KEY_SPECS[impl]
+
+
+def _key_impls(location: Location) -> dict[str, str]:
+    """{array name: PRNG implementation} of the key arrays orbax saved (its array metadata)."""
+    folder = location.join("array_metadatas")
+    if folder.kind("array metadata folder") != "dir":
+        return {}
+    out: dict[str, str] = {}
+    for name in folder.listdir("array metadata folder"):
+        try:
+            entries = json.loads(folder.join(name).read_bytes("array metadata"))["array_metadatas"]
+        except (CheckpointError, ValueError, KeyError, TypeError):
+            continue  # not orbax's array metadata: no key arrays known from it
+        for entry in entries if isinstance(entries, list) else ():
+            meta = entry.get("array_metadata") if isinstance(entry, dict) else None
+            ext = meta.get("ext_metadata") if isinstance(meta, dict) else None
+            impl = ext.get("random_key_impl") if isinstance(ext, dict) else None
+            if isinstance(impl, str) and isinstance(meta.get("param_name"), str):
+                out[meta["param_name"]] = impl
+    return out
 
 
 def _parse_header(text: bytes, zarr3: bool) -> tuple[tuple[int, ...], np.dtype[Any]] | None:
@@ -221,17 +272,23 @@ class LazyLeaf:
     A Python scalar saved by orbax has shape () and its Python type as dtype.
     """
 
-    __slots__ = ("name", "scalar", "_store", "_spec")
+    __slots__ = ("name", "scalar", "key_impl", "_store", "_spec")
 
-    def __init__(self, store: _Store, name: str, scalar: bool):
+    def __init__(self, store: _Store, name: str, scalar: bool, key_impl: str | None = None):
         self._store = store
         self.name = name
         self.scalar = scalar
+        # A typed PRNG key array is saved as its key data (uint32[..., 2] for
+        # threefry): its metadata is the key array's own shape and key dtype.
+        self.key_impl = key_impl
         self._spec: tuple[tuple[int, ...], Any] | None = None
 
     def _set(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
         if self.scalar:
             self._spec = ((), _PY_TYPES.get(dtype.kind, float))
+        elif self.key_impl is not None:
+            key_dtype, data_ndim = _key_spec(self.key_impl)
+            self._spec = (tuple(shape[: len(shape) - data_ndim]), key_dtype)
         else:
             self._spec = (shape, dtype)
 
@@ -256,7 +313,7 @@ class LazyLeaf:
 
 
 def lazy_metadata(
-    directory: str, on_error: Callable[[CheckpointError], None] | None = None
+    directory: str | Location, on_error: Callable[[CheckpointError], None] | None = None
 ) -> Any:
     """The checkpoint's tree with `LazyLeaf` leaves, or None to use orbax's.
 
@@ -264,24 +321,53 @@ def lazy_metadata(
       directory: the orbax item directory.
       on_error: called with the error when a leaf's header cannot be read
         later; it may raise a more telling one.
+
+    Raises:
+      CheckpointError: `_METADATA` is damaged, or remote storage fails.
     """
+    location = Location.parse(directory)
     try:
-        store = _Store(directory, on_error)
-        if os.path.exists(os.path.join(directory, "manifest.ocdbt")):
-            store.start_index()  # decodes on tensorstore's threads while we parse
+        store = _Store(location, on_error)
+        if location.is_local:
+            if os.path.exists(os.path.join(location.key, "manifest.ocdbt")):
+                store.start_index()  # decodes on tensorstore's threads while we parse
+        else:
+            store.start_index()  # no manifest: the walk fails and reads go key by key
         with young_collections_only():
-            with open(os.path.join(directory, "_METADATA"), encoding="utf-8") as f:
-                meta = json.load(f)
+            text = location.join("_METADATA").read_bytes("metadata file")
+            try:
+                meta = json.loads(text)
+            except json.JSONDecodeError as e:
+                if location.is_local:
+                    return None  # orbax's reader reports it, as it always did
+                raise _corrupt(str(location), f"JSONDecodeError: {e}") from None
             zarr3 = meta.get("use_zarr3", False) if isinstance(meta, dict) else None
             if zarr3 not in (True, False) or meta.get("use_ocdbt") is not True:
                 return None
             store.zarr3 = zarr3
+            store.key_impls = _key_impls(location)
+            store.fill_missing = meta.get("store_array_data_equal_to_fill_value") is not True
             entries = meta["tree_metadata"]
             if not isinstance(entries, dict) or not entries:
                 return None
             return _build(store, entries.values())
+    except _Corrupt as e:
+        raise _corrupt(str(location), str(e)) from None
+    except RecursionError:
+        raise _corrupt(str(location), "its JSON is nested too deeply to be orbax's") from None
+    except CheckpointError:
+        if location.is_local:
+            return None  # orbax's own reader reports it
+        raise
     except (_Unsupported, OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _corrupt(directory: str, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"cannot read the metadata of {directory} (is _METADATA corrupt?): {reason}; "
+        "restore the checkpoint from a good copy, or read another step"
+    )
 
 
 _EMPTY_NODES: dict[str, Callable[[], Any]] = {
@@ -295,7 +381,11 @@ def _key(node: dict[Any, Any], k: dict[str, Any], kinds: dict[int, int]) -> Any:
     if kind not in (_SEQUENCE, _DICT) or kinds[id(node)] not in (0, kind):
         raise _Unsupported("key type")
     kinds[id(node)] = kind
-    return int(k["key"]) if kind == _SEQUENCE else k["key"]
+    key = k["key"]
+    if kind == _DICT and not isinstance(key, str):
+        # orbax writes every dict key as a string; jax cannot sort mixed keys.
+        raise _Corrupt(f"the dict key {key!r} is not a string")
+    return int(key) if kind == _SEQUENCE else key
 
 
 def _build(store: _Store, entries: Any) -> Any:
@@ -330,7 +420,8 @@ def _build(store: _Store, entries: Any) -> Any:
             raise _Unsupported("duplicate key")
         kind = entry["value_metadata"]["value_type"]
         if kind in _ARRAYS:
-            parent[key] = leaf = LazyLeaf(store, f"{parent_name}{last['key']}", False)
+            name = f"{parent_name}{last['key']}"
+            parent[key] = leaf = LazyLeaf(store, name, False, store.key_impls.get(name))
             store.leaves.append(leaf)
         elif kind == "scalar":
             parent[key] = leaf = LazyLeaf(store, f"{parent_name}{last['key']}", True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Container
 from typing import Any
 
+from treegraft._read.storage import Location
+
 __all__ = ["IndexWalk", "start_walk"]
 
 # Relative costs, measured on 100,000 leaves: one key read against one index
@@ -30,12 +32,15 @@ class IndexWalk:
       num_keys: how many keys the store holds.
     """
 
-    def __init__(self, directory: str, context: Any):
+    def __init__(self, directory: str | Location, context: Any):
         import tensorstore as ts
 
+        location = Location.parse(directory)
         self._dump = ts.ocdbt.dump  # AttributeError on a tensorstore without it
         self._context = context
-        self._base = ts.KvStore.open(f"file://{directory}/", context=context).result()
+        self._base = location.wait(
+            ts.KvStore.open(location.kvstore(), context=context), "opening"
+        )
         manifest = self._dump(self._base, context=context).result()
         root = max(manifest["versions"], key=lambda v: v["generation_number"])["root"]
         self.num_keys: int = root["statistics"]["num_keys"]
@@ -82,7 +87,7 @@ class IndexWalk:
         return found
 
 
-def start_walk(directory: str, context: Any) -> IndexWalk | None:
+def start_walk(directory: str | Location, context: Any) -> IndexWalk | None:
     """An `IndexWalk` of the OCDBT store in directory, or None if it cannot be walked."""
     try:
         return IndexWalk(directory, context)

@@ -44,6 +44,7 @@ from treegraft._errors import (
     suggest,
 )
 from treegraft._paths import Part, Path, parse_path, render_parts
+from treegraft._read.storage import Location
 from treegraft._source import ReadRequest, Source
 
 __all__ = ["SafetensorsCheckpoint", "TensorInfo"]
@@ -120,21 +121,18 @@ class TensorInfo:
         return f"TensorInfo({self.dtype}[{dims}] in {self.file})"
 
 
-def _kvstore(location: str) -> Any:
-    """Opens the kvstore of a folder; keys are the file names in it.
-
-    The only place that says where bytes come from: today a local folder; the
-    storage layer will open `gs://`, `s3://` and `file://` locations here.
-    """
+def _kvstore(location: Location) -> Any:
+    """Opens the kvstore of a folder (local, gs://, s3://); keys are the file names in it."""
     import tensorstore as ts
 
-    return ts.KvStore.open({"driver": "file", "path": location.rstrip("/") + "/"}).result()
+    context = ts.Context(location.context_spec())
+    return location.wait(ts.KvStore.open(location.kvstore(), context=context), "opening")
 
 
-def _local_folder(location: str) -> str | None:
+def _local_folder(location: Location) -> str | None:
     """The local folder of location, whose tensor data is read with `os.preadv`;
     None to read it through `_kvstore` (remote locations)."""
-    return location
+    return location.os_path if location.is_local else None
 
 
 class SafetensorsCheckpoint(Source):
@@ -172,17 +170,21 @@ class SafetensorsCheckpoint(Source):
             raise CheckpointError(
                 f"a safetensors path must be a str or os.PathLike, got {type(path).__name__}"
             )
-        self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-        if not os.path.exists(self.path):
+        location = Location.parse(path, what="a safetensors path")
+        self.path = str(location)
+        kind = location.kind("safetensors checkpoint")
+        if kind is None:
             raise CheckpointNotFoundError(f"safetensors checkpoint {self.path!r} does not exist")
-        if os.path.isdir(self.path):
+        if kind == "dir":
             self.folder = self.path
+            self._loc = location
             self._index: str | None = None
             self._single: str | None = None
-            if os.path.isfile(os.path.join(self.path, INDEX_NAME)):
+            names = location.listdir("safetensors folder")
+            if INDEX_NAME in names:
                 self._index = INDEX_NAME
             else:
-                files = sorted(f for f in os.listdir(self.path) if f.endswith(_SUFFIX))
+                files = sorted(f for f in names if f.endswith(_SUFFIX))
                 if len(files) != 1:
                     listed = ", ".join(files[:10]) or "none"
                     raise CheckpointError(
@@ -192,7 +194,8 @@ class SafetensorsCheckpoint(Source):
                     )
                 self._single = files[0]
         else:
-            self.folder, self._single = os.path.split(self.path)
+            self.folder, self._single = self.path.rstrip("/").rsplit("/", 1)
+            self._loc = Location.parse(self.folder, what="a safetensors folder")
             self._index = None
         self._kv: Any = None
         self._fds: dict[str, int] = {}  # local files opened for reading data
@@ -342,7 +345,7 @@ class SafetensorsCheckpoint(Source):
                 f"{self.describe()} is closed: open a new SafetensorsCheckpoint to read from it"
             )
         if self._kv is None:
-            self._kv = _kvstore(self.folder)
+            self._kv = _kvstore(self._loc)
         return self._kv
 
     def _info(self, path: Path | str) -> TensorInfo:
@@ -429,7 +432,7 @@ class SafetensorsCheckpoint(Source):
                 generations=gens,
             )
         self._generations = gens
-        local = _local_folder(self.folder)
+        local = _local_folder(self._loc)
         if local is not None:
             for f in files:
                 st = os.stat(os.path.join(local, f))
@@ -483,7 +486,7 @@ class SafetensorsCheckpoint(Source):
         tensor costs more than reading it: measured 10x slower reads).
         """
         kv = self._store()
-        local = _local_folder(self.folder)
+        local = _local_folder(self._loc)
         plans = [_merge(info, boxes) for info, boxes in jobs]
         order = [(j, k) for j, (ranges, _) in enumerate(plans) for k in range(len(ranges))]
         pending: dict[tuple[int, int], list[tuple[int, Any]]] = {}

@@ -1,0 +1,397 @@
+"""Where checkpoints live: one `Location` type for local folders, `gs://` and `s3://`.
+
+Every look at the storage (does this exist, what is in this folder, the bytes
+of this small file, the tensorstore kvstore of this folder) goes through a
+`Location`. A local location uses the operating system directly (fast, and its
+permission errors are precise); a remote one uses tensorstore's `gcs` and `s3`
+kvstores, so reading needs neither gcsfs nor s3fs. Nothing here writes.
+
+Endpoints come from the environment as the ecosystem sets them:
+`TENSORSTORE_GCS_HTTP_URL` for GCS (tensorstore reads it itself; treegraft
+also maps `STORAGE_EMULATOR_HOST` onto it), and `AWS_ENDPOINT_URL_S3` or
+`AWS_ENDPOINT_URL` with `AWS_REGION` or `AWS_DEFAULT_REGION` for S3 (which
+tensorstore does not read: treegraft passes them in the spec). Every remote
+operation waits at most `timeout` seconds (default 30, or the environment's
+`TREEGRAFT_STORAGE_TIMEOUT`), then raises a `CheckpointError` naming the
+location.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from treegraft._errors import CheckpointError, CheckpointNotFoundError, first_line
+
+__all__ = ["Location", "default_timeout"]
+
+_SCHEMES = ("gs", "s3")
+_DEFAULT_TIMEOUT_S = 30.0
+
+
+def default_timeout() -> float:
+    """Seconds a remote operation may take: `TREEGRAFT_STORAGE_TIMEOUT`, else 30."""
+    text = os.environ.get("TREEGRAFT_STORAGE_TIMEOUT")
+    if not text:
+        return _DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise CheckpointError(
+            f"TREEGRAFT_STORAGE_TIMEOUT={text!r} is not a number of seconds"
+        ) from None
+    if not value > 0:
+        raise CheckpointError(f"TREEGRAFT_STORAGE_TIMEOUT={text!r} must be positive")
+    return value
+
+
+class Location:
+    """A folder or file of a checkpoint: a local path, or a key prefix in a bucket.
+
+    Build one with `Location.parse`. Locations are immutable; `join` makes new
+    ones. `str(location)` is the location as the user wrote it (a local path
+    made absolute), extended by the names joined to it.
+
+    Attributes:
+      scheme: 'file', 'gs' or 's3'.
+      bucket: the bucket of a remote location ('' for local).
+      key: the local absolute path, or the object key prefix (no leading or
+        trailing slash) in the bucket.
+      timeout: seconds a remote operation may take.
+    """
+
+    __slots__ = ("scheme", "bucket", "key", "timeout", "_shown")
+
+    def __init__(self, scheme: str, bucket: str, key: str, shown: str, timeout: float):
+        self.scheme = scheme
+        self.bucket = bucket
+        self.key = key
+        self.timeout = timeout
+        self._shown = shown
+
+    @classmethod
+    def parse(cls, value: Any, *, timeout: float | None = None, what: str = "a checkpoint path"
+              ) -> Location:
+        """Parses a local path (str or PathLike, `~` expanded), `file://`, `gs://` or `s3://` URL.
+
+        Raises:
+          CheckpointError: value is not a str or PathLike, or an unknown or
+            malformed URL.
+        """
+        if isinstance(value, Location):
+            return value if timeout is None else value.with_timeout(timeout)
+        if not isinstance(value, str | os.PathLike):
+            raise CheckpointError(
+                f"{what} must be a str or os.PathLike, got {type(value).__name__}: {value!r}"
+            )
+        text = os.fspath(value)
+        if isinstance(text, bytes):
+            raise CheckpointError(f"{what} must be a str or os.PathLike of str, got bytes")
+        if timeout is None:
+            timeout = default_timeout()
+        elif isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise CheckpointError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        scheme, sep, rest = text.partition("://")
+        if not sep or "/" in scheme or not scheme:
+            path = os.path.abspath(os.path.expanduser(text))
+            return cls("file", "", path, path, float(timeout))
+        scheme = scheme.lower()
+        if scheme == "file":
+            parts = urlsplit(text)
+            if parts.netloc not in ("", "localhost"):
+                raise CheckpointError(
+                    f"{text!r}: a file:// URL names a local path (file:///abs/path), "
+                    f"not host {parts.netloc!r}"
+                )
+            path = os.path.abspath(unquote(parts.path) or "/")
+            return cls("file", "", path, text.rstrip("/") or text, float(timeout))
+        if scheme not in _SCHEMES:
+            raise CheckpointError(
+                f"{text!r}: unknown storage scheme {scheme!r}:// (treegraft reads local paths, "
+                "file://, gs:// and s3:// URLs)"
+            )
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise CheckpointError(f"{text!r} names no bucket: write {scheme}://BUCKET/path")
+        key = "/".join(p for p in key.split("/") if p)
+        shown = f"{scheme}://{bucket}" + (f"/{key}" if key else "")
+        return cls(scheme, bucket, key, shown, float(timeout))
+
+    def with_timeout(self, timeout: float) -> Location:
+        """The same location with another timeout."""
+        return Location(self.scheme, self.bucket, self.key, self._shown, float(timeout))
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheme == "file"
+
+    @property
+    def name(self) -> str:
+        """The last name of the location (a folder or file name)."""
+        return self.key.rstrip("/").rsplit("/", 1)[-1]
+
+    def join(self, *names: str) -> Location:
+        """The location of names below this one."""
+        parts = [n for name in names for n in name.split("/") if n]
+        if not parts:
+            return self
+        tail = "/".join(parts)
+        if self.is_local:
+            key = os.path.join(self.key, *parts)
+        else:
+            key = f"{self.key}/{tail}" if self.key else tail
+        return Location(self.scheme, self.bucket, key, f"{self._shown}/{tail}", self.timeout)
+
+    def __str__(self) -> str:
+        return self._shown
+
+    def __repr__(self) -> str:
+        return f"Location({self._shown!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and (self.scheme, self.bucket, self.key) == (
+            other.scheme, other.bucket, other.key)
+
+    def __hash__(self) -> int:
+        return hash((self.scheme, self.bucket, self.key))
+
+    def describe(self) -> str:
+        """The location as the user wrote it (local paths made absolute)."""
+        return self._shown
+
+    @property
+    def os_path(self) -> str:
+        """The local path (only for local locations)."""
+        if not self.is_local:
+            raise CheckpointError(f"{self} is not a local path")
+        return self.key
+
+    def orbax_path(self) -> Any:
+        """The location as orbax's restore takes it (an `etils.epath.Path`)."""
+        from etils import epath
+
+        if self.is_local:
+            return epath.Path(self.key)
+        if self.scheme == "s3":
+            raise CheckpointError(
+                f"orbax cannot read {self} (orbax has no S3 support); treegraft reads S3 "
+                "checkpoints with tensorstore only, and this one holds a layout it does not "
+                "know"
+            )
+        return epath.Path(f"gs://{self.bucket}/{self.key}")
+
+    # -- tensorstore ---------------------------------------------------------
+
+    def kvstore(self) -> dict[str, Any]:
+        """The tensorstore kvstore spec of this location as a folder (path ends in '/')."""
+        if self.is_local:
+            return {"driver": "file", "path": self.key.rstrip("/") + "/"}
+        path = f"{self.key}/" if self.key else ""
+        if self.scheme == "gs":
+            return {"driver": "gcs", "bucket": self.bucket, "path": path}
+        spec: dict[str, Any] = {"driver": "s3", "bucket": self.bucket, "path": path}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            spec["endpoint"] = endpoint
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            spec["aws_region"] = region
+        return spec
+
+    def context_spec(self) -> dict[str, Any]:
+        """tensorstore context resources for this location: bounded retries."""
+        if self.is_local:
+            return {}
+        # Retries of a failing request stop well within the timeout.
+        retries = {"max_retries": 6, "initial_delay": "0.1s", "max_delay": "2s"}
+        return {"gcs_request_retries": retries, "s3_request_retries": retries}
+
+    def _kv(self, *, folder: bool = True, shown: Location | None = None) -> Any:
+        """A kvstore whose key b'' is this location (folder=False) or its folder prefix."""
+        import tensorstore as ts
+
+        _gcs_endpoint_from_env()
+        spec = self.kvstore()
+        if not folder:
+            spec["path"] = spec["path"].rstrip("/")
+        context = ts.Context(self.context_spec())
+        return self.wait(ts.KvStore.open(spec, context=context), "opening", shown=shown)
+
+    def wait(self, future: Any, doing: str, *, shown: Location | None = None) -> Any:
+        """The result of a tensorstore future about this location, within the timeout.
+
+        Args:
+          future: a tensorstore future.
+          doing: what it does, for messages ("listing", "reading").
+          shown: the location messages name (default: this one), e.g. the
+            workdir the user gave rather than a folder inside it.
+
+        Raises:
+          CheckpointError: the operation failed or took longer than the timeout;
+            the message names the location and what to check.
+        """
+        try:
+            return future.result(timeout=self.timeout)
+        except TimeoutError as e:
+            try:
+                future.cancel()
+            except Exception:  # already done
+                pass
+            raise CheckpointError(
+                f"{doing} {shown or self} took more than {self.timeout:g} s: "
+                f"{self._endpoint_hint()}; pass timeout= or set TREEGRAFT_STORAGE_TIMEOUT to "
+                "wait longer"
+            ) from e
+        except Exception as e:  # tensorstore raises ValueError with a status code
+            raise (shown or self).error(e, doing) from e
+
+    def error(self, e: BaseException, doing: str) -> CheckpointError:
+        """A typed error naming this location for a failed tensorstore operation."""
+        _, line = first_line(e, limit=300)
+        line = line.split(" [http_response", 1)[0]  # the raw body repeats the message
+        status = line.split(":", 1)[0].strip()
+        if status in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+            fix = ("the credentials were refused: check them ("
+                   + ("GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default "
+                      "login`" if self.scheme == "gs" else
+                      "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+                   + ") and that they may read this bucket")
+            return CheckpointError(f"{doing} {self} failed: {fix}. ({line})")
+        if status == "NOT_FOUND" or "NoSuchBucket" in line:
+            return CheckpointNotFoundError(
+                f"{doing} {self} failed: the bucket {self.bucket!r} does not exist "
+                f"(or is not visible with these credentials). ({line})"
+            )
+        if status in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "UNKNOWN"):
+            return CheckpointError(
+                f"{doing} {self} failed: the storage could not be reached: "
+                f"{self._endpoint_hint()}. ({line})"
+            )
+        return CheckpointError(f"{doing} {self} failed: {line}")
+
+    def _endpoint_hint(self) -> str:
+        if self.scheme == "gs":
+            url = os.environ.get("TENSORSTORE_GCS_HTTP_URL") or "https://storage.googleapis.com"
+            return f"check the network and the endpoint {url} (TENSORSTORE_GCS_HTTP_URL)"
+        if self.scheme == "s3":
+            url = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                   or "AWS's default")
+            return f"check the network, the endpoint {url} (AWS_ENDPOINT_URL) and AWS_REGION"
+        return "check the disk"
+
+    # -- looking at the storage ---------------------------------------------
+
+    def kind(self, what: str = "checkpoint") -> str | None:
+        """'dir', 'file', or None when nothing is there.
+
+        A remote location is a 'file' if an object has its key, a 'dir' if
+        objects exist below it.
+
+        Raises:
+          CheckpointError: the location cannot be looked at (permission
+            denied, unreachable storage); `os.path.exists` would say False.
+        """
+        if self.is_local:
+            try:
+                st = os.stat(self.key)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError as e:
+                raise CheckpointError(
+                    f"cannot read {what} {self.key!r}: {e.strerror or type(e).__name__}; fix "
+                    "its permissions (treegraft needs to list and read it)"
+                ) from e
+            return "dir" if stat.S_ISDIR(st.st_mode) else "file"
+        if self.key:
+            found = self.wait(self._kv(folder=False).read(b""), "reading")
+            if found.state == "value":
+                return "file"
+        return "dir" if self._keys(self._kv()) else None
+
+    def _keys(self, kv: Any, shown: Location | None = None) -> list[str]:
+        listed = self.wait(kv.list(), "listing", shown=shown)
+        return sorted(k.decode("utf-8", "replace") for k in listed)
+
+    def children(self, what: str = "folder") -> dict[str, str]:
+        """{name: 'dir' or 'file'} of the entries directly in this folder.
+
+        Raises:
+          CheckpointNotFoundError: the folder does not exist (local).
+          CheckpointError: it cannot be listed.
+        """
+        if self.is_local:
+            try:
+                with os.scandir(self.key) as it:
+                    out = {}
+                    for entry in it:
+                        try:
+                            out[entry.name] = "dir" if entry.is_dir() else "file"
+                        except OSError:
+                            out[entry.name] = "file"
+                    return dict(sorted(out.items()))
+            except (FileNotFoundError, NotADirectoryError):
+                raise CheckpointNotFoundError(f"{what} {self.key!r} does not exist") from None
+            except OSError as e:
+                raise CheckpointError(
+                    f"cannot list {what} {self.key!r}: {e.strerror or type(e).__name__}; fix "
+                    "its permissions (treegraft needs to list and read it)"
+                ) from e
+        return children_of(self._keys(self._kv()))
+
+    def keys(self, *, shown: Location | None = None) -> list[str]:
+        """Every object key below this remote folder, relative to it, sorted.
+
+        Args:
+          shown: the location errors name (default: this one).
+        """
+        if self.is_local:
+            raise CheckpointError(f"{self} is local: walk it with os")
+        return self._keys(self._kv(shown=shown), shown)
+
+    def listdir(self, what: str = "folder") -> list[str]:
+        """The names of the entries directly in this folder, sorted."""
+        return list(self.children(what))
+
+    def read_bytes(self, what: str = "file") -> bytes:
+        """The whole content of this (small) file.
+
+        Raises:
+          CheckpointNotFoundError: there is no such file.
+          CheckpointError: it cannot be read.
+        """
+        if self.is_local:
+            try:
+                with open(self.key, "rb") as f:
+                    return f.read()
+            except (FileNotFoundError, NotADirectoryError):
+                raise CheckpointNotFoundError(f"{what} {self.key!r} does not exist") from None
+            except OSError as e:
+                raise CheckpointError(
+                    f"cannot read {what} {self.key!r}: {e.strerror or type(e).__name__}"
+                ) from e
+        found = self.wait(self._kv(folder=False).read(b""), "reading")
+        if found.state != "value":
+            raise CheckpointNotFoundError(f"{what} {self} does not exist")
+        return bytes(found.value)
+
+
+def children_of(keys: list[str]) -> dict[str, str]:
+    """{name: 'dir' or 'file'} of the first names of object keys (relative to a folder)."""
+    out: dict[str, str] = {}
+    for key in keys:
+        first, sep, _ = key.partition("/")
+        if first:
+            out[first] = "dir" if sep else out.get(first, "file")
+    return dict(sorted(out.items()))
+
+
+def _gcs_endpoint_from_env() -> None:
+    """Lets tensorstore find a GCS emulator named by `STORAGE_EMULATOR_HOST` only."""
+    if "TENSORSTORE_GCS_HTTP_URL" not in os.environ:
+        host = os.environ.get("STORAGE_EMULATOR_HOST")
+        if host:
+            os.environ["TENSORSTORE_GCS_HTTP_URL"] = (
+                host if "://" in host else f"http://{host}"
+            )
