@@ -455,17 +455,7 @@ def test_nnx_sharded_abstract_target(nnx, on_abstract_mesh, tmp_path):
     np.testing.assert_allclose(out, pretrained.encoder(X), rtol=1e-5)
 
 
-_KEY_CHECKPOINT = pytest.mark.xfail(
-    reason="orbax saves a typed PRNG key as its key data (uint32[2], no key type "
-    "recorded); restoring it into a key<fry> leaf waits for the checkpoint key support "
-    "of the `core` branch (merged so far: key dtypes in specs, e81f2a4)",
-    strict=True,
-)
-
-
-@pytest.mark.parametrize(
-    "kind", ["state", "pure_dict", pytest.param("pure_dict_checkpoint", marks=_KEY_CHECKPOINT)]
-)
+@pytest.mark.parametrize("kind", ["state", "pure_dict", "pure_dict_checkpoint"])
 def test_nnx_rngs_and_dropout(nnx, kind, tmp_path):
     models = nnx_models()
     pretrained = models.DropoutClassifier(rngs=nnx.Rngs(0, dropout=1))
