@@ -15,6 +15,7 @@ point of each curve under 2 s on this machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -102,8 +103,8 @@ def measure(mode: str, repeats: int) -> list[dict]:
             n_leaves = len(jax.tree_util.tree_leaves(state))
             plan_t, floor_t = [], []
             for _ in range(repeats):
-                plan_t.append(_time(lambda: tg.plan(state, source, mapping, **opts)))
-                floor_t.append(_time(lambda: _floor(state)))
+                plan_t.append(_time(functools.partial(tg.plan, state, source, mapping, **opts)))
+                floor_t.append(_time(functools.partial(_floor, state)))
             rows.append(
                 {
                     "point": args,

@@ -58,6 +58,7 @@ LABELS = {
     "orbax_partial": "(b) orbax partial restore of exactly the arrays",
     "orbax_partial_each": "(c) orbax partial restore once per target",
     "floor": "jax tree_flatten_with_path + tree_unflatten (floor)",
+    "tensorstore": "tensorstore reading exactly the arrays, shard by shard (floor)",
     "orbax_metadata": "orbax PyTreeCheckpointHandler.metadata (floor)",
 }
 
@@ -169,7 +170,7 @@ def build_cases(data: dict, size: dict, selected: list[str], *, quick: bool) -> 
     cases = []
     if "partial" in selected:
         spec, mapped = select(1)
-        variants = ["treegraft", "orbax_full", "orbax_partial"]
+        variants = ["treegraft", "orbax_full", "orbax_partial", "tensorstore"]
         cases.append(
             {
                 "id": "1_partial",
@@ -290,7 +291,7 @@ def build_cases(data: dict, size: dict, selected: list[str], *, quick: bool) -> 
                 {
                     "name": f"1/{n // k} of {_fmt_bytes(n * array_bytes)}",
                     "spec": spec,
-                    "variants": ["treegraft", "orbax_partial"],
+                    "variants": ["treegraft", "orbax_partial", "tensorstore"],
                     "mapped_bytes": mapped,
                     "fraction": k / n,
                     "ckpt_bytes": n * array_bytes,

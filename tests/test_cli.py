@@ -346,3 +346,24 @@ def test_inspect_and_plan_a_remote_workdir(demo_run: str, kind: str, request) ->
     result = run("plan", url, "--target", url, "--map", "params.decoder=params.encodr")
     assert result.returncode == 1
     assert f"{url}/checkpoints/ckpt_2000" in result.stdout and "did you mean 'encoder'" in result.stdout
+
+
+def test_plan_shows_rule_operations_of_every_entry(tmp_path) -> None:
+    from kauldron_run import write_item
+
+    layers = {f"layers_{i}": {"w": np.full((2, 3), i, np.float32)} for i in range(4)}
+    source = write_item(tmp_path / "unscanned", {"params": layers, "head": np.zeros(5, np.float32)})
+    target = write_item(tmp_path / "scanned", {"params": {"layers": {"w": np.zeros((4, 3, 2),
+                                                                            np.float32)}},
+                                                "head": np.zeros(7, np.float32)})
+    result = run("plan", source, "--target", target,
+                 "--map", "params.layers=transpose(stack(params.layers_*, axis=0), 0, 2, 1)",
+                 "--map", "head=None")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "'params.layers' <- transpose(stack('params.layers_*', axis=0), (0, 2, 1))" in out
+    assert "stack 4 along axis 0; transpose (0, 2, 1)" in out
+    assert "'head' <- None (keep)" in out
+    result = run("plan", source, "--target", target, "--map", "params.layers=stack(params.layers_*")
+    assert result.returncode == 2
+    assert "stack(...) is missing its closing ')'" in result.stdout + result.stderr

@@ -428,3 +428,31 @@ def test_operation_results_own_their_buffers_and_can_be_donated(tmp_path, from_c
     )
     np.testing.assert_array_equal(np.asarray(donated["l1"]), stacked["w"][1] + 1)
     np.testing.assert_array_equal(stacked["w"][1], np.arange(8, 16))  # the source is intact
+
+
+def test_unstack_reads_only_its_layer_from_per_layer_chunks(tmp_path):
+    """A stacked array saved with one chunk per layer: one layer costs one layer's bytes."""
+    import orbax.checkpoint as ocp
+
+    n, shape = 8, (64, 128)
+    stacked = np.random.default_rng(1).standard_normal((n, *shape)).astype(np.float32)
+    layer_bytes = stacked[0].nbytes
+    path = tmp_path / "item"
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, {"layers": {"w": stacked}},
+                   save_args={"layers": {"w": ocp.SaveArgs(chunk_byte_size=layer_bytes,
+                                                           shard_axes=(0,))}})
+        ckptr.wait_until_finished()
+    src = tg.OrbaxCheckpoint(path)
+    like = {"layer_5": {"w": jax.ShapeDtypeStruct(shape, jnp.float32,
+                                                  sharding=jax.sharding.SingleDeviceSharding(
+                                                      jax.devices()[0]))}}
+    p = tg.plan(like, src, {"layer_*": tg.unstack("layers", axis=0)})
+    assert p.nbytes == layer_bytes  # the plan counts the chunks the layer lives in
+    with open("/proc/self/io") as f:
+        before = int(next(line for line in f if line.startswith("rchar")).split()[1])
+    new = tg.execute(p)
+    with open("/proc/self/io") as f:
+        read = int(next(line for line in f if line.startswith("rchar")).split()[1]) - before
+    np.testing.assert_array_equal(np.asarray(new["layer_5"]["w"]), stacked[5])
+    assert read <= 1.1 * layer_bytes + 64 * 1024, read  # index pages aside: one layer

@@ -7,9 +7,9 @@ from treegraft._errors import MappingError as MappingError
 from treegraft._errors import MismatchError as MismatchError
 from treegraft._errors import PathNotFoundError as PathNotFoundError
 from treegraft._errors import PathSyntaxError as PathSyntaxError
-from treegraft._graft import execute as execute
 from treegraft._errors import PathTypeError as PathTypeError
 from treegraft._errors import TreeError as TreeError
+from treegraft._graft import execute as execute
 from treegraft._graft import graft as graft
 from treegraft._loaders import AbstractPartialLoader as AbstractPartialLoader
 from treegraft._loaders import InitTransform as InitTransform

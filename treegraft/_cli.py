@@ -16,9 +16,9 @@ from typing import Any
 import treegraft
 from treegraft._display import Style, leaf_rows, render_tree
 from treegraft._errors import CheckpointError, GraftError, MappingError, PathSyntaxError, suggest
+from treegraft._leaves import format_bytes
 from treegraft._paths import render_parts
 from treegraft._patterns import parse_pattern
-from treegraft._leaves import format_bytes
 from treegraft._plan import plan
 from treegraft._read.kauldron import KauldronCheckpoint, is_workdir, list_steps
 from treegraft._read.orbax import OrbaxCheckpoint
@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NEW=OLD",
         action="append",
         default=None,
-        help="a rule (repeat it); default: params=params collections=collections",
+        help="a rule (repeat it); OLD may be None (keep) or an operation such as "
+        "'stack(params.layers_*, axis=0)'; default: params=params collections=collections",
     )
     dry.add_argument("--step", type=int, default=None, help="step of the source workdir")
     dry.add_argument("--target-step", type=int, default=None, help="step of the target workdir")
@@ -208,14 +209,72 @@ def _close_names(pattern: Any, paths: Sequence[tuple[Any, ...]]) -> str:
     return suggest(text, names) if text and text != "**" else ""
 
 
-def _parse_map(entries: Sequence[str]) -> dict[str, str]:
-    mapping: dict[str, str] = {}
+def _parse_map(entries: Sequence[str]) -> dict[str, Any]:
+    """`NEW=OLD` entries; OLD may be `None` (keep) or a rule operation.
+
+    Operations are written as in Python, with unquoted paths:
+    `stack(params.layers_*, axis=0)`, `unstack(params.layers, 1)`,
+    `cast(params.enc, bfloat16)`, `transpose(w, 1, 0)`, `reshape(q, 4, -1)`.
+    """
+    mapping: dict[str, Any] = {}
     for entry in entries:
-        if entry.count("=") != 1:
+        new, sep, old = entry.partition("=")
+        if not sep or not new.strip():
             raise MappingError(f"--map takes NEW=OLD, got {entry!r}")
-        new, old = entry.split("=")
-        mapping[new.strip()] = old.strip()
+        mapping[new.strip()] = _parse_value(old.strip(), entry)
     return mapping
+
+
+_OPS = ("stack", "unstack", "cast", "transpose", "reshape")
+
+
+def _parse_value(text: str, entry: str) -> Any:
+    if text == "None":
+        return None
+    name, paren, rest = text.partition("(")
+    name = name.strip()
+    if not paren or name not in _OPS:
+        return text
+    if not rest.endswith(")"):
+        raise MappingError(f"--map {entry!r}: {name}(...) is missing its closing ')'")
+    args = _split_args(rest[:-1])
+    if not args:
+        raise MappingError(f"--map {entry!r}: {name}() needs a source path")
+    value: Any = _parse_value(args[0], entry)
+    extra = args[1:]
+    try:
+        if name in ("stack", "unstack"):
+            axis = 0
+            for arg in extra:
+                axis = int(arg.split("=", 1)[1] if arg.startswith("axis") else arg)
+            return getattr(treegraft, name)(value, axis=axis)
+        if name == "cast":
+            if len(extra) != 1:
+                raise ValueError("cast takes a value and a dtype")
+            import jax.numpy as jnp
+
+            dtype = extra[0].split("=", 1)[-1].strip()
+            return treegraft.cast(value, getattr(jnp, dtype, dtype))
+        numbers = tuple(int(a) for a in extra)
+        return getattr(treegraft, name)(value, numbers)
+    except ValueError as e:
+        raise MappingError(f"--map {entry!r}: {e}") from None
+
+
+def _split_args(text: str) -> list[str]:
+    """Splits at the commas outside parentheses."""
+    out: list[str] = []
+    depth, current = 0, ""
+    for c in text:
+        if c == "," and depth == 0:
+            out.append(current.strip())
+            current = ""
+            continue
+        depth += (c == "(") - (c == ")")
+        current += c
+    if current.strip():
+        out.append(current.strip())
+    return out
 
 
 def _plan(args: argparse.Namespace, style: Style) -> int:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from treegraft import _leaves
-from treegraft._paths import Part, render_parts
 from treegraft._leaves import format_bytes
+from treegraft._paths import Part, render_parts
 
 __all__ = ["Style", "render_tree", "ProgressBar"]
 

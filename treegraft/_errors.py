@@ -107,13 +107,14 @@ def suggest(
     candidates: Iterable[str],
     *,
     n: int = 3,
+    cutoff: float = 0.6,
     render: Callable[[str], str] = repr,
 ) -> str:
     """Returns ` (did you mean 'x'?)` for close matches of word, or ''.
 
     `render` shows each close candidate (by default its `repr`).
     """
-    close = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
+    close = difflib.get_close_matches(word, list(candidates), n=n, cutoff=cutoff)
     if not close:
         return ""
     return " (did you mean " + " or ".join(render(c) for c in close) + "?)"

@@ -9,13 +9,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft import _leaves
+from treegraft import _leaves, _source
 from treegraft._display import ProgressBar
 from treegraft._errors import GraftError
 from treegraft._index import is_abstract
-from treegraft._paths import Path, render_parts
-from treegraft import _source
 from treegraft._leaves import format_bytes
+from treegraft._multihost import plan_on_every_process
+from treegraft._paths import Path, render_parts
 from treegraft._plan import GraftPlan, Pair, gathered_spec, plan
 from treegraft._sharding import place
 from treegraft._source import ReadRequest, Source
@@ -24,7 +24,7 @@ log = logging.getLogger("treegraft")
 _BATCHED_FROM = 256 * 2**20  # reads this large are batched when progress is asked
 _BATCH = 64 * 2**20
 
-__all__ = ["graft", "execute", "plan_on_every_process"]
+__all__ = ["graft", "execute"]
 
 
 def graft(
@@ -88,45 +88,8 @@ def graft(
     return execute(plan_on_every_process(state, make_plan), progress=progress)
 
 
-def plan_on_every_process(state: Any, make_plan: Callable[[], GraftPlan]) -> GraftPlan:
-    """Runs make_plan; under several processes sharing global targets, all fail together.
-
-    A plan depends only on inputs every process shares, so verdicts agree; but
-    if one process cannot see the checkpoint, or was given another mapping, it
-    would raise alone and leave the others waiting in the read's collectives.
-    One byte per process is exchanged to make every process raise instead.
-    """
-    if jax.process_count() == 1 or not _spans_processes(state):
-        return make_plan()
-    error: Exception | None = None
-    try:
-        p = make_plan()
-    except Exception as e:  # re-raised below, after the others have heard of it
-        error = e
-    from jax.experimental import multihost_utils
-
-    with jax.transfer_guard("allow"):  # one byte per process, not array data
-        flags = np.asarray(
-            multihost_utils.process_allgather(np.array([error is not None], np.uint8))
-        ).ravel()
-    if error is not None:
-        raise error
-    failed = [i for i, flag in enumerate(flags) if flag]
-    if failed:
-        raise GraftError(
-            f"the graft failed on process(es) {failed} (see their errors); this process "
-            f"(#{jax.process_index()}) planned it fine, but none reads: the processes must "
-            "share the state's structure, the mapping and the checkpoint"
-        )
-    return p
 
 
-def _spans_processes(state: Any) -> bool:
-    for leaf in jax.tree_util.tree_leaves(state):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.Sharding) and not sharding.is_fully_addressable:
-            return True
-    return False
 
 
 def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = False) -> Any:

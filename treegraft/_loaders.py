@@ -16,7 +16,8 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from treegraft._errors import MappingError
-from treegraft._graft import execute, plan_on_every_process
+from treegraft._graft import execute
+from treegraft._multihost import plan_on_every_process
 from treegraft._paths import Path
 from treegraft._patterns import Pattern, parse_pattern
 from treegraft._plan import GraftPlan, plan

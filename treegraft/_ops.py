@@ -261,10 +261,10 @@ class Step:
             return (shape, self.arg), ""
         if self.kind == "transpose":
             axes = self.arg
-            if sorted(a % len(shape) if len(shape) else a for a in axes) != list(
-                range(len(shape))
-            ) or any(not -len(shape) <= a < len(shape) for a in axes):
-                return None, f"transpose axes {tuple(axes)} are not a permutation of {len(shape)} axes"
+            ndim = len(shape)
+            in_range = all(-ndim <= a < ndim for a in axes)
+            if not in_range or sorted(a % ndim for a in axes) != list(range(ndim)):
+                return None, f"transpose axes {tuple(axes)} are not a permutation of {ndim} axes"
             return (tuple(shape[a] for a in axes), dtype), ""
         size = math.prod(shape)
         target = list(self.arg)

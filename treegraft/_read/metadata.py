@@ -240,8 +240,9 @@ def _key_impls(location: Location) -> dict[str, str]:
             meta = entry.get("array_metadata") if isinstance(entry, dict) else None
             ext = meta.get("ext_metadata") if isinstance(meta, dict) else None
             impl = ext.get("random_key_impl") if isinstance(ext, dict) else None
-            if isinstance(impl, str) and isinstance(meta.get("param_name"), str):
-                out[meta["param_name"]] = impl
+            param = meta.get("param_name") if isinstance(meta, dict) else None
+            if isinstance(impl, str) and isinstance(param, str):
+                out[param] = impl
     return out
 
 

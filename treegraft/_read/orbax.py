@@ -8,7 +8,6 @@ dtype, so that orbax's silent cast can never happen unasked.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 
 from treegraft import _leaves
 from treegraft._errors import CheckpointError, CheckpointNotFoundError, first_line
+from treegraft._multihost import check_processes_agree
 from treegraft._paths import Part, Path, render_parts
 from treegraft._read import arrays
 from treegraft._read.metadata import LazyLeaf, lazy_metadata, prefetch
@@ -164,7 +164,7 @@ class OrbaxCheckpoint(Source):
             return []
         meta = self.metadata()
         directory = item_directory(self.location)
-        _check_processes_agree(str(directory), requests)
+        check_processes_agree(str(directory), requests)
         leaves = [_leaf_at(meta, req.path.parts) for req in requests]
         # Typed PRNG keys are saved as their key data: read the data, then wrap it.
         keyed = {
@@ -349,58 +349,10 @@ class _Marker:
     """A requested leaf in the restore template (orbax returns it if unread)."""
 
 
-_NAME_BYTES = 96  # of the step and item folder names, shown when processes disagree
 
 
-def _check_processes_agree(directory: str, requests: Sequence[ReadRequest]) -> None:
-    """Raises the same error on every process if the processes would read different data.
-
-    Active only with several processes and a target sharded across them: each
-    process then reads only its own shards of the same global arrays, so all of
-    them take part in this read, and they must read the same leaves of the same
-    step. They may not, silently: with step=-1 a step can complete while the
-    processes list the workdir, and each one then fills its shards from another
-    step. One all-gather of 128 bytes per process compares the step and item
-    folder names and a digest of the requested leaves; no array byte moves.
-    """
-    if jax.process_count() == 1 or not any(_spans_processes(r.like) for r in requests):
-        return
-    from jax.experimental import multihost_utils
-
-    parent, _, item = directory.rstrip("/").rpartition("/")
-    name = f"{parent.rpartition('/')[2]}/{item}".encode()[-_NAME_BYTES:]
-    digest = hashlib.sha256(name)
-    for req in requests:
-        shape = getattr(req.like, "shape", None)
-        digest.update(repr((render_parts(req.path.parts), shape, str(req.dtype))).encode())
-    payload = np.frombuffer(digest.digest() + name.ljust(_NAME_BYTES, b"\0"), np.uint8)
-    with jax.transfer_guard("allow"):  # 128 bytes per process, not array data
-        table = np.asarray(multihost_utils.process_allgather(payload))
-    if (table == table[0]).all():
-        return
-    rows = [bytes(row) for row in table]
-    names = [row[32:].rstrip(b"\0").decode(errors="replace") for row in rows]
-    listed = ", ".join(
-        f"process {i} reads {n!r} (leaves #{row[:4].hex()})"
-        for i, (n, row) in enumerate(zip(names, rows, strict=True))
-    )
-    if len(set(names)) > 1:
-        why = (
-            "they opened different checkpoints; with step=-1 (the latest) a step that "
-            "completed while they listed the workdir does this: pass the same explicit "
-            "step on every process"
-        )
-    else:
-        why = "they request different leaves: the state or the mapping differs between processes"
-    raise CheckpointError(
-        f"the {len(rows)} processes would fill their shards of the same global arrays "
-        f"from different data, so none reads: {why}. {listed}"
-    )
 
 
-def _spans_processes(like: Any) -> bool:
-    sharding = getattr(like, "sharding", None)
-    return isinstance(sharding, jax.sharding.Sharding) and not sharding.is_fully_addressable
 
 
 def _read_metadata(

@@ -1,0 +1,309 @@
+"""The result of planning: `GraftPlan`, its `Entry` rows and its `Pair`s.
+
+A plan is inspectable (entries, untouched, unused, abstract, report, nbytes,
+operations) and printable; `treegraft.execute` runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from treegraft import _leaves
+from treegraft._index import TreeIndex, is_abstract
+from treegraft._leaves import format_bytes
+from treegraft._paths import Part, Path, render_parts
+from treegraft._plan.problems import Problem, _count
+from treegraft._plan.specs import gathered_spec, index_box
+from treegraft._rules import Rule
+from treegraft._source import Source
+
+Parts = tuple[Part, ...]
+
+
+class Pair(NamedTuple):
+    """One grafted target leaf and the source leaves that feed it (leaf indices).
+
+    Attributes:
+      target: the target leaf's index in the state's leaves.
+      source: the (first) source leaf's index in the source's leaves.
+      rule: the rule's index in the mapping.
+      sources: for a stack rule, every source leaf, in index order; else ().
+      layer: for an unstack rule, the index taken along its axis; else None.
+    """
+
+    target: int
+    source: int
+    rule: int
+    sources: tuple[int, ...] = ()
+    layer: int | None = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One grafted leaf: where it goes, where it comes from, by which rule.
+
+    Attributes:
+      target: the target leaf's path.
+      source: the source leaf's path (the first one, for a stack).
+      rule: the rule, as "'new' <- 'old'".
+      shape: the source leaf's shape.
+      dtype: the source leaf's dtype.
+      nbytes: the bytes this entry reads from the source.
+      operation: what happens on the way in ("" for a plain copy), e.g.
+        "stack 4 along axis 0; cast float32 -> bfloat16".
+      sources: every source leaf's path (more than one for a stack).
+    """
+
+    target: Path
+    source: Path
+    rule: str
+    shape: tuple[int, ...] | None
+    dtype: Any
+    nbytes: int
+    operation: str = ""
+    sources: tuple[Path, ...] = ()
+
+
+class GraftPlan:
+    """The resolved graft: every target leaf's source, checked, nothing read yet.
+
+    Print it for a table; inspect `entries`, `untouched`, `unused`, `abstract`,
+    `report` and `nbytes` in code; run it with `treegraft.execute`. Made by
+    `treegraft.plan`.
+
+    A plan whose in-memory source holds `jax.ShapeDtypeStruct`s where it has
+    leaves to graft can be looked at but not executed: `executable` is False
+    and `report` says which leaves.
+
+    Attributes:
+      rules: the compiled rules, in the mapping's order (`str(rule)` is
+        "'new' <- 'old'").
+      pairs: one `Pair` per grafted target leaf; its indices point into
+        `target.leaves`/`target.paths` and `source.leaves`/`source.paths`.
+      target: the state, flattened: `.root` (the state itself), `.paths`
+        (each leaf's parts), `.leaves`, `.treedef`.
+      source: the source's metadata tree, flattened the same way.
+      lazy: the lazy source (`tg.OrbaxCheckpoint`, ...) the plan reads from,
+        or None for an in-memory source.
+      report: with `strict=False`, the problems that did not fail the plan.
+      cast: the `cast` option the plan was made with.
+      strict: the `strict` option the plan was made with.
+
+    Example:
+      >>> import numpy as np, treegraft as tg
+      >>> p = tg.plan({'w': np.zeros(2)}, {'v': np.ones(2)}, {'w': 'v'})
+      >>> [(str(e.target), str(e.source), e.nbytes) for e in p.entries]
+      [('w', 'v', 16)]
+      >>> tg.execute(p)['w']
+      array([1., 1.])
+    """
+
+    def __init__(
+        self,
+        *,
+        rules: Sequence[Rule],
+        target: TreeIndex,
+        source: TreeIndex,
+        lazy: Source | None,
+        pairs: list[Pair],
+        report: Sequence[Problem],
+        cast: bool | str,
+        strict: bool,
+    ):
+        self.rules = tuple(rules)
+        self.target = target
+        self.source = source
+        self.lazy = lazy
+        self.pairs = pairs
+        self.report: tuple[Problem, ...] = tuple(report)
+        self.cast = cast
+        self.strict = strict
+
+    # -- inspection ----------------------------------------------------------
+
+    def operation(self, pair: Pair) -> str:
+        """What happens to a pair's values on the way in ("" for a plain copy)."""
+        rule = self.rules[pair.rule]
+        spec = _leaves.spec_of(self.source.leaves[pair.source])
+        out = []
+        if rule.gather == "stack":
+            out.append(f"stack {len(pair.sources)} along axis {rule.axis}")
+        elif rule.gather == "unstack":
+            out.append(f"[{pair.layer}] along axis {rule.axis}")
+        spec = gathered_spec(rule, spec, len(pair.sources), pair.layer)[0] or spec
+        for step in rule.steps:
+            out.append(step.describe(spec))  # type: ignore[arg-type]
+            spec = step.spec(spec)[0] or spec  # type: ignore[arg-type]
+        tdtype = _leaves.spec_of(self.target.leaves[pair.target])[1]
+        if spec[1] != tdtype and not isinstance(tdtype, type):
+            out.append(f"cast {spec[1]} -> {tdtype}")
+        return "; ".join(out)
+
+    def _pair_reads(self, pair: Pair) -> list[tuple[tuple[int, Any], int]]:
+        """The reads a pair needs, each as (key, bytes); equal keys are read once."""
+        leaves = self.source.leaves
+        if pair.sources:
+            return [
+                ((si, None), _leaves.nbytes(_leaves.spec_of(leaves[si]))) for si in pair.sources
+            ]
+        si = pair.source
+        whole = _leaves.nbytes(_leaves.spec_of(leaves[si]))
+        if pair.layer is None:
+            return [((si, None), whole)]
+        rule = self.rules[pair.rule]
+        shape = _leaves.spec_of(leaves[si])[0] or ()
+        axis = rule.axis + len(shape) if rule.axis < 0 else rule.axis
+        box = index_box(shape, axis, pair.layer)
+        box_bytes = getattr(self.lazy, "box_nbytes", None)
+        if self.lazy is None:
+            return [((si, pair.layer), whole // max(shape[axis], 1))]
+        if box_bytes is None:
+            return [((si, None), whole)]  # this source reads whole leaves
+        return [((si, pair.layer), int(box_bytes(Path(self.source.paths[si]), box)))]
+
+    @property
+    def entries(self) -> list[Entry]:
+        """Each grafted target leaf with its source path, rule and operation."""
+        out = []
+        for pair in self.pairs:
+            spec = _leaves.spec_of(self.source.leaves[pair.source])
+            sources = pair.sources or (pair.source,)
+            out.append(
+                Entry(
+                    target=Path(self.target.paths[pair.target]),
+                    source=Path(self.source.paths[pair.source]),
+                    rule=str(self.rules[pair.rule]),
+                    shape=spec[0],
+                    dtype=spec[1],
+                    nbytes=sum(n for _, n in self._pair_reads(pair)),
+                    operation=self.operation(pair),
+                    sources=tuple(Path(self.source.paths[si]) for si in sources),
+                )
+            )
+        return out
+
+    @property
+    def executable(self) -> bool:
+        """Whether `treegraft.execute` can run this plan (every source leaf has a value)."""
+        return not any(p.kind == "abstract" for p in self.report)
+
+    def _taken(self) -> set[int]:
+        return {pair.target for pair in self.pairs}
+
+    @property
+    def untouched(self) -> list[Path]:
+        """Target leaves that keep their current value (keep rules included)."""
+        taken = self._taken()
+        return [Path(p) for i, p in enumerate(self.target.paths) if i not in taken]
+
+    @property
+    def abstract(self) -> list[Path]:
+        """Untouched target leaves that are abstract and stay so."""
+        taken = self._taken()
+        return [
+            Path(p)
+            for i, p in enumerate(self.target.paths)
+            if i not in taken and is_abstract(self.target.leaves[i])
+        ]
+
+    def _used(self) -> set[int]:
+        used: set[int] = set()
+        for pair in self.pairs:
+            used.update(pair.sources or (pair.source,))
+        return used
+
+    @property
+    def unused(self) -> list[Path]:
+        """Source leaves the graft does not read."""
+        used = self._used()
+        return [Path(p) for i, p in enumerate(self.source.paths) if i not in used]
+
+    @property
+    def nbytes(self) -> int:
+        """Array bytes to read: each needed source leaf (or slice) counted once.
+
+        For an unstack rule over a checkpoint, the bytes of the chunks that
+        hold each slice: a slice of an array stored as one chunk costs it whole.
+        """
+        reads: dict[tuple[int, Any], int] = {}
+        for pair in self.pairs:
+            for key, n in self._pair_reads(pair):
+                reads[key] = n
+        whole = {si for si, index in reads if index is None}
+        return sum(n for (si, index), n in reads.items() if index is None or si not in whole)
+
+    def rule_counts(self) -> list[tuple[str, int, int]]:
+        """Per rule: its text, how many leaves it feeds, and their bytes."""
+        counts = [[0, 0] for _ in self.rules]
+        for pair in self.pairs:
+            counts[pair.rule][0] += 1
+            counts[pair.rule][1] += sum(n for _, n in self._pair_reads(pair))
+        return [(str(rule), n, b) for rule, (n, b) in zip(self.rules, counts, strict=True)]
+
+    def summary(self, *, max_rows: int = 40) -> str:
+        """A readable table: rules, grafted leaves, untouched and unused counts."""
+        n_target = len(self.target)
+        reads = len(self._used())
+        lines = [
+            f"GraftPlan: {len(self.pairs)} of {n_target} target leaves from "
+            f"{self.source.what}; {reads} source leaves to read ({format_bytes(self.nbytes)})",
+            "",
+        ]
+        rule_rows = [("rule", "leaves", "bytes")] + [
+            (text, str(n), format_bytes(b)) for text, n, b in self.rule_counts()
+        ]
+        lines += _table(rule_rows)
+        lines.append("")
+        ops = [self.operation(pair) for pair in self.pairs[:max_rows]]
+        show_ops = any(ops)
+        rows = [("target", "source", "shape/dtype") + (("operation",) if show_ops else ())]
+        for pair, op in zip(self.pairs[:max_rows], ops, strict=True):
+            spec = _leaves.spec_of(self.source.leaves[pair.source])
+            source = render_parts(self.source.paths[pair.source])
+            if pair.sources:
+                source += f" (+{len(pair.sources) - 1})"
+            rows.append(
+                (
+                    render_parts(self.target.paths[pair.target]),
+                    source,
+                    _leaves.describe(spec),
+                )
+                + ((op,) if show_ops else ())
+            )
+        lines += _table(rows)
+        if len(self.pairs) > max_rows:
+            lines.append(f"... and {len(self.pairs) - max_rows} more")
+        untouched = n_target - len(self.pairs)
+        n_abstract = len(self.abstract)
+        lines.append("")
+        lines.append(
+            f"untouched target leaves: {untouched}"
+            + (f" ({n_abstract} stay abstract)" if n_abstract else "")
+        )
+        lines.append(f"unused source leaves: {len(self.source) - reads}")
+        if self.report:
+            lines.append(f"report (strict=False): {_count(len(self.report), 'problem')}")
+            lines += ["  " + p.message for p in self.report[:max_rows]]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return (
+            f"GraftPlan(rules={len(self.rules)}, grafted={len(self.pairs)}, "
+            f"target_leaves={len(self.target)}, bytes={self.nbytes})"
+        )
+
+
+GraftPlan.__module__ = "treegraft"
+Pair.__module__ = "treegraft"
+Entry.__module__ = "treegraft"
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
