@@ -13,6 +13,8 @@ How pages (README.md and docs/**/*.md) are run, one test per page:
   (stdout and stderr, ELLIPSIS applies), `$ echo $?` prints the last exit
   status.
 * `~` (`HOME`) is a temporary directory too, shown in outputs as `/home/you`.
+* A page whose examples need an optional library says so in a comment,
+  `<!-- requires: flax optax -->`: without one of them its test skips.
 * Everything else is shown, not run: ```text, ```bash, ```console sessions of
   other programs, and ```{code-block} python (use it for Kauldron configs and
   multi-process code).
@@ -57,6 +59,7 @@ _LITERAL_DIRECTIVES = {
     "graphviz",
 }
 _OPTION = re.compile(r"^\s*:[\w-]+:")
+_REQUIRES = re.compile(r"<!--\s*requires:\s*([\w. -]+?)\s*-->")
 _CHECKER = doctest.OutputChecker()
 _FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
@@ -217,7 +220,11 @@ def _run_session(page: Path, block: Block, home: Path) -> None:
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = parse_blocks(page.read_text(encoding="utf-8"))
+    text = page.read_text(encoding="utf-8")
+    for found in _REQUIRES.finditer(text):
+        for module in found[1].split():
+            pytest.importorskip(module)
+    blocks = parse_blocks(text)
     runnable = [b for b in blocks if b.lang == "python" or _is_session(b)]
     if not runnable:
         pytest.skip("no python block or treegraft session on this page")

@@ -6,12 +6,13 @@ Every function here returns new trees; none modifies its input.
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from jax import tree_util
 
-from treegraft import _leaves
+from treegraft import _leaves, _nnx
 from treegraft._errors import MismatchError, PathNotFoundError, TreeError, suggest
 from treegraft._paths import Part, Path, key_to_part, parse_path, render_parts
 
@@ -39,6 +40,8 @@ def flatten_parts(
             # A type seen as a leaf was registered with jax since: learn again.
             _forget_types()
     keyed, treedef = _jax_flatten(tree_util.tree_flatten_with_path, tree, is_leaf)
+    if "flax.nnx" in sys.modules:  # NNX Variables' `value` keys are not in paths
+        keyed = _nnx.drop_value_keys(tree, keyed, is_leaf)
     cache: dict[Any, Part] = {}
     paths = []
     leaves = []
@@ -179,6 +182,9 @@ def _check_distinct_paths(tree: Any, paths: list[tuple[Part, ...]], is_leaf: IsL
 _BUILTIN_LEAF_TYPES = frozenset({bool, int, float, complex, str, bytes})
 _LEAF_TYPES: set[type] = set(_BUILTIN_LEAF_TYPES)
 _NODE_TYPES: set[type] = set()
+# Which types are flax NNX Variables: nodes whose one child (the value) takes
+# their own path. Fixed per type: a Variable type cannot exist before flax.nnx.
+_IS_VARIABLE: dict[type, bool] = {}
 
 
 def _forget_types() -> None:
@@ -224,6 +230,8 @@ def _walk_paths(tree: Any, n_leaves: int) -> tuple[list[tuple[Part, ...]], list[
         elif t in leaf_types:
             add(prefix)
             keep(node)
+        elif t not in _NODE_TYPES and _is_variable(t):
+            visit(prefix, _nnx.value_of(node))
         else:
             kids = None if t in _NODE_TYPES else _generic_children(node, t, prefix)
             if kids is None and t not in _NODE_TYPES:
@@ -242,6 +250,13 @@ def _walk_paths(tree: Any, n_leaves: int) -> tuple[list[tuple[Part, ...]], list[
     except RecursionError:  # deeper than Python's stack: jax walks it
         return None
     return (paths, found) if len(paths) == n_leaves else None
+
+
+def _is_variable(t: type) -> bool:
+    known = _IS_VARIABLE.get(t)
+    if known is None:
+        known = _IS_VARIABLE[t] = _nnx.is_variable_type(t)
+    return known
 
 
 def _generic_children(node: Any, t: type, where: tuple[Part, ...]) -> list[tuple[Part, Any]] | None:
@@ -281,7 +296,8 @@ def children(
 ) -> list[tuple[Part, Any]] | None:
     """The direct children of node as `(part, child)`, or None if node is a leaf.
 
-    `None` and empty containers are nodes with no children.
+    `None` and empty containers are nodes with no children. A flax NNX Variable
+    has its value's children (a Variable holding an array is a leaf).
 
     Args:
       node: any pytree node.
@@ -294,6 +310,8 @@ def children(
     """
     if is_leaf is not None and is_leaf(node):
         return None
+    if _is_variable(type(node)):  # an NNX Variable: its value's children
+        return children(_nnx.value_of(node), is_leaf=is_leaf, where=where)
     try:
         keyed, _ = tree_util.tree_flatten_with_path(
             node, is_leaf=lambda x: x is not node or (is_leaf is not None and is_leaf(x))
