@@ -121,15 +121,8 @@ def nnx_models() -> Any:
 X = jnp.linspace(-1.0, 1.0, 16, dtype=jnp.float32).reshape(2, 8)
 ENCODER_TO_BOTH = {"encoder": "encoder", "decoder": "encoder"}
 
-# What orbax makes of an nnx.State: nested dicts whose last key is `value`.
-# Lining those paths up with the state's needs a look-up that treegraft's
-# index does not do yet (see the report of the `models` branch).
-_STATE_CHECKPOINT = pytest.mark.xfail(
-    reason="an orbax checkpoint of an nnx.State keeps each Variable's value under a "
-    "'value' key; pairing it with the paths of an nnx.State needs a '.value' fallback "
-    "in TreeIndex.find (treegraft/_index.py), not in this branch",
-    strict=True,
-)
+# What orbax makes of an nnx.State: nested dicts whose last key is `value`;
+# treegraft's index lines them up with the Variables' own paths.
 
 
 def nnx_source(kind: str, state: Any, tmp_path: Any) -> Any:
@@ -149,7 +142,7 @@ def nnx_source(kind: str, state: Any, tmp_path: Any) -> Any:
 NNX_SOURCES = [
     "state",
     "pure_dict",
-    pytest.param("state_checkpoint", marks=_STATE_CHECKPOINT),
+    "state_checkpoint",
     "pure_dict_checkpoint",
 ]
 
@@ -419,20 +412,7 @@ def concrete(state: Any, mesh: Any) -> Any:
     return jax.tree.map(on_mesh, state)
 
 
-_ABSTRACT_MESH = pytest.mark.xfail(
-    reason="nnx.eval_shape under jax.set_mesh gives NamedShardings on an AbstractMesh; "
-    "treegraft's placement (_sharding.place: raw ValueError 'is_fully_addressable is not "
-    "implemented for AbstractMesh') and the orbax read (CheckpointError) do not resolve "
-    "them to the mesh in context",
-    strict=True,
-)
-
-
-@pytest.mark.parametrize(
-    "on_abstract_mesh",
-    [False, pytest.param(True, marks=_ABSTRACT_MESH)],
-    ids=["concrete_mesh", "abstract_mesh"],
-)
+@pytest.mark.parametrize("on_abstract_mesh", [False, True], ids=["concrete_mesh", "abstract_mesh"])
 def test_nnx_sharded_abstract_target(nnx, on_abstract_mesh, tmp_path):
     models = nnx_models()
     mesh = jax.make_mesh((2, 4), ("data", "model"))
@@ -444,6 +424,12 @@ def test_nnx_sharded_abstract_target(nnx, on_abstract_mesh, tmp_path):
         if not on_abstract_mesh:
             state = concrete(state, mesh)
 
+        if on_abstract_mesh:
+            # Outside the mesh's context the AbstractMesh has no devices: a typed error.
+            with jax.set_mesh(jax.make_mesh((8,), ("other",))):
+                with pytest.raises(tg.GraftError, match=r"target leaves are sharded on an "
+                                   r"AbstractMesh .* graft under `with jax.set_mesh\(mesh\):`"):
+                    tg.graft(state, source, ENCODER_TO_BOTH)
         new_state = tg.graft(state, source, ENCODER_TO_BOTH)
 
         kernel = new_state["decoder"]["linear"]["kernel"].get_value()

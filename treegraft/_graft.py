@@ -123,6 +123,7 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
     if abstract:
         raise GraftError(abstract[0].message, problems=abstract)
     tgt, src = p.target, p.source
+    likes_of = _on_concrete_meshes(p)
     plain = [pair for pair in p.pairs if _is_copy(p, pair)]
     changed = [pair for pair in p.pairs if not _is_copy(p, pair)]
     first_use: dict[int, int] = {}
@@ -135,7 +136,7 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
         requests = [
             ReadRequest(
                 Path(src.paths[si]),
-                tgt.leaves[first_use[si]],
+                likes_of[first_use[si]],
                 _leaves.spec_of(src.leaves[si])[1],
             )
             for si in order
@@ -147,7 +148,7 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
         value_of = {si: src.leaves[si] for si in first_use}
         _check_concrete(p, [si for si in value_of if is_abstract(value_of[si])])
     values = [value_of[pair.source] for pair in plain]
-    likes = [tgt.leaves[pair.target] for pair in plain]
+    likes = [likes_of[pair.target] for pair in plain]
     # Values read from a checkpoint are fresh: each is used as is once (other
     # uses are copied); in-memory values belong to the caller and are copied.
     placed = place(
@@ -163,8 +164,47 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
     if changed:
         blocks = _Blocks(p)
         for pair in changed:
-            out[pair.target] = _build(p, pair, blocks)
+            out[pair.target] = _build(p, pair, blocks, likes_of[pair.target])
     return tgt.treedef.unflatten(out)
+
+
+def _on_concrete_meshes(p: GraftPlan) -> dict[int, Any]:
+    """Each grafted target leaf, its sharding on a concrete mesh.
+
+    `jax.eval_shape` (and `nnx.eval_shape`) under `jax.set_mesh(mesh)` gives
+    shardings on an `AbstractMesh`, which names axes but no devices: they are
+    put on the mesh in context when it has the same axes.
+
+    Raises:
+      GraftError: no mesh in context fits, naming the leaves.
+    """
+    out: dict[int, Any] = {}
+    unplaced = []
+    for pair in p.pairs:
+        like = p.target.leaves[pair.target]
+        sharding = getattr(like, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(
+            sharding.mesh, jax.sharding.AbstractMesh
+        ):
+            mesh = jax.sharding.get_mesh()
+            if getattr(mesh, "empty", True) or mesh.abstract_mesh != sharding.mesh:
+                unplaced.append(pair.target)
+                out[pair.target] = like
+                continue
+            like = jax.ShapeDtypeStruct(
+                like.shape, like.dtype, sharding=jax.sharding.NamedSharding(mesh, sharding.spec)
+            )
+        out[pair.target] = like
+    if unplaced:
+        names = ", ".join(repr(render_parts(p.target.paths[i])) for i in unplaced[:5])
+        mesh = p.target.leaves[unplaced[0]].sharding.mesh
+        raise GraftError(
+            f"{len(unplaced)} target leaves are sharded on an AbstractMesh ({mesh}), which has "
+            f"no devices to put them on: {names}{', ...' if len(unplaced) > 5 else ''}; graft "
+            "under `with jax.set_mesh(mesh):` with the mesh they were made for, or give them "
+            "concrete shardings (jax.sharding.NamedSharding(mesh, x.sharding.spec))"
+        )
+    return out
 
 
 def _is_copy(p: GraftPlan, pair: Pair) -> bool:
@@ -240,10 +280,9 @@ def _axis(axis: int, ndim: int) -> int:
     return axis + ndim if axis < 0 else axis
 
 
-def _build(p: GraftPlan, pair: Pair, blocks: _Blocks) -> Any:
+def _build(p: GraftPlan, pair: Pair, blocks: _Blocks, like: Any) -> Any:
     """The value of one target leaf under a transforming rule, placed like it."""
     rule = p.rules[pair.rule]
-    like = p.target.leaves[pair.target]
     spec = _leaves.spec_of(p.source.leaves[pair.source])
     shape = tuple(spec[0] or ())
     fetch: Callable[[tuple[slice, ...]], np.ndarray]

@@ -7,6 +7,7 @@ costs a small constant per leaf.
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import Any
 
 import jax
@@ -53,7 +54,23 @@ class TreeIndex:
         return len(self.paths)
 
     def find(self, parts: Parts) -> int | None:
-        """The index of the leaf at parts (int keys also find '0'), or None."""
+        """The index of the leaf at parts (int keys also find '0'), or None.
+
+        With flax NNX in use, a Variable's value is addressed by the
+        Variable's own path: orbax saves an `nnx.State`'s Variable as a dict
+        holding `value`, so `kernel` finds a lone `kernel.value` and the
+        reverse.
+        """
+        i = self._find(parts)
+        if i is not None or "flax.nnx" not in sys.modules:
+            return i
+        if parts and parts[-1] == "value":
+            i = self._find(parts[:-1])
+            return i if i is not None and len(self.under(parts[:-1])) == 1 else None
+        i = self._find(parts + ("value",))
+        return i if i is not None and len(self.under(parts)) == 1 else None
+
+    def _find(self, parts: Parts) -> int | None:
         if self._index is None:
             self._build_index()
         assert self._index is not None
