@@ -690,7 +690,10 @@ def print_report(results: dict) -> None:
     """Prints the table, the aims and the machine to stdout."""
     for name, extra in results.get("extra", {}).items():
         print(f"case {name}:")
-        print(extra.get("report") or f"FAILED: {extra.get('stderr', '')}")
+        if "failed" in extra:
+            print(f"FAILED (exit {extra['failed']}): {extra.get('stderr', '')}")
+        else:
+            print(extra.get("report") or json.dumps(extra, indent=1, default=str))
     mode = results["mode"]
     print(render_table(table_rows(results)))
     print()
