@@ -68,7 +68,9 @@ SIZES = {
             glob_rules, [(500, 50000), (1000, 100000), (2000, 200000)]
         ),
         "failure path (n mismatches + n unexpected)": (failure_path, [(2000,), (4000,), (8000,)]),
-        "unmatched ignore patterns (k over 20,000 leaves)": (unmatched_ignores, [(1,), (4,), (16,)]),
+        "unmatched ignore patterns (k over 20,000 leaves)": (
+            unmatched_ignores, [(1,), (4,), (16,)]
+        ),
     },
     "quick": {
         "literal rules (n rules over n leaves)": (literal_rules, [(250,), (500,)]),

@@ -270,12 +270,14 @@ def report(result: dict) -> str:
     for name, m in med.items():
         lines.append(
             f"{name:<21} {m['time_s'] * 1e3:8.1f} ms "
-            f"{m.get('read_bytes', 0) / 2**20:7.1f} MiB {m.get('peak_growth_bytes', 0) / 2**20:8.1f} MiB"
+            f"{m.get('read_bytes', 0) / 2**20:7.1f} MiB "
+            f"{m.get('peak_growth_bytes', 0) / 2**20:8.1f} MiB"
             f" {m['grafted_bytes'] / 2**20:7.1f} MiB"
         )
     lines.append(f"values agree between the compared variants: {result['values_agree']}")
     lines.append(
-        f"orbax recipe peak RSS growth / bytes grafted: {result['orbax_recipe_peak_growth_ratio']:.2f}"
+        "orbax recipe peak RSS growth / bytes grafted: "
+        f"{result['orbax_recipe_peak_growth_ratio']:.2f}"
     )
     for a in result["aims"]:
         lines.append(f"aim: {a['aim']}: {a['measured']} ({'met' if a['met'] else 'MISSED'})")

@@ -345,7 +345,8 @@ def test_inspect_and_plan_a_remote_workdir(demo_run: str, kind: str, request) ->
     assert "steps: 1000, 2000" in result.stdout
     result = run("plan", url, "--target", url, "--map", "params.decoder=params.encodr")
     assert result.returncode == 1
-    assert f"{url}/checkpoints/ckpt_2000" in result.stdout and "did you mean 'encoder'" in result.stdout
+    assert f"{url}/checkpoints/ckpt_2000" in result.stdout
+    assert "did you mean 'encoder'" in result.stdout
 
 
 def test_plan_shows_rule_operations_of_every_entry(tmp_path) -> None:

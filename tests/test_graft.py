@@ -357,7 +357,8 @@ def test_flax_struct_and_frozendict_are_preserved():
 def test_identity_graft_on_the_corpus(case):
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(case.tree)):
         with pytest.raises(
-            tg.GraftError, match=r"(is|are) abstract \(jax.ShapeDtypeStruct\) and (has|have) no value"
+            tg.GraftError,
+            match=r"(is|are) abstract \(jax.ShapeDtypeStruct\) and (has|have) no value",
         ):
             tg.graft(case.tree, case.tree, {"": ""})
         return

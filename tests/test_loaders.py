@@ -229,7 +229,10 @@ def test_seed_example_without_ignore_names_the_option(pretrain):
     with pytest.raises(tg.PathNotFoundError) as info:
         loader.transform(fresh(NEW))
     msg = str(info.value)
-    assert "to fix:\n  - to skip source leaves the state has no place for, add them to ignore_restored_keys" in msg
+    assert (
+        "to fix:\n  - to skip source leaves the state has no place for, add them to "
+        "ignore_restored_keys"
+    ) in msg
     assert (
         "'params.encoder.norm.scale' in the source has no target: the state has no "
         "'params.decoder.layers_0.norm.scale'" in msg
@@ -242,7 +245,8 @@ def test_missing_key_names_ignore_model_keys(pretrain):
     with pytest.raises(tg.PathNotFoundError) as info:
         tg.PartialKauldronLoader(workdir=workdir).transform(fresh(shapes))
     msg = str(info.value)
-    assert "map them to None ({'params.decoder.scale': None}) or add them to ignore_model_keys" in msg
+    assert "map them to None ({'params.decoder.scale': None}) or add them to " \
+        "ignore_model_keys" in msg
     assert "'params.decoder.scale' <- 'params.decoder.scale'" in msg
 
 

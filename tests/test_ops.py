@@ -29,7 +29,9 @@ def layered(n: int, shape: tuple[int, ...] = (4, 6), dtype=np.float32, start: in
     size = int(np.prod(shape))
     return {
         f"layers_{i}": {
-            "w": (np.arange(size, dtype=np.float64).reshape(shape) + 100 * (i + start)).astype(dtype),
+            "w": (np.arange(size, dtype=np.float64).reshape(shape) + 100 * (i + start)).astype(
+                dtype
+            ),
             "b": np.full((shape[-1],), i + start, dtype),
         }
         for i in range(n)
@@ -206,7 +208,8 @@ def test_one_checkpoint_leaf_cast_for_two_targets_is_exact_for_each(tmp_path):
     "state, source, mapping, error, match",
     [
         pytest.param(
-            {"layers": {"w": np.zeros((3, 2))}}, layered(3, (2,)) | {"layers_5": {"w": np.zeros(2)}},
+            {"layers": {"w": np.zeros((3, 2))}},
+            layered(3, (2,)) | {"layers_5": {"w": np.zeros(2)}},
             {"layers": tg.stack("layers_*", axis=0)}, tg.GraftError,
             r"'layers': the source subtrees matching 'layers_\*' cannot be stacked: indices "
             r"found 0, 1, 2, 5, missing 3, 4: a stack needs exactly 0\.\.N-1 \[rule 'layers' <- "
@@ -223,7 +226,8 @@ def test_one_checkpoint_leaf_cast_for_two_targets_is_exact_for_each(tmp_path):
         ),
         pytest.param(
             {"layers": {"w": np.zeros((2, 2), np.float32)}},
-            {"layers_0": {"w": np.zeros(2, np.float32)}, "layers_1": {"w": np.zeros(3, np.float32)}},
+            {"layers_0": {"w": np.zeros(2, np.float32)},
+             "layers_1": {"w": np.zeros(3, np.float32)}},
             {"layers": tg.stack("layers_*", axis=0)}, tg.MismatchError,
             r"'layers\.w': the 2 source leaves to stack differ: 'layers_0\.w' is float32\[2\] but "
             r"'layers_1\.w' is float32\[3\]",
@@ -414,7 +418,9 @@ def _pointers(x: jax.Array) -> list[int]:
 @pytest.mark.parametrize("from_checkpoint", [False, True], ids=["memory", "checkpoint"])
 def test_operation_results_own_their_buffers_and_can_be_donated(tmp_path, from_checkpoint):
     stacked = {"w": np.arange(3 * 8, dtype=np.float32).reshape(3, 8)}
-    source = tg.OrbaxCheckpoint(write_item(tmp_path / "item", stacked)) if from_checkpoint else stacked
+    source = (
+        tg.OrbaxCheckpoint(write_item(tmp_path / "item", stacked)) if from_checkpoint else stacked
+    )
     replicated = jax.sharding.NamedSharding(mesh(), jax.sharding.PartitionSpec())
     like = {f"l{i}": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=replicated) for i in range(3)}
     like["t"] = np.zeros((8, 3), np.float32)

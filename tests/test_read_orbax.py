@@ -532,7 +532,8 @@ def test_a_path_that_is_not_a_path_is_a_checkpoint_error(path):
 @pytest.mark.parametrize("where", ["local", "gcs"], indirect=True)
 def test_typed_prng_keys_plan_print_and_graft_from_a_checkpoint(where, tmp_path):
     """orbax saves a key array as its key data; treegraft shows and restores the keys."""
-    saved = {"rngs": {"dropout": jax.random.split(jax.random.key(1), 8), "params": jax.random.key(2)},
+    saved = {"rngs": {"dropout": jax.random.split(jax.random.key(1), 8),
+                      "params": jax.random.key(2)},
              "w": jnp.ones(4)}
     src = tg.OrbaxCheckpoint(where.publish(write_item(tmp_path / "item", saved)))
     meta = src.metadata()
@@ -550,5 +551,6 @@ def test_typed_prng_keys_plan_print_and_graft_from_a_checkpoint(where, tmp_path)
     with pytest.raises(tg.MismatchError, match=r"'rngs\.params' in the state is key<rbg>\[\], "
                        r"'rngs\.params' in the source is key<fry>\[\](.|\n)*PRNG keys of different "
                        r"implementations are never cast"):
-        tg.plan({"rngs": {"params": jax.random.key(3, impl="rbg")}}, src, {"rngs.params": "rngs.params"},
+        tg.plan({"rngs": {"params": jax.random.key(3, impl="rbg")}}, src,
+                {"rngs.params": "rngs.params"},
                 cast="unsafe")

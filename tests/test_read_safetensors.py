@@ -957,7 +957,8 @@ def test_sharded_weights_graft_from_local_gcs_and_s3(where, tmp_path):
     folder.mkdir()
     names = sorted(tensors)
     for k, name in enumerate(names):
-        safetensors_numpy.save_file({name: tensors[name]}, str(folder / f"model-0000{k + 1}.safetensors"))
+        shard = str(folder / f"model-0000{k + 1}.safetensors")
+        safetensors_numpy.save_file({name: tensors[name]}, shard)
     index = {"weight_map": {name: f"model-0000{k + 1}.safetensors" for k, name in enumerate(names)}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     url = where.publish(folder)
@@ -968,4 +969,5 @@ def test_sharded_weights_graft_from_local_gcs_and_s3(where, tmp_path):
         assert src.describe().endswith(url)
         new = tg.graft(like, src, {"up": "model.layers[1].mlp.up_proj.weight"})
     assert new["up"].sharding == sharding
-    np.testing.assert_array_equal(np.asarray(new["up"]), tensors["model.layers.1.mlp.up_proj.weight"])
+    want = tensors["model.layers.1.mlp.up_proj.weight"]
+    np.testing.assert_array_equal(np.asarray(new["up"]), want)
