@@ -1,0 +1,194 @@
+"""Transformed leaves, built shard by shard: the insert step of rule operations.
+
+A leaf under a stack, unstack, cast, transpose or reshape rule is built per
+device of its target's sharding: each device's box is pulled back through the
+rule's steps to the boxes of the source leaves it needs (`treegraft._ops`),
+read (`Blocks`: the source's box reads, or one host copy per in-memory leaf),
+and put on that device in a buffer of its own. A stacked or unstacked array is
+never assembled whole on one host, except through `reshape`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from treegraft import _leaves, _source
+from treegraft._errors import GraftError
+from treegraft._index import is_abstract
+from treegraft._paths import Path, render_parts
+from treegraft._plan import GraftPlan, Pair, gathered_spec
+from treegraft._source import ReadRequest
+
+__all__ = ["Blocks", "build", "check_concrete"]
+
+
+def check_concrete(p: GraftPlan, abstract: list[int]) -> None:
+    if abstract:
+        names = ", ".join(repr(render_parts(p.source.paths[si])) for si in abstract[:10])
+        many = len(abstract) > 1
+        raise GraftError(
+            f"{len(abstract)} source {'leaves are' if many else 'leaf is'} abstract "
+            f"(jax.ShapeDtypeStruct) and {'have' if many else 'has'} no value to graft: {names}"
+        )
+
+
+class Blocks:
+    """Boxes of source leaves, for the rules that transform them.
+
+    A source that can read boxes (`read_boxes`) reads only the chunks each box
+    needs; for any other, each leaf is read whole once and kept for this graft.
+    """
+
+    def __init__(self, p: GraftPlan):
+        self.p = p
+        self._whole: dict[int, np.ndarray] = {}
+
+    def fetch(self, si: int, box: tuple[slice, ...]) -> np.ndarray:
+        return self.fetch_many([(si, box)])[0]
+
+    def fetch_many(self, wanted: Sequence[tuple[int, tuple[slice, ...]]]) -> list[np.ndarray]:
+        """Boxes of several source leaves, read in one batch where the source can.
+
+        Each returned array is fresh: the caller owns it (no view of a source
+        leaf or of a cached read).
+        """
+        p = self.p
+        box_request = getattr(_source, "BoxRequest", None)
+        read_boxes = getattr(p.lazy, "read_boxes", None)
+        if p.lazy is not None and box_request is not None and read_boxes is not None:
+            requests = [box_request(Path(p.source.paths[si]), box) for si, box in wanted]
+            return [np.asarray(x) for x in read_boxes(requests)]
+        return [self._fetch_one(si, box) for si, box in wanted]
+
+    def _fetch_one(self, si: int, box: tuple[slice, ...]) -> np.ndarray:
+        p = self.p
+        leaf = p.source.leaves[si]
+        if p.lazy is None:
+            check_concrete(p, [si] if is_abstract(leaf) else [])
+            whole = self._whole.get(si)
+            if whole is None:
+                # One host copy per source leaf: slicing a sharded jax.Array
+                # per target shard would gather it once per shard instead.
+                if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+                    raise GraftError(
+                        f"the in-memory source leaf {render_parts(p.source.paths[si])!r} spans "
+                        "several processes; a stack, unstack, cast, transpose or reshape rule "
+                        "cannot read it: save it and graft from the checkpoint"
+                    )
+                whole = self._whole[si] = np.asarray(leaf)
+            return np.array(whole[box] if box else whole)
+        whole = self._whole.get(si)
+        if whole is None:
+            shape, dtype = _leaves.spec_of(leaf)
+            like = np.broadcast_to(np.zeros((), dtype), shape or ())
+            request = ReadRequest(Path(p.source.paths[si]), like, dtype)
+            whole = self._whole[si] = np.asarray(p.lazy.read([request])[0])
+        return np.array(whole[box] if box else whole)  # the caller's own copy
+
+
+def _axis(axis: int, ndim: int) -> int:
+    return axis + ndim if axis < 0 else axis
+
+
+def build(p: GraftPlan, pair: Pair, blocks: Blocks, like: Any) -> Any:
+    """The value of one target leaf under a transforming rule, placed like it."""
+    rule = p.rules[pair.rule]
+    spec = _leaves.spec_of(p.source.leaves[pair.source])
+    shape = tuple(spec[0] or ())
+    fetch: Callable[[tuple[slice, ...]], np.ndarray]
+    if rule.gather == "stack":
+        axis = _axis(rule.axis, len(shape) + 1)
+        sources = pair.sources
+
+        def fetch(box: tuple[slice, ...]) -> np.ndarray:
+            inner = box[:axis] + box[axis + 1 :]
+            layers = range(box[axis].start, box[axis].stop)
+            # Layer by layer into one block: host memory holds the block and
+            # one layer's slice, not every slice and then their stack.
+            out: np.ndarray | None = None
+            for j, k in enumerate(layers):
+                part = blocks.fetch(sources[k], inner)
+                if out is None:
+                    out = np.empty(part.shape[:axis] + (len(layers),) + part.shape[axis:],
+                                   part.dtype)
+                out[(slice(None),) * axis + (j,)] = part
+                del part
+            assert out is not None
+            return out
+
+    elif rule.gather == "unstack":
+        axis = _axis(rule.axis, len(shape))
+        si, index = pair.source, pair.layer
+        assert index is not None
+
+        def fetch(box: tuple[slice, ...]) -> np.ndarray:
+            full = box[:axis] + (slice(index, index + 1),) + box[axis:]
+            return np.squeeze(blocks.fetch(si, full), axis=axis)
+
+    else:
+        si = pair.source
+
+        def fetch(box: tuple[slice, ...]) -> np.ndarray:
+            return blocks.fetch(si, box)
+
+    current: Any = gathered_spec(rule, spec, len(pair.sources), pair.layer)[0]
+    for step in rule.steps:
+        fetch = step.pull(fetch, current)
+        current = step.spec(current)[0]
+    dtype = _leaves.spec_of(like)[1]
+    return _place_blocks(fetch, like, dtype)
+
+
+def _place_blocks(fetch: Callable[[tuple[slice, ...]], np.ndarray], like: Any, dtype: Any) -> Any:
+    """Builds a value like `like` from a fetch of its boxes: shard by shard if sharded."""
+    shape: tuple[int, ...] = tuple(getattr(like, "shape", ()))
+    whole = tuple(slice(0, d) for d in shape)
+
+    def block(box: tuple[slice, ...]) -> np.ndarray:
+        # Fetches return arrays of their own (DESIGN section 12), so a block is
+        # copied only to change its dtype.
+        value = np.asarray(fetch(box))
+        return value if isinstance(dtype, type) else value.astype(dtype, copy=False)
+
+    if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
+        sharding = like.sharding
+        if sharding is None:
+            return jax.device_put(block(whole))
+        # Each device gets its own block, put on it alone: make_array_from_callback
+        # may hand one host block to several devices of a replicated sharding,
+        # and the CPU client can adopt its memory for all of them.
+        boxes = {}
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            boxes[device] = tuple(
+                slice(*s.indices(d)[:2]) for s, d in zip(index or (), shape, strict=True)
+            )
+        left: dict[tuple[tuple[int, int], ...], int] = {}
+        for box in boxes.values():
+            key = tuple((b.start, b.stop) for b in box)
+            left[key] = left.get(key, 0) + 1
+        # A block read for replicated shards is kept only until its last use,
+        # so host memory holds one shard's block at a time, not the array.
+        done: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+        arrays = []
+        for device, box in boxes.items():
+            key = tuple((b.start, b.stop) for b in box)
+            left[key] -= 1
+            data = done[key] if key in done else block(box)
+            if left[key]:
+                done[key] = data
+                data = data.copy()  # this device's own buffer
+            else:
+                done.pop(key, None)
+            arrays.append(jax.device_put(data, device, may_alias=False))
+            del data
+        return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+    value = block(whole)
+    if isinstance(like, np.ndarray):
+        return np.array(value, dtype=like.dtype)
+    if isinstance(like, np.generic):
+        return np.array(value, dtype=like.dtype)[()]
+    return type(like)(value.item())
