@@ -51,50 +51,46 @@ class LeafChecks(PlanState):
         tspec = _leaves.spec_of(self.tgt.leaves[pair.target])
         tp = render_parts(self.tgt.paths[pair.target])
         sp = render_parts(self.src.paths[pair.source])
+
+        def refuse(kind: str, message: str, remedy: str = "") -> bool:
+            self.problems.append(
+                Problem(
+                    kind,
+                    message,
+                    target=Path(self.tgt.paths[pair.target]),
+                    source=Path(self.src.paths[pair.source]),
+                    rule=str(rule),
+                    remedy=remedy,
+                )
+            )
+            return False
+
         if any(spec != specs[0] for spec in specs[1:]):
             differ = [
                 f"{render_parts(self.src.paths[si])!r} is {_leaves.describe(spec)}"
                 for si, spec in zip(pair.sources, specs, strict=True)
                 if spec != specs[0]
             ]
-            self.problems.append(
-                Problem(
-                    "shape",
-                    f"{tp!r}: the {len(specs)} source leaves to stack differ: {sp!r} is "
-                    f"{_leaves.describe(specs[0])} but {', '.join(differ[:3])} [rule {rule}]",
-                    target=Path(self.tgt.paths[pair.target]),
-                    source=Path(self.src.paths[pair.source]),
-                    rule=str(rule),
-                )
+            return refuse(
+                "shape",
+                f"{tp!r}: the {len(specs)} source leaves to stack differ: {sp!r} is "
+                f"{_leaves.describe(specs[0])} but {', '.join(differ[:3])} [rule {rule}]",
             )
-            return False
         out, why = output_spec(rule, specs[0], len(specs), pair.layer)
         if out is None:
-            self.problems.append(
-                Problem(
-                    "shape",
-                    f"{tp!r} <- {sp!r} ({_leaves.describe(specs[0])}): {why} [rule {rule}]",
-                    target=Path(self.tgt.paths[pair.target]),
-                    source=Path(self.src.paths[pair.source]),
-                    rule=str(rule),
-                )
+            return refuse(
+                "shape", f"{tp!r} <- {sp!r} ({_leaves.describe(specs[0])}): {why} [rule {rule}]"
             )
-            return False
         problem = _leaves.mismatch(tspec, out, cast=self.cast)
         if problem is None:
             return True
-        kind = problem if problem in ("shape", "dtype") else "structure"
-        self.problems.append(
-            Problem(
-                kind,
-                f"{tp!r} in the state is {_leaves.describe(tspec)}, {rule.shown} makes "
-                f"{_leaves.describe(out)} of {sp!r} ({_leaves.describe(specs[0])})",
-                target=Path(self.tgt.paths[pair.target]),
-                source=Path(self.src.paths[pair.source]),
-                rule=str(rule),
-            )
+        kind = str(problem) if problem in ("shape", "dtype") else "structure"
+        return refuse(
+            kind,
+            f"{tp!r} in the state is {_leaves.describe(tspec)}, {rule.shown} makes "
+            f"{_leaves.describe(out)} of {sp!r} ({_leaves.describe(specs[0])})",
+            problem.detail if kind == "dtype" else "",
         )
-        return False
 
     def _specs_agree(self, tleaf: Any, sleaf: Any) -> bool:
         # Fast path for arrays: plain attribute compares, no spec objects.
