@@ -18,7 +18,7 @@ import numpy as np
 
 from treegraft._paths import Path
 
-__all__ = ["Source", "ReadRequest", "BoxRequest"]
+__all__ = ["Source", "ReadRequest", "BoxRequest", "reads_boxes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,3 +138,12 @@ def _host_like(leaf: Any) -> np.ndarray:
 
 
 Source.__module__ = "treegraft"
+
+
+def reads_boxes(source: Source) -> bool:
+    """Whether source reads boxes itself (only their chunks), not the base class's whole leaves.
+
+    For a source that does not, a graft reads each needed leaf whole once and
+    slices it for every box, and counts its bytes once.
+    """
+    return type(source).read_boxes is not Source.read_boxes

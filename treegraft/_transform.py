@@ -16,12 +16,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft import _leaves, _source
+from treegraft import _leaves
 from treegraft._errors import GraftError
 from treegraft._index import is_abstract
 from treegraft._paths import Path, render_parts
 from treegraft._plan import GraftPlan, Pair, gathered_spec
-from treegraft._source import ReadRequest
+from treegraft._source import BoxRequest, ReadRequest, reads_boxes
 
 __all__ = ["Blocks", "build", "check_concrete"]
 
@@ -57,11 +57,9 @@ class Blocks:
         leaf or of a cached read).
         """
         p = self.p
-        box_request = getattr(_source, "BoxRequest", None)
-        read_boxes = getattr(p.lazy, "read_boxes", None)
-        if p.lazy is not None and box_request is not None and read_boxes is not None:
-            requests = [box_request(Path(p.source.paths[si]), box) for si, box in wanted]
-            return [np.asarray(x) for x in read_boxes(requests)]
+        if p.lazy is not None and reads_boxes(p.lazy):
+            requests = [BoxRequest(Path(p.source.paths[si]), box) for si, box in wanted]
+            return [np.asarray(x) for x in p.lazy.read_boxes(requests)]
         return [self._fetch_one(si, box) for si, box in wanted]
 
     def _fetch_one(self, si: int, box: tuple[slice, ...]) -> np.ndarray:

@@ -123,11 +123,8 @@ class LeafChecks(PlanState):
                 target=Path(new_prefix),
                 source=Path(old),
                 rule=str(rule),
-                remedy=""
-                if typo
-                else _keep_remedy(new_prefix)
-                if rule.old is None or not rule.old.is_literal
-                else "check the rule's source path or, " + _keep_remedy(new_prefix),
+                remedy=_missing_remedy(new_prefix, typo, literal=rule.old is not None
+                                       and rule.old.is_literal),
             )
         )
 
@@ -187,20 +184,11 @@ class LeafChecks(PlanState):
             group[0] += 1
             return
         self._missing_groups[(r, troot)] = [1, len(self.problems), sroot, parts, sparts]
-        self.problems.append(
-            Problem(
-                "missing",
-                f"{render_parts(troot)!r} <- {render_parts(sroot)!r}: "
-                f"{self.src.why_missing(sroot)} [rule {rule}]",
-                target=Path(troot),
-                source=Path(sroot),
-                rule=str(rule),
-                remedy=_keep_remedy(troot),
-            )
-        )
+        # Its message and paths are written once the group's leaves are counted.
+        self.problems.append(Problem("missing", "", rule=str(rule)))
 
     def _count_missing_subtrees(self) -> None:
-        """Adds the leaf count to each missing subtree's problem."""
+        """Writes each missing subtree's problem: the leaf alone, or the subtree and its count."""
         for (r, troot), (count, at, sroot, parts, sparts) in self._missing_groups.items():
             problem = self.problems[at]
             if count == 1:  # one leaf: name it
@@ -214,13 +202,13 @@ class LeafChecks(PlanState):
                     f"{render_parts(troot)!r} ({count} leaves) <- {render_parts(sroot)!r}: "
                     f"{self.src.why_missing(sroot)} [rule {self.rules[r]}]"
                 )
-                target, source = problem.target, problem.source
+                target, source = Path(troot), Path(sroot)
             self.problems[at] = dataclasses.replace(
                 problem,
                 message=message,
                 target=target,
                 source=source,
-                remedy=_keep_remedy(target.parts if target is not None else troot),
+                remedy=_keep_remedy(target.parts),
             )
 
     def _mismatch(self, i: int, si: int, r: int) -> None:
@@ -242,3 +230,13 @@ class LeafChecks(PlanState):
                 remedy=remedy,
             )
         )
+
+
+def _missing_remedy(new_prefix: Parts, typo: bool, *, literal: bool) -> str:
+    """The remedy for a rule whose source is missing: none for a typo (its close
+    name says it); a keep rule or ignore pattern, after checking a literal path."""
+    if typo:
+        return ""
+    if literal:
+        return "check the rule's source path or, " + _keep_remedy(new_prefix)
+    return _keep_remedy(new_prefix)

@@ -17,7 +17,7 @@ from treegraft._paths import Part, Path, render_parts
 from treegraft._plan.problems import Problem, _count
 from treegraft._plan.specs import gathered_spec, index_box
 from treegraft._rules import Rule
-from treegraft._source import Source
+from treegraft._source import Source, reads_boxes
 
 Parts = tuple[Part, ...]
 
@@ -156,12 +156,11 @@ class GraftPlan:
         shape = _leaves.spec_of(leaves[si])[0] or ()
         axis = rule.axis + len(shape) if rule.axis < 0 else rule.axis
         box = index_box(shape, axis, pair.layer)
-        box_bytes = getattr(self.lazy, "box_nbytes", None)
         if self.lazy is None:
             return [((si, pair.layer), whole // max(shape[axis], 1))]
-        if box_bytes is None:
-            return [((si, None), whole)]  # this source reads whole leaves
-        return [((si, pair.layer), int(box_bytes(Path(self.source.paths[si]), box)))]
+        if not reads_boxes(self.lazy):
+            return [((si, None), whole)]  # read whole once, sliced for every box
+        return [((si, pair.layer), int(self.lazy.box_nbytes(Path(self.source.paths[si]), box)))]
 
     @property
     def entries(self) -> list[Entry]:
