@@ -228,8 +228,8 @@ def case_s3(root: str, quick: bool) -> dict:
     from jax.sharding import PartitionSpec as P
 
     import treegraft as tg
-    from treegraft._paths import parse_path
-    from treegraft._source import BoxRequest
+    from treegraft._parse.paths import parse_path
+    from treegraft._read.source import BoxRequest
 
     layers, side = 8, (256 if quick else 1024)
     stacked = np.random.default_rng(2).standard_normal((layers, side, side), dtype=np.float32)

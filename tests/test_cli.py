@@ -21,7 +21,7 @@ EXE = _BESIDE if os.path.exists(_BESIDE) else shutil.which("treegraft") or ""
 
 def run(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
     """Runs the installed console script (the same entry point a user types)."""
-    cmd = [EXE, *args] if EXE else [sys.executable, "-m", "treegraft._cli", *args]
+    cmd = [EXE, *args] if EXE else [sys.executable, "-m", "treegraft._app.cli", *args]
     env = dict(os.environ, NO_COLOR="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
@@ -222,7 +222,7 @@ def test_inspect_and_plan_read_shapes_in_one_batch(tmp_path, monkeypatch, capsys
     import numpy as np
     from kauldron_run import write_item
 
-    from treegraft import _cli
+    from treegraft._app import cli as _cli
     from treegraft._read import metadata
 
     item = write_item(tmp_path / "item", {"w": {f"k{i:02d}": np.zeros(i + 1) for i in range(40)}})
@@ -290,7 +290,7 @@ def test_a_tilde_in_paths_is_expanded(demo_run):
     home = os.path.dirname(demo_run)
     name = os.path.basename(demo_run)
     env = dict(os.environ, NO_COLOR="1", HOME=home)
-    cmd = [EXE] if EXE else [sys.executable, "-m", "treegraft._cli"]
+    cmd = [EXE] if EXE else [sys.executable, "-m", "treegraft._app.cli"]
     result = subprocess.run(
         [*cmd, "plan", f"~/{name}", "--target", f"~/{name}/checkpoints/ckpt_1000",
          "--map", "params.embed=params.embed"],

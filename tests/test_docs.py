@@ -198,7 +198,7 @@ def _session_commands(block: Block) -> list[tuple[str, str, int]]:
 
 
 def _run_session(page: Path, block: Block, home: Path) -> None:
-    from treegraft._cli import main
+    from treegraft._app.cli import main
 
     status = 0
     for cmd, want, lineno in _session_commands(block):

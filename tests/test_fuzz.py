@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from kauldron_run import init_params, snapshot, train_state, write_run
 
 import treegraft as tg
-from treegraft._paths import render_parts
+from treegraft._parse.paths import render_parts
 
 # ----------------------------------------------------------------------------
 # Text into the parsers.

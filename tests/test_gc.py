@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import treegraft as tg
-from treegraft._gc import young_collections_only
+from treegraft._tree.gc import young_collections_only
 
 
 def test_a_plan_runs_young_collections_only_and_restores_the_thresholds():

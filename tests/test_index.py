@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import treegraft as tg
-from treegraft._index import TreeIndex
+from treegraft._tree.index import TreeIndex
 
 _TRACED = (
     r"holds a traced value at 'w' \(\w+Tracer\): treegraft runs outside jax\.jit / "

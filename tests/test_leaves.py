@@ -8,8 +8,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from treegraft import _leaves
-from treegraft._leaves import Mismatch, describe, format_bytes, mismatch, nbytes, spec_of
+from treegraft._tree import leaves as _leaves
+from treegraft._tree.leaves import Mismatch, describe, format_bytes, mismatch, nbytes, spec_of
 
 
 def spec(dtype):

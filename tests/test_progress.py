@@ -11,7 +11,7 @@ from kauldron_run import write_item
 
 import treegraft as tg
 from treegraft import _graft
-from treegraft._display import ProgressBar
+from treegraft._read.progress import ProgressBar
 
 
 @pytest.fixture

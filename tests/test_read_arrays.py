@@ -21,8 +21,8 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import treegraft as tg
-from treegraft._paths import parse_path
-from treegraft._source import BoxRequest, ReadRequest
+from treegraft._parse.paths import parse_path
+from treegraft._read.source import BoxRequest, ReadRequest
 
 DTYPES = ["float32", "bfloat16", "float16", "int8", "uint32", "int64", "bool", "complex64"]
 

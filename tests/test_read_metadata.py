@@ -18,7 +18,7 @@ from kauldron_run import init_params, train_state, write_item, write_run
 import treegraft as tg
 from treegraft._read.metadata import LazyLeaf, lazy_metadata
 from treegraft._read.orbax import _spec_leaf
-from treegraft._tree import flatten_parts
+from treegraft._tree.pytree import flatten_parts
 
 
 def orbax_metadata(directory: str):

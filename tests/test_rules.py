@@ -1,4 +1,4 @@
-"""Mapping validation and ignore patterns (treegraft._rules), directly and via `tg.plan`."""
+"""Mapping validation and ignore patterns (treegraft._parse.rules), directly and via `tg.plan`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import treegraft as tg
-from treegraft._rules import Rule, parse_ignore, parse_mapping
+from treegraft._parse.rules import Rule, parse_ignore, parse_mapping
 
 STATE = {"params": {"enc": {"w": np.zeros(2)}, "dec": {"w": np.zeros(2)}}}
 

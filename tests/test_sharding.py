@@ -492,7 +492,7 @@ def test_propagate_sharding_shape_mismatch_names_the_leaf():
 
 def test_place_refuses_a_cast_the_policy_does_not_allow():
     # place checks the casting policy again: a refused cast never happens silently.
-    from treegraft._sharding import place
+    from treegraft._insert.sharding import place
 
     like = jax.device_put(jnp.zeros(2, jnp.int32), TARGET_SHARDINGS["1d-replicated"])
     nan = np.array([np.nan, 1.0], np.float32)
@@ -513,7 +513,7 @@ def test_place_refuses_a_cast_the_policy_does_not_allow():
 
 
 def test_an_unsafe_cast_asked_for_does_not_warn():
-    from treegraft._sharding import place
+    from treegraft._insert.sharding import place
 
     nan = np.array([np.nan, 300.0], np.float32)
     [host] = place([nan], [np.zeros(2, np.uint8)], cast="unsafe")

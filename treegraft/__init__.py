@@ -11,22 +11,23 @@ from treegraft._errors import PathTypeError as PathTypeError
 from treegraft._errors import TreeError as TreeError
 from treegraft._graft import execute as execute
 from treegraft._graft import graft as graft
+from treegraft._insert.sharding import propagate_sharding as propagate_sharding
 from treegraft._loaders import AbstractPartialLoader as AbstractPartialLoader
 from treegraft._loaders import InitTransform as InitTransform
 from treegraft._loaders import MultiTransform as MultiTransform
 from treegraft._loaders import NoopTransform as NoopTransform
 from treegraft._loaders import PartialKauldronLoader as PartialKauldronLoader
 from treegraft._loaders import SimpleCheckpointLoader as SimpleCheckpointLoader
-from treegraft._ops import Operation as Operation
-from treegraft._ops import cast as cast
-from treegraft._ops import reshape as reshape
-from treegraft._ops import stack as stack
-from treegraft._ops import transpose as transpose
-from treegraft._ops import unstack as unstack
-from treegraft._paths import Path as Path
-from treegraft._paths import parse_path as parse_path
-from treegraft._patterns import Pattern as Pattern
-from treegraft._patterns import parse_pattern as parse_pattern
+from treegraft._parse.ops import Operation as Operation
+from treegraft._parse.ops import cast as cast
+from treegraft._parse.ops import reshape as reshape
+from treegraft._parse.ops import stack as stack
+from treegraft._parse.ops import transpose as transpose
+from treegraft._parse.ops import unstack as unstack
+from treegraft._parse.paths import Path as Path
+from treegraft._parse.paths import parse_path as parse_path
+from treegraft._parse.patterns import Pattern as Pattern
+from treegraft._parse.patterns import parse_pattern as parse_pattern
 from treegraft._plan import Entry as Entry
 from treegraft._plan import GraftPlan as GraftPlan
 from treegraft._plan import Pair as Pair
@@ -35,12 +36,11 @@ from treegraft._plan import plan as plan
 from treegraft._read.kauldron import KauldronCheckpoint as KauldronCheckpoint
 from treegraft._read.orbax import OrbaxCheckpoint as OrbaxCheckpoint
 from treegraft._read.safetensors import SafetensorsCheckpoint as SafetensorsCheckpoint
-from treegraft._sharding import propagate_sharding as propagate_sharding
-from treegraft._source import ReadRequest as ReadRequest
-from treegraft._source import Source as Source
-from treegraft._tree import extract as extract
-from treegraft._tree import flatten as flatten
-from treegraft._tree import insert as insert
+from treegraft._read.source import ReadRequest as ReadRequest
+from treegraft._read.source import Source as Source
+from treegraft._tree.pytree import extract as extract
+from treegraft._tree.pytree import flatten as flatten
+from treegraft._tree.pytree import insert as insert
 
 __version__ = "0.1.0"
 

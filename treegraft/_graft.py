@@ -8,17 +8,17 @@ from typing import Any
 
 import jax
 
-from treegraft import _leaves
-from treegraft._display import ProgressBar
 from treegraft._errors import GraftError
-from treegraft._index import is_abstract
-from treegraft._leaves import format_bytes
+from treegraft._insert.sharding import place
+from treegraft._insert.transform import Blocks, build, check_concrete
 from treegraft._multihost import plan_on_every_process
-from treegraft._paths import Path, render_parts
+from treegraft._parse.paths import Path, render_parts
 from treegraft._plan import GraftPlan, Pair, plan
-from treegraft._sharding import place
-from treegraft._source import ReadRequest, Source
-from treegraft._transform import Blocks, build, check_concrete
+from treegraft._read.progress import ProgressBar
+from treegraft._read.source import ReadRequest, Source
+from treegraft._tree import leaves as _leaves
+from treegraft._tree.index import is_abstract
+from treegraft._tree.leaves import format_bytes
 
 log = logging.getLogger("treegraft")
 _BATCHED_FROM = 256 * 2**20  # reads this large are batched when progress is asked

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 from treegraft._errors import MappingError
 from treegraft._graft import execute
 from treegraft._multihost import plan_on_every_process
-from treegraft._paths import Path
-from treegraft._patterns import Pattern, parse_pattern
+from treegraft._parse.paths import Path
+from treegraft._parse.patterns import Pattern, parse_pattern
 from treegraft._plan import GraftPlan, plan
 from treegraft._read.kauldron import KauldronCheckpoint
 

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 from treegraft._errors import CheckpointError, GraftError
-from treegraft._paths import render_parts
-from treegraft._source import ReadRequest
+from treegraft._parse.paths import render_parts
+from treegraft._read.source import ReadRequest
 
 if TYPE_CHECKING:
     from treegraft._plan import GraftPlan

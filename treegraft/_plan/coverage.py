@@ -8,14 +8,14 @@ close names suggested.
 from __future__ import annotations
 
 from treegraft._errors import GraftError, PathNotFoundError
-from treegraft._index import TreeIndex, loose
-from treegraft._paths import Part, Path, render_parts
-from treegraft._patterns import Pattern
+from treegraft._parse.paths import Part, Path, render_parts
+from treegraft._parse.patterns import Pattern
 from treegraft._plan.problems import Problem, _close_names, _close_paths
 from treegraft._plan.resolve import Resolve
 from treegraft._plan.result import Pair
 from treegraft._plan.state import _source_prefixes
-from treegraft._tree import resolve
+from treegraft._tree.index import TreeIndex, loose
+from treegraft._tree.pytree import resolve
 
 Parts = tuple[Part, ...]
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from treegraft import _leaves
-from treegraft._index import is_abstract
-from treegraft._paths import Part, Path, render_parts
+from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._plan.problems import Problem, _close_paths, _count, _keep_remedy
 from treegraft._plan.result import Pair
 from treegraft._plan.specs import output_spec
 from treegraft._plan.state import PlanState
+from treegraft._tree import leaves as _leaves
+from treegraft._tree.index import is_abstract
 
 Parts = tuple[Part, ...]
 

@@ -14,14 +14,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from treegraft._errors import MappingError
-from treegraft._gc import young_collections_only
-from treegraft._index import TreeIndex
-from treegraft._paths import Part
+from treegraft._parse.paths import Part
+from treegraft._parse.rules import parse_ignore, parse_mapping
 from treegraft._plan.coverage import Coverage
 from treegraft._plan.problems import _KEY_KINDS, raise_problems
 from treegraft._plan.result import GraftPlan
-from treegraft._rules import parse_ignore, parse_mapping
-from treegraft._source import Source
+from treegraft._read.source import Source
+from treegraft._tree.gc import young_collections_only
+from treegraft._tree.index import TreeIndex
 
 Parts = tuple[Part, ...]
 

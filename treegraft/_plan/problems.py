@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from treegraft._errors import GraftError, MappingError, MismatchError, PathNotFoundError, suggest
-from treegraft._paths import Part, Path, render_parts
+from treegraft._parse.paths import Part, Path, render_parts
 
 Parts = tuple[Part, ...]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from treegraft._paths import Part, Path, render_parts
+from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._plan.leaves import LeafChecks
 from treegraft._plan.problems import Problem
 from treegraft._plan.result import Pair

@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from treegraft import _leaves
-from treegraft._index import TreeIndex, is_abstract
-from treegraft._leaves import format_bytes
-from treegraft._paths import Part, Path, render_parts
+from treegraft._parse.paths import Part, Path, render_parts
+from treegraft._parse.rules import Rule
 from treegraft._plan.problems import Problem, _count
 from treegraft._plan.specs import gathered_spec, index_box
-from treegraft._rules import Rule
-from treegraft._source import Source, reads_boxes
+from treegraft._read.source import Source, reads_boxes
+from treegraft._tree import leaves as _leaves
+from treegraft._tree.index import TreeIndex, is_abstract
+from treegraft._tree.leaves import format_bytes
 
 Parts = tuple[Part, ...]
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from treegraft import _leaves
-from treegraft._paths import Part
-from treegraft._rules import Rule
+from treegraft._parse.paths import Part
+from treegraft._parse.rules import Rule
+from treegraft._tree import leaves as _leaves
 
 Parts = tuple[Part, ...]
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from treegraft._index import TreeIndex
-from treegraft._paths import Part, Path, render_parts
-from treegraft._patterns import Pattern
+from treegraft._parse.paths import Part, Path, render_parts
+from treegraft._parse.patterns import Pattern
+from treegraft._parse.rules import Rule
 from treegraft._plan.problems import Problem, _ranges
-from treegraft._rules import Rule
-from treegraft._source import Source
+from treegraft._read.source import Source
+from treegraft._tree.index import TreeIndex
 
 Parts = tuple[Part, ...]
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from treegraft._errors import CheckpointError, first_line
 from treegraft._read.metadata import LazyLeaf
-from treegraft._source import ReadRequest
+from treegraft._read.source import ReadRequest
 
 __all__ = ["DirectReader", "chunk_shape", "box_nbytes"]
 

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from treegraft._errors import CheckpointError, first_line
-from treegraft._gc import young_collections_only
 from treegraft._read.ocdbt_index import IndexWalk, start_walk
 from treegraft._read.storage import Location
+from treegraft._tree.gc import young_collections_only
 
 __all__ = ["lazy_metadata", "LazyLeaf", "prefetch"]
 

@@ -15,14 +15,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft import _leaves
 from treegraft._errors import CheckpointError, CheckpointNotFoundError, first_line
 from treegraft._multihost import check_processes_agree
-from treegraft._paths import Part, Path, render_parts
+from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._read import arrays
 from treegraft._read.metadata import LazyLeaf, lazy_metadata, prefetch
+from treegraft._read.source import BoxRequest, ReadRequest, Source
 from treegraft._read.storage import Location, children_of
-from treegraft._source import BoxRequest, ReadRequest, Source
+from treegraft._tree import leaves as _leaves
 
 __all__ = ["OrbaxCheckpoint", "ScalarSpec"]
 

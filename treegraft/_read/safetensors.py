@@ -43,9 +43,9 @@ from treegraft._errors import (
     first_line,
     suggest,
 )
-from treegraft._paths import Part, Path, parse_path, render_parts
+from treegraft._parse.paths import Part, Path, parse_path, render_parts
+from treegraft._read.source import ReadRequest, Source
 from treegraft._read.storage import Location
-from treegraft._source import ReadRequest, Source
 
 __all__ = ["SafetensorsCheckpoint", "TensorInfo"]
 

@@ -1,4 +1,4 @@
-"""Terminal display: trees of leaves with sizes, and a progress bar.
+"""Terminal display: trees of leaves with sizes.
 
 Plain text that reads well in a log, with bold headers and colour only on a
 terminal that wants them (not with `--plain`, `NO_COLOR`, or a pipe).
@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from treegraft import _leaves
-from treegraft._leaves import format_bytes
-from treegraft._paths import Part, render_parts
+from treegraft._parse.paths import Part, render_parts
+from treegraft._tree import leaves as _leaves
+from treegraft._tree.leaves import format_bytes
 
-__all__ = ["Style", "render_tree", "ProgressBar"]
+__all__ = ["Style", "render_tree", "leaf_rows"]
 
 
 class Style:
@@ -138,36 +137,3 @@ def leaf_rows(items: Sequence[tuple[tuple[Part, ...], Any]]) -> list[dict[str, A
             }
         )
     return rows
-
-
-class ProgressBar:
-    """A one-line progress bar on a terminal's stderr, as a read callback.
-
-    Call it with `(done_bytes, total_bytes)`; it redraws at most ten times a
-    second and ends the line when done. Prints nothing when stderr is not a
-    terminal.
-    """
-
-    def __init__(self, stream: TextIO | None = None, *, label: str = "reading"):
-        self.stream = stream or sys.stderr
-        self.label = label
-        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._last = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if done < total and now - self._last < 0.1:
-            return
-        self._last = now
-        frac = done / total if total else 1.0
-        width = 30
-        filled = int(frac * width)
-        bar = "█" * filled + "·" * (width - filled)
-        self.stream.write(
-            f"\r{self.label} {bar} {frac:6.1%} {format_bytes(done)} / {format_bytes(total)}"
-        )
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()

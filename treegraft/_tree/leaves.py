@@ -17,7 +17,7 @@ import numpy as np
 from jax import dtypes as jax_dtypes
 
 from treegraft._errors import GraftError, describe_leaf
-from treegraft._paths import render_parts
+from treegraft._parse.paths import render_parts
 
 __all__ = [
     "spec_of",

@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from treegraft._display import Style
+from treegraft._app.display import Style
 from treegraft._loaders import PartialKauldronLoader
-from treegraft._paths import render_parts
+from treegraft._parse.paths import render_parts
 from treegraft._plan import plan
 from treegraft._read.kauldron import KauldronCheckpoint
-from treegraft._tree import flatten_parts
+from treegraft._tree.pytree import flatten_parts
 
 __all__ = ["run_demo"]
 

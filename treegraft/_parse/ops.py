@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from treegraft._errors import MappingError
-from treegraft._paths import Path
-from treegraft._patterns import Pattern
+from treegraft._parse.paths import Path
+from treegraft._parse.patterns import Pattern
 
 __all__ = ["Operation", "stack", "unstack", "cast", "transpose", "reshape", "Step"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from treegraft._errors import MappingError
-from treegraft._paths import Part, Path, render_parts, scan
+from treegraft._parse.paths import Part, Path, render_parts, scan
 
 __all__ = ["Pattern", "parse_pattern"]
 

@@ -14,19 +14,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import treegraft
-from treegraft._display import Style, leaf_rows, render_tree
+from treegraft._app.display import Style, leaf_rows, render_tree
 from treegraft._errors import CheckpointError, GraftError, MappingError, PathSyntaxError, suggest
-from treegraft._leaves import format_bytes
-from treegraft._paths import render_parts
-from treegraft._patterns import parse_pattern
+from treegraft._parse.paths import render_parts
+from treegraft._parse.patterns import parse_pattern
+from treegraft._parse.rules import parse_ignore, parse_mapping
 from treegraft._plan import plan
 from treegraft._read.kauldron import KauldronCheckpoint, is_workdir, list_steps
 from treegraft._read.orbax import OrbaxCheckpoint
 from treegraft._read.safetensors import SafetensorsCheckpoint
+from treegraft._read.source import Source
 from treegraft._read.storage import Location
-from treegraft._rules import parse_ignore, parse_mapping
-from treegraft._source import Source
-from treegraft._tree import flatten_parts
+from treegraft._tree.leaves import format_bytes
+from treegraft._tree.pytree import flatten_parts
 
 __all__ = ["main"]
 
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace, style: Style) -> int:
-    from treegraft._demo import run_demo
+    from treegraft._app.demo import run_demo
 
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)

@@ -2,7 +2,7 @@
 
 A leaf under a stack, unstack, cast, transpose or reshape rule is built per
 device of its target's sharding: each device's box is pulled back through the
-rule's steps to the boxes of the source leaves it needs (`treegraft._ops`),
+rule's steps to the boxes of the source leaves it needs (`treegraft._parse.ops`),
 read (`Blocks`: the source's box reads, or one host copy per in-memory leaf),
 and put on that device in a buffer of its own. A stacked or unstacked array is
 never assembled whole on one host, except through `reshape`.
@@ -16,12 +16,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft import _leaves
 from treegraft._errors import GraftError
-from treegraft._index import is_abstract
-from treegraft._paths import Path, render_parts
+from treegraft._parse.paths import Path, render_parts
 from treegraft._plan import GraftPlan, Pair, gathered_spec
-from treegraft._source import BoxRequest, ReadRequest, reads_boxes
+from treegraft._read.source import BoxRequest, ReadRequest, reads_boxes
+from treegraft._tree import leaves as _leaves
+from treegraft._tree.index import is_abstract
 
 __all__ = ["Blocks", "build", "check_concrete"]
 

@@ -9,7 +9,7 @@ The grammar is Kauldron's `kontext` path grammar:
     ''                           () (the root)
 
 The scanner below also reads the wildcards of patterns (`*`, `**`, `layers_*`);
-`parse_path` rejects them and `treegraft._patterns` accepts them.
+`parse_path` rejects them and `treegraft._parse.patterns` accepts them.
 """
 
 from __future__ import annotations

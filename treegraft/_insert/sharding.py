@@ -15,10 +15,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft import _leaves
 from treegraft._errors import GraftError, MismatchError
-from treegraft._paths import render_parts
-from treegraft._tree import flatten_parts
+from treegraft._parse.paths import render_parts
+from treegraft._tree import leaves as _leaves
+from treegraft._tree.pytree import flatten_parts
 
 __all__ = ["propagate_sharding", "place"]
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from treegraft._errors import MappingError, PathSyntaxError
-from treegraft._ops import Operation, Step, flatten_operation
-from treegraft._paths import Path
-from treegraft._patterns import Pattern, parse_pattern
+from treegraft._parse.ops import Operation, Step, flatten_operation
+from treegraft._parse.paths import Path
+from treegraft._parse.patterns import Pattern, parse_pattern
 
 __all__ = ["Rule", "parse_mapping", "parse_ignore"]
 

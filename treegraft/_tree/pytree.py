@@ -12,9 +12,10 @@ from typing import Any
 
 from jax import tree_util
 
-from treegraft import _leaves, _nnx
 from treegraft._errors import MismatchError, PathNotFoundError, TreeError, suggest
-from treegraft._paths import Part, Path, key_to_part, parse_path, render_parts
+from treegraft._parse.paths import Part, Path, key_to_part, parse_path, render_parts
+from treegraft._tree import leaves as _leaves
+from treegraft._tree import nnx as _nnx
 
 __all__ = ["flatten", "extract", "insert", "flatten_parts", "children", "resolve"]
 

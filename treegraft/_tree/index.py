@@ -13,9 +13,9 @@ from typing import Any
 import jax
 
 from treegraft._errors import PathNotFoundError
-from treegraft._leaves import check_not_traced
-from treegraft._paths import Part, Path, render_parts
-from treegraft._tree import children, flatten_parts, resolve
+from treegraft._parse.paths import Part, Path, render_parts
+from treegraft._tree.leaves import check_not_traced
+from treegraft._tree.pytree import children, flatten_parts, resolve
 
 __all__ = ["TreeIndex", "loose", "is_abstract"]
 

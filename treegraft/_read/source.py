@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from treegraft._paths import Path
+from treegraft._parse.paths import Path
 
 __all__ = ["Source", "ReadRequest", "BoxRequest", "reads_boxes"]
 

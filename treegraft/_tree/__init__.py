@@ -1,0 +1,8 @@
+"""Pytrees as the other steps see them: flattened to paths, indexed, leaves described.
+
+    pytree.py  `flatten`, `extract`, `insert`: pure operations on any pytree
+    index.py   `TreeIndex`: one tree's leaves by path and by prefix
+    leaves.py  what is known about a leaf without reading it: spec, mismatch
+    nnx.py     Flax NNX states as plain trees of values
+    gc.py      keeping Python's collector out of the way of large flattens
+"""
