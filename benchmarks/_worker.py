@@ -294,8 +294,9 @@ def setup_plan(spec):
             return tg.plan(state, source[-1], mapping)
 
         def check(p):
-            if len(p.pairs) != blocks * per:
-                return f"plan paired {len(p.pairs)} leaves, expected {blocks * per}"
+            paired = len(p.entries)
+            if paired != blocks * per:
+                return f"plan paired {paired} leaves, expected {blocks * per}"
             # Planning again with metadata already loaded: treegraft's own share.
             t0 = time.perf_counter()
             tg.plan(state, source[-1], mapping)

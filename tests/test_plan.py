@@ -911,7 +911,7 @@ def test_source_instances_of_a_glob_rule_without_a_target_are_unexpected():
     assert "enc.layers_1" not in message
     # Ignored relative to the rule's old prefix, or by strict=False.
     p = tg.plan(state, source, mapping, ignore_restored_keys=["w", "b"])
-    assert len(p.pairs) == 4
+    assert len(p.entries) == 4
     loose = tg.plan(state, source, mapping, strict=False)
     assert sorted(str(u.source) for u in loose.report) == [
         "enc.layers_2.b", "enc.layers_2.w", "enc.layers_3.b", "enc.layers_3.w"]

@@ -30,7 +30,6 @@ from treegraft._parse.patterns import Pattern as Pattern
 from treegraft._parse.patterns import parse_pattern as parse_pattern
 from treegraft._plan import Entry as Entry
 from treegraft._plan import GraftPlan as GraftPlan
-from treegraft._plan import Pair as Pair
 from treegraft._plan import Problem as Problem
 from treegraft._plan import plan as plan
 from treegraft._read.kauldron import KauldronCheckpoint as KauldronCheckpoint
@@ -61,7 +60,6 @@ __all__ = [
     "ReadRequest",
     "Source",
     "Operation",
-    "Pair",
     "cast",
     "execute",
     "graft",

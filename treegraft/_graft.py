@@ -11,7 +11,6 @@ import jax
 from treegraft._errors import GraftError
 from treegraft._insert.sharding import place
 from treegraft._insert.transform import Blocks, build, check_concrete
-from treegraft._multihost import plan_on_every_process
 from treegraft._parse.paths import Path, render_parts
 from treegraft._plan import GraftPlan, Pair, plan
 from treegraft._read.progress import ProgressBar
@@ -74,18 +73,16 @@ def graft(
       >>> new['enc']['w'], new['dec']['w']
       (array([1., 1.]), array([0., 0.]))
     """
-    def make_plan() -> GraftPlan:
-        return plan(
-            state,
-            source,
-            mapping,
-            ignore_model_keys=ignore_model_keys,
-            ignore_restored_keys=ignore_restored_keys,
-            strict=strict,
-            cast=cast,
-        )
-
-    return execute(plan_on_every_process(state, make_plan), progress=progress)
+    p = plan(
+        state,
+        source,
+        mapping,
+        ignore_model_keys=ignore_model_keys,
+        ignore_restored_keys=ignore_restored_keys,
+        strict=strict,
+        cast=cast,
+    )
+    return execute(p, progress=progress)
 
 
 def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = False) -> Any:
@@ -118,14 +115,14 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
     abstract = [pr for pr in p.report if pr.kind == "abstract"]
     if abstract:
         raise GraftError(abstract[0].message, problems=abstract)
-    tgt, src = p.target, p.source
+    tgt, src = p._target, p._source
     likes_of = _on_concrete_meshes(p)
-    plain = [pair for pair in p.pairs if _is_copy(p, pair)]
-    changed = [pair for pair in p.pairs if not _is_copy(p, pair)]
+    plain = [pair for pair in p._pairs if _is_copy(p, pair)]
+    changed = [pair for pair in p._pairs if not _is_copy(p, pair)]
     first_use: dict[int, int] = {}
     for pair in plain:
         first_use.setdefault(pair.source, pair.target)
-    if p.lazy is not None:
+    if p._lazy is not None:
         order = list(first_use)
         # Read in the source's own dtype: a checkpoint reader must never cast
         # unasked, and each target is cast to its own dtype afterwards.
@@ -138,7 +135,7 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
             for si in order
         ]
         sizes = [_leaves.nbytes(_leaves.spec_of(src.leaves[si])) for si in order]
-        got = _read_batched(p.lazy, requests, sizes, progress)
+        got = _read_batched(p._lazy, requests, sizes, progress)
         value_of = dict(zip(order, got, strict=True))
     else:
         value_of = {si: src.leaves[si] for si in first_use}
@@ -151,7 +148,7 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
         values,
         likes,
         cast=p.cast,
-        owned=p.lazy is not None,
+        owned=p._lazy is not None,
         name_of=lambda k: render_parts(tgt.paths[plain[k].target]),
     )
     out = list(tgt.leaves)
@@ -176,8 +173,8 @@ def _on_concrete_meshes(p: GraftPlan) -> dict[int, Any]:
     """
     out: dict[int, Any] = {}
     unplaced = []
-    for pair in p.pairs:
-        like = p.target.leaves[pair.target]
+    for pair in p._pairs:
+        like = p._target.leaves[pair.target]
         sharding = getattr(like, "sharding", None)
         if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(
             sharding.mesh, jax.sharding.AbstractMesh
@@ -192,8 +189,8 @@ def _on_concrete_meshes(p: GraftPlan) -> dict[int, Any]:
             )
         out[pair.target] = like
     if unplaced:
-        names = ", ".join(repr(render_parts(p.target.paths[i])) for i in unplaced[:5])
-        mesh = p.target.leaves[unplaced[0]].sharding.mesh
+        names = ", ".join(repr(render_parts(p._target.paths[i])) for i in unplaced[:5])
+        mesh = p._target.leaves[unplaced[0]].sharding.mesh
         raise GraftError(
             f"{len(unplaced)} target leaves are sharded on an AbstractMesh ({mesh}), which has "
             f"no devices to put them on: {names}{', ...' if len(unplaced) > 5 else ''}; graft "
@@ -204,7 +201,7 @@ def _on_concrete_meshes(p: GraftPlan) -> dict[int, Any]:
 
 
 def _is_copy(p: GraftPlan, pair: Pair) -> bool:
-    rule = p.rules[pair.rule]
+    rule = p._rules[pair.rule]
     return rule.gather == "copy" and not rule.steps
 
 

@@ -28,7 +28,7 @@ __all__ = ["Blocks", "build", "check_concrete"]
 
 def check_concrete(p: GraftPlan, abstract: list[int]) -> None:
     if abstract:
-        names = ", ".join(repr(render_parts(p.source.paths[si])) for si in abstract[:10])
+        names = ", ".join(repr(render_parts(p._source.paths[si])) for si in abstract[:10])
         many = len(abstract) > 1
         raise GraftError(
             f"{len(abstract)} source {'leaves are' if many else 'leaf is'} abstract "
@@ -57,15 +57,15 @@ class Blocks:
         leaf or of a cached read).
         """
         p = self.p
-        if p.lazy is not None and reads_boxes(p.lazy):
-            requests = [BoxRequest(Path(p.source.paths[si]), box) for si, box in wanted]
-            return [np.asarray(x) for x in p.lazy.read_boxes(requests)]
+        if p._lazy is not None and reads_boxes(p._lazy):
+            requests = [BoxRequest(Path(p._source.paths[si]), box) for si, box in wanted]
+            return [np.asarray(x) for x in p._lazy.read_boxes(requests)]
         return [self._fetch_one(si, box) for si, box in wanted]
 
     def _fetch_one(self, si: int, box: tuple[slice, ...]) -> np.ndarray:
         p = self.p
-        leaf = p.source.leaves[si]
-        if p.lazy is None:
+        leaf = p._source.leaves[si]
+        if p._lazy is None:
             check_concrete(p, [si] if is_abstract(leaf) else [])
             whole = self._whole.get(si)
             if whole is None:
@@ -73,7 +73,7 @@ class Blocks:
                 # per target shard would gather it once per shard instead.
                 if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
                     raise GraftError(
-                        f"the in-memory source leaf {render_parts(p.source.paths[si])!r} spans "
+                        f"the in-memory source leaf {render_parts(p._source.paths[si])!r} spans "
                         "several processes; a stack, unstack, cast, transpose or reshape rule "
                         "cannot read it: save it and graft from the checkpoint"
                     )
@@ -83,8 +83,8 @@ class Blocks:
         if whole is None:
             shape, dtype = _leaves.spec_of(leaf)
             like = np.broadcast_to(np.zeros((), dtype), shape or ())
-            request = ReadRequest(Path(p.source.paths[si]), like, dtype)
-            whole = self._whole[si] = np.asarray(p.lazy.read([request])[0])
+            request = ReadRequest(Path(p._source.paths[si]), like, dtype)
+            whole = self._whole[si] = np.asarray(p._lazy.read([request])[0])
         return np.array(whole[box] if box else whole)  # the caller's own copy
 
 
@@ -94,8 +94,8 @@ def _axis(axis: int, ndim: int) -> int:
 
 def build(p: GraftPlan, pair: Pair, blocks: Blocks, like: Any) -> Any:
     """The value of one target leaf under a transforming rule, placed like it."""
-    rule = p.rules[pair.rule]
-    spec = _leaves.spec_of(p.source.leaves[pair.source])
+    rule = p._rules[pair.rule]
+    spec = _leaves.spec_of(p._source.leaves[pair.source])
     shape = tuple(spec[0] or ())
     fetch: Callable[[tuple[slice, ...]], np.ndarray]
     if rule.gather == "stack":

@@ -1,13 +1,13 @@
 """The plan step: a mapping resolved against a state and a source, every check on metadata.
 
-    planner.py   `plan`: parse the mapping, index both trees, run the steps
-    state.py     the tables one run shares, and its look-ups
-    resolve.py   the most specific rule per target leaf; pairing
-    leaves.py    checks of each pair and of target leaves without a source
-    coverage.py  unexpected source leaves; rules and ignores that match nothing
+    planner.py   `plan`: inputs -> resolve -> prefetch -> a chain of checks -> plan
+    context.py   `Inputs`: one run's rules, trees and options, and pure look-ups
+    resolve.py   `resolve` -> `Resolution`: winners, pairs, instances, strays
+    leaves.py    checks of ties, stacks, target leaves without a source, pairs
+    coverage.py  checks of unexpected source leaves, rules and ignores that match nothing
     specs.py     what an operation makes of its source's shape and dtype
     problems.py  `Problem`, sections, remedies, and the error listing them all
-    result.py    `GraftPlan`, `Entry`, `Pair`
+    result.py    `GraftPlan`, `Entry`, and the internal `Pair`
 """
 
 from treegraft._plan.planner import plan as plan
@@ -20,4 +20,4 @@ from treegraft._plan.specs import gathered_spec as gathered_spec
 from treegraft._plan.specs import index_box as index_box
 from treegraft._plan.specs import output_spec as output_spec
 
-__all__ = ["plan", "GraftPlan", "Entry", "Problem", "Pair"]
+__all__ = ["plan", "GraftPlan", "Entry", "Problem"]

@@ -1,29 +1,36 @@
 """`plan`: resolve a mapping against a state and a source, on metadata only.
 
-`plan` pairs each target leaf with the source leaves that will fill it, runs
-every check (missing, unexpected, unmatched rules and ignore patterns, ties,
-shape, dtype, structure, operations) and raises once with all problems. No
-array byte is read: a plan needs only paths, shapes and dtypes, so it works on
-`jax.ShapeDtypeStruct` and on checkpoint metadata.
+The steps, each a function of the one before:
+
+    parse_mapping, parse_ignore      the mapping as rules, the ignore patterns
+    Inputs                           both trees indexed (the source's metadata tree)
+    resolve                          -> Resolution: winners, pairs, instances, strays
+    source.prefetch                  the shapes and dtypes of the paired leaves, once
+    CHECKS (a chain of pure checks)  Resolution -> problems
+    GraftPlan                        or one error listing every fatal problem
+
+No array byte is read: a plan needs only paths, shapes and dtypes, so it works
+on `jax.ShapeDtypeStruct` and on checkpoint metadata. Under several processes
+sharing global arrays, every process fails together (`_multihost`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from treegraft._errors import MappingError
-from treegraft._parse.paths import Part
+from treegraft._multihost import plan_on_every_process
 from treegraft._parse.rules import parse_ignore, parse_mapping
-from treegraft._plan.coverage import Coverage
-from treegraft._plan.problems import _KEY_KINDS, raise_problems
+from treegraft._plan import coverage, leaves
+from treegraft._plan.context import Inputs
+from treegraft._plan.problems import _KEY_KINDS, Problem, raise_problems
+from treegraft._plan.resolve import Resolution, resolve
 from treegraft._plan.result import GraftPlan
 from treegraft._read.source import Source
 from treegraft._tree.gc import young_collections_only
 from treegraft._tree.index import TreeIndex
-
-Parts = tuple[Part, ...]
 
 
 def plan(
@@ -95,52 +102,97 @@ def plan(
             f"tg.OrbaxCheckpoint({os.fspath(source)!r}) for an orbax checkpoint folder, or "
             f"tg.KauldronCheckpoint({os.fspath(source)!r}) for a Kauldron workdir"
         )
-    rules = parse_mapping(mapping)
-    ignore_model = parse_ignore(ignore_model_keys, name="ignore_model_keys")
-    ignore_restored = parse_ignore(ignore_restored_keys, name="ignore_restored_keys")
+    rules = tuple(parse_mapping(mapping))
+    ignore_model = tuple(parse_ignore(ignore_model_keys, name="ignore_model_keys"))
+    ignore_restored = tuple(parse_ignore(ignore_restored_keys, name="ignore_restored_keys"))
     lazy = source if isinstance(source, Source) else None
-    with young_collections_only():
-        src_tree = lazy.metadata() if lazy is not None else source
-        tgt = TreeIndex(state, "the state")
-        src = TreeIndex(src_tree, lazy.describe() if lazy is not None else "the source")
-        return _Planner(rules, ignore_model, ignore_restored, tgt, src, cast=cast).run(
-            lazy, strict=strict, check_ignores=check_ignores
-        )
+
+    def run() -> GraftPlan:
+        with young_collections_only():
+            inputs = Inputs(
+                rules,
+                ignore_model,
+                ignore_restored,
+                TreeIndex(state, "the state"),
+                TreeIndex(
+                    lazy.metadata() if lazy is not None else source,
+                    lazy.describe() if lazy is not None else "the source",
+                ),
+                cast,
+                lazy,
+            )
+            res = resolve(inputs)
+            if lazy is not None and res.pairs:
+                # The one metadata read: every paired source leaf, in one batch.
+                lazy.prefetch(res.source_leaves())
+            problems = CHECKS(res)
+        return _conclude(res, source, problems, strict=strict, check_ignores=check_ignores)
+
+    return plan_on_every_process(state, run)
 
 
-class _Planner(Coverage):
-    """One planning run: the steps, in order, over one `PlanState`."""
+Check = Callable[[Resolution], list[Problem]]
 
-    def run(self, lazy: Source | None, *, strict: bool, check_ignores: bool = True) -> GraftPlan:
-        self.lazy = lazy
-        winner, prefix_len, rule_hits = self._assign_rules()
-        instances, pairs = self._pair_leaves(winner, prefix_len)
-        self._count_missing_subtrees()
-        if lazy is None:
-            self._check_concrete(pairs)
-        self._check_outranked_rules(instances)
-        self._check_unmatched_rules(rule_hits, instances)
-        self._add_source_instances(instances)
-        self._check_unexpected(instances, pairs)
-        self._check_unmatched_ignores(instances)
-        fatal = [
-            p
-            for p in self.problems
-            if (strict or p.kind not in _KEY_KINDS)
-            and (check_ignores or p.kind != "unmatched_ignore")
-            # A plan on shapes alone is fine to look at; executing it is not.
-            and p.kind != "abstract"
-        ]
-        if fatal:
-            raise_problems(fatal, len(self.rules))
-        report = [p for p in self.problems if p not in fatal]
-        return GraftPlan(
-            rules=self.rules,
-            target=self.tgt,
-            source=self.src,
-            lazy=lazy,
-            pairs=pairs,
-            report=report,
-            cast=self.cast,
-            strict=strict,
-        )
+
+def chain(*checks: Check) -> Check:
+    """One check running each of checks in turn; their problems concatenated.
+
+    Example:
+      >>> from treegraft import Problem
+      >>> first = lambda res: [Problem('tie', 'a')]
+      >>> second = lambda res: [Problem('tie', 'b'), Problem('tie', 'c')]
+      >>> [p.message for p in chain(first, second)(None)]
+      ['a', 'b', 'c']
+    """
+
+    def run(res: Resolution) -> list[Problem]:
+        return [problem for check in checks for problem in check(res)]
+
+    return run
+
+
+# Every check of a plan, in the order their problems are listed within a kind.
+CHECKS = chain(
+    leaves.check_ties,
+    leaves.check_stacks,
+    leaves.check_missing,
+    leaves.check_copies,
+    leaves.check_operations,
+    leaves.check_concrete,
+    coverage.check_outranked_rules,
+    coverage.check_unmatched_rules,
+    coverage.check_unexpected,
+    coverage.check_unmatched_ignores,
+)
+
+
+def _conclude(
+    res: Resolution,
+    source: Any,
+    problems: list[Problem],
+    *,
+    strict: bool,
+    check_ignores: bool,
+) -> GraftPlan:
+    """The plan, or one error listing every problem that fails it."""
+    fatal = [
+        p
+        for p in problems
+        if (strict or p.kind not in _KEY_KINDS)
+        and (check_ignores or p.kind != "unmatched_ignore")
+        # A plan on shapes alone is fine to look at; executing it is not.
+        and p.kind != "abstract"
+    ]
+    if fatal:
+        raise_problems(fatal, len(res.inputs.rules))
+    inputs = res.inputs
+    return GraftPlan(
+        rules=inputs.rules,
+        state=inputs.tgt,
+        source=source,
+        source_index=inputs.src,
+        pairs=list(res.pairs),
+        report=[p for p in problems if p not in fatal],
+        cast=inputs.cast,
+        strict=strict,
+    )

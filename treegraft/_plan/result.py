@@ -78,16 +78,11 @@ class GraftPlan:
     and `report` says which leaves.
 
     Attributes:
-      rules: the compiled rules, in the mapping's order (`str(rule)` is
-        "'new' <- 'old'").
-      pairs: one `Pair` per grafted target leaf; its indices point into
-        `target.leaves`/`target.paths` and `source.leaves`/`source.paths`.
-      target: the state, flattened: `.root` (the state itself), `.paths`
-        (each leaf's parts), `.leaves`, `.treedef`.
-      source: the source's metadata tree, flattened the same way.
-      lazy: the lazy source (`tg.OrbaxCheckpoint`, ...) the plan reads from,
-        or None for an in-memory source.
-      report: with `strict=False`, the problems that did not fail the plan.
+      rules: the rules, in the mapping's order, each as "'new' <- 'old'".
+      state: the state the plan grafts into, as given to `plan`.
+      source: the source, as given to `plan`: a pytree or a `treegraft.Source`.
+      report: the problems that did not fail the plan (with `strict=False`;
+        and an abstract source leaf, which `executable` reports).
       cast: the `cast` option the plan was made with.
       strict: the `strict` option the plan was made with.
 
@@ -104,29 +99,32 @@ class GraftPlan:
         self,
         *,
         rules: Sequence[Rule],
-        target: TreeIndex,
-        source: TreeIndex,
-        lazy: Source | None,
+        state: TreeIndex,
+        source: Any,
+        source_index: TreeIndex,
         pairs: list[Pair],
         report: Sequence[Problem],
         cast: bool | str,
         strict: bool,
     ):
-        self.rules = tuple(rules)
-        self.target = target
-        self.source = source
-        self.lazy = lazy
-        self.pairs = pairs
+        self._rules = tuple(rules)
+        self._target = state
+        self._source = source_index
+        self._lazy: Source | None = source if isinstance(source, Source) else None
+        self._pairs = pairs
+        self.rules: tuple[str, ...] = tuple(str(rule) for rule in rules)
+        self.state: Any = state.root
+        self.source: Any = source
         self.report: tuple[Problem, ...] = tuple(report)
         self.cast = cast
         self.strict = strict
 
     # -- inspection ----------------------------------------------------------
 
-    def operation(self, pair: Pair) -> str:
+    def _operation(self, pair: Pair) -> str:
         """What happens to a pair's values on the way in ("" for a plain copy)."""
-        rule = self.rules[pair.rule]
-        spec = _leaves.spec_of(self.source.leaves[pair.source])
+        rule = self._rules[pair.rule]
+        spec = _leaves.spec_of(self._source.leaves[pair.source])
         out = []
         if rule.gather == "stack":
             out.append(f"stack {len(pair.sources)} along axis {rule.axis}")
@@ -136,14 +134,14 @@ class GraftPlan:
         for step in rule.steps:
             out.append(step.describe(spec))  # type: ignore[arg-type]
             spec = step.spec(spec)[0] or spec  # type: ignore[arg-type]
-        tdtype = _leaves.spec_of(self.target.leaves[pair.target])[1]
+        tdtype = _leaves.spec_of(self._target.leaves[pair.target])[1]
         if spec[1] != tdtype and not isinstance(tdtype, type):
             out.append(f"cast {spec[1]} -> {tdtype}")
         return "; ".join(out)
 
     def _pair_reads(self, pair: Pair) -> list[tuple[tuple[int, Any], int]]:
         """The reads a pair needs, each as (key, bytes); equal keys are read once."""
-        leaves = self.source.leaves
+        leaves = self._source.leaves
         if pair.sources:
             return [
                 ((si, None), _leaves.nbytes(_leaves.spec_of(leaves[si]))) for si in pair.sources
@@ -152,33 +150,33 @@ class GraftPlan:
         whole = _leaves.nbytes(_leaves.spec_of(leaves[si]))
         if pair.layer is None:
             return [((si, None), whole)]
-        rule = self.rules[pair.rule]
+        rule = self._rules[pair.rule]
         shape = _leaves.spec_of(leaves[si])[0] or ()
         axis = rule.axis + len(shape) if rule.axis < 0 else rule.axis
         box = index_box(shape, axis, pair.layer)
-        if self.lazy is None:
+        if self._lazy is None:
             return [((si, pair.layer), whole // max(shape[axis], 1))]
-        if not reads_boxes(self.lazy):
+        if not reads_boxes(self._lazy):
             return [((si, None), whole)]  # read whole once, sliced for every box
-        return [((si, pair.layer), int(self.lazy.box_nbytes(Path(self.source.paths[si]), box)))]
+        return [((si, pair.layer), int(self._lazy.box_nbytes(Path(self._source.paths[si]), box)))]
 
     @property
     def entries(self) -> list[Entry]:
         """Each grafted target leaf with its source path, rule and operation."""
         out = []
-        for pair in self.pairs:
-            spec = _leaves.spec_of(self.source.leaves[pair.source])
+        for pair in self._pairs:
+            spec = _leaves.spec_of(self._source.leaves[pair.source])
             sources = pair.sources or (pair.source,)
             out.append(
                 Entry(
-                    target=Path(self.target.paths[pair.target]),
-                    source=Path(self.source.paths[pair.source]),
-                    rule=str(self.rules[pair.rule]),
+                    target=Path(self._target.paths[pair.target]),
+                    source=Path(self._source.paths[pair.source]),
+                    rule=str(self._rules[pair.rule]),
                     shape=spec[0],
                     dtype=spec[1],
                     nbytes=sum(n for _, n in self._pair_reads(pair)),
-                    operation=self.operation(pair),
-                    sources=tuple(Path(self.source.paths[si]) for si in sources),
+                    operation=self._operation(pair),
+                    sources=tuple(Path(self._source.paths[si]) for si in sources),
                 )
             )
         return out
@@ -189,13 +187,13 @@ class GraftPlan:
         return not any(p.kind == "abstract" for p in self.report)
 
     def _taken(self) -> set[int]:
-        return {pair.target for pair in self.pairs}
+        return {pair.target for pair in self._pairs}
 
     @property
     def untouched(self) -> list[Path]:
         """Target leaves that keep their current value (keep rules included)."""
         taken = self._taken()
-        return [Path(p) for i, p in enumerate(self.target.paths) if i not in taken]
+        return [Path(p) for i, p in enumerate(self._target.paths) if i not in taken]
 
     @property
     def abstract(self) -> list[Path]:
@@ -203,13 +201,13 @@ class GraftPlan:
         taken = self._taken()
         return [
             Path(p)
-            for i, p in enumerate(self.target.paths)
-            if i not in taken and is_abstract(self.target.leaves[i])
+            for i, p in enumerate(self._target.paths)
+            if i not in taken and is_abstract(self._target.leaves[i])
         ]
 
     def _used(self) -> set[int]:
         used: set[int] = set()
-        for pair in self.pairs:
+        for pair in self._pairs:
             used.update(pair.sources or (pair.source,))
         return used
 
@@ -217,7 +215,7 @@ class GraftPlan:
     def unused(self) -> list[Path]:
         """Source leaves the graft does not read."""
         used = self._used()
-        return [Path(p) for i, p in enumerate(self.source.paths) if i not in used]
+        return [Path(p) for i, p in enumerate(self._source.paths) if i not in used]
 
     @property
     def nbytes(self) -> int:
@@ -227,7 +225,7 @@ class GraftPlan:
         hold each slice: a slice of an array stored as one chunk costs it whole.
         """
         reads: dict[tuple[int, Any], int] = {}
-        for pair in self.pairs:
+        for pair in self._pairs:
             for key, n in self._pair_reads(pair):
                 reads[key] = n
         whole = {si for si, index in reads if index is None}
@@ -235,19 +233,19 @@ class GraftPlan:
 
     def rule_counts(self) -> list[tuple[str, int, int]]:
         """Per rule: its text, how many leaves it feeds, and their bytes."""
-        counts = [[0, 0] for _ in self.rules]
-        for pair in self.pairs:
+        counts = [[0, 0] for _ in self._rules]
+        for pair in self._pairs:
             counts[pair.rule][0] += 1
             counts[pair.rule][1] += sum(n for _, n in self._pair_reads(pair))
-        return [(str(rule), n, b) for rule, (n, b) in zip(self.rules, counts, strict=True)]
+        return [(str(rule), n, b) for rule, (n, b) in zip(self._rules, counts, strict=True)]
 
     def summary(self, *, max_rows: int = 40) -> str:
         """A readable table: rules, grafted leaves, untouched and unused counts."""
-        n_target = len(self.target)
+        n_target = len(self._target)
         reads = len(self._used())
         lines = [
-            f"GraftPlan: {len(self.pairs)} of {n_target} target leaves from "
-            f"{self.source.what}; {reads} source leaves to read ({format_bytes(self.nbytes)})",
+            f"GraftPlan: {len(self._pairs)} of {n_target} target leaves from "
+            f"{self._source.what}; {reads} source leaves to read ({format_bytes(self.nbytes)})",
             "",
         ]
         rule_rows = [("rule", "leaves", "bytes")] + [
@@ -255,33 +253,33 @@ class GraftPlan:
         ]
         lines += _table(rule_rows)
         lines.append("")
-        ops = [self.operation(pair) for pair in self.pairs[:max_rows]]
+        ops = [self._operation(pair) for pair in self._pairs[:max_rows]]
         show_ops = any(ops)
         rows = [("target", "source", "shape/dtype") + (("operation",) if show_ops else ())]
-        for pair, op in zip(self.pairs[:max_rows], ops, strict=True):
-            spec = _leaves.spec_of(self.source.leaves[pair.source])
-            source = render_parts(self.source.paths[pair.source])
+        for pair, op in zip(self._pairs[:max_rows], ops, strict=True):
+            spec = _leaves.spec_of(self._source.leaves[pair.source])
+            source = render_parts(self._source.paths[pair.source])
             if pair.sources:
                 source += f" (+{len(pair.sources) - 1})"
             rows.append(
                 (
-                    render_parts(self.target.paths[pair.target]),
+                    render_parts(self._target.paths[pair.target]),
                     source,
                     _leaves.describe(spec),
                 )
                 + ((op,) if show_ops else ())
             )
         lines += _table(rows)
-        if len(self.pairs) > max_rows:
-            lines.append(f"... and {len(self.pairs) - max_rows} more")
-        untouched = n_target - len(self.pairs)
+        if len(self._pairs) > max_rows:
+            lines.append(f"... and {len(self._pairs) - max_rows} more")
+        untouched = n_target - len(self._pairs)
         n_abstract = len(self.abstract)
         lines.append("")
         lines.append(
             f"untouched target leaves: {untouched}"
             + (f" ({n_abstract} stay abstract)" if n_abstract else "")
         )
-        lines.append(f"unused source leaves: {len(self.source) - reads}")
+        lines.append(f"unused source leaves: {len(self._source) - reads}")
         if self.report:
             lines.append(f"report (strict=False): {_count(len(self.report), 'problem')}")
             lines += ["  " + p.message for p in self.report[:max_rows]]
@@ -292,8 +290,8 @@ class GraftPlan:
 
     def __repr__(self) -> str:
         return (
-            f"GraftPlan(rules={len(self.rules)}, grafted={len(self.pairs)}, "
-            f"target_leaves={len(self.target)}, bytes={self.nbytes})"
+            f"GraftPlan(rules={len(self.rules)}, grafted={len(self._pairs)}, "
+            f"target_leaves={len(self._target)}, bytes={self.nbytes})"
         )
 
 

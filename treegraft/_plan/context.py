@@ -1,0 +1,195 @@
+"""One planning run's inputs, and the look-ups every step of it shares.
+
+`Inputs` holds the rules, the ignore patterns, both trees' indexes and the
+options. Its look-ups are pure functions of those inputs; the few that are
+costly (a literal rule's old path, the members of a stack) are memoized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from treegraft._parse.paths import Part, render_parts
+from treegraft._parse.patterns import Pattern
+from treegraft._parse.rules import Rule
+from treegraft._plan.problems import _ranges
+from treegraft._read.source import Source
+from treegraft._tree.index import TreeIndex
+
+Parts = tuple[Part, ...]
+
+
+class Stack(NamedTuple):
+    """The source subtrees one stack rule gathers at one new prefix.
+
+    Attributes:
+      members: {index: old prefix}, indices 0..N-1 in order; None when no
+        subtree of the source matches; {} when the ones that match cannot be
+        stacked (`why` says why).
+      why: what is wrong with the indices, or "".
+    """
+
+    members: dict[int, Parts] | None
+    why: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Inputs:
+    """The inputs of one planning run: rules, ignore patterns, both trees, options.
+
+    Attributes:
+      rules: the compiled rules, in the mapping's order.
+      ignore_model: patterns of target leaves that may lack a source leaf.
+      ignore_restored: patterns of source leaves that may lack a target leaf.
+      tgt: the state, indexed.
+      src: the source's metadata tree, indexed.
+      cast: the `cast` option.
+      lazy: the lazy source the plan reads from, or None for a pytree.
+    """
+
+    rules: tuple[Rule, ...]
+    ignore_model: tuple[Pattern, ...]
+    ignore_restored: tuple[Pattern, ...]
+    tgt: TreeIndex
+    src: TreeIndex
+    cast: bool | str
+    lazy: Source | None = None
+    # Memos of pure look-ups; the key is the look-up's arguments.
+    _literal: dict[int, Parts] = field(default_factory=dict, repr=False)
+    _groups: dict[int, dict[tuple[Any, ...], list[tuple[Any, Parts]]]] = field(
+        default_factory=dict, repr=False
+    )
+    _stacks: dict[tuple[int, Parts], Stack] = field(default_factory=dict, repr=False)
+
+    def old_of(self, r: int, new_prefix: Parts, caps: tuple[Any, ...] | None = None) -> Parts:
+        """The old path a rule's new side, matched at new_prefix, points to.
+
+        `caps` are new's captures at new_prefix, when already known. For a
+        stack rule, the literal part of its old side (before the index).
+        """
+        rule = self.rules[r]
+        assert rule.old is not None
+        if rule.gather == "stack":
+            return rule.old.literal_prefix()
+        if rule.old.is_literal:
+            old = self._literal.get(r)
+            if old is None:
+                old = self._literal[r] = rule.old.as_path().parts
+            return old
+        if caps is None:
+            caps = rule.new.match(new_prefix) or ()
+        return rule.old.substitute_parts(rule.old_captures(caps))
+
+    def old_prefix(
+        self, r: int, new_prefix: Parts, caps: tuple[Any, ...] | None = None
+    ) -> Parts | None:
+        """The old prefix a rule instance reads from, or None if the source lacks it."""
+        if self.rules[r].gather == "stack":
+            members = self.stack(r, new_prefix).members
+            return next(iter(members.values())) if members else None
+        old = self.old_of(r, new_prefix, caps)
+        return old if self.src.node_exists(old) else None
+
+    def stack(self, r: int, new_prefix: Parts) -> Stack:
+        """The source subtrees a stack rule gathers at new_prefix (memoized)."""
+        key = (r, new_prefix)
+        found = self._stacks.get(key)
+        if found is None:
+            found = self._stacks[key] = self._find_stack(r, new_prefix)
+        return found
+
+    def bad_stacks(self) -> list[tuple[int, Parts, str]]:
+        """(rule, new prefix, why) of every stack looked up that cannot be stacked."""
+        return [(r, prefix, s.why) for (r, prefix), s in self._stacks.items() if s.why]
+
+    def _find_stack(self, r: int, new_prefix: Parts) -> Stack:
+        rule = self.rules[r]
+        assert rule.old is not None
+        caps = rule.new.match(new_prefix) or ()
+        groups = self._groups.get(r)
+        if groups is None:
+            groups = self._groups[r] = {}
+            for prefix, found in source_prefixes(rule.old, self.src).items():
+                groups.setdefault(found[:-1], []).append((found[-1], prefix))
+        group = groups.get(tuple(caps))
+        if not group:
+            return Stack(None)
+        indices: dict[int, Parts] = {}
+        bad = []
+        for cap, prefix in group:
+            index = as_index(cap)
+            if index is None:
+                bad.append(repr(render_parts(prefix)))
+            else:
+                indices[index] = prefix
+        ordered = dict(sorted(indices.items()))
+        gaps = [k for k in range(max(ordered, default=-1) + 1) if k not in ordered]
+        if not bad and not gaps:
+            return Stack(ordered)
+        why = []
+        if bad:
+            why.append(f"{', '.join(bad[:5])} captured no integer index")
+        if gaps:
+            shown = ", ".join(map(str, gaps[:10]))
+            why.append(
+                f"indices found {_ranges(list(ordered))}, missing {shown}: a stack needs "
+                "exactly 0..N-1"
+            )
+        return Stack({}, "; ".join(why))
+
+    def ignored_model(self, parts: Parts, n: int) -> tuple[int, ...]:
+        """Which ignore_model_keys patterns cover a target leaf (rule prefix n long)."""
+        return _hits(self.ignore_model, parts, n)
+
+    def ignored_restored(self, parts: Parts, n: int) -> tuple[int, ...]:
+        """Which ignore_restored_keys patterns cover a source leaf (rule prefix n long)."""
+        return _hits(self.ignore_restored, parts, n)
+
+
+def as_index(capture: Any) -> int | None:
+    """A capture as a layer index: an int, or a string of ASCII digits."""
+    if type(capture) is int:
+        return capture if capture >= 0 else None
+    if isinstance(capture, str) and capture.isascii() and capture.isdigit():
+        return int(capture)
+    return None
+
+
+def source_prefixes(
+    pattern: Pattern, index: TreeIndex, skip: set[Parts] | frozenset[Parts] = frozenset()
+) -> dict[Parts, tuple[Any, ...]]:
+    """Each distinct prefix of the index's leaf paths that pattern matches, with captures.
+
+    Prefixes in `skip` (already known) are left out without being matched.
+    """
+    found: dict[Parts, tuple[Any, ...]] = {}
+    head = pattern.literal_prefix()
+    paths = [index.paths[i] for i in index.under(head)] if head else index.paths
+    n = pattern.length
+    if n is not None:  # match each distinct prefix once, in leaf order
+        for prefix in dict.fromkeys(p[:n] for p in paths if len(p) >= n):
+            if prefix in skip:
+                continue
+            caps = pattern.match(prefix)
+            if caps is not None:
+                found[prefix] = caps
+        return found
+    match = pattern.prefix_matcher()
+    for parts in paths:
+        m = match(parts)
+        if m is not None and parts[: m[0]] not in skip:
+            found.setdefault(parts[: m[0]], m[1])
+    return found
+
+
+def _hits(patterns: tuple[Pattern, ...], parts: Parts, n: int) -> tuple[int, ...]:
+    """Indices of the patterns matching a prefix of parts, relative (after n) or absolute."""
+    if not patterns:
+        return ()
+    rel = parts[n:]
+    return tuple(
+        k
+        for k, pat in enumerate(patterns)
+        if pat.match_prefix(rel) is not None or pat.match_prefix(parts) is not None
+    )
