@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import trees
+from helpers import assert_placed_like
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kauldron_run import init_params, snapshot, train_state, write_run
@@ -35,53 +36,8 @@ from treegraft._parse.paths import render_parts
 # Text into the parsers.
 # ----------------------------------------------------------------------------
 
-# Tokens of the grammar, glued at random: reaches deep into the scanner far more
-# often than uniform text does.
-_TOKENS = [
-    ".", "..", "[", "]", "[0]", "[-1]", "['", "']", '["', '"]', "'", '"', "\\", "\\'",
-    "*", "**", "***", "a", "_b", "layers_", "0", "12", "1.5", "1e3", "-", "None",
-    "True", "False", " ", "\t", "\n", "é", "ß", "x.y", "[None]", "[1.5.2]", "[b]",
-    "['x.y']", "b'x'", "\x00",
-]
-_GRAMMAR = st.lists(st.sampled_from(_TOKENS), max_size=12).map("".join)
-_TEXT = st.one_of(st.text(max_size=40), _GRAMMAR)
-_PART_TYPES = (str, int, float, bool, type(None))
-
-
-def _check_syntax_error(e: tg.PathSyntaxError, text: str) -> None:
-    message = str(e)
-    assert isinstance(e, tg.GraftError) and isinstance(e, ValueError)
-    assert message.startswith(f"invalid path {text!r}: {e.reason} at column {e.column + 1}")
-    assert 0 <= e.column <= len(text)
-    # The caret line ends the message and points at the column under the text.
-    assert message.endswith("\n" + " " * (e.column + 2) + "^")
-
-
-@given(_TEXT)
-def test_parse_path_raises_only_path_syntax_error(text):
-    try:
-        path = tg.parse_path(text)
-    except tg.PathSyntaxError as e:
-        _check_syntax_error(e, text)
-    else:
-        assert all(type(p) in _PART_TYPES for p in path.parts)
-        assert tg.parse_path(str(path)) == path
-        assert str(tg.parse_path(str(path))) == str(path)
-
-
-@given(_TEXT)
-def test_parse_pattern_raises_only_path_syntax_error(text):
-    try:
-        pattern = tg.parse_pattern(text)
-    except tg.PathSyntaxError as e:
-        _check_syntax_error(e, text)
-    else:
-        again = tg.parse_pattern(str(pattern))
-        assert again == pattern
-        assert again.wildcards() == pattern.wildcards()
-        # A pattern without wildcards is a path, and both read the text alike.
-        if pattern.is_literal:
-            assert pattern.as_path() == tg.parse_path(text)
+# Text for mappings (the parsers' own property on such text is in test_paths.py).
+_TEXT = trees.path_texts()
 
 
 @given(st.dictionaries(_TEXT, _TEXT, max_size=3), st.lists(_TEXT, max_size=2))
@@ -259,24 +215,6 @@ def check_graft_error(e: tg.GraftError) -> None:
         assert int(m.group(1)) == len(e.problems)
 
 
-def _placed_like(got: Any, like: Any) -> None:
-    """got has like's kind, shape, dtype and sharding (abstract leaves become arrays)."""
-    if isinstance(like, jax.ShapeDtypeStruct):
-        assert isinstance(got, jax.Array)
-    elif isinstance(like, jax.Array):
-        assert isinstance(got, jax.Array)
-        assert got.sharding == like.sharding
-    else:
-        assert type(got) is type(like), (type(got), type(like))
-    if hasattr(like, "shape"):
-        assert tuple(got.shape) == tuple(like.shape)
-        assert np.dtype(got.dtype) == np.dtype(like.dtype)
-
-
-def _value(x: Any) -> np.ndarray:
-    return np.asarray(x)
-
-
 def check_valid_graft(state: Any, source: Any, p: tg.GraftPlan, out: Any) -> None:
     """The invariants of a successful graft, leaf by leaf, against its plan."""
     assert jax.tree.structure(out) == jax.tree.structure(state)
@@ -290,14 +228,14 @@ def check_valid_graft(state: Any, source: Any, p: tg.GraftPlan, out: Any) -> Non
         if path not in fed:
             assert got is like  # untouched leaves are the caller's own objects
             continue
-        _placed_like(got, like)
+        assert_placed_like(got, like)
         want = tg.extract(source, fed[path])
-        expected = _value(want)
+        expected = np.asarray(want)
         if hasattr(like, "dtype"):
             expected = expected.astype(np.dtype(like.dtype))
         elif type(like) in (bool, int, float, complex):
             expected = np.asarray(type(like)(expected.item()))
-        np.testing.assert_array_equal(_value(got), expected)
+        np.testing.assert_array_equal(np.asarray(got), expected)
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
