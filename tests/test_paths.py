@@ -509,7 +509,7 @@ def _check_syntax_error(e: PathSyntaxError, text: str) -> None:
 
 
 @given(_TEXT)
-def test_random_text_parses_to_a_path_that_renders_back_or_raises_path_syntax_error(text):
+def test_parse_path_raises_only_path_syntax_error(text):
     try:
         path = parse_path(text)
     except PathSyntaxError as e:
@@ -521,7 +521,7 @@ def test_random_text_parses_to_a_path_that_renders_back_or_raises_path_syntax_er
 
 
 @given(_TEXT)
-def test_random_text_parses_to_a_pattern_that_renders_back_or_raises_path_syntax_error(text):
+def test_parse_pattern_raises_only_path_syntax_error(text):
     try:
         pattern = parse_pattern(text)
     except PathSyntaxError as e:
