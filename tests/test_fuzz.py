@@ -1,15 +1,18 @@
-"""Fuzzing: arbitrary text into the parsers, random mappings into graft.
+"""Fuzzing: random text and random mappings into graft, and a reference model.
 
-Two promises are checked on inputs nobody wrote by hand:
-
-* the parsers turn any text into a path or pattern, or raise `tg.PathSyntaxError`
-  naming the column; nothing else escapes, and what parses renders back to itself;
+* `tg.graft` with random text as mapping or ignore patterns raises only
+  `tg.GraftError`s (the parsers' own properties on such text are in test_paths.py);
 * `tg.graft` with a random mapping (prefixes and patterns taken from the trees'
   own paths, mixed with garbage) over random trees either returns a valid graft
   (the state's structure, every leaf placed like the one it replaces, each
   grafted value the source leaf the plan names, every other leaf the very same
   object) or raises a `tg.GraftError`; never another exception, and never a
-  mutated input. The same holds for a real checkpoint, which stays byte-identical.
+  mutated input. The same holds for a real checkpoint, which stays byte-identical;
+* on grafts drawn so that the outcome can be worked out (glob rules, ties, keep
+  rules, missing and unexpected leaves, strict or not), an independent model of
+  DESIGN section 4 predicts it exactly: the error type and problem kinds, or
+  every leaf of the result. Most of these grafts must succeed
+  (`--hypothesis-show-statistics` shows the share).
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import os
 import re
 from typing import Any
 
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import trees
+from helpers import assert_placed_like
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kauldron_run import init_params, snapshot, train_state, write_run
@@ -32,56 +37,11 @@ import treegraft as tg
 from treegraft._parse.paths import render_parts
 
 # ----------------------------------------------------------------------------
-# Text into the parsers.
+# Random text into graft.
 # ----------------------------------------------------------------------------
 
-# Tokens of the grammar, glued at random: reaches deep into the scanner far more
-# often than uniform text does.
-_TOKENS = [
-    ".", "..", "[", "]", "[0]", "[-1]", "['", "']", '["', '"]', "'", '"', "\\", "\\'",
-    "*", "**", "***", "a", "_b", "layers_", "0", "12", "1.5", "1e3", "-", "None",
-    "True", "False", " ", "\t", "\n", "é", "ß", "x.y", "[None]", "[1.5.2]", "[b]",
-    "['x.y']", "b'x'", "\x00",
-]
-_GRAMMAR = st.lists(st.sampled_from(_TOKENS), max_size=12).map("".join)
-_TEXT = st.one_of(st.text(max_size=40), _GRAMMAR)
-_PART_TYPES = (str, int, float, bool, type(None))
-
-
-def _check_syntax_error(e: tg.PathSyntaxError, text: str) -> None:
-    message = str(e)
-    assert isinstance(e, tg.GraftError) and isinstance(e, ValueError)
-    assert message.startswith(f"invalid path {text!r}: {e.reason} at column {e.column + 1}")
-    assert 0 <= e.column <= len(text)
-    # The caret line ends the message and points at the column under the text.
-    assert message.endswith("\n" + " " * (e.column + 2) + "^")
-
-
-@given(_TEXT)
-def test_parse_path_raises_only_path_syntax_error(text):
-    try:
-        path = tg.parse_path(text)
-    except tg.PathSyntaxError as e:
-        _check_syntax_error(e, text)
-    else:
-        assert all(type(p) in _PART_TYPES for p in path.parts)
-        assert tg.parse_path(str(path)) == path
-        assert str(tg.parse_path(str(path))) == str(path)
-
-
-@given(_TEXT)
-def test_parse_pattern_raises_only_path_syntax_error(text):
-    try:
-        pattern = tg.parse_pattern(text)
-    except tg.PathSyntaxError as e:
-        _check_syntax_error(e, text)
-    else:
-        again = tg.parse_pattern(str(pattern))
-        assert again == pattern
-        assert again.wildcards() == pattern.wildcards()
-        # A pattern without wildcards is a path, and both read the text alike.
-        if pattern.is_literal:
-            assert pattern.as_path() == tg.parse_path(text)
+# Text for mappings (the parsers' own property on such text is in test_paths.py).
+_TEXT = trees.path_texts()
 
 
 @given(st.dictionaries(_TEXT, _TEXT, max_size=3), st.lists(_TEXT, max_size=2))
@@ -259,24 +219,6 @@ def check_graft_error(e: tg.GraftError) -> None:
         assert int(m.group(1)) == len(e.problems)
 
 
-def _placed_like(got: Any, like: Any) -> None:
-    """got has like's kind, shape, dtype and sharding (abstract leaves become arrays)."""
-    if isinstance(like, jax.ShapeDtypeStruct):
-        assert isinstance(got, jax.Array)
-    elif isinstance(like, jax.Array):
-        assert isinstance(got, jax.Array)
-        assert got.sharding == like.sharding
-    else:
-        assert type(got) is type(like), (type(got), type(like))
-    if hasattr(like, "shape"):
-        assert tuple(got.shape) == tuple(like.shape)
-        assert np.dtype(got.dtype) == np.dtype(like.dtype)
-
-
-def _value(x: Any) -> np.ndarray:
-    return np.asarray(x)
-
-
 def check_valid_graft(state: Any, source: Any, p: tg.GraftPlan, out: Any) -> None:
     """The invariants of a successful graft, leaf by leaf, against its plan."""
     assert jax.tree.structure(out) == jax.tree.structure(state)
@@ -290,14 +232,14 @@ def check_valid_graft(state: Any, source: Any, p: tg.GraftPlan, out: Any) -> Non
         if path not in fed:
             assert got is like  # untouched leaves are the caller's own objects
             continue
-        _placed_like(got, like)
+        assert_placed_like(got, like)
         want = tg.extract(source, fed[path])
-        expected = _value(want)
+        expected = np.asarray(want)
         if hasattr(like, "dtype"):
             expected = expected.astype(np.dtype(like.dtype))
         elif type(like) in (bool, int, float, complex):
             expected = np.asarray(type(like)(expected.item()))
-        np.testing.assert_array_equal(_value(got), expected)
+        np.testing.assert_array_equal(np.asarray(got), expected)
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -394,3 +336,298 @@ def test_random_graft_from_a_checkpoint(run_dir, case):
         check_valid_graft(state, saved, p, out)
     trees.assert_unchanged(state, snap)
     assert snapshot(os.path.dirname(workdir)) == before
+
+
+# ----------------------------------------------------------------------------
+# Random grafts against a reference model.
+# ----------------------------------------------------------------------------
+
+# The model states DESIGN section 4 on its own, for the grafts `modelled_grafts`
+# draws: a state {'enc': module, 'dec': {'layers_i': module}}, a source of the same
+# skeleton (more or fewer layers, a leaf dropped, an extra leaf, a reshaped leaf,
+# all perhaps under 'pre'), and 1-3 rules with `*`, `name*`, `**` and keep rules that
+# overlap and tie. Per target leaf the rule whose matched new prefix is longest wins,
+# then the one with more literal segments; equal on both is a tie, reported with the
+# problems the first tied rule finds on the leaf (all problems come at once). It
+# predicts the problem kinds, hence the error type, and otherwise every leaf's value.
+
+# Pattern segments: ("lit", part), ("one",) for `*`, ("glob", head) for `head*`, ("any",)
+# for `**` (at most one per pattern).
+Seg = tuple
+Pat = tuple[Seg, ...]
+
+_NAMES = ["w", "b", "kernel", "scale"]
+_SHAPES_M = [(2,), (4, 2), ()]
+_DTYPES_M = [np.float32, np.int32]
+_SHARDING = jax.sharding.NamedSharding(
+    jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y")),
+    jax.sharding.PartitionSpec(),
+)
+
+
+def _lit(*parts: Any) -> Pat:
+    return tuple(("lit", p) for p in parts)
+
+
+def _pattern_text(pat: Pat) -> str:
+    wild = {"one": lambda s: "*", "glob": lambda s: s[1] + "*", "any": lambda s: "**"}
+    return _render([("part", s[1]) if s[0] == "lit" else ("wild", wild[s[0]](s)) for s in pat])
+
+
+def _match_fixed(pat: Pat, parts: tuple) -> tuple | None:
+    caps: list[Any] = []
+    for seg, part in zip(pat, parts, strict=True):
+        if seg[0] == "lit":
+            if type(part) is not type(seg[1]) or part != seg[1]:
+                return None
+        elif seg[0] == "one":
+            caps.append(part)
+        elif isinstance(part, str) and part.startswith(seg[1]):
+            caps.append(part[len(seg[1]) :])
+        else:
+            return None
+    return tuple(caps)
+
+
+def _match_prefix(pat: Pat, parts: tuple) -> tuple[int, tuple] | None:
+    """The shortest prefix of parts that pat matches whole: (its length, the captures)."""
+    kinds = [s[0] for s in pat]
+    if "any" not in kinds:
+        if len(parts) < len(pat):
+            return None
+        caps = _match_fixed(pat, parts[: len(pat)])
+        return None if caps is None else (len(pat), caps)
+    i = kinds.index("any")
+    before, after = pat[:i], pat[i + 1 :]
+    for n in range(len(pat) - 1, len(parts) + 1):
+        width = n - len(pat) + 1
+        head = _match_fixed(before, parts[:i])
+        tail = _match_fixed(after, parts[i + width : n])
+        if head is not None and tail is not None:
+            return n, (*head, parts[i : i + width], *tail)
+    return None
+
+
+def _substitute(pat: Pat, caps: tuple) -> tuple:
+    out: list[Any] = []
+    it = iter(caps)
+    for seg in pat:
+        if seg[0] == "lit":
+            out.append(seg[1])
+        elif seg[0] == "one":
+            out.append(next(it))
+        elif seg[0] == "glob":
+            out.append(seg[1] + next(it))
+        else:
+            out.extend(next(it))
+    return tuple(out)
+
+
+def _literals(pat: Pat) -> int:
+    return sum(s[0] == "lit" for s in pat)
+
+
+def _node_paths(flat: dict[tuple, Any]) -> set[tuple]:
+    return {parts[:k] for parts in flat for k in range(len(parts) + 1)}
+
+
+def _predict(state: dict, source: dict, rules: list[tuple[Pat, Pat | None]], strict: bool):
+    """(problem kinds, {target parts: source parts} of the grafted leaves)."""
+    tflat = {p.parts: x for p, x in tg.flatten(state).items()}
+    sflat = {p.parts: x for p, x in tg.flatten(source).items()}
+    kinds: set[str] = set()
+    grafted: dict[tuple, tuple] = {}
+    covered: set[int] = set()
+    won: set[int] = set()
+    used: set[tuple] = set()
+    instances: dict[int, list[tuple]] = {}  # rule -> the old prefixes of its covered leaves
+    for t, like in tflat.items():
+        ranked = []
+        for r, (new, old) in enumerate(rules):
+            m = _match_prefix(new, t)
+            if m is not None:
+                ranked.append(((m[0], _literals(new)), r, m))
+                covered.add(r)
+                if old is not None:
+                    instances.setdefault(r, []).append(_substitute(old, m[1]))
+        if not ranked:
+            continue
+        best = max(rank for rank, _, _ in ranked)
+        top = [(r, m) for rank, r, m in ranked if rank == best]
+        if len(top) > 1:
+            kinds.add("tie")  # and the first of them still pairs the leaf, for its problems
+        (r, (n, caps)), old = top[0], rules[top[0][0]][1]
+        won.add(r)
+        if old is None:
+            continue  # a keep rule
+        s = _substitute(old, caps) + t[n:]
+        if s not in sflat:
+            kinds.add("missing")
+            continue
+        used.add(s)
+        if sflat[s].shape != like.shape:
+            kinds.add("shape")
+            continue
+        grafted[t] = s
+    tnodes, snodes = _node_paths(tflat), _node_paths(sflat)
+    for r, (new, old) in enumerate(rules):
+        if r not in covered:
+            matches = [_match_prefix(new, node) for node in tnodes]
+            found = [m for node, m in zip(tnodes, matches, strict=True) if m and m[0] == len(node)]
+            if not found:
+                kinds.add("unmatched_rule")
+                continue
+            if old is not None and any(_substitute(old, m[1]) not in snodes for m in found):
+                kinds.add("unmatched_rule")
+        elif r not in won and old is not None:
+            if not any(o in snodes for o in instances.get(r, [])):
+                kinds.add("unmatched_rule")
+        if old is None or (r not in covered and "unmatched_rule" in kinds):
+            continue
+        for s in sflat:
+            m = _match_prefix(old, s)
+            if m is None or s in used:
+                continue
+            if _substitute(new, m[1]) + s[m[0] :] not in tflat:
+                kinds.add("unexpected")
+    if not strict:
+        kinds -= {"missing", "unexpected", "unmatched_rule"}
+    return kinds, grafted
+
+
+def _error_type(kinds: set[str]) -> type[tg.GraftError]:
+    if kinds <= {"missing", "unexpected", "unmatched_rule"}:
+        return tg.PathNotFoundError
+    if kinds <= {"shape"}:
+        return tg.MismatchError
+    if kinds == {"tie"}:
+        return tg.MappingError
+    return tg.GraftError
+
+
+@st.composite
+def _skeleton(draw) -> dict:
+    """A module: {name: (shape, dtype)}, perhaps with an 'attn' level of its own."""
+    def leaves(min_size: int) -> dict:
+        names = draw(st.lists(st.sampled_from(_NAMES), min_size=min_size, max_size=3,
+                              unique=True))
+        return {n: (draw(st.sampled_from(_SHAPES_M)), draw(st.sampled_from(_DTYPES_M)))
+                for n in names}
+
+    module = leaves(1)
+    if draw(st.booleans()):
+        module["attn"] = leaves(1)
+    return module
+
+
+def _count(skeleton: dict) -> int:
+    return sum(_count(v) if isinstance(v, dict) else 1 for v in skeleton.values())
+
+
+def _build(skeleton: dict, seed: int, kinds: list[str] | None) -> dict:
+    """The module's leaves, valued by seed; kinds[i] places the i-th (else numpy)."""
+    out = {}
+    for name, spec in skeleton.items():
+        if isinstance(spec, dict):
+            out[name] = _build(spec, seed + 100, kinds)
+            continue
+        shape, dtype = spec
+        value = (np.arange(int(np.prod(shape))).reshape(shape) + seed).astype(dtype)
+        kind = kinds.pop() if kinds else "numpy"
+        if kind == "abstract":
+            out[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=_SHARDING)
+        elif kind == "jax":
+            out[name] = jax.device_put(value, _SHARDING)
+        else:
+            out[name] = value
+    return out
+
+
+def _leaf_paths(skeleton: dict) -> list[tuple]:
+    return [(k, *rest) if rest else (k,) for k, v in skeleton.items()
+            for rest in (_leaf_paths(v) if isinstance(v, dict) else [()])]
+
+
+@st.composite
+def modelled_grafts(draw):
+    module = draw(_skeleton())
+    n = draw(st.integers(1, 3))
+    place = st.sampled_from(["numpy", "numpy", "jax", "abstract"])
+    def placed(seed: int) -> dict:
+        return _build(module, seed, [draw(place) for _ in range(_count(module))])
+
+    state = {"enc": placed(0), "dec": {f"layers_{i}": placed(10 * (i + 1)) for i in range(n)}}
+    n_src = draw(st.sampled_from([n, n, n, 1, 2, 3]))
+    source = {"enc": _build(module, 1000, None),
+              "dec": {f"layers_{i}": _build(module, 1000 + 10 * (i + 1), None)
+                      for i in range(n_src)}}
+    where = draw(st.sampled_from(["enc"] + [f"layers_{i}" for i in range(n_src)]))
+    sub = source["enc"] if where == "enc" else source["dec"][where]
+    change = draw(st.sampled_from([None, None, None, "drop", "extra", "reshape"]))
+    leaf = draw(st.sampled_from(_leaf_paths(module)))
+    holder = sub[leaf[0]] if len(leaf) == 2 else sub
+    if change == "drop" and _count(module) > 1 and len(holder) > 1:
+        del holder[leaf[-1]]
+    elif change == "extra":
+        holder["extra"] = np.zeros(3, np.float32)
+    elif change == "reshape":
+        holder[leaf[-1]] = np.zeros((5,), holder[leaf[-1]].dtype)
+    pre = _lit("pre") if draw(st.integers(0, 3)) == 0 else ()
+    if pre:
+        source = {"pre": source}
+    k = draw(st.integers(0, 2))
+    name = draw(st.sampled_from(_NAMES))
+    layer = ("dec", f"layers_{k}")
+    menu: list[tuple[Pat, Pat | None]] = [
+        ((("lit", "dec"), ("glob", "layers_")), pre + (("lit", "dec"), ("glob", "layers_"))),
+        ((("lit", "dec"), ("one",)), pre + (("lit", "dec"), ("one",))),  # ties the one above
+        (_lit(*layer), pre + _lit("enc")),
+        (_lit("enc"), pre + _lit(*layer)),
+        ((("any",),), pre + (("any",),)),
+        (_lit("dec"), pre + _lit("dec")),
+        ((), pre),
+        (_lit(*layer, *leaf), pre + _lit("enc", *leaf)),
+        ((("any",), ("lit", name)), pre + (("any",), ("lit", name))),
+        ((("one",), *_lit(*leaf)), pre + (("one",), *_lit(*leaf))),
+        (_lit(*layer), None),
+    ]
+    chosen = draw(st.lists(st.sampled_from(range(len(menu))), min_size=1, max_size=3,
+                           unique=True))
+    rules = {_pattern_text(menu[c][0]): menu[c] for c in chosen}
+    mapping = {new: None if old is None else _pattern_text(old)
+               for new, (_, old) in rules.items()}
+    return state, source, mapping, list(rules.values()), draw(st.booleans())
+
+
+@given(modelled_grafts())
+def test_random_graft_matches_the_reference_model(case):
+    state, source, mapping, rules, strict = case
+    snaps = trees.snapshot(state), trees.snapshot(source)
+    kinds, grafted = _predict(state, source, rules, strict)
+    hypothesis.note(f"mapping {mapping}, strict={strict}: predicted problems {sorted(kinds)}")
+    if kinds:
+        expected = _error_type(kinds)
+        hypothesis.event(f"predicted: {expected.__name__}")
+        with pytest.raises(tg.GraftError) as info:
+            tg.graft(state, source, mapping, strict=strict)
+        check_graft_error(info.value)
+        assert type(info.value) is expected, info.value
+        assert {p.kind for p in info.value.problems} == kinds, info.value
+    else:
+        hypothesis.event("predicted: success")
+        p = tg.plan(state, source, mapping, strict=strict)
+        out = tg.graft(state, source, mapping, strict=strict)
+        assert {e.target.parts: e.source.parts for e in p.entries} == grafted
+        assert jax.tree.structure(out) == jax.tree.structure(state)
+        flat_src = tg.flatten(source)
+        for path, like in tg.flatten(state).items():
+            got = tg.extract(out, path)
+            if path.parts not in grafted:
+                assert got is like, path
+                continue
+            assert_placed_like(got, like)
+            np.testing.assert_array_equal(
+                np.asarray(got), np.asarray(flat_src[tg.Path(grafted[path.parts])])
+            )
+    trees.assert_unchanged(state, snaps[0])
+    trees.assert_unchanged(source, snaps[1])

@@ -14,33 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import trees
+from helpers import (
+    assert_owns_buffers,
+    assert_placed_like,
+    assert_trees_equal,
+    attention,
+    f32,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
 import treegraft as tg
-
-
-def f32(*shape, value=0.0):
-    return np.full(shape, value, np.float32)
-
-
-def block(value=0.0):
-    return {"attn": {"kernel": f32(4, 2, value=value), "bias": f32(2, value=value)}}
-
-
-def assert_trees_equal(a: Any, b: Any) -> None:
-    """Same treedef, and per leaf the same type, shape, dtype and values."""
-    la, da = jax.tree.flatten(a)
-    lb, db = jax.tree.flatten(b)
-    assert da == db
-    for x, y in zip(la, lb, strict=True):
-        assert type(x) is type(y) or (isinstance(x, jax.Array) and isinstance(y, jax.Array))
-        if hasattr(x, "shape"):
-            assert x.shape == y.shape and x.dtype == y.dtype
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-        else:
-            assert x == y
-
 
 # ----------------------------------------------------------------------------
 # Kauldron's scenarios.
@@ -51,8 +35,8 @@ def kauldron_state():
     return {
         "step": 0,
         "params": {
-            "encoder": block(),
-            "decoder": {"layers_0": block(), "layers_1": block()},
+            "encoder": attention(),
+            "decoder": {"layers_0": attention(), "layers_1": attention()},
         },
         "collections": {},
         "opt_state": ({"mu": {"w": f32(2)}}, None),
@@ -63,8 +47,8 @@ def kauldron_checkpoint():
     return {
         "step": 1000,
         "params": {
-            "encoder": block(1.0),
-            "decoder": {"layers_0": block(2.0), "layers_1": block(3.0)},
+            "encoder": attention(1.0),
+            "decoder": {"layers_0": attention(2.0), "layers_1": attention(3.0)},
         },
         "collections": {},
         "opt_state": [{"mu": {"w": f32(2, value=9.0)}}, None],
@@ -170,8 +154,8 @@ def test_checkpoint_lists_fill_state_tuples():
 
 
 def test_glob_rule_copies_layer_by_layer():
-    state = {"dec": {f"layers_{i}": block() for i in range(3)}}
-    source = {"enc": {f"layers_{i}": block(float(i + 1)) for i in range(3)}}
+    state = {"dec": {f"layers_{i}": attention() for i in range(3)}}
+    source = {"enc": {f"layers_{i}": attention(float(i + 1)) for i in range(3)}}
     out = tg.graft(state, source, {"dec.layers_*": "enc.layers_*"})
     for i in range(3):
         np.testing.assert_array_equal(
@@ -180,8 +164,8 @@ def test_glob_rule_copies_layer_by_layer():
 
 
 def test_one_source_subtree_into_several_targets():
-    state = {"dec": {"l0": block(), "l1": block(), "l2": block()}}
-    source = {"enc": block(4.0)}
+    state = {"dec": {"l0": attention(), "l1": attention(), "l2": attention()}}
+    source = {"enc": attention(4.0)}
     out = tg.graft(state, source, {"dec.l0": "enc", "dec.l2": "enc"})
     np.testing.assert_array_equal(out["dec"]["l0"]["attn"]["bias"], f32(2, value=4.0))
     np.testing.assert_array_equal(out["dec"]["l2"]["attn"]["bias"], f32(2, value=4.0))
@@ -189,15 +173,18 @@ def test_one_source_subtree_into_several_targets():
 
 
 def test_overlapping_rules_most_specific_wins_in_values():
-    state = {"dec": {"layers_0": block(), "layers_1": block()}}
-    source = {"dec": {"layers_0": block(1.0), "layers_1": block(2.0)}, "enc": block(9.0)}
+    state = {"dec": {"layers_0": attention(), "layers_1": attention()}}
+    source = {
+        "dec": {"layers_0": attention(1.0), "layers_1": attention(2.0)},
+        "enc": attention(9.0),
+    }
     out = tg.graft(state, source, {"dec.layers_*": "dec.layers_*", "dec.layers_1": "enc"})
     np.testing.assert_array_equal(out["dec"]["layers_0"]["attn"]["bias"], f32(2, value=1.0))
     np.testing.assert_array_equal(out["dec"]["layers_1"]["attn"]["bias"], f32(2, value=9.0))
 
 
 def test_overlapping_rules_tie_is_an_error_and_state_is_unchanged():
-    state = {"dec": {"layers_0": block()}}
+    state = {"dec": {"layers_0": attention()}}
     snap = trees.snapshot(state)
     with pytest.raises(tg.MappingError, match=r"'dec\.\*' <- 'dec\.\*' and 'dec\.layers_\*'"):
         tg.graft(state, state, {"dec.*": "dec.*", "dec.layers_*": "dec.layers_*"})
@@ -445,8 +432,8 @@ class FakeCheckpoint(tg.Source):
 
 
 def test_lazy_source_reads_each_needed_leaf_once():
-    ckpt = FakeCheckpoint({"enc": block(2.0), "other": {"big": f32(100)}})
-    state = {"dec": {"l0": block(), "l1": block()}}
+    ckpt = FakeCheckpoint({"enc": attention(2.0), "other": {"big": f32(100)}})
+    state = {"dec": {"l0": attention(), "l1": attention()}}
     p = tg.plan(state, ckpt, {"dec.l0": "enc", "dec.l1": "enc"})
     assert ckpt.requests == []
     assert p.nbytes == (8 + 2) * 4
@@ -602,18 +589,6 @@ def _expected(state, source, mapping):
     return out
 
 
-def _assert_placed_like(got, like):
-    if isinstance(like, jax.Array):
-        assert isinstance(got, jax.Array)
-        assert got.sharding == like.sharding
-    elif isinstance(like, np.ndarray):
-        assert type(got) is np.ndarray
-    else:
-        assert type(got) is type(like)
-    if hasattr(like, "shape"):
-        assert got.shape == like.shape and got.dtype == like.dtype
-
-
 @given(grafts())
 def test_graft_property_matches_reference_and_preserves_placement(case):
     state, source, mapping = case
@@ -625,7 +600,7 @@ def test_graft_property_matches_reference_and_preserves_placement(case):
     assert list(flat_out) == list(flat_in)
     for path, like in flat_in.items():
         got = flat_out[path]
-        _assert_placed_like(got, like)
+        assert_placed_like(got, like)
         want = expected[path]
         if want is None:
             assert got is like
@@ -707,7 +682,7 @@ def test_graft_property_with_globs_ties_and_keep_rules_matches_the_reference(cas
         if want[0] != "copy":
             assert got is like
             continue
-        _assert_placed_like(got, like)
+        assert_placed_like(got, like)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(flat_src[want[1]]))
     trees.assert_unchanged(state, snaps[0])
     trees.assert_unchanged(source, snaps[1])
@@ -730,7 +705,7 @@ def test_graft_property_identity_mapping_from_itself(state):
     out = tg.graft(state, state, {"": ""})
     assert_trees_equal(out, state)
     for got, like in zip(jax.tree.leaves(out), jax.tree.leaves(state), strict=True):
-        _assert_placed_like(got, like)
+        assert_placed_like(got, like)
     trees.assert_unchanged(state, snap)
 
 
@@ -801,11 +776,8 @@ def test_one_layer_into_many_then_a_donating_step():
     out = tg.graft(state, {"enc": layer}, {f"layers[{i}]": "enc" for i in range(3)})
     ws = [out["layers"][i]["w"] for i in range(3)]
     assert len({id(w) for w in ws}) == 3
-    pointers = [{s.data.unsafe_buffer_pointer() for s in w.addressable_shards} for w in ws]
-    source_pointers = {s.data.unsafe_buffer_pointer() for s in layer["w"].addressable_shards}
-    for i, p in enumerate(pointers):
-        assert not p & source_pointers
-        assert not any(p & q for q in pointers[i + 1 :])
+    for i, w in enumerate(ws):
+        assert_owns_buffers(w, layer["w"], *ws[i + 1 :])
     bs = [out["layers"][i]["b"] for i in range(3)]
     assert not any(np.shares_memory(b, layer["b"]) for b in bs)
     assert not np.shares_memory(bs[0], bs[1])

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from helpers import assert_leaves_equal
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -32,13 +33,6 @@ def save(path: Any, tree: Any) -> str:
     checkpointer.wait_until_finished()
     checkpointer.close()
     return path
-
-
-def assert_same_values(a: Any, b: Any) -> None:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb) > 0
-    for x, y in zip(la, lb, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def assert_differ(a: Any, b: Any) -> None:
@@ -529,11 +523,11 @@ def test_linen_train_state_with_chained_adamw(from_checkpoint, tmp_path):
     assert type(new) is type(state) and new.tx is state.tx and new.apply_fn is state.apply_fn
     assert jax.tree.structure(new) == jax.tree.structure(state)
     assert int(new.step) == 2
-    assert_same_values(new.params["encoder"], pretrained.params["encoder"])
+    assert_leaves_equal(new.params["encoder"], pretrained.params["encoder"])
     adam, fresh = new.opt_state[1][0], state.opt_state[1][0]
     assert type(adam) is type(fresh)  # ScaleByAdamState, though orbax saved a dict
-    assert_same_values(adam.mu["encoder"], pretrained.opt_state[1][0].mu["encoder"])
-    assert_same_values(adam.nu["encoder"], pretrained.opt_state[1][0].nu["encoder"])
+    assert_leaves_equal(adam.mu["encoder"], pretrained.opt_state[1][0].mu["encoder"])
+    assert_leaves_equal(adam.nu["encoder"], pretrained.opt_state[1][0].nu["encoder"])
     assert new.params["head"]["kernel"] is state.params["head"]["kernel"]
     assert adam.mu["head"]["kernel"] is fresh.mu["head"]["kernel"]
 
@@ -594,7 +588,7 @@ def test_equinox_module_from_memory(eqx, mapping):
     assert type(new) is type(model)
     assert new.activation is model.activation  # non-array leaves are untouched
     for i in range(3):
-        assert_same_values(new.layers[i], pretrained.layers[i])
+        assert_leaves_equal(new.layers[i], pretrained.layers[i])
     assert new.layers[3].weight is model.layers[3].weight
     np.testing.assert_allclose(hidden(new, X[0]), hidden(pretrained, X[0]), rtol=1e-6)
     assert jax.vmap(new)(X).shape == (2, 3)
@@ -613,7 +607,7 @@ def test_equinox_from_orbax_save_of_partition(eqx, mapping, tmp_path):
     assert jax.tree.structure(new_params) == jax.tree.structure(target)
     new = eqx.combine(new_params, static)
     for i in range(3):
-        assert_same_values(new.layers[i], pretrained.layers[i])
+        assert_leaves_equal(new.layers[i], pretrained.layers[i])
 
     @eqx.filter_jit
     def loss(m, x):

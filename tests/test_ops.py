@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import buffer_pointers
 from hypothesis import given
 from hypothesis import strategies as st
 from kauldron_run import TrainState, train_state, write_item, write_run
@@ -412,10 +413,6 @@ def test_loader_unstacks_params_and_adam_state_in_both_phases(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def _pointers(x: jax.Array) -> list[int]:
-    return [s.data.unsafe_buffer_pointer() for s in x.addressable_shards]
-
-
 @pytest.mark.parametrize("from_checkpoint", [False, True], ids=["memory", "checkpoint"])
 def test_operation_results_own_their_buffers_and_can_be_donated(tmp_path, from_checkpoint):
     stacked = {"w": np.arange(3 * 8, dtype=np.float32).reshape(3, 8)}
@@ -427,7 +424,7 @@ def test_operation_results_own_their_buffers_and_can_be_donated(tmp_path, from_c
     like["t"] = np.zeros((8, 3), np.float32)
     mapping = {"l*": tg.unstack("w", axis=0), "t": tg.transpose("w", (1, 0))}
     new = tg.graft(like, source, mapping)
-    pointers = [p for i in range(3) for p in _pointers(new[f"l{i}"])]
+    pointers = [p for i in range(3) for p in buffer_pointers(new[f"l{i}"])]
     assert len(set(pointers)) == len(pointers) == 3 * 8  # every shard of every leaf its own
     assert not np.shares_memory(new["t"], stacked["w"])
     donated = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)(

@@ -495,29 +495,42 @@ def test_round_trip_of_every_flattened_path(tree):
         assert parse_path(str(path)) == path
 
 
-_GRAMMAR_TEXT = st.text(alphabet="ab_09.[]'\"*- \\eN\t", max_size=14)
+_TEXT = trees.path_texts()
 _PART_TYPES = (str, int, float, bool, type(None))
 
 
-@given(st.one_of(st.text(max_size=24), _GRAMMAR_TEXT))
-def test_random_text_parses_or_raises_path_syntax_error(text):
+def _check_syntax_error(e: PathSyntaxError, text: str) -> None:
+    message = str(e)
+    assert isinstance(e, GraftError) and isinstance(e, ValueError)
+    assert message.startswith(f"invalid path {text!r}: {e.reason} at column {e.column + 1}")
+    assert 0 <= e.column <= len(text)
+    # The caret line ends the message and points at the column under the text.
+    assert message.endswith("\n" + " " * (e.column + 2) + "^")
+
+
+@given(_TEXT)
+def test_parse_path_raises_only_path_syntax_error(text):
     try:
         path = parse_path(text)
     except PathSyntaxError as e:
-        assert str(e).startswith(f"invalid path {text!r}: ")
-        assert 0 <= e.column <= len(text)
+        _check_syntax_error(e, text)
     else:
         assert all(type(p) in _PART_TYPES for p in path.parts)
         assert parse_path(str(path)) == path
+        assert str(parse_path(str(path))) == str(path)
 
 
-@given(st.one_of(st.text(max_size=24), _GRAMMAR_TEXT))
-def test_random_text_into_parse_pattern(text):
+@given(_TEXT)
+def test_parse_pattern_raises_only_path_syntax_error(text):
     try:
         pattern = parse_pattern(text)
     except PathSyntaxError as e:
-        assert str(e).startswith(f"invalid path {text!r}: ")
-        assert 0 <= e.column <= len(text)
+        _check_syntax_error(e, text)
     else:
-        assert parse_pattern(str(pattern)) == pattern
-        assert str(parse_pattern(str(pattern))) == str(pattern)
+        again = parse_pattern(str(pattern))
+        assert again == pattern
+        assert str(again) == str(pattern)
+        assert again.wildcards() == pattern.wildcards()
+        # A pattern without wildcards is a path, and both read the text alike.
+        if pattern.is_literal:
+            assert pattern.as_path() == parse_path(text)

@@ -8,20 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import block, f32
 
 import treegraft as tg
-
-
-def f32(*shape, value=0.0):
-    return np.full(shape, value, np.float32)
-
-
-def block(value=0.0):
-    """A small transformer-ish block: two levels of nesting below its root."""
-    return {
-        "attn": {"q": {"kernel": f32(4, 2, value=value), "bias": f32(2, value=value)}},
-        "norm": {"scale": f32(4, value=value)},
-    }
 
 
 def model_state():

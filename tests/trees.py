@@ -437,3 +437,23 @@ def parts() -> st.SearchStrategy[Any]:
 def paths(*, max_size: int = 5) -> st.SearchStrategy[Path]:
     """Paths of up to max_size parts drawn from `parts()`."""
     return st.lists(parts(), max_size=max_size).map(Path)
+
+
+# Tokens of the path grammar: glued at random, they reach deep into the scanner far
+# more often than uniform text does.
+_TOKENS = [
+    ".", "..", "[", "]", "[0]", "[-1]", "['", "']", '["', '"]', "'", '"', "\\", "\\'",
+    "*", "**", "***", "a", "_b", "layers_", "0", "12", "1.5", "1e3", "-", "None",
+    "True", "False", " ", "\t", "\n", "é", "ß", "x.y", "[None]", "[1.5.2]", "[b]",
+    "['x.y']", "b'x'", "\x00",
+]
+_GRAMMAR_ALPHABET = "ab_09.[]'\"*- \\eN\t"
+
+
+def path_texts() -> st.SearchStrategy[str]:
+    """Text for the path parsers: uniform, over the grammar's alphabet, or glued tokens."""
+    return st.one_of(
+        st.text(max_size=40),
+        st.text(alphabet=_GRAMMAR_ALPHABET, max_size=14),
+        st.lists(st.sampled_from(_TOKENS), max_size=12).map("".join),
+    )
