@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from treegraft._errors import MappingError
+from treegraft._errors import GraftError, MappingError
 from treegraft._parse.paths import Part, Path, render_parts, scan
 
 __all__ = ["Pattern", "parse_pattern"]
@@ -155,10 +155,10 @@ class Pattern:
         """The plain path of a literal pattern.
 
         Raises:
-          ValueError: the pattern has wildcards.
+          GraftError: the pattern has wildcards (a `ValueError`).
         """
         if not self._is_literal:
-            raise ValueError(f"pattern {self.text!r} has wildcards")
+            raise GraftError(f"pattern {self.text!r} has wildcards")
         return Path(s.value for s in self._segs)
 
     def wildcards(self) -> tuple[str, ...]:

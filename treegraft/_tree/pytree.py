@@ -12,7 +12,7 @@ from typing import Any
 
 from jax import tree_util
 
-from treegraft._errors import MismatchError, PathNotFoundError, TreeError, suggest
+from treegraft._errors import GraftError, PathNotFoundError, Problem, TreeError, suggest
 from treegraft._parse.paths import Part, Path, key_to_part, parse_path, render_parts
 from treegraft._tree import leaves as _leaves
 from treegraft._tree import nnx as _nnx
@@ -495,35 +495,38 @@ def insert(tree: Any, path: str | Path, subtree: Any, /, *, is_leaf: IsLeaf = No
     new_by_suffix = dict(zip(new_paths, new_leaves, strict=True))
     n = len(prefix)
     out = list(leaves)
-    problems: list[str] = []
+    problems: list[Problem] = []
+
+    def problem(parts: tuple[Part, ...], what: str) -> None:
+        problems.append(Problem("insert", f"{render_parts(parts)!r}: {what}", target=Path(parts)))
+
     used: set[tuple[Part, ...]] = set()
     for i, parts in enumerate(paths):
         if parts[:n] != prefix or tuple(map(type, parts[:n])) != tuple(map(type, prefix)):
             continue
         suffix = parts[n:]
         if suffix not in new_by_suffix:
-            problems.append(f"  {render_parts(parts)!r}: in the tree, missing from the subtree")
+            problem(parts, "in the tree, missing from the subtree")
             continue
         used.add(suffix)
         new = new_by_suffix[suffix]
-        old_spec, new_spec = _leaves.spec_of(leaves[i]), _leaves.spec_of(new)
-        why = _leaves.mismatch(old_spec, new_spec)
+        tree_spec, sub_spec = _leaves.spec_of(leaves[i]), _leaves.spec_of(new)
+        why = _leaves.mismatch(tree_spec, sub_spec)
         if why is not None:
-            problems.append(
-                f"  {render_parts(parts)!r}: {why} differs: in the tree "
-                f"{_leaves.describe(old_spec)}, in the subtree {_leaves.describe(new_spec)}"
+            problem(
+                parts,
+                f"{why} differs: in the tree {_leaves.describe(tree_spec)}, "
+                f"in the subtree {_leaves.describe(sub_spec)}",
             )
         out[i] = new
     for suffix in new_by_suffix:
         if suffix not in used:
-            problems.append(
-                f"  {render_parts(prefix + suffix)!r}: in the subtree, not a leaf of the tree"
-            )
+            problem(prefix + suffix, "in the subtree, not a leaf of the tree")
     if problems:
-        raise MismatchError(
-            f"cannot insert at {str(p)!r}: the subtree differs from the one it replaces "
-            f"({len(problems)} problem(s)):\n" + "\n".join(problems),
-            problems=problems,
+        raise GraftError.from_problems(
+            problems,
+            header=f"cannot insert at {str(p)!r}: the subtree differs from the one it replaces "
+            f"({len(problems)} problem(s)):",
         )
     return treedef.unflatten(out)
 
