@@ -485,7 +485,10 @@ def test_insert_mismatch_shape_dtype_missing_extra():
         "  'a.w': dtype differs: in the tree bfloat16[3], in the subtree float32[3]\n"
         "  'a.e': in the subtree, not a leaf of the tree"
     )
-    assert info.value.problems == tuple(str(info.value).split("\n")[1:])
+    problems = info.value.problems
+    assert tuple("  " + p.message for p in problems) == tuple(str(info.value).split("\n")[1:])
+    assert {p.kind for p in problems} == {"insert"}
+    assert [str(p.target) for p in problems] == ["a.b", "a.c", "a.d", "a.w", "a.e"]
 
 
 @pytest.mark.parametrize(

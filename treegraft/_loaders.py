@@ -1,27 +1,32 @@
-"""Init transforms compatible with Kauldron's `kd.ckpts`, built on graft.
+"""Checkpoint loaders compatible with Kauldron's `kd.ckpts`, built on graft.
 
 A Kauldron trainer calls `transform(state)` on the freshly initialised
 `TrainState` (whose `opt_state` is still None), builds the optimizer state, then
 calls `transform_after_optimizer(state)`. These classes keep Kauldron's names,
-fields and defaults, need no Kauldron install, and add treegraft's checks.
+fields and defaults, need no Kauldron install, and add treegraft's checks. The
+base class and the simple transforms are in `treegraft._transforms`,
+re-exported here.
 """
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 from typing import Any, TypeVar
 
-from treegraft._errors import MappingError
+# Only treegraft's public API (names that `treegraft/__init__.py` exports): a
+# loader is what a user could write on top of `plan` and `execute`.
+from treegraft._errors import GraftError, MappingError
 from treegraft._graft import execute
-from treegraft._multihost import plan_on_every_process
 from treegraft._parse.paths import Path
 from treegraft._parse.patterns import Pattern, parse_pattern
-from treegraft._plan import GraftPlan, plan
+from treegraft._plan import plan
 from treegraft._read.kauldron import KauldronCheckpoint
+from treegraft._transforms import AbstractPartialLoader as AbstractPartialLoader
+from treegraft._transforms import InitTransform as InitTransform
+from treegraft._transforms import MultiTransform as MultiTransform
+from treegraft._transforms import NoopTransform as NoopTransform
 
 __all__ = [
     "InitTransform",
@@ -34,122 +39,6 @@ __all__ = [
 
 _T = TypeVar("_T")
 _OPT = "opt_state"
-
-
-class InitTransform(abc.ABC):
-    """Base of the transforms applied to a state when training starts.
-
-    A transform may change values, never the structure, shapes or dtypes, and
-    keeps each leaf's sharding.
-    """
-
-    @abc.abstractmethod
-    def transform(self, state: _T) -> _T:
-        """Returns the state with new values, before the optimizer exists."""
-
-    def transform_after_optimizer(self, state: _T) -> _T:
-        """Returns the state with new values, once the optimizer state exists."""
-        return state
-
-
-AbstractPartialLoader = InitTransform
-
-
-@dataclasses.dataclass(frozen=True)
-class NoopTransform(InitTransform):
-    """A transform that returns the state unchanged.
-
-    Example:
-      >>> import treegraft as tg
-      >>> tg.NoopTransform().transform({'a': 1})
-      {'a': 1}
-    """
-
-    def transform(self, state: _T) -> _T:
-        return state
-
-
-class MultiTransform(InitTransform):
-    """Applies named transforms in order, in both phases.
-
-    An error is re-raised with the failing transform's name as a prefix.
-
-    Example:
-      >>> import treegraft as tg
-      >>> t = tg.MultiTransform(first=tg.NoopTransform(), second=tg.NoopTransform())
-      >>> t.transform({'a': 1})
-      {'a': 1}
-    """
-
-    def __init__(self, **transforms: InitTransform):
-        for name, t in transforms.items():
-            if not isinstance(t, InitTransform) and not (
-                hasattr(t, "transform") and hasattr(t, "transform_after_optimizer")
-            ):
-                raise TypeError(
-                    f"MultiTransform: {name!r} is a {type(t).__name__}, not an init transform "
-                    "(it needs transform and transform_after_optimizer)"
-                )
-        self.transforms: Mapping[str, InitTransform] = MappingProxyType(dict(transforms))
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.transforms.items())
-        return f"MultiTransform({inner})"
-
-    def transform(self, state: _T) -> _T:
-        for name, t in self.transforms.items():
-            state = _named(name, t.transform, state)
-        return state
-
-    def transform_after_optimizer(self, state: _T) -> _T:
-        for name, t in self.transforms.items():
-            state = _named(name, t.transform_after_optimizer, state)
-        return state
-
-
-def _named(name: str, fn: Any, state: Any) -> Any:
-    try:
-        return fn(state)
-    except Exception as e:
-        new = _prefixed(e, f"init_transform {name!r} failed: ")
-        if new is None:  # an exception type that cannot be rebuilt
-            e.add_note(f"init_transform {name!r} failed")
-            raise
-        raise new from e
-
-
-def _prefixed(e: Exception, prefix: str) -> Exception | None:
-    """A copy of e (same class and attributes) whose message starts with prefix.
-
-    Built without calling `__init__`, whose signature may differ from the
-    exception's args (e.g. `PathSyntaxError(text, column, reason)`).
-    """
-    cls = type(e)
-    try:
-        new = _blank(cls)
-        new.__dict__.update(e.__dict__)
-        new.args = (prefix + str(e),)
-        if isinstance(getattr(e, "message", None), str):
-            new.message = prefix + e.message  # type: ignore[attr-defined]
-        if isinstance(e, OSError):
-            # Keep errno; leave strerror unset so that str() is the new message.
-            new.errno = e.errno  # type: ignore[attr-defined]
-    except Exception:
-        return None
-    return new
-
-
-def _blank(cls: type[Exception]) -> Exception:
-    # cls.__new__ may be a base's that refuses the layout of another base (a
-    # GraftError that is also a FileNotFoundError): take the first that accepts it.
-    error: Exception | None = None
-    for base in cls.__mro__:
-        if "__new__" in vars(base):
-            try:
-                return base.__new__(cls)  # type: ignore[no-any-return, call-overload]
-            except TypeError as e:
-                error = e
-    raise error or TypeError(f"cannot create {cls.__name__}")
 
 
 class FrozenMapping(Mapping[str, str]):
@@ -249,12 +138,6 @@ class PartialKauldronLoader(InitTransform):
     ignore_model_keys: Sequence[str] = ()
     ignore_restored_keys: Sequence[str] = ()
     lightweight_initialize: bool = False
-    _source: list[KauldronCheckpoint] = dataclasses.field(
-        default_factory=list, init=False, repr=False, compare=False
-    )
-    _unused_ignores: list[set[str]] = dataclasses.field(
-        default_factory=list, init=False, repr=False, compare=False
-    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.new_to_old, Mapping):
@@ -263,6 +146,14 @@ class PartialKauldronLoader(InitTransform):
                 f"{type(self.new_to_old).__name__}"
             )
         _frozen_fields(self)
+        # Not a field: no part of the loader's value (equality, hash, repr).
+        object.__setattr__(self, "_between_calls", _Carried())
+
+    @property
+    def _carried(self) -> _Carried:
+        """What the loader carries between its calls (set in `__post_init__`)."""
+        carried: _Carried = self.__dict__["_between_calls"]
+        return carried
 
     def __enter__(self) -> PartialKauldronLoader:
         return self
@@ -272,8 +163,9 @@ class PartialKauldronLoader(InitTransform):
 
     def close(self) -> None:
         """Releases the opened checkpoint, if any (opens nothing itself)."""
-        while self._source:
-            self._source.pop().close()
+        checkpoint, self._carried.checkpoint = self._carried.checkpoint, None
+        if checkpoint is not None:
+            checkpoint.close()
 
     def _split(self) -> tuple[dict[str, str], dict[str, str]]:
         if not self.new_to_old:
@@ -291,36 +183,33 @@ class PartialKauldronLoader(InitTransform):
         return first, after
 
     def _checkpoint(self) -> KauldronCheckpoint:
-        if not self._source:
-            self._source.append(KauldronCheckpoint(self.workdir, step=self.step))
-        return self._source[0]
+        if self._carried.checkpoint is None:
+            self._carried.checkpoint = KauldronCheckpoint(self.workdir, step=self.step)
+        return self._carried.checkpoint
 
     def _graft(self, state: Any, mapping: dict[str, str], *, last: bool) -> Any:
-        earlier = self._unused_ignores[0] if self._unused_ignores else None
-
-        def make_plan() -> GraftPlan:
-            p = plan(
-                state,
-                self._checkpoint(),
-                mapping,
-                ignore_model_keys=self.ignore_model_keys,
-                ignore_restored_keys=self.ignore_restored_keys,
-                # A single phase checks its patterns in plan, with all other problems.
-                check_ignores=last and earlier is None,
-            )
-            unused = {
-                pr.pattern for pr in p.report if pr.kind == "unmatched_ignore" and pr.pattern
-            }
-            if earlier is not None:
-                unused &= earlier
-                self._unused_ignores.clear()
-            if last:
-                _raise_unused(p, unused)
-            else:
-                self._unused_ignores.append(unused)
-            return p
-
-        return execute(plan_on_every_process(state, make_plan))
+        earlier = self._carried.unused_ignores
+        p = plan(
+            state,
+            self._checkpoint(),
+            mapping,
+            ignore_model_keys=self.ignore_model_keys,
+            ignore_restored_keys=self.ignore_restored_keys,
+            # A single phase checks its patterns in plan, with all other problems.
+            check_ignores=last and earlier is None,
+        )
+        unmatched = [pr for pr in p.report if pr.kind == "unmatched_ignore"]
+        unused = {pr.pattern for pr in unmatched if pr.pattern is not None}
+        if earlier is not None:
+            unused &= earlier
+            self._carried.unused_ignores = None
+        if not last:
+            self._carried.unused_ignores = unused
+        elif unused:
+            # A pattern is unused when no phase matched it.
+            problems = [pr for pr in unmatched if pr.pattern in unused]
+            raise GraftError.from_problems(problems, rules=len(p.rules))
+        return execute(p)
 
     def transform(self, state: _T) -> _T:
         """Grafts every entry whose new path is not under `opt_state`."""
@@ -337,14 +226,21 @@ class PartialKauldronLoader(InitTransform):
         return self._graft(state, after, last=True)
 
 
-def _raise_unused(p: Any, unused: set[str]) -> None:
-    problems = [
-        pr for pr in p.report if pr.kind == "unmatched_ignore" and pr.pattern in unused
-    ]
-    if problems:
-        from treegraft._plan import raise_problems
+class _Carried:
+    """What a loader carries between its calls, kept out of its fields.
 
-        raise_problems(problems, len(p.rules))
+    Attributes:
+      checkpoint: the checkpoint opened by the first call, until `close()`.
+      unused_ignores: the ignore patterns `transform` left unused, for
+        `transform_after_optimizer` to check: a pattern is unused only when
+        neither phase matched it. None outside the two phases.
+    """
+
+    __slots__ = ("checkpoint", "unused_ignores")
+
+    def __init__(self) -> None:
+        self.checkpoint: KauldronCheckpoint | None = None
+        self.unused_ignores: set[str] | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -363,19 +259,20 @@ class SimpleCheckpointLoader(InitTransform):
     workdir: str | os.PathLike[str]
     step: int = -1
     load_opt_state: bool = False
-    _loader: list[PartialKauldronLoader] = dataclasses.field(
-        default_factory=list, init=False, repr=False, compare=False
-    )
 
+    def __post_init__(self) -> None:
+        mapping = dict(_default_new_to_old())
+        if self.load_opt_state:
+            mapping[_OPT] = _OPT
+        # Not a field: no part of the loader's value. It opens nothing until used.
+        partial = PartialKauldronLoader(workdir=self.workdir, new_to_old=mapping, step=self.step)
+        object.__setattr__(self, "_loader", partial)
+
+    @property
     def _partial(self) -> PartialKauldronLoader:
-        if not self._loader:
-            mapping = dict(_default_new_to_old())
-            if self.load_opt_state:
-                mapping[_OPT] = _OPT
-            self._loader.append(
-                PartialKauldronLoader(workdir=self.workdir, new_to_old=mapping, step=self.step)
-            )
-        return self._loader[0]
+        """The loader that does the work (set in `__post_init__`)."""
+        loader: PartialKauldronLoader = self.__dict__["_loader"]
+        return loader
 
     def __enter__(self) -> SimpleCheckpointLoader:
         return self
@@ -385,12 +282,11 @@ class SimpleCheckpointLoader(InitTransform):
 
     def close(self) -> None:
         """Releases the opened checkpoint, if any."""
-        while self._loader:
-            self._loader.pop().close()
+        self._partial.close()
 
     def transform(self, state: _T) -> _T:
         """Grafts params and collections."""
-        return self._partial().transform(state)
+        return self._partial.transform(state)
 
     def transform_after_optimizer(self, state: _T) -> _T:
         """Grafts the optimizer state when `load_opt_state` is set.
@@ -401,14 +297,8 @@ class SimpleCheckpointLoader(InitTransform):
         opt = state.get(_OPT) if isinstance(state, Mapping) else getattr(state, _OPT, None)
         if not self.load_opt_state or opt is None:
             return state
-        return self._partial().transform_after_optimizer(state)
+        return self._partial.transform_after_optimizer(state)
 
 
-for _cls in (
-    InitTransform,
-    NoopTransform,
-    MultiTransform,
-    PartialKauldronLoader,
-    SimpleCheckpointLoader,
-):
+for _cls in (PartialKauldronLoader, SimpleCheckpointLoader):
     _cls.__module__ = "treegraft"

@@ -15,7 +15,14 @@ from typing import Any
 
 import treegraft
 from treegraft._app.display import Style, leaf_rows, render_tree
-from treegraft._errors import CheckpointError, GraftError, MappingError, PathSyntaxError, suggest
+from treegraft._errors import (
+    PATH_CUTOFF,
+    CheckpointError,
+    GraftError,
+    MappingError,
+    PathSyntaxError,
+    suggest,
+)
 from treegraft._parse.paths import render_parts
 from treegraft._parse.patterns import parse_pattern
 from treegraft._parse.rules import parse_ignore, parse_mapping
@@ -206,7 +213,7 @@ def _close_names(pattern: Any, paths: Sequence[tuple[Any, ...]]) -> str:
         text = text[: -len(".**")]
     depth = max(pattern._min_len, 1)  # the segments other than '**'
     names = {render_parts(p[:depth]) for p in paths if len(p) >= depth}
-    return suggest(text, names) if text and text != "**" else ""
+    return suggest(text, names, cutoff=PATH_CUTOFF) if text and text != "**" else ""
 
 
 def _parse_map(entries: Sequence[str]) -> dict[str, Any]:
@@ -317,22 +324,17 @@ def _plan(args: argparse.Namespace, style: Style) -> int:
     return 0
 
 
-def _problems(problems: Sequence[Any]) -> list[dict[str, Any]]:
-    out = []
-    for pr in problems:
-        if isinstance(pr, treegraft.Problem):
-            out.append(
-                {
-                    "kind": pr.kind,
-                    "message": pr.message,
-                    "target": None if pr.target is None else str(pr.target),
-                    "source": None if pr.source is None else str(pr.source),
-                    "rule": pr.rule,
-                }
-            )
-        else:
-            out.append({"kind": "error", "message": str(pr)})
-    return out
+def _problems(problems: Sequence[treegraft.Problem]) -> list[dict[str, Any]]:
+    return [
+        {
+            "kind": pr.kind,
+            "message": pr.message,
+            "target": None if pr.target is None else str(pr.target),
+            "source": None if pr.source is None else str(pr.source),
+            "rule": pr.rule,
+        }
+        for pr in problems
+    ]
 
 
 def _plan_json(p: treegraft.GraftPlan) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft._errors import GraftError, MismatchError
-from treegraft._parse.paths import render_parts
+from treegraft._errors import GraftError, MismatchError, Problem
+from treegraft._parse.paths import Path, render_parts
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.pytree import flatten_parts
 
@@ -314,15 +314,15 @@ def propagate_sharding(values: Any, like: Any, /) -> Any:
     for parts, v, lk in zip(vpaths, vleaves, lleaves, strict=True):
         vspec, lspec = _leaves.spec_of(v), _leaves.spec_of(lk)
         if vspec[0] is not None and lspec[0] is not None and vspec[0] != lspec[0]:
-            bad.append(
-                f"  {render_parts(parts)!r}: in values {_leaves.describe(vspec)}, "
+            message = (
+                f"{render_parts(parts)!r}: in values {_leaves.describe(vspec)}, "
                 f"in like {_leaves.describe(lspec)}"
             )
+            bad.append(Problem("sharding", message, target=Path(parts)))
     if bad:
-        raise MismatchError(
-            f"propagate_sharding: values and like differ in shape ({len(bad)} leaves):\n"
-            + "\n".join(bad[:20]),
-            problems=bad,
+        raise GraftError.from_problems(
+            bad,
+            header=f"propagate_sharding: values and like differ in shape ({len(bad)} leaves):",
         )
     return ldef.unflatten(
         place(vleaves, lleaves, owned=True, name_of=lambda k: render_parts(vpaths[k]))

@@ -5,6 +5,11 @@
     layers_*      one string segment; each `*` matches any run of characters
 
 A pattern is compiled once, when parsed; matching never re-parses.
+
+The module is one job, longer than most: `Pattern` compiles a pattern and
+holds the matchers built from it (a leaf path, a prefix, a subtree, captures
+filled back in), which share the compiled segments and their invariants;
+split, each half would need the other's internals.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from treegraft._errors import MappingError
-from treegraft._parse.paths import Part, Path, render_parts, scan
+from treegraft._errors import GraftError, MappingError
+from treegraft._parse.paths import Part, Path, render_parts
+from treegraft._parse.scan import scan
 
 __all__ = ["Pattern", "parse_pattern"]
 
@@ -155,10 +161,10 @@ class Pattern:
         """The plain path of a literal pattern.
 
         Raises:
-          ValueError: the pattern has wildcards.
+          GraftError: the pattern has wildcards (a `ValueError`).
         """
         if not self._is_literal:
-            raise ValueError(f"pattern {self.text!r} has wildcards")
+            raise GraftError(f"pattern {self.text!r} has wildcards")
         return Path(s.value for s in self._segs)
 
     def wildcards(self) -> tuple[str, ...]:

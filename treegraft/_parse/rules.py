@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from treegraft._errors import MappingError, PathSyntaxError
+from treegraft._errors import GraftError, MappingError, PathSyntaxError, Problem, count
 from treegraft._parse.ops import Operation, Step, flatten_operation
 from treegraft._parse.paths import Path
 from treegraft._parse.patterns import Pattern, parse_pattern
@@ -135,25 +135,25 @@ def parse_mapping(mapping: Any) -> list[Rule]:
             "the mapping is empty: nothing would be grafted; give at least one "
             "{new_path: old_path} entry"
         )
-    problems: list[str] = []
+    problems: list[Problem] = []
     rules: list[Rule] = []
     for index, (new, old) in enumerate(mapping.items()):
         new_text = _as_text(new)
         name = repr(new_text) if new_text is not None else f"{index} (key {new!r})"
         if new_text is None:
-            problems.append(f"  entry {name}: the key is {_a(new)}, not a path string")
+            problems.append(
+                Problem("mapping", f"entry {name}: the key is {_a(new)}, not a path string")
+            )
             if not (old is None or isinstance(old, Operation) or _as_text(old) is not None):
-                problems.append(f"  entry {name}: the value {old!r} is {_a(old)}, not a path")
+                problems.append(
+                    Problem("mapping", f"entry {name}: the value {old!r} is {_a(old)}, not a path")
+                )
             continue
         try:
             rules.append(_compile(new, new_text, old, index))
         except (PathSyntaxError, MappingError) as e:
-            problems.append(f"  entry {name}: " + str(e).replace("\n", "\n    "))
-    if problems:
-        raise MappingError(
-            f"invalid mapping ({_count(len(problems), 'problem')}):\n" + "\n".join(problems),
-            problems=problems,
-        )
+            problems.append(Problem("mapping", f"entry {name}: {e}", pattern=new_text))
+    _raise(problems, "invalid mapping")
     return rules
 
 
@@ -175,23 +175,22 @@ def parse_ignore(patterns: Any, *, name: str) -> list[Pattern]:
             f"{name} must be a sequence of path patterns, got {type(patterns).__name__}"
         ) from None
     out: list[Pattern] = []
-    problems: list[str] = []
+    problems: list[Problem] = []
     for item in items:
         text = _as_text(item)
         if text is None:
-            problems.append(f"  {item!r} is {_a(item)}, not a pattern string")
+            problems.append(Problem("ignore", f"{item!r} is {_a(item)}, not a pattern string"))
             continue
         try:
             out.append(parse_pattern(item if isinstance(item, Pattern | Path) else text))
         except PathSyntaxError as e:
-            problems.append("  " + str(e).replace("\n", "\n    "))
-    if problems:
-        raise MappingError(
-            f"invalid {name} ({_count(len(problems), 'problem')}):\n" + "\n".join(problems),
-            problems=problems,
-        )
+            problems.append(Problem("ignore", str(e), pattern=text))
+    _raise(problems, f"invalid {name}")
     return out
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+def _raise(problems: list[Problem], what: str) -> None:
+    """Raises the MappingError listing problems under the header `what (N problems):`."""
+    if problems:
+        header = f"{what} ({count(len(problems), 'problem')}):"
+        raise GraftError.from_problems(problems, header=header)
