@@ -9,7 +9,7 @@ How pages (README.md and docs/**/*.md) are run, one test per page:
   NORMALIZE_WHITESPACE apply.
 * ```console blocks whose first command is `$ treegraft ...` are terminal
   sessions and run too: `$ ` lines are commands (run in-process with
-  `treegraft._cli.main`), the lines below a command are its expected output
+  `treegraft._app.cli.main`), the lines below a command are its expected output
   (stdout and stderr, ELLIPSIS applies), `$ echo $?` prints the last exit
   status.
 * `~` (`HOME`) is a temporary directory too, shown in outputs as `/home/you`.

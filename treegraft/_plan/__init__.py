@@ -2,7 +2,9 @@
 
     planner.py   `plan`: inputs -> resolve -> prefetch -> a chain of checks -> plan
     context.py   `Inputs`: one run's rules, trees and options, and pure look-ups
-    resolve.py   `resolve` -> `Resolution`: winners, pairs, instances, strays
+    resolve.py   `resolve`: the most specific rule per target leaf, and pairing
+    instances.py rule instances from both sides; source leaves none mirrors
+    resolution.py `Resolution`: what resolve found, immutable, for the checks
     leaves.py    checks of ties, stacks, target leaves without a source, pairs
     coverage.py  checks of unexpected source leaves, rules and ignores that match nothing
     specs.py     what an operation makes of its source's shape and dtype

@@ -11,7 +11,7 @@ from treegraft._errors import PathNotFoundError
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._parse.patterns import Pattern
 from treegraft._plan.problems import Problem, _close_names, _close_paths
-from treegraft._plan.resolve import Resolution
+from treegraft._plan.resolution import Resolution
 from treegraft._tree.index import TreeIndex
 from treegraft._tree.pytree import resolve as resolve_path
 

@@ -26,7 +26,8 @@ from treegraft._parse.rules import parse_ignore, parse_mapping
 from treegraft._plan import coverage, leaves
 from treegraft._plan.context import Inputs
 from treegraft._plan.problems import _KEY_KINDS, Problem, raise_problems
-from treegraft._plan.resolve import Resolution, resolve
+from treegraft._plan.resolution import Resolution
+from treegraft._plan.resolve import resolve
 from treegraft._plan.result import GraftPlan
 from treegraft._read.source import Source
 from treegraft._tree.gc import young_collections_only
@@ -122,9 +123,10 @@ def plan(
                 lazy,
             )
             res = resolve(inputs)
-            if lazy is not None and res.pairs:
-                # The one metadata read: every paired source leaf, in one batch.
-                lazy.prefetch(res.source_leaves())
+            needed = res.source_leaves() if lazy is not None else []
+            if lazy is not None and needed:
+                # The one metadata read: every source leaf a check looks at, in one batch.
+                lazy.prefetch(needed)
             problems = CHECKS(res)
         return _conclude(res, source, problems, strict=strict, check_ignores=check_ignores)
 

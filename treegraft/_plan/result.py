@@ -281,7 +281,9 @@ class GraftPlan:
         )
         lines.append(f"unused source leaves: {len(self._source) - reads}")
         if self.report:
-            lines.append(f"report (strict=False): {_count(len(self.report), 'problem')}")
+            # A strict plan's report holds only the abstract leaves execute refuses.
+            label = "report" if self.strict else "report (strict=False)"
+            lines.append(f"{label}: {_count(len(self.report), 'problem')}")
             lines += ["  " + p.message for p in self.report[:max_rows]]
         return "\n".join(lines)
 
