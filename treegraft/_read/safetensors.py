@@ -331,12 +331,6 @@ class SafetensorsCheckpoint(Source):
         self._kv = None
         self._closed = True
 
-    def __enter__(self) -> SafetensorsCheckpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- internals --------------------------------------------------------------
 
     def _store(self) -> Any:
