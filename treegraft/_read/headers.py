@@ -15,7 +15,8 @@ from treegraft._tree.gc import young_collections_only
 
 __all__ = ["LazyLeaf", "prefetch"]
 
-_PY_TYPES = {"b": bool, "i": int, "u": int, "f": float, "c": complex}
+# The Python type orbax saved a scalar as, by the numpy kind of its stored dtype.
+PY_TYPES = {"b": bool, "i": int, "u": int, "f": float, "c": complex}
 # Failed leaves a prefetch error lists by name; the rest are counted.
 _SHOWN_FAILURES = 10
 
@@ -270,7 +271,7 @@ class LazyLeaf:
 
     def _set(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
         if self.scalar:
-            self._spec = ((), _PY_TYPES.get(dtype.kind, float))
+            self._spec = ((), PY_TYPES.get(dtype.kind, float))
         elif self.key_impl is not None:
             key_dtype, data_ndim = _key_spec(self.key_impl)
             self._spec = (tuple(shape[: len(shape) - data_ndim]), key_dtype)

@@ -10,6 +10,7 @@ import numpy as np
 
 from treegraft._errors import CheckpointError, first_line
 from treegraft._parse.paths import Part, render_parts
+from treegraft._read.headers import PY_TYPES
 from treegraft._read.metadata import lazy_metadata
 from treegraft._read.source import ReadRequest
 from treegraft._read.storage import Location
@@ -77,9 +78,7 @@ def _spec_leaf(leaf: Any) -> Any:
     from orbax.checkpoint import metadata as ocp_metadata
 
     if isinstance(leaf, ocp_metadata.ScalarMetadata):
-        kind = np.dtype(leaf.dtype).kind
-        types = {"b": bool, "i": int, "u": int, "f": float, "c": complex}
-        return ScalarSpec(types.get(kind, float))
+        return ScalarSpec(PY_TYPES.get(np.dtype(leaf.dtype).kind, float))
     return leaf
 
 

@@ -5,7 +5,7 @@ checkpoint is not a local folder, so that `gs://` and `s3://` work through the
 storage layer. Local tensor data is read with `os.preadv` straight into the
 result's buffer: tensorstore's file driver returns each read as a new `bytes`
 object, which costs two more copies (measured 2-3x slower than
-`safetensors.safe_open` on a 1 GiB model; `benchmarks/safetensors_case.py`).
+`safetensors.safe_open` on 1 GiB of weights; `benchmarks/safetensors_case.py`).
 """
 
 from __future__ import annotations

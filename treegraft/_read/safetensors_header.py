@@ -3,7 +3,7 @@
 A `.safetensors` file is an 8-byte little-endian header length, a JSON header
 (`{name: {"dtype", "shape", "data_offsets"}}`, optionally `"__metadata__"`),
 then the tensors' bytes, each C-ordered, at its `data_offsets` from the end of
-the header. A sharded model is a folder with `model.safetensors.index.json`,
+the header. Sharded weights are a folder with `model.safetensors.index.json`,
 whose `weight_map` names the file that holds each tensor.
 """
 
