@@ -381,3 +381,34 @@ def test_is_workdir(run, where, tmp_path):
     assert is_workdir(workdir)
     assert not is_workdir(f"{workdir}/checkpoints/ckpt_5")
     assert not is_workdir(f"{workdir}/nothing-here")
+
+
+def test_a_step_removed_before_prefetch_is_reported_by_prefetch(own_run, tmp_path):
+    """The removed-step error comes from the source's own prefetch step, not a hook."""
+    from test_read_metadata import reencode
+
+    workdir, _ = own_run
+    item = os.path.join(workdir, "checkpoints", "ckpt_5", "default")
+    # Small index nodes: the headers are not all in memory once metadata() returns.
+    deep = reencode(item, tmp_path / "deep", max_decoded_node_bytes=256)
+    shutil.rmtree(item)
+    shutil.move(deep, item)
+    src = tg.KauldronCheckpoint(workdir)
+    encoder = src.metadata()["params"]["encoder"]
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "ckpt_5"))
+    with pytest.raises(tg.CheckpointNotFoundError,
+                       match=r"step 5 of '.*run' was removed after it was chosen") as info:
+        src.prefetch([encoder["kernel"], encoder["bias"]])
+    assert isinstance(info.value.__cause__, tg.CheckpointError)
+
+
+def test_close_closes_the_step_and_opens_nothing(own_run):
+    workdir, states = own_run
+    with tg.KauldronCheckpoint(workdir) as src:
+        inner = src._open()
+        inner.metadata()
+    assert src._inner is None and inner._metadata is None  # released
+    src.close()  # twice is fine
+    never = tg.KauldronCheckpoint(os.path.join(workdir, "no-such-workdir"))
+    never.close()  # nothing to open just to close: no error for a missing workdir
+    assert_same_values(load_encoder(src), states[5].params["encoder"])  # reopens on use

@@ -16,8 +16,9 @@ from etils import epath
 from kauldron_run import init_params, train_state, write_item, write_run
 
 import treegraft as tg
-from treegraft._read.metadata import LazyLeaf, lazy_metadata
-from treegraft._read.orbax import _spec_leaf
+from treegraft._read.headers import LazyLeaf
+from treegraft._read.metadata import lazy_metadata
+from treegraft._read.orbax_restore import _spec_leaf
 from treegraft._tree.pytree import flatten_parts
 
 
@@ -73,7 +74,7 @@ def items(tmp_path_factory):
 @pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "prefetched"])
 @pytest.mark.parametrize("name", ["mixed", "kauldron", "zarr3"])
 def test_same_tree_shapes_and_dtypes_as_orbax(items, name, batched):
-    from treegraft._read.metadata import prefetch
+    from treegraft._read.headers import prefetch
 
     directory = os.path.abspath(items[name])
     lazy = lazy_metadata(directory)
@@ -152,8 +153,8 @@ def test_a_missing_header_is_a_checkpoint_error_at_plan_time(items, tmp_path):
         tg.plan(state, source, {"k": "params.encoder.kernel"})
 
 
-def test_prefetch_reads_headers_in_one_batch_and_leaves_failures_for_later(items, tmp_path):
-    from treegraft._read.metadata import prefetch
+def test_prefetch_reads_headers_in_one_batch_and_raises_for_failures(items, tmp_path):
+    from treegraft._read.headers import prefetch
 
     meta = lazy_metadata(os.path.abspath(items["mixed"]))
     enc = meta["params"]["encoder"]
@@ -166,10 +167,56 @@ def test_prefetch_reads_headers_in_one_batch_and_leaves_failures_for_later(items
     os.remove(os.path.join(directory, "manifest.ocdbt"))
     broken = lazy_metadata(directory)  # the tree comes from _METADATA alone
     leaf = broken["params"]["encoder"]["kernel"]
-    prefetch([leaf])
+    with pytest.raises(tg.CheckpointError, match=r"\(leaf 'params.encoder.kernel'\): NOT_FOUND"):
+        prefetch([leaf])
     assert leaf._spec is None
     with pytest.raises(tg.CheckpointError, match="NOT_FOUND"):
-        _ = leaf.shape
+        _ = leaf.shape  # still unread: touching it reports the error again
+    both = [broken["params"]["encoder"]["bias"], broken["params"]["decoder"]["kernel"]]
+    with pytest.raises(tg.CheckpointError, match=r"of 2 leaves: .*'params.encoder.bias'.*"
+                       r"NOT_FOUND.*'params.decoder.kernel'.*NOT_FOUND"):
+        prefetch(both)  # every failure, in one error
+
+
+def test_after_prefetch_shapes_and_dtypes_read_no_file(items, tmp_path):
+    """Prefetch is the only step that reads headers: afterwards the files may be gone."""
+    from treegraft._read.headers import prefetch
+
+    directory = str(tmp_path / "copy")
+    shutil.copytree(items["mixed"], directory)
+    lazy = lazy_metadata(directory)
+    leaves = jax.tree_util.tree_leaves(lazy)
+    prefetch(leaves)
+    ref = jax.tree_util.tree_leaves(orbax_metadata(directory))
+    shutil.rmtree(directory)  # any header read from now on fails
+    assert [(tuple(leaf.shape), leaf.dtype) for leaf in leaves] == [
+        (tuple(r.shape), r.dtype) for r in ref
+    ]
+    assert lazy["params"]["encoder"]["kernel"].shape == (4, 8)
+
+
+def test_a_plan_reads_headers_only_in_prefetch(items, tmp_path):
+    """The planner's metadata I/O happens in `prefetch`: files removed after it go unnoticed."""
+    directory = str(tmp_path / "copy")
+    shutil.copytree(items["mixed"], directory)
+
+    class RemovedAfterPrefetch(tg.OrbaxCheckpoint):
+        def prefetch(self, leaves):
+            super().prefetch(leaves)
+            shutil.rmtree(directory)
+
+    state = {"enc": {"kernel": jnp.zeros((4, 8)), "bias": jnp.zeros(8)}}
+    p = tg.plan(state, RemovedAfterPrefetch(directory), {"enc": "params.encoder"})
+    assert [(str(e.source), e.shape) for e in p.entries] == [
+        ("params.encoder.bias", (8,)), ("params.encoder.kernel", (4, 8))
+    ]
+    assert not os.path.exists(directory)
+
+
+def test_orbax_checkpoint_has_no_metadata_error_hook(items):
+    src = tg.OrbaxCheckpoint(items["mixed"])
+    src.metadata()
+    assert not hasattr(src, "on_metadata_error")
 
 
 # The index walk: headers decoded from the OCDBT B-tree, a node per call.
@@ -204,7 +251,7 @@ def btree_height(item: str) -> int:
 
 
 def all_specs(lazy):
-    from treegraft._read.metadata import prefetch
+    from treegraft._read.headers import prefetch
 
     leaves = jax.tree_util.tree_leaves(lazy)
     prefetch(leaves)
@@ -260,7 +307,7 @@ def test_the_walk_is_used_only_when_it_beats_key_reads(tmp_path, monkeypatch, sh
                         lambda self, wanted: calls.append(len(wanted)) or original(self, wanted))
     lazy = lazy_metadata(os.path.abspath(item))
     chosen = sorted(lazy["w"])[: max(1, int(n * share))]
-    from treegraft._read.metadata import prefetch
+    from treegraft._read.headers import prefetch
 
     prefetch([lazy["w"][k] for k in chosen])
     assert [lazy["w"][k]._spec for k in chosen] == [((3,), np.dtype("float32"))] * len(chosen)
@@ -287,7 +334,7 @@ def test_walk_returns_the_inline_value_of_every_wanted_key(items, tmp_path, node
 
 @pytest.mark.parametrize("name", ["mixed", "zarr3"])
 def test_headers_of_both_zarr_versions_parse_without_opening_arrays(items, name):
-    from treegraft._read.metadata import _read_headers
+    from treegraft._read.headers import _read_headers
 
     lazy = lazy_metadata(os.path.abspath(items[name]))
     leaves = jax.tree_util.tree_leaves(lazy)
@@ -313,26 +360,26 @@ def test_a_graft_from_a_zarr3_checkpoint(items):
 
 
 def test_touching_every_shape_in_turn_reads_them_in_bulk_after_a_few(tmp_path, monkeypatch):
-    from treegraft._read import metadata
+    from treegraft._read import headers
 
     n = 120
     tree = {"w": {f"k{i:03d}": np.full((i % 5 + 1,), i, np.float32) for i in range(n)}}
     item = os.path.abspath(write_item(tmp_path / "many", tree))
     single = []
-    original = metadata._Store.header
-    monkeypatch.setattr(metadata._Store, "header",
+    original = headers._Store.header
+    monkeypatch.setattr(headers._Store, "header",
                         lambda self, name: single.append(name) or original(self, name))
     lazy = lazy_metadata(item)
     shapes = jax.tree.map(lambda x: x.shape, lazy)  # as user code would
     assert shapes == {"w": {f"k{i:03d}": (i % 5 + 1,) for i in range(n)}}
-    assert len(single) == metadata._SINGLE_LOADS  # then one batch for the other 104
+    assert len(single) == headers._SINGLE_LOADS  # then one batch for the other 104
     assert [leaf._spec is not None for leaf in jax.tree.leaves(lazy)] == [True] * n
 
 
 def test_a_leaf_that_fails_after_the_bulk_load_still_names_itself(items, tmp_path, monkeypatch):
-    from treegraft._read import metadata
+    from treegraft._read import headers
 
-    monkeypatch.setattr(metadata, "_SINGLE_LOADS", 0)  # the first touch loads in bulk
+    monkeypatch.setattr(headers, "_SINGLE_LOADS", 0)  # the first touch loads in bulk
     directory = str(tmp_path / "copy")
     shutil.copytree(items["mixed"], directory)
     os.remove(os.path.join(directory, "manifest.ocdbt"))

@@ -554,3 +554,15 @@ def test_typed_prng_keys_plan_print_and_graft_from_a_checkpoint(where, tmp_path)
         tg.plan({"rngs": {"params": jax.random.key(3, impl="rbg")}}, src,
                 {"rngs.params": "rngs.params"},
                 cast="unsafe")
+
+
+def test_every_source_uses_the_base_class_lifecycle(ckpts):
+    """`with` and `close()` come from `Source` once; sources override only `close`."""
+    for cls in (tg.OrbaxCheckpoint, tg.KauldronCheckpoint, tg.SafetensorsCheckpoint):
+        assert "__enter__" not in vars(cls) and "__exit__" not in vars(cls), cls
+    with tg.OrbaxCheckpoint(ckpts["mixed"]) as src:
+        assert isinstance(src, tg.OrbaxCheckpoint)
+        meta = src.metadata()
+    assert src._metadata is None  # released
+    src.close()  # twice is fine
+    assert src.metadata() is not meta  # read again on use

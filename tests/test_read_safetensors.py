@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import treegraft as tg
-from treegraft._read import safetensors as st_module
+from treegraft._read import safetensors_files as st_files
+from treegraft._read import safetensors_header as st_header
 from treegraft._read.safetensors import SafetensorsCheckpoint
 
 
@@ -194,7 +195,7 @@ def backend(request, monkeypatch):
     """Local tensor data read with os.preadv (the default), or through tensorstore's
     kvstore as for gs:// and s3:// locations."""
     if request.param == "tensorstore":
-        monkeypatch.setattr(st_module, "_local_folder", lambda location: None)
+        monkeypatch.setattr(st_files, "_local_folder", lambda location: None)
     return request.param
 
 
@@ -238,7 +239,7 @@ def test_metadata_reads_only_headers(files):
 def test_metadata_is_cached(files, monkeypatch):
     src = SafetensorsCheckpoint(files["hf"])
     first = src.metadata()
-    monkeypatch.setattr(st_module, "_parse_header", None)  # would fail if called again
+    monkeypatch.setattr(st_header, "_parse_header", None)  # would fail if called again
     assert src.metadata() is first
 
 
@@ -394,15 +395,15 @@ class Spy:
 def spy_reads(monkeypatch):
     """Records (file, begin, end) of every read, through tensorstore or os.preadv."""
     log = []
-    original = st_module._kvstore
-    monkeypatch.setattr(st_module, "_kvstore", lambda location: Spy(original(location), log))
-    pread = SafetensorsCheckpoint._pread
+    original = st_files._kvstore
+    monkeypatch.setattr(st_files, "_kvstore", lambda location: Spy(original(location), log))
+    pread = st_files.Files.pread
 
     def spied(self, info, begin, buffer):
         log.append((info.file, begin, begin + len(buffer)))
         return pread(self, info, begin, buffer)
 
-    monkeypatch.setattr(SafetensorsCheckpoint, "_pread", spied)
+    monkeypatch.setattr(st_files.Files, "pread", spied)
     return log
 
 
@@ -447,7 +448,7 @@ def test_shards_with_the_same_rows_read_them_once(files, monkeypatch, spec, back
     assert [b for b, _ in reads] == [0] + [e for _, e in reads[:-1]]
     assert reads[-1][1] == 4 * MiB
     if backend == "tensorstore":
-        assert max(e - b for b, e in reads) <= st_module._CHUNK_BYTES
+        assert max(e - b for b, e in reads) <= st_files._CHUNK_BYTES
     assert read <= 1.05 * 4 * MiB
     np.testing.assert_array_equal(np.asarray(got), reference(files["arrays_path"], "big"))
     assert read <= 1.05 * 4 * MiB

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from treegraft._errors import CheckpointError, first_line
-from treegraft._read.metadata import LazyLeaf
+from treegraft._read.headers import LazyLeaf
 from treegraft._read.source import ReadRequest
 
 __all__ = ["DirectReader", "chunk_shape", "box_nbytes"]
@@ -140,7 +140,7 @@ class DirectReader:
     """Reads arrays of one checkpoint store with a shared bounded cache.
 
     Args:
-      store: the checkpoint's metadata store (`metadata._Store`).
+      store: the checkpoint's metadata store (`headers._Store`).
     """
 
     def __init__(self, store: Any):

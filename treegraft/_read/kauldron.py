@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -214,44 +215,45 @@ class KauldronCheckpoint(Source):
                     f"it holds: {', '.join(items) or 'nothing'}"
                 )
             self._inner = OrbaxCheckpoint(item)
-            self._inner.on_metadata_error = lambda e: self._raise_if_removed(
-                e, grace=_REMOVAL_GRACE_S
-            )
             self._resolved = step
             self._folder = folders[step]
         return self._inner
 
     def metadata(self) -> Any:
-        inner = self._open()
-        try:
-            return inner.metadata()
-        except CheckpointError as e:
-            self._raise_if_removed(e, grace=0.0)
-            raise
+        with self._removal_checked(grace=0.0):
+            return self._open().metadata()
 
     def prefetch(self, leaves: Sequence[Any]) -> None:
-        self._open().prefetch(leaves)
+        with self._removal_checked(grace=_REMOVAL_GRACE_S):
+            self._open().prefetch(leaves)
 
     def read(self, requests: Sequence[ReadRequest]) -> list[Any]:
-        inner = self._open()
-        try:
-            return inner.read(requests)
-        except CheckpointError as e:
-            self._raise_if_removed(e, grace=_REMOVAL_GRACE_S)
-            raise
+        with self._removal_checked(grace=_REMOVAL_GRACE_S):
+            return self._open().read(requests)
 
     def read_boxes(self, requests: Sequence[BoxRequest]) -> list[np.ndarray]:
         """`leaf[box]` for each request, reading only the chunks that hold the box."""
-        inner = self._open()
-        try:
-            return inner.read_boxes(requests)
-        except CheckpointError as e:
-            self._raise_if_removed(e, grace=_REMOVAL_GRACE_S)
-            raise
+        with self._removal_checked(grace=_REMOVAL_GRACE_S):
+            return self._open().read_boxes(requests)
 
     def box_nbytes(self, path: Path, box: Sequence[slice]) -> int:
         """Bytes a read of `leaf[box]` really reads, given the array's chunking."""
-        return self._open().box_nbytes(path, box)
+        with self._removal_checked(grace=_REMOVAL_GRACE_S):
+            return self._open().box_nbytes(path, box)
+
+    @contextlib.contextmanager
+    def _removal_checked(self, *, grace: float) -> Iterator[None]:
+        """Raises the removed-step error for a `CheckpointError` once the step is gone.
+
+        Errors of opening the step itself pass through as they are.
+        """
+        inner = self._open()
+        try:
+            yield
+        except CheckpointError as e:
+            if self._inner is inner:  # not closed meanwhile: the step is still the one chosen
+                self._raise_if_removed(e, grace=grace)
+            raise
 
     def _raise_if_removed(self, error: CheckpointError, *, grace: float) -> None:
         # A run that keeps only its latest steps (orbax's max_to_keep) deletes
@@ -283,7 +285,9 @@ class KauldronCheckpoint(Source):
             return True
 
     def close(self) -> None:
-        """Forgets the chosen step and cached metadata (nothing else is held)."""
+        """Closes the step's checkpoint and forgets the chosen step."""
+        if self._inner is not None:
+            self._inner.close()
         self._inner = None
         self._resolved = None
         self._folder = None

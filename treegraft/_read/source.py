@@ -12,13 +12,15 @@ import abc
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from treegraft._parse.paths import Path
 
 __all__ = ["Source", "ReadRequest", "BoxRequest", "reads_boxes"]
+
+_S = TypeVar("_S", bound="Source")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +109,14 @@ class Source(abc.ABC):
         return int(math.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
 
     def close(self) -> None:
-        """Releases what the source holds open (the default holds nothing)."""
+        """Releases what the source holds open (the default holds nothing).
+
+        Subclasses override it, not `__enter__`/`__exit__`: it opens nothing,
+        and closing twice is harmless.
+        """
         return None
 
-    def __enter__(self) -> Source:
+    def __enter__(self: _S) -> _S:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -1,0 +1,110 @@
+"""Boxes of a C-ordered tensor as the byte ranges of its file that hold them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from treegraft._errors import GraftError
+from treegraft._read.safetensors_header import TensorInfo
+
+__all__ = ["Box", "box_of", "check_box", "covering", "full_box", "merge", "nbytes"]
+
+Box = tuple[tuple[int, int], ...]  # (start, stop) per axis
+
+
+def full_box(shape: tuple[int, ...]) -> Box:
+    return tuple((0, d) for d in shape)
+
+
+def box_of(index: tuple[slice, ...], shape: tuple[int, ...]) -> Box:
+    """A device's index (slices, maybe open-ended) as (start, stop) per axis."""
+    out = []
+    for k, dim in enumerate(shape):
+        s = index[k] if k < len(index) else slice(None)
+        start, stop, _ = s.indices(dim)
+        out.append((start, max(start, stop)))
+    return tuple(out)
+
+
+def check_box(box: Any, info: TensorInfo) -> Box:
+    shape = info.shape
+    ok = isinstance(box, tuple) and len(box) == len(shape)
+    out = []
+    if ok:
+        for s, dim in zip(box, shape, strict=True):
+            if not isinstance(s, slice) or s.step not in (None, 1):
+                ok = False
+                break
+            start = 0 if s.start is None else s.start
+            stop = dim if s.stop is None else s.stop
+            if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= dim):
+                ok = False
+                break
+            out.append((start, stop))
+    if not ok:
+        raise GraftError(
+            f"box {box!r} for tensor {info.name!r} of shape {tuple(shape)} must be a tuple of "
+            f"{len(shape)} slice(s) with step 1 and 0 <= start <= stop <= the axis length"
+        )
+    return tuple(out)
+
+
+def covering(info: TensorInfo, box: Box) -> tuple[int, int, tuple[int, ...], tuple[slice, ...]]:
+    """The smallest range of rows that holds box, as absolute file offsets.
+
+    Leading axes where the box takes one index are fixed; the rows are then
+    taken along the next axis. Returns `(begin, end, sub_shape, inner)`: the
+    bytes `[begin, end)` viewed as `sub_shape` and indexed by `inner` give the
+    box (with the fixed axes dropped).
+    """
+    shape = info.shape
+    itemsize = info.dtype.itemsize
+    if not shape:
+        return info.begin, info.end, (), ()
+    if any(stop == start for start, stop in box):
+        return info.begin, info.begin, (0,), (slice(None),)
+    strides = [math.prod(shape[k + 1 :]) for k in range(len(shape))]
+    d = 0
+    while d < len(shape) - 1 and box[d][1] - box[d][0] == 1:
+        d += 1
+    first = sum(box[k][0] * strides[k] for k in range(d)) + box[d][0] * strides[d]
+    rows = box[d][1] - box[d][0]
+    count = rows * strides[d]
+    sub_shape = (rows, *shape[d + 1 :])
+    inner = (slice(None), *(slice(a, b) for a, b in box[d + 1 :]))
+    begin = info.begin + first * itemsize
+    return begin, begin + count * itemsize, sub_shape, inner
+
+
+def merge(
+    info: TensorInfo, boxes: Sequence[Box]
+) -> tuple[
+    list[tuple[int, int]],
+    dict[Box, tuple[int, int, tuple[int, ...], tuple[slice, ...], tuple[int, ...]]],
+]:
+    """Byte ranges to read for boxes (overlapping ranges merged), and where each box is.
+
+    Returns the ranges, and per box `(range index, element offset in it,
+    sub_shape, inner, box shape)`.
+    """
+    itemsize = info.dtype.itemsize
+    covers = {box: covering(info, box) for box in boxes}
+    spans = sorted({(b, e) for b, e, _, _ in covers.values()})
+    ranges: list[tuple[int, int]] = []
+    for b, e in spans:
+        if ranges and b < ranges[-1][1]:  # overlaps the previous range: widen it
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], e))
+        else:
+            ranges.append((b, e))
+    where = {}
+    for box, (b, e, sub_shape, inner) in covers.items():
+        k = next(i for i, (rb, re_) in enumerate(ranges) if rb <= b and e <= re_)
+        shape = tuple(stop - start for start, stop in box)
+        where[box] = (k, (b - ranges[k][0]) // itemsize, sub_shape, inner, shape)
+    return ranges, where
+
+
+def nbytes(shape: tuple[int, ...], info: TensorInfo) -> int:
+    return math.prod(shape) * info.dtype.itemsize
