@@ -16,7 +16,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft._errors import CheckpointError, CheckpointNotFoundError, PathNotFoundError, suggest
+from treegraft._errors import (
+    PATH_CUTOFF,
+    CheckpointError,
+    CheckpointNotFoundError,
+    PathNotFoundError,
+    suggest,
+)
 from treegraft._parse.paths import Part, Path, parse_path, render_parts
 from treegraft._read.safetensors_boxes import Box, box_of, check_box, covering, full_box
 from treegraft._read.safetensors_files import Files, assemble
@@ -236,7 +242,7 @@ class SafetensorsCheckpoint(Source):
             names = [render_parts(k) for k in self._by_parts]
             raise PathNotFoundError(
                 f"{render_parts(parts)!r} is not a tensor of {self.describe()}"
-                f"{suggest(render_parts(parts), names)}"
+                f"{suggest(render_parts(parts), names, cutoff=PATH_CUTOFF)}"
             )
         return info
 

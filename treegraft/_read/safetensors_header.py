@@ -19,7 +19,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from treegraft._errors import CheckpointError, first_line, suggest
+from treegraft._errors import PATH_CUTOFF, CheckpointError, first_line, suggest
 
 __all__ = ["DTYPES", "INDEX_NAME", "TensorInfo", "file_path", "read_headers", "read_result"]
 
@@ -176,7 +176,8 @@ def file_path(folder: str, name: str) -> str:
 
 
 def _close(name: str, names: Any) -> str:
-    return suggest(name, list(names))
+    # Tensor names are whole dotted paths: the path cutoff.
+    return suggest(name, list(names), cutoff=PATH_CUTOFF)
 
 
 _SIZE = re.compile(r"value of size (\d+)")
