@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    # For the annotations only: the path grammar raises these errors, so this
+    # module must not import it at run time.
     from treegraft._parse.paths import Path
 
 __all__ = [

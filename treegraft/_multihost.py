@@ -12,22 +12,33 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 import jax
 import numpy as np
 
 from treegraft._errors import CheckpointError, GraftError
-from treegraft._parse.paths import render_parts
-from treegraft._read.source import ReadRequest
+from treegraft._parse.paths import Path, render_parts
 
-if TYPE_CHECKING:
-    from treegraft._plan import GraftPlan
+_T = TypeVar("_T")
+
+
+class _Request(Protocol):
+    """What the read agreement needs of a read request (a `treegraft.ReadRequest`)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def like(self) -> Any: ...
+
+    @property
+    def dtype(self) -> Any: ...
 
 __all__ = ["plan_on_every_process", "check_processes_agree", "spans_processes"]
 
 
-def plan_on_every_process(state: Any, make_plan: Callable[[], GraftPlan]) -> GraftPlan:
+def plan_on_every_process(state: Any, make_plan: Callable[[], _T]) -> _T:
     """Runs make_plan; under several processes sharing global targets, all fail together.
 
     A plan depends only on inputs every process shares, so verdicts agree; but
@@ -63,7 +74,7 @@ def plan_on_every_process(state: Any, make_plan: Callable[[], GraftPlan]) -> Gra
 _NAME_BYTES = 96  # of the step and item folder names, shown when processes disagree
 
 
-def check_processes_agree(directory: str, requests: Sequence[ReadRequest]) -> None:
+def check_processes_agree(directory: str, requests: Sequence[_Request]) -> None:
     """Raises the same error on every process if the processes would read different data.
 
     Active only with several processes and a target sharded across them: each
