@@ -19,6 +19,7 @@ from helpers import (
     assert_placed_like,
     assert_trees_equal,
     attention,
+    buffer_pointers,
     f32,
 )
 from hypothesis import given
@@ -786,3 +787,31 @@ def test_one_layer_into_many_then_a_donating_step():
     np.testing.assert_array_equal(np.asarray(new["layers"][2]["w"]), np.arange(16.0) + 1)
     assert not layer["w"].is_deleted()
     np.testing.assert_array_equal(np.asarray(layer["w"]), np.arange(16.0))
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_many_same_shape_leaves_are_copied_into_buffers_of_their_own(devices):
+    # Hundreds of same-shape leaves take the compiled-copy path of placing
+    # (chunks of 256): each result must still own its buffers, hold the
+    # source's values and keep the target's sharding.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("x",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    n = 600  # two whole chunks and a remainder
+    source = {
+        "enc": {f"w{i}": jax.device_put(np.full((8,), float(i), np.float32), sharding)
+                for i in range(n)}
+    }
+    state = {"dec": {f"w{i}": jax.device_put(np.zeros(8, np.float32), sharding)
+                     for i in range(n)}}
+    out = tg.graft(state, source, {"dec": "enc"})
+    got = [out["dec"][f"w{i}"] for i in range(n)]
+    for i, x in enumerate(got):
+        np.testing.assert_array_equal(np.asarray(x), np.full((8,), float(i), np.float32))
+        assert x.sharding == state["dec"][f"w{i}"].sharding
+    everything = [p for x in got for p in buffer_pointers(x)]
+    assert len(set(everything)) == len(everything)
+    assert_owns_buffers(got[0], *source["enc"].values(), *state["dec"].values())
+    assert_owns_buffers(got[-1], *source["enc"].values(), *state["dec"].values())
+    # Donating the result leaves the caller's source intact.
+    jax.jit(lambda t: jax.tree.map(lambda a: a + 1, t), donate_argnums=0)(out)
+    np.testing.assert_array_equal(np.asarray(source["enc"]["w5"]), np.full((8,), 5.0))

@@ -119,6 +119,7 @@ def place(
             out[k] = type(like)(host.item())
         else:
             out[k] = value
+    puts = _copy_in_chunks(puts, out)
     if puts:
         # may_alias as a list: broadcasting one bool over the values costs more
         # than the copies of small arrays.
@@ -151,6 +152,57 @@ def place(
                 got = _copy(got)
             out[k] = got
     return out
+
+
+_CHUNK = 256  # arrays per compiled copy
+
+
+def _copy_in_chunks(
+    puts: list[tuple[int, Any, Any]], out: list[Any]
+) -> list[tuple[int, Any, Any]]:
+    """Copies many same-shape arrays already placed right, by compiled chunks.
+
+    `jax.device_put` costs about 30 us per array, so copying 50,000 small
+    arrays took 1.6 s; one compiled copy of 256 arrays at a time costs a
+    fraction of that, and is compiled once per shape, dtype and sharding. Only
+    groups of at least one chunk go this way (fewer would pay a compile for
+    little); the rest is returned for the batched `device_put`.
+    """
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for n, (_, value, sharding) in enumerate(puts):
+        if (
+            isinstance(value, jax.Array)
+            and isinstance(value.dtype, np.dtype)  # not a key array
+            and not value.weak_type
+            and value.sharding == sharding
+        ):
+            groups.setdefault((value.shape, value.dtype, sharding), []).append(n)
+    done: set[int] = set()
+    for (_, _, sharding), members in groups.items():
+        whole = len(members) - len(members) % _CHUNK
+        if not whole:
+            continue
+        copy = _chunk_copier(sharding)
+        for start in range(0, whole, _CHUNK):
+            chunk = members[start : start + _CHUNK]
+            for n, got in zip(chunk, copy(*(puts[n][1] for n in chunk)), strict=True):
+                out[puts[n][0]] = got
+            done.update(chunk)
+    return [put for n, put in enumerate(puts) if n not in done] if done else puts
+
+
+_copiers: dict[Any, Any] = {}
+
+
+def _chunk_copier(sharding: Any) -> Any:
+    """A compiled copy of _CHUNK arrays onto sharding, made once per sharding."""
+    copier = _copiers.get(sharding)
+    if copier is None:
+        # Outputs of a computation never alias its (undonated) inputs: new buffers.
+        copier = _copiers[sharding] = jax.jit(
+            lambda *xs: tuple(x.copy() for x in xs), out_shardings=sharding
+        )
+    return copier
 
 
 def _on_cpu(sharding: Any) -> bool:
