@@ -1,7 +1,9 @@
-"""The result of planning: `GraftPlan`, its `Entry` rows and its `Pair`s.
+"""The result of planning: `GraftPlan` and its `Entry` rows; `Pair`, its internal index record.
 
-A plan is inspectable (entries, untouched, unused, abstract, report, nbytes,
-operations) and printable; `treegraft.execute` runs it.
+A plan is inspectable (entries with their operations, untouched, unused,
+abstract, report, nbytes, executable) and printable; `treegraft.execute` runs
+it. Its public attributes hold public types; the indexes and pairs it runs on
+are private to the execute and insert steps.
 """
 
 from __future__ import annotations
