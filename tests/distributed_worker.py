@@ -401,6 +401,18 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         else:
             raise AssertionError("a plan failing on one process did not fail everywhere")
 
+    # ---- 6. a mapping that does not even parse on one process: all raise ------
+    # Parsing is part of the plan every process agrees on: process 0 must not
+    # go on alone when process 1's mapping is rejected before any tree is seen.
+    old = "params.encoder" if pid == 0 else "params.encoder["
+    with spy:
+        try:
+            tg.graft(state, tg.KauldronCheckpoint(workdir, step=100), {"params.backbone": old})
+        except tg.GraftError as e:
+            result["unparsed_plan_error"] = f"{type(e).__name__}: {e}"
+        else:
+            raise AssertionError("a mapping rejected on one process did not fail everywhere")
+
     result["checked_shards"] = checked
     result["gathers"] = spy.calls
     multihost_utils.sync_global_devices("treegraft-test: done")

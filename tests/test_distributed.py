@@ -135,7 +135,7 @@ def test_graft_across_two_processes(tmp_path, storage, request):
         # agreement's 128 bytes, one per checkpoint read.
         assert all(name == "process_allgather" for name, _ in res["gathers"])
         sizes = [n for _, n in res["gathers"]]
-        assert sizes.count(1) == 7 and sizes.count(128) == 4, res["gathers"]
+        assert sizes.count(1) == 8 and sizes.count(128) == 4, res["gathers"]
         for phase in ("phase1", "phase2"):
             got = res[phase]
             # Each process addresses half of the bytes, and reads about that (as
@@ -161,4 +161,8 @@ def test_graft_across_two_processes(tmp_path, storage, request):
     # why, process 0 says that process 1 failed; neither hangs in the read.
     errors = [res["divergent_plan_error"] for res in results]
     assert errors[1].startswith("PathNotFoundError:") and "'params.encodr'" in errors[1]
+    assert errors[0].startswith("GraftError: the graft failed on process(es) [1]"), errors[0]
+    # A mapping rejected while parsing, on one process only: the same agreement.
+    errors = [res["unparsed_plan_error"] for res in results]
+    assert errors[1].startswith("MappingError: invalid mapping"), errors[1]
     assert errors[0].startswith("GraftError: the graft failed on process(es) [1]"), errors[0]

@@ -91,24 +91,26 @@ def plan(
       >>> [(str(e.target), str(e.source)) for e in p.entries]
       [('enc.w', 'encoder.w')]
     """
-    if not (cast is False or cast is True or (isinstance(cast, str) and cast == "unsafe")):
-        raise MappingError(
-            f"cast must be False (the default: dtypes must match), True (numpy 'same_kind' "
-            f"casts, such as float32 -> bfloat16) or 'unsafe' (any cast, such as float32 -> "
-            f"int8); got {cast!r}"
-        )
-    if isinstance(source, str | os.PathLike):
-        raise MappingError(
-            f"the source {os.fspath(source)!r} is a path, not a tree: wrap it in "
-            f"tg.OrbaxCheckpoint({os.fspath(source)!r}) for an orbax checkpoint folder, or "
-            f"tg.KauldronCheckpoint({os.fspath(source)!r}) for a Kauldron workdir"
-        )
-    rules = tuple(parse_mapping(mapping))
-    ignore_model = tuple(parse_ignore(ignore_model_keys, name="ignore_model_keys"))
-    ignore_restored = tuple(parse_ignore(ignore_restored_keys, name="ignore_restored_keys"))
-    lazy = source if isinstance(source, Source) else None
 
     def run() -> GraftPlan:
+        # Everything, checks of the options included, inside the agreement:
+        # a process given another mapping must fail with the others.
+        if not (cast is False or cast is True or (isinstance(cast, str) and cast == "unsafe")):
+            raise MappingError(
+                f"cast must be False (the default: dtypes must match), True (numpy 'same_kind' "
+                f"casts, such as float32 -> bfloat16) or 'unsafe' (any cast, such as float32 -> "
+                f"int8); got {cast!r}"
+            )
+        if isinstance(source, str | os.PathLike):
+            raise MappingError(
+                f"the source {os.fspath(source)!r} is a path, not a tree: wrap it in "
+                f"tg.OrbaxCheckpoint({os.fspath(source)!r}) for an orbax checkpoint folder, or "
+                f"tg.KauldronCheckpoint({os.fspath(source)!r}) for a Kauldron workdir"
+            )
+        rules = tuple(parse_mapping(mapping))
+        ignore_model = tuple(parse_ignore(ignore_model_keys, name="ignore_model_keys"))
+        ignore_restored = tuple(parse_ignore(ignore_restored_keys, name="ignore_restored_keys"))
+        lazy = source if isinstance(source, Source) else None
         with young_collections_only():
             inputs = Inputs(
                 rules,
