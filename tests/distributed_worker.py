@@ -349,8 +349,9 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     # each process's own devices.
     embed, original = moved["backbone"]["embed"], state.params["backbone"]["embed"]
     assert embed is not original and embed.sharding == original.sharding
-    mine = {s.data.unsafe_buffer_pointer() for s in embed.addressable_shards}
-    assert not mine & {s.data.unsafe_buffer_pointer() for s in original.addressable_shards}
+    from helpers import assert_owns_buffers  # beside this script, so on sys.path
+
+    assert_owns_buffers(embed, original)
     for a, b in zip(embed.addressable_shards, original.addressable_shards, strict=True):
         assert a.index == b.index
         np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))

@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_same_objects
+from helpers import assert_same_values as assert_equal_trees
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from kauldron_run import (
     TrainState,
-    assert_equal_trees,
     init_params,
     snapshot,
     train_state,
@@ -96,13 +97,6 @@ def add_step(workdir, step, like_step):
     """Simulates the source run saving one more (complete) step."""
     ckpts = os.path.join(workdir, "checkpoints")
     shutil.copytree(os.path.join(ckpts, f"ckpt_{like_step}"), os.path.join(ckpts, f"ckpt_{step}"))
-
-
-def assert_same_leaves(got, want):
-    """Untouched: the very same leaf objects (containers are rebuilt)."""
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert a is b
 
 
 def spec_tree(tree):
@@ -326,7 +320,7 @@ def test_patterns_with_captures(runs):
         assert_equal_trees(
             out.params["decoder"][f"layers_{i}"], saved[2].params["encoder"][f"layers_{i}"]
         )
-    assert_same_leaves(out.params["encoder"], state.params["encoder"])
+    assert_same_objects(out.params["encoder"], state.params["encoder"])
 
 
 def test_captures_with_a_layer_missing_in_the_checkpoint(runs):
@@ -344,7 +338,7 @@ def test_captures_with_a_layer_missing_in_the_checkpoint(runs):
     out = tg.PartialKauldronLoader(
         workdir=workdir, new_to_old=mapping, ignore_model_keys=["params.decoder.layers_3"]
     ).transform(state)
-    assert_same_leaves(out.params["decoder"]["layers_3"], state.params["decoder"]["layers_3"])
+    assert_same_objects(out.params["decoder"]["layers_3"], state.params["decoder"]["layers_3"])
     assert_equal_trees(out.params["decoder"]["layers_2"], saved[2].params["encoder"]["layers_2"])
 
 
@@ -400,7 +394,7 @@ def test_transform_after_optimizer_grafts_opt_state(pretrain):
     assert jax.tree.structure(out.opt_state) == jax.tree.structure(init_opt)
     assert_equal_trees(out.opt_state, saved[3].opt_state)
     assert int(out.opt_state[0].count) == 3
-    assert_same_leaves(out.params, state.params)
+    assert_same_objects(out.params, state.params)
 
 
 @pytest.mark.parametrize("form", ["opt_state[0].mu", "opt_state.0.mu"])
@@ -414,9 +408,9 @@ def test_opt_state_entry_forms(pretrain, form):
     out = loader.transform_after_optimizer(state)
     assert type(out.opt_state[0]) is optax.ScaleByAdamState
     assert_equal_trees(out.opt_state[0].mu, saved[3].opt_state[0].mu)
-    assert_same_leaves(out.opt_state[0].nu, state.opt_state[0].nu)
+    assert_same_objects(out.opt_state[0].nu, state.opt_state[0].nu)
     assert out.opt_state[0].count is state.opt_state[0].count
-    assert_same_leaves(out.params, state.params)
+    assert_same_objects(out.params, state.params)
 
 
 def test_no_opt_entries_returns_same_state(pretrain):
@@ -498,7 +492,7 @@ def test_kauldron_trainer_flow(pretrain):
     assert type(state.opt_state[0]) is optax.ScaleByAdamState
     assert_equal_trees(state.opt_state[0].mu["encoder"], saved[1].opt_state[0].mu["encoder"])
     assert_equal_trees(state.opt_state[0].nu["encoder"], saved[1].opt_state[0].nu["encoder"])
-    assert_same_leaves(state.opt_state[0].mu["decoder"], fresh_mu_decoder)
+    assert_same_objects(state.opt_state[0].mu["decoder"], fresh_mu_decoder)
     # One training step runs on the result.
     grads = jax.tree.map(jnp.ones_like, state.params)
     updates, _ = jax.jit(ADAM.update)(grads, state.opt_state, state.params)

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from helpers import assert_same_values
 from kauldron_run import (
     add_half_written_step,
     add_uncommitted_step,
@@ -52,12 +53,6 @@ def target():
 
 def load_encoder(source):
     return tg.graft(target(), source, {"params.encoder": "params.encoder"})["params"]["encoder"]
-
-
-def assert_same_values(got, want):
-    assert set(got) == set(want)
-    for k in want:
-        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
 
 
 def test_layout_is_kauldrons(run):

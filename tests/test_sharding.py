@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import buffer_pointers
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
@@ -89,10 +90,8 @@ def test_a_source_already_placed_right_is_copied_into_buffers_of_its_own():
 
 
 def buffers(x):
-    """The device buffer addresses of every shard of x (numpy: its data address)."""
-    if isinstance(x, np.ndarray):
-        return {x.ctypes.data}
-    return {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+    """The set of x's buffer addresses (`helpers.buffer_pointers`)."""
+    return set(buffer_pointers(x))
 
 
 ALIAS_TARGETS = {
