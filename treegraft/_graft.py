@@ -10,13 +10,12 @@ import jax
 
 from treegraft._errors import GraftError
 from treegraft._insert.sharding import place
-from treegraft._insert.transform import Blocks, build, check_concrete
+from treegraft._insert.transform import Blocks, build
 from treegraft._parse.paths import Path, render_parts
 from treegraft._plan import GraftPlan, Pair, plan
 from treegraft._read.progress import ProgressBar
 from treegraft._read.source import ReadRequest, Source
 from treegraft._tree import leaves as _leaves
-from treegraft._tree.index import is_abstract
 from treegraft._tree.leaves import format_bytes
 
 log = logging.getLogger("treegraft")
@@ -139,7 +138,6 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
         value_of = dict(zip(order, got, strict=True))
     else:
         value_of = {si: src.leaves[si] for si in first_use}
-        check_concrete(p, [si for si in value_of if is_abstract(value_of[si])])
     values = [value_of[pair.source] for pair in plain]
     likes = [likes_of[pair.target] for pair in plain]
     # Values read from a checkpoint are fresh: each is used as is once (other

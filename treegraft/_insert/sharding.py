@@ -9,6 +9,7 @@ own (DESIGN section 12); `propagate_sharding` is a placement utility like
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -191,18 +192,11 @@ def _copy_in_chunks(
     return [put for n, put in enumerate(puts) if n not in done] if done else puts
 
 
-_copiers: dict[Any, Any] = {}
-
-
+@functools.lru_cache(maxsize=64)
 def _chunk_copier(sharding: Any) -> Any:
     """A compiled copy of _CHUNK arrays onto sharding, made once per sharding."""
-    copier = _copiers.get(sharding)
-    if copier is None:
-        # Outputs of a computation never alias its (undonated) inputs: new buffers.
-        copier = _copiers[sharding] = jax.jit(
-            lambda *xs: tuple(x.copy() for x in xs), out_shardings=sharding
-        )
-    return copier
+    # Outputs of a computation never alias its (undonated) inputs: new buffers.
+    return jax.jit(lambda *xs: tuple(x.copy() for x in xs), out_shardings=sharding)
 
 
 def _on_cpu(sharding: Any) -> bool:

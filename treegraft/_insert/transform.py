@@ -21,19 +21,8 @@ from treegraft._parse.paths import Path, render_parts
 from treegraft._plan import GraftPlan, Pair, gathered_spec
 from treegraft._read.source import BoxRequest, ReadRequest, reads_boxes
 from treegraft._tree import leaves as _leaves
-from treegraft._tree.index import is_abstract
 
-__all__ = ["Blocks", "build", "check_concrete"]
-
-
-def check_concrete(p: GraftPlan, abstract: list[int]) -> None:
-    if abstract:
-        names = ", ".join(repr(render_parts(p._source.paths[si])) for si in abstract[:10])
-        many = len(abstract) > 1
-        raise GraftError(
-            f"{len(abstract)} source {'leaves are' if many else 'leaf is'} abstract "
-            f"(jax.ShapeDtypeStruct) and {'have' if many else 'has'} no value to graft: {names}"
-        )
+__all__ = ["Blocks", "build"]
 
 
 class Blocks:
@@ -66,7 +55,8 @@ class Blocks:
         p = self.p
         leaf = p._source.leaves[si]
         if p._lazy is None:
-            check_concrete(p, [si] if is_abstract(leaf) else [])
+            # Never abstract here: the plan reports abstract source leaves, and
+            # execute refuses such a plan before it reads anything.
             whole = self._whole.get(si)
             if whole is None:
                 # One host copy per source leaf: slicing a sharded jax.Array

@@ -107,8 +107,6 @@ def check_missing(res: Resolution) -> list[Problem]:
             continue
         if u.why == "leaf_above":
             # A leaf in the source where the state has a subtree: once per subtree.
-            leaf_at = src.find(sparts[: u.above])
-            assert leaf_at is not None
             tsub = parts[: u.n + u.above - len(u.old_prefix)]
             if (tsub, sparts[: u.above]) in seen:
                 continue
@@ -118,7 +116,7 @@ def check_missing(res: Resolution) -> list[Problem]:
                     "structure",
                     f"{render_parts(tsub)!r} is a subtree in the state but "
                     f"{render_parts(sparts[: u.above])!r} is a leaf in the source "
-                    f"({_leaves.describe(_leaves.spec_of(src.leaves[leaf_at]))}) "
+                    f"({_leaves.describe(_leaves.spec_of(src.leaves[u.at]))}) "
                     f"[rule {rule}]",
                     target=Path(tsub),
                     source=Path(sparts[: u.above]),

@@ -125,8 +125,7 @@ def plan(
                 lazy,
             )
             res = resolve(inputs)
-            needed = res.source_leaves() if lazy is not None else []
-            if lazy is not None and needed:
+            if lazy is not None and (needed := res.source_leaves()):
                 # The one metadata read: every source leaf a check looks at, in one batch.
                 lazy.prefetch(needed)
             problems = CHECKS(res)

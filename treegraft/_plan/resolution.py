@@ -34,6 +34,7 @@ class Unpaired(NamedTuple):
       ignored: the ignore_model_keys patterns covering the leaf (consulted
         unless `why` is "subtree": a structure error is never ignored).
       above: for "leaf_above", how many parts of the source path lead to the leaf.
+      at: for "leaf_above", that source leaf's index; else -1.
     """
 
     target: int
@@ -43,6 +44,7 @@ class Unpaired(NamedTuple):
     why: str
     ignored: tuple[int, ...] = ()
     above: int = 0
+    at: int = -1
 
 
 class Stray(NamedTuple):
@@ -109,13 +111,7 @@ class Resolution:
         The paired leaves, in pair order, and the leaves the source has where
         the state has a subtree (their spec is in the structure message).
         """
-        inputs = self.inputs
-        leaves = inputs.src.leaves
+        leaves = self.inputs.src.leaves
         out = [leaves[si] for pair in self.pairs for si in (pair.sources or (pair.source,))]
-        for u in self.unpaired:
-            if u.why == "leaf_above" and not u.ignored and u.old_prefix is not None:
-                sparts = u.old_prefix + inputs.tgt.paths[u.target][u.n :]
-                at = inputs.src.find(sparts[: u.above])
-                if at is not None:
-                    out.append(leaves[at])
+        out += [leaves[u.at] for u in self.unpaired if u.why == "leaf_above" and not u.ignored]
         return out

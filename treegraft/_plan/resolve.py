@@ -197,6 +197,7 @@ def _unpaired_leaf(inputs: Inputs, i: int, r: int, n: int, old_prefix: Parts) ->
         return Unpaired(i, r, n, old_prefix, "subtree")
     ignored = inputs.ignored_model(parts, n)
     for j in range(len(old_prefix), len(sparts)):
-        if src.find(sparts[:j]) is not None:
-            return Unpaired(i, r, n, old_prefix, "leaf_above", ignored, j)
+        at = src.find(sparts[:j])
+        if at is not None:
+            return Unpaired(i, r, n, old_prefix, "leaf_above", ignored, j, at)
     return Unpaired(i, r, n, old_prefix, "absent", ignored)

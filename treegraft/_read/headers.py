@@ -210,10 +210,8 @@ def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
             spec = parsed[value] = _parse_header(value, store.zarr3)
         if spec is None:  # unparsable or unusual: the array open decides
             left.append(leaf)
-        elif leaf.scalar or leaf.key_impl is not None:
-            leaf._set(*spec)
         else:
-            leaf._spec = spec
+            leaf._set(*spec)
     return left
 
 

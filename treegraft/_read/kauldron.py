@@ -220,36 +220,37 @@ class KauldronCheckpoint(Source):
         return self._inner
 
     def metadata(self) -> Any:
-        with self._removal_checked(grace=0.0):
-            return self._open().metadata()
+        with self._removal_checked(grace=0.0) as inner:
+            return inner.metadata()
 
     def prefetch(self, leaves: Sequence[Any]) -> None:
-        with self._removal_checked(grace=_REMOVAL_GRACE_S):
-            self._open().prefetch(leaves)
+        with self._removal_checked(grace=_REMOVAL_GRACE_S) as inner:
+            inner.prefetch(leaves)
 
     def read(self, requests: Sequence[ReadRequest]) -> list[Any]:
-        with self._removal_checked(grace=_REMOVAL_GRACE_S):
-            return self._open().read(requests)
+        with self._removal_checked(grace=_REMOVAL_GRACE_S) as inner:
+            return inner.read(requests)
 
     def read_boxes(self, requests: Sequence[BoxRequest]) -> list[np.ndarray]:
         """`leaf[box]` for each request, reading only the chunks that hold the box."""
-        with self._removal_checked(grace=_REMOVAL_GRACE_S):
-            return self._open().read_boxes(requests)
+        with self._removal_checked(grace=_REMOVAL_GRACE_S) as inner:
+            return inner.read_boxes(requests)
 
     def box_nbytes(self, path: Path, box: Sequence[slice]) -> int:
         """Bytes a read of `leaf[box]` really reads, given the array's chunking."""
-        with self._removal_checked(grace=_REMOVAL_GRACE_S):
-            return self._open().box_nbytes(path, box)
+        with self._removal_checked(grace=_REMOVAL_GRACE_S) as inner:
+            return inner.box_nbytes(path, box)
 
     @contextlib.contextmanager
-    def _removal_checked(self, *, grace: float) -> Iterator[None]:
-        """Raises the removed-step error for a `CheckpointError` once the step is gone.
+    def _removal_checked(self, *, grace: float) -> Iterator[OrbaxCheckpoint]:
+        """The step's checkpoint, for one call whose errors name a removed step as such.
 
-        Errors of opening the step itself pass through as they are.
+        A `CheckpointError` raised once the step is gone becomes the
+        removed-step error; errors of opening the step pass through as they are.
         """
         inner = self._open()
         try:
-            yield
+            yield inner
         except CheckpointError as e:
             if self._inner is inner:  # not closed meanwhile: the step is still the one chosen
                 self._raise_if_removed(e, grace=grace)

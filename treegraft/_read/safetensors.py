@@ -30,6 +30,7 @@ from treegraft._read.safetensors_header import INDEX_NAME, TensorInfo, read_head
 from treegraft._read.safetensors_tree import build_tree
 from treegraft._read.source import ReadRequest, Source
 from treegraft._read.storage import Location
+from treegraft._tree.index import loose
 
 __all__ = ["SafetensorsCheckpoint", "TensorInfo"]
 
@@ -101,6 +102,7 @@ class SafetensorsCheckpoint(Source):
         self._files = Files(self._loc, self.folder, self.describe())
         self._tree: dict[Any, Any] | None = None
         self._by_parts: dict[tuple[Part, ...], TensorInfo] = {}
+        self._by_loose: dict[tuple[Part, ...], TensorInfo] | None = None
         self._file_metadata: dict[str, dict[str, str]] = {}
 
     # -- the Source interface ---------------------------------------------------
@@ -235,10 +237,11 @@ class SafetensorsCheckpoint(Source):
         parts = parse_path(path).parts if isinstance(path, str) else tuple(path.parts)
         info = self._by_parts.get(parts)
         if info is None:
-            loose = tuple(str(p) if type(p) is int else p for p in parts)
-            for key, candidate in self._by_parts.items():
-                if tuple(str(p) if type(p) is int else p for p in key) == loose:
-                    return candidate
+            # A path with int keys ('layers[0]') names the tensor 'layers.0'.
+            if self._by_loose is None:
+                self._by_loose = {loose(k): v for k, v in self._by_parts.items()}
+            info = self._by_loose.get(loose(parts))
+        if info is None:
             names = [render_parts(k) for k in self._by_parts]
             raise PathNotFoundError(
                 f"{render_parts(parts)!r} is not a tensor of {self.describe()}"
