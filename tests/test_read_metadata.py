@@ -386,3 +386,45 @@ def test_a_leaf_that_fails_after_the_bulk_load_still_names_itself(items, tmp_pat
     lazy = lazy_metadata(directory)
     with pytest.raises(tg.CheckpointError, match=r"leaf 'params.encoder.kernel'.*NOT_FOUND"):
         _ = lazy["params"]["encoder"]["kernel"].shape
+
+
+# ----------------------------------------------------------------------------
+# The fast path never fails silently (docs/design.md section 11).
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mixed", "kauldron", "zarr3"])
+def test_standard_checkpoints_never_take_the_fallback(items, name, caplog, monkeypatch):
+    """A checkpoint orbax writes by default plans without orbax's metadata reader.
+
+    The fallback is allowed to be slow, so a bug in the fast path would show
+    only as a slow plan: here it fails the test instead.
+    """
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("orbax's metadata reader was used for a standard checkpoint")
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "metadata", refuse)
+    caplog.set_level("DEBUG", logger="treegraft")
+    with tg.OrbaxCheckpoint(items[name]) as source:
+        meta = source.metadata()
+        leaves = jax.tree_util.tree_leaves(meta)
+        tg.plan(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), meta),
+                source, {"": ""}, strict=False)
+    assert leaves and all(isinstance(leaf, LazyLeaf) for leaf in leaves)
+    assert [r.getMessage() for r in caplog.records if r.name == "treegraft"] == []
+
+
+def test_the_fallback_says_why_in_the_log(tmp_path, caplog):
+    directory = str(tmp_path / "plain")
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False)
+    try:
+        handler.save(epath.Path(directory), args=ocp.args.PyTreeSave({"w": np.ones(3)}))
+    finally:
+        handler.close()
+    caplog.set_level("DEBUG", logger="treegraft")
+    assert lazy_metadata(directory) is None
+    messages = [r.getMessage() for r in caplog.records if r.name == "treegraft"]
+    assert len(messages) == 1
+    assert "with orbax's reader: not an OCDBT layout" in messages[0]
+    assert directory in messages[0]

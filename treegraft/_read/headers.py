@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,6 +13,8 @@ from treegraft._errors import CheckpointError, first_line
 from treegraft._read.ocdbt_index import IndexWalk, start_walk
 from treegraft._read.storage import Location
 from treegraft._tree.gc import young_collections_only
+
+log = logging.getLogger("treegraft")
 
 __all__ = ["LazyLeaf", "prefetch"]
 
@@ -198,7 +201,9 @@ def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
                     found[key] = bytes(future.result(timeout=store.location.timeout).value)
                 except Exception:  # left for the array open, which reports it
                     pass
-    except Exception:  # another layout, or an unreadable store: open each array
+    except Exception as e:  # another layout, or an unreadable store: open each array
+        log.debug("opening %d arrays one by one: their headers could not be read "
+                  "from the OCDBT store (%s: %s)", len(leaves), type(e).__name__, e)
         return leaves
     left = [] if not rest else [leaf for key, leaf in wanted.items() if key not in found]
     parsed: dict[bytes, tuple[tuple[int, ...], np.dtype[Any]] | None] = {}

@@ -16,6 +16,7 @@ metadata call.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,8 @@ from treegraft._read.storage import Location
 from treegraft._tree.gc import young_collections_only
 
 __all__ = ["lazy_metadata"]
+
+log = logging.getLogger("treegraft")
 
 _SEQUENCE, _DICT = 1, 2
 _ARRAYS = ("jax.Array", "np.ndarray")
@@ -62,28 +65,39 @@ def lazy_metadata(directory: str | Location) -> Any:
                 meta = json.loads(text)
             except json.JSONDecodeError as e:
                 if location.is_local:
-                    return None  # orbax's reader reports it, as it always did
+                    return _fallback(location, f"_METADATA is not JSON ({e})")
                 raise _corrupt(str(location), f"JSONDecodeError: {e}") from None
             zarr3 = meta.get("use_zarr3", False) if isinstance(meta, dict) else None
             if zarr3 not in (True, False) or meta.get("use_ocdbt") is not True:
-                return None
+                return _fallback(location, "not an OCDBT layout with zarr v2 or v3 arrays")
             store.zarr3 = zarr3
             store.key_impls = _key_impls(location)
             store.fill_missing = meta.get("store_array_data_equal_to_fill_value") is not True
             entries = meta["tree_metadata"]
             if not isinstance(entries, dict) or not entries:
-                return None
+                return _fallback(location, "tree_metadata is empty or not a dict")
             return _build(store, entries.values())
     except _Corrupt as e:
         raise _corrupt(str(location), str(e)) from None
     except RecursionError:
         raise _corrupt(str(location), "its JSON is nested too deeply to be orbax's") from None
-    except CheckpointError:
+    except CheckpointError as e:
         if location.is_local:
-            return None  # orbax's own reader reports it
+            return _fallback(location, str(e))  # orbax's own reader reports it
         raise
-    except (_Unsupported, OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    except (_Unsupported, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return _fallback(location, f"{type(e).__name__}: {e}")
+
+
+def _fallback(location: Location, why: str) -> None:
+    """Logs why orbax's slower metadata reader is used instead, and returns None.
+
+    The fast path failing is never an error (orbax's reader may know the
+    layout), but a bug here would otherwise show only as a plan a thousand
+    times slower: the log says so (docs/design.md section 11).
+    """
+    log.debug("reading the metadata of %s with orbax's reader: %s", location, why)
+    return None
 
 
 def _key_impls(location: Location) -> dict[str, str]:
