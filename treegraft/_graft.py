@@ -12,6 +12,7 @@ from treegraft._errors import GraftError
 from treegraft._insert.sharding import place
 from treegraft._insert.transform import Blocks, build
 from treegraft._parse.paths import Path, render_parts
+from treegraft._parse.rules import CastOption, MappingLike
 from treegraft._plan import GraftPlan, Pair, plan
 from treegraft._read.progress import ProgressBar
 from treegraft._read.source import ReadRequest, Source
@@ -28,13 +29,13 @@ __all__ = ["graft", "execute"]
 def graft(
     state: Any,
     source: Any,
-    mapping: Mapping[str, str],
+    mapping: MappingLike,
     /,
     *,
     ignore_model_keys: Sequence[str] | str = (),
     ignore_restored_keys: Sequence[str] | str = (),
     strict: bool = True,
-    cast: bool | str = False,
+    cast: CastOption = False,
     progress: bool | Callable[[int, int], None] = False,
 ) -> Any:
     """Returns state with the leaves named by mapping taken from source.

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from treegraft._errors import GraftError, MappingError
 from treegraft._graft import execute
 from treegraft._parse.paths import Path
+from treegraft._parse.rules import MappingLike, RuleValue
 from treegraft._parse.patterns import Pattern, parse_pattern
 from treegraft._plan import plan
 from treegraft._read.kauldron import KauldronCheckpoint
@@ -133,7 +134,7 @@ class PartialKauldronLoader(InitTransform):
     """
 
     workdir: str | os.PathLike[str]
-    new_to_old: Mapping[str, str] = dataclasses.field(default_factory=_default_new_to_old)
+    new_to_old: MappingLike = dataclasses.field(default_factory=_default_new_to_old)
     step: int = -1
     ignore_model_keys: Sequence[str] = ()
     ignore_restored_keys: Sequence[str] = ()
@@ -167,7 +168,7 @@ class PartialKauldronLoader(InitTransform):
         if checkpoint is not None:
             checkpoint.close()
 
-    def _split(self) -> tuple[dict[str, str], dict[str, str]]:
+    def _split(self) -> tuple[dict[Any, RuleValue], dict[Any, RuleValue]]:
         if not self.new_to_old:
             # graft refuses an empty mapping; a loader that loads nothing is as
             # likely a mistake, and would pass silently.
@@ -176,8 +177,8 @@ class PartialKauldronLoader(InitTransform):
                 "{new_path: old_path} entry, or leave new_to_old out for Kauldron's "
                 "default {'params': 'params', 'collections': 'collections'}"
             )
-        first: dict[str, str] = {}
-        after: dict[str, str] = {}
+        first: dict[Any, RuleValue] = {}
+        after: dict[Any, RuleValue] = {}
         for new, old in dict(self.new_to_old).items():
             (after if _is_opt(new) else first)[new] = old
         return first, after
@@ -187,7 +188,7 @@ class PartialKauldronLoader(InitTransform):
             self._carried.checkpoint = KauldronCheckpoint(self.workdir, step=self.step)
         return self._carried.checkpoint
 
-    def _graft(self, state: Any, mapping: dict[str, str], *, last: bool) -> Any:
+    def _graft(self, state: Any, mapping: MappingLike, *, last: bool) -> Any:
         earlier = self._carried.unused_ignores
         p = plan(
             state,

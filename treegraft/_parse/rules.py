@@ -9,14 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 from treegraft._errors import GraftError, MappingError, PathSyntaxError, Problem, count
 from treegraft._parse.ops import Operation, Step, flatten_operation
 from treegraft._parse.paths import Path
 from treegraft._parse.patterns import Pattern, parse_pattern
 
-__all__ = ["Rule", "parse_mapping", "parse_ignore"]
+__all__ = ["Rule", "parse_mapping", "parse_ignore", "MappingLike", "CastOption"]
+
+# What a mapping may hold, as the public signatures say it (docs/design.md
+# section 10): keys are path strings, `Path`s or `Pattern`s; values are those,
+# None (keep) or an operation. Mapping is invariant in its key type, so a union
+# of key types would refuse a plain dict[str, str]: keys are typed Any here and
+# checked by `parse_mapping`.
+RuleValue: TypeAlias = str | Path | Pattern | Operation | None
+MappingLike: TypeAlias = Mapping[Any, RuleValue]
+# The `cast=` option: False, True (same-kind casts that keep every value) or "unsafe".
+CastOption: TypeAlias = bool | Literal["unsafe"]
 
 
 @dataclass(frozen=True, eq=False)

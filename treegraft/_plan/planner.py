@@ -22,7 +22,7 @@ from typing import Any
 
 from treegraft._errors import MappingError
 from treegraft._multihost import plan_on_every_process
-from treegraft._parse.rules import parse_ignore, parse_mapping
+from treegraft._parse.rules import CastOption, MappingLike, parse_ignore, parse_mapping
 from treegraft._plan import coverage, leaves
 from treegraft._plan.context import Inputs
 from treegraft._plan.problems import _KEY_KINDS, Problem, raise_problems
@@ -37,13 +37,13 @@ from treegraft._tree.index import TreeIndex
 def plan(
     state: Any,
     source: Any,
-    mapping: Mapping[str, str],
+    mapping: MappingLike,
     /,
     *,
     ignore_model_keys: Sequence[str] | str = (),
     ignore_restored_keys: Sequence[str] | str = (),
     strict: bool = True,
-    cast: bool | str = False,
+    cast: CastOption = False,
     check_ignores: bool = True,
 ) -> GraftPlan:
     """Resolves a `{new: old}` mapping and checks everything, reading no array.
