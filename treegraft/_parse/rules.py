@@ -54,11 +54,6 @@ class Rule:
     steps: tuple[Step, ...] = ()
     shown: str = ""
 
-    @property
-    def keep(self) -> bool:
-        """Whether this is a keep rule: its target leaves keep their value."""
-        return self.old is None
-
     def old_captures(self, captures: tuple[Any, ...]) -> tuple[Any, ...]:
         """The captures of new that fill old (unstack's extra index left out)."""
         return captures[:-1] if self.gather == "unstack" else captures
