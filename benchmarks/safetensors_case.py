@@ -126,7 +126,7 @@ def worker(spec: dict) -> dict:
     import numpy as np
 
     import treegraft as tg
-    from treegraft._read.safetensors import SafetensorsCheckpoint
+    from treegraft._formats.safetensors.source import SafetensorsCheckpoint
 
     folder, variant = spec["folder"], spec["variant"]
     with open(os.path.join(folder, "model.safetensors.index.json")) as f:

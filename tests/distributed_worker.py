@@ -203,7 +203,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         mgr.wait_until_finished()
         mgr.close()
         multihost_utils.sync_global_devices(f"treegraft-test: step {step} written")
-        from treegraft._read.storage import Location
+        from treegraft._storage.location import Location
 
         step_dir = Location.parse(workdir).join("checkpoints", f"ckpt_{step}", "default")
         assert step_dir.kind() == "dir", step_dir

@@ -223,7 +223,7 @@ def test_inspect_and_plan_read_shapes_in_one_batch(tmp_path, monkeypatch, capsys
     from kauldron_run import write_item
 
     from treegraft._app import cli as _cli
-    from treegraft._read import metadata
+    from treegraft._formats.orbax import metadata
 
     item = write_item(tmp_path / "item", {"w": {f"k{i:02d}": np.zeros(i + 1) for i in range(40)}})
 

@@ -25,7 +25,7 @@ from kauldron_run import (
 )
 
 import treegraft as tg
-from treegraft._read.kauldron import KauldronCheckpoint
+from treegraft._formats.kauldron.source import KauldronCheckpoint
 
 OLD = {
     "encoder": {"dense": {"kernel": (8, 16), "bias": (16,)}, "norm": {"scale": (16,)}},

@@ -521,7 +521,7 @@ def _remove_when(monkeypatch, owner, name, workdir):
 )
 def test_step_removed_by_its_run(workdir, monkeypatch, stage, message):
     """A step deleted by its run at any stage of a load: one clear error, never another."""
-    import treegraft._read.kauldron as kauldron
+    import treegraft._formats.kauldron.source as kauldron
 
     if stage == "opening":
         listed = kauldron._step_folders

@@ -21,7 +21,7 @@ from kauldron_run import (
 )
 
 import treegraft as tg
-from treegraft._read.kauldron import is_workdir, list_steps
+from treegraft._formats.kauldron.source import is_workdir, list_steps
 
 SHAPES = {"encoder": {"kernel": (4, 8), "bias": (8,)}, "decoder": {"kernel": (8, 4)}}
 STEPS = (1, 2, 5)

@@ -16,9 +16,9 @@ from etils import epath
 from kauldron_run import init_params, train_state, write_item, write_run
 
 import treegraft as tg
-from treegraft._read.headers import LazyLeaf
-from treegraft._read.metadata import lazy_metadata
-from treegraft._read.orbax_restore import _spec_leaf
+from treegraft._formats.orbax.headers import LazyLeaf
+from treegraft._formats.orbax.metadata import lazy_metadata
+from treegraft._formats.orbax.restore import _spec_leaf
 from treegraft._tree.pytree import flatten_parts
 
 
@@ -74,7 +74,7 @@ def items(tmp_path_factory):
 @pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "prefetched"])
 @pytest.mark.parametrize("name", ["mixed", "kauldron", "zarr3"])
 def test_same_tree_shapes_and_dtypes_as_orbax(items, name, batched):
-    from treegraft._read.headers import prefetch
+    from treegraft._formats.orbax.headers import prefetch
 
     directory = os.path.abspath(items[name])
     lazy = lazy_metadata(directory)
@@ -154,7 +154,7 @@ def test_a_missing_header_is_a_checkpoint_error_at_plan_time(items, tmp_path):
 
 
 def test_prefetch_reads_headers_in_one_batch_and_raises_for_failures(items, tmp_path):
-    from treegraft._read.headers import prefetch
+    from treegraft._formats.orbax.headers import prefetch
 
     meta = lazy_metadata(os.path.abspath(items["mixed"]))
     enc = meta["params"]["encoder"]
@@ -180,7 +180,7 @@ def test_prefetch_reads_headers_in_one_batch_and_raises_for_failures(items, tmp_
 
 def test_after_prefetch_shapes_and_dtypes_read_no_file(items, tmp_path):
     """Prefetch is the only step that reads headers: afterwards the files may be gone."""
-    from treegraft._read.headers import prefetch
+    from treegraft._formats.orbax.headers import prefetch
 
     directory = str(tmp_path / "copy")
     shutil.copytree(items["mixed"], directory)
@@ -251,7 +251,7 @@ def btree_height(item: str) -> int:
 
 
 def all_specs(lazy):
-    from treegraft._read.headers import prefetch
+    from treegraft._formats.orbax.headers import prefetch
 
     leaves = jax.tree_util.tree_leaves(lazy)
     prefetch(leaves)
@@ -296,7 +296,7 @@ def test_walk_reads_the_index_only_never_array_data(items, tmp_path):
 
 @pytest.mark.parametrize("share,walks", [(1.0, True), (0.01, False)])
 def test_the_walk_is_used_only_when_it_beats_key_reads(tmp_path, monkeypatch, share, walks):
-    from treegraft._read import ocdbt_index
+    from treegraft._formats.orbax import ocdbt_index
 
     n = 200
     tree = {"w": {f"k{i:03d}": np.full(3, i, np.float32) for i in range(n)}}
@@ -307,7 +307,7 @@ def test_the_walk_is_used_only_when_it_beats_key_reads(tmp_path, monkeypatch, sh
                         lambda self, wanted: calls.append(len(wanted)) or original(self, wanted))
     lazy = lazy_metadata(os.path.abspath(item))
     chosen = sorted(lazy["w"])[: max(1, int(n * share))]
-    from treegraft._read.headers import prefetch
+    from treegraft._formats.orbax.headers import prefetch
 
     prefetch([lazy["w"][k] for k in chosen])
     assert [lazy["w"][k]._spec for k in chosen] == [((3,), np.dtype("float32"))] * len(chosen)
@@ -318,7 +318,7 @@ def test_the_walk_is_used_only_when_it_beats_key_reads(tmp_path, monkeypatch, sh
 def test_walk_returns_the_inline_value_of_every_wanted_key(items, tmp_path, node_bytes):
     import tensorstore as ts
 
-    from treegraft._read.ocdbt_index import IndexWalk
+    from treegraft._formats.orbax.ocdbt_index import IndexWalk
 
     copy = reencode(os.path.abspath(items["kauldron"]), tmp_path / "copy",
                     max_decoded_node_bytes=node_bytes)
@@ -334,7 +334,7 @@ def test_walk_returns_the_inline_value_of_every_wanted_key(items, tmp_path, node
 
 @pytest.mark.parametrize("name", ["mixed", "zarr3"])
 def test_headers_of_both_zarr_versions_parse_without_opening_arrays(items, name):
-    from treegraft._read.headers import _read_headers
+    from treegraft._formats.orbax.headers import _read_headers
 
     lazy = lazy_metadata(os.path.abspath(items[name]))
     leaves = jax.tree_util.tree_leaves(lazy)
@@ -360,7 +360,7 @@ def test_a_graft_from_a_zarr3_checkpoint(items):
 
 
 def test_touching_every_shape_in_turn_reads_them_in_bulk_after_a_few(tmp_path, monkeypatch):
-    from treegraft._read import headers
+    from treegraft._formats.orbax import headers
 
     n = 120
     tree = {"w": {f"k{i:03d}": np.full((i % 5 + 1,), i, np.float32) for i in range(n)}}
@@ -377,7 +377,7 @@ def test_touching_every_shape_in_turn_reads_them_in_bulk_after_a_few(tmp_path, m
 
 
 def test_a_leaf_that_fails_after_the_bulk_load_still_names_itself(items, tmp_path, monkeypatch):
-    from treegraft._read import headers
+    from treegraft._formats.orbax import headers
 
     monkeypatch.setattr(headers, "_SINGLE_LOADS", 0)  # the first touch loads in bulk
     directory = str(tmp_path / "copy")

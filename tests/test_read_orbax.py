@@ -162,7 +162,7 @@ def test_metadata_structure(ckpts):
 def test_metadata_is_cached(ckpts, monkeypatch):
     src = tg.OrbaxCheckpoint(ckpts["mixed"])
     first = src.metadata()
-    import treegraft._read.orbax as orbax_mod
+    import treegraft._formats.orbax.source as orbax_mod
 
     monkeypatch.setattr(orbax_mod, "_read_metadata", lambda d: pytest.fail("read twice"))
     assert src.metadata() is first

@@ -22,7 +22,7 @@ import pytest
 from kauldron_run import init_params, snapshot, train_state, write_item, write_run
 
 import treegraft as tg
-from treegraft._read.kauldron import list_steps
+from treegraft._formats.kauldron.source import list_steps
 
 SHAPES = {"encoder": {"kernel": (4, 8), "bias": (8,)}}
 NOBODY = 65534
@@ -77,7 +77,7 @@ def as_nobody(body: str, **values: object) -> dict:
         import json, os, sys
         import numpy as np, orbax.checkpoint, tensorstore
         import treegraft as tg
-        from treegraft._read.kauldron import list_steps
+        from treegraft._formats.kauldron.source import list_steps
         values = json.loads(sys.argv[1])
         if os.geteuid() == 0:
             os.setgid(%d)

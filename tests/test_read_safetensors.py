@@ -19,9 +19,9 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import treegraft as tg
-from treegraft._read import safetensors_files as st_files
-from treegraft._read import safetensors_header as st_header
-from treegraft._read.safetensors import SafetensorsCheckpoint
+from treegraft._formats.safetensors import files as st_files
+from treegraft._formats.safetensors import header as st_header
+from treegraft._formats.safetensors.source import SafetensorsCheckpoint
 
 
 def st_numpy():
@@ -939,7 +939,7 @@ def test_files_are_closed(files, backend):
 
 def test_the_reader_does_not_import_safetensors():
     code = (
-        "import sys, treegraft._read.safetensors as m; "
+        "import sys, treegraft._formats.safetensors.source as m; "
         "assert 'safetensors' not in sys.modules, 'imported'; print('ok')"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

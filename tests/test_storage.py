@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from kauldron_run import init_params, train_state, write_item, write_run
 
 import treegraft as tg
-from treegraft._read.storage import Location, default_timeout
+from treegraft._storage.location import Location, default_timeout
 
 # -- parsing -----------------------------------------------------------------
 

@@ -9,6 +9,9 @@ from treegraft._errors import PathNotFoundError as PathNotFoundError
 from treegraft._errors import PathSyntaxError as PathSyntaxError
 from treegraft._errors import PathTypeError as PathTypeError
 from treegraft._errors import TreeError as TreeError
+from treegraft._formats.kauldron.source import KauldronCheckpoint as KauldronCheckpoint
+from treegraft._formats.orbax.source import OrbaxCheckpoint as OrbaxCheckpoint
+from treegraft._formats.safetensors.source import SafetensorsCheckpoint as SafetensorsCheckpoint
 from treegraft._graft import execute as execute
 from treegraft._graft import graft as graft
 from treegraft._insert.sharding import propagate_sharding as propagate_sharding
@@ -32,9 +35,6 @@ from treegraft._plan import Entry as Entry
 from treegraft._plan import GraftPlan as GraftPlan
 from treegraft._plan import Problem as Problem
 from treegraft._plan import plan as plan
-from treegraft._read.kauldron import KauldronCheckpoint as KauldronCheckpoint
-from treegraft._read.orbax import OrbaxCheckpoint as OrbaxCheckpoint
-from treegraft._read.safetensors import SafetensorsCheckpoint as SafetensorsCheckpoint
 from treegraft._read.source import ReadRequest as ReadRequest
 from treegraft._read.source import Source as Source
 from treegraft._tree.pytree import extract as extract

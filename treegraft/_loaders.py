@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 # Only treegraft's public API (names that `treegraft/__init__.py` exports): a
 # loader is what a user could write on top of `plan` and `execute`.
 from treegraft._errors import GraftError, MappingError
+from treegraft._formats.kauldron.source import KauldronCheckpoint
 from treegraft._graft import execute
 from treegraft._parse.paths import Path
-from treegraft._parse.rules import MappingLike, RuleValue
 from treegraft._parse.patterns import Pattern, parse_pattern
+from treegraft._parse.rules import MappingLike, RuleValue
 from treegraft._plan import plan
-from treegraft._read.kauldron import KauldronCheckpoint
 from treegraft._transforms import AbstractPartialLoader as AbstractPartialLoader
 from treegraft._transforms import InitTransform as InitTransform
 from treegraft._transforms import MultiTransform as MultiTransform

@@ -23,15 +23,15 @@ from treegraft._errors import (
     PathSyntaxError,
     suggest,
 )
+from treegraft._formats.kauldron.source import KauldronCheckpoint, is_workdir, list_steps
+from treegraft._formats.orbax.source import OrbaxCheckpoint
+from treegraft._formats.safetensors.source import SafetensorsCheckpoint
 from treegraft._parse.paths import render_parts
 from treegraft._parse.patterns import parse_pattern
 from treegraft._parse.rules import parse_ignore, parse_mapping
 from treegraft._plan import plan
-from treegraft._read.kauldron import KauldronCheckpoint, is_workdir, list_steps
-from treegraft._read.orbax import OrbaxCheckpoint
-from treegraft._read.safetensors import SafetensorsCheckpoint
 from treegraft._read.source import Source
-from treegraft._read.storage import Location
+from treegraft._storage.location import Location
 from treegraft._tree.leaves import format_bytes
 from treegraft._tree.pytree import flatten_parts
 

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from treegraft._app.display import Style
+from treegraft._formats.kauldron.source import KauldronCheckpoint
 from treegraft._loaders import PartialKauldronLoader
 from treegraft._parse.paths import render_parts
 from treegraft._plan import plan
-from treegraft._read.kauldron import KauldronCheckpoint
 from treegraft._tree.pytree import flatten_parts
 
 __all__ = ["run_demo"]

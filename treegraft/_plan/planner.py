@@ -17,7 +17,7 @@ sharing global arrays, every process fails together (`_multihost`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from treegraft._errors import MappingError

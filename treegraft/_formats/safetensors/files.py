@@ -20,9 +20,9 @@ import jax
 import numpy as np
 
 from treegraft._errors import CheckpointError
-from treegraft._read.safetensors_boxes import Box, box_of, merge, nbytes
-from treegraft._read.safetensors_header import TensorInfo, file_path, read_result
-from treegraft._read.storage import Location
+from treegraft._formats.safetensors.boxes import Box, box_of, merge, nbytes
+from treegraft._formats.safetensors.header import TensorInfo, file_path, read_result
+from treegraft._storage.location import Location
 
 __all__ = ["Files", "assemble"]
 

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from treegraft._errors import CheckpointError, PathSyntaxError
+from treegraft._formats.safetensors.header import TensorInfo
 from treegraft._parse.paths import Part, parse_path, render_parts
-from treegraft._read.safetensors_header import TensorInfo
 
 __all__ = ["build_tree", "name_to_parts"]
 

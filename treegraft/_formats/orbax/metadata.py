@@ -22,8 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from treegraft._errors import CheckpointError
-from treegraft._read.headers import LazyLeaf, _Store
-from treegraft._read.storage import Location
+from treegraft._formats.orbax.headers import LazyLeaf, _Store
+from treegraft._storage.location import Location
 from treegraft._tree.gc import young_collections_only
 
 __all__ = ["lazy_metadata"]

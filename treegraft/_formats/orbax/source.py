@@ -4,7 +4,7 @@ Metadata comes from orbax's `_METADATA` (no array bytes read). `read` reads
 only the requested leaves, each directly into the sharding of the target leaf
 it will replace, in the source's own dtype, so that orbax's silent cast can
 never happen unasked: with tensorstore for orbax's default layouts, else with
-orbax's public partial restore (`orbax_restore`).
+orbax's public partial restore (`restore`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import jax
 import numpy as np
 
 from treegraft._errors import CheckpointError, CheckpointNotFoundError
+from treegraft._formats.orbax import arrays
+from treegraft._formats.orbax.headers import LazyLeaf, prefetch
+from treegraft._formats.orbax.restore import ScalarSpec, orbax_read
+from treegraft._formats.orbax.restore import read_metadata as _read_metadata
 from treegraft._multihost import check_processes_agree
 from treegraft._parse.paths import Part, Path, render_parts
-from treegraft._read import arrays
-from treegraft._read.headers import LazyLeaf, prefetch
-from treegraft._read.orbax_restore import ScalarSpec, orbax_read
-from treegraft._read.orbax_restore import read_metadata as _read_metadata
 from treegraft._read.source import BoxRequest, ReadRequest, Source
-from treegraft._read.storage import Location, children_of
+from treegraft._storage.location import Location, children_of
 
 __all__ = ["OrbaxCheckpoint", "ScalarSpec"]
 

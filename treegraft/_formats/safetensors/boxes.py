@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from treegraft._errors import GraftError
-from treegraft._read.safetensors_header import TensorInfo
+from treegraft._formats.safetensors.header import TensorInfo
 
 __all__ = ["Box", "box_of", "check_box", "covering", "full_box", "merge", "nbytes"]
 

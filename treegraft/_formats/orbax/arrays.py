@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from treegraft._errors import CheckpointError, first_line
-from treegraft._read.headers import LazyLeaf
+from treegraft._formats.orbax.headers import LazyLeaf
 from treegraft._read.source import ReadRequest
 
 __all__ = ["DirectReader", "chunk_shape", "box_nbytes"]

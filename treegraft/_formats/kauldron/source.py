@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 
 from treegraft._errors import CheckpointError, CheckpointNotFoundError
+from treegraft._formats.orbax.source import OrbaxCheckpoint
 from treegraft._parse.paths import Path
-from treegraft._read.orbax import OrbaxCheckpoint
 from treegraft._read.source import BoxRequest, ReadRequest, Source
-from treegraft._read.storage import Location, children_of
+from treegraft._storage.location import Location, children_of
 
 __all__ = ["KauldronCheckpoint", "list_steps", "is_workdir"]
 

@@ -9,11 +9,11 @@ import jax
 import numpy as np
 
 from treegraft._errors import CheckpointError, first_line
+from treegraft._formats.orbax.headers import PY_TYPES
+from treegraft._formats.orbax.metadata import lazy_metadata
 from treegraft._parse.paths import Part, render_parts
-from treegraft._read.headers import PY_TYPES
-from treegraft._read.metadata import lazy_metadata
 from treegraft._read.source import ReadRequest
-from treegraft._read.storage import Location
+from treegraft._storage.location import Location
 from treegraft._tree import leaves as _leaves
 
 __all__ = ["ScalarSpec", "orbax_read", "read_metadata"]

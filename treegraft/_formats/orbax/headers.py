@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from treegraft._errors import CheckpointError, first_line
-from treegraft._read.ocdbt_index import IndexWalk, start_walk
-from treegraft._read.storage import Location
+from treegraft._formats.orbax.ocdbt_index import IndexWalk, start_walk
+from treegraft._storage.location import Location
 from treegraft._tree.gc import young_collections_only
 
 log = logging.getLogger("treegraft")

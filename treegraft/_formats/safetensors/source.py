@@ -1,10 +1,10 @@
 """A lazy source over Hugging Face safetensors files (the `Source` class).
 
-Metadata comes from the headers alone (`safetensors_header`). A read fetches,
+Metadata comes from the headers alone (`header`). A read fetches,
 for each target shard, only the bytes of its box: a range of rows of a
 C-ordered tensor is one contiguous byte range; any other box is read as the
-smallest such range that covers it, then sliced (`safetensors_boxes`). Boxes
-that overlap are read once (`safetensors_files`).
+smallest such range that covers it, then sliced (`boxes`). Boxes
+that overlap are read once (`files`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from treegraft._errors import (
     PathNotFoundError,
     suggest,
 )
+from treegraft._formats.safetensors.boxes import Box, box_of, check_box, covering, full_box
+from treegraft._formats.safetensors.files import Files, assemble
+from treegraft._formats.safetensors.header import INDEX_NAME, TensorInfo, read_headers
+from treegraft._formats.safetensors.tree import build_tree
 from treegraft._parse.paths import Part, Path, parse_path, render_parts
-from treegraft._read.safetensors_boxes import Box, box_of, check_box, covering, full_box
-from treegraft._read.safetensors_files import Files, assemble
-from treegraft._read.safetensors_header import INDEX_NAME, TensorInfo, read_headers
-from treegraft._read.safetensors_tree import build_tree
 from treegraft._read.source import ReadRequest, Source
-from treegraft._read.storage import Location
+from treegraft._storage.location import Location
 from treegraft._tree.index import loose
 
 __all__ = ["SafetensorsCheckpoint", "TensorInfo"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Container
 from typing import Any
 
-from treegraft._read.storage import Location
+from treegraft._storage.location import Location
 
 __all__ = ["IndexWalk", "start_walk"]
 
