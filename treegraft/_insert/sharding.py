@@ -348,6 +348,13 @@ def propagate_sharding(values: Any, like: Any, /) -> Any:
     vpaths, vleaves, _ = flatten_parts(values)
     lpaths, lleaves, ldef = flatten_parts(like)
     if vpaths != lpaths:
+        # Paired by path, not position: a custom node may give its children
+        # in another order on each flatten (docs/design.md section 4).
+        at = {parts: k for k, parts in enumerate(vpaths)}
+        if len(at) == len(lpaths) and all(parts in at for parts in lpaths):
+            vleaves = [vleaves[at[parts]] for parts in lpaths]
+            vpaths = lpaths
+    if vpaths != lpaths:
         extra = sorted(render_parts(p) for p in set(vpaths) - set(lpaths))
         missing = sorted(render_parts(p) for p in set(lpaths) - set(vpaths))
         raise MismatchError(

@@ -13,7 +13,6 @@ from typing import Any, NamedTuple
 from treegraft._parse.paths import Part, render_parts
 from treegraft._parse.patterns import Pattern
 from treegraft._parse.rules import Rule
-from treegraft._plan.problems import _ranges
 from treegraft._read.source import Source
 from treegraft._tree.index import TreeIndex
 
@@ -115,28 +114,26 @@ class Inputs:
         group = groups.get(tuple(caps))
         if not group:
             return Stack(None)
-        indices: dict[int, Parts] = {}
+        indices: dict[int, list[Parts]] = {}
         bad = []
         for cap, prefix in group:
             index = as_index(cap)
             if index is None:
                 bad.append(repr(render_parts(prefix)))
             else:
-                indices[index] = prefix
-        ordered = dict(sorted(indices.items()))
-        gaps = [k for k in range(max(ordered, default=-1) + 1) if k not in ordered]
-        if not bad and not gaps:
-            return Stack(ordered)
+                indices.setdefault(index, []).append(prefix)
+        ordered = sorted(indices)
         why = []
         if bad:
             why.append(f"{', '.join(bad[:5])} captured no integer index")
-        if gaps:
-            shown = ", ".join(map(str, gaps[:10]))
-            why.append(
-                f"indices found {_ranges(list(ordered))}, missing {shown}: a stack needs "
-                "exactly 0..N-1"
-            )
-        return Stack({}, "; ".join(why))
+        same = same_index(indices, "the source")
+        if same:
+            why.append(same)
+        if ordered and ordered[-1] + 1 != len(ordered):
+            why.append(f"{index_gaps(ordered)}: a stack needs exactly 0..N-1")
+        if why:
+            return Stack({}, "; ".join(why))
+        return Stack({k: indices[k][0] for k in ordered})
 
     def ignored_model(self, parts: Parts, n: int) -> tuple[int, ...]:
         """Which ignore_model_keys patterns cover a target leaf (rule prefix n long)."""
@@ -152,8 +149,75 @@ def as_index(capture: Any) -> int | None:
     if type(capture) is int:
         return capture if capture >= 0 else None
     if isinstance(capture, str) and capture.isascii() and capture.isdigit():
-        return int(capture)
+        try:
+            return int(capture)
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            return None
     return None
+
+
+_SHOWN = 10  # at most this many indices or ranges of indices in a message
+
+
+def same_index(found: dict[int, list[Parts]], where: str = "the source") -> str:
+    """Says which paths count as one index ('l_1' and 'l_01'), or "" if none do.
+
+    `where` names the tree the paths are in, for the remedy.
+    """
+    clashes = [(k, paths) for k, paths in sorted(found.items()) if len(paths) > 1]
+    if not clashes:
+        return ""
+    shown = []
+    for k, paths in clashes[:_SHOWN]:
+        names = [repr(render_parts(p)) for p in paths[:5]] + (["..."] if len(paths) > 5 else [])
+        both = "both" if len(paths) == 2 else "all"
+        shown.append(f"{', '.join(names[:-1])} and {names[-1]} are {both} index {k}")
+    more = f" (and {len(clashes) - _SHOWN} more indices)" if len(clashes) > _SHOWN else ""
+    return (
+        f"in {where}, {'; '.join(shown)}{more}: leading zeros do not make another index, "
+        f"so one of them would be dropped or taken twice; keep one key per index in {where}"
+    )
+
+
+def index_runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct indices as (first, last) runs of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for k in indices:
+        if runs and runs[-1][1] + 1 == k:
+            runs[-1] = (runs[-1][0], k)
+        else:
+            runs.append((k, k))
+    return runs
+
+
+def render_runs(runs: list[tuple[int, int]]) -> str:
+    """'0, 1, 2, 5' or '0..41, 1000000000000': short runs listed, long ones as ranges."""
+    items: list[str] = []
+    for first, last in runs:
+        if last - first < 3:
+            items.extend(map(str, range(first, last + 1)))
+        else:
+            items.append(f"{first}..{last}")
+        if len(items) > _SHOWN:
+            break
+    return ", ".join(items[:_SHOWN]) + (", ..." if len(items) > _SHOWN else "")
+
+
+def index_gaps(indices: list[int]) -> str:
+    """Which indices are found and which are missing below the largest, as ranges.
+
+    Computed from the runs of the sorted distinct indices, never by counting
+    up to the largest: an index read from a file may be 10**12 (constant
+    memory in the gap's size).
+    """
+    runs = index_runs(indices)
+    gaps = [(0, runs[0][0] - 1)] if runs and runs[0][0] > 0 else []
+    gaps += [(a[1] + 1, b[0] - 1) for a, b in zip(runs, runs[1:], strict=False)]
+    count = indices[-1] + 1 - len(indices)
+    missing = render_runs(gaps)
+    if ".." in missing:  # some indices not listed one by one: say how many
+        missing += f" ({count} indices)"
+    return f"indices found {render_runs(runs)}, missing {missing}"
 
 
 def source_prefixes(

@@ -45,7 +45,8 @@ def check_stacks(res: Resolution) -> list[Problem]:
             Problem(
                 "structure",
                 f"{render_parts(new_prefix)!r}: the source subtrees matching "
-                f"{rule.old.text if rule.old else ''!r} cannot be stacked: {why} [rule {rule}]",
+                f"{rule.old.text if rule.old else ''!r} cannot be {rule.gather}ed: {why} "
+                f"[rule {rule}]",
                 target=Path(new_prefix),
                 rule=str(rule),
             )

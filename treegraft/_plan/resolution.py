@@ -79,7 +79,8 @@ class Resolution:
       unpaired: covered target leaves without a source leaf, in target order.
       bad_unstacks: (rule, new prefix, capture) where an unstack rule's last
         capture is no index.
-      bad_stacks: (rule, new prefix, why) where found subtrees cannot be stacked.
+      bad_stacks: (rule, new prefix, why) where found subtrees cannot be stacked,
+        or where an unstack rule's new prefixes spell one index twice.
       instances: {(rule, new prefix): old prefix or None}: every rule instance
         found from either side.
       stack_instances: (rule, new prefix, old prefix) per stacked subtree.

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from treegraft._parse.paths import Part
-from treegraft._plan.context import Inputs, as_index
+from treegraft._plan.context import Inputs, as_index, same_index
 from treegraft._plan.instances import (
     outranked_instances,
     source_instances,
@@ -33,7 +33,7 @@ def resolve(inputs: Inputs) -> Resolution:
     exist): no shape or dtype, so nothing of a lazy source's metadata.
     """
     winner, prefix_len, hits, captures, ties, outranked = _assign_rules(inputs)
-    instances, pairs, unpaired, bad_unstacks, stack_instances = _pair_leaves(
+    instances, pairs, unpaired, bad_unstacks, stack_instances, index_clashes = _pair_leaves(
         inputs, winner, prefix_len, captures
     )
     outranked_unfound = outranked_instances(inputs, winner, outranked, instances)
@@ -49,7 +49,7 @@ def resolve(inputs: Inputs) -> Resolution:
         pairs=tuple(pairs),
         unpaired=tuple(unpaired),
         bad_unstacks=tuple(bad_unstacks),
-        bad_stacks=tuple(inputs.bad_stacks()),
+        bad_stacks=tuple(inputs.bad_stacks()) + tuple(index_clashes),
         instances=instances,
         stack_instances=tuple(stack_instances),
         outranked_unfound=outranked_unfound,
@@ -115,18 +115,26 @@ def _pair_leaves(
     inputs: Inputs, winner: list[int], prefix_len: list[int], captures: list[tuple[Any, ...]]
 ) -> tuple[
     dict[tuple[int, Parts], Parts | None], list[Pair], list[Unpaired],
-    list[tuple[int, Parts, Any]], list[tuple[int, Parts, Parts]],
+    list[tuple[int, Parts, Any]], list[tuple[int, Parts, Parts]], list[tuple[int, Parts, str]],
 ]:
-    """Pairs each covered target leaf with its source leaves, or records why not."""
+    """Pairs each covered target leaf with its source leaves, or records why not.
+
+    Also returns (unstack rule, new prefix, why) where two new prefixes of one
+    unstack rule spell one index differently.
+    """
     tgt, src, rules = inputs.tgt, inputs.src, inputs.rules
     # (rule, new prefix) -> old prefix, or None when it is not in the source.
     instances: dict[tuple[int, Parts], Parts | None] = {}
     stacks: dict[tuple[int, Parts], dict[int, Parts] | None] = {}
     # (rule, new prefix) -> the index an unstack rule takes.
     taken: dict[tuple[int, Parts], int | None] = {}
+    # (unstack rule, its other captures) -> {index: the new prefixes taking it}:
+    # 'layers_1' and 'layers_01' are both index 1.
+    spelt: dict[tuple[int, tuple[Any, ...]], dict[int, list[Parts]]] = {}
     pairs: list[Pair] = []
     unpaired: list[Unpaired] = []
     bad_unstacks: list[tuple[int, Parts, Any]] = []
+    index_clashes: list[tuple[int, Parts, str]] = []
     for i, r in enumerate(winner):
         if r < 0:
             continue
@@ -165,6 +173,10 @@ def _pair_leaves(
                 taken[key] = index
                 if index is None:
                     bad_unstacks.append((r, new_prefix, caps[-1] if caps else None))
+                else:
+                    spelt.setdefault((r, tuple(caps[:-1])), {}).setdefault(index, []).append(
+                        new_prefix
+                    )
         if old_prefix is None:
             unpaired.append(Unpaired(i, r, n, None, "prefix", inputs.ignored_model(parts, n)))
             continue
@@ -185,7 +197,12 @@ def _pair_leaves(
             stack_instances.append((key[0], key[1], op))
         if group:
             instances[key] = next(iter(group.values()))
-    return instances, pairs, unpaired, bad_unstacks, stack_instances
+    for (r, _), by_index in spelt.items():
+        why = same_index(by_index, "the state")
+        if why:
+            clash = next(paths for _, paths in sorted(by_index.items()) if len(paths) > 1)
+            index_clashes.append((r, clash[0], why))
+    return instances, pairs, unpaired, bad_unstacks, stack_instances, index_clashes
 
 
 def _unpaired_leaf(inputs: Inputs, i: int, r: int, n: int, old_prefix: Parts) -> Unpaired:

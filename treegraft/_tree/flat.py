@@ -31,11 +31,18 @@ def flatten_parts(
         leaves, treedef = _jax_flatten(tree_util.tree_flatten, tree, None)
         walked = _walk_paths(tree, len(leaves))
         if walked is not None:
-            paths, seen = walked
+            paths, seen, custom = walked
             if len(seen) == len(leaves) and all(map(operator.is_, seen, leaves)):
-                return paths, leaves, treedef
-            # A type seen as a leaf was registered with jax since: learn again.
-            _forget_types()
+                if not custom or _all_distinct(leaves):
+                    return paths, leaves, treedef
+                # The walk flattened the custom nodes a second time, and a
+                # node may order its children differently on each call (a
+                # set-like node): identity pairs only distinct leaves, so a
+                # shared leaf could take another key's path. jax's own key
+                # paths come from the one flatten that made the treedef.
+            else:
+                # A type seen as a leaf was registered with jax since: learn again.
+                _forget_types()
     keyed, treedef = _jax_flatten(tree_util.tree_flatten_with_path, tree, is_leaf)
     if "flax.nnx" in sys.modules:  # NNX Variables' `value` keys are not in paths
         keyed = _nnx.drop_value_keys(tree, keyed, is_leaf)
@@ -144,20 +151,31 @@ def _forget_types() -> None:
     _NODE_TYPES.clear()
 
 
-def _walk_paths(tree: Any, n_leaves: int) -> tuple[list[tuple[Part, ...]], list[Any]] | None:
+def _all_distinct(leaves: list[Any]) -> bool:
+    """Whether no object is two of the leaves (the list holds them all alive)."""
+    return len(set(map(id, leaves))) == len(leaves)
+
+
+def _walk_paths(
+    tree: Any, n_leaves: int
+) -> tuple[list[tuple[Part, ...]], list[Any], bool] | None:
     """Leaf paths by a direct walk: several times faster than jax's key paths.
 
     Builtin containers are walked here, in jax's order (dict keys sorted);
     other node types go through jax one level at a time. Returns None when the
     walk cannot vouch for matching jax's leaf order (the caller then asks jax).
-    Also returns the leaves it found, for the caller to check against jax's.
+    Also returns the leaves it found, for the caller to check against jax's,
+    and whether it met a node type that is not a builtin container (whose
+    flatten may not give its children in the same order every time).
     """
     paths: list[tuple[Part, ...]] = []
     found: list[Any] = []
+    custom = False
     add, keep = paths.append, found.append
     leaf_types = _LEAF_TYPES
 
     def visit(prefix: tuple[Part, ...], node: Any) -> None:
+        nonlocal custom
         # Children that are known leaves are taken in place: most of a big
         # tree's nodes are leaves, and a call per leaf is what costs.
         t = type(node)
@@ -191,6 +209,8 @@ def _walk_paths(tree: Any, n_leaves: int) -> tuple[list[tuple[Part, ...]], list[
                 return
             if kids is None:
                 kids = children(node, where=prefix) or []
+            if len(kids) > 1:
+                custom = True
             for k, c in kids:
                 visit(prefix + (k,), c)
 
@@ -200,7 +220,7 @@ def _walk_paths(tree: Any, n_leaves: int) -> tuple[list[tuple[Part, ...]], list[
         return None
     except RecursionError:  # deeper than Python's stack: jax walks it
         return None
-    return (paths, found) if len(paths) == n_leaves else None
+    return (paths, found, custom) if len(paths) == n_leaves else None
 
 
 def _generic_children(node: Any, t: type, where: tuple[Part, ...]) -> list[tuple[Part, Any]] | None:

@@ -84,8 +84,10 @@ def drop_value_keys(
 
     For the slow path of a flatten (jax's own key paths): a `GetAttrKey('value')`
     may come from a Variable or from any dataclass with a `value` field, so the
-    Variables' positions are found by a second flatten that stops at them. A
-    tree with no `value` key at all is returned as is.
+    Variables' positions are found by a second flatten that stops at them. The
+    two flattens are paired by key path, not by position: a custom node may
+    give its children in another order on each call (docs/design.md section
+    4). A tree with no `value` key at all is returned as is.
 
     Args:
       tree: the tree `keyed` was flattened from.
@@ -104,17 +106,26 @@ def drop_value_keys(
     def stop(x: Any) -> bool:
         return isinstance(x, bases) or (is_leaf is not None and is_leaf(x))
 
-    paths: list[tuple[Any, ...]] = []
+    # jax's key path of each leaf -> the same path without the Variables' `value` keys.
+    short_of: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    count = 0
 
-    def walk(prefix: tuple[Any, ...], node: Any) -> None:
+    def walk(full: tuple[Any, ...], short: tuple[Any, ...], node: Any) -> None:
+        nonlocal count
         for keypath, x in tree_util.tree_flatten_with_path(node, is_leaf=stop)[0]:
+            kp = tuple(keypath)
             if isinstance(x, bases) and not (is_leaf is not None and is_leaf(x)):
-                walk(prefix + tuple(keypath), value_of(x))
+                walk(full + kp + (_VALUE_KEY,), short + kp, value_of(x))
             else:
-                paths.append(prefix + tuple(keypath))
+                short_of[full + kp] = short + kp
+                count += 1
 
-    walk((), tree)
-    if len(paths) != len(keyed):  # cannot vouch for the pairing: keep jax's paths
+    try:
+        walk((), (), tree)
+        shortened = [(short_of.get(tuple(keypath)), leaf) for keypath, leaf in keyed]
+    except TypeError:  # an unhashable key: cannot pair by key, keep jax's paths
         return keyed
+    if count != len(short_of) or any(short is None for short, _ in shortened):
+        return keyed  # two leaves under one key path, or one unknown: keep jax's paths
     # The leaves stay jax's own objects, in jax's order.
-    return [(p, leaf) for p, (_, leaf) in zip(paths, keyed, strict=True)]
+    return shortened
