@@ -25,7 +25,6 @@ from kauldron_run import (
 )
 
 import treegraft as tg
-from treegraft._formats.kauldron.source import KauldronCheckpoint
 
 OLD = {
     "encoder": {"dense": {"kernel": (8, 16), "bias": (16,)}, "norm": {"scale": (16,)}},
@@ -540,13 +539,13 @@ def test_trainer_flow_single_loader(pretrain, kind):
 def test_context_manager_releases(own_pretrain, monkeypatch):
     workdir, saved = own_pretrain
     closed = []
-    original = KauldronCheckpoint.close
+    original = tg.KauldronCheckpoint.close
 
     def close(self):
         closed.append(self.workdir)
         original(self)
 
-    monkeypatch.setattr(KauldronCheckpoint, "close", close)
+    monkeypatch.setattr(tg.KauldronCheckpoint, "close", close)
     loader = tg.PartialKauldronLoader(workdir=workdir)
     with loader as entered:
         assert entered is loader

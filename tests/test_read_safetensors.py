@@ -1,4 +1,4 @@
-"""SafetensorsCheckpoint: headers-only metadata, byte-range reads per shard, damaged files."""
+"""tg.SafetensorsCheckpoint: headers-only metadata, byte-range reads per shard, damaged files."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from jax.sharding import PartitionSpec as P
 import treegraft as tg
 from treegraft._formats.safetensors import files as st_files
 from treegraft._formats.safetensors import header as st_header
-from treegraft._formats.safetensors.source import SafetensorsCheckpoint
 
 
 def st_numpy():
@@ -203,7 +202,7 @@ def backend(request, monkeypatch):
 
 
 def test_names_parse_as_paths(files):
-    src = SafetensorsCheckpoint(files["hf"])
+    src = tg.SafetensorsCheckpoint(files["hf"])
     meta = src.metadata()
     assert sorted(meta) == ["lm_head", "model"]
     assert sorted(meta["model"]["layers"]) == [0, 1]  # int keys, as tg.parse_path gives
@@ -217,7 +216,7 @@ def test_names_parse_as_paths(files):
 
 
 def test_metadata_matches_the_package_headers(files):
-    src = SafetensorsCheckpoint(files["every_path"])
+    src = tg.SafetensorsCheckpoint(files["every_path"])
     flat = {k.parts: v for k, v in tg.flatten(src.metadata()).items()}
     with st_package().safe_open(files["every_path"], framework="np") as f:
         names = list(f.keys())
@@ -230,14 +229,14 @@ def test_metadata_matches_the_package_headers(files):
 
 
 def test_metadata_reads_only_headers(files):
-    src = SafetensorsCheckpoint(files["arrays_path"])
+    src = tg.SafetensorsCheckpoint(files["arrays_path"])
     before = rchar()
     src.metadata()
     assert rchar() - before < 64 * 1024  # the file holds 4 MiB of tensors
 
 
 def test_metadata_is_cached(files, monkeypatch):
-    src = SafetensorsCheckpoint(files["hf"])
+    src = tg.SafetensorsCheckpoint(files["hf"])
     first = src.metadata()
     monkeypatch.setattr(st_header, "_parse_header", None)  # would fail if called again
     assert src.metadata() is first
@@ -246,10 +245,12 @@ def test_metadata_is_cached(files, monkeypatch):
 def test_a_name_the_grammar_refuses_is_split_on_dots(tmp_path):
     path = str(tmp_path / "odd.safetensors")
     st_numpy().save_file({"block-sparse.0.w": np.ones(2, np.float32)}, path)
-    meta = SafetensorsCheckpoint(path).metadata()
+    meta = tg.SafetensorsCheckpoint(path).metadata()
     assert list(meta) == ["block-sparse"] and list(meta["block-sparse"]) == [0]
     out = tg.graft(
-        {"w": np.zeros(2, np.float32)}, SafetensorsCheckpoint(path), {"w": "['block-sparse'][0].w"}
+        {"w": np.zeros(2, np.float32)},
+        tg.SafetensorsCheckpoint(path),
+        {"w": "['block-sparse'][0].w"},
     )
     np.testing.assert_array_equal(out["w"], np.ones(2))
 
@@ -261,7 +262,7 @@ def test_a_tensor_cannot_also_be_a_prefix(tmp_path):
         tg.CheckpointError,
         match=r"tensor 'a.b.c' lies under tensor 'a.b'.*both a tensor and a prefix",
     ):
-        SafetensorsCheckpoint(path).metadata()
+        tg.SafetensorsCheckpoint(path).metadata()
 
 
 def test_int_and_name_keys_side_by_side(tmp_path):
@@ -274,7 +275,7 @@ def test_int_and_name_keys_side_by_side(tmp_path):
         "layers.0.w": np.ones(1, np.float32),
     }
     st_numpy().save_file(tensors, path)
-    src = SafetensorsCheckpoint(path)
+    src = tg.SafetensorsCheckpoint(path)
     meta = src.metadata()
     assert sorted(meta["m"]) == ["0", "1", "norm"] and list(meta["layers"]) == [0]
     state = {
@@ -292,7 +293,7 @@ def test_folder_with_one_file_and_no_index(files, tmp_path):
     folder = tmp_path / "single"
     folder.mkdir()
     st_numpy().save_file({"w": np.arange(3, dtype=np.int32)}, str(folder / "model.safetensors"))
-    src = SafetensorsCheckpoint(folder)
+    src = tg.SafetensorsCheckpoint(folder)
     (got,) = src.read([request("w", np.zeros(3, np.int32))])
     np.testing.assert_array_equal(got, [0, 1, 2])
 
@@ -302,7 +303,7 @@ def test_folder_with_one_file_and_no_index(files, tmp_path):
 
 @pytest.mark.parametrize("dtype", DTYPES + FP8, ids=lambda d: np.dtype(d).name)
 def test_round_trip_every_dtype_and_shape(files, dtype, backend):
-    src = SafetensorsCheckpoint(files["every_path"])
+    src = tg.SafetensorsCheckpoint(files["every_path"])
     names = [n for n in files["every"] if n.split(".")[1] == np.dtype(dtype).name]
     assert len(names) == len(SHAPES)
     likes = [np.zeros(files["every"][n].shape, dtype) for n in names]
@@ -323,7 +324,7 @@ def test_round_trip_every_dtype_and_shape(files, dtype, backend):
 def test_round_trip_to_one_device(files, dtype, shape):
     name = f"t.{np.dtype(dtype).name}.s{'x'.join(map(str, shape)) or 'scalar'}"
     like = jax.ShapeDtypeStruct(shape, dtype)
-    (got,) = SafetensorsCheckpoint(files["every_path"]).read([request(name, like)])
+    (got,) = tg.SafetensorsCheckpoint(files["every_path"]).read([request(name, like)])
     assert isinstance(got, jax.Array) and isinstance(got.sharding, SingleDeviceSharding)
     np.testing.assert_array_equal(np.asarray(got), reference(files["every_path"], name))
 
@@ -345,7 +346,7 @@ def test_round_trip_sharded(files, mesh, spec, name, backend):
     sharding = NamedSharding(mesh(), spec)
     want = reference(files["arrays_path"], name)
     like = jax.ShapeDtypeStruct(want.shape, want.dtype, sharding=sharding)
-    (got,) = SafetensorsCheckpoint(files["arrays_path"]).read([request(name, like)])
+    (got,) = tg.SafetensorsCheckpoint(files["arrays_path"]).read([request(name, like)])
     assert got.sharding == sharding and got.dtype == want.dtype
     for shard in got.addressable_shards:
         np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index])
@@ -360,7 +361,7 @@ def test_round_trip_sharded_3d(files, spec, backend):
     sharding = NamedSharding(mesh, spec)
     want = reference(files["arrays_path"], "cube")
     like = jax.device_put(jnp.zeros(want.shape, want.dtype), sharding)
-    (got,) = SafetensorsCheckpoint(files["arrays_path"]).read([request("cube", like)])
+    (got,) = tg.SafetensorsCheckpoint(files["arrays_path"]).read([request("cube", like)])
     assert got.sharding == sharding
     np.testing.assert_array_equal(np.asarray(got), want)
 
@@ -368,7 +369,7 @@ def test_round_trip_sharded_3d(files, spec, backend):
 def test_sharded_result_can_be_donated(files, backend):
     sharding = NamedSharding(mesh_1d(), P())
     like = jax.ShapeDtypeStruct((16, 8), np.float32, sharding=sharding)
-    src = SafetensorsCheckpoint(files["arrays_path"])
+    src = tg.SafetensorsCheckpoint(files["arrays_path"])
     (got,) = src.read([request("rows", like)])
     doubled = jax.jit(lambda t: t * 2, donate_argnums=0)(got)
     want = reference(files["arrays_path"], "rows")
@@ -418,7 +419,7 @@ def data_ranges(log, src, name):
 
 def test_each_row_shard_reads_its_rows(files, monkeypatch, backend):
     log = spy_reads(monkeypatch)
-    src = SafetensorsCheckpoint(files["arrays_path"])
+    src = tg.SafetensorsCheckpoint(files["arrays_path"])
     sharding = NamedSharding(mesh_1d(), P("x"))
     src.metadata()
     before = rchar()
@@ -435,7 +436,7 @@ def test_each_row_shard_reads_its_rows(files, monkeypatch, backend):
 @pytest.mark.parametrize("spec", [P(None, "x"), P(), P("b", "a")], ids=["cols", "replicated", "2d"])
 def test_shards_with_the_same_rows_read_them_once(files, monkeypatch, spec, backend):
     log = spy_reads(monkeypatch)
-    src = SafetensorsCheckpoint(files["arrays_path"])
+    src = tg.SafetensorsCheckpoint(files["arrays_path"])
     mesh = mesh_1d() if "x" in str(spec) or spec == P() else mesh_2d()
     like = jax.ShapeDtypeStruct((1024, 1024), np.float32, sharding=NamedSharding(mesh, spec))
     src.metadata()
@@ -457,7 +458,7 @@ def test_shards_with_the_same_rows_read_them_once(files, monkeypatch, spec, back
 def test_a_layer_of_a_stack_reads_only_that_layer(files, monkeypatch, backend):
     # cube[2] sharded on its rows: the leading index is fixed, the rows taken inside it.
     log = spy_reads(monkeypatch)
-    src = SafetensorsCheckpoint(files["arrays_path"])
+    src = tg.SafetensorsCheckpoint(files["arrays_path"])
     want = reference(files["arrays_path"], "cube")
     boxes = [(slice(2, 3), slice(4 * k, 4 * k + 4), slice(None)) for k in range(4)]
     got = src.read_boxes([BoxRequest(tg.parse_path("cube"), b) for b in boxes])
@@ -484,7 +485,7 @@ def test_a_layer_of_a_stack_reads_only_that_layer(files, monkeypatch, backend):
 )
 def test_read_boxes_and_box_nbytes(files, monkeypatch, box, backend):
     log = spy_reads(monkeypatch)
-    src = SafetensorsCheckpoint(files["arrays_path"])
+    src = tg.SafetensorsCheckpoint(files["arrays_path"])
     want = reference(files["arrays_path"], "cube")
     (got,) = src.read_boxes([BoxRequest(tg.parse_path("cube"), box)])
     np.testing.assert_array_equal(got, want[box])
@@ -498,7 +499,7 @@ def test_read_boxes_and_box_nbytes(files, monkeypatch, box, backend):
 
 def test_read_boxes_of_one_tensor_share_their_reads(files, monkeypatch, backend):
     log = spy_reads(monkeypatch)
-    src = SafetensorsCheckpoint(files["arrays_path"])
+    src = tg.SafetensorsCheckpoint(files["arrays_path"])
     boxes = [(slice(0, 8), slice(0, 4)), (slice(0, 8), slice(4, 8)), (slice(4, 12), slice(None))]
     got = src.read_boxes([BoxRequest(tg.parse_path("rows"), b) for b in boxes])
     want = reference(files["arrays_path"], "rows")
@@ -513,13 +514,13 @@ def test_read_boxes_of_one_tensor_share_their_reads(files, monkeypatch, backend)
     ids=["too-few-axes", "out-of-bounds", "step", "an-int"],
 )
 def test_a_bad_box_is_an_error(files, box):
-    src = SafetensorsCheckpoint(files["arrays_path"])
+    src = tg.SafetensorsCheckpoint(files["arrays_path"])
     with pytest.raises(tg.GraftError, match=r"box .* for tensor 'rows' of shape \(16, 8\) must be"):
         src.read_boxes([BoxRequest(tg.parse_path("rows"), box)])
 
 
 def test_an_unknown_tensor_suggests_close_names(files):
-    src = SafetensorsCheckpoint(files["arrays_path"])
+    src = tg.SafetensorsCheckpoint(files["arrays_path"])
     with pytest.raises(
         tg.PathNotFoundError, match=r"'rowz' is not a tensor of .*did you mean 'rows'"
     ):
@@ -530,7 +531,7 @@ def test_an_unknown_tensor_suggests_close_names(files):
 
 
 def test_graft_from_the_sharded_layout_with_renames(files, backend):
-    src = SafetensorsCheckpoint(files["hf"])
+    src = tg.SafetensorsCheckpoint(files["hf"])
     sharding = NamedSharding(mesh_1d(), P("x"))
     bf16 = ml_dtypes.bfloat16
     state = {
@@ -562,7 +563,7 @@ def test_graft_from_the_sharded_layout_with_renames(files, backend):
 
 def test_plan_reports_a_shape_mismatch_with_both_sides(files, monkeypatch):
     log = spy_reads(monkeypatch)
-    src = SafetensorsCheckpoint(files["hf"])
+    src = tg.SafetensorsCheckpoint(files["hf"])
     state = {"up": jnp.zeros((16, 32), ml_dtypes.bfloat16)}  # Flax [in, out]: needs a transpose
     with pytest.raises(
         tg.MismatchError,
@@ -574,7 +575,7 @@ def test_plan_reports_a_shape_mismatch_with_both_sides(files, monkeypatch):
 
 
 def test_plan_reports_a_dtype_mismatch_and_cast_is_explicit(files):
-    src = SafetensorsCheckpoint(files["arrays_path"])
+    src = tg.SafetensorsCheckpoint(files["arrays_path"])
     with pytest.raises(
         tg.MismatchError,
         match=r"dtype differs .*: 1\n  'w' in the state is float32\[16, 8\], "
@@ -590,7 +591,7 @@ def test_plan_reports_a_dtype_mismatch_and_cast_is_explicit(files):
 
 
 def test_unexpected_source_tensors_are_reported(files):
-    src = SafetensorsCheckpoint(files["hf"])
+    src = tg.SafetensorsCheckpoint(files["hf"])
     state = {"layer": {"mlp": {"up_proj": {"weight": jnp.zeros((32, 16), ml_dtypes.bfloat16)}}}}
     with pytest.raises(tg.GraftError, match=r"self_attn"):
         tg.plan(state, src, {"layer": "model.layers.0"})
@@ -605,7 +606,7 @@ def rule_operations():
 @pytest.mark.parametrize("spec", [P(), P(None, None, "x"), P(None, "x")], ids=str)
 def test_torch_layout_into_a_scanned_flax_layout_in_one_mapping(files, spec):
     tg_ops = rule_operations()
-    src = SafetensorsCheckpoint(files["hf"])
+    src = tg.SafetensorsCheckpoint(files["hf"])
     llama = files["llama"]
     bf16 = ml_dtypes.bfloat16
     sharding = NamedSharding(mesh_1d(), spec)
@@ -647,7 +648,7 @@ def test_torch_layout_into_a_scanned_flax_layout_in_one_mapping(files, spec):
 
 def test_unstack_plans_the_bytes_of_its_layers(files):
     tg_ops = rule_operations()
-    src = SafetensorsCheckpoint(files["arrays_path"])
+    src = tg.SafetensorsCheckpoint(files["arrays_path"])
     cube = reference(files["arrays_path"], "cube")  # (4, 16, 8) float32: 4 stacked layers
     sharding = NamedSharding(mesh_1d(), P("x"))
     state = {
@@ -761,19 +762,19 @@ DAMAGED = [
 def test_damaged_files_are_checkpoint_errors(tmp_path, kind, message):
     path = damaged(tmp_path, kind)
     before = fingerprint(tmp_path)
-    src = SafetensorsCheckpoint(path)
+    src = tg.SafetensorsCheckpoint(path)
     with pytest.raises(tg.CheckpointError, match=message) as info:
         src.metadata()
     assert path in str(info.value)  # the message names the file
     with pytest.raises(tg.CheckpointError, match=message):  # and again, the same way
-        tg.plan({"w": np.zeros((2, 2), np.float32)}, SafetensorsCheckpoint(path), {"w": "a"})
+        tg.plan({"w": np.zeros((2, 2), np.float32)}, tg.SafetensorsCheckpoint(path), {"w": "a"})
     assert fingerprint(tmp_path) == before
 
 
 def test_a_file_truncated_after_opening_fails_on_read(tmp_path, backend):
     path = str(tmp_path / "shrinks.safetensors")
     st_numpy().save_file({"w": np.arange(64, dtype=np.float32)}, path)
-    src = SafetensorsCheckpoint(path)
+    src = tg.SafetensorsCheckpoint(path)
     src.metadata()
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 100)
@@ -790,7 +791,7 @@ def test_a_file_truncated_after_opening_fails_on_read(tmp_path, backend):
 def test_a_file_rewritten_after_opening_fails_on_read(tmp_path, backend):
     path = str(tmp_path / "rewritten.safetensors")
     st_numpy().save_file({"w": np.arange(64, dtype=np.float32)}, path)
-    src = SafetensorsCheckpoint(path)
+    src = tg.SafetensorsCheckpoint(path)
     src.metadata()
     st_numpy().save_file({"w": -np.arange(64, dtype=np.float32)}, path + ".new")
     os.replace(path + ".new", path)  # same size, other bytes: a new upload
@@ -800,7 +801,7 @@ def test_a_file_rewritten_after_opening_fails_on_read(tmp_path, backend):
         r"'w'\): open a new SafetensorsCheckpoint",
     ):
         src.read([request("w", np.zeros(64, np.float32))])
-    (got,) = SafetensorsCheckpoint(path).read([request("w", np.zeros(64, np.float32))])
+    (got,) = tg.SafetensorsCheckpoint(path).read([request("w", np.zeros(64, np.float32))])
     np.testing.assert_array_equal(got, -np.arange(64, dtype=np.float32))
 
 
@@ -818,7 +819,7 @@ def test_index_naming_a_missing_shard(files, tmp_path):
         match=r"model.safetensors.index.json names 1 shard\(s\) that do not exist in .*: "
         r"model-00002-of-00002.safetensors",
     ):
-        SafetensorsCheckpoint(folder).metadata()
+        tg.SafetensorsCheckpoint(folder).metadata()
 
 
 def test_index_naming_a_tensor_the_shard_lacks(files, tmp_path):
@@ -831,7 +832,7 @@ def test_index_naming_a_tensor_the_shard_lacks(files, tmp_path):
         match=r"maps tensor 'model.layers.0.mlp.down_proj.weight' to model-00001-of-00002"
         r".safetensors, but the header of .* has no such tensor",
     ):
-        SafetensorsCheckpoint(folder).metadata()
+        tg.SafetensorsCheckpoint(folder).metadata()
 
 
 @pytest.mark.parametrize(
@@ -850,16 +851,16 @@ def test_damaged_index(files, tmp_path, text, message):
     folder = sharded_copy(files, tmp_path)
     (folder / "model.safetensors.index.json").write_text(text)
     with pytest.raises(tg.CheckpointError, match=message):
-        SafetensorsCheckpoint(folder).metadata()
+        tg.SafetensorsCheckpoint(folder).metadata()
 
 
 def test_missing_path(tmp_path):
     with pytest.raises(
         tg.CheckpointNotFoundError, match=r"safetensors checkpoint '.*nope' does not exist"
     ):
-        SafetensorsCheckpoint(tmp_path / "nope")
+        tg.SafetensorsCheckpoint(tmp_path / "nope")
     with pytest.raises(FileNotFoundError):
-        SafetensorsCheckpoint(str(tmp_path / "nope.safetensors"))
+        tg.SafetensorsCheckpoint(str(tmp_path / "nope.safetensors"))
     assert not (tmp_path / "nope").exists()
 
 
@@ -871,13 +872,13 @@ def test_folder_without_index(tmp_path):
         match=r"has no model.safetensors.index.json and holds 2 .safetensors files "
         r"\(a.safetensors, b.safetensors\): pass one file, or add the index",
     ):
-        SafetensorsCheckpoint(tmp_path)
+        tg.SafetensorsCheckpoint(tmp_path)
 
 
 @pytest.mark.parametrize("path", [None, 3], ids=["None", "int"])
 def test_a_path_that_is_not_a_path(path):
     with pytest.raises(tg.CheckpointError, match="must be a str or os.PathLike, got"):
-        SafetensorsCheckpoint(path)
+        tg.SafetensorsCheckpoint(path)
 
 
 # -- reading never writes; closing ---------------------------------------------------------
@@ -886,7 +887,7 @@ def test_a_path_that_is_not_a_path(path):
 def test_files_are_byte_identical_after_every_read(files, tmp_path, backend):
     folder = sharded_copy(files, tmp_path)
     before = fingerprint(folder)
-    src = SafetensorsCheckpoint(folder)
+    src = tg.SafetensorsCheckpoint(folder)
     sharding = NamedSharding(mesh_2d(), P("a", "b"))
     like = jax.ShapeDtypeStruct((64, 16), ml_dtypes.bfloat16, sharding=sharding)
     src.read(
@@ -906,13 +907,13 @@ def test_files_are_byte_identical_after_every_read(files, tmp_path, backend):
 
 
 def test_close_and_context_manager(files, backend):
-    with SafetensorsCheckpoint(files["arrays_path"]) as src:
+    with tg.SafetensorsCheckpoint(files["arrays_path"]) as src:
         (got,) = src.read([request("rows", np.zeros((16, 8), np.float32))])
         np.testing.assert_array_equal(got, np.arange(128, dtype=np.float32).reshape(16, 8))
     with pytest.raises(tg.CheckpointError, match=r"is closed: open a new SafetensorsCheckpoint"):
         src.read([request("rows", np.zeros((16, 8), np.float32))])
     assert src.read([]) == []
-    SafetensorsCheckpoint(files["arrays_path"]).close()  # closing what never opened
+    tg.SafetensorsCheckpoint(files["arrays_path"]).close()  # closing what never opened
 
 
 def test_files_are_closed(files, backend):
@@ -925,13 +926,13 @@ def test_files_are_closed(files, backend):
                 pass
         return out
 
-    src = SafetensorsCheckpoint(files["arrays_path"])
+    src = tg.SafetensorsCheckpoint(files["arrays_path"])
     src.read([request("rows", np.zeros((16, 8), np.float32))])
     if backend == "pread":
         assert files["arrays_path"] in open_fds()
     src.close()
     assert files["arrays_path"] not in open_fds()
-    src = SafetensorsCheckpoint(files["arrays_path"])
+    src = tg.SafetensorsCheckpoint(files["arrays_path"])
     src.read([request("rows", np.zeros((16, 8), np.float32))])
     del src  # never closed: the files close with the source
     assert files["arrays_path"] not in open_fds()

@@ -17,7 +17,6 @@ from trees import TREES, Box, Case, Dense, Pair, Unkeyed, case_id, renew
 
 import treegraft as tg
 from treegraft import GraftError, MismatchError, Path, PathNotFoundError, parse_path
-from treegraft._errors import TreeError
 
 
 def f32(*shape: int) -> np.ndarray:
@@ -680,7 +679,7 @@ _TWO_KEYS = (
 )
 def test_two_children_under_one_key_are_an_error(children):
     tree = {"m": [TwoUnderOneKey(*children)]}
-    with pytest.raises(TreeError, match=_TWO_KEYS):
+    with pytest.raises(tg.TreeError, match=_TWO_KEYS):
         tg.flatten(tree)
     with pytest.raises(GraftError, match=_TWO_KEYS):
         tg.flatten(tree, is_leaf=lambda x: False)  # the keyed (slow) flatten
@@ -702,7 +701,7 @@ def test_dicts_mixing_key_types_are_a_typed_error(tree, message):
         r"each other: make them all str"
     for call in (tg.flatten, lambda t: tg.flatten(t, is_leaf=lambda x: False),
                  lambda t: tg.plan(t, t, {"": ""})):
-        with pytest.raises(TreeError, match=full):
+        with pytest.raises(tg.TreeError, match=full):
             call(tree)
 
 
@@ -720,9 +719,9 @@ def test_a_tree_too_deep_for_jax_is_a_typed_error_with_its_depth():
         r"tree too deep: 1200 levels, at 'a\.a\.a\.a' \.\.\. 'a\.a\.w' \(1200 keys\); jax cannot "
         r"flatten pytrees deeper than about 1000 levels\. Keep long chains as a list"
     )
-    with pytest.raises(TreeError, match=message):
+    with pytest.raises(tg.TreeError, match=message):
         tg.flatten(_chain(1200))
-    with pytest.raises(TreeError, match=message):
+    with pytest.raises(tg.TreeError, match=message):
         tg.plan(_chain(1200), {"w": np.zeros(1)}, {"": ""})
     # A deep tree under jax's limit still works.
     assert len(tg.flatten(_chain(600))) == 1
