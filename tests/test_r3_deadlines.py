@@ -23,18 +23,25 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import socket
 import struct
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 import servers
 from kauldron_run import init_params, train_state, write_item, write_run
+
+import treegraft as tg
+from treegraft._read import ocdbt_index
+from treegraft._read import safetensors_header as st_header
+from treegraft._read.storage import Location, stalled
 
 _TIMEOUT = 2.0  # the storage timeout the children run with, in seconds
 # A stall must be reported within the timeout, plus a margin for a loaded
@@ -292,3 +299,103 @@ def test_a_proxy_that_resets_every_connection_fails_execute_in_bounded_time(both
     assert out.get("checkpoint_error"), out
     assert f"{out['url']}/weights.safetensors " in out["message"], out
     assert out["seconds"] < _BOUND, out
+
+
+# -- the same, without servers: futures that never complete --------------------------------
+# These run everywhere (the emulator tests above skip outside a loopback-only
+# network namespace). Each call runs in a daemon thread joined with a bound, so
+# that a wait without a deadline fails the test instead of hanging it.
+
+_SHORT = 0.3  # seconds: the timeout of the locations below
+
+
+def _raised_within(bound: float, call) -> BaseException:
+    """The exception call raised, which it must do within bound seconds."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        start = time.monotonic()
+        try:
+            box["value"] = call()
+        except BaseException as e:  # noqa: BLE001  (handed to the test)
+            box["error"] = e
+        box["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(bound)
+    assert not thread.is_alive(), f"still waiting after {bound} s: a wait without a deadline"
+    assert "error" in box, f"returned {box.get('value')!r} instead of raising"
+    assert box["seconds"] < bound
+    return box["error"]  # type: ignore[return-value]
+
+
+def _never():
+    """A tensorstore future that never completes (its promise is kept alive with it)."""
+    import tensorstore as ts
+
+    promise, future = ts.Promise.new()
+    _KEEP.append(promise)
+    return future
+
+
+_KEEP: list = []
+
+
+class _StalledKv:
+    """A kvstore whose every read never completes; counts the reads issued."""
+
+    def __init__(self):
+        self.reads = 0
+
+    def read(self, key, *, byte_range=None):
+        self.reads += 1
+        return _never()
+
+
+def test_wait_bounds_a_future_that_never_completes():
+    loc = Location.parse("s3://bkt/hf", timeout=_SHORT)
+    future = _never()
+    error = _raised_within(_SHORT + 1.0, lambda: loc.wait(future, "reading"))
+    assert isinstance(error, tg.CheckpointError)
+    assert re.match(r"reading s3://bkt/hf took more than 0\.3 s: check the network, the "
+                    r"endpoint .* \(AWS_ENDPOINT_URL\) and AWS_REGION; pass timeout= or set "
+                    r"TREEGRAFT_STORAGE_TIMEOUT to wait longer$", str(error)), error
+    assert stalled(error) and future.cancelled()
+    wrapped = tg.CheckpointError("cannot read leaf 'w'")
+    wrapped.__cause__ = error
+    assert stalled(wrapped)  # a wrapper naming the leaf is still a stall
+    assert not stalled(tg.CheckpointError("damaged")) and not stalled(TimeoutError())
+
+
+def test_a_stalled_safetensors_read_names_the_file():
+    loc = Location.parse("gs://bkt/hf", timeout=_SHORT)
+    error = _raised_within(
+        _SHORT + 1.0, lambda: st_header.read_result(_never(), "w.safetensors", loc,
+                                                    "its header length"))
+    assert isinstance(error, tg.CheckpointError)
+    assert str(error).startswith(
+        "reading its header length from gs://bkt/hf/w.safetensors took more than 0.3 s: "
+        "check the network and the endpoint"), error
+
+
+def test_stalled_probes_of_the_shards_cost_one_timeout_not_one_each():
+    loc = Location.parse("gs://bkt/hf", timeout=_SHORT)
+    kv = _StalledKv()
+    names = [f"model-0000{i}.safetensors" for i in range(1, 6)]
+    error = _raised_within(2 * _SHORT, lambda: st_header._missing(kv, names, loc))
+    assert isinstance(error, tg.CheckpointError)
+    assert "looking for gs://bkt/hf/model-00001.safetensors took more than 0.3 s" in str(error)
+    assert kv.reads == len(names)  # probed together
+
+
+def test_a_stalled_manifest_is_not_taken_for_a_store_without_one(monkeypatch, tmp_path):
+    # A walk that cannot start falls back to reading keys one by one: not when
+    # the storage stalled, since those reads would wait on it again.
+    import tensorstore as ts
+
+    monkeypatch.setattr(ts.ocdbt, "dump", lambda *args, **kwargs: _never())
+    loc = Location.parse(str(tmp_path), timeout=_SHORT)
+    error = _raised_within(_SHORT + 1.0, lambda: ocdbt_index.start_walk(loc, ts.Context()))
+    assert isinstance(error, tg.CheckpointError)
+    assert str(error).startswith(f"reading the OCDBT manifest of {tmp_path} took more than 0.3 s")

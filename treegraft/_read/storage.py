@@ -402,10 +402,13 @@ def stalled(error: BaseException) -> bool:
     through: the other way waits on the same stalled storage, and a chain of
     timeouts would add up to many times the timeout.
     """
+    if not isinstance(error, CheckpointError):
+        return False
     # Wrappers that add a leaf or file name keep the stall as their cause.
-    while isinstance(error, CheckpointError) and error.__cause__ is not None:
-        error = error.__cause__
-    return isinstance(error, TimeoutError)
+    cause: BaseException | None = error
+    while isinstance(cause, CheckpointError):
+        cause = cause.__cause__
+    return isinstance(cause, TimeoutError)
 
 
 def children_of(keys: list[str]) -> dict[str, str]:
