@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from treegraft._errors import CheckpointError, CheckpointNotFoundError, first_line
 
-__all__ = ["Location", "default_timeout"]
+__all__ = ["Location", "default_timeout", "stalled"]
 
 _SCHEMES = ("gs", "s3")
 _DEFAULT_TIMEOUT_S = 30.0
@@ -219,18 +220,34 @@ class Location:
         context = ts.Context(self.context_spec())
         return self.wait(ts.KvStore.open(spec, context=context), "opening", shown=shown)
 
-    def wait(self, future: Any, doing: str, *, shown: Location | None = None) -> Any:
+    def wait(
+        self,
+        future: Any,
+        doing: str,
+        *,
+        shown: Location | None = None,
+        explain: Callable[[Exception], CheckpointError | None] | None = None,
+    ) -> Any:
         """The result of a tensorstore future about this location, within the timeout.
+
+        Every wait of the read path goes through here, so that a server that
+        stops answering is an error after `timeout` seconds, never a hang
+        (docs/design.md section 11). A wait that times out cancels the future.
 
         Args:
           future: a tensorstore future.
           doing: what it does, for messages ("listing", "reading").
           shown: the location messages name (default: this one), e.g. the
-            workdir the user gave rather than a folder inside it.
+            workdir the user gave rather than a folder inside it, or the file
+            read in this folder.
+          explain: turns a failure of the operation into a more precise error
+            (e.g. a truncated file); None from it, or no explain, gives the
+            storage's own (`error`).
 
         Raises:
-          CheckpointError: the operation failed or took longer than the timeout;
-            the message names the location and what to check.
+          CheckpointError: the operation failed or took longer than the timeout
+            (then `stalled(error)` is true); the message names the location and
+            what to check.
         """
         try:
             return future.result(timeout=self.timeout)
@@ -245,7 +262,8 @@ class Location:
                 "wait longer"
             ) from e
         except Exception as e:  # tensorstore raises ValueError with a status code
-            raise (shown or self).error(e, doing) from e
+            precise = explain(e) if explain is not None else None
+            raise (precise or (shown or self).error(e, doing)) from e
 
     def error(self, e: BaseException, doing: str) -> CheckpointError:
         """A typed error naming this location for a failed tensorstore operation."""
@@ -375,6 +393,22 @@ class Location:
         if found.state != "value":
             raise CheckpointNotFoundError(f"{what} {self} does not exist")
         return bytes(found.value)
+
+
+def stalled(error: BaseException) -> bool:
+    """Whether error is a wait of `Location.wait` that ran out of time.
+
+    A fallback that catches a failed read to try another way must let a stall
+    through: the other way waits on the same stalled storage, and a chain of
+    timeouts would add up to many times the timeout.
+    """
+    if not isinstance(error, CheckpointError):
+        return False
+    # Wrappers that add a leaf or file name keep the stall as their cause.
+    cause: BaseException | None = error
+    while isinstance(cause, CheckpointError):
+        cause = cause.__cause__
+    return isinstance(cause, TimeoutError)
 
 
 def children_of(keys: list[str]) -> dict[str, str]:

@@ -15,7 +15,7 @@ from treegraft._errors import CheckpointError, CheckpointNotFoundError
 from treegraft._formats.orbax.source import OrbaxCheckpoint
 from treegraft._parse.paths import Path
 from treegraft._read.source import BoxRequest, ReadRequest, Source
-from treegraft._storage.location import Location, children_of
+from treegraft._storage.location import Location, children_of, stalled
 
 __all__ = ["KauldronCheckpoint", "list_steps", "is_workdir"]
 
@@ -252,7 +252,8 @@ class KauldronCheckpoint(Source):
         try:
             yield inner
         except CheckpointError as e:
-            if self._inner is inner:  # not closed meanwhile: the step is still the one chosen
+            # A stall is not a removal, and looking would wait on the stalled storage again.
+            if self._inner is inner and not stalled(e):  # not closed meanwhile: same step
                 self._raise_if_removed(e, grace=grace)
             raise
 

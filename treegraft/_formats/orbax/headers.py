@@ -11,7 +11,7 @@ import numpy as np
 
 from treegraft._errors import CheckpointError, first_line
 from treegraft._formats.orbax.ocdbt_index import IndexWalk, start_walk
-from treegraft._storage.location import Location
+from treegraft._storage.location import Location, stalled
 from treegraft._tree.gc import young_collections_only
 
 log = logging.getLogger("treegraft")
@@ -159,10 +159,14 @@ def _load_batch(leaves: Iterable[Any]) -> list[CheckpointError]:
         with young_collections_only():
             pending = _read_headers(store, pending)
         futures = [store.open_header(leaf.name) for leaf in pending]
-        for leaf, future in zip(pending, futures, strict=True):
+        for k, (leaf, future) in enumerate(zip(pending, futures, strict=True)):
             try:
                 leaf._set(*store.finish_header(leaf.name, future))
             except CheckpointError as e:
+                if stalled(e):  # the others wait on the same storage: one timeout, not many
+                    for other in futures[k + 1:]:
+                        other.cancel()
+                    raise
                 failed.append(e)
     return failed
 
@@ -174,6 +178,10 @@ def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
     JSON header from the key-value store about 60 µs; decoding it from a walk
     of the store's whole index about 2 µs a key. Returns the leaves this could
     not read, for the caller to open the usual way.
+
+    Raises:
+      CheckpointError: the storage stalled (`stalled`); opening the arrays
+        would wait on it again.
     """
     import tensorstore as ts
 
@@ -198,10 +206,14 @@ def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
             futures = [kv.read(key) for key in rest]
             for key, future in zip(rest, futures, strict=True):
                 try:
-                    found[key] = bytes(future.result(timeout=store.location.timeout).value)
-                except Exception:  # left for the array open, which reports it
-                    pass
+                    doing = f"reading the array header {key.decode(errors='replace')!r} of"
+                    found[key] = bytes(store.location.wait(future, doing).value)
+                except Exception as e:  # left for the array open, which reports it
+                    if stalled(e):
+                        raise
     except Exception as e:  # another layout, or an unreadable store: open each array
+        if stalled(e):
+            raise
         log.debug("opening %d arrays one by one: their headers could not be read "
                   "from the OCDBT store (%s: %s)", len(leaves), type(e).__name__, e)
         return leaves

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Container
 from typing import Any
 
-from treegraft._storage.location import Location
+from treegraft._storage.location import Location, stalled
 
 __all__ = ["IndexWalk", "start_walk"]
 
@@ -26,7 +26,8 @@ class IndexWalk:
 
     tensorstore decodes the root node on its own threads, so making the walk
     before parsing `_METADATA` overlaps the two. Any failure here is left to
-    the caller, which then reads the keys one by one.
+    the caller, which then reads the keys one by one. Every wait is bounded by
+    the location's timeout (`Location.wait`).
 
     Attributes:
       num_keys: how many keys the store holds.
@@ -38,10 +39,13 @@ class IndexWalk:
         location = Location.parse(directory)
         self._dump = ts.ocdbt.dump  # AttributeError on a tensorstore without it
         self._context = context
+        self._where = location
         self._base = location.wait(
             ts.KvStore.open(location.kvstore(), context=context), "opening"
         )
-        manifest = self._dump(self._base, context=context).result()
+        manifest = location.wait(
+            self._dump(self._base, context=context), "reading the OCDBT manifest of"
+        )
         root = max(manifest["versions"], key=lambda v: v["generation_number"])["root"]
         self.num_keys: int = root["statistics"]["num_keys"]
         self._location: str | None = root.get("location")  # None: an empty store
@@ -70,7 +74,7 @@ class IndexWalk:
         while level:
             children = []
             for future, prefix in level:
-                node = future.result()
+                node = self._where.wait(future, "reading the OCDBT index of")
                 if node["height"] > 0:
                     children += [
                         (e["location"], prefix + e["subtree_common_prefix"])
@@ -88,8 +92,15 @@ class IndexWalk:
 
 
 def start_walk(directory: str | Location, context: Any) -> IndexWalk | None:
-    """An `IndexWalk` of the OCDBT store in directory, or None if it cannot be walked."""
+    """An `IndexWalk` of the OCDBT store in directory, or None if it cannot be walked.
+
+    Raises:
+      CheckpointError: the storage stalled (`stalled`): reading the keys one
+        by one would wait on it again.
+    """
     try:
         return IndexWalk(directory, context)
-    except Exception:  # no OCDBT store, an unknown manifest, an older tensorstore
+    except Exception as e:  # no OCDBT store, an unknown manifest, an older tensorstore
+        if stalled(e):
+            raise
         return None

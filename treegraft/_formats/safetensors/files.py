@@ -189,7 +189,7 @@ class Files:
                     raw = read_result(
                         future,
                         info.file,
-                        self.folder,
+                        self.location,
                         f"tensor {info.name!r}",
                         bytes_wanted=min(e, b + o + _CHUNK_BYTES),
                         generations=self.generations,

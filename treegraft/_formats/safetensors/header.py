@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from treegraft._errors import PATH_CUTOFF, CheckpointError, first_line, suggest
+from treegraft._read.storage import Location, stalled
 
 __all__ = ["DTYPES", "INDEX_NAME", "TensorInfo", "file_path", "read_headers", "read_result"]
 
@@ -85,13 +86,14 @@ class TensorInfo:
 
 
 def read_headers(
-    kv: Any, folder: str, index: str | None, single: str | None
+    kv: Any, location: Location, index: str | None, single: str | None
 ) -> tuple[list[TensorInfo], dict[str, dict[str, str]], dict[str, bytes]]:
     """Reads the index (if any) and the header of every file a checkpoint needs.
 
     Args:
       kv: the folder's kvstore.
-      folder: the folder, for messages.
+      location: the folder: messages name it, and each read waits at most its
+        timeout.
       index: the index file's name, or None for one file...
       single: ...the name of that one file.
 
@@ -100,11 +102,13 @@ def read_headers(
       file's storage generation, which later reads must match.
 
     Raises:
-      CheckpointError: the index or a header is damaged, or a file is truncated.
+      CheckpointError: the index or a header is damaged, a file is truncated,
+        or the storage fails or stalls.
     """
+    folder = str(location)
     file_metadata: dict[str, dict[str, str]] = {}
     if index is not None:
-        names = _read_index(kv, index, folder)
+        names = _read_index(kv, index, location)
         files = sorted(set(names.values()))
     else:
         names = None
@@ -114,7 +118,7 @@ def read_headers(
     sizes: dict[str, int] = {}
     for f, future in lengths.items():
         raw = read_result(
-            future, f, folder, "its header length", bytes_wanted=8, generations=gens
+            future, f, location, "its header length", bytes_wanted=8, generations=gens
         )
         if len(raw) < 8:
             raise CheckpointError(
@@ -135,7 +139,7 @@ def read_headers(
         raw = read_result(
             future,
             f,
-            folder,
+            location,
             f"its {sizes[f]}-byte header",
             bytes_wanted=8 + sizes[f],
             generations=gens,
@@ -163,7 +167,7 @@ def read_headers(
         read_result(
             future,
             f,
-            folder,
+            location,
             "the end of its data",
             bytes_wanted=ends[f],
             generations=gens,
@@ -186,48 +190,56 @@ _SIZE = re.compile(r"value of size (\d+)")
 def read_result(
     future: Any,
     file: str,
-    folder: str,
+    location: Location,
     what: str,
     *,
     bytes_wanted: int | None = None,
     generations: dict[str, bytes] | None = None,
 ) -> bytes:
-    """The bytes of a kvstore read, or a CheckpointError naming the file.
+    """The bytes of a kvstore read of file in the folder location, or a CheckpointError.
 
-    With `generations`, the file's storage generation is recorded on its first
+    The wait is bounded by the location's timeout (`Location.wait`). With
+    `generations`, the file's storage generation is recorded on its first
     read and must be the same on every later one: a file rewritten since its
     header was read would otherwise give bytes that do not match the header.
+
+    Raises:
+      CheckpointError: the read failed or stalled, the file is missing,
+        truncated or rewritten; the message names the file.
     """
-    try:
-        result = future.result()
-    except Exception as e:  # tensorstore raises ValueError with a status code
+    where = location.join(file)
+
+    def explain(e: Exception) -> CheckpointError | None:
         message = str(e)
         size = _SIZE.search(message)
         if "OUT_OF_RANGE" in message and size is not None and bytes_wanted is not None:
-            raise CheckpointError(
-                f"{file_path(folder, file)} is truncated or damaged: reading {what} needs "
+            return CheckpointError(
+                f"{where} is truncated or damaged: reading {what} needs "
                 f"{bytes_wanted} bytes but the file has {size.group(1)}"
-            ) from e
+            )
+        if not location.is_local:
+            return None  # the storage layer's message: credentials, endpoint, bucket
         name, line = first_line(e)
-        raise CheckpointError(
-            f"cannot read {what} from {file_path(folder, file)}: {name}: {line}"
-        ) from e
+        return CheckpointError(f"cannot read {what} from {where}: {name}: {line}")
+
+    result = location.wait(future, f"reading {what} from", shown=where, explain=explain)
     if result.state != "value":
         raise CheckpointError(
-            f"{file_path(folder, file)} does not exist (reading {what}); was it moved or deleted?"
+            f"{where} does not exist (reading {what}); was it moved or deleted?"
         )
     if generations is not None:
         seen = generations.setdefault(file, result.stamp.generation)
         if seen != result.stamp.generation:
             raise CheckpointError(
-                f"{file_path(folder, file)} has changed since its header was read (reading "
+                f"{where} has changed since its header was read (reading "
                 f"{what}): open a new SafetensorsCheckpoint to read the new file"
             )
     return bytes(result.value)
 
 
-def _read_index(kv: Any, index: str, folder: str) -> dict[str, str]:
-    raw = read_result(kv.read(index), index, folder, "the index")
+def _read_index(kv: Any, index: str, location: Location) -> dict[str, str]:
+    raw = read_result(kv.read(index), index, location, "the index")
+    folder = str(location)
     where = file_path(folder, index)
     try:
         doc = json.loads(raw)
@@ -247,7 +259,7 @@ def _read_index(kv: Any, index: str, folder: str) -> dict[str, str]:
             raise CheckpointError(
                 f"{where} names shard {f!r}, which is not a file name in {folder}"
             )
-    missing = sorted(f for f in listed if not _exists(kv, f))
+    missing = _missing(kv, sorted(listed), location)
     if missing:
         raise CheckpointError(
             f"{where} names {len(missing)} shard(s) that do not exist in {folder}: "
@@ -256,12 +268,25 @@ def _read_index(kv: Any, index: str, folder: str) -> dict[str, str]:
     return weight_map
 
 
-def _exists(kv: Any, name: str) -> bool:
-    # A 0-byte range read tells whether the key exists without reading it.
-    try:
-        return kv.read(name, byte_range=slice(0, 0)).result().state == "value"
-    except Exception:  # noqa: BLE001  (a read error: let the header read report it)
-        return True
+def _missing(kv: Any, names: list[str], location: Location) -> list[str]:
+    """The names of files that do not exist in the folder, probed together.
+
+    A 0-byte range read tells whether a key exists without reading it. A
+    failed probe counts as existing (the header read then reports it); a
+    stalled one raises at once.
+    """
+    probes = [(name, kv.read(name, byte_range=slice(0, 0))) for name in names]
+    missing = []
+    for name, future in probes:
+        try:
+            found = location.wait(future, "looking for", shown=location.join(name))
+        except CheckpointError as e:
+            if stalled(e):
+                raise
+            continue
+        if found.state != "value":
+            missing.append(name)
+    return missing
 
 
 def _parse_header(

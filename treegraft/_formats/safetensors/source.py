@@ -52,6 +52,10 @@ class SafetensorsCheckpoint(Source):
       path: a `.safetensors` file, or a folder holding
         `model.safetensors.index.json` and the shards its `weight_map` names
         (or a folder holding a single `.safetensors` file). `~` is expanded.
+        A `file://`, `gs://` or `s3://` URL also works.
+      timeout: seconds each remote storage operation may take (default 30, or
+        `TREEGRAFT_STORAGE_TIMEOUT`); a read that stalls longer is a
+        `CheckpointError` naming the file.
 
     Raises:
       CheckpointNotFoundError: path does not exist.
@@ -67,12 +71,12 @@ class SafetensorsCheckpoint(Source):
       >>> state = tg.graft(state, src, mapping)                         # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float | None = None):
         if not isinstance(path, str | os.PathLike):
             raise CheckpointError(
                 f"a safetensors path must be a str or os.PathLike, got {type(path).__name__}"
             )
-        location = Location.parse(path, what="a safetensors path")
+        location = Location.parse(path, timeout=timeout, what="a safetensors path")
         self.path = str(location)
         kind = location.kind("safetensors checkpoint")
         if kind is None:
@@ -97,7 +101,9 @@ class SafetensorsCheckpoint(Source):
                 self._single = files[0]
         else:
             self.folder, self._single = self.path.rstrip("/").rsplit("/", 1)
-            self._loc = Location.parse(self.folder, what="a safetensors folder")
+            self._loc = Location.parse(
+                self.folder, timeout=location.timeout, what="a safetensors folder"
+            )
             self._index = None
         self._files = Files(self._loc, self.folder, self.describe())
         self._tree: dict[Any, Any] | None = None
@@ -125,7 +131,7 @@ class SafetensorsCheckpoint(Source):
         """
         if self._tree is None:
             infos, self._file_metadata, generations = read_headers(
-                self._files.kvstore(), self.folder, self._index, self._single
+                self._files.kvstore(), self._loc, self._index, self._single
             )
             self._files.remember(sorted(generations), generations)
             self._tree, self._by_parts = build_tree(infos, self.describe())
