@@ -157,9 +157,12 @@ def test_well_formed_operations_parse(entry, expected):
          "--target-step: not a whole number: 'x'"),
         (["plan", "X"], "the following arguments are required: --target"),
         ([], "treegraft: the following arguments are required: COMMAND"),
+        (["inspect", ""], "treegraft inspect: PATH is empty; give a folder (use '.' for the "
+         "current one)"),
+        (["plan", "/x", "--target", ""], "treegraft plan: --target is empty"),
     ],
     ids=["step-word", "step-float", "step-below-minus-1", "depth-negative", "target-step",
-         "no-target", "no-command"],
+         "no-target", "no-command", "empty-path", "empty-target"],
 )
 def test_a_bad_option_is_one_line_naming_it(argv, message, capsys):
     status = main_status(argv)

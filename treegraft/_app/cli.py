@@ -111,8 +111,9 @@ def _depth_arg(text: str) -> int:
 
 
 def _int_arg(text: str) -> int:
-    # ASCII digits only: int() also takes '1_000' and other scripts' digits.
-    if not re.fullmatch(r"\s*[+-]?[0-9]{1,18}\s*", text):
+    # ASCII digits only: int() also takes '1_000' and other scripts' digits
+    # (and refuses more than 4300 digits with a ValueError of its own).
+    if not re.fullmatch(r"\s*[+-]?[0-9]{1,4000}\s*", text):
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
     return int(text)
 
@@ -180,9 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     command = args.command
-    not_utf8 = _not_utf8(args)
-    if not_utf8:
-        _say(f"treegraft {command}: {not_utf8}")
+    unusable = _not_utf8(args) or _empty_location(args)
+    if unusable:
+        _say(f"treegraft {command}: {unusable}")
         return 2
     for name in _LOCATIONS:  # '~' even when the shell left it
         value = getattr(args, name, None)
@@ -237,6 +238,18 @@ def _not_utf8(args: argparse.Namespace) -> str | None:
                     else ""
                 )
                 return f"{flag} '{shown}' is not valid UTF-8; treegraft takes UTF-8 names only{fix}"
+    return None
+
+
+def _empty_location(args: argparse.Namespace) -> str | None:
+    """What is wrong with an empty checkpoint or folder argument, else None.
+
+    An empty path would name the current folder, which was surely not meant.
+    """
+    for name in _LOCATIONS:
+        if getattr(args, name, None) == "":
+            flag = _SHOWN_AS.get(name, "--" + name)
+            return f"{flag} is empty; give a folder (use '.' for the current one)"
     return None
 
 
