@@ -321,13 +321,12 @@ def test_a_damaged_tree_in_metadata_says_what_is_wrong(item, tmp_path, entries, 
         ("null", "it holds a JSON null, not an object with tree_metadata"),
         ('{"tree_metadata": []}', "its tree_metadata is a JSON array, not an object"),
         ('{"tree_metadata": null}', "its tree_metadata is a JSON null, not an object"),
-        ("{}", "it has no tree_metadata"),
         ('{"tree_metadata": {"a": 1}}', "its tree_metadata entry 'a' is not an object with a "
          "key_metadata list"),
         ('{"tree_metadata": {"a": {"key_metadata": "k"}}}', "its tree_metadata entry 'a' is "
          "not an object with a key_metadata list"),
     ],
-    ids=["array", "null", "tree-array", "tree-null", "no-tree", "entry-number",
+    ids=["array", "null", "tree-array", "tree-null", "entry-number",
          "key-metadata-string"],
 )
 def test_metadata_of_the_wrong_shape_says_what_is_wrong(item, tmp_path, text, reason):
