@@ -3,8 +3,7 @@
 Exit status: 0 on success, 1 when a plan would fail (or the demo's checks
 fail, or the output cannot be written), 2 for usage errors and unusable
 inputs, 141 when the reader of the output closed it (as the shell reports a
-Unix tool that SIGPIPE stopped). Every error is one line on stderr, never a
-traceback.
+Unix tool that SIGPIPE stopped). Errors go to stderr, never as a traceback.
 """
 
 from __future__ import annotations
@@ -175,9 +174,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the `treegraft` command; returns its exit status.
 
-    Every failure is one line on stderr: a usage error or unusable input exits
-    2, output that cannot be written 1 (a full device) or 141 (a reader that
-    closed the pipe, quietly, as `cat` under `| head -1`).
+    A usage error or unusable input exits 2 with one line on stderr (a path's
+    syntax error adds the lines pointing at its column); output that cannot be
+    written exits 1 (a full device, one line) or 141 (a reader that closed the
+    pipe: quietly, as `cat` under `| head -1`).
     """
     args = _parser().parse_args(argv)
     command = args.command
@@ -191,7 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             setattr(args, name, os.path.expanduser(value))
     style = Style(sys.stdout, plain=getattr(args, "plain", False))
     try:
-        status = _run(args, style)
+        try:
+            status = _run(args, style)
+        except (GraftError, FileNotFoundError) as e:
+            _say(f"treegraft {command}: {e}")
+            status = 2
         _flush()
         return status
     except _OutputError as e:
@@ -203,9 +207,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _drop_stdout()
         return 128 + signal.SIGINT
-    except (GraftError, FileNotFoundError) as e:
-        _say(f"treegraft {command}: {e}")
-        return 2
 
 
 def _run(args: argparse.Namespace, style: Style) -> int:

@@ -78,7 +78,7 @@ class _Entry:
         tail = text[close + 1 :].strip()
         if tail:
             raise self.error(f"unexpected {tail!r} after {name}(...)")
-        return self.call(name, split_args(text[call.end() : close]))
+        return self.call(name, _split_args(text[call.end() : close]))
 
     def call(self, name: str, args: list[str]) -> Any:
         """The operation name applied to its argument texts."""
@@ -154,7 +154,7 @@ class _Entry:
     def integers(self, name: str, what: str, args: list[str]) -> tuple[int, ...]:
         """The ints of args; one parenthesised tuple `(1, 0)` stands for its items."""
         if len(args) == 1 and args[0].startswith("(") and args[0].endswith(")"):
-            args = split_args(args[0][1:-1])
+            args = _split_args(args[0][1:-1])
         elif not args and name == "transpose":
             raise self.error("transpose needs the axes: transpose(path, 1, 0)")
         elif not args:
@@ -234,7 +234,7 @@ def _quote_end(text: str, i: int) -> int:
     return len(text)  # unclosed: the path's own parser reports it
 
 
-def split_args(text: str) -> list[str]:
+def _split_args(text: str) -> list[str]:
     """Splits at the commas outside parentheses and quotes; a trailing comma is allowed."""
     out: list[str] = []
     depth, start, i = 0, 0, 0
