@@ -39,8 +39,8 @@ import servers
 from kauldron_run import init_params, train_state, write_item, write_run
 
 import treegraft as tg
-from treegraft._read import ocdbt_index
-from treegraft._read import safetensors_header as st_header
+from treegraft._formats.orbax import ocdbt_index
+from treegraft._formats.safetensors import header as st_header
 from treegraft._storage.location import Location, stalled
 
 _TIMEOUT = 2.0  # the storage timeout the children run with, in seconds

@@ -1,7 +1,9 @@
 """The `treegraft` command line: demo, inspect, plan.
 
 Exit status: 0 on success, 1 when a plan would fail (or the demo's checks
-fail), 2 for usage errors and unusable inputs.
+fail, or the output cannot be written), 2 for usage errors and unusable
+inputs, 141 when the reader of the output closed it (as the shell reports a
+Unix tool that SIGPIPE stopped). Errors go to stderr, never as a traceback.
 """
 
 from __future__ import annotations
@@ -9,20 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import treegraft
 from treegraft._app.display import Style, leaf_rows, render_tree
-from treegraft._errors import (
-    PATH_CUTOFF,
-    CheckpointError,
-    GraftError,
-    MappingError,
-    PathSyntaxError,
-    suggest,
-)
+from treegraft._app.map_text import parse_map
+from treegraft._errors import PATH_CUTOFF, CheckpointError, GraftError, suggest
 from treegraft._formats.kauldron.source import KauldronCheckpoint, is_workdir, list_steps
 from treegraft._formats.orbax.source import OrbaxCheckpoint
 from treegraft._formats.safetensors.source import SafetensorsCheckpoint
@@ -38,6 +36,10 @@ from treegraft._tree.pytree import flatten_parts
 __all__ = ["main"]
 
 _DEFAULT_MAP = ("params=params", "collections=collections")
+# The arguments that name a checkpoint or folder.
+_LOCATIONS = ("path", "source", "target", "keep")
+# Arguments by the name a user sees.
+_SHOWN_AS = {"path": "PATH", "source": "SOURCE"}
 
 
 def open_checkpoint(path: str, step: int | None, *, flag: str = "--step") -> Source:
@@ -81,8 +83,42 @@ def _is_safetensors(path: str) -> bool:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (exit 2) instead of the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        _say(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise SystemExit(2)
+
+
+def _step_arg(text: str) -> int:
+    """A `--step` value: a step number, or -1 for the latest."""
+    step = _int_arg(text)
+    if step < -1:
+        raise argparse.ArgumentTypeError(
+            f"a step is a number >= 0, or -1 for the latest; got {text!r}"
+        )
+    return step
+
+
+def _depth_arg(text: str) -> int:
+    """A `--depth` value: levels shown, 0 or more."""
+    depth = _int_arg(text)
+    if depth < 0:
+        raise argparse.ArgumentTypeError(f"the levels to show are 0 or more; got {text!r}")
+    return depth
+
+
+def _int_arg(text: str) -> int:
+    # ASCII digits only: int() also takes '1_000' and other scripts' digits
+    # (and refuses more than 4300 digits with a ValueError of its own).
+    if not re.fullmatch(r"\s*[+-]?[0-9]{1,4000}\s*", text):
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="treegraft",
         description="Initialise part of a JAX state from another checkpoint, checked.",
     )
@@ -101,9 +137,10 @@ def _parser() -> argparse.ArgumentParser:
         help="a Kauldron workdir, a step folder, an orbax item folder, or safetensors weights",
     )
     inspect.add_argument(
-        "--step", type=int, default=None, help="step of a workdir (default or -1: the latest)"
+        "--step", type=_step_arg, default=None,
+        help="step of a workdir (default or -1: the latest)",
     )
-    inspect.add_argument("--depth", type=int, default=None, help="levels to show")
+    inspect.add_argument("--depth", type=_depth_arg, default=None, help="levels to show")
     inspect.add_argument("--filter", metavar="PATTERN", help="only leaves under this pattern")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--plain", action="store_true", help="no colour or bold")
@@ -121,8 +158,10 @@ def _parser() -> argparse.ArgumentParser:
         help="a rule (repeat it); OLD may be None (keep) or an operation such as "
         "'stack(params.layers_*, axis=0)'; default: params=params collections=collections",
     )
-    dry.add_argument("--step", type=int, default=None, help="step of the source workdir")
-    dry.add_argument("--target-step", type=int, default=None, help="step of the target workdir")
+    dry.add_argument("--step", type=_step_arg, default=None, help="step of the source workdir")
+    dry.add_argument(
+        "--target-step", type=_step_arg, default=None, help="step of the target workdir"
+    )
     dry.add_argument("--ignore-model-keys", nargs="+", default=[], metavar="PATTERN")
     dry.add_argument("--ignore-restored-keys", nargs="+", default=[], metavar="PATTERN")
     dry.add_argument("--non-strict", action="store_true", help="report instead of failing")
@@ -133,33 +172,155 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the `treegraft` command; returns its exit status."""
+    """Runs the `treegraft` command; returns its exit status.
+
+    A usage error or unusable input exits 2 with one line on stderr (a path's
+    syntax error adds the lines pointing at its column); output that cannot be
+    written exits 1 (a full device, one line) or 141 (a reader that closed the
+    pipe: quietly, as `cat` under `| head -1`).
+    """
     args = _parser().parse_args(argv)
-    for name in ("path", "source", "target", "keep"):  # '~' even when the shell left it
+    command = args.command
+    unusable = _not_utf8(args) or _empty_location(args)
+    if unusable:
+        _say(f"treegraft {command}: {unusable}")
+        return 2
+    for name in _LOCATIONS:  # '~' even when the shell left it
         value = getattr(args, name, None)
         if value:
             setattr(args, name, os.path.expanduser(value))
     style = Style(sys.stdout, plain=getattr(args, "plain", False))
     try:
-        if args.command == "demo":
-            return _demo(args, style)
-        if args.command == "inspect":
-            return _inspect(args, style)
-        return _plan(args, style)
-    except (CheckpointError, PathSyntaxError, MappingError, FileNotFoundError) as e:
-        print(f"treegraft {args.command}: {e}", file=sys.stderr)
-        return 2
+        try:
+            status = _run(args, style)
+        except (GraftError, FileNotFoundError) as e:
+            _say(f"treegraft {command}: {e}")
+            status = 2
+        _flush()
+        return status
+    except _OutputError as e:
+        _drop_stdout()
+        if isinstance(e.__cause__, BrokenPipeError):
+            return 128 + signal.SIGPIPE
+        _say(f"treegraft {command}: cannot write the output: {_reason(e.__cause__)}")
+        return 1
+    except KeyboardInterrupt:
+        _drop_stdout()
+        return 128 + signal.SIGINT
+
+
+def _run(args: argparse.Namespace, style: Style) -> int:
+    if args.command == "demo":
+        return _demo(args, style)
+    if args.command == "inspect":
+        return _inspect(args, style)
+    return _plan(args, style)
+
+
+def _not_utf8(args: argparse.Namespace) -> str | None:
+    """What is wrong with the first argument that is not valid UTF-8, else None.
+
+    A name of undecodable bytes reaches Python as surrogate escapes, which
+    tensorstore cannot take (it raises a bare RuntimeError) and which no path
+    in a checkpoint can match.
+    """
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if not isinstance(text, str):
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+                flag = _SHOWN_AS.get(name, "--" + name.replace("_", "-"))
+                fix = (
+                    " (for a folder with such a name, rename it or pass a UTF-8 symlink to it)"
+                    if name in _LOCATIONS
+                    else ""
+                )
+                return f"{flag} '{shown}' is not valid UTF-8; treegraft takes UTF-8 names only{fix}"
+    return None
+
+
+def _empty_location(args: argparse.Namespace) -> str | None:
+    """What is wrong with an empty checkpoint or folder argument, else None.
+
+    An empty path would name the current folder, which was surely not meant.
+    """
+    for name in _LOCATIONS:
+        if getattr(args, name, None) == "":
+            flag = _SHOWN_AS.get(name, "--" + name)
+            return f"{flag} is empty; give a folder (use '.' for the current one)"
+    return None
+
+
+class _OutputError(Exception):
+    """Writing to stdout failed (its reader closed the pipe, or the device is full)."""
+
+
+def _out(text: str = "") -> None:
+    """Prints a line of the command's output to stdout."""
+    try:
+        try:
+            print(text)
+        except UnicodeEncodeError:  # an ASCII stdout (PYTHONIOENCODING): escape, not fail
+            encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+            print(text.encode(encoding, "backslashreplace").decode(encoding))
+    except OSError as e:
+        raise _OutputError() from e
+
+
+def _flush() -> None:
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        raise _OutputError() from e
+
+
+def _drop_stdout() -> None:
+    """Points stdout at /dev/null, so the flush at exit cannot fail again (and print)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # not a file (an in-process caller's buffer): nothing flushes it at exit
+
+
+def _say(text: str) -> None:
+    """Prints an error line to stderr; a stderr that cannot be written is left alone."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _reason(error: BaseException | None) -> str:
+    return getattr(error, "strerror", None) or str(error)
 
 
 def _demo(args: argparse.Namespace, style: Style) -> int:
     from treegraft._app.demo import run_demo
 
     if args.keep:
-        os.makedirs(args.keep, exist_ok=True)
-        if os.listdir(args.keep):
-            print(f"treegraft demo: --keep {args.keep!r} is not empty", file=sys.stderr)
+        problem = _keep_problem(args.keep)
+        if problem:
+            _say(f"treegraft demo: --keep {args.keep!r} {problem}")
             return 2
-    return run_demo(args.keep, style=style)
+    return run_demo(args.keep, print_fn=_out, style=style)
+
+
+def _keep_problem(folder: str) -> str | None:
+    """Why folder cannot take the demo's run (it is created if absent), else None."""
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        return "exists and is not a folder; give a folder that is empty or absent"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.listdir(folder):
+            return "is not empty"
+    except OSError as e:
+        return f"cannot be created or listed: {_reason(e)}"
+    return None
 
 
 def _inspect(args: argparse.Namespace, style: Style) -> int:
@@ -171,10 +332,9 @@ def _inspect(args: argparse.Namespace, style: Style) -> int:
         pattern = parse_pattern(args.filter)
         matched = [(p, leaf) for p, leaf in items if pattern.match_prefix(p) is not None]
         if not matched:
-            print(
+            _say(
                 f"treegraft inspect: --filter {args.filter!r} matches no leaf of "
-                f"{source.describe()}{_close_names(pattern, paths)}",
-                file=sys.stderr,
+                f"{source.describe()}{_close_names(pattern, paths)}"
             )
             return 1
         items = matched
@@ -184,7 +344,7 @@ def _inspect(args: argparse.Namespace, style: Style) -> int:
     where = source.step_dir if isinstance(source, KauldronCheckpoint) else str(source.path)  # type: ignore[attr-defined]
     if args.json:
         rows = leaf_rows(items)
-        print(
+        _out(
             json.dumps(
                 {
                     "path": where,
@@ -200,9 +360,9 @@ def _inspect(args: argparse.Namespace, style: Style) -> int:
         )
         return 0
     if steps is not None:
-        print(f"steps: {', '.join(map(str, steps))} (showing {source.resolved_step})")  # type: ignore[attr-defined]
+        _out(f"steps: {', '.join(map(str, steps))} (showing {source.resolved_step})")  # type: ignore[attr-defined]
     for line in render_tree(items, title=where, depth=args.depth, style=style):
-        print(line)
+        _out(line)
     return 0
 
 
@@ -216,76 +376,8 @@ def _close_names(pattern: Any, paths: Sequence[tuple[Any, ...]]) -> str:
     return suggest(text, names, cutoff=PATH_CUTOFF) if text and text != "**" else ""
 
 
-def _parse_map(entries: Sequence[str]) -> dict[str, Any]:
-    """`NEW=OLD` entries; OLD may be `None` (keep) or a rule operation.
-
-    Operations are written as in Python, with unquoted paths:
-    `stack(params.layers_*, axis=0)`, `unstack(params.layers, 1)`,
-    `cast(params.enc, bfloat16)`, `transpose(w, 1, 0)`, `reshape(q, 4, -1)`.
-    """
-    mapping: dict[str, Any] = {}
-    for entry in entries:
-        new, sep, old = entry.partition("=")
-        if not sep or not new.strip():
-            raise MappingError(f"--map takes NEW=OLD, got {entry!r}")
-        mapping[new.strip()] = _parse_value(old.strip(), entry)
-    return mapping
-
-
-_OPS = ("stack", "unstack", "cast", "transpose", "reshape")
-
-
-def _parse_value(text: str, entry: str) -> Any:
-    if text == "None":
-        return None
-    name, paren, rest = text.partition("(")
-    name = name.strip()
-    if not paren or name not in _OPS:
-        return text
-    if not rest.endswith(")"):
-        raise MappingError(f"--map {entry!r}: {name}(...) is missing its closing ')'")
-    args = _split_args(rest[:-1])
-    if not args:
-        raise MappingError(f"--map {entry!r}: {name}() needs a source path")
-    value: Any = _parse_value(args[0], entry)
-    extra = args[1:]
-    try:
-        if name in ("stack", "unstack"):
-            axis = 0
-            for arg in extra:
-                axis = int(arg.split("=", 1)[1] if arg.startswith("axis") else arg)
-            return getattr(treegraft, name)(value, axis=axis)
-        if name == "cast":
-            if len(extra) != 1:
-                raise ValueError("cast takes a value and a dtype")
-            import jax.numpy as jnp
-
-            dtype = extra[0].split("=", 1)[-1].strip()
-            return treegraft.cast(value, getattr(jnp, dtype, dtype))
-        numbers = tuple(int(a) for a in extra)
-        return getattr(treegraft, name)(value, numbers)
-    except ValueError as e:
-        raise MappingError(f"--map {entry!r}: {e}") from None
-
-
-def _split_args(text: str) -> list[str]:
-    """Splits at the commas outside parentheses."""
-    out: list[str] = []
-    depth, current = 0, ""
-    for c in text:
-        if c == "," and depth == 0:
-            out.append(current.strip())
-            current = ""
-            continue
-        depth += (c == "(") - (c == ")")
-        current += c
-    if current.strip():
-        out.append(current.strip())
-    return out
-
-
 def _plan(args: argparse.Namespace, style: Style) -> int:
-    mapping = _parse_map(args.map if args.map is not None else _DEFAULT_MAP)
+    mapping = parse_map(args.map if args.map is not None else _DEFAULT_MAP)
     # A malformed mapping or pattern is a usage error (2), not a failing graft (1).
     parse_mapping(mapping)
     parse_ignore(args.ignore_model_keys, name="--ignore-model-keys")
@@ -310,17 +402,17 @@ def _plan(args: argparse.Namespace, style: Style) -> int:
         )
     except GraftError as e:
         if args.json:
-            print(json.dumps({"ok": False, "error": str(e), "problems": _problems(e.problems)},
-                             indent=2))
+            _out(json.dumps({"ok": False, "error": str(e), "problems": _problems(e.problems)},
+                            indent=2))
         else:
-            print(style.bad("the graft would fail:"))
-            print(str(e))
+            _out(style.bad("the graft would fail:"))
+            _out(str(e))
         return 1
     if args.json:
-        print(json.dumps(_plan_json(p), indent=2))
+        _out(json.dumps(_plan_json(p), indent=2))
         return 0
-    print(style.good("the graft would succeed:"))
-    print(str(p))
+    _out(style.good("the graft would succeed:"))
+    _out(str(p))
     return 0
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from treegraft._errors import CheckpointError
 from treegraft._formats.orbax.headers import LazyLeaf, _Store
+from treegraft._parse.paths import render_parts
 from treegraft._storage.location import Location
 from treegraft._tree.gc import young_collections_only
 
@@ -67,8 +68,12 @@ def lazy_metadata(directory: str | Location) -> Any:
                 if location.is_local:
                     return _fallback(location, f"_METADATA is not JSON ({e})")
                 raise _corrupt(str(location), f"JSONDecodeError: {e}") from None
-            zarr3 = meta.get("use_zarr3", False) if isinstance(meta, dict) else None
+            # What orbax's reader fails on, often with an AssertionError of no
+            # message, is named here instead.
+            _check_shape(meta)
+            zarr3 = meta.get("use_zarr3", False)
             if zarr3 not in (True, False) or meta.get("use_ocdbt") is not True:
+                _build(_Store(location), meta["tree_metadata"].values())  # its checks only
                 return _fallback(location, "not an OCDBT layout with zarr v2 or v3 arrays")
             store.zarr3 = zarr3
             store.key_impls = _key_impls(location)
@@ -122,6 +127,28 @@ def _key_impls(location: Location) -> dict[str, str]:
 
 
 
+def _check_shape(meta: Any) -> None:
+    """Raises `_Corrupt` when `_METADATA` is not orbax's object of tree entries."""
+    if not isinstance(meta, dict):
+        raise _Corrupt(f"it holds a JSON {_json_type(meta)}, not an object with tree_metadata")
+    if "tree_metadata" not in meta:
+        return  # orbax's reader says so: KeyError: 'tree_metadata'
+    entries = meta["tree_metadata"]
+    if not isinstance(entries, dict):
+        raise _Corrupt(f"its tree_metadata is a JSON {_json_type(entries)}, not an object")
+    for name, entry in entries.items():
+        keys = entry.get("key_metadata") if isinstance(entry, dict) else None
+        if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
+            raise _Corrupt(
+                f"its tree_metadata entry {name!r} is not an object with a key_metadata list"
+            )
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
 def _corrupt(directory: str, reason: str) -> CheckpointError:
     return CheckpointError(
         f"cannot read the metadata of {directory} (is _METADATA corrupt?): {reason}; "
@@ -137,8 +164,11 @@ _EMPTY_NODES: dict[str, Callable[[], Any]] = {
 def _key(node: dict[Any, Any], k: dict[str, Any], kinds: dict[int, int]) -> Any:
     """The key k names in node; a node's keys must all be of one kind."""
     kind = k["key_type"]
-    if kind not in (_SEQUENCE, _DICT) or kinds[id(node)] not in (0, kind):
+    if kind not in (_SEQUENCE, _DICT):
         raise _Unsupported("key type")
+    if kinds[id(node)] not in (0, kind):
+        # orbax's reader cannot rebuild such a node (it fails comparing the keys)
+        raise _Corrupt(f"one node has both list indices and dict keys (the key {k['key']!r})")
     kinds[id(node)] = kind
     key = k["key"]
     if kind == _DICT and not isinstance(key, str):
@@ -156,26 +186,31 @@ def _build(store: _Store, entries: Any) -> Any:
     # parent changes.
     parent_meta: list[dict[str, Any]] | None = None
     parent, parent_name = root, ""
+    parent_parts: list[Any] = []  # the keys of parent, for messages
     for entry in entries:
         key_meta = entry["key_metadata"]
         if not key_meta:
             raise _Unsupported("a leaf at the root")
         if key_meta[:-1] != parent_meta:
-            parent_meta, parent = key_meta[:-1], root
+            parent_meta, parent, parent_parts = key_meta[:-1], root, []
             for k in parent_meta:
                 key = _key(parent, k, kinds)
+                parent_parts.append(key)
                 child = parent.get(key)
                 if child is None:
                     child = parent[key] = {}
                     kinds[id(child)] = 0  # kind set by its first key
                 elif not isinstance(child, dict) or id(child) not in kinds:
-                    raise _Unsupported("a leaf with children")
+                    raise _Corrupt(_leaf_and_node(parent_parts))
                 parent = child
             # The name orbax saves the array under: the keys joined by dots.
             parent_name = "".join([f"{k['key']}." for k in parent_meta])
         last = key_meta[-1]
         key = _key(parent, last, kinds)
         if key in parent:
+            existing = parent[key]
+            if isinstance(existing, dict) and id(existing) in kinds:
+                raise _Corrupt(_leaf_and_node([*parent_parts, key]))
             raise _Unsupported("duplicate key")
         kind = entry["value_metadata"]["value_type"]
         if kind in _ARRAYS:
@@ -189,15 +224,25 @@ def _build(store: _Store, entries: Any) -> Any:
             parent[key] = _EMPTY_NODES[kind]()
         else:
             raise _Unsupported(kind)
-    return _finish(root, kinds)
+    return _finish(root, kinds, ())
 
 
-def _finish(node: Any, kinds: dict[int, int]) -> Any:
+def _leaf_and_node(parts: list[Any]) -> str:
+    # orbax's reader fails on such a tree with an AssertionError of no message.
+    return f"{render_parts(parts)!r} is both a leaf and a node with children"
+
+
+def _finish(node: Any, kinds: dict[int, int], parts: tuple[Any, ...]) -> Any:
     if not isinstance(node, dict) or id(node) not in kinds:
         return node  # a leaf, or an empty node from a value type
-    children = {k: _finish(v, kinds) for k, v in node.items()}
+    children = {k: _finish(v, kinds, (*parts, k)) for k, v in node.items()}
     if kinds[id(node)] != _SEQUENCE:
         return children
-    if sorted(children) != list(range(len(children))):
-        raise _Unsupported("a sequence with missing indices")
+    indices = sorted(children)
+    if indices != list(range(len(children))):
+        # orbax's reader fails on it with an AssertionError of no message.
+        gap = next(i for i, k in enumerate(indices) if i != k)
+        shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
+        where = f"the list {render_parts(parts)!r}" if parts else "the root list"
+        raise _Corrupt(f"{where} has no index {gap} (its indices: {shown})")
     return [children[i] for i in range(len(children))]

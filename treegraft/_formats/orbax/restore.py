@@ -55,9 +55,11 @@ def read_metadata(directory: Location) -> Any:
             "nested too deeply to be orbax's"
         ) from e
     except Exception as e:  # a corrupt _METADATA raises JSONDecodeError, KeyError, ...
+        # orbax's own asserts fail with no message: say so rather than print 'AssertionError: '
+        reason = str(e).strip() or "orbax's reader failed one of its own checks on it"
         raise CheckpointError(
             f"cannot read the metadata of {directory} (is _METADATA corrupt?): "
-            f"{type(e).__name__}: {e}"
+            f"{type(e).__name__}: {reason}"
         ) from e
     finally:
         handler.close()

@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from treegraft._errors import PATH_CUTOFF, CheckpointError, first_line, suggest
-from treegraft._read.storage import Location, stalled
+from treegraft._storage.location import Location, stalled
 
 __all__ = ["DTYPES", "INDEX_NAME", "TensorInfo", "file_path", "read_headers", "read_result"]
 
