@@ -24,6 +24,7 @@ import numpy as np
 from treegraft._errors import CheckpointError, describe_leaf
 from treegraft._read.safetensors_boxes import Box, box_of, merge, nbytes
 from treegraft._read.safetensors_header import (
+    DTYPES,
     INDEX_NAME,
     MAX_HEADER,
     TensorInfo,
@@ -167,6 +168,8 @@ class Files:
             where = file_path(self.folder, file)
             header, start = _header_now(self._open(group[0]), where)
             for info in group:
+                if _same_entry(header.get(info.name), info, start):
+                    continue
                 now = _entry_now(header, info, where, start)
                 was = _show(info, info.begin, info.end)
                 if now != was:
@@ -316,6 +319,19 @@ def _header_now(fd: int, where: str) -> tuple[dict[str, Any], int]:
             "nothing was grafted: open a new SafetensorsCheckpoint and plan again"
         )
     return header, 8 + n
+
+
+def _same_entry(entry: Any, info: TensorInfo, start: int) -> bool:
+    """Whether a header entry still says what info says (the fast path: no message built)."""
+    try:
+        begin, end = entry["data_offsets"]
+        return (
+            DTYPES.get(entry["dtype"]) == info.dtype
+            and tuple(entry["shape"]) == info.shape
+            and (start + begin, start + end) == (info.begin, info.end)
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _entry_now(header: dict[str, Any], info: TensorInfo, where: str, start: int) -> str:
