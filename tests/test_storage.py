@@ -94,7 +94,8 @@ def test_kvstore_specs(monkeypatch):
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     assert Location.parse("/w").kvstore() == {"driver": "file", "path": "/w/"}
-    assert Location.parse("gs://bkt/r").kvstore() == {"driver": "gcs", "bucket": "bkt", "path": "r/"}
+    assert Location.parse("gs://bkt/r").kvstore() == {
+        "driver": "gcs", "bucket": "bkt", "path": "r/"}
     assert Location.parse("s3://bkt").kvstore() == {"driver": "s3", "bucket": "bkt", "path": ""}
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
