@@ -94,17 +94,18 @@ def test_kvstore_specs(monkeypatch):
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     assert Location.parse("/w").kvstore() == {"driver": "file", "path": "/w/"}
-    assert Location.parse("gs://b/r").kvstore() == {"driver": "gcs", "bucket": "b", "path": "r/"}
-    assert Location.parse("s3://b").kvstore() == {"driver": "s3", "bucket": "b", "path": ""}
+    assert Location.parse("gs://bkt/r").kvstore() == {
+        "driver": "gcs", "bucket": "bkt", "path": "r/"}
+    assert Location.parse("s3://bkt").kvstore() == {"driver": "s3", "bucket": "bkt", "path": ""}
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
-    assert Location.parse("s3://b/r").kvstore() == {
-        "driver": "s3", "bucket": "b", "path": "r/", "endpoint": "http://127.0.0.1:1",
+    assert Location.parse("s3://bkt/r").kvstore() == {
+        "driver": "s3", "bucket": "bkt", "path": "r/", "endpoint": "http://127.0.0.1:1",
         "aws_region": "eu-west-3"}
     # The service-specific variables win, as in the AWS SDKs.
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:2")
     monkeypatch.setenv("AWS_REGION", "us-west-2")
-    spec = Location.parse("s3://b/r").kvstore()
+    spec = Location.parse("s3://bkt/r").kvstore()
     assert (spec["endpoint"], spec["aws_region"]) == ("http://127.0.0.1:2", "us-west-2")
 
 
@@ -112,14 +113,14 @@ def test_timeouts(monkeypatch):
     monkeypatch.delenv("TREEGRAFT_STORAGE_TIMEOUT", raising=False)
     assert default_timeout() == 30.0
     monkeypatch.setenv("TREEGRAFT_STORAGE_TIMEOUT", "2.5")
-    assert Location.parse("gs://b/r").timeout == 2.5
-    assert Location.parse("gs://b/r", timeout=4).timeout == 4.0
-    assert tg.KauldronCheckpoint("gs://b/r", timeout=7).location.timeout == 7.0
+    assert Location.parse("gs://bkt/r").timeout == 2.5
+    assert Location.parse("gs://bkt/r", timeout=4).timeout == 4.0
+    assert tg.KauldronCheckpoint("gs://bkt/r", timeout=7).location.timeout == 7.0
     monkeypatch.setenv("TREEGRAFT_STORAGE_TIMEOUT", "soon")
     with pytest.raises(tg.CheckpointError, match=r"TREEGRAFT_STORAGE_TIMEOUT='soon' is not a"):
-        Location.parse("gs://b/r")
+        Location.parse("gs://bkt/r")
     with pytest.raises(tg.CheckpointError, match=r"timeout must be a positive number"):
-        Location.parse("gs://b/r", timeout=0)
+        Location.parse("gs://bkt/r", timeout=0)
 
 
 # -- real servers --------------------------------------------------------------

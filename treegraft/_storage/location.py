@@ -18,6 +18,7 @@ location.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -26,7 +27,10 @@ from urllib.parse import unquote, urlsplit
 
 from treegraft._errors import CheckpointError, CheckpointNotFoundError, first_line
 
-__all__ = ["Location", "default_timeout", "stalled"]
+__all__ = [
+    "Location", "default_timeout", "stalled", "local_kind", "describe_kind", "not_regular",
+    "check_text", "mode_kind",
+]
 
 _SCHEMES = ("gs", "s3")
 _DEFAULT_TIMEOUT_S = 30.0
@@ -90,6 +94,7 @@ class Location:
         text = os.fspath(value)
         if isinstance(text, bytes):
             raise CheckpointError(f"{what} must be a str or os.PathLike of str, got bytes")
+        check_text(text, what)
         if timeout is None:
             timeout = default_timeout()
         elif isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
@@ -116,6 +121,7 @@ class Location:
         bucket, _, key = rest.partition("/")
         if not bucket:
             raise CheckpointError(f"{text!r} names no bucket: write {scheme}://BUCKET/path")
+        _check_bucket(scheme, bucket, text)
         key = "/".join(p for p in key.split("/") if p)
         shown = f"{scheme}://{bucket}" + (f"/{key}" if key else "")
         return cls(scheme, bucket, key, shown, float(timeout))
@@ -186,7 +192,13 @@ class Location:
     # -- tensorstore ---------------------------------------------------------
 
     def kvstore(self) -> dict[str, Any]:
-        """The tensorstore kvstore spec of this location as a folder (path ends in '/')."""
+        """The tensorstore kvstore spec of this location as a folder (path ends in '/').
+
+        Raises:
+          CheckpointError: the path holds a name that is not UTF-8 (a folder
+            listed below a parsed location), which tensorstore cannot take.
+        """
+        check_text(self.key, "a path")
         if self.is_local:
             return {"driver": "file", "path": self.key.rstrip("/") + "/"}
         path = f"{self.key}/" if self.key else ""
@@ -305,23 +317,22 @@ class Location:
         """'dir', 'file', or None when nothing is there.
 
         A remote location is a 'file' if an object has its key, a 'dir' if
-        objects exist below it.
+        objects exist below it. A local one is what `local_kind` finds; a FIFO,
+        device, socket or loop of symbolic links is an error, since opening it
+        would block or read endless bytes.
 
         Raises:
           CheckpointError: the location cannot be looked at (permission
-            denied, unreachable storage); `os.path.exists` would say False.
+            denied, unreachable storage; `os.path.exists` would say False), or
+            it is neither a regular file nor a folder.
         """
         if self.is_local:
-            try:
-                st = os.stat(self.key)
-            except (FileNotFoundError, NotADirectoryError):
+            found = local_kind(self.key, what)
+            if found in ("file", "dir"):
+                return found
+            if found in ("missing", "broken symlink"):
                 return None
-            except OSError as e:
-                raise CheckpointError(
-                    f"cannot read {what} {self.key!r}: {e.strerror or type(e).__name__}; fix "
-                    "its permissions (treegraft needs to list and read it)"
-                ) from e
-            return "dir" if stat.S_ISDIR(st.st_mode) else "file"
+            raise not_regular(self.key, found, what)
         if self.key:
             found = self.wait(self._kv(folder=False).read(b""), "reading")
             if found.state == "value":
@@ -380,15 +391,7 @@ class Location:
           CheckpointError: it cannot be read.
         """
         if self.is_local:
-            try:
-                with open(self.key, "rb") as f:
-                    return f.read()
-            except (FileNotFoundError, NotADirectoryError):
-                raise CheckpointNotFoundError(f"{what} {self.key!r} does not exist") from None
-            except OSError as e:
-                raise CheckpointError(
-                    f"cannot read {what} {self.key!r}: {e.strerror or type(e).__name__}"
-                ) from e
+            return _read_local(self.key, what)
         found = self.wait(self._kv(folder=False).read(b""), "reading")
         if found.state != "value":
             raise CheckpointNotFoundError(f"{what} {self} does not exist")
@@ -409,6 +412,153 @@ def stalled(error: BaseException) -> bool:
     while isinstance(cause, CheckpointError):
         cause = cause.__cause__
     return isinstance(cause, TimeoutError)
+
+
+# What each kind of local path is, as messages say it.
+_KIND_PHRASES = {
+    "file": "a regular file",
+    "dir": "a folder",
+    "fifo": "a FIFO (named pipe)",
+    "char device": "a character device",
+    "block device": "a block device",
+    "socket": "a socket",
+    "symlink loop": "a loop of symbolic links",
+    "broken symlink": "a symbolic link to a missing target",
+    "missing": "missing",
+    "other": "neither a file nor a folder",
+}
+
+
+def local_kind(path: str, what: str = "path") -> str:
+    """What a local path is, without opening it (opening a FIFO blocks).
+
+    Returns one of 'file', 'dir', 'fifo', 'char device', 'block device',
+    'socket', 'symlink loop', 'broken symlink', 'missing', 'other'. Symbolic
+    links are followed.
+
+    Raises:
+      CheckpointError: the path cannot be looked at (permission denied).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "broken symlink" if os.path.islink(path) else "missing"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        fix = ("; fix its permissions (treegraft needs to list and read it)"
+               if e.errno in (errno.EACCES, errno.EPERM) else "")
+        raise CheckpointError(
+            f"cannot read {what} {path!r}: {e.strerror or type(e).__name__}{fix}"
+        ) from e
+    return mode_kind(mode)
+
+
+def mode_kind(mode: int) -> str:
+    """The `local_kind` of a file mode (from `os.stat` or `os.fstat`)."""
+    for test, kind in (
+        (stat.S_ISREG, "file"),
+        (stat.S_ISDIR, "dir"),
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISCHR, "char device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return kind
+    return "other"
+
+
+def describe_kind(kind: str) -> str:
+    """How messages say what a path of this `local_kind` is ("a FIFO (named pipe)")."""
+    return _KIND_PHRASES.get(kind, kind)
+
+
+def not_regular(path: str, kind: str, what: str, expected: str = "a file or folder"
+                ) -> CheckpointError:
+    """The error for a local path that is not what a checkpoint holds there."""
+    found = f"{what} {path!r} is {describe_kind(kind)}"
+    if kind in ("missing", "broken symlink"):
+        return CheckpointNotFoundError(found)
+    if kind == "symlink loop":
+        fix = "fix or remove the link"
+    elif kind in ("file", "dir"):
+        fix = f"a checkpoint holds {expected} there"
+    else:  # reading it would block (a FIFO) or never end (/dev/zero)
+        fix = "treegraft reads checkpoints from regular files and folders only"
+    return CheckpointError(f"{found}, not {expected}: {fix}")
+
+
+def _read_local(path: str, what: str) -> bytes:
+    """The bytes of a local regular file; never blocks on a FIFO or reads a device."""
+    try:
+        # O_NONBLOCK: opening a FIFO returns at once (it would wait for a writer).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointNotFoundError(f"{what} {path!r} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise not_regular(path, "symlink loop", what, "a file") from None
+        if e.errno == errno.ENXIO:  # a socket
+            raise not_regular(path, local_kind(path, what), what, "a file") from None
+        raise CheckpointError(
+            f"cannot read {what} {path!r}: {e.strerror or type(e).__name__}"
+        ) from e
+    try:
+        kind = mode_kind(os.fstat(fd).st_mode)
+        if kind != "file":
+            raise not_regular(path, kind, what, "a file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot read {what} {path!r}: {e.strerror or type(e).__name__}"
+        ) from e
+    finally:
+        os.close(fd)
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuses a path tensorstore cannot take: a NUL byte, or a name that is not UTF-8."""
+    if "\x00" in text:
+        raise CheckpointError(
+            f"{what} {text!r} holds a NUL byte (\\x00), which no file or object name may "
+            "hold: check how the path was built"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # os.fsdecode keeps bytes that are not UTF-8 as lone surrogates.
+        bad = text[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise CheckpointError(
+            f"{what} {text!r} is not valid UTF-8 (bytes {bad!r} at character {e.start}): "
+            "tensorstore, which reads checkpoints, takes UTF-8 paths only; rename the folder, "
+            "or link it under a UTF-8 name (ln -s)"
+        ) from None
+
+
+# The storage's rules for bucket names, for messages (tensorstore checks them).
+_BUCKET_RULES = {
+    "gs": "3-63 characters: lowercase letters, digits, '-', '_' and '.', starting and "
+          "ending with a letter or digit",
+    "s3": "3-63 characters: lowercase letters, digits, '-' and '.', starting and ending "
+          "with a letter or digit",
+}
+
+
+def _check_bucket(scheme: str, bucket: str, text: str) -> None:
+    """Refuses a bucket name the storage rejects, as tensorstore would when opening it."""
+    import tensorstore as ts
+
+    driver = "gcs" if scheme == "gs" else "s3"
+    try:
+        ts.KvStore.Spec({"driver": driver, "bucket": bucket})
+    except Exception as e:  # tensorstore raises ValueError naming the rule broken
+        _, reason = first_line(e, limit=200)
+        raise CheckpointError(
+            f"{text!r}: {bucket!r} is not a valid {scheme}:// bucket name ({reason}); "
+            f"bucket names have {_BUCKET_RULES[scheme]}"
+        ) from None
 
 
 def children_of(keys: list[str]) -> dict[str, str]:

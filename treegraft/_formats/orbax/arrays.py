@@ -25,8 +25,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft._errors import CheckpointError, first_line
+from treegraft._errors import CheckpointError, describe_leaf, first_line
 from treegraft._formats.orbax.headers import LazyLeaf
+from treegraft._parse.paths import render_parts
 from treegraft._read.source import ReadRequest
 
 __all__ = ["DirectReader", "chunk_shape", "box_nbytes"]
@@ -75,6 +76,30 @@ def box_nbytes(shape: Sequence[int], chunks: Sequence[int], itemsize: int,
         covered = min((last + 1) * c, n) - first * c
         total *= covered
     return total
+
+
+def check_unchanged(leaf: LazyLeaf, array: Any, req: ReadRequest, location: Any) -> None:
+    """Refuses an array whose header differs from the one the plan saw.
+
+    A checkpoint rewritten between plan and execute would otherwise be read
+    and cast to the planned dtype without a word (float64 1e300 to float32
+    inf, int64 2**40 + 1 to int32 1; docs/design.md section 4: casting is
+    never implicit).
+
+    Raises:
+      CheckpointError: the shape or dtype changed; names the path and both sides.
+    """
+    planned = leaf.stored
+    found = (tuple(array.shape), np.dtype(array.dtype.numpy_dtype))
+    if found != planned:
+        path = render_parts(req.path.parts)
+        saved = "" if leaf.name == path else f" (saved as {leaf.name!r})"
+        raise CheckpointError(
+            f"{path!r}{saved} in {location} changed "
+            f"since the plan: the plan saw {describe_leaf(*planned)}, the checkpoint now holds "
+            f"{describe_leaf(*found)}; nothing was grafted: plan again to read the new "
+            "checkpoint"
+        )
 
 
 def _slices(like: Any, shape: tuple[int, ...]) -> dict[tuple[tuple[int, int], ...], list[Any]]:
@@ -194,13 +219,7 @@ class DirectReader:
         in_flight = 0
         for leaf, req in zip(leaves, requests, strict=True):
             array = self.open(leaf.name)
-            # A PRNG key array is stored as its key data: the request asks for that.
-            stored = tuple(req.like.shape) if leaf.key_impl is not None else tuple(leaf.shape)
-            if tuple(array.shape) != stored:
-                raise CheckpointError(
-                    f"array {leaf.name!r} of {self.location} has shape {tuple(array.shape)} in "
-                    f"its header but {stored} in the metadata"
-                )
+            check_unchanged(leaf, array, req, self.location)
             job = _Job(leaf, req)
             jobs.append(job)
             itemsize = np.dtype(array.dtype.numpy_dtype).itemsize

@@ -273,7 +273,7 @@ class LazyLeaf:
     A Python scalar saved by orbax has shape () and its Python type as dtype.
     """
 
-    __slots__ = ("name", "scalar", "key_impl", "_store", "_spec")
+    __slots__ = ("name", "scalar", "key_impl", "_store", "_spec", "_stored")
 
     def __init__(self, store: _Store, name: str, scalar: bool, key_impl: str | None = None):
         self._store = store
@@ -283,8 +283,10 @@ class LazyLeaf:
         # threefry): its metadata is the key array's own shape and key dtype.
         self.key_impl = key_impl
         self._spec: tuple[tuple[int, ...], Any] | None = None
+        self._stored: tuple[tuple[int, ...], np.dtype[Any]] | None = None
 
     def _set(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        self._stored = (tuple(shape), np.dtype(dtype))
         if self.scalar:
             self._spec = ((), PY_TYPES.get(dtype.kind, float))
         elif self.key_impl is not None:
@@ -302,6 +304,19 @@ class LazyLeaf:
             self._store.load(self)
         assert self._spec is not None
         return self._spec
+
+    @property
+    def stored(self) -> tuple[tuple[int, ...], np.dtype[Any]]:
+        """Shape and dtype of the array as its header gave them when first read.
+
+        The array saved, not the value it stands for: a PRNG key's key data, a
+        scalar's numpy dtype. A read compares it with the header it opens, so a
+        checkpoint rewritten since the plan is never read as what it was.
+        """
+        if self._stored is None:
+            self._load()
+        assert self._stored is not None
+        return self._stored
 
     @property
     def shape(self) -> tuple[int, ...]:

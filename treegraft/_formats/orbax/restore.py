@@ -8,8 +8,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft._errors import CheckpointError, first_line
-from treegraft._formats.orbax.headers import PY_TYPES
+from treegraft._errors import CheckpointError, describe_leaf, first_line
+from treegraft._formats.orbax.headers import PY_TYPES, LazyLeaf
 from treegraft._formats.orbax.metadata import lazy_metadata
 from treegraft._parse.paths import Part, render_parts
 from treegraft._read.source import ReadRequest
@@ -126,10 +126,12 @@ def orbax_read(meta: Any, directory: Location, requests: Sequence[ReadRequest]) 
     item: Any = _empty_like(meta)
     restore_args: Any = _empty_like(meta)
     largest = 0
+    planned = []
     for req in requests:
         leaf = _set(item, meta, req.path.parts, _Marker())
         _set(restore_args, meta, req.path.parts, _restore_args(req))
         largest = max(largest, _leaves.nbytes(_leaves.spec_of(leaf)))
+        planned.append(leaf)
     # orbax lets up to 96 GB of reads be in flight at once: peak memory then
     # grows well past the bytes grafted. A smaller window costs no time
     # (measured: docs/benchmarks.md); it must hold the largest array whole.
@@ -152,14 +154,50 @@ def orbax_read(meta: Any, directory: Location, requests: Sequence[ReadRequest]) 
     finally:
         handler.close()
     out = []
-    for req in requests:
+    for req, leaf in zip(requests, planned, strict=True):
         value = _get(restored, req.path.parts)
         if isinstance(value, _Marker):
             raise CheckpointError(
                 f"orbax did not restore {render_parts(req.path.parts)!r} from {directory}"
             )
+        _check_unchanged(req, leaf, value, directory)
+        if isinstance(req.dtype, np.dtype) and np.dtype(value.dtype) != req.dtype:
+            value = value.astype(req.dtype)  # a cast the caller asked for
         out.append(_own_buffers(value))
     return out
+
+
+def _check_unchanged(req: ReadRequest, leaf: Any, value: Any, directory: Location) -> None:
+    """Refuses a restored value whose saved shape or dtype differs from the plan's.
+
+    orbax restores in the saved dtype here (no dtype is passed), so a
+    checkpoint rewritten since the plan shows; asked for a dtype, orbax would
+    cast to it without a word (docs/design.md section 4).
+
+    Raises:
+      CheckpointError: names the path and both sides.
+    """
+    if isinstance(leaf, LazyLeaf):
+        planned: tuple[Any, Any] = leaf.stored
+    else:
+        planned = (tuple(getattr(leaf, "shape", ()) or ()), getattr(leaf, "dtype", None))
+    found = (tuple(np.shape(value)), np.dtype(getattr(value, "dtype", type(value))))
+    if isinstance(planned[1], type) and not isinstance(leaf, LazyLeaf):
+        # A Python scalar: orbax's metadata gives its type, the value a numpy dtype.
+        same = PY_TYPES.get(found[1].kind, float) is planned[1] and found[0] == ()
+    else:
+        same = found == (planned[0], np.dtype(planned[1]))
+    if not same:
+        raise CheckpointError(
+            f"{render_parts(req.path.parts)!r} in {directory} changed since the plan: the plan "
+            f"saw {_describe(planned)}, the checkpoint now holds {_describe(found)}; nothing "
+            "was grafted: plan again to read the new checkpoint"
+        )
+
+
+def _describe(spec: tuple[Any, Any]) -> str:
+    dtype = spec[1].__name__ if isinstance(spec[1], type) else spec[1]
+    return describe_leaf(spec[0], dtype)
 
 
 def _own_buffers(value: Any) -> Any:
@@ -193,13 +231,13 @@ def _restore_args(req: ReadRequest) -> Any:
     import orbax.checkpoint as ocp
 
     like = req.like
-    dtype = req.dtype if isinstance(req.dtype, np.dtype) else None
+    # No dtype: orbax would cast to it silently; the value is checked and cast after.
     if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
         sharding = like.sharding
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(like.shape), dtype=dtype)
-    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
+        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(like.shape))
+    return ocp.RestoreArgs(restore_type=np.ndarray)
 
 
 def _reason(error: BaseException) -> str:

@@ -24,7 +24,7 @@ from treegraft._formats.orbax.restore import read_metadata as _read_metadata
 from treegraft._multihost import check_processes_agree
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._read.source import BoxRequest, ReadRequest, Source
-from treegraft._storage.location import Location, children_of
+from treegraft._storage.location import Location, children_of, local_kind, not_regular
 
 __all__ = ["OrbaxCheckpoint", "ScalarSpec"]
 
@@ -50,11 +50,9 @@ def item_directory(path: str | os.PathLike[str] | Location) -> Location:
     if _TMP_MARK in loc.name:
         raise CheckpointError(f"checkpoint {p!r} is still being written (orbax temporary folder)")
     if loc.is_local:
-        if loc.join("_METADATA").kind("checkpoint") == "file":
-            return loc
-        item = loc.join(_ITEM)
-        if item.join("_METADATA").kind("the item folder") == "file":
-            return item
+        for item in (loc, loc.join(_ITEM)):
+            if _local_metadata_file(item):
+                return item
         entries = loc.listdir("checkpoint")
     else:
         if "_METADATA" in keys:
@@ -67,6 +65,29 @@ def item_directory(path: str | os.PathLike[str] | Location) -> Location:
         f"{p!r} is not an orbax PyTree checkpoint: neither {p}/_METADATA nor "
         f"{p}/{_ITEM}/_METADATA exists (it holds: {shown or 'nothing'})"
     )
+
+
+def _local_metadata_file(item: Location) -> bool:
+    """Whether a local item folder holds orbax's `_METADATA` as a regular file.
+
+    Its `manifest.ocdbt`, when there is one, must be a regular file too: reading
+    a FIFO there would block forever, a device never end.
+
+    Raises:
+      CheckpointError: either is there but is a folder, FIFO, device, socket
+        or loop of symbolic links; or cannot be looked at.
+    """
+    for name, what in (("_METADATA", "orbax's metadata file"),
+                       ("manifest.ocdbt", "the OCDBT manifest")):
+        path = item.join(name).key
+        found = local_kind(path, what)
+        if found in ("missing", "broken symlink"):
+            if name == "_METADATA":
+                return False
+            continue  # not an OCDBT layout: orbax's restore reads it
+        if found != "file":
+            raise not_regular(path, found, what, "a file")
+    return True
 
 
 class OrbaxCheckpoint(Source):

@@ -10,8 +10,10 @@ object, which costs two more copies (measured 2-3x slower than
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import struct
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -19,10 +21,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft._errors import CheckpointError
+from treegraft._errors import CheckpointError, describe_leaf
 from treegraft._formats.safetensors.boxes import Box, box_of, merge, nbytes
-from treegraft._formats.safetensors.header import TensorInfo, file_path, read_result
-from treegraft._storage.location import Location
+from treegraft._formats.safetensors.header import (
+    DTYPES,
+    INDEX_NAME,
+    MAX_HEADER,
+    TensorInfo,
+    file_path,
+    read_result,
+    tensor_info,
+)
+from treegraft._storage.location import Location, check_text, local_kind, mode_kind, not_regular
 
 __all__ = ["Files", "assemble"]
 
@@ -83,6 +93,28 @@ class Files:
             self._kv = _kvstore(self.location)
         return self._kv
 
+    def check(self, names: Sequence[str]) -> None:
+        """Refuses local files of the checkpoint that are not regular files.
+
+        tensorstore would open a FIFO and wait for a writer forever, read a
+        device without end, or call a folder missing.
+
+        Raises:
+          CheckpointError: a file is a folder, FIFO, device, socket or loop of
+            symbolic links; the message says which.
+        """
+        for name in names:
+            check_text(name, "the file name")  # listed locally: may not be UTF-8
+        local = _local_folder(self.location)
+        if local is None:
+            return
+        for name in names:
+            path = os.path.join(local, name)
+            what = "the index" if name == INDEX_NAME else "safetensors file"
+            found = local_kind(path, what)
+            if found not in ("file", "missing", "broken symlink"):  # missing: the read says so
+                raise not_regular(path, found, what, "a file")
+
     def remember(self, files: Sequence[str], generations: dict[str, bytes]) -> None:
         """Records what the files are now, just after their headers were read."""
         self.generations = generations
@@ -98,13 +130,60 @@ class Files:
         self._kv = None
         self._closed = True
 
+    def _open(self, info: TensorInfo) -> int:
+        """The open local file holding info (opened once)."""
+        fd = self._fds.get(info.file)
+        if fd is None:
+            where = file_path(self.folder, info.file)
+            try:
+                # O_NONBLOCK: a FIFO put in the file's place opens at once (and then
+                # fails the check of what the file is) instead of waiting for a writer.
+                fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK)
+                kind = mode_kind(os.fstat(fd).st_mode)
+            except OSError as e:
+                raise CheckpointError(
+                    f"cannot read tensor {info.name!r} from {where}: {type(e).__name__}: {e}"
+                ) from e
+            if kind != "file":
+                os.close(fd)
+                raise not_regular(where, kind, "safetensors file", "a file")
+            self._fds[info.file] = fd
+        return fd
+
+    def check_unchanged(self, infos: Sequence[TensorInfo]) -> None:
+        """Refuses local tensors whose header entry differs from the one the plan read.
+
+        The file's inode, size and mtime can stay the same when it is rewritten
+        in place (within one tick of the clock, or with its mtime restored):
+        its header is read again and each tensor's dtype, shape and offsets
+        compared, so that its bytes are never read as what they were.
+
+        Raises:
+          CheckpointError: a tensor changed; names the file, the tensor and both sides.
+        """
+        by_file: dict[str, list[TensorInfo]] = {}
+        for info in infos:
+            by_file.setdefault(info.file, []).append(info)
+        for file, group in by_file.items():
+            where = file_path(self.folder, file)
+            header, start = _header_now(self._open(group[0]), where)
+            for info in group:
+                if _same_entry(header.get(info.name), info, start):
+                    continue
+                now = _entry_now(header, info, where, start)
+                was = _show(info, info.begin, info.end)
+                if now != was:
+                    raise CheckpointError(
+                        f"{where} changed since the plan: tensor {info.name!r} was {was}, it "
+                        f"is now {now}; nothing was grafted: open a new SafetensorsCheckpoint "
+                        "and plan again to read the new file"
+                    )
+
     def pread(self, info: TensorInfo, begin: int, buffer: np.ndarray) -> None:
         """Fills buffer with the local file's bytes from begin (one read syscall, or a few)."""
         where = file_path(self.folder, info.file)
-        fd = self._fds.get(info.file)
+        fd = self._open(info)
         try:
-            if fd is None:
-                fd = self._fds[info.file] = os.open(where, os.O_RDONLY)
             st = os.fstat(fd)
         except OSError as e:
             raise CheckpointError(
@@ -146,6 +225,8 @@ class Files:
         """
         kv = self.kvstore()
         local = _local_folder(self.location)
+        if local is not None:  # remote files: their storage generation is checked instead
+            self.check_unchanged([info for info, _ in jobs])
         plans = [merge(info, boxes) for info, boxes in jobs]
         order = [(j, k) for j, (ranges, _) in enumerate(plans) for k in range(len(ranges))]
         pending: dict[tuple[int, int], list[tuple[int, Any]]] = {}
@@ -214,6 +295,58 @@ class Files:
                         piece = copy
                     pieces[box] = piece if piece.dtype == info.dtype else piece.astype(info.dtype)
             yield pieces
+
+
+def _header_now(fd: int, where: str) -> tuple[dict[str, Any], int]:
+    """The header of an open local file as it is now, and where its data starts.
+
+    Raises:
+      CheckpointError: the file no longer starts with a safetensors header.
+    """
+    try:
+        raw = os.pread(fd, 8, 0)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        text = os.pread(fd, n, 8) if 0 <= n <= MAX_HEADER else b""
+    except OSError as e:
+        raise CheckpointError(f"cannot read the header of {where}: {e}") from e
+    try:
+        header = json.loads(text) if n >= 0 and len(text) == n else None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{where} changed since the plan: it no longer starts with a safetensors header; "
+            "nothing was grafted: open a new SafetensorsCheckpoint and plan again"
+        )
+    return header, 8 + n
+
+
+def _same_entry(entry: Any, info: TensorInfo, start: int) -> bool:
+    """Whether a header entry still says what info says (the fast path: no message built)."""
+    try:
+        begin, end = entry["data_offsets"]
+        return (
+            DTYPES.get(entry["dtype"]) == info.dtype
+            and tuple(entry["shape"]) == info.shape
+            and (start + begin, start + end) == (info.begin, info.end)
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _entry_now(header: dict[str, Any], info: TensorInfo, where: str, start: int) -> str:
+    """How the header shows info's tensor now (as `_show` does), or why it cannot."""
+    if info.name not in header:
+        return "no longer in the file"
+    try:
+        now = tensor_info(info.name, header[info.name], info.file, where, start)
+    except CheckpointError:
+        return f"a damaged entry {header[info.name]!r:.80}"
+    return _show(now, now.begin, now.end)
+
+
+def _show(info: TensorInfo, begin: int, end: int) -> str:
+    return f"{describe_leaf(info.shape, info.dtype)} at bytes {begin}..{end}"
 
 
 def _close_fds(fds: dict[str, int]) -> None:

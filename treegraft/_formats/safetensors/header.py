@@ -14,6 +14,7 @@ import math
 import os
 import re
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -22,12 +23,15 @@ import numpy as np
 from treegraft._errors import PATH_CUTOFF, CheckpointError, first_line, suggest
 from treegraft._storage.location import Location, stalled
 
-__all__ = ["DTYPES", "INDEX_NAME", "TensorInfo", "file_path", "read_headers", "read_result"]
+__all__ = [
+    "DTYPES", "INDEX_NAME", "MAX_HEADER", "TensorInfo", "file_path", "read_headers",
+    "read_result", "tensor_info",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 # safetensors itself refuses headers above 100 MB; a larger length means the
 # file is not a safetensors file (or its first 8 bytes are damaged).
-_MAX_HEADER = 100_000_000
+MAX_HEADER = 100_000_000
 
 # The dtypes safetensors writes, with the names jax and ml_dtypes give them.
 DTYPES: dict[str, np.dtype] = {
@@ -86,7 +90,11 @@ class TensorInfo:
 
 
 def read_headers(
-    kv: Any, location: Location, index: str | None, single: str | None
+    kv: Any,
+    location: Location,
+    index: str | None,
+    single: str | None,
+    check: Callable[[list[str]], None] | None = None,
 ) -> tuple[list[TensorInfo], dict[str, dict[str, str]], dict[str, bytes]]:
     """Reads the index (if any) and the header of every file a checkpoint needs.
 
@@ -96,6 +104,8 @@ def read_headers(
         timeout.
       index: the index file's name, or None for one file...
       single: ...the name of that one file.
+      check: called with file names before they are opened; raises for a
+        name that is not a regular file (a FIFO would block the read).
 
     Returns:
       The tensors; each file's `__metadata__` (those that have one); each
@@ -107,12 +117,15 @@ def read_headers(
     """
     folder = str(location)
     file_metadata: dict[str, dict[str, str]] = {}
+    check = check or (lambda names: None)
     if index is not None:
-        names = _read_index(kv, index, location)
+        check([index])
+        names = _read_index(kv, index, location, check)
         files = sorted(set(names.values()))
     else:
         names = None
         files = [str(single)]
+        check(files)
     gens: dict[str, bytes] = {}
     lengths = {f: kv.read(f, byte_range=slice(0, 8)) for f in files}
     sizes: dict[str, int] = {}
@@ -126,10 +139,10 @@ def read_headers(
                 "the 8 of a safetensors header length"
             )
         (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER:
+        if n > MAX_HEADER:
             raise CheckpointError(
                 f"{file_path(folder, f)} is not a safetensors file: its first 8 bytes give "
-                f"a header of {n} bytes (at most {_MAX_HEADER} allowed)"
+                f"a header of {n} bytes (at most {MAX_HEADER} allowed)"
             )
         sizes[f] = n
     headers = {f: kv.read(f, byte_range=slice(8, 8 + sizes[f])) for f in files}
@@ -237,7 +250,9 @@ def read_result(
     return bytes(result.value)
 
 
-def _read_index(kv: Any, index: str, location: Location) -> dict[str, str]:
+def _read_index(
+    kv: Any, index: str, location: Location, check: Callable[[list[str]], None]
+) -> dict[str, str]:
     raw = read_result(kv.read(index), index, location, "the index")
     folder = str(location)
     where = file_path(folder, index)
@@ -259,6 +274,7 @@ def _read_index(kv: Any, index: str, location: Location) -> dict[str, str]:
             raise CheckpointError(
                 f"{where} names shard {f!r}, which is not a file name in {folder}"
             )
+    check(sorted(listed))
     missing = _missing(kv, sorted(listed), location)
     if missing:
         raise CheckpointError(
@@ -306,7 +322,7 @@ def _parse_header(
         raise CheckpointError(f"the __metadata__ of {where} is not a JSON object of strings")
     infos = []
     for name, entry in header.items():
-        infos.append(_tensor_info(name, entry, file, where, data_start))
+        infos.append(tensor_info(name, entry, file, where, data_start))
     ordered = sorted(infos, key=lambda i: (i.begin, i.end))
     for prev, nxt in zip(ordered, ordered[1:], strict=False):
         if nxt.begin < prev.end:
@@ -318,7 +334,12 @@ def _parse_header(
     return infos, {str(k): str(v) for k, v in meta.items()}
 
 
-def _tensor_info(name: str, entry: Any, file: str, where: str, data_start: int) -> TensorInfo:
+def tensor_info(name: str, entry: Any, file: str, where: str, data_start: int) -> TensorInfo:
+    """The `TensorInfo` of one header entry, checked.
+
+    Raises:
+      CheckpointError: the entry is not a valid tensor entry; names the file.
+    """
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"tensor {name!r} in the header of {where}: {why}")
 

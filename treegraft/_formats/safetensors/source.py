@@ -93,8 +93,11 @@ class SafetensorsCheckpoint(Source):
                 files = sorted(f for f in names if f.endswith(_SUFFIX))
                 if len(files) != 1:
                     listed = ", ".join(files[:10]) or "none"
+                    # A folder named like a file is easy to take for one.
+                    named = " (a folder, though named like a file)" if (
+                        self.path.endswith(_SUFFIX)) else ""
                     raise CheckpointError(
-                        f"{self.path!r} has no {INDEX_NAME} and holds {len(files)} "
+                        f"{self.path!r}{named} has no {INDEX_NAME} and holds {len(files)} "
                         f"{_SUFFIX} files ({listed}): pass one file, or add the index "
                         "that Hugging Face writes beside sharded weights"
                     )
@@ -131,7 +134,8 @@ class SafetensorsCheckpoint(Source):
         """
         if self._tree is None:
             infos, self._file_metadata, generations = read_headers(
-                self._files.kvstore(), self._loc, self._index, self._single
+                self._files.kvstore(), self._loc, self._index, self._single,
+                self._files.check,
             )
             self._files.remember(sorted(generations), generations)
             self._tree, self._by_parts = build_tree(infos, self.describe())
