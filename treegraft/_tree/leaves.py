@@ -227,6 +227,11 @@ def values_checked(source: Any, target: Any, cast: bool | str) -> bool:
     """
     if cast == "unsafe" or not cast or source == target:
         return False
+    return _values_checked(source, target)
+
+
+@functools.lru_cache(maxsize=1024)
+def _values_checked(source: Any, target: Any) -> bool:
     if not (isinstance(source, np.dtype) and isinstance(target, np.dtype | type)):
         return False
     if is_key_dtype(source) or is_key_dtype(target):
@@ -246,6 +251,11 @@ def first_overflow(source: Any, result: Any) -> tuple[tuple[int, ...], Any] | No
     """
     source, result = np.asarray(source), np.asarray(result)
     with np.errstate(all="ignore"):
+        if source.dtype.kind == "f" and _kind(result.dtype) == "f":
+            # Fast path: only a value beyond the target's largest can overflow,
+            # and numpy compares float32 fast (isfinite on bfloat16 is slow).
+            if not (np.abs(source) > _float_facts(result.dtype)[0]).any():
+                return None
         bad = np.isfinite(source) & ~np.isfinite(result)
     if not bad.any():
         return None
@@ -450,6 +460,16 @@ def mismatch(target: Spec, source: Spec, *, cast: bool | str = False) -> Mismatc
         return Mismatch("dtype", f"{_name(sdtype)} -> {_name(tdtype)}: {why}")
     if tdtype == sdtype:
         return None
+    return _dtype_mismatch(tdtype, sdtype, cast)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dtype_mismatch(tdtype: Any, sdtype: Any, cast: bool | str) -> Mismatch | None:
+    """The dtype half of `mismatch`, for two different plain dtypes (cached per pair).
+
+    Computed once per pair of dtypes: a graft of 50,000 leaves asks for a
+    few pairs, 100,000 times.
+    """
     tk, sk = _kind(tdtype), _kind(sdtype)
     if isinstance(tdtype, type) or isinstance(sdtype, type):
         # A Python scalar on either side: a dtype of the same kind fits (a
