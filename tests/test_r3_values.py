@@ -297,3 +297,12 @@ def test_weak_types_stay_for_abstract_sharded_and_transformed_targets(scalars_ck
     assert out.weak_type and out == 1.0
     out = tg.graft({"lr": jnp.asarray(0.0)}, tg.OrbaxCheckpoint(scalars_ckpt), {"lr": "lr"})
     assert out["lr"].weak_type and out["lr"] == 0.5
+
+
+def test_a_weak_abstract_leaf_on_an_abstract_mesh_stays_weak():
+    mesh = jax.make_mesh((8,), ("d",))
+    like = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh.abstract_mesh, P()),
+                                weak_type=True)
+    with jax.set_mesh(mesh):
+        out = tg.graft({"s": like}, {"s": np.float32(2)}, {"": ""})["s"]
+    assert out.weak_type and out.sharding == NamedSharding(mesh, P()) and out == 2.0
