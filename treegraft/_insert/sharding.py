@@ -21,7 +21,7 @@ from treegraft._parse.paths import Path, render_parts
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.pytree import flatten_parts
 
-__all__ = ["propagate_sharding", "place", "weakly_typed"]
+__all__ = ["propagate_sharding", "place", "weakly_typed", "overflow_error"]
 
 _PY_SCALARS = (bool, int, float, complex)
 
@@ -210,15 +210,28 @@ def _checked_cast(dtype: Any) -> Any:
     return jax.jit(cast)
 
 
-def _overflow_error(k: int, name_of: Callable[[int], str] | None, source: Any, target: Any,
-                    index: tuple[int, ...] | None, value: Any) -> MismatchError:
+def overflow_error(
+    name: str, source: Any, target: Any, index: tuple[int, ...] | None, value: Any
+) -> MismatchError:
+    """The error for a cast under cast=True that made a finite value inf.
+
+    Args:
+      name: how the message names the leaf (its quoted path).
+      source: the dtype cast from.
+      target: the dtype cast to.
+      index: the first offending element's index, () for a scalar, None when
+        it is on another process.
+      value: that element's value in the source.
+    """
     if index is None:
-        where = "on another process"
+        where = " (on another process)"
+    elif index:
+        where = f" (the first such value, at [{', '.join(map(str, index))}])"
     else:
-        where = f"at [{', '.join(map(str, index))}]" if index else "the scalar"
+        where = ""  # a scalar
     return MismatchError(
-        f"cannot place {_describe_at(k, name_of)}: casting {_dtype_name(source)} to "
-        f"{_dtype_name(target)} makes {value!r} (the first such value, {where}) inf: it is "
+        f"cannot place {name}: casting {_dtype_name(source)} to "
+        f"{_dtype_name(target)} makes {value!r}{where} inf: it is "
         "beyond the target's range. cast=True never makes inf or NaN of a finite value; "
         "make the state leaf a wider dtype, scale the values first, or pass cast='unsafe' "
         "to let them overflow"
@@ -232,7 +245,9 @@ def _refuse_overflow(
     found = _leaves.first_overflow(before, after)
     if found is not None:
         index, value = found
-        raise _overflow_error(k, name_of, before.dtype, _target_dtype(after), index, value.item())
+        raise overflow_error(
+            _describe_at(k, name_of), before.dtype, _target_dtype(after), index, value.item()
+        )
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -268,8 +283,8 @@ def _refuse_device_overflows(checks: list[_Check], name_of: Callable[[int], str]
             if hit is not None:
                 found.append((tuple(a + b for a, b in zip(start, hit[0], strict=True)), hit[1]))
         index, value = min(found, key=lambda f: f[0]) if found else (None, float("nan"))
-        raise _overflow_error(
-            check.k, name_of, check.before.dtype, check.after.dtype, index,
+        raise overflow_error(
+            _describe_at(check.k, name_of), check.before.dtype, check.after.dtype, index,
             np.asarray(value).item(),
         )
 

@@ -16,8 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft._errors import GraftError, MismatchError
-from treegraft._insert.sharding import weakly_typed
+from treegraft._errors import GraftError
+from treegraft._insert.sharding import overflow_error, weakly_typed
 from treegraft._parse.paths import Path, render_parts
 from treegraft._plan import GraftPlan, Pair, gathered_spec
 from treegraft._read.source import BoxRequest, ReadRequest, reads_boxes
@@ -164,13 +164,7 @@ def _place_blocks(
             found = _leaves.first_overflow(value, got)
             if found is not None:
                 index = tuple(b.start + i for b, i in zip(box, found[0], strict=True))
-                raise MismatchError(
-                    f"cannot place {path!r}: casting {value.dtype} to {dtype} makes "
-                    f"{found[1].item()!r} (the first such value, at {list(index)}) inf: it is "
-                    "beyond the target's range. cast=True never makes inf or NaN of a finite "
-                    "value; make the state leaf a wider dtype, scale the values first, or "
-                    "pass cast='unsafe' to let them overflow"
-                )
+                raise overflow_error(repr(path), value.dtype, got.dtype, index, found[1].item())
         return got
 
     if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
