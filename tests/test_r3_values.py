@@ -110,6 +110,17 @@ def test_an_int_too_large_for_a_python_float_is_a_mismatch_not_an_overflow_error
         tg.plan({"x": 0.0}, {"x": 2**2000}, {"": ""}, cast=True)
 
 
+@pytest.mark.skipif(np.dtype(np.longdouble).name != "float128",
+                    reason="longdouble is float128 on x86-64 Linux only")
+def test_a_numpy_longdouble_into_a_python_float_leaf_is_a_checked_narrowing():
+    with pytest.raises(tg.MismatchError, match=r"float128 -> float: casting is never implicit"):
+        tg.plan({"x": 0.0}, {"x": np.longdouble(1)}, {"": ""})
+    assert tg.graft({"x": 0.0}, {"x": np.longdouble(2)}, {"": ""}, cast=True) == {"x": 2.0}
+    with pytest.raises(tg.MismatchError, match=r"cannot place 'x': casting float128 to float64 "
+                       r"makes np.longdouble\('1e\+400'\) inf"):
+        tg.graft({"x": 0.0}, {"x": np.longdouble("1e400")}, {"": ""}, cast=True)
+
+
 def test_propagate_sharding_refuses_a_scalar_that_does_not_fit():
     like = {"step": jax.ShapeDtypeStruct((), jnp.int32)}
     with pytest.raises(tg.MismatchError, match=r"cannot place 'step': the Python int 300"):
