@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from treegraft._errors import GraftError
 from treegraft._insert.sharding import place
@@ -129,14 +130,17 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
         requests = [
             ReadRequest(
                 Path(src.paths[si]),
-                likes_of[first_use[si]],
+                _read_like(_leaves.spec_of(src.leaves[si])[1], likes_of[first_use[si]]),
                 _leaves.spec_of(src.leaves[si])[1],
             )
             for si in order
         ]
         sizes = [_leaves.nbytes(_leaves.spec_of(src.leaves[si])) for si in order]
         got = _read_batched(p._lazy, requests, sizes, progress)
-        value_of = dict(zip(order, got, strict=True))
+        value_of = {
+            si: _as_python(value) if isinstance(requests[n].dtype, type) else value
+            for n, (si, value) in enumerate(zip(order, got, strict=True))
+        }
     else:
         value_of = {si: src.leaves[si] for si in first_use}
     values = [value_of[pair.source] for pair in plain]
@@ -184,7 +188,10 @@ def _on_concrete_meshes(p: GraftPlan) -> dict[int, Any]:
                 out[pair.target] = like
                 continue
             like = jax.ShapeDtypeStruct(
-                like.shape, like.dtype, sharding=jax.sharding.NamedSharding(mesh, sharding.spec)
+                like.shape,
+                like.dtype,
+                sharding=jax.sharding.NamedSharding(mesh, sharding.spec),
+                weak_type=getattr(like, "weak_type", False),
             )
         out[pair.target] = like
     if unplaced:
@@ -197,6 +204,26 @@ def _on_concrete_meshes(p: GraftPlan) -> dict[int, Any]:
             "concrete shardings (jax.sharding.NamedSharding(mesh, x.sharding.spec))"
         )
     return out
+
+
+def _read_like(dtype: Any, like: Any) -> Any:
+    """What a read is placed like: the target leaf, or the host for a saved Python scalar.
+
+    A Python scalar saved by orbax is read to the host and placed from there:
+    its value must be checked against the target's dtype first (docs/design.md
+    section 4), which a read straight into a device buffer would have wrapped
+    (2**40 + 7 into int32 gave 7).
+    """
+    if isinstance(dtype, type):
+        return np.zeros((), np.dtype(dtype))  # a host like: bool, int64, float64, complex128
+    return like
+
+
+def _as_python(value: Any) -> Any:
+    """A saved Python scalar, read as a 0-d array, as the Python scalar it was saved as."""
+    if isinstance(value, bool | int | float | complex):
+        return value
+    return np.asarray(value).item()
 
 
 def _is_copy(p: GraftPlan, pair: Pair) -> bool:

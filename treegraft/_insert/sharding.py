@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -21,7 +21,7 @@ from treegraft._parse.paths import Path, render_parts
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.pytree import flatten_parts
 
-__all__ = ["propagate_sharding", "place"]
+__all__ = ["propagate_sharding", "place", "weakly_typed", "overflow_error"]
 
 _PY_SCALARS = (bool, int, float, complex)
 
@@ -63,6 +63,7 @@ def place(
         not allow that cast.
     """
     out: list[Any] = [None] * len(values)
+    checks: list[_Check] = []  # casts on devices whose values are checked at the end
     puts: list[tuple[int, Any, Any]] = []  # (k, value, sharding): one batched device_put
     first_put: dict[tuple[int, Any], int] = {}  # (id(value), sharding) -> k of its put
     copies: dict[int, list[int]] = {}  # k of a put -> the ks that get a copy of its result
@@ -71,9 +72,13 @@ def place(
         first = id(value) not in seen
         seen.add(id(value))
         keep = owned and first  # the value may be used without a copy
+        if type(value) in _PY_SCALARS:
+            # A Python scalar has no dtype: its value must fit (docs/design.md
+            # section 4); it becomes an array of the like's dtype here.
+            value = _scalar_for(value, like, cast, k, name_of)
         original = value
         if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
-            value = _cast_for(value, like, cast, k, name_of)
+            value = _cast_for(value, like, cast, k, name_of, checks)
             keep = keep or value is not original  # a cast made a new array
             sharding = like.sharding
             if isinstance(value, jax.Array) and sharding is None:
@@ -109,8 +114,11 @@ def place(
                 # A copy: never the caller's array, nor a read-only view of a device
                 # buffer. A cast the policy let through (cast="unsafe") may change
                 # values, as asked: no numpy warning about it.
+                before = array
                 with np.errstate(invalid="ignore", over="ignore"):
                     array = np.array(array, dtype=like.dtype, copy=True)
+                if _leaves.values_checked(before.dtype, array.dtype, cast):
+                    _refuse_overflow(before, array, k, name_of)
             out[k] = array if isinstance(like, np.ndarray) else array[()]
         elif type(like) in _PY_SCALARS:
             _check_cast(value, like, cast, k, name_of)
@@ -118,6 +126,8 @@ def place(
             if _leaves._kind(host.dtype) == "c" and type(like) is not complex:
                 host = np.real(host)
             out[k] = type(like)(host.item())
+            if _leaves.values_checked(host.dtype, type(like), cast):
+                _refuse_overflow(host, np.asarray(out[k]), k, name_of)
         else:
             out[k] = value
     puts = _copy_in_chunks(puts, out)
@@ -152,7 +162,155 @@ def place(
             if _buffers(got) & _buffers(out[k_first]):
                 got = _copy(got)
             out[k] = got
+    if checks:
+        _refuse_device_overflows(checks, name_of)
+    for k, like in enumerate(likes):
+        # A weakly typed leaf (jnp.asarray(0.0)) stays weak: a strong one would
+        # promote the user's next `bfloat16 + leaf` and retrace jitted steps.
+        if getattr(like, "weak_type", False) and isinstance(out[k], jax.Array):
+            out[k] = weakly_typed(out[k])
     return out
+
+
+def weakly_typed(x: jax.Array) -> jax.Array:
+    """x as a weakly typed array, like the leaf it replaces: same dtype, sharding and values.
+
+    The result has buffers of its own (the output of a computation).
+    """
+    if x.weak_type:
+        return x
+    # jax has no public call that sets weak_type on an array (its own
+    # `jnp.asarray(0.0)` gets it from the Python scalar).
+    from jax._src.lax.lax import _convert_element_type
+
+    return _convert_element_type(x, x.dtype, weak_type=True)
+
+
+class _Check(NamedTuple):
+    """A cast done on devices, and the flag that says whether it overflowed."""
+
+    k: int
+    before: Any  # the array before the cast (alive anyway: the caller holds the values)
+    after: Any
+    overflowed: Any  # a replicated bool scalar
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_cast(dtype: Any) -> Any:
+    """A compiled cast to dtype that also says whether it made a finite value inf.
+
+    A reduction only (no indexing), so it runs on arrays of any sharding;
+    the offending value is looked for on the host, in the rare case there is one.
+    """
+
+    def cast(x: Any) -> Any:
+        y = x.astype(dtype)
+        return y, jax.numpy.any(jax.numpy.isfinite(x) & ~jax.numpy.isfinite(y))
+
+    return jax.jit(cast)
+
+
+def overflow_error(
+    name: str, source: Any, target: Any, index: tuple[int, ...] | None, value: Any
+) -> MismatchError:
+    """The error for a cast under cast=True that made a finite value inf.
+
+    Args:
+      name: how the message names the leaf (its quoted path).
+      source: the dtype cast from.
+      target: the dtype cast to.
+      index: the first offending element's index, () for a scalar, None when
+        it is on another process.
+      value: that element's value in the source.
+    """
+    if index is None:
+        where = " (on another process)"
+    elif index:
+        where = f" (the first such value, at [{', '.join(map(str, index))}])"
+    else:
+        where = ""  # a scalar
+    return MismatchError(
+        f"cannot place {name}: casting {_dtype_name(source)} to "
+        f"{_dtype_name(target)} makes {value!r}{where} inf: it is "
+        "beyond the target's range. cast=True never makes inf or NaN of a finite value; "
+        "make the state leaf a wider dtype, scale the values first, or pass cast='unsafe' "
+        "to let them overflow"
+    )
+
+
+def _refuse_overflow(
+    before: np.ndarray, after: np.ndarray, k: int, name_of: Callable[[int], str] | None
+) -> None:
+    """Raises when a cast on the host made a finite value inf (cast=True)."""
+    found = _leaves.first_overflow(before, after)
+    if found is not None:
+        index, value = found
+        raise overflow_error(
+            _describe_at(k, name_of), before.dtype, _target_dtype(after), index, value.item()
+        )
+
+
+def _dtype_name(dtype: Any) -> str:
+    return dtype.__name__ if isinstance(dtype, type) else str(dtype)
+
+
+def _target_dtype(after: Any) -> Any:
+    return after.dtype if hasattr(after, "dtype") else type(after)
+
+
+def _refuse_device_overflows(checks: list[_Check], name_of: Callable[[int], str] | None) -> None:
+    """Raises for the first cast on devices that made a finite value inf (cast=True)."""
+    # Every process holds the flags (a replicated result): across processes, read
+    # the local copy (addressable_data costs 150 us a flag: only where needed).
+    flags = jax.device_get(
+        [
+            c.overflowed if c.overflowed.is_fully_addressable else c.overflowed.addressable_data(0)
+            for c in checks
+        ]
+    )
+    for check, bad in zip(checks, flags, strict=True):
+        if not bool(bad):
+            continue
+        # The first offending element this process holds, in index order.
+        found: list[tuple[tuple[int, ...], Any]] = []
+        before = {s.device: s for s in check.before.addressable_shards}
+        for shard in check.after.addressable_shards:
+            start = tuple(sl.indices(n)[0] for sl, n in zip(shard.index, check.after.shape,
+                                                             strict=False))
+            start += (0,) * (check.after.ndim - len(start))
+            hit = _leaves.first_overflow(np.asarray(before[shard.device].data),
+                                         np.asarray(shard.data))
+            if hit is not None:
+                found.append((tuple(a + b for a, b in zip(start, hit[0], strict=True)), hit[1]))
+        index, value = min(found, key=lambda f: f[0]) if found else (None, float("nan"))
+        raise overflow_error(
+            _describe_at(check.k, name_of), check.before.dtype, check.after.dtype, index,
+            np.asarray(value).item(),
+        )
+
+
+def _scalar_for(
+    value: Any, like: Any, cast: bool | str, k: int, name_of: Callable[[int], str] | None
+) -> Any:
+    """A Python scalar value checked against the leaf it replaces, as an array of its dtype.
+
+    A Python scalar like keeps the value as it is (placed below).
+
+    Raises:
+      MismatchError: the leaf's dtype does not hold the value (`scalar_mismatch`).
+    """
+    if not isinstance(like, jax.Array | jax.ShapeDtypeStruct | np.ndarray | np.generic):
+        if type(like) not in _PY_SCALARS:
+            return value
+    target = _leaves.spec_of(like)[1]
+    if _leaves.is_key_dtype(target):
+        return value  # refused as a dtype mismatch below
+    why = _leaves.scalar_mismatch(value, target, cast=cast)
+    if why is not None:
+        raise MismatchError(f"cannot place {_describe_at(k, name_of)}: {why.detail}")
+    if isinstance(target, type):
+        return value
+    return _leaves.scalar_array(value, target)
 
 
 _CHUNK = 256  # arrays per compiled copy
@@ -247,9 +405,19 @@ def _check_cast(
 
 
 def _cast_for(
-    value: Any, like: Any, cast: bool | str, k: int, name_of: Callable[[int], str] | None
+    value: Any,
+    like: Any,
+    cast: bool | str,
+    k: int,
+    name_of: Callable[[int], str] | None,
+    checks: list[_Check],
 ) -> Any:
-    """The value in the like's dtype, when the policy allows; the value itself otherwise."""
+    """The value in the like's dtype, when the policy allows; the value itself otherwise.
+
+    A cast whose values must be checked (`values_checked`: a float narrowing
+    under cast=True) is checked on the host at once, or on devices through
+    `checks`, which the caller reads once every cast is under way.
+    """
     dtype = like.dtype
     vdtype = getattr(value, "dtype", None)
     if vdtype == dtype:
@@ -259,15 +427,23 @@ def _cast_for(
         return value
     if _leaves.is_key_dtype(dtype):
         return value  # same key dtype, or _check_cast raised
+    checked = vdtype is not None and _leaves.values_checked(np.dtype(vdtype), np.dtype(dtype), cast)
     if isinstance(value, jax.Array):
         if _leaves._kind(np.dtype(vdtype)) == "c" and _leaves._kind(np.dtype(dtype)) != "c":
             value = value.real  # cast="unsafe": drop the imaginary part, no warning
+        if checked and value.size:
+            got, overflowed = _checked_cast(np.dtype(dtype))(value)
+            checks.append(_Check(k, value, got, overflowed))
+            return got
         return value.astype(dtype)
     array = np.asarray(value)
     if _leaves._kind(array.dtype) == "c" and _leaves._kind(np.dtype(dtype)) != "c":
         array = np.real(array)
     with np.errstate(invalid="ignore", over="ignore"):  # cast="unsafe" asked for it
-        return array.astype(dtype)
+        got = array.astype(dtype)
+    if checked:
+        _refuse_overflow(array, got, k, name_of)
+    return got
 
 
 def _is_local(value: Any) -> bool:

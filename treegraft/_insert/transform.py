@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from treegraft._errors import GraftError
+from treegraft._insert.sharding import overflow_error, weakly_typed
 from treegraft._parse.paths import Path, render_parts
 from treegraft._plan import GraftPlan, Pair, gathered_spec
 from treegraft._read.source import BoxRequest, ReadRequest, reads_boxes
@@ -128,11 +129,26 @@ def build(p: GraftPlan, pair: Pair, blocks: Blocks, like: Any) -> Any:
         fetch = step.pull(fetch, current)
         current = step.spec(current)[0]
     dtype = _leaves.spec_of(like)[1]
-    return _place_blocks(fetch, like, dtype)
+    path = render_parts(p._target.paths[pair.target])
+    value = _place_blocks(fetch, like, dtype, cast=p.cast, path=path)
+    if getattr(like, "weak_type", False) and isinstance(value, jax.Array):
+        value = weakly_typed(value)  # the target's weak type stays (as `place` keeps it)
+    return value
 
 
-def _place_blocks(fetch: Callable[[tuple[slice, ...]], np.ndarray], like: Any, dtype: Any) -> Any:
-    """Builds a value like `like` from a fetch of its boxes: shard by shard if sharded."""
+def _place_blocks(
+    fetch: Callable[[tuple[slice, ...]], np.ndarray],
+    like: Any,
+    dtype: Any,
+    *,
+    cast: bool | str = False,
+    path: str = "",
+) -> Any:
+    """Builds a value like `like` from a fetch of its boxes: shard by shard if sharded.
+
+    A block cast to the target's dtype under `cast=True` is checked: a finite
+    value made inf is a `MismatchError` naming `path` (`values_checked`).
+    """
     shape: tuple[int, ...] = tuple(getattr(like, "shape", ()))
     whole = tuple(slice(0, d) for d in shape)
 
@@ -140,7 +156,16 @@ def _place_blocks(fetch: Callable[[tuple[slice, ...]], np.ndarray], like: Any, d
         # Fetches return arrays of their own (DESIGN section 12), so a block is
         # copied only to change its dtype.
         value = np.asarray(fetch(box))
-        return value if isinstance(dtype, type) else value.astype(dtype, copy=False)
+        if isinstance(dtype, type) or value.dtype == dtype:
+            return value
+        with np.errstate(invalid="ignore", over="ignore"):  # checked below, or unsafe
+            got = value.astype(dtype, copy=False)
+        if _leaves.values_checked(value.dtype, np.dtype(dtype), cast):
+            found = _leaves.first_overflow(value, got)
+            if found is not None:
+                index = tuple(b.start + i for b, i in zip(box, found[0], strict=True))
+                raise overflow_error(repr(path), value.dtype, got.dtype, index, found[1].item())
+        return got
 
     if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
         sharding = like.sharding

@@ -202,6 +202,12 @@ def check_copies(res: Resolution) -> list[Problem]:
         # Every dtype difference goes through the casting policy (DESIGN section 10).
         tspec, sspec = _leaves.spec_of(tleaf), _leaves.spec_of(sleaf)
         why = _leaves.mismatch(tspec, sspec, cast=inputs.cast)
+        value = ""
+        if why is None and type(sleaf) in _PY_SCALARS and tspec[0] == ():
+            # A Python scalar in memory: its value must fit (docs/design.md
+            # section 4); one from a checkpoint is checked once read.
+            why = _leaves.scalar_mismatch(sleaf, tspec[1], cast=inputs.cast)
+            value = f" = {_short(sleaf)}"
         if why is None:
             continue
         kind = str(why) if why in ("shape", "dtype") else "structure"
@@ -210,7 +216,7 @@ def check_copies(res: Resolution) -> list[Problem]:
             Problem(
                 kind,
                 f"{render_parts(tp)!r} in the state is {_leaves.describe(tspec)}, "
-                f"{render_parts(sp)!r} in the source is {_leaves.describe(sspec)}",
+                f"{render_parts(sp)!r} in the source is {_leaves.describe(sspec)}{value}",
                 target=Path(tp),
                 source=Path(sp),
                 rule=str(rule),
@@ -219,6 +225,15 @@ def check_copies(res: Resolution) -> list[Problem]:
             )
         )
     return out
+
+
+_PY_SCALARS = (bool, int, float, complex)
+
+
+def _short(value: Any) -> str:
+    """A Python scalar's value for a message; a very long int by its first digits."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:12]}... ({len(text.lstrip('-'))} digits)"
 
 
 def check_operations(res: Resolution) -> list[Problem]:

@@ -66,10 +66,12 @@ def plan(
       strict: when False, missing, unexpected and unmatched entries become
         entries of `plan.report` instead of errors. Shape and dtype
         mismatches stay errors.
-      cast: False (dtypes must match), True (numpy 'same_kind' casts only,
-        such as float32 -> bfloat16 or int32 -> float32) or "unsafe" (any
-        cast that can change values, such as float32 -> int8). A rule can
-        cast its own leaves with `tg.cast`.
+      cast: False (dtypes must match), True (numpy 'same_kind' casts that
+        keep values in range, such as float32 -> bfloat16 or int32 ->
+        float32; a float narrowing checks its values for overflow as it
+        casts) or "unsafe" (any cast that can change values, such as float32
+        -> int8 or int32 -> float16). A rule can cast its own leaves with
+        `tg.cast`. A Python scalar source must fit its target by value.
       check_ignores: when False, an ignore pattern that matches nothing is a
         `report` entry, not an error: for callers that split one mapping into
         several grafts and check the patterns over all of them.

@@ -2,13 +2,16 @@
 
 Works on anything with `.shape` and `.dtype` (jax and numpy arrays,
 `jax.ShapeDtypeStruct`, orbax metadata) and on Python scalars, whose dtype is
-their Python type: a Python `int` leaf accepts any scalar integer source.
+their Python type: a Python `int` leaf accepts any scalar integer source. A
+Python scalar source has a value but no dtype: whether it fits a target is a
+question of its value (`scalar_mismatch`), asked where the value is known.
 Typed PRNG key arrays (`jax.random.key`) keep their key dtype (`key<fry>`),
 which numpy cannot interpret: nothing here calls `np.dtype` on it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -29,9 +32,20 @@ __all__ = [
     "is_key_dtype",
     "check_not_traced",
     "CAST_OPTIONS",
+    "scalar_mismatch",
+    "scalar_array",
+    "values_checked",
+    "first_overflow",
 ]
 
 _PY_KINDS = {bool: "b", int: "iu", float: "f", complex: "c"}
+# The dtype a Python scalar type stands for where its range matters (an `int`
+# has no bound, so it is not here).
+_PY_DTYPES = {
+    bool: np.dtype(np.bool_),
+    float: np.dtype(np.float64),
+    complex: np.dtype(np.complex128),
+}
 
 # The values the `cast` option takes (DESIGN section 10).
 CAST_OPTIONS = (False, True, "unsafe")
@@ -91,6 +105,12 @@ def _bits(dtype: Any, kind: str) -> float:
     return float(dtype.itemsize * 8)
 
 
+def _narrower(target: Any, source: Any) -> bool:
+    """Whether a Python float or complex leaf cannot hold every value of a dtype of its kind."""
+    wide = _PY_DTYPES.get(target) if target in (float, complex) else None
+    return wide is not None and isinstance(source, np.dtype) and source.itemsize > wide.itemsize
+
+
 def _same_kind(source: Any, target: Any) -> bool:
     """Whether casting source to target is a numpy `same_kind` cast that keeps range.
 
@@ -117,6 +137,253 @@ def _norm(kind: str) -> str:
 
 def _numeric(kind: str) -> bool:
     return kind in ("b", "u", "i", "f", "c", "iu")
+
+
+
+def _component(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The float dtype of a complex dtype's parts; a float dtype itself."""
+    return np.empty((), dtype).real.dtype if dtype.kind == "c" else dtype
+
+
+@functools.cache
+def _float_facts(dtype: np.dtype[Any]) -> tuple[float, bool, bool, bool]:
+    """(largest finite value, holds inf, holds NaN, holds 0 and -1) of a float dtype.
+
+    Probed by casting, since the ml_dtypes formats differ: float8_e4m3fn has no
+    inf (inf becomes NaN), float4_e2m1fn neither inf nor NaN (inf becomes 6,
+    NaN -0), float8_e8m0fnu neither 0 nor negative numbers (both become NaN).
+    """
+    import ml_dtypes
+
+    with np.errstate(all="ignore"):
+        probe = np.array([np.inf, np.nan, 0.0, -1.0]).astype(dtype).astype(np.float64)
+    return (
+        float(ml_dtypes.finfo(dtype).max),  # inf for a longdouble beyond float64
+        bool(np.isposinf(probe[0])),
+        bool(np.isnan(probe[1])),
+        bool(probe[2] == 0 and probe[3] == -1),
+    )
+
+
+def _range(source: Any, target: Any) -> str:
+    """What a `same_kind` cast does to the range of values (DESIGN section 10).
+
+    "kept": every source value has a finite value of the target (a precision
+    change at most). "checked": values beyond the target's range become inf,
+    which the cast checks for (float32 to float16 or bfloat16, float64 to
+    float32), so no inf comes out of a finite value. "lost": values change
+    beyond rounding, silently: an int range wider than the float's (int32 to
+    float16), a narrow float format without inf (float32 to float8_e4m3fn
+    gives NaN, to float4_e2m1fn saturates), any float8 narrowing, a target
+    without zero or negative numbers (float8_e8m0fnu). Int and bool targets
+    are decided by `_same_kind`.
+    """
+    kt = _norm(_kind(target))
+    if kt not in "fc":
+        return "kept"
+    if isinstance(source, type) and source is not bool:
+        return "checked"  # a Python scalar: its value is checked where it is known
+    tdtype = _component(_PY_DTYPES.get(target, target))
+    tmax, _, _, signed = _float_facts(tdtype)
+    if not signed:
+        return "lost"
+    ks = _norm(_kind(source))
+    if ks == "b":
+        return "kept"
+    if ks in "ui":
+        info = jax.numpy.iinfo(source)
+        return "kept" if max(int(info.max), -int(info.min)) <= tmax else "lost"
+    sdtype = _component(_PY_DTYPES.get(source, source))
+    if sdtype == tdtype:
+        return "kept"
+    smax, sinf, snan, _ = _float_facts(sdtype)
+    tmax, tinf, tnan, _ = _float_facts(tdtype)
+    if smax <= tmax and (tinf or not sinf) and (tnan or not snan):
+        return "kept"
+    # An overflow is seen as an inf only where the format has one; the 8-bit
+    # and narrower formats hold unscaled values badly even with one.
+    if tdtype.itemsize >= 2 and tinf and tnan:
+        return "checked"
+    return "lost"
+
+
+def _lost_reason(source: Any, target: Any) -> str:
+    """Why `_range` says "lost", in a few words."""
+    tdtype = _component(_PY_DTYPES.get(target, target))
+    tmax, tinf, tnan, signed = _float_facts(tdtype)
+    if not signed:
+        return f"{_name(target)} holds neither 0 nor negative numbers (they become NaN)"
+    lacks = [name for name, held in (("inf", tinf), ("NaN", tnan)) if not held]
+    missing = f", no {' or '.join(lacks)}" if lacks else ""
+    return f"{_name(target)} holds at most {tmax:g}{missing}: values can overflow"
+
+
+def values_checked(source: Any, target: Any, cast: bool | str) -> bool:
+    """Whether a cast of arrays from source to target must check its values for overflow.
+
+    True for the `cast=True` casts that `_range` calls "checked": float32 to
+    bfloat16 or float16, float64 to float32. The cast then refuses a finite
+    value that became inf (`first_overflow`).
+    """
+    if cast == "unsafe" or not cast or source == target:
+        return False
+    return _values_checked(source, target)
+
+
+@functools.lru_cache(maxsize=1024)
+def _values_checked(source: Any, target: Any) -> bool:
+    if not (isinstance(source, np.dtype) and isinstance(target, np.dtype | type)):
+        return False
+    if is_key_dtype(source) or is_key_dtype(target):
+        return False
+    return _same_kind(source, target) and _range(source, target) == "checked"
+
+
+def first_overflow(source: Any, result: Any) -> tuple[tuple[int, ...], Any] | None:
+    """The first element a cast turned from finite to inf or NaN, or None.
+
+    Args:
+      source: the values before the cast (numpy).
+      result: the same values after it (numpy, same shape).
+
+    Returns:
+      `(index, source value)` of the first such element, or None.
+    """
+    source, result = np.asarray(source), np.asarray(result)
+    with np.errstate(all="ignore"):
+        if source.dtype.kind == "f" and _kind(result.dtype) == "f":
+            # Fast path: only a value beyond the target's largest can overflow,
+            # and numpy compares float32 fast (isfinite on bfloat16 is slow).
+            if not (np.abs(source) > _float_facts(result.dtype)[0]).any():
+                return None
+        bad = np.isfinite(source) & ~np.isfinite(result)
+    if not bad.any():
+        return None
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    return index, source[index]
+
+
+def _value_name(value: Any) -> str:
+    """`the Python int 300`; a very long int by its first digits and length."""
+    text = repr(value)
+    if len(text) > 40:
+        text = f"{text[:12]}... ({len(text.lstrip('-'))} digits)"
+    return f"the Python {type(value).__name__} {text}"
+
+
+def _as_float(value: Any, kind: str) -> complex | float | None:
+    """value as a Python float (complex for a complex target), None if too large."""
+    try:
+        return complex(value) if kind == "c" else float(value)
+    except OverflowError:  # an int beyond float's range (2**1024 and more)
+        return None
+
+
+def scalar_mismatch(value: Any, target: Any, *, cast: bool | str = False) -> Mismatch | None:
+    """Why a Python scalar source value cannot fill a leaf of dtype target, or None.
+
+    A Python scalar has no dtype: its value decides (DESIGN section 4, "shape
+    and dtype must match exactly"). With `cast=False` it fills a leaf of its
+    kind (an `int` an int or uint dtype, a `float` a float dtype) that holds
+    the value exactly: 300 does not fit int8, -1 no uint dtype, 2**40 not
+    int32, 0.1 not float32 (0.5 does). With `cast=True` it also takes the
+    `same_kind` casts of arrays (an `int` into a float dtype) and rounds to
+    the nearest value, but never to inf or NaN: 1e10 does not fit float16, 0
+    not float8_e8m0fnu. With `cast="unsafe"` any number fits (ints wrap, as
+    numpy's casts do). A Python scalar leaf takes a value of its own type (a
+    Python `float` leaf an `int` under `cast=True`, if a float holds it).
+
+    Args:
+      value: a `bool`, `int`, `float` or `complex`.
+      target: the target leaf's dtype (a numpy dtype or a Python type).
+      cast: False, True or "unsafe".
+
+    Returns:
+      None, or a "dtype" `Mismatch` whose detail says why and what to do.
+    """
+    why = mismatch(((), target), ((), type(value)), cast=cast)
+    if why is not None or cast == "unsafe":
+        return why
+    shown = _value_name(value)
+    if isinstance(target, type):
+        # A Python scalar leaf: only an int too large for a float is out of range.
+        if target in (float, complex) and _as_float(value, "f") is None:
+            return Mismatch("dtype", f"{shown} is beyond the range of a Python {target.__name__}")
+        return None
+    kind = _norm(_kind(target))
+    if kind == "b":
+        return None  # a bool, or cast said the kind may change
+    if kind in "ui":
+        info = jax.numpy.iinfo(target)
+        if int(info.min) <= int(value) <= int(info.max):
+            return None
+        return Mismatch(
+            "dtype",
+            f"{shown} is outside the range of {_name(target)} ({info.min} to {info.max}): "
+            "make the state leaf a dtype that holds it, or pass cast='unsafe' to wrap it",
+        )
+    number = _as_float(value, kind)
+    if number is None:
+        return Mismatch("dtype", f"{shown} is beyond the range of any float; "
+                        "make the state leaf an int, or pass cast='unsafe'")
+    with np.errstate(all="ignore"):
+        got = np.array(number).astype(target).astype(np.complex128 if kind == "c" else np.float64)
+    tmax, tinf, _, _ = _float_facts(_component(target))
+    pairs: list[tuple[float, float]] = (
+        [(number.real, float(got.real)), (number.imag, float(got.imag))]
+        if kind == "c"
+        else [(float(number.real), float(got))]
+    )
+    inexact = False
+    for want, have in pairs:
+        if math.isnan(want):
+            ok = math.isnan(have)
+        elif math.isinf(want):
+            ok = have == want
+        else:
+            ok = math.isfinite(have) and (tinf or abs(want) <= tmax)
+            inexact = inexact or have != want
+        if not ok:
+            shown_got = complex(got) if kind == "c" else float(got)
+            return Mismatch(
+                "dtype",
+                f"{shown} does not fit {_name(target)} (it would be {shown_got!r}); make the "
+                "state leaf a dtype that holds it, or pass cast='unsafe'",
+            )
+    if inexact and not cast:
+        return Mismatch(
+            "dtype",
+            f"{shown} is not exactly a {_name(target)} value (it would be "
+            f"{complex(got) if kind == 'c' else float(got)!r}); pass cast=True to round it",
+        )
+    return None
+
+
+def scalar_array(value: Any, dtype: Any) -> np.ndarray:
+    """A Python scalar as a 0-d numpy array of dtype, cast as `cast='unsafe'` would.
+
+    Call it once `scalar_mismatch` has allowed the value. Ints outside the
+    dtype wrap around, as numpy's array casts do (numpy itself raises
+    OverflowError for them); an int beyond float's range becomes inf; a
+    complex loses its imaginary part in a real dtype.
+    """
+    dtype = np.dtype(dtype)
+    kind = _norm(_kind(dtype))
+    if isinstance(value, complex) and kind != "c":
+        value = value.real
+    if kind in "ui" and isinstance(value, int):
+        info = jax.numpy.iinfo(dtype)
+        value = int(value)
+        if not int(info.min) <= value <= int(info.max):
+            span = 1 << int(info.bits)
+            value %= span
+            if value > int(info.max):
+                value -= span
+    elif kind in "fc" and isinstance(value, int) and not isinstance(value, bool):
+        number = _as_float(value, "f")
+        value = (math.inf if value > 0 else -math.inf) if number is None else number
+    with np.errstate(all="ignore"):
+        return np.array(value).astype(dtype)
 
 
 class Mismatch(str):
@@ -149,12 +416,17 @@ def mismatch(target: Spec, source: Spec, *, cast: bool | str = False) -> Mismatc
     """Why a source leaf cannot fill a target leaf, or None when it can.
 
     The casting policy (DESIGN section 10): `cast=False` allows no dtype
-    change (beyond a Python scalar meeting a dtype of its kind); `cast=True`
+    change (beyond a Python scalar meeting a dtype of its kind; a Python
+    scalar source's value is checked by `scalar_mismatch`); `cast=True`
     allows `same_kind` casts that keep every value in range (float32 to
-    bfloat16, int32 to float32, int8 to int32); anything that can change values
-    (float to int, a narrower int, int to uint, complex to real) needs
-    `cast="unsafe"`. Object and string arrays, and PRNG key arrays of another
-    implementation or against plain arrays, are never cast.
+    bfloat16, int32 to float32, int8 to int32), where a float narrowing
+    (float32 to bfloat16 or float16, float64 to float32) checks its values
+    as it casts (`values_checked`); anything that can change values (float
+    to int, a narrower int, int to uint, complex to real, an int range wider
+    than the float's such as int32 to float16, a float into an 8-bit or
+    narrower float, anything into float8_e8m0fnu) needs `cast="unsafe"`.
+    Object and string arrays, and PRNG key arrays of another implementation
+    or against plain arrays, are never cast.
 
     Args:
       target: `(shape, dtype)` of the target leaf.
@@ -188,10 +460,23 @@ def mismatch(target: Spec, source: Spec, *, cast: bool | str = False) -> Mismatc
         return Mismatch("dtype", f"{_name(sdtype)} -> {_name(tdtype)}: {why}")
     if tdtype == sdtype:
         return None
+    return _dtype_mismatch(tdtype, sdtype, cast)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dtype_mismatch(tdtype: Any, sdtype: Any, cast: bool | str) -> Mismatch | None:
+    """The dtype half of `mismatch`, for two different plain dtypes (cached per pair).
+
+    Computed once per pair of dtypes: a graft of 50,000 leaves asks for a
+    few pairs, 100,000 times.
+    """
     tk, sk = _kind(tdtype), _kind(sdtype)
     if isinstance(tdtype, type) or isinstance(sdtype, type):
-        # A Python scalar on either side: any dtype of the same kind fits.
-        if tk and sk and (sk in tk or tk in sk):
+        # A Python scalar on either side: a dtype of the same kind fits (a
+        # Python scalar source by value: `scalar_mismatch`), unless the Python
+        # leaf cannot hold every value of the source dtype (a longdouble in a
+        # Python float, which is a float64).
+        if tk and sk and (sk in tk or tk in sk) and not _narrower(tdtype, sdtype):
             return None
     arrow = f"{_name(sdtype)} -> {_name(tdtype)}"
     if not (_numeric(tk) and _numeric(sk)):
@@ -199,7 +484,13 @@ def mismatch(target: Spec, source: Spec, *, cast: bool | str = False) -> Mismatc
             "dtype", f"{arrow}: only numeric arrays are cast (object and string arrays never are)"
         )
     safe = _same_kind(sdtype, tdtype)
-    if cast == "unsafe" or (safe and not isinstance(cast, str) and bool(cast)):
+    if cast == "unsafe":
+        return None
+    if safe and _range(sdtype, tdtype) == "lost":
+        return Mismatch(
+            "dtype", f"{arrow}: {_lost_reason(sdtype, tdtype)}; pass cast='unsafe'"
+        )
+    if safe and not isinstance(cast, str) and bool(cast):
         return None
     if safe:
         return Mismatch("dtype", f"{arrow}: casting is never implicit; pass cast=True")
