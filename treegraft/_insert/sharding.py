@@ -10,6 +10,7 @@ own (DESIGN section 12); `propagate_sharding` is a placement utility like
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -136,6 +137,17 @@ def place(
                 # jax keeps the source's buffer as one shard of a resharded array
                 # (one device to replicated), even with may_alias=False.
                 got = _copy(got)
+            elif (
+                not isinstance(value, jax.Array)
+                and _on_cpu(sharding)
+                and _has_replicas(sharding, np.shape(value))
+                and _shares_buffers(got)
+            ):
+                # jax's CPU client adopts an aligned host block's memory as the
+                # buffer of every device that holds that block, so replicas would
+                # share one buffer (docs/design.md section 12); whether it adopts
+                # depends on where the host copy happened to land.
+                got = _copy(got)
             out[k] = got
     # The other uses of a value placed once: device-to-device copies of the first
     # result. One batch per round, so that no batch holds the same input twice
@@ -201,6 +213,32 @@ def _chunk_copier(sharding: Any) -> Any:
 
 def _on_cpu(sharding: Any) -> bool:
     return any(d.platform == "cpu" for d in sharding.device_set)
+
+
+def _has_replicas(sharding: Any, shape: tuple[int, ...]) -> bool:
+    """Whether several devices of sharding hold the same block of an array of shape."""
+    devices = len(sharding.device_set)
+    if devices == 1:
+        return False
+    if sharding.is_fully_replicated:
+        return True
+    try:
+        shard = sharding.shard_shape(shape)
+    except Exception:  # noqa: BLE001 (a sharding jax cannot say: assume replicas, and check)
+        return True
+    blocks = math.prod(-(-d // b) for d, b in zip(shape, shard, strict=True) if b)
+    return blocks < devices
+
+
+def _shares_buffers(x: jax.Array) -> bool:
+    """Whether two addressable shards of x have the same device buffer."""
+    pointers = []
+    for shard in x.addressable_shards:
+        try:
+            pointers.append(shard.data.unsafe_buffer_pointer())
+        except Exception:  # noqa: BLE001 (a backend without pointers: nothing to compare)
+            return False
+    return len(set(pointers)) < len(pointers)
 
 
 def _copy(x: jax.Array) -> jax.Array:
