@@ -338,3 +338,16 @@ def test_every_shard_of_every_grafted_leaf_owns_its_buffer(tmp_path, kind, spec)
     shared = len(pointers) - len(set(pointers))
     assert shared == 0, f"{shared} shard buffers shared between shards of grafted leaves"
     assert not set(pointers) & set(source_buffers)
+
+
+def test_many_replicated_numpy_leaves_own_their_buffers():
+    # 300 leaves alike: the copies of shared buffers go by compiled chunks of 256
+    # and one batch for the rest.
+    sharding = NamedSharding(mesh(), P())
+    source = {f"w{k}": np.full((8, 16), k, np.float32) for k in range(300)}
+    state = {k: jax.ShapeDtypeStruct((8, 16), np.float32, sharding=sharding) for k in source}
+    got = tg.graft(state, source, {"*": "*"})
+    assert_same_values({k: np.asarray(v) for k, v in got.items()}, source)
+    pointers = [p for leaf in got.values() for p in buffer_pointers(leaf)]
+    assert len(set(pointers)) == len(pointers) == 8 * 300
+    assert not set(pointers) & {a.ctypes.data for a in source.values()}

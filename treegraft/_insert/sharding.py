@@ -128,6 +128,7 @@ def place(
         placed = jax.device_put(
             [v for _, v, _ in puts], [sh for _, _, sh in puts], may_alias=[False] * len(puts)
         )
+        shared: list[int] = []  # host values whose replicas got one buffer
         for (k, value, sharding), got in zip(puts, placed, strict=True):
             if (
                 isinstance(value, jax.Array)
@@ -147,8 +148,21 @@ def place(
                 # buffer of every device that holds that block, so replicas would
                 # share one buffer (docs/design.md section 12); whether it adopts
                 # depends on where the host copy happened to land.
-                got = _copy(got)
+                shared.append(k)
             out[k] = got
+        if shared:
+            # Copies onto the same sharding, every shard into a new buffer of its
+            # own: compiled by chunks where many are alike, the rest in one batch
+            # (one _copy per leaf cost 6x the put).
+            rest = _copy_in_chunks([(k, out[k], out[k].sharding) for k in shared], out)
+            if rest:
+                fixed = jax.device_put(
+                    [v for _, v, _ in rest],
+                    [sh for _, _, sh in rest],
+                    may_alias=[False] * len(rest),
+                )
+                for (k, _, _), got in zip(rest, fixed, strict=True):
+                    out[k] = got
     # The other uses of a value placed once: device-to-device copies of the first
     # result. One batch per round, so that no batch holds the same input twice
     # (a batched device_put gives equal inputs one shared buffer).
@@ -232,6 +246,7 @@ def _has_replicas(sharding: Any, shape: tuple[int, ...]) -> bool:
 
 def _shares_buffers(x: jax.Array) -> bool:
     """Whether two addressable shards of x have the same device buffer."""
+    # Not addressable_data(i): on a fully replicated array it is always shard 0.
     pointers = []
     for shard in x.addressable_shards:
         try:
