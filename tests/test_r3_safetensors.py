@@ -10,9 +10,9 @@ Proves that:
   can be, 5000-digit integers and deep nesting are typed `CheckpointError`s;
 - a tensor name of 1200 dot segments leaves the file's other tensors usable;
 - every shard of every grafted leaf owns its buffer (docs/design.md section
-  12), for in-memory numpy (at several alignments) and jax sources, orbax
-  checkpoints and safetensors files, replicated, half-replicated and fully
-  sharded.
+  12), for in-memory numpy (at several alignments) and jax sources (on the
+  target's sharding, or resharded onto it), orbax checkpoints and safetensors
+  files, replicated, half-replicated and fully sharded.
 
 The hostile files are written by hand: 8-byte length, JSON bytes, data.
 """
@@ -311,6 +311,11 @@ def make_source(kind: str, tmp_path, arrays, sharding):
     if kind == "jax":
         placed = {k: jax.device_put(v, sharding) for k, v in arrays.items()}
         return placed, [p for v in placed.values() for p in buffer_pointers(v)]
+    if kind == "jax-resharded":
+        # On another sharding: the graft reshards them onto the target's.
+        other = NamedSharding(mesh(), P("b"))
+        placed = {k: jax.device_put(v, other) for k, v in arrays.items()}
+        return placed, [p for v in placed.values() for p in buffer_pointers(v)]
     if kind == "orbax":
         path = tmp_path / "orbax"
         with ocp.StandardCheckpointer() as ckptr:
@@ -323,7 +328,7 @@ def make_source(kind: str, tmp_path, arrays, sharding):
 
 
 @pytest.mark.parametrize("spec", list(SHARDINGS))
-@pytest.mark.parametrize("kind", ["numpy", "jax", "orbax", "safetensors"])
+@pytest.mark.parametrize("kind", ["numpy", "jax", "jax-resharded", "orbax", "safetensors"])
 def test_every_shard_of_every_grafted_leaf_owns_its_buffer(tmp_path, kind, spec):
     sharding = NamedSharding(mesh(), SHARDINGS[spec])
     arrays = source_arrays()

@@ -128,7 +128,7 @@ def place(
         placed = jax.device_put(
             [v for _, v, _ in puts], [sh for _, _, sh in puts], may_alias=[False] * len(puts)
         )
-        shared: list[int] = []  # host values whose replicas got one buffer
+        shared: list[int] = []  # values whose replicas got one buffer
         for (k, value, sharding), got in zip(puts, placed, strict=True):
             if (
                 isinstance(value, jax.Array)
@@ -138,16 +138,16 @@ def place(
                 # jax keeps the source's buffer as one shard of a resharded array
                 # (one device to replicated), even with may_alias=False.
                 got = _copy(got)
-            elif (
-                not isinstance(value, jax.Array)
-                and _on_cpu(sharding)
+            if (
+                _on_cpu(sharding)
                 and _has_replicas(sharding, np.shape(value))
                 and _shares_buffers(got)
             ):
-                # jax's CPU client adopts an aligned host block's memory as the
-                # buffer of every device that holds that block, so replicas would
-                # share one buffer (docs/design.md section 12); whether it adopts
-                # depends on where the host copy happened to land.
+                # Replicas sharing one buffer (docs/design.md section 12): jax's
+                # CPU client adopts an aligned host block's memory as the buffer
+                # of every device that holds that block (whether it adopts depends
+                # on where the host copy happened to land), and resharding a
+                # jax.Array onto replicas (P('b') to P()) shares buffers too.
                 shared.append(k)
             out[k] = got
         if shared:
