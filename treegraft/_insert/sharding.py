@@ -10,6 +10,7 @@ own (DESIGN section 12); `propagate_sharding` is a placement utility like
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -137,6 +138,7 @@ def place(
         placed = jax.device_put(
             [v for _, v, _ in puts], [sh for _, _, sh in puts], may_alias=[False] * len(puts)
         )
+        shared: list[int] = []  # values whose replicas got one buffer
         for (k, value, sharding), got in zip(puts, placed, strict=True):
             if (
                 isinstance(value, jax.Array)
@@ -146,7 +148,31 @@ def place(
                 # jax keeps the source's buffer as one shard of a resharded array
                 # (one device to replicated), even with may_alias=False.
                 got = _copy(got)
+            if (
+                _on_cpu(sharding)
+                and _has_replicas(sharding, np.shape(value))
+                and _shares_buffers(got)
+            ):
+                # Replicas sharing one buffer (docs/design.md section 12): jax's
+                # CPU client adopts an aligned host block's memory as the buffer
+                # of every device that holds that block (whether it adopts depends
+                # on where the host copy happened to land), and resharding a
+                # jax.Array onto replicas (P('b') to P()) shares buffers too.
+                shared.append(k)
             out[k] = got
+        if shared:
+            # Copies onto the same sharding, every shard into a new buffer of its
+            # own: compiled by chunks where many are alike, the rest in one batch
+            # (one _copy per leaf cost 6x the put).
+            rest = _copy_in_chunks([(k, out[k], out[k].sharding) for k in shared], out)
+            if rest:
+                fixed = jax.device_put(
+                    [v for _, v, _ in rest],
+                    [sh for _, _, sh in rest],
+                    may_alias=[False] * len(rest),
+                )
+                for (k, _, _), got in zip(rest, fixed, strict=True):
+                    out[k] = got
     # The other uses of a value placed once: device-to-device copies of the first
     # result. One batch per round, so that no batch holds the same input twice
     # (a batched device_put gives equal inputs one shared buffer).
@@ -359,6 +385,33 @@ def _chunk_copier(sharding: Any) -> Any:
 
 def _on_cpu(sharding: Any) -> bool:
     return any(d.platform == "cpu" for d in sharding.device_set)
+
+
+def _has_replicas(sharding: Any, shape: tuple[int, ...]) -> bool:
+    """Whether several devices of sharding hold the same block of an array of shape."""
+    devices = len(sharding.device_set)
+    if devices == 1:
+        return False
+    if sharding.is_fully_replicated:
+        return True
+    try:
+        shard = sharding.shard_shape(shape)
+    except Exception:  # noqa: BLE001 (a sharding jax cannot say: assume replicas, and check)
+        return True
+    blocks = math.prod(-(-d // b) for d, b in zip(shape, shard, strict=True) if b)
+    return blocks < devices
+
+
+def _shares_buffers(x: jax.Array) -> bool:
+    """Whether two addressable shards of x have the same device buffer."""
+    # Not addressable_data(i): on a fully replicated array it is always shard 0.
+    pointers = []
+    for shard in x.addressable_shards:
+        try:
+            pointers.append(shard.data.unsafe_buffer_pointer())
+        except Exception:  # noqa: BLE001 (a backend without pointers: nothing to compare)
+            return False
+    return len(set(pointers)) < len(pointers)
 
 
 def _copy(x: jax.Array) -> jax.Array:

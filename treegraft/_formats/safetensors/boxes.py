@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from treegraft._errors import GraftError
 from treegraft._formats.safetensors.header import TensorInfo
 
-__all__ = ["Box", "box_of", "check_box", "covering", "full_box", "merge", "nbytes"]
+__all__ = [
+    "Box",
+    "box_of",
+    "check_box",
+    "covering",
+    "first_bad_bool",
+    "full_box",
+    "merge",
+    "nbytes",
+]
 
 Box = tuple[tuple[int, int], ...]  # (start, stop) per axis
 
@@ -62,7 +73,10 @@ def covering(info: TensorInfo, box: Box) -> tuple[int, int, tuple[int, ...], tup
     shape = info.shape
     itemsize = info.dtype.itemsize
     if not shape:
-        return info.begin, info.end, (), ()
+        # One element viewed as [1] and sliced, not indexed by (): indexing a
+        # 0-d array gives a numpy scalar, which keeps no stored byte as it is
+        # (a BOOL byte 255 would become True before it could be checked).
+        return info.begin, info.end, (1,), (slice(None),)
     if any(stop == start for start, stop in box):
         return info.begin, info.begin, (0,), (slice(None),)
     strides = [math.prod(shape[k + 1 :]) for k in range(len(shape))]
@@ -108,3 +122,30 @@ def merge(
 
 def nbytes(shape: tuple[int, ...], info: TensorInfo) -> int:
     return math.prod(shape) * info.dtype.itemsize
+
+
+def first_bad_bool(info: TensorInfo, pieces: Mapping[Box, np.ndarray]) -> tuple[int, int] | None:
+    """The first byte of a BOOL tensor's pieces that is neither 0 nor 1, if any.
+
+    numpy keeps such a byte as it is in a bool array, which then disagrees
+    with itself (shown True, yet `x == True` is False and `x.sum()` counts
+    the byte's value).
+
+    Returns:
+      `(offset in the file, byte value)` of the lowest such byte over all
+      pieces, or None when every byte is 0 or 1.
+    """
+    first: tuple[int, int] | None = None
+    for box, piece in pieces.items():
+        raw = np.ascontiguousarray(piece).view(np.uint8)
+        bad = np.flatnonzero(raw > 1)
+        if not bad.size:
+            continue
+        # The element's index in the piece, then in the whole tensor.
+        where = np.unravel_index(int(bad[0]), piece.shape) if piece.shape else ()
+        index = tuple(start + int(k) for (start, _), k in zip(box, where, strict=True))
+        flat = int(np.ravel_multi_index(index, info.shape)) if info.shape else 0
+        found = (info.begin + flat, int(raw.reshape(-1)[bad[0]]))
+        if first is None or found < first:
+            first = found
+    return first

@@ -355,12 +355,24 @@ def _close_fds(fds: dict[str, int]) -> None:
 
 
 def assemble(info: TensorInfo, sharding: Any, pieces: dict[Box, np.ndarray]) -> jax.Array:
-    """A jax.Array in sharding whose every device shard is its piece."""
+    """A jax.Array in sharding whose every device shard is its piece, in a buffer of its own.
 
-    def shard(index: tuple[slice, ...] | None) -> np.ndarray:
-        return pieces[box_of(index or (), info.shape)]
-
-    return jax.make_array_from_callback(info.shape, sharding, shard, dtype=info.dtype)
+    A piece held by several devices (a replicated axis) is copied for each
+    after the first: jax's CPU client adopts an aligned host array's memory
+    as the device buffer, so one piece put on several devices would give them
+    one shared buffer (docs/design.md section 12), and
+    `jax.make_array_from_callback` hands a replicated sharding one host value.
+    """
+    used: set[int] = set()
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(info.shape).items():
+        piece = pieces[box_of(index or (), info.shape)]
+        if id(piece) in used:
+            piece = piece.copy()
+        else:
+            used.add(id(piece))
+        arrays.append(jax.device_put(piece, device, may_alias=False))
+    return jax.make_array_from_single_device_arrays(info.shape, sharding, arrays)
 
 
 def _aligned(n: int, align: int = 64) -> np.ndarray:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,14 @@ INDEX_NAME = "model.safetensors.index.json"
 # safetensors itself refuses headers above 100 MB; a larger length means the
 # file is not a safetensors file (or its first 8 bytes are damaged).
 MAX_HEADER = 100_000_000
+# The largest file offset (and axis length) there can be: file offsets are
+# signed 64-bit integers. safetensors writes its offsets as u64.
+MAX_OFFSET = 2**63 - 1
+# Digits of the longest integer a header or index holds as a number: 2**64 has
+# 20. Python refuses to parse integers of more than 4300 digits (ValueError).
+_MAX_DIGITS = 20
+# numpy's (and so jax's) limit on the number of axes of an array.
+_MAX_AXES = 64
 
 # The dtypes safetensors writes, with the names jax and ml_dtypes give them.
 DTYPES: dict[str, np.dtype] = {
@@ -256,10 +265,7 @@ def _read_index(
     raw = read_result(kv.read(index), index, location, "the index")
     folder = str(location)
     where = file_path(folder, index)
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{where} is not valid JSON: {e}") from e
+    doc = load_json(raw, where)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -309,17 +315,17 @@ def _parse_header(
     raw: bytes, file: str, folder: str, data_start: int
 ) -> tuple[list[TensorInfo], dict[str, str]]:
     where = file_path(folder, file)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"the header of {where} is not valid JSON: {e}") from e
+    header = load_json(raw, f"the header of {where}")
     if not isinstance(header, dict):
         raise CheckpointError(
             f"the header of {where} is a JSON {type(header).__name__}, not an object of tensors"
         )
     meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"the __metadata__ of {where} is not a JSON object of strings")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        # safetensors refuses other values too (its metadata is string -> string).
+        raise CheckpointError(
+            f"the __metadata__ of {where} is not a JSON object of strings: got {_short(meta)}"
+        )
     infos = []
     for name, entry in header.items():
         infos.append(tensor_info(name, entry, file, where, data_start))
@@ -331,7 +337,7 @@ def _parse_header(
                 f"{prev.end - data_start}) and {nxt.name!r} (bytes {nxt.begin - data_start}.."
                 f"{nxt.end - data_start}) overlap"
             )
-    return infos, {str(k): str(v) for k, v in meta.items()}
+    return infos, dict(meta)
 
 
 def tensor_info(name: str, entry: Any, file: str, where: str, data_start: int) -> TensorInfo:
@@ -344,17 +350,28 @@ def tensor_info(name: str, entry: Any, file: str, where: str, data_start: int) -
         return CheckpointError(f"tensor {name!r} in the header of {where}: {why}")
 
     if not isinstance(entry, dict):
-        raise bad(f"expected an object with dtype, shape and data_offsets, got {entry!r:.80}")
+        raise bad(
+            f"expected an object with dtype, shape and data_offsets, got {_short(entry)}"
+        )
     code = entry.get("dtype")
+    if not isinstance(code, str):
+        raise bad(f"dtype must be a string such as 'F32', got {_short(code)}")
     if code not in DTYPES:
         raise bad(
-            f"unknown dtype {code!r}; treegraft reads {', '.join(DTYPES)} (upgrade treegraft "
+            f"unknown dtype {_short(code)}; treegraft reads {', '.join(DTYPES)} (upgrade treegraft "
             "if the file was written by a newer safetensors)"
         )
     dtype = DTYPES[code]
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad(f"shape must be a list of non-negative ints, got {shape!r:.80}")
+    if not isinstance(shape, list) or not all(
+        type(d) is int and 0 <= d <= MAX_OFFSET for d in shape
+    ):
+        raise bad(f"shape must be a list of non-negative ints, got {_short(shape)}")
+    if len(shape) > _MAX_AXES:
+        raise bad(f"shape has {len(shape)} axes; numpy and jax hold at most {_MAX_AXES}")
+    if math.prod(d for d in shape if d) > MAX_OFFSET:
+        # An empty axis makes it 0 bytes, but no array library takes such a shape.
+        raise bad(f"shape {_short(shape)} has more elements than any array can (2**63 - 1)")
     offsets = entry.get("data_offsets")
     if (
         not isinstance(offsets, list)
@@ -362,7 +379,14 @@ def tensor_info(name: str, entry: Any, file: str, where: str, data_start: int) -
         or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise bad(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r:.80}")
+        raise bad(
+            f"data_offsets must be [begin, end] with 0 <= begin <= end, got {_short(offsets)}"
+        )
+    if data_start + offsets[1] > MAX_OFFSET:
+        raise bad(
+            f"data_offsets {_short(offsets)} end beyond the largest offset a file can have "
+            f"(2**63 - 1 bytes)"
+        )
     needed = math.prod(shape) * dtype.itemsize
     if offsets[1] - offsets[0] != needed:
         dims = ", ".join(map(str, shape))
@@ -373,3 +397,88 @@ def tensor_info(name: str, entry: Any, file: str, where: str, data_start: int) -
     return TensorInfo(
         name, tuple(shape), dtype, file, data_start + offsets[0], data_start + offsets[1]
     )
+
+
+class _DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (raised inside json.loads)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+class _LongIntegerError(ValueError):
+    """A JSON integer has more digits than any size or offset (raised inside json.loads)."""
+
+    def __init__(self, digits: int):
+        super().__init__(digits)
+        self.digits = digits
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key that appears twice.
+
+    A plain `json.loads` keeps the last of two equal keys, so two entries for
+    one tensor would silently read one of them; safetensors refuses the file.
+    """
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+def _bounded_int(text: str) -> int:
+    """A JSON integer, refused when longer than any size or offset can be."""
+    digits = len(text.lstrip("-"))
+    if digits > _MAX_DIGITS:
+        raise _LongIntegerError(digits)
+    return int(text)
+
+
+def load_json(raw: bytes, what: str) -> Any:
+    """Parses a header or index, or raises a CheckpointError saying what is wrong.
+
+    Refuses what `json.loads` accepts but safetensors does not (a key twice in
+    one object), and turns what `json.loads` raises untyped (an integer of
+    more than 4300 digits, nesting deeper than the recursion limit) into
+    typed errors.
+
+    Args:
+      raw: the bytes of the JSON document.
+      what: how messages name the document ("the header of <file>").
+
+    Raises:
+      CheckpointError: the bytes are not the JSON of one document, as above.
+    """
+    try:
+        return json.loads(raw, object_pairs_hook=_unique_keys, parse_int=_bounded_int)
+    except _DuplicateKeyError as e:
+        raise CheckpointError(
+            f"{what} names {e.key!r} twice in one JSON object; safetensors refuses such a "
+            "file (a JSON parser would keep one of the two silently): re-save or re-download it"
+        ) from None
+    except _LongIntegerError as e:
+        raise CheckpointError(
+            f"{what} holds an integer of {e.digits} digits; a size or offset has at most "
+            f"{_MAX_DIGITS}: the file is damaged"
+        ) from None
+    except RecursionError:
+        raise CheckpointError(
+            f"{what} nests JSON arrays or objects too deeply to parse (a header or index "
+            "nests 3 levels): the file is damaged"
+        ) from None
+    except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{what} is not valid JSON: {first_line(e)[1]}") from e
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 2
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxdict = 4
+
+
+def _short(value: Any) -> str:
+    """A short repr of a parsed JSON value, however large or deep."""
+    return _REPR.repr(value)

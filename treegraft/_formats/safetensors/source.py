@@ -10,7 +10,7 @@ that overlap are read once (`files`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -23,10 +23,17 @@ from treegraft._errors import (
     PathNotFoundError,
     suggest,
 )
-from treegraft._formats.safetensors.boxes import Box, box_of, check_box, covering, full_box
+from treegraft._formats.safetensors.boxes import (
+    Box,
+    box_of,
+    check_box,
+    covering,
+    first_bad_bool,
+    full_box,
+)
 from treegraft._formats.safetensors.files import Files, assemble
-from treegraft._formats.safetensors.header import INDEX_NAME, TensorInfo, read_headers
-from treegraft._formats.safetensors.tree import build_tree
+from treegraft._formats.safetensors.header import INDEX_NAME, TensorInfo, file_path, read_headers
+from treegraft._formats.safetensors.tree import MAX_DEPTH, build_tree
 from treegraft._parse.paths import Part, Path, parse_path, render_parts
 from treegraft._read.source import ReadRequest, Source
 from treegraft._storage.location import Location
@@ -112,6 +119,7 @@ class SafetensorsCheckpoint(Source):
         self._tree: dict[Any, Any] | None = None
         self._by_parts: dict[tuple[Part, ...], TensorInfo] = {}
         self._by_loose: dict[tuple[Part, ...], TensorInfo] | None = None
+        self._too_deep: dict[tuple[Part, ...], TensorInfo] = {}
         self._file_metadata: dict[str, dict[str, str]] = {}
 
     # -- the Source interface ---------------------------------------------------
@@ -126,7 +134,10 @@ class SafetensorsCheckpoint(Source):
         """The tensors as a tree of nested dicts whose leaves are `TensorInfo`s.
 
         Reads only the headers (and, per file, one byte at the end of its data
-        to check that the file is whole). Cached after the first call.
+        to check that the file is whole). Cached after the first call. A
+        tensor whose name has more than 100 path parts is left out (jax cannot
+        flatten a tree that deep): the other tensors stay usable, and reading
+        that one by its path raises `CheckpointError`.
 
         Raises:
           CheckpointError: a header or the index is damaged; the message names
@@ -138,7 +149,7 @@ class SafetensorsCheckpoint(Source):
                 self._files.check,
             )
             self._files.remember(sorted(generations), generations)
-            self._tree, self._by_parts = build_tree(infos, self.describe())
+            self._tree, self._by_parts, self._too_deep = build_tree(infos, self.describe())
         return self._tree
 
     @property
@@ -179,7 +190,7 @@ class SafetensorsCheckpoint(Source):
                 jobs.append((info, [full_box(info.shape)], None))
         out: list[Any] = []
         for (info, boxes, sharding), pieces in zip(
-            jobs, self._files.fetch([(info, boxes) for info, boxes, _ in jobs]), strict=True
+            jobs, self._fetch([(info, boxes) for info, boxes, _ in jobs]), strict=True
         ):
             if sharding is None:
                 out.append(pieces[boxes[0]])
@@ -213,7 +224,7 @@ class SafetensorsCheckpoint(Source):
                 entry[1].append(box)
             wanted.append((id(info), box))
         keys = list(by_tensor)
-        fetched = dict(zip(keys, self._files.fetch([by_tensor[k] for k in keys]), strict=True))
+        fetched = dict(zip(keys, self._fetch([by_tensor[k] for k in keys]), strict=True))
         out, given = [], set()
         for k, box in wanted:
             piece = fetched[k][box]
@@ -242,6 +253,28 @@ class SafetensorsCheckpoint(Source):
 
     # -- internals --------------------------------------------------------------
 
+    def _fetch(self, jobs: Sequence[tuple[TensorInfo, list[Box]]]) -> Iterator[dict[Box, Any]]:
+        """The files' pieces of each job, with every BOOL byte checked to be 0 or 1.
+
+        Raises:
+          CheckpointError: a BOOL tensor holds another byte, naming the tensor,
+            the file and the offset of the first such byte read.
+        """
+        for (info, _), pieces in zip(jobs, self._files.fetch(jobs), strict=True):
+            if info.dtype == np.bool_ and (bad := first_bad_bool(info, pieces)) is not None:
+                # Refused, not normalised: a reader never changes a value silently.
+                offset, byte = bad
+                element = tuple(int(k) for k in np.unravel_index(offset - info.begin, info.shape))
+                raise CheckpointError(
+                    f"BOOL tensor {info.name!r} in {file_path(self.folder, info.file)} holds the "
+                    f"byte {byte} at file offset {offset} (element {list(element)}); a BOOL "
+                    "byte must be 0 or 1, and any other value gives an array that disagrees "
+                    "with itself. Re-download the file, "
+                    "or re-save the tensor as its bytes compared with 0 (in numpy, "
+                    "`x.view(np.uint8) != 0`)"
+                )
+            yield pieces
+
     def _info(self, path: Path | str) -> TensorInfo:
         self.metadata()
         parts = parse_path(path).parts if isinstance(path, str) else tuple(path.parts)
@@ -251,6 +284,15 @@ class SafetensorsCheckpoint(Source):
             if self._by_loose is None:
                 self._by_loose = {loose(k): v for k, v in self._by_parts.items()}
             info = self._by_loose.get(loose(parts))
+        if info is None and parts in self._too_deep:
+            name = self._too_deep[parts].name
+            shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}..."
+            raise CheckpointError(
+                f"tensor {shown} of {self.describe()} has "
+                f"{len(parts)} path parts; treegraft reads names of at most {MAX_DEPTH} (a tree "
+                "that deep cannot be flattened), so this tensor is left out of the metadata "
+                "and cannot be read. Rename it in the file to read it"
+            )
         if info is None:
             names = [render_parts(k) for k in self._by_parts]
             raise PathNotFoundError(

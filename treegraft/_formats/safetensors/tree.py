@@ -9,7 +9,13 @@ from treegraft._errors import CheckpointError, PathSyntaxError
 from treegraft._formats.safetensors.header import TensorInfo
 from treegraft._parse.paths import Part, parse_path, render_parts
 
-__all__ = ["build_tree", "name_to_parts"]
+__all__ = ["MAX_DEPTH", "build_tree", "name_to_parts"]
+
+# Most path parts a tensor name may have. jax and optree flatten a tree by
+# recursion and fail (RecursionError, or a SystemError from jax) on a tree
+# about 1000 levels deep, so one absurdly long name would make every tensor of
+# the checkpoint unusable; real names have about 10 parts.
+MAX_DEPTH = 100
 
 
 def name_to_parts(name: str) -> tuple[Part, ...]:
@@ -28,14 +34,30 @@ def name_to_parts(name: str) -> tuple[Part, ...]:
 
 def build_tree(
     infos: Sequence[TensorInfo], what: str
-) -> tuple[dict[Any, Any], dict[tuple[Part, ...], TensorInfo]]:
+) -> tuple[dict[Any, Any], dict[tuple[Part, ...], TensorInfo], dict[tuple[Part, ...], TensorInfo]]:
+    """The tensors as nested dicts of `TensorInfo` leaves, keyed by their names' path parts.
+
+    Returns:
+      The tree; each tensor by its path parts; and the tensors left out of the
+      tree because their names have more than `MAX_DEPTH` parts, by their parts.
+
+    Raises:
+      CheckpointError: a name is empty, two names are the same path, or a
+        name is both a tensor and a prefix of other tensors.
+    """
     root: dict[Any, Any] = {}
     by_parts: dict[tuple[Part, ...], TensorInfo] = {}
+    too_deep: dict[tuple[Part, ...], TensorInfo] = {}
     names: dict[tuple[Part, ...], str] = {}
     for info in infos:
         parts = name_to_parts(info.name)
         if not parts:
             raise CheckpointError(f"{what} has a tensor with an empty name")
+        if len(parts) > MAX_DEPTH:
+            # Left out, so that the other tensors stay usable; reading it by its
+            # path says why it is not there.
+            too_deep[parts] = info
+            continue
         if parts in names:
             raise CheckpointError(
                 f"{what}: tensors {names[parts]!r} and {info.name!r} are the same path "
@@ -62,7 +84,7 @@ def build_tree(
     if _unify_keys(root):
         by_parts = {}
         _leaf_parts(root, (), by_parts)
-    return root, by_parts
+    return root, by_parts, too_deep
 
 
 def _unify_keys(node: dict[Any, Any]) -> bool:
