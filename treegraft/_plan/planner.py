@@ -162,6 +162,8 @@ CHECKS = chain(
     leaves.check_copies,
     leaves.check_operations,
     leaves.check_concrete,
+    leaves.check_deleted,
+    leaves.check_unfilled,
     coverage.check_outranked_rules,
     coverage.check_unmatched_rules,
     coverage.check_unexpected,
