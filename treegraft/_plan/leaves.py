@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from treegraft._errors import GraftError
+from treegraft._errors import LISTED, GraftError
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._plan.problems import Problem, _close_paths, _count, _keep_remedy
 from treegraft._plan.resolution import Resolution
@@ -343,9 +343,8 @@ def deleted_sources(src: TreeIndex, pairs: Iterable[Pair]) -> list[Problem]:
     `.delete()` leaves an array with its shape and dtype but no values: `plan`
     refuses it, and `execute` checks again, as it may be deleted in between.
     """
-    gone = sorted(
-        {si for pair in pairs for si in (pair.sources or (pair.source,)) if is_deleted(src.leaves[si])}
-    )
+    read = {si for pair in pairs for si in (pair.sources or (pair.source,))}
+    gone = sorted(si for si in read if is_deleted(src.leaves[si]))
     return [
         Problem(
             "deleted",
@@ -385,6 +384,7 @@ def check_unfilled(res: Resolution) -> list[Problem]:
         return whole[prefix]
 
     remedies: dict[Parts, str] = {}
+    shown: dict[Any, str] = {}  # spec -> its description: many leaves share one
     out = []
     for i in unfilled:
         parts = tgt.paths[i]
@@ -396,17 +396,28 @@ def check_unfilled(res: Resolution) -> list[Problem]:
                 break
             top = parts[:k]
         if top not in remedies:
-            remedies[top] = _unfilled_remedy(res, top)
+            # A message lists LISTED remedies: past them, one line for the rest.
+            detailed = len(remedies) < LISTED
+            remedies[top] = _unfilled_remedy(res, top) if detailed else _OTHER_UNFILLED
+        spec = _leaves.spec_of(tgt.leaves[i])
+        if spec not in shown:
+            shown[spec] = _leaves.describe(spec)
         out.append(
             Problem(
                 "unfilled",
-                f"{render_parts(parts)!r} in the state is abstract "
-                f"({_leaves.describe(_leaves.spec_of(tgt.leaves[i]))}) and no rule fills it",
+                f"{render_parts(parts)!r} in the state is abstract ({shown[spec]}) and no rule "
+                "fills it",
                 target=Path(parts),
                 remedy=remedies[top],
             )
         )
     return out
+
+
+_OTHER_UNFILLED = (
+    "the other abstract leaves: graft each from a source path, or keep it abstract on "
+    "purpose ({path: None}, or strict=False)"
+)
 
 
 def _unfilled_remedy(res: Resolution, top: Parts) -> str:
