@@ -10,7 +10,7 @@
   mutated input. The same holds for a real checkpoint, which stays byte-identical;
 * on grafts drawn so that the outcome can be worked out (glob rules, ties, keep
   rules, missing and unexpected leaves, strict or not), an independent model of
-  DESIGN section 4 predicts it exactly: the error type and problem kinds, or
+  DESIGN sections 4 and 5 predicts it exactly: the error type and problem kinds, or
   every leaf of the result. Most of these grafts must succeed
   (`--hypothesis-show-statistics` shows the share).
 """
@@ -451,6 +451,8 @@ def _predict(state: dict, source: dict, rules: list[tuple[Pat, Pat | None]], str
                 if old is not None:
                     instances.setdefault(r, []).append(_substitute(old, m[1]))
         if not ranked:
+            if isinstance(like, jax.ShapeDtypeStruct):
+                kinds.add("unfilled")  # an abstract leaf no rule fills (DESIGN section 5)
             continue
         best = max(rank for rank, _, _ in ranked)
         top = [(r, m) for rank, r, m in ranked if rank == best]
@@ -491,7 +493,7 @@ def _predict(state: dict, source: dict, rules: list[tuple[Pat, Pat | None]], str
             if _substitute(new, m[1]) + s[m[0] :] not in tflat:
                 kinds.add("unexpected")
     if not strict:
-        kinds -= {"missing", "unexpected", "unmatched_rule"}
+        kinds -= {"missing", "unexpected", "unmatched_rule", "unfilled"}
     return kinds, grafted
 
 

@@ -773,7 +773,9 @@ def _init():
 def test_plan_works_on_abstract_state_and_abstract_source():
     state = jax.eval_shape(_init)
     source = {"encoder": jax.eval_shape(lambda: _init()["params"]["enc"])}
-    p = tg.plan(state, source, {"params.enc": "encoder"})
+    # The head stays abstract on purpose: a keep rule says so (strict mode refuses
+    # an abstract leaf no rule fills).
+    p = tg.plan(state, source, {"params.enc": "encoder", "params.head": None})
     assert pairs(p) == {"params.enc.b": "encoder.b", "params.enc.w": "encoder.w"}
     assert p.nbytes == (8 * 4 + 4) * 4
     assert p.abstract == [tg.parse_path("params.head")]
@@ -789,7 +791,7 @@ def test_plan_checks_abstract_shapes_and_dtypes():
         }
     }
     with pytest.raises(tg.MismatchError) as info:
-        tg.plan(state, source, {"params.enc": "encoder"})
+        tg.plan(state, source, {"params.enc": "encoder", "params.head": None})
     message = str(info.value)
     assert (
         "'params.enc.w' in the state is float32[8, 4], 'encoder.w' in the source is float32[4, 8]"
@@ -875,7 +877,11 @@ def test_summary_cuts_long_tables():
 
 
 def test_summary_says_how_many_leaves_stay_abstract():
-    p = tg.plan(jax.eval_shape(_init), {"head": np.ones(3, np.float32)}, {"params.head": "head"})
+    p = tg.plan(
+        jax.eval_shape(_init),
+        {"head": np.ones(3, np.float32)},
+        {"params.head": "head", "params.enc": None},
+    )
     assert "untouched target leaves: 2 (2 stay abstract)" in str(p)
 
 

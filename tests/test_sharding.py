@@ -335,10 +335,13 @@ def test_abstract_targets_grafted_become_arrays_others_stay_abstract(make):
     state = make()
     enc_kernel = np.arange(32, dtype=np.float32).reshape(8, 4)
     source = {"encoder": {"kernel": enc_kernel, "bias": jnp.ones(4)}}
-    p = tg.plan(state, source, {"params.enc": "encoder"})
+    # The others stay abstract on purpose (keep rules): strict mode refuses an
+    # abstract leaf that no rule fills.
+    mapping = {"params.enc": "encoder", "params.head": None, "step": None}
+    p = tg.plan(state, source, mapping)
     assert sorted(str(x) for x in p.abstract) == ["params.head.bias", "params.head.kernel", "step"]
     assert "(3 stay abstract)" in str(p)
-    out = tg.graft(state, source, {"params.enc": "encoder"})
+    out = tg.graft(state, source, mapping)
     kernel = out["params"]["enc"]["kernel"]
     assert isinstance(kernel, jax.Array)
     assert kernel.sharding == SHARDINGS["params"]["enc"]["kernel"]

@@ -48,10 +48,10 @@ class Problem:
     Attributes:
       kind: what is wrong, one of `KINDS`: "missing", "unexpected",
         "unmatched_rule", "unmatched_ignore", "shape", "dtype", "structure",
-        "tie" or "abstract" (found by a plan); "mapping" or "ignore" (an entry
-        of a mapping or an ignore pattern that does not parse); "insert" (a leaf
-        of `insert`'s subtree that does not fit); "sharding" (a leaf of
-        `propagate_sharding` whose shape differs).
+        "tie", "abstract", "deleted" or "unfilled" (found by a plan); "mapping"
+        or "ignore" (an entry of a mapping or an ignore pattern that does not
+        parse); "insert" (a leaf of `insert`'s subtree that does not fit);
+        "sharding" (a leaf of `propagate_sharding` whose shape differs).
       message: names the paths and shows both sides; one line, but for a
         syntax error's caret lines.
       target: the path in the state, where there is one.
@@ -229,6 +229,8 @@ KINDS: dict[str, tuple[str, type[GraftError]]] = {
     "dtype": ("dtype differs (casting is never implicit)", MismatchError),
     "tie": ("rules tied on the same leaf (make one more specific)", MappingError),
     "abstract": ("source leaves without values", GraftError),
+    "deleted": ("source arrays deleted (donated) before they were read", GraftError),
+    "unfilled": ("abstract target leaves no rule fills (they would stay abstract)", GraftError),
     "insert": ("the subtree differs from the one it replaces", MismatchError),
     "sharding": ("values and like differ in shape", MismatchError),
 }

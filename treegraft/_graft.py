@@ -15,6 +15,7 @@ from treegraft._insert.transform import Blocks, build
 from treegraft._parse.paths import Path, render_parts
 from treegraft._parse.rules import CastOption, MappingLike
 from treegraft._plan import GraftPlan, Pair, plan
+from treegraft._plan.leaves import deleted_sources
 from treegraft._read.progress import ProgressBar
 from treegraft._read.source import ReadRequest, Source
 from treegraft._tree import leaves as _leaves
@@ -104,6 +105,8 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
 
     Raises:
       CheckpointError: reading the checkpoint failed.
+      GraftError: a source leaf has no value: abstract, or a jax array
+        deleted (donated) since the plan.
 
     Example:
       >>> import numpy as np, treegraft as tg
@@ -116,6 +119,9 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
     abstract = [pr for pr in p.report if pr.kind == "abstract"]
     if abstract:
         raise GraftError(abstract[0].message, problems=abstract)
+    if p._lazy is None and (gone := deleted_sources(p._source, p._pairs)):
+        # Checked again: a source array may be donated between plan and execute.
+        raise GraftError.from_problems(gone, rules=len(p.rules))
     tgt, src = p._target, p._source
     likes_of = _on_concrete_meshes(p)
     plain = [pair for pair in p._pairs if _is_copy(p, pair)]

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 # Only treegraft's public API (names that `treegraft/__init__.py` exports): a
 # loader is what a user could write on top of `plan` and `execute`.
-from treegraft._errors import GraftError, MappingError
+from treegraft._errors import GraftError, MappingError, Problem
 from treegraft._formats.kauldron.source import KauldronCheckpoint
 from treegraft._graft import execute
 from treegraft._parse.paths import Path
@@ -188,7 +188,9 @@ class PartialKauldronLoader(InitTransform):
             self._carried.checkpoint = KauldronCheckpoint(self.workdir, step=self.step)
         return self._carried.checkpoint
 
-    def _graft(self, state: Any, mapping: MappingLike, *, last: bool) -> Any:
+    def _graft(
+        self, state: Any, mapping: MappingLike, *, last: bool, later: Sequence[str] = ()
+    ) -> Any:
         earlier = self._carried.unused_ignores
         p = plan(
             state,
@@ -198,7 +200,13 @@ class PartialKauldronLoader(InitTransform):
             ignore_restored_keys=self.ignore_restored_keys,
             # A single phase checks its patterns in plan, with all other problems.
             check_ignores=last and earlier is None,
+            # Strict by hand when a later phase fills abstract leaves of this state.
+            strict=not later,
         )
+        if later:
+            fatal = [pr for pr in p.report if _fatal_before(pr, later)]
+            if fatal:
+                raise GraftError.from_problems(fatal, rules=len(p.rules))
         unmatched = [pr for pr in p.report if pr.kind == "unmatched_ignore"]
         unused = {pr.pattern for pr in unmatched if pr.pattern is not None}
         if earlier is not None:
@@ -217,7 +225,7 @@ class PartialKauldronLoader(InitTransform):
         first, after = self._split()
         if not first:
             return state
-        return self._graft(state, first, last=not after)
+        return self._graft(state, first, last=not after, later=tuple(after))
 
     def transform_after_optimizer(self, state: _T) -> _T:
         """Grafts the `opt_state` entries; returns state unchanged if none."""
@@ -225,6 +233,21 @@ class PartialKauldronLoader(InitTransform):
         if not after:
             return state
         return self._graft(state, after, last=True)
+
+
+def _fatal_before(problem: Problem, later: Sequence[str]) -> bool:
+    """Whether a problem of the first phase's lenient plan fails it, as strict would.
+
+    An abstract `opt_state` leaf that an `opt_state` rule of the second phase
+    fills is no error yet (docs/design.md section 5); every other problem that
+    strict mode refuses is. Unused ignore patterns are counted over both phases.
+    """
+    if problem.kind in ("abstract", "unmatched_ignore"):
+        return False
+    if problem.kind == "unfilled" and problem.target is not None:
+        parts = problem.target.parts
+        return not any(parse_pattern(new).match_prefix(parts) is not None for new in later)
+    return True
 
 
 class _Carried:

@@ -51,8 +51,34 @@ def _source_text(value: Any, what: str) -> str:
     )
 
 
+# Operations nest at most this deep. A real conversion nests a few; the
+# dataclasses' repr, hash and == recurse once per level, so a deeper chain
+# would end in a RecursionError far from its cause.
+MAX_DEPTH = 100
+
+
+def _depth(value: Any) -> int:
+    """How many operations wrap each other in value (0 for a path), without recursion."""
+    n = 0
+    node = value
+    while isinstance(node, Cast | Transpose | Reshape):
+        n += 1
+        node = node.value
+    return n + isinstance(node, Operation)
+
+
+def _too_deep(depth: int, what: str) -> MappingError:
+    return MappingError(
+        f"{what}: operations nest {depth} deep, more than the {MAX_DEPTH} allowed; "
+        "merge consecutive steps (one transpose, one reshape, one cast)"
+    )
+
+
 def _inner(value: Any, what: str) -> str | Operation:
     if isinstance(value, Operation):
+        depth = _depth(value) + 1
+        if depth > MAX_DEPTH:
+            raise _too_deep(depth, what)
         return value
     return _source_text(value, what)
 
@@ -64,7 +90,25 @@ def _axis(axis: Any, what: str) -> int:
 
 
 def _show(value: str | Operation) -> str:
-    return value.describe() if isinstance(value, Operation) else repr(value)
+    """An operation as the user wrote it, e.g. `cast(unstack('l', axis=0), bfloat16)`.
+
+    A loop over the chain, not a recursion: any depth renders.
+    """
+    heads: list[str] = []
+    tails: list[str] = []
+    node: Any = value
+    while isinstance(node, Cast | Transpose | Reshape):
+        if isinstance(node, Cast):
+            name, arg = "cast", node.dtype
+        elif isinstance(node, Transpose):
+            name, arg = "transpose", node.axes
+        else:
+            name, arg = "reshape", node.shape
+        heads.append(f"{name}(")
+        tails.append(f", {arg})")
+        node = node.value
+    inner = node.describe() if isinstance(node, Operation) else repr(node)
+    return "".join(heads) + inner + "".join(reversed(tails))
 
 
 @dataclass(frozen=True)
@@ -97,7 +141,7 @@ class Cast(Operation):
     dtype: Any
 
     def describe(self) -> str:
-        return f"cast({_show(self.value)}, {self.dtype})"
+        return _show(self)
 
 
 @dataclass(frozen=True)
@@ -108,7 +152,7 @@ class Transpose(Operation):
     axes: tuple[int, ...]
 
     def describe(self) -> str:
-        return f"transpose({_show(self.value)}, {self.axes})"
+        return _show(self)
 
 
 @dataclass(frozen=True)
@@ -119,7 +163,7 @@ class Reshape(Operation):
     shape: tuple[int, ...]
 
     def describe(self) -> str:
-        return f"reshape({_show(self.value)}, {self.shape})"
+        return _show(self)
 
 
 for _cls in (Operation, Stack, Unstack, Cast, Transpose, Reshape):
@@ -303,6 +347,9 @@ def flatten_operation(value: Operation) -> tuple[str, str, int, tuple[Step, ...]
     The gather kind is "copy", "stack" or "unstack"; steps are in the order
     they apply (innermost first).
     """
+    depth = _depth(value)
+    if depth > MAX_DEPTH:  # built from the classes, past the functions' check
+        raise _too_deep(depth, "the rule's value")
     steps: list[Step] = []
     node: Any = value
     while isinstance(node, Cast | Transpose | Reshape):

@@ -7,15 +7,17 @@ source's metadata must be prefetched before they run.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+from treegraft._errors import LISTED, GraftError
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._plan.problems import Problem, _close_paths, _count, _keep_remedy
 from treegraft._plan.resolution import Resolution
 from treegraft._plan.result import Pair
 from treegraft._plan.specs import output_spec
 from treegraft._tree import leaves as _leaves
-from treegraft._tree.index import is_abstract
+from treegraft._tree.index import TreeIndex, is_abstract, is_deleted
 
 Parts = tuple[Part, ...]
 
@@ -279,6 +281,19 @@ def _operation_problem(res: Resolution, pair: Pair) -> Problem | None:
             f"{tp!r}: the {len(specs)} source leaves to stack differ: {sp!r} is "
             f"{_leaves.describe(specs[0])} but {', '.join(differ[:3])} [rule {rule}]",
         )
+    if _leaves.is_key_dtype(specs[0][1]):
+        # jax refuses numpy's view of a key array, which every operation
+        # needs: refuse here, naming the leaf, not in execute (DESIGN section 13).
+        names = [rule.gather] if rule.gather != "copy" else []
+        names += [step.kind for step in rule.steps]
+        return problem(
+            "dtype",
+            f"{tp!r} <- {sp!r} ({_leaves.describe(specs[0])}): typed PRNG keys cannot go "
+            f"through {' and '.join(dict.fromkeys(names))} [rule {rule}]",
+            "typed PRNG keys (jax.random.key) graft only as plain copies: map them with a "
+            "path, not an operation, or graft their jax.random.key_data and wrap it with "
+            "jax.random.wrap_key_data afterwards",
+        )
     made, why = output_spec(rule, specs[0], len(specs), pair.layer)
     if made is None:
         return problem(
@@ -328,3 +343,143 @@ def check_concrete(res: Resolution) -> list[Problem]:
             source=Path(src.paths[abstract[0]]),
         )
     ]
+
+
+def check_deleted(res: Resolution) -> list[Problem]:
+    """In-memory source leaves to graft must still hold their buffers."""
+    if res.inputs.lazy is not None:
+        return []
+    return deleted_sources(res.inputs.src, res.pairs)
+
+
+def deleted_sources(src: TreeIndex, pairs: Iterable[Pair]) -> list[Problem]:
+    """One problem per source leaf the pairs read whose jax array was deleted.
+
+    A donated argument (`jax.jit(..., donate_argnums=...)`) or an explicit
+    `.delete()` leaves an array with its shape and dtype but no values: `plan`
+    refuses it, and `execute` checks again, as it may be deleted in between.
+    """
+    read = {si for pair in pairs for si in (pair.sources or (pair.source,))}
+    gone = sorted(si for si in read if is_deleted(src.leaves[si]))
+    return [
+        Problem(
+            "deleted",
+            f"{render_parts(src.paths[si])!r} in the source "
+            f"({_leaves.describe(_leaves.spec_of(src.leaves[si]))}) has been deleted: "
+            "its buffer is gone",
+            source=Path(src.paths[si]),
+            remedy="a source array was deleted, usually donated to a jitted function "
+            "(donate_argnums) or freed with .delete(): graft from a live copy, e.g. before "
+            "the call that donates it",
+        )
+        for si in gone
+    ]
+
+
+def check_unfilled(res: Resolution) -> list[Problem]:
+    """Abstract target leaves that no rule covers: they would stay shapes without values.
+
+    A keep rule (`{path: None}`) or an ignored missing leaf keeps one abstract
+    on purpose; a leaf no rule names is most likely a forgotten rule, which
+    would otherwise surface later as an opaque failure in the model
+    (docs/design.md section 5). One problem per leaf; the remedy names the
+    largest subtree of such leaves, with the rule that would fill it.
+    """
+    tgt = res.inputs.tgt
+    unfilled = [
+        i for i, leaf in enumerate(tgt.leaves) if res.winner[i] < 0 and is_abstract(leaf)
+    ]
+    if not unfilled:
+        return []
+    lonely = set(unfilled)
+    whole: dict[Parts, bool] = {}  # prefix -> every leaf under it is unfilled
+
+    def all_unfilled(prefix: Parts) -> bool:
+        if prefix not in whole:
+            whole[prefix] = all(i in lonely for i in tgt.under(prefix))
+        return whole[prefix]
+
+    remedies: dict[Parts, str] = {}
+    shown: dict[Any, str] = {}  # spec -> its description: many leaves share one
+    out = []
+    for i in unfilled:
+        parts = tgt.paths[i]
+        top = parts
+        # Up to the largest subtree holding only such leaves (never the root:
+        # a rule '' would be too wide a suggestion).
+        for k in range(len(parts) - 1, 0, -1):
+            if not all_unfilled(parts[:k]):
+                break
+            top = parts[:k]
+        if top not in remedies:
+            # A message lists LISTED remedies: past them, one line for the rest.
+            detailed = len(remedies) < LISTED
+            remedies[top] = _unfilled_remedy(res, top) if detailed else _OTHER_UNFILLED
+        spec = _leaves.spec_of(tgt.leaves[i])
+        if spec not in shown:
+            shown[spec] = _leaves.describe(spec)
+        out.append(
+            Problem(
+                "unfilled",
+                f"{render_parts(parts)!r} in the state is abstract ({shown[spec]}) and no rule "
+                "fills it",
+                target=Path(parts),
+                remedy=remedies[top],
+            )
+        )
+    return out
+
+
+_OTHER_UNFILLED = (
+    "the other abstract leaves: graft each from a source path, or keep it abstract on "
+    "purpose ({path: None}, or strict=False)"
+)
+
+
+def _unfilled_remedy(res: Resolution, top: Parts) -> str:
+    """The rule that would fill the abstract subtree top, or how else to settle it."""
+    tgt, src = res.inputs.tgt, res.inputs.src
+    under = tgt.under(top)
+    name = render_parts(top)
+    what = f"{name!r}" + (f" ({len(under)} abstract leaves)" if len(under) > 1 else "")
+    keep = f"keep it abstract on purpose ({{{name!r}: None}}, or strict=False)"
+    if not src.node_exists(top):
+        return (
+            f"{what}: the source has no {name!r}: map it from another source path, build it "
+            f"concretely before grafting, or {keep}"
+        )
+    misfit = _misfit(tgt, src, under[:_FIT_SAMPLE])
+    if misfit is None:
+        return f"{what}: graft it from the source ({{{name!r}: {name!r}}}), or {keep}"
+    return (
+        f"{what}: the source's {name!r} does not fit it ({misfit}): build it concretely "
+        f"before grafting, or {keep}"
+    )
+
+
+# The leaves of a subtree whose source specs a remedy compares: a checkpoint's
+# specs not prefetched cost a header read each, so a sample, not every leaf.
+_FIT_SAMPLE = 8
+
+
+def _misfit(tgt: TreeIndex, src: TreeIndex, targets: list[int]) -> str | None:
+    """How the source's leaves at the same paths differ from targets, or None if they fit.
+
+    A suggestion only: a source spec that cannot be read counts as fitting.
+    """
+    for i in targets:
+        parts = tgt.paths[i]
+        si = src.find(parts)
+        tspec = _leaves.spec_of(tgt.leaves[i])
+        if si is None:
+            return f"it has no {render_parts(parts)!r}"
+        try:
+            sspec = _leaves.spec_of(src.leaves[si])
+        except GraftError:  # an unreadable header: the read will say so
+            continue
+        if sspec != tspec:
+            return (
+                f"{render_parts(parts)!r} is {_leaves.describe(sspec)} in the source, "
+                f"{_leaves.describe(tspec)} in the state"
+            )
+    return None

@@ -63,9 +63,11 @@ def plan(
         the subtree.
       ignore_restored_keys: patterns of source leaves that may lack a target
         leaf; relative to the rule's old prefix, or absolute.
-      strict: when False, missing, unexpected and unmatched entries become
-        entries of `plan.report` instead of errors. Shape and dtype
-        mismatches stay errors.
+      strict: when False, missing, unexpected and unmatched entries, and
+        abstract target leaves that no rule fills (they stay abstract),
+        become entries of `plan.report` instead of errors. Shape and dtype
+        mismatches stay errors. In strict mode, a keep rule (`{path: None}`)
+        keeps an abstract leaf abstract on purpose.
       cast: False (dtypes must match), True (numpy 'same_kind' casts that
         keep values in range, such as float32 -> bfloat16 or int32 ->
         float32; a float narrowing checks its values for overflow as it
@@ -83,8 +85,11 @@ def plan(
       MappingError: the mapping is invalid, or two rules tie on a leaf.
       PathNotFoundError: missing, unexpected or unmatched paths (also a
         `KeyError`).
-      MismatchError: shape, dtype or structure differs.
-      GraftError: problems of several of those kinds at once, all listed.
+      MismatchError: shape, dtype or structure differs, or an operation
+        meets typed PRNG keys.
+      GraftError: an abstract target leaf no rule fills (strict mode), a
+        source array deleted or donated, or problems of several kinds at
+        once, all listed.
 
     Example:
       >>> import numpy as np, treegraft as tg
@@ -164,6 +169,8 @@ CHECKS = chain(
     leaves.check_copies,
     leaves.check_operations,
     leaves.check_concrete,
+    leaves.check_deleted,
+    leaves.check_unfilled,
     coverage.check_outranked_rules,
     coverage.check_unmatched_rules,
     coverage.check_unexpected,

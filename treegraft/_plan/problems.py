@@ -18,8 +18,9 @@ __all__ = ["Problem", "raise_problems"]
 
 Parts = tuple[Part, ...]
 
-# The kinds of problem about paths that `strict=False` lets through.
-_KEY_KINDS = ("missing", "unexpected", "unmatched_rule", "unmatched_ignore")
+# The kinds of problem about paths that `strict=False` lets through (an
+# abstract target leaf no rule fills then stays abstract: docs/design.md section 5).
+_KEY_KINDS = ("missing", "unexpected", "unmatched_rule", "unmatched_ignore", "unfilled")
 
 
 def _keep_remedy(target: Parts) -> str:

@@ -83,8 +83,9 @@ class GraftPlan:
       rules: the rules, in the mapping's order, each as "'new' <- 'old'".
       state: the state the plan grafts into, as given to `plan`.
       source: the source, as given to `plan`: a pytree or a `treegraft.Source`.
-      report: the problems that did not fail the plan (with `strict=False`;
-        and an abstract source leaf, which `executable` reports).
+      report: the problems that did not fail the plan (with `strict=False`,
+        abstract target leaves no rule fills among them; and an abstract
+        source leaf, which `executable` reports).
       cast: the `cast` option the plan was made with.
       strict: the `strict` option the plan was made with.
 

@@ -17,7 +17,7 @@ from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._tree.leaves import check_not_traced
 from treegraft._tree.pytree import children, flatten_parts, resolve
 
-__all__ = ["TreeIndex", "loose", "is_abstract"]
+__all__ = ["TreeIndex", "loose", "is_abstract", "is_deleted"]
 
 Parts = tuple[Part, ...]
 
@@ -187,3 +187,10 @@ def _same_types(a: Parts, b: Parts) -> bool:
 def is_abstract(leaf: Any) -> bool:
     """Whether a leaf is a shape-only placeholder (no values)."""
     return isinstance(leaf, jax.ShapeDtypeStruct)
+
+
+def is_deleted(leaf: Any) -> bool:
+    """Whether a leaf is a jax array whose buffer is gone (deleted, or donated to a jit)."""
+    return isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and (
+        leaf.is_deleted()
+    )
