@@ -155,7 +155,9 @@ def build_cases(data: dict, size: dict, selected: list[str], *, quick: bool) -> 
         if k == ckpt:
             mapping = {"params": "params"}
         else:
-            mapping = {f"params.{m}": f"params.{m}" for m in names}
+            # The other layers stay abstract on purpose: a keep rule says so (an abstract
+            # leaf no rule fills is an error, docs/design.md section 5).
+            mapping = {"params": None, **{f"params.{m}": f"params.{m}" for m in names}}
         base = _kauldron_spec(
             workdir,
             size,

@@ -289,6 +289,41 @@ def _not_a_checkpoint(wd: str) -> None:
     _write(os.path.join(wd, "README"), "a folder, not a checkpoint")
 
 
+# -- round 3 (issue #21): values, hangs and raw errors ------------------------------
+
+_F32 = np.zeros(3, np.float32)
+
+
+def _safetensors(header: bytes) -> Callable[[str], None]:
+    """A workdir holding m.safetensors with this JSON header and 4 data bytes."""
+
+    def build(workdir: str) -> None:
+        import struct
+
+        os.makedirs(workdir)
+        with open(os.path.join(workdir, "m.safetensors"), "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header + bytes(4))
+
+    return build
+
+
+def safetensors(mapping: Any) -> Call:
+    """`tg.graft(state, tg.SafetensorsCheckpoint(<workdir>/m.safetensors), mapping)`."""
+    return lambda state, source, workdir: tg.graft(
+        state, tg.SafetensorsCheckpoint(os.path.join(workdir, "m.safetensors")), mapping
+    )
+
+
+def _nested(depth: int) -> Any:
+    """An operation nested depth deep, built from the class (the public functions stop at 100)."""
+    from treegraft._parse.ops import Transpose
+
+    value: Any = "w"
+    for _ in range(depth):
+        value = Transpose(value, (0,))
+    return value
+
+
 # ----------------------------------------------------------------------------
 # The catalogue.
 # ----------------------------------------------------------------------------
@@ -605,6 +640,58 @@ CATALOGUE: list[Case] = [
          orbax(P, lambda wd: os.path.join(wd, "checkpoints", "ckpt_5.orbax-checkpoint-tmp")),
          tg.CheckpointError, r"is still being written \(orbax temporary folder\)",
          workdir=_with_half_written(5)),
+    # -- round 3 (issue #21): nothing changes a value silently, nothing hangs ----------
+    Case("value-scalar-does-not-fit", memory({"n": "n"}), tg.MismatchError,
+         r"'n' in the state is int32\[\], 'n' in the source is int \(python\)\[\] = "
+         r"1099511627776\n(.*\n)*.*outside the range of int32",
+         state=lambda: {"n": jnp.zeros((), jnp.int32)}, source=lambda: {"n": 2**40}),
+    Case("value-cast-true-into-float8", memory({"w": "w"}, cast=True), tg.MismatchError,
+         r"float32 -> float8_e4m3fn: float8_e4m3fn holds at most 448, no inf: values can "
+         r"overflow; pass cast='unsafe'",
+         state=lambda: {"w": jnp.zeros(3, jnp.float8_e4m3fn)}, source=lambda: {"w": _F32}),
+    Case("value-cast-true-overflows", memory({"w": "w"}, cast=True), tg.MismatchError,
+         r"cannot place 'w': casting float32 to float16 makes 1000000\.0 \(the first such "
+         r"value, at \[0\]\) inf",
+         state=lambda: {"w": jnp.zeros(3, jnp.float16)},
+         source=lambda: {"w": np.full(3, 1e6, np.float32)}),
+    Case("value-stack-index-spelt-twice", memory({"layers": tg.stack("l_*", axis=0)}),
+         tg.MismatchError, r"'l_01' and 'l_1' are both index 1: leading zeros do not make "
+         r"another index",
+         state=lambda: {"layers": {"w": jnp.zeros((2, 3))}},
+         source=lambda: {"l_0": {"w": _F32}, "l_1": {"w": _F32}, "l_01": {"w": _F32}}),
+    Case("value-stack-indices-far-apart", memory({"layers": tg.stack("l_*", axis=0)}),
+         tg.MismatchError, r"missing 1\.\.999999999999 \(999999999999 indices\)",
+         state=lambda: {"layers": {"w": jnp.zeros((2, 3))}},
+         source=lambda: {"l_0": {"w": _F32}, "l_1000000000000": {"w": _F32}}),
+    Case("value-abstract-leaf-left-behind", memory({"a": "a"}), tg.MappingError,
+         r"'b' in the state is abstract \(float32\[3\]\) and no rule fills it\n(.*\n)*"
+         r".*graft it from the source \(\{'b': 'b'\}\)",
+         state=lambda: {"a": jax.ShapeDtypeStruct((3,), jnp.float32),
+                        "b": jax.ShapeDtypeStruct((3,), jnp.float32)},
+         source=lambda: {"a": _F32, "b": _F32}),
+    Case("value-operation-on-keys", memory({"k": tg.stack("k_*")}), tg.MismatchError,
+         r"'k' <- 'k_0' \(key<fry>\[\]\): typed PRNG keys cannot go through stack",
+         state=lambda: {"k": jax.random.split(jax.random.key(0), 2)},
+         source=lambda: {"k_0": jax.random.key(1), "k_1": jax.random.key(2)}),
+    Case("value-operation-nested-3000-deep", memory({"w": _nested(3000)}), tg.MappingError,
+         r"operations nest 3000 deep, more than the 100 allowed",
+         state=lambda: {"w": jnp.zeros(3)}, source=lambda: {"w": _F32}),
+    Case("location-bucket-name-refused", orbax(P, lambda wd: "gs://a/b"), tg.CheckpointError,
+         r"'gs://a/b': 'a' is not a valid gs:// bucket name"),
+    Case("location-nul-byte", orbax(P, lambda wd: wd + "/x\x00y"), tg.CheckpointError,
+         r"holds a NUL byte"),
+    Case("safetensors-name-twice", safetensors({"w": "w"}), tg.CheckpointError,
+         r"m\.safetensors names 'w' twice in one JSON object; safetensors refuses such a file",
+         state=lambda: {"w": jnp.zeros(1)},
+         workdir=fresh_dir(_safetensors(
+             b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+             b'"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'))),
+    Case("safetensors-dtype-not-a-string", safetensors({"w": "w"}), tg.CheckpointError,
+         r"tensor 'w' in the header of .*m\.safetensors: dtype must be a string such as "
+         r"'F32', got \['F32'\]",
+         state=lambda: {"w": jnp.zeros(1)},
+         workdir=fresh_dir(_safetensors(
+             b'{"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}'))),
 ]
 
 

@@ -335,11 +335,17 @@ def renew(x: Any) -> Any:
     raise TypeError(f"renew: unsupported leaf {type(x).__name__}")
 
 
+def _value_copy(x: Any) -> Any:
+    """A host copy of a leaf's values (a typed PRNG key array: of its key data)."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return np.array(jax.random.key_data(x), copy=True)
+    return np.array(x, copy=True) if hasattr(x, "__array__") else x
+
+
 def snapshot(tree: Any) -> tuple[Any, list[Any], list[Any]]:
     """The treedef, the leaf objects and copies of their values, to detect mutation."""
     leaves, treedef = tree_util.tree_flatten(tree)
-    copies = [np.array(x, copy=True) if hasattr(x, "__array__") else x for x in leaves]
-    return treedef, leaves, copies
+    return treedef, leaves, [_value_copy(x) for x in leaves]
 
 
 def assert_unchanged(tree: Any, snap: tuple[Any, list[Any], list[Any]]) -> None:
@@ -351,7 +357,7 @@ def assert_unchanged(tree: Any, snap: tuple[Any, list[Any], list[Any]]) -> None:
     for a, b, c in zip(now, leaves, copies, strict=True):
         assert a is b
         if hasattr(a, "__array__"):
-            np.testing.assert_array_equal(np.asarray(a), c)
+            np.testing.assert_array_equal(_value_copy(a), c)
 
 
 # ----------------------------------------------------------------------------

@@ -230,7 +230,7 @@ KINDS: dict[str, tuple[str, type[GraftError]]] = {
     "tie": ("rules tied on the same leaf (make one more specific)", MappingError),
     "abstract": ("source leaves without values", GraftError),
     "deleted": ("source arrays deleted (donated) before they were read", GraftError),
-    "unfilled": ("abstract target leaves no rule fills (they would stay abstract)", GraftError),
+    "unfilled": ("abstract target leaves no rule fills (they would stay abstract)", MappingError),
     "insert": ("the subtree differs from the one it replaces", MismatchError),
     "sharding": ("values and like differ in shape", MismatchError),
 }
