@@ -50,6 +50,7 @@ class TreeIndex:
         self._loose_groups: dict[int, dict[Parts, list[int]]] = {}
         self._at_groups: dict[tuple[int, int], dict[Parts, list[int]]] = {}
         self._node_names: dict[bool, Names] = {}
+        self._missing: dict[Parts, str] = {}  # why each path looked up and absent is
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -99,6 +100,8 @@ class TreeIndex:
             or _same_types(self.paths[found[0]][:k], prefix)
         ):
             return found
+        if found is None and not _loosens(prefix):
+            return []  # only an int or digits can match loosely: no need to index that way
         lgroups = self._loose_groups.get(k)
         if lgroups is None:
             lgroups = self._loose_groups[k] = {}
@@ -122,16 +125,21 @@ class TreeIndex:
             return True
         try:
             resolve(self.root, Path(parts), what=self.what)
-        except PathNotFoundError:
+        except PathNotFoundError as e:
+            # Kept for why_missing: walking a node of many keys again costs as much.
+            self._missing[parts] = str(e)
             return False
         return True
 
     def why_missing(self, parts: Parts) -> str:
         """A message saying where a path stops existing, with close names."""
+        known = self._missing.get(parts)
+        if known is not None:
+            return known
         try:
             _, node = resolve(self.root, Path(parts), what=self.what)
         except PathNotFoundError as e:
-            return str(e)
+            return self._missing.setdefault(parts, str(e))
         where = repr(render_parts(parts)) if parts else "the root"
         return f"{where} is {_what_node(node)} in {self.what}"
 
@@ -177,6 +185,14 @@ class TreeIndex:
                 if len(p) >= n + k:
                     groups.setdefault(loose(p[n : n + k]), []).append(i)
         return groups.get(loose(head), [])
+
+
+def _loosens(parts: Parts) -> bool:
+    """Whether loose() could make parts equal to another path: an int, or digits, in them."""
+    for p in parts:
+        if type(p) is int or (type(p) is str and p.lstrip("-").isdigit()):
+            return True
+    return False
 
 
 def _as_index(part: Part) -> Part:
