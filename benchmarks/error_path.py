@@ -138,7 +138,8 @@ def node(n: int) -> dict:
 CASES: dict[str, tuple[str, Callable[..., dict], tuple, tuple, float, float | None]] = {
     # id: (title, builder, full args, quick args, slack in s, absolute limit in s)
     "moe": ("MoE, 18,867 tensors, one stack pattern mistyped", moe, (48, 128), (4, 4), 0.5, None),
-    "flat3": ("flat source of 30,000 keys, 3 rules mistyped", flat, (30000, 3), (300, 3), 0.5, None),
+    "flat3": ("flat source of 30,000 keys, 3 rules mistyped", flat, (30000, 3), (300, 3), 0.5,
+              None),
     "flat110": ("flat source of 30,000 110-character keys, 1 rule mistyped", flat,
                 (30000, 1, 110), (300, 1, 110), 0.5, None),
     "ignores": ("50 unmatched ignore patterns over 10,000 leaves", ignores, (50, 10000),

@@ -169,12 +169,9 @@ def test_problems_differing_in_indices_are_one_line_with_ranges():
 
 
 def test_grouping_keeps_what_differs_besides_indices():
-    problems = [
-        _problem("shape", "'a[0].w' in the state is float32[2], 'b[0].w' in the source is float32[3]"),
-        _problem("shape", "'a[1].w' in the state is float32[2], 'b[1].w' in the source is float32[3]"),
-        _problem("shape", "'a[2].w' in the state is float32[2], 'b[2].w' in the source is float32[4]"),
-        _problem("shape", "'a[3].v' in the state is float32[2], 'b[3].v' in the source is float32[3]"),
-    ]
+    shape = "'a[{0}].{1}' in the state is float32[2], 'b[{0}].{1}' in the source is float32[{2}]"
+    problems = [_problem("shape", shape.format(*x)) for x in ((0, "w", 3), (1, "w", 3), (2, "w", 4),
+                                                               (3, "v", 3))]
     lines = str(tg.GraftError.from_problems(problems, rules=1)).splitlines()[2:]
     assert lines == [
         "  'a[0..1].w' in the state is float32[2], 'b[0..1].w' in the source is float32[3] (x2)",

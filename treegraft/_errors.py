@@ -8,8 +8,12 @@ for such mistakes.
 
 Errors that report several problems keep them in `.problems`, as `Problem`s,
 so a program can inspect them; the message is made from them in one format: a
-header, the problems grouped by kind under a heading each, then "to fix:" and
-the remedies chosen by their causes.
+header, the problems grouped by kind under a heading each (those that differ
+only in path indices as one line, `'layers[0..47].mlp' ... (x48)`), then "to
+fix:" and the remedies chosen by their causes, one per cause.
+
+Close names ("did you mean") come from `Names`, an index of candidates built
+once and searched once per distinct mistake.
 """
 
 from __future__ import annotations
@@ -288,7 +292,7 @@ _INDEX = re.compile(r"\[(-?\d+)\]")
 
 
 def _slots(text: str) -> tuple[tuple[str, ...], tuple[bool, ...], tuple[int, ...]]:
-    """Splits text around the indices of its quoted paths: (texts between, first-part flags, indices).
+    """Splits text around the indices in its quoted paths: (texts between, flags, indices).
 
     A flag is True where the index is a path's first part (`'[0].w'`), which a
     pattern writes `*` rather than `.*`.
