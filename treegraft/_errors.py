@@ -405,7 +405,7 @@ class Names:
         query = np.zeros(counts.shape[1], counts.dtype)
         for ch in word:
             query[columns.get(ch, -1)] += 1  # unknown characters: the last column
-        shared = np.minimum(counts, query).sum(axis=1)
+        shared = np.minimum(counts, query).sum(axis=1, dtype=np.int64)
         bound = 2.0 * shared / (lengths + len(word))
         keep = np.flatnonzero(bound >= cutoff)
         if len(keep) > SCAN:
@@ -431,7 +431,8 @@ def _char_counts(names: list[str]) -> tuple[dict[str, int], Any, Any]:
     column_of[top] = np.arange(len(top))
     rows = np.repeat(np.arange(len(names)) * width, lengths)
     flat = np.bincount(rows + column_of[codes.astype(np.intp)], minlength=len(names) * width)
-    counts = flat.reshape(len(names), width).astype(np.int32)
+    # uint16: 100k names take 13 MB (a character past 65,535 times is counted 65,535).
+    counts = np.minimum(flat, 65535).reshape(len(names), width).astype(np.uint16)
     columns = {chr(c): k for k, c in enumerate(top.tolist())}
     return columns, counts, lengths
 
@@ -441,7 +442,7 @@ def _close_matches(word: str, pool: Sequence[str], n: int, cutoff: float) -> lis
     return difflib.get_close_matches(word, pool, n=n, cutoff=cutoff)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _names_of(candidates: tuple[str, ...]) -> Names:
     # The same keys are searched again and again (a node's keys, once per
     # rule that stops there): their index is kept for the next word.
