@@ -23,6 +23,11 @@ Cases:
   5 sharded   1 GiB into a target sharded over 8 CPU devices: peak RSS / bytes.
   6 scaling   case 1 at 1/64, 1/8 and 1/1 of the checkpoint, and 1/64 of 1 GiB
               vs the same bytes from a checkpoint 8x smaller.
+
+Cases with a script of their own (EXTRA): planscale, ops, storage, and
+error_path (`error_path.py`: a plan with a mistake beside the same plan
+without it: a mistyped stack pattern over an 18,867-tensor MoE source, mistyped
+keys among 30,000, unmatched ignore patterns, a typo against 100,000 keys).
 """
 
 from __future__ import annotations
@@ -49,7 +54,12 @@ from _common import FANOUT, MIB, SIZES, layer  # noqa: E402
 CASES = ("partial", "fanout", "memory", "plan", "sharded", "scaling")
 # Cases with a script of their own: run in a subprocess, their report and JSON
 # kept beside the others' (`results["extra"]`).
-EXTRA = {"planscale": "planscale.py", "ops": "rule_ops.py", "storage": "storage_cases.py"}
+EXTRA = {
+    "planscale": "planscale.py",
+    "ops": "rule_ops.py",
+    "storage": "storage_cases.py",
+    "error_path": "error_path.py",
+}
 
 TREEGRAFT = "treegraft"
 LABELS = {

@@ -50,3 +50,8 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path):
     # The data directory lived under tmp_path and is gone.
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("treegraft-bench-")]
     assert "Aims:" in proc.stdout
+    # The error-path case (a script of its own) ran every case, each failing plan failing.
+    error_path = results["extra"]["error_path"]
+    assert "failed" not in error_path, error_path.get("stderr")
+    ids = [r["id"] for r in error_path["rows"]]
+    assert ids == ["moe", "flat3", "flat110", "ignores", "node100k"]

@@ -8,14 +8,20 @@ for such mistakes.
 
 Errors that report several problems keep them in `.problems`, as `Problem`s,
 so a program can inspect them; the message is made from them in one format: a
-header, the problems grouped by kind under a heading each, then "to fix:" and
-the remedies chosen by their causes.
+header, the problems grouped by kind under a heading each (those that differ
+only in path indices as one line, `'layers[0..47].mlp' ... (x48)`), then "to
+fix:" and the remedies chosen by their causes, one per cause.
+
+Close names ("did you mean") come from `Names`, an index of candidates built
+once and searched once per distinct mistake.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,6 +43,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "Problem",
     "suggest",
+    "Names",
     "first_line",
 ]
 
@@ -246,7 +253,14 @@ def count(n: int, one: str, many: str | None = None) -> str:
 def format_problems(
     problems: Sequence[Problem], *, rules: int | None = None, header: str | None = None
 ) -> str:
-    """The message of an error listing problems (see `GraftError.from_problems`)."""
+    """The message of an error listing problems (see `GraftError.from_problems`).
+
+    Problems that differ only in the indices of their paths (the same mistake
+    on every layer) are one line, with the indices as ranges and a count:
+    `'layers[0..47].mlp.up' has no source: ... (x48)`; their remedies are one,
+    its paths as patterns (`'layers.*.mlp.up'`). The problems themselves stay
+    as they are in `GraftError.problems`.
+    """
     kinds = list(dict.fromkeys(p.kind for p in problems))
     headings = header is None or len(kinds) > 1
     if header is None:
@@ -259,15 +273,90 @@ def format_problems(
             continue
         if headings:
             lines.append(f"{KINDS.get(kind, (kind,))[0]}: {len(group)}")
+        shown = _grouped([p.message for p in group], pattern=False)
         # Continuation lines (a syntax error's caret) stay under their problem.
-        lines += ["  " + p.message.replace("\n", "\n    ") for p in group[:LISTED]]
-        if len(group) > LISTED:
-            lines.append(f"  ... and {len(group) - LISTED} more")
-    remedies = list(dict.fromkeys(p.remedy for p in problems if p.remedy))
+        lines += ["  " + text.replace("\n", "\n    ") for text in shown[:LISTED]]
+        if len(shown) > LISTED:
+            lines.append(f"  ... and {len(shown) - LISTED} more")
+    remedies = _grouped([p.remedy for p in problems if p.remedy], pattern=True)
     if remedies:
         lines.append("to fix:")
         lines += [f"  - {remedy}" for remedy in remedies[:LISTED]]
     return "\n".join(lines)
+
+
+# A quoted string in a message (a rendered path, as repr shows it), and an
+# index inside one. Indices are looked for only inside quotes: a shape such as
+# float32[2] is not quoted, and must never be merged with float32[3]. A quote
+# after a letter is an apostrophe ("the state's values"), not an opening one.
+_QUOTED = re.compile(r"(?<!\w)(?:'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\")")
+_INDEX = re.compile(r"\[(-?\d+)\]")
+
+
+def _slots(text: str) -> tuple[tuple[str, ...], tuple[bool, ...], tuple[int, ...]]:
+    """Splits text around the indices in its quoted paths: (texts between, flags, indices).
+
+    A flag is True where the index is a path's first part (`'[0].w'`), which a
+    pattern writes `*` rather than `.*`.
+    """
+    pieces: list[str] = []
+    firsts: list[bool] = []
+    values: list[int] = []
+    last = 0
+    for quoted in _QUOTED.finditer(text):
+        for m in _INDEX.finditer(text, quoted.start() + 1, quoted.end() - 1):
+            pieces.append(text[last : m.start()])
+            firsts.append(m.start() == quoted.start() + 1)
+            values.append(int(m.group(1)))
+            last = m.end()
+    pieces.append(text[last:])
+    return tuple(pieces), tuple(firsts), tuple(values)
+
+
+def _grouped(texts: Sequence[str], *, pattern: bool) -> list[str]:
+    """texts, those that differ only in path indices merged, in order of first appearance.
+
+    A merged message shows each varying index as its ranges (`[0..47]`) and
+    ends with the count (` (x48)`); with `pattern`, a varying index is a `*`
+    instead (for remedies: one per cause, as a pattern that can be pasted).
+    """
+    groups: dict[tuple[tuple[str, ...], tuple[bool, ...]], list[tuple[int, ...]]] = {}
+    for text in texts:
+        pieces, firsts, values = _slots(text)
+        groups.setdefault((pieces, firsts), []).append(values)
+    out = []
+    for (pieces, firsts), members in groups.items():
+        if len(members) == 1 or (pattern and len(set(members)) == 1):
+            out.append(_fill(pieces, [f"[{v}]" for v in members[0]]))
+            continue
+        filled = []
+        for k, first in enumerate(firsts):
+            seen = [m[k] for m in members]
+            if len(set(seen)) == 1:
+                filled.append(f"[{seen[0]}]")
+            elif pattern:
+                filled.append("*" if first else ".*")
+            else:
+                filled.append(f"[{_spans(seen)}]")
+        text = _fill(pieces, filled)
+        out.append(text if pattern else f"{text} (x{len(members)})")
+    return out
+
+
+def _fill(pieces: Sequence[str], slots: Sequence[str]) -> str:
+    return "".join(p + s for p, s in zip(pieces, [*slots, ""], strict=True))
+
+
+def _spans(values: Iterable[int], *, most: int = 4) -> str:
+    """'0..47', '0..3,7,9..12': sorted distinct values as runs (the first few)."""
+    runs: list[list[int]] = []
+    for v in sorted(set(values)):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    shown = [f"{a}..{b}" if b > a else str(a) for a, b in runs[:most]]
+    return ",".join(shown) + (",..." if len(runs) > most else "")
 
 
 # How close a name must be to be suggested: whole paths differ in more places
@@ -275,10 +364,96 @@ def format_problems(
 KEY_CUTOFF = 0.6
 PATH_CUTOFF = 0.5
 
+# Above this many candidates, difflib sees only the SCAN closest by their
+# characters (an upper bound of difflib's ratio, computed for all at once).
+SCAN = 64
+
+
+class Names:
+    """Candidate names for did-you-mean, indexed once, each answer computed once.
+
+    difflib compares a word with every candidate in pure Python; over tens of
+    thousands of long paths that is seconds per word. Here the candidates'
+    character counts are kept in one array, so a word's bound on difflib's
+    ratio with every candidate (difflib's own `quick_ratio`) is one vectorised
+    step; difflib then ranks only the `SCAN` best bounds. Answers are memoized
+    per (word, n, cutoff): a mistake repeated on many leaves costs one search.
+    """
+
+    def __init__(self, names: Iterable[str]):
+        self.names: list[str] = list(dict.fromkeys(names))
+        self._counts: Any = None  # (characters -> column, counts, lengths), built on first use
+        self._answers: dict[tuple[str, int, float], list[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def close(self, word: str, *, n: int = 3, cutoff: float = KEY_CUTOFF) -> list[str]:
+        """The n names closest to word with difflib's ratio of at least cutoff, best first."""
+        key = (word, n, cutoff)
+        found = self._answers.get(key)
+        if found is None:
+            pool = self.names if len(self.names) <= SCAN else self._nearest(word, cutoff)
+            found = self._answers[key] = _close_matches(word, pool, n, cutoff)
+        return found
+
+    def _nearest(self, word: str, cutoff: float) -> list[str]:
+        """The SCAN names whose character counts could give word a ratio >= cutoff, best first."""
+        import numpy as np  # only failing plans over many names need it
+
+        if self._counts is None:
+            self._counts = _char_counts(self.names)
+        columns, counts, lengths = self._counts
+        query = np.zeros(counts.shape[1], counts.dtype)
+        for ch in word:
+            query[columns.get(ch, -1)] += 1  # unknown characters: the last column
+        shared = np.minimum(counts, query).sum(axis=1, dtype=np.int64)
+        bound = 2.0 * shared / (lengths + len(word))
+        keep = np.flatnonzero(bound >= cutoff)
+        if len(keep) > SCAN:
+            keep = keep[np.argsort(-bound[keep], kind="stable")[:SCAN]]
+        return [self.names[i] for i in keep]
+
+
+def _char_counts(names: list[str]) -> tuple[dict[str, int], Any, Any]:
+    """Per name, how often each character occurs: (column of each character, counts, lengths).
+
+    The 63 most frequent characters have a column each; the rest share the
+    last one, which only loosens the bound (it stays an upper bound).
+    """
+    import numpy as np
+
+    lengths = np.fromiter((len(s) for s in names), np.int64, len(names))
+    codes = np.frombuffer("".join(names).encode("utf-32-le"), np.uint32)
+    freq = np.bincount(codes)  # code points are at most 0x10FFFF: no sort needed
+    chars = np.flatnonzero(freq)
+    top = chars[np.argsort(-freq[chars], kind="stable")[:63]]
+    width = len(top) + 1
+    column_of = np.full(len(freq), width - 1, np.uint8)  # uint8: a fast gather
+    column_of[top] = np.arange(len(top))
+    rows = np.repeat(np.arange(len(names)) * width, lengths)
+    flat = np.bincount(rows + column_of[codes.astype(np.intp)], minlength=len(names) * width)
+    # uint16: 100k names take 13 MB (a character past 65,535 times is counted 65,535).
+    counts = np.minimum(flat, 65535).reshape(len(names), width).astype(np.uint16)
+    columns = {chr(c): k for k, c in enumerate(top.tolist())}
+    return columns, counts, lengths
+
+
+def _close_matches(word: str, pool: Sequence[str], n: int, cutoff: float) -> list[str]:
+    """difflib's close matches (one function, so a test can count the searches)."""
+    return difflib.get_close_matches(word, pool, n=n, cutoff=cutoff)
+
+
+@functools.lru_cache(maxsize=4)
+def _names_of(candidates: tuple[str, ...]) -> Names:
+    # The same keys are searched again and again (a node's keys, once per
+    # rule that stops there): their index is kept for the next word.
+    return Names(candidates)
+
 
 def suggest(
     word: str,
-    candidates: Iterable[str],
+    candidates: Iterable[str] | Names,
     *,
     n: int = 3,
     cutoff: float = KEY_CUTOFF,
@@ -288,9 +463,12 @@ def suggest(
 
     The one did-you-mean of every message. `cutoff` is `KEY_CUTOFF` for a
     single key or name, `PATH_CUTOFF` for whole rendered paths; `render` shows
-    each close candidate (by default its `repr`).
+    each close candidate (by default its `repr`). `candidates` searched again
+    should be a `Names`, built once; other iterables are indexed here, and the
+    last few are kept.
     """
-    close = difflib.get_close_matches(word, list(candidates), n=n, cutoff=cutoff)
+    names = candidates if isinstance(candidates, Names) else _names_of(tuple(candidates))
+    close = names.close(word, n=n, cutoff=cutoff)
     if not close:
         return ""
     return " (did you mean " + " or ".join(render(c) for c in close) + "?)"

@@ -22,7 +22,7 @@ from jax import tree_util
 
 from treegraft._parse.scan import _IDENT, _WORDS, Segment, scan  # noqa: F401 (Segment: re-exported)
 
-__all__ = ["Path", "Part", "parse_path", "render_parts"]
+__all__ = ["Path", "Part", "parse_path", "render_parts", "render_pattern", "is_index"]
 
 Part: TypeAlias = Any  # str | int | float | bool | None, or any dict key
 
@@ -41,6 +41,23 @@ def _render_part(part: Part, first: bool) -> str:
 def render_parts(parts: Iterable[Part]) -> str:
     """Renders parts canonically: `.name` for identifiers, `[repr]` otherwise."""
     return "".join(_render_part(p, i == 0) for i, p in enumerate(parts))
+
+
+def is_index(part: Part) -> bool:
+    """Whether a part is an index: an int (not a bool), or digits as orbax saves int keys."""
+    return type(part) is int or (type(part) is str and part.isdigit() and part.isascii())
+
+
+def render_pattern(parts: Iterable[Part]) -> str:
+    """Renders parts as the pattern of their kind: every index (`3`, `'3'`) is a `*`.
+
+    `model.layers[3].mlp` gives `model.layers.*.mlp`: what a mistyped pattern
+    is answered with, one pattern for every layer.
+    """
+    out = []
+    for i, p in enumerate(parts):
+        out.append(("*" if i == 0 else ".*") if is_index(p) else _render_part(p, i == 0))
+    return "".join(out)
 
 
 # ----------------------------------------------------------------------------

@@ -7,8 +7,8 @@ mapping is an error, with close names suggested.
 
 from __future__ import annotations
 
-from treegraft._errors import PathNotFoundError
-from treegraft._parse.paths import Part, Path, render_parts
+from treegraft._errors import Names, PathNotFoundError
+from treegraft._parse.paths import Part, Path, is_index, render_parts, render_pattern
 from treegraft._parse.patterns import Pattern
 from treegraft._plan.problems import Problem, _close_names, _close_paths
 from treegraft._plan.resolution import Resolution
@@ -139,30 +139,43 @@ def check_unmatched_ignores(res: Resolution) -> list[Problem]:
         if not patterns:
             continue
         prefixes = [p for p in (new if is_new else old for new, old in every) if p is not None]
-        names: list[str] | None = None
+        names: dict[bool, Names] = {}  # built on the first miss, for every pattern
+        relative: str | None = None
         lengths = sorted({len(p) for p in prefixes})
         for k, pat in enumerate(patterns):
             if k in used or _matches_any(pat, index, lengths):
                 continue
-            if names is None:
-                # Keys as the user may have meant them: absolute, or relative
-                # to a rule's prefix; rendered once for every pattern.
-                parts = list(index.paths) + [
-                    index.paths[i][len(p) :] for p in set(prefixes) for i in index.under(p)
-                ]
-                names = sorted({render_parts(p) for p in parts[:40000]})
-            shown = sorted({render_parts(p) for p in prefixes})
-            where = ", ".join(repr(s) for s in shown[:3]) + (", ..." if len(shown) > 3 else "")
-            relative = f" relative to a rule's prefix ({where}) or" if shown else ""
+            wild = "*" in pat.text
+            if wild not in names:
+                names[wild] = _key_names(index, prefixes, patterns=wild)
+            if relative is None:
+                shown = sorted({render_parts(p) for p in prefixes})
+                where = ", ".join(map(repr, shown[:3])) + (", ..." if len(shown) > 3 else "")
+                relative = f" relative to a rule's prefix ({where}) or" if shown else ""
             out.append(
                 Problem(
                     "unmatched_ignore",
                     f"{name} pattern {pat.text!r} matches no key of {index.what},"
-                    f"{relative} from the root{_close_names(pat.text, names)}",
+                    f"{relative} from the root{_close_names(pat.text, names[wild])}",
                     pattern=pat.text,
                 )
             )
     return out
+
+
+def _key_names(index: TreeIndex, prefixes: list[Parts], *, patterns: bool) -> Names:
+    """Keys as a user may have meant them: absolute, or relative to a rule's prefix.
+
+    With `patterns`, indices are `*` and the keys deduplicated before they are
+    rendered: an ignore pattern is answered with a pattern.
+    """
+    parts = list(index.paths) + [
+        index.paths[i][len(p) :] for p in set(prefixes) for i in index.under(p)
+    ]
+    if patterns:
+        kinds = {tuple(0 if is_index(q) else q for q in p) for p in parts}
+        return Names(sorted({render_pattern(p) for p in kinds}))
+    return Names(sorted({render_parts(p) for p in parts[:40000]}))
 
 
 def _matches_any(pat: Pattern, index: TreeIndex, lengths: list[int]) -> bool:
@@ -187,6 +200,4 @@ def _matches_any(pat: Pattern, index: TreeIndex, lengths: list[int]) -> bool:
 def _nothing_matches(pattern: Pattern, index: TreeIndex) -> str:
     if pattern.is_literal:
         return index.why_missing(pattern.as_path().parts)
-    return f"{pattern.text!r} matches nothing in {index.what}" + _close_paths(
-        pattern.text, index.node_paths()
-    )
+    return f"{pattern.text!r} matches nothing in {index.what}" + _close_paths(pattern.text, index)

@@ -77,6 +77,7 @@ def check_missing(res: Resolution) -> list[Problem]:
     tgt, src, rules = inputs.tgt, inputs.src, inputs.rules
     out: list[Problem] = []
     reported: set[tuple[int, Parts]] = set()
+    stacked: set[int] | None = None  # the stack rules that found subtrees somewhere
     seen: set[tuple[Parts, Parts]] = set()
     # (rule, target subtree) -> [leaf count, index in out, source subtree, first paths]
     groups: dict[tuple[int, Parts], list[Any]] = {}
@@ -87,7 +88,9 @@ def check_missing(res: Resolution) -> list[Problem]:
             key = (u.rule, parts[: u.n])
             if not u.ignored and key not in reported:
                 reported.add(key)
-                out.append(_missing_prefix(res, u.rule, parts[: u.n]))
+                if stacked is None:
+                    stacked = {r for r, _, _ in res.stack_instances}
+                out.append(_missing_prefix(res, u.rule, parts[: u.n], u.rule in stacked))
             continue
         assert u.old_prefix is not None
         sparts = u.old_prefix + parts[u.n :]
@@ -156,20 +159,29 @@ def check_missing(res: Resolution) -> list[Problem]:
     return out
 
 
-def _missing_prefix(res: Resolution, r: int, new_prefix: Parts) -> Problem:
+def _missing_prefix(res: Resolution, r: int, new_prefix: Parts, stacked: bool) -> Problem:
+    """One rule instance whose source is absent; `stacked`: the rule, a stack, found others."""
     inputs = res.inputs
     rule = inputs.rules[r]
     old = inputs.old_of(r, new_prefix)
-    if rule.gather == "stack" and rule.old is not None:
-        why = f"no subtree of {inputs.src.what} matches {rule.old.text!r}" + _close_paths(
-            rule.old.text, inputs.src.node_paths()
+    stack = rule.old if rule.gather == "stack" else None
+    if stack is not None and stacked:
+        # The pattern is right (other instances found theirs): no typo to suggest.
+        why = (
+            f"no subtree of {inputs.src.what} matches {stack.text!r} "
+            f"with the captures of {render_parts(new_prefix)!r}"
+        )
+    elif stack is not None:
+        why = f"no subtree of {inputs.src.what} matches {stack.text!r}" + _close_paths(
+            stack.text, inputs.src
         )
     else:
         why = inputs.src.why_missing(old)
     literal = rule.old is not None and rule.old.is_literal
-    # A close name for a literal rule's source means a typo: fix it, as
-    # ignoring would only hide it. A glob rule found its other instances.
-    if "did you mean" in why and literal:
+    # A close name for a literal rule's source, or for a stack's pattern that
+    # matches nothing anywhere, means a typo: fix it, as ignoring would only
+    # hide it. A glob rule found its other instances.
+    if "did you mean" in why and (literal or stack is not None):
         remedy = ""
     elif literal:
         remedy = "check the rule's source path or, " + _keep_remedy(new_prefix)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from treegraft._errors import PATH_CUTOFF, GraftError, Problem, suggest
+from treegraft._errors import PATH_CUTOFF, GraftError, Names, Problem, suggest
 from treegraft._errors import count as _count  # noqa: F401 (the planner's modules use it)
 from treegraft._parse.paths import Part, render_parts
+from treegraft._tree.index import TreeIndex
 
 __all__ = ["Problem", "raise_problems"]
 
@@ -39,11 +40,18 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(map(str, indices[:3])) + f", ..., {indices[-1]}"
 
 
-def _close_paths(text: str, paths: Sequence[Parts]) -> str:
-    return _close_names(text, sorted({render_parts(p) for p in paths[:20000]}))
+def _close_paths(text: str, index: TreeIndex) -> str:
+    """Close node paths of index for a path or pattern text; a pattern gets patterns.
+
+    The text itself is never suggested: a pattern that names leaves elsewhere
+    is not a typo.
+    """
+    names = index.node_names(patterns="*" in text)
+    close = [c for c in names.close(text, n=4, cutoff=PATH_CUTOFF) if c != text][:3]
+    return " (did you mean " + " or ".join(map(repr, close)) + "?)" if close else ""
 
 
-def _close_names(text: str, names: Sequence[str]) -> str:
+def _close_names(text: str, names: Sequence[str] | Names) -> str:
     return suggest(text, names, cutoff=PATH_CUTOFF)
 
 

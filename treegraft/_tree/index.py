@@ -12,8 +12,8 @@ from typing import Any
 
 import jax
 
-from treegraft._errors import PathNotFoundError
-from treegraft._parse.paths import Part, Path, render_parts
+from treegraft._errors import Names, PathNotFoundError
+from treegraft._parse.paths import Part, Path, is_index, render_parts, render_pattern
 from treegraft._tree.leaves import check_not_traced
 from treegraft._tree.pytree import children, flatten_parts, resolve
 
@@ -49,6 +49,8 @@ class TreeIndex:
         self._groups: dict[int, dict[Parts, list[int]]] = {}
         self._loose_groups: dict[int, dict[Parts, list[int]]] = {}
         self._at_groups: dict[tuple[int, int], dict[Parts, list[int]]] = {}
+        self._node_names: dict[bool, Names] = {}
+        self._missing: dict[Parts, str] = {}  # why each path looked up and absent is
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -98,6 +100,8 @@ class TreeIndex:
             or _same_types(self.paths[found[0]][:k], prefix)
         ):
             return found
+        if found is None and not _loosens(prefix):
+            return []  # only an int or digits can match loosely: no need to index that way
         lgroups = self._loose_groups.get(k)
         if lgroups is None:
             lgroups = self._loose_groups[k] = {}
@@ -121,16 +125,21 @@ class TreeIndex:
             return True
         try:
             resolve(self.root, Path(parts), what=self.what)
-        except PathNotFoundError:
+        except PathNotFoundError as e:
+            # Kept for why_missing: walking a node of many keys again costs as much.
+            self._missing[parts] = str(e)
             return False
         return True
 
     def why_missing(self, parts: Parts) -> str:
         """A message saying where a path stops existing, with close names."""
+        known = self._missing.get(parts)
+        if known is not None:
+            return known
         try:
             _, node = resolve(self.root, Path(parts), what=self.what)
         except PathNotFoundError as e:
-            return str(e)
+            return self._missing.setdefault(parts, str(e))
         where = repr(render_parts(parts)) if parts else "the root"
         return f"{where} is {_what_node(node)} in {self.what}"
 
@@ -146,6 +155,25 @@ class TreeIndex:
                 stack.extend((parts + (k,), c) for k, c in reversed(kids))
         return out
 
+    def node_names(self, *, patterns: bool = False) -> Names:
+        """Every node's path rendered, indexed for did-you-mean; built once per tree.
+
+        With `patterns`, each index is a `*` (`layers.*.mlp`): a mistyped
+        pattern is answered with a pattern, not with one of its instances.
+        Those come from the leaves' paths (a pattern names leaves), so a tree
+        of 48 layers of 128 experts is one short list, made without a walk.
+        """
+        names = self._node_names.get(patterns)
+        if names is None:
+            if patterns:
+                kinds = {tuple(map(_as_index, p)) for p in self.paths}
+                prefixes = {k[:n] for k in kinds for n in range(len(k) + 1)}
+                rendered = {render_pattern(p) for p in prefixes}
+            else:
+                rendered = {render_parts(p) for p in self.node_paths()}
+            names = self._node_names[patterns] = Names(sorted(rendered))
+        return names
+
     def under_at(self, n: int, head: Parts) -> list[int]:
         """Indices of the leaves whose parts after the first n start with head (loosely)."""
         key = (n, len(head))
@@ -157,6 +185,19 @@ class TreeIndex:
                 if len(p) >= n + k:
                     groups.setdefault(loose(p[n : n + k]), []).append(i)
         return groups.get(loose(head), [])
+
+
+def _loosens(parts: Parts) -> bool:
+    """Whether loose() could make parts equal to another path: an int, or digits, in them."""
+    for p in parts:
+        if type(p) is int or (type(p) is str and p.lstrip("-").isdigit()):
+            return True
+    return False
+
+
+def _as_index(part: Part) -> Part:
+    """0 for every index (an int, or a str of digits as orbax saves them), else part."""
+    return 0 if is_index(part) else part
 
 
 def _all_str(parts: Parts) -> bool:

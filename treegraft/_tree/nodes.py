@@ -97,6 +97,15 @@ def children(
         return None
     if _is_variable(type(node)):  # an NNX Variable: its value's children
         return children(_nnx.value_of(node), is_leaf=is_leaf, where=where)
+    if type(node) is dict and is_leaf is None:
+        # A plain dict's children are its items in sorted key order, as jax's
+        # flatten gives them, without flattening (a node of 100k keys: 0.3 s).
+        try:
+            keys = sorted(node)
+        except TypeError:
+            pass  # keys that do not sort: jax's flatten below raises, and is reported
+        else:
+            return [(k, node[k]) for k in keys]
     try:
         keyed, _ = tree_util.tree_flatten_with_path(
             node, is_leaf=lambda x: x is not node or (is_leaf is not None and is_leaf(x))
