@@ -490,7 +490,7 @@ CATALOGUE: list[Case] = [
          tg.PathNotFoundError,
          r"path 'params\.decoder\.layers_0\.kernel' not found in the source: 'params\.decoder' "
          r"has no key 'layers_0'; its keys are 0, 1(.|\n)*unexpected in the source: .*: 2\n  "
-         r"'params\.decoder\[0\]\.kernel' in the source has no target",
+         r"'params\.decoder\[0\.\.1\]\.kernel' in the source has no target",
          source=lambda: _set(memory_source(), ["params", "decoder"],
                              [{"kernel": np.ones((16, 8), np.float32)}] * 2)),
     Case("structure-missing-key", loader(P), tg.PathNotFoundError,
