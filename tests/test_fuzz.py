@@ -502,7 +502,7 @@ def _error_type(kinds: set[str]) -> type[tg.GraftError]:
         return tg.PathNotFoundError
     if kinds <= {"shape"}:
         return tg.MismatchError
-    if kinds == {"tie"}:
+    if kinds <= {"tie", "unfilled"}:  # both call for a rule to change or be added
         return tg.MappingError
     return tg.GraftError
 
