@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -41,7 +40,8 @@ window.addEventListener("load", () => {
   const wide = [];
   document.querySelectorAll("div.highlight pre").forEach((pre) => {
     if (pre.scrollWidth > pre.clientWidth + 1) {
-      const first = pre.textContent.split("\\n").reduce((a, b) => (b.length > a.length ? b : a), "");
+      const lines = pre.textContent.split("\\n");
+      const first = lines.reduce((a, b) => (b.length > a.length ? b : a), "");
       wide.push({over: pre.scrollWidth - pre.clientWidth, line: first.slice(0, 80)});
     }
   });

@@ -111,7 +111,8 @@ def test_transpose_with_a_tuple_as_python_writes_it(capsys, item, target) -> Non
     ("files", "spec", "message"),
     [
         ({}, "{d}/nope.py:M", "no file"),
-        ({"r.py": "MAPPING = {}"}, "{d}/r.py:MAPING", "defines no 'MAPING' (did you mean 'MAPPING'?)"),
+        ({"r.py": "MAPPING = {}"}, "{d}/r.py:MAPING",
+         "defines no 'MAPING' (did you mean 'MAPPING'?)"),
         ({"r.py": "M = [1]"}, "{d}/r.py:M", "M is a list, not a mapping"),
         ({"r.py": "1/0"}, "{d}/r.py:M", "raised ZeroDivisionError: division by zero"),
         ({"r.py": "M = {}"}, "{d}/r.py", "FILE.py:NAME"),

@@ -46,7 +46,9 @@ def load_model_target(spec: str) -> Any:
     """
     match = _SPEC.fullmatch(spec)
     if match is None:
-        raise ModelTargetError(f"--target {spec!r}: not module:function (e.g. mymodel:abstract_state)")
+        raise ModelTargetError(
+            f"--target {spec!r}: not module:function (e.g. mymodel:abstract_state)"
+        )
     module_name, attr = match.groups()
     module = _import(spec, module_name)
     function: Any = module
