@@ -240,6 +240,30 @@ def test_a_bad_model_target_exits_2_with_one_line(
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_a_model_target_may_return_an_nnx_module(capsys, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("flax")
+    (tmp_path / "nnxmodel.py").write_text(textwrap.dedent("""
+        from flax import nnx
+
+        class Model(nnx.Module):
+            def __init__(self, rngs):
+                self.linear = nnx.Linear(2, 3, rngs=rngs)
+
+        def abstract_model():
+            return nnx.eval_shape(lambda: Model(nnx.Rngs(0)))
+    """))
+    item = write_item(tmp_path / "torch_linear", {"w": np.ones((3, 2), np.float32),
+                                                  "b": np.zeros(3, np.float32)})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "nnxmodel", raising=False)
+    status, out, err = plan_cli(capsys, item, "--target", "nnxmodel:abstract_model",
+                                "--map", "linear.kernel=transpose(w, (1, 0))",
+                                "--map", "linear.bias=b")
+    assert status == 0, err
+    assert "linear.kernel  w       float32[3, 2]  transpose (1, 0)" in out
+    assert "untouched target leaves: 0" in out
+
+
 def test_model_target_error_is_a_graft_error() -> None:
     from treegraft._app.model_target import ModelTargetError, load_model_target
 
