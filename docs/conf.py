@@ -51,11 +51,12 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 
-html_theme = "alabaster"
+# The theme of the jax, flax, optax and orbax docs (the `docs` extra installs it).
+html_theme = "sphinx_book_theme"
 html_title = f"treegraft {release}"
 html_theme_options = {
-    "description": "Initialise part of a JAX state from another pytree or checkpoint.",
-    "fixed_sidebar": True,
+    "show_toc_level": 2,  # a page's sections in its right-hand column
+    "home_page_in_toc": True,
 }
 
 

@@ -20,6 +20,8 @@ from typing import Any, NoReturn
 import treegraft
 from treegraft._app.display import Style, leaf_rows, render_tree
 from treegraft._app.map_text import parse_map
+from treegraft._app.mapping_file import load_mapping
+from treegraft._app.model_target import is_model_target, load_model_target
 from treegraft._errors import PATH_CUTOFF, CheckpointError, GraftError, suggest
 from treegraft._formats.kauldron.source import KauldronCheckpoint, is_workdir, list_steps
 from treegraft._formats.orbax.source import OrbaxCheckpoint
@@ -142,6 +144,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--depth", type=_depth_arg, default=None, help="levels to show")
     inspect.add_argument("--filter", metavar="PATTERN", help="only leaves under this pattern")
+    inspect.add_argument(
+        "--expand", action="store_true",
+        help="show every repeated layer (by default, 4 or more alike are folded: layers[0..47])",
+    )
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--plain", action="store_true", help="no colour or bold")
 
@@ -149,15 +155,32 @@ def _parser() -> argparse.ArgumentParser:
     dry.add_argument(
         "source", help="the checkpoint to read from (workdir, step or item folder, safetensors)"
     )
-    dry.add_argument("--target", required=True, help="a checkpoint with the new state's structure")
+    dry.add_argument(
+        "--target",
+        required=True,
+        help="a checkpoint with the new state's structure, or module:function, a function "
+        "(importable from the current folder) returning the new state, e.g. via jax.eval_shape",
+    )
+    dry.add_argument(
+        "--mapping",
+        metavar="FILE",
+        help="the rules from FILE.py:NAME (a dict in a Python file) or FILE.json; "
+        "--map rules are added to them",
+    )
     dry.add_argument(
         "--map",
         metavar="NEW=OLD",
         action="append",
         default=None,
         help="a rule (repeat it); OLD may be None (keep) or an operation such as "
-        "'stack(params.layers_*, axis=0)'; default: params=params collections=collections",
+        "'stack(params.layers_*, axis=0)'; for a Kauldron workdir the default is "
+        "params=params collections=collections",
     )
+    if _has_suggest():
+        dry.add_argument(
+            "--suggest", action="store_true",
+            help="print a suggested mapping as Python code, with its explanation",
+        )
     dry.add_argument("--step", type=_step_arg, default=None, help="step of the source workdir")
     dry.add_argument(
         "--target-step", type=_step_arg, default=None, help="step of the target workdir"
@@ -169,6 +192,11 @@ def _parser() -> argparse.ArgumentParser:
     dry.add_argument("--json", action="store_true", help="machine-readable output")
     dry.add_argument("--plain", action="store_true", help="no colour or bold")
     return parser
+
+
+def _has_suggest() -> bool:
+    """Whether this treegraft has `tg.suggest` (then `plan --suggest` exists)."""
+    return hasattr(treegraft, "suggest")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -361,7 +389,8 @@ def _inspect(args: argparse.Namespace, style: Style) -> int:
         return 0
     if steps is not None:
         _out(f"steps: {', '.join(map(str, steps))} (showing {source.resolved_step})")  # type: ignore[attr-defined]
-    for line in render_tree(items, title=where, depth=args.depth, style=style):
+    lines = render_tree(items, title=where, depth=args.depth, style=style, fold=not args.expand)
+    for line in lines:
         _out(line)
     return 0
 
@@ -376,20 +405,69 @@ def _close_names(pattern: Any, paths: Sequence[tuple[Any, ...]]) -> str:
     return suggest(text, names, cutoff=PATH_CUTOFF) if text and text != "**" else ""
 
 
-def _plan(args: argparse.Namespace, style: Style) -> int:
-    mapping = parse_map(args.map if args.map is not None else _DEFAULT_MAP)
-    # A malformed mapping or pattern is a usage error (2), not a failing graft (1).
-    parse_mapping(mapping)
-    parse_ignore(args.ignore_model_keys, name="--ignore-model-keys")
-    parse_ignore(args.ignore_restored_keys, name="--ignore-restored-keys")
-    source = open_checkpoint(args.source, args.step)
+def _given_mapping(args: argparse.Namespace) -> dict[Any, Any] | None:
+    """The rules of --mapping, then --map (which add to or replace them); None if neither."""
+    if args.mapping is None and args.map is None:
+        return None
+    mapping = load_mapping(args.mapping) if args.mapping is not None else {}
+    mapping.update(parse_map(args.map or ()))
+    return mapping
+
+
+def _is_kauldron(path: str, source: Source) -> bool:
+    """A Kauldron workdir, or a step folder inside one (`<workdir>/checkpoints/ckpt_N`)."""
+    if isinstance(source, KauldronCheckpoint):
+        return True
+    parent = os.path.dirname(os.path.normpath(path))
+    return os.path.basename(parent) == "checkpoints" and is_workdir(os.path.dirname(parent))
+
+
+def _no_mapping(source: Source) -> str:
+    """Why plan needs a mapping for this source, and the ways to give one."""
+    ways = "--map NEW=OLD (repeat it), --mapping FILE.py:NAME or --mapping FILE.json"
+    if _has_suggest():
+        ways += ", or --suggest for a suggested one"
+    return (
+        f"{source.describe()} is not a Kauldron workdir, so there is no default mapping "
+        f"(params=params, collections=collections are Kauldron's); give one: {ways}"
+    )
+
+
+def _open_target(args: argparse.Namespace) -> Any:
+    """The target state: a function's state (`module:function`) or a checkpoint's metadata."""
+    if is_model_target(args.target):
+        if args.target_step is not None:
+            raise CheckpointError(
+                f"--target-step {args.target_step}: --target {args.target!r} is a function, "
+                f"not a Kauldron workdir, so it has no steps"
+            )
+        return load_model_target(args.target)
     target_source = open_checkpoint(args.target, args.target_step, flag="--target-step")
-    # A missing or unreadable checkpoint (or step) is unusable input (2), not a
-    # failing graft (1): open both before planning.
-    source.metadata()
     target = target_source.metadata()
     # The plan checks the target's shapes: read them in one batch up front.
     target_source.prefetch(flatten_parts(target)[1])
+    return target
+
+
+def _plan(args: argparse.Namespace, style: Style) -> int:
+    mapping = _given_mapping(args)
+    # A malformed mapping or pattern is a usage error (2), not a failing graft (1).
+    if mapping is not None:
+        parse_mapping(mapping)
+    parse_ignore(args.ignore_model_keys, name="--ignore-model-keys")
+    parse_ignore(args.ignore_restored_keys, name="--ignore-restored-keys")
+    source = open_checkpoint(args.source, args.step)
+    # A missing or unreadable checkpoint (or step) is unusable input (2), not a
+    # failing graft (1): open both before planning.
+    source.metadata()
+    target = _open_target(args)
+    if getattr(args, "suggest", False):
+        return _suggest(target, source, args, style)
+    if mapping is None:
+        if not _is_kauldron(args.source, source):
+            _say(f"treegraft plan: {_no_mapping(source)}")
+            return 2
+        mapping = parse_map(_DEFAULT_MAP)
     try:
         p = plan(
             target,
@@ -413,6 +491,22 @@ def _plan(args: argparse.Namespace, style: Style) -> int:
         return 0
     _out(style.good("the graft would succeed:"))
     _out(str(p))
+    return 0
+
+
+def _suggest(target: Any, source: Source, args: argparse.Namespace, style: Style) -> int:
+    """Prints `tg.suggest`'s mapping as Python code to paste, then its explanation."""
+    suggestion = treegraft.suggest(target, source)  # type: ignore[attr-defined]
+    if args.json:
+        _out(
+            json.dumps(
+                {"code": suggestion.as_code(), "explanation": suggestion.explain()}, indent=2
+            )
+        )
+        return 0
+    _out(suggestion.as_code().rstrip("\n"))
+    _out()
+    _out(suggestion.explain().rstrip("\n"))
     return 0
 
 

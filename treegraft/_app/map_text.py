@@ -16,7 +16,7 @@ from typing import Any
 import treegraft
 from treegraft._errors import MappingError
 
-__all__ = ["parse_map"]
+__all__ = ["parse_map", "parse_rule_value"]
 
 _OPS = ("stack", "unstack", "cast", "transpose", "reshape")
 # A call starts with a bare name and '(': a path never does (its '(' would
@@ -39,18 +39,31 @@ def parse_map(entries: Sequence[str]) -> dict[str, Any]:
         new, sep, old = entry.partition("=")
         if not sep or not new.strip():
             raise MappingError(f"--map takes NEW=OLD, got {entry!r}")
-        mapping[new.strip()] = _Entry(entry).value(old.strip())
+        mapping[new.strip()] = _Entry(f"--map {entry!r}").value(old.strip())
     return mapping
 
 
-class _Entry:
-    """One `--map` entry, named in every error about it."""
+def parse_rule_value(text: str, *, where: str) -> Any:
+    """One rule's source side written as in `--map` (a path, `None`, an operation).
 
-    def __init__(self, text: str):
-        self.text = text
+    Args:
+      text: the text after `NEW=`.
+      where: what names the entry in errors, e.g. `--mapping 'm.json', key 'params'`.
+
+    Raises:
+      MappingError: the operation is malformed.
+    """
+    return _Entry(where).value(text.strip())
+
+
+class _Entry:
+    """One `--map` entry (or mapping file entry), named in every error about it."""
+
+    def __init__(self, where: str):
+        self.where = where  # e.g. "--map 'a=b'": starts every message
 
     def error(self, reason: str) -> MappingError:
-        return MappingError(f"--map {self.text!r}: {reason}")
+        return MappingError(f"{self.where}: {reason}")
 
     def value(self, text: str) -> Any:
         """A rule value: None, a path string, or an operation."""
@@ -113,7 +126,7 @@ class _Entry:
             self.no_keywords(name, keywords)
             return getattr(treegraft, name)(value, self.integers(name, what, extra))
         except MappingError as e:
-            if str(e).startswith("--map "):
+            if str(e).startswith(self.where + ": "):
                 raise  # about an inner operation: already names the entry
             raise self.error(str(e)) from None
 

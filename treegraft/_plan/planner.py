@@ -109,11 +109,7 @@ def plan(
                 f"int8); got {cast!r}"
             )
         if isinstance(source, str | os.PathLike):
-            raise MappingError(
-                f"the source {os.fspath(source)!r} is a path, not a tree: wrap it in "
-                f"tg.OrbaxCheckpoint({os.fspath(source)!r}) for an orbax checkpoint folder, or "
-                f"tg.KauldronCheckpoint({os.fspath(source)!r}) for a Kauldron workdir"
-            )
+            raise MappingError(_wrap_path_hint(os.fspath(source)))
         rules = tuple(parse_mapping(mapping))
         ignore_model = tuple(parse_ignore(ignore_model_keys, name="ignore_model_keys"))
         ignore_restored = tuple(parse_ignore(ignore_restored_keys, name="ignore_restored_keys"))
@@ -207,4 +203,38 @@ def _conclude(
         report=[p for p in problems if p not in fatal],
         cast=inputs.cast,
         strict=strict,
+    )
+
+
+def _wrap_path_hint(path: str) -> str:
+    """What to wrap a path given as the source in: the kind it holds first, when it shows.
+
+    Only a local look (a name, a listing): a remote path gets the three kinds.
+    """
+    kinds = [
+        f"tg.OrbaxCheckpoint({path!r}) for an orbax checkpoint folder",
+        f"tg.KauldronCheckpoint({path!r}) for a Kauldron workdir",
+        f"tg.SafetensorsCheckpoint({path!r}) for safetensors weights",
+    ]
+    if _holds_safetensors(path):
+        return (
+            f"the source {path!r} is a path, not a tree: it holds safetensors weights, so wrap "
+            f"it in tg.SafetensorsCheckpoint({path!r})"
+        )
+    return (
+        f"the source {path!r} is a path, not a tree: wrap it in "
+        f"{kinds[0]}, {kinds[1]}, or {kinds[2]}"
+    )
+
+
+def _holds_safetensors(path: str) -> bool:
+    """A local `.safetensors` file, or a local folder of them (or their index)."""
+    if path.endswith(".safetensors"):
+        return True
+    try:
+        names = os.listdir(path)
+    except OSError:  # remote, missing or unreadable: no claim
+        return False
+    return "_METADATA" not in names and any(
+        n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names
     )
