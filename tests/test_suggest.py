@@ -111,8 +111,14 @@ def assert_law(state: Any, source: Any, expected: Any, s: tg.Suggestion) -> None
     out = tg.graft(state, source, s.mapping)
     got, want = tg.flatten(out), tg.flatten(expected)
     assert list(got) == list(want)
-    wrong = [str(p) for p in want if not np.array_equal(np.asarray(got[p]), want[p])]
+    wrong = [str(p) for p in want if not np.array_equal(_value(got[p]), _value(want[p]))]
     assert not wrong, f"wrongly grafted or left alone: {wrong}"
+
+
+def _value(x: Any) -> np.ndarray:
+    if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(x))
+    return np.asarray(x)
 
 
 def leaf_count(tree: Any) -> int:
@@ -396,3 +402,28 @@ def test_48_layer_llama_metadata_is_quick():
     assert len(s.mapping) == 3 + 4 + 3 + 2
     plan = tg.plan(state, source, s.mapping)  # usable as is, planned on shapes
     assert len(plan.entries) == leaf_count(state)
+
+
+def test_identical_trees_need_one_rule_per_top_level_subtree():
+    rng = np.random.default_rng(7)
+    tree = {"params": {"a": {"w": rng.standard_normal(3)},
+                       "b": [rng.standard_normal(2), rng.standard_normal(4)]},
+            "rng": jax.random.key(0)}
+    s = tg.suggest(fresh_like(tree), tree)
+    assert s.mapping == {"params": "params", "rng": "rng"}
+    assert_law(fresh_like(tree), tree, tree, s)
+
+
+def fresh_like(tree: Any) -> Any:
+    """`fresh` for trees holding PRNG keys: keys get another seed, arrays other values."""
+    rng = np.random.default_rng(8)
+    return jax.tree.map(lambda x: jax.random.key(9) if jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else rng.standard_normal(np.shape(x)), tree)
+
+
+def test_an_int_leaf_is_never_fed_from_a_float_or_cast_unsafely():
+    source = {"count": np.int32(3), "w": np.ones(2, np.float32)}
+    state = {"count": np.float32(0), "w": np.zeros(2, np.int32)}
+    s = tg.suggest(state, source)
+    assert s.mapping == {"count": None, "w": None}
+    assert s.unmatched_state == ("count", "w")

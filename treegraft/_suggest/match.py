@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from treegraft._suggest.names import Leaf, specific
+from treegraft._suggest.names import Leaf, Wild, specific
 
 __all__ = ["Unit", "Pair", "Matching", "units_of", "match_units"]
 
@@ -49,8 +49,8 @@ class Unit:
     @property
     def run(self) -> int | None:
         """N when the unit is one layer index running exactly 0..N-1, else None."""
-        if self.depth != 1:
-            return None
+        if self.depth != 1 or not any(isinstance(p, Wild) for p in self.template):
+            return None  # a run is a glob over one layer index
         n = len(self.indices)
         return n if self.indices == {(i,) for i in range(n)} else None
 
@@ -118,37 +118,37 @@ def units_of(leaves: Iterable[Leaf]) -> list[Unit]:
             # each is its own unit, its indices written out.
             for leaf in group:
                 units.append(Unit(leaf.parts, [leaf], leaf.shape, leaf.dtype, leaf.tokens,
-                                  leaf.kind, leaf.raw_kind, leaf.auto, frozenset({()})))
+                                  leaf.kind, leaf.raw_kind, leaf.auto,
+                                  frozenset({leaf.indices})))
     return units
 
 
 def _torch_side(unit: Unit) -> bool | None:
-    """True for a PyTorch `weight` [out, in], False for a JAX `kernel` [in, out], None if unknown."""
+    """True for a PyTorch `weight` [out, in], False for a JAX `kernel` [in, out], else None."""
     if "embed" in unit.tokens or "norm" in unit.tokens:
-        return None
+        return None  # embedding tables are [vocab, dim] in both
     raw = unit.raw_kind.lower()
     return True if raw == "weight" else False if raw == "kernel" else None
 
 
 def _fit(state: Unit, source: Unit, s_shape: tuple[int, ...],
          r_shape: tuple[int, ...]) -> bool | None:
-    """Whether the source leaf shape fits the state's as is (False), transposed (True), or not (None)."""
+    """Whether the source leaf shape fits as is (False), transposed (True), or not (None)."""
     if len(s_shape) == 2 and len(r_shape) == 2:
         sides = (_torch_side(state), _torch_side(source))
         conventions_differ = None not in sides and sides[0] != sides[1]
-        if s_shape == r_shape[::-1] and (s_shape != r_shape and not conventions_differ
-                                         or conventions_differ):
-            # A square kernel against a square weight is transposed by
-            # convention: PyTorch stores [out, in], JAX [in, out].
+        # A square kernel against a square weight is transposed by convention
+        # (PyTorch stores [out, in], JAX [in, out]); other shapes say it alone.
+        if s_shape == r_shape[::-1] and (s_shape != r_shape or conventions_differ):
             return True
-        if s_shape == r_shape and not (conventions_differ and s_shape[0] == s_shape[1]):
-            return False
-        return None
     return False if s_shape == r_shape else None
 
 
 def _dtype_fit(state: Unit, source: Unit) -> tuple[bool, Any]:
-    s, r = np.dtype(state.dtype), np.dtype(source.dtype)
+    try:
+        s, r = np.dtype(state.dtype), np.dtype(source.dtype)
+    except TypeError:  # jax's extended dtypes (PRNG keys): only the same one fits
+        return (str(state.dtype) == str(source.dtype)), None
     if s == r:
         return True, None
     floating = all(np.issubdtype(d, np.floating) or "float" in d.name for d in (s, r))
@@ -198,8 +198,11 @@ def _candidates(state: Unit, sources: Sequence[Unit], *, evidence: str,
         if not ok:
             continue
         shared = state.tokens & source.tokens
+        # The same path on both sides is the best evidence there is, whatever
+        # its tokens say (`params.b[0]` has none that tell modules apart).
+        same = state.template == source.template
         if evidence == "names":
-            if not specific(shared):
+            if not specific(shared) and not same:
                 continue
         elif evidence == "sibling":
             # Beside a matched leaf: its parent module is matched already.
@@ -207,7 +210,8 @@ def _candidates(state: Unit, sources: Sequence[Unit], *, evidence: str,
                 continue
         elif not (state.auto or source.auto):
             continue  # shape alone speaks only for auto-named modules
-        out.append(_Cand(source, rel[0], rel[1], cast, _score(state.tokens, source.tokens),
+        out.append(_Cand(source, rel[0], rel[1], cast,
+                         _score(state.tokens, source.tokens) + (1.0 if same else 0.0),
                          tuple(sorted(shared))))
     return out
 

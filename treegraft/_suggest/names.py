@@ -31,7 +31,6 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _SYNONYMS = {
     "kernel": "weight",
     "scale": "weight",
-    "w": "weight",
     "gamma": "weight",
     "embedding": "embed",
     "embeddings": "embed",
@@ -47,7 +46,6 @@ _SYNONYMS = {
     "ln": "norm",
     "rmsnorm": "norm",
     "beta": "bias",
-    "b": "bias",
     "feedforward": "mlp",
     "ffn": "mlp",
     "ff": "mlp",

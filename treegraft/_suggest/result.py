@@ -48,7 +48,7 @@ class Suggestion:
     reasons: tuple[Reason, ...] = field(default=(), repr=False)
 
     def explain(self) -> str:
-        """A table, rule by rule: leaves covered, shapes, name tokens matched, index runs, how sure."""
+        """A table, rule by rule: leaves, shapes, name tokens matched, index runs, how sure."""
         head = ("rule", "leaves", "shape", "names matched", "indices", "sure")
         rows = [head]
         for r in self.reasons:
