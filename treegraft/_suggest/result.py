@@ -48,22 +48,29 @@ class Suggestion:
     reasons: tuple[Reason, ...] = field(default=(), repr=False)
 
     def explain(self) -> str:
-        """A table, rule by rule: leaves, shapes, name tokens matched, index runs, how sure."""
-        head = ("rule", "leaves", "shape", "names matched", "indices", "sure")
-        rows = [head]
+        """Why, rule by rule: leaves, shapes, name tokens matched, index runs, how sure.
+
+        Each rule is one line as `as_code` writes it (`new <- old`), then one
+        indented line of evidence; the ambiguous leaves and the counts of what
+        was left alone follow.
+        """
+        lines = []
         for r in self.reasons:
-            rule = f"{r.new} <- {_short(r.value)}"
-            rows.append((rule, str(r.leaves), r.shape, " ".join(r.tokens) or "-", r.indices,
-                         r.sure))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                 for row in rows]
+            lines.append(f"{r.new} <- {_short(r.value)}")
+            leaves = f"{r.leaves} leaf" if r.leaves == 1 else f"{r.leaves} leaves"
+            facts = [f"{leaves}, {r.shape}"]
+            if r.tokens:
+                facts.append(f"names: {' '.join(r.tokens)}")
+            if r.indices != "-":
+                facts.append(f"indices {r.indices}")
+            facts.append(f"sure: {r.sure}")
+            lines.append("    " + "; ".join(facts))
         for path, cands in self.ambiguous.items():
             lines.append(f"ambiguous: {path} could be any of {', '.join(cands)}")
-        counts = (f"{len(self.unmatched_state)} state leaves without a source, "
-                  f"{len(self.unmatched_source)} source leaves unused, "
-                  f"{len(self.ambiguous)} ambiguous")
-        return "\n".join([*lines, counts])
+        lines.append(f"{len(self.unmatched_state)} state leaves without a source, "
+                     f"{len(self.unmatched_source)} source leaves unused, "
+                     f"{len(self.ambiguous)} ambiguous")
+        return "\n".join(lines)
 
     def as_code(self) -> str:
         """The mapping as Python source to paste (uses `tg` and, for casts, `jnp`)."""

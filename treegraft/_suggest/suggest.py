@@ -62,16 +62,17 @@ def _shape_text(pair: Pair) -> str:
 def _reason(rule: Rule) -> Reason:
     new = render(rule.new)
     if rule.old is None:
-        return Reason(new, None, len(rule.new_leaves), "kept", (), "-", "no source leaf")
+        return Reason(new, None, len(rule.new_leaves), "kept", (), "-",
+                      "nothing to graft (no source leaf, or ambiguous)")
     pairs = rule.pairs
     shapes = sorted({_shape_text(p) for p in pairs})
     tokens = tuple(sorted({t for p in pairs for t in p.tokens}))
     runs = sorted({p.state.index_text() if p.relation != "stack" else p.source.index_text()
                    for p in pairs})
     weakest = min(pairs, key=lambda p: ("shape", "sibling", "names").index(p.evidence))
-    sure = {"names": "high: names and shapes agree",
-            "sibling": "high: beside a matched leaf",
-            "shape": "medium: shape only (auto-named modules)"}[weakest.evidence]
+    sure = {"names": "high (names and shapes agree)",
+            "sibling": "high (beside a matched leaf)",
+            "shape": "medium (shape only: auto-named modules)"}[weakest.evidence]
     return Reason(new, rule.value(), len(rule.new_leaves), "; ".join(shapes), tokens,
                   ", ".join(runs), sure)
 
