@@ -193,6 +193,22 @@ def test_lists_of_layers_and_h_indices_meet_layers_n():
     assert len(s.mapping) == 1
 
 
+def test_pytorch_weights_stored_in_out_keep_square_ones_as_is():
+    # GPT-2's Conv1D stores `weight` as [in, out]: the non-square ones show
+    # it, so the square `c_proj` is not transposed by PyTorch's convention.
+    rng = np.random.default_rng(2)
+    shapes = {("attn", "c_attn"): (D, 3 * D), ("attn", "c_proj"): (D, D),
+              ("mlp", "c_fc"): (D, 4 * D), ("mlp", "c_proj"): (4 * D, D)}
+    layers = [{(a, b): rng.standard_normal(s) for (a, b), s in shapes.items()} for _ in range(2)]
+    source = {"h": {str(i): {a: {b: {"weight": w[a, b]} for (a2, b) in w if a2 == a}
+                             for a in ("attn", "mlp")} for i, w in enumerate(layers)}}
+    expected = {f"layers_{i}": {a: {b: {"kernel": w[a, b]} for (a2, b) in w if a2 == a}
+                                for a in ("attn", "mlp")} for i, w in enumerate(layers)}
+    s = tg.suggest(fresh(expected), source)
+    assert_law(fresh(expected), source, expected, s)
+    assert s.mapping["layers_*.attn.c_proj.kernel"] == "h.*.attn.c_proj.weight"
+
+
 # ----------------------------------------------------------------------------
 # Linen auto-names.
 # ----------------------------------------------------------------------------

@@ -71,11 +71,23 @@ class Leaves:
 
     def __init__(self, paths: Sequence[Parts]):
         self.paths = list(paths)
+        # Leaves by their literal first parts (as text: a pattern's `3` also
+        # finds a key '3'), so a check looks only at the leaves it may reach.
+        self._by_prefix: dict[tuple[str, ...], list[Parts]] = defaultdict(list)
+        for path in self.paths:
+            for n in range(len(path) + 1):
+                self._by_prefix[tuple(map(str, path[:n]))].append(path)
 
     def under(self, template: tuple[Any, ...]) -> frozenset[Parts]:
         """The leaves a rule whose side is `template` reaches (by prefix, as rules match)."""
+        literal = []
+        for part in template:
+            if isinstance(part, Wild):
+                break
+            literal.append(str(part))
         matcher = parse_pattern(render(template)).prefix_matcher()
-        return frozenset(p for p in self.paths if matcher(p) is not None)
+        near = self._by_prefix.get(tuple(literal), [])
+        return frozenset(p for p in near if matcher(p) is not None)
 
 
 def render(template: tuple[Any, ...]) -> str:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -41,18 +42,23 @@ class Unit:
     auto: bool
     indices: frozenset[tuple[int, ...]]
 
-    @property
+    @cached_property
     def depth(self) -> int:
         """How many layer indices each leaf has."""
         return len(next(iter(self.indices))) if self.indices else 0
 
-    @property
+    @cached_property
     def run(self) -> int | None:
         """N when the unit is one layer index running exactly 0..N-1, else None."""
         if self.depth != 1 or not any(isinstance(p, Wild) for p in self.template):
             return None  # a run is a glob over one layer index
         n = len(self.indices)
         return n if self.indices == {(i,) for i in range(n)} else None
+
+    @cached_property
+    def torch(self) -> bool | None:
+        """True for a PyTorch `weight` [out, in], False for a JAX `kernel` [in, out], else None."""
+        return _torch_side(self)
 
     def index_text(self) -> str:
         """The index runs, e.g. `0..47`, for `explain`."""
@@ -135,7 +141,7 @@ def _fit(state: Unit, source: Unit, s_shape: tuple[int, ...],
          r_shape: tuple[int, ...]) -> bool | None:
     """Whether the source leaf shape fits as is (False), transposed (True), or not (None)."""
     if len(s_shape) == 2 and len(r_shape) == 2:
-        sides = (_torch_side(state), _torch_side(source))
+        sides = (state.torch, source.torch)
         conventions_differ = None not in sides and sides[0] != sides[1]
         # A square kernel against a square weight is transposed by convention
         # (PyTorch stores [out, in], JAX [in, out]); other shapes say it alone.
@@ -187,30 +193,65 @@ class _Cand:
     shared: tuple[str, ...]
 
 
-def _candidates(state: Unit, sources: Sequence[Unit], *, evidence: str,
+def fitting(states: Sequence[Unit], sources: Sequence[Unit]) -> dict[int, list[_Fit]]:
+    """For each state unit (by id), the source units whose shapes and dtypes fit it.
+
+    Sources are looked up by shape, so this is linear in the number of units,
+    not their product: a model of thousands of distinct leaves stays quick.
+    """
+    by_shape: dict[tuple[int, ...], list[Unit]] = defaultdict(list)
+    for r in sources:
+        by_shape[r.shape].append(r)
+    out: dict[int, list[_Fit]] = {}
+    for state in states:
+        shapes = {state.shape, state.shape[::-1], state.shape[1:], state.shape[1:][::-1]}
+        if state.run is not None:
+            shapes |= {(state.run, *state.shape), (state.run, *state.shape[::-1])}
+        fits = []
+        seen: set[int] = set()
+        for shape in sorted(shapes):
+            for source in by_shape.get(shape, ()):
+                if id(source) in seen:
+                    continue
+                seen.add(id(source))
+                rel = relate(state, source)
+                ok, cast = _dtype_fit(state, source)
+                if rel is not None and ok:
+                    fits.append(_Fit(source, rel[0], rel[1], cast))
+        out[id(state)] = fits
+    return out
+
+
+@dataclass(frozen=True)
+class _Fit:
+    source: Unit
+    relation: str
+    transposed: bool
+    cast: Any
+
+
+def _candidates(state: Unit, fits: list[_Fit], available: set[int], *, evidence: str,
                 parents: dict[tuple[Any, ...], tuple[Any, ...]]) -> list[_Cand]:
+    """The fitting, still unmatched source units that this round's evidence allows."""
+    parent = parents.get(state.template[:-1])
+    if evidence == "sibling" and parent is None:
+        return []  # beside a matched leaf only: its parent module is matched already
     out = []
-    for source in sources:
-        rel = relate(state, source)
-        if rel is None:
+    for fit in fits:
+        source = fit.source
+        if id(source) not in available:
             continue
-        ok, cast = _dtype_fit(state, source)
-        if not ok:
+        if evidence == "sibling" and source.template[:-1] != parent:
             continue
+        if evidence == "shape" and not (state.auto or source.auto):
+            continue  # shape alone speaks only for auto-named modules
         shared = state.tokens & source.tokens
         # The same path on both sides is the best evidence there is, whatever
         # its tokens say (`params.b[0]` has none that tell modules apart).
         same = state.template == source.template
-        if evidence == "names":
-            if not specific(shared) and not same:
-                continue
-        elif evidence == "sibling":
-            # Beside a matched leaf: its parent module is matched already.
-            if parents.get(state.template[:-1]) != source.template[:-1]:
-                continue
-        elif not (state.auto or source.auto):
-            continue  # shape alone speaks only for auto-named modules
-        out.append(_Cand(source, rel[0], rel[1], cast,
+        if evidence == "names" and not same and not specific(shared):
+            continue
+        out.append(_Cand(source, fit.relation, fit.transposed, fit.cast,
                          _score(state.tokens, source.tokens) + (1.0 if same else 0.0),
                          tuple(sorted(shared))))
     return out
@@ -224,12 +265,14 @@ def _best(cands: list[_Cand]) -> list[_Cand]:
 
 
 def _round(states: list[Unit], sources: list[Unit], evidence: str, found: Matching,
-           parents: dict[tuple[Any, ...], tuple[Any, ...]]) -> dict[int, list[Unit]]:
+           parents: dict[tuple[Any, ...], tuple[Any, ...]],
+           fits: dict[int, list[_Fit]]) -> dict[int, list[Unit]]:
     """Takes every mutual single best pair, repeatedly; returns the ties left."""
     ties: dict[int, list[Unit]] = {}
     while True:
-        cands = {id(s): _candidates(s, sources, evidence=evidence, parents=parents)
-                 for s in states}
+        available = {id(r) for r in sources}
+        cands = {id(s): _candidates(s, fits[id(s)], available, evidence=evidence,
+                                    parents=parents) for s in states}
         best_for_source: dict[int, list[tuple[Unit, _Cand]]] = defaultdict(list)
         for s in states:
             for c in cands[id(s)]:
@@ -247,8 +290,10 @@ def _round(states: list[Unit], sources: list[Unit], evidence: str, found: Matchi
         for s, c in taken:
             found.pairs.append(Pair(s, c.source, c.relation, c.transposed, c.cast, c.shared,
                                     evidence, c.score))
-            states.remove(s)
-            sources.remove(c.source)
+        gone = {id(s) for s, _ in taken} | {id(c.source) for _, c in taken}
+        states[:] = [s for s in states if id(s) not in gone]
+        sources[:] = [r for r in sources if id(r) not in gone]
+        for s, c in taken:
             if evidence != "sibling":
                 parents.setdefault(s.template[:-1], c.source.template[:-1])
         if not taken:
@@ -259,22 +304,89 @@ def _round(states: list[Unit], sources: list[Unit], evidence: str, found: Matchi
             return ties
 
 
+def _same_paths(states: list[Unit], sources: list[Unit], found: Matching,
+                parents: dict[tuple[Any, ...], tuple[Any, ...]]) -> None:
+    """Pairs the units whose templates are equal and whose shapes fit: no rival can beat that.
+
+    The names round would take them too (an equal path scores above any
+    other); taken first, identical parts of two trees cost no comparison.
+    """
+    by_template = {r.template: r for r in sources}
+    taken: set[int] = set()
+    for s in states:
+        r = by_template.get(s.template)
+        if r is None:
+            continue
+        rel = relate(s, r)
+        ok, cast = _dtype_fit(s, r)
+        if rel is None or not ok:
+            continue
+        found.pairs.append(Pair(s, r, rel[0], rel[1], cast,
+                                tuple(sorted(s.tokens & r.tokens)), "names", 2.0))
+        parents.setdefault(s.template[:-1], r.template[:-1])
+        taken.update((id(s), id(r)))
+    states[:] = [s for s in states if id(s) not in taken]
+    sources[:] = [r for r in sources if id(r) not in taken]
+
+
 def match_units(states: list[Unit], sources: list[Unit]) -> Matching:
     """Pairs state units with source units by names, then siblings, then auto-names' shapes."""
     found = Matching()
     states, sources = list(states), list(sources)
     parents: dict[tuple[Any, ...], tuple[Any, ...]] = {}
     ties: dict[int, list[Unit]] = {}
+    _same_paths(states, sources, found, parents)
+    fits = fitting(states, sources)
+    # Names evidence needs a shared token: filtered once, not in every pass.
+    named = {id(s): [f for f in fits[id(s)] if specific(s.tokens & f.source.tokens)]
+             for s in states}
+    auto = any(u.auto for u in states) or any(u.auto for u in sources)
     for evidence in ("names", "sibling", "shape", "sibling"):
-        ties.update(_round(states, sources, evidence, found, parents))
+        if evidence == "shape" and not auto:
+            continue
+        ties.update(_round(states, sources, evidence, found, parents,
+                           named if evidence == "names" else fits))
     # What is left with two or more equally fitting candidates is ambiguous,
     # whatever the evidence: never a guess.
+    available = {id(r) for r in sources}
     for s in states:
-        fitting = [r for r in sources if relate(s, r) is not None and _dtype_fit(s, r)[0]]
-        if id(s) in ties or len(fitting) > 1 and len({_score(s.tokens, r.tokens)
-                                                      for r in fitting}) == 1:
-            found.ambiguous.append((s, ties.get(id(s)) or fitting))
+        left = [f.source for f in fits[id(s)] if id(f.source) in available]
+        if id(s) in ties or len(left) > 1 and len({_score(s.tokens, r.tokens)
+                                                   for r in left}) == 1:
+            found.ambiguous.append((s, ties.get(id(s)) or left))
         else:
             found.state_left.append(s)
     found.source_left = sources
+    found.pairs = _oriented(found.pairs)
     return found
+
+
+def _convention_question(pair: Pair) -> bool | None:
+    """For a `weight` against a `kernel`: whether its shapes showed it transposed (None: square)."""
+    s = pair.state.shape[1:] if pair.relation == "unstack" else pair.state.shape
+    s = s[1:] if pair.relation == "stack" else s
+    sides = (pair.state.torch, pair.source.torch)
+    if len(s) != 2 or None in sides or sides[0] == sides[1]:
+        return None
+    return None if s[0] == s[1] else pair.transposed
+
+
+def _oriented(pairs: list[Pair]) -> list[Pair]:
+    """Square `weight`s against `kernel`s oriented as the model's other such pairs show.
+
+    A square shape cannot tell `[out, in]` from `[in, out]`; PyTorch's
+    convention says transposed, but some PyTorch modules store `[in, out]`
+    (GPT-2's `Conv1D`). When every non-square weight/kernel pair fits as is,
+    the square ones are taken as is too.
+    """
+    shown = {_convention_question(p) for p in pairs} - {None}
+    if shown != {False}:
+        return pairs
+    out = []
+    for p in pairs:
+        s = p.state.shape[1:] if p.relation == "unstack" else p.state.shape
+        s = s[1:] if p.relation == "stack" else s
+        square = len(s) == 2 and s[0] == s[1] and None not in (p.state.torch, p.source.torch) \
+            and p.state.torch != p.source.torch
+        out.append(replace(p, transposed=False) if square else p)
+    return out

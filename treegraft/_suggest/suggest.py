@@ -147,6 +147,3 @@ def suggest(state: Any, source: Any, /) -> Suggestion:
         ambiguous=dict(sorted(ambiguous.items(), key=lambda kv: _natural(kv[0]))),
         reasons=tuple(_reason(r) for r in rules),
     )
-
-
-suggest.__module__ = "treegraft"
