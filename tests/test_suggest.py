@@ -257,6 +257,32 @@ def test_a_bias_follows_its_kernel_when_only_the_bias_is_kept_apart():
     assert "beside a matched leaf" in row
 
 
+def test_auto_named_new_head_of_a_new_shape_is_kept():
+    source = _mlp(HUMAN)
+    expected = {"params": {new: source["params"][old]
+                           for new, old in zip(AUTO, HUMAN, strict=True)}}
+    state = fresh(expected)
+    rng = np.random.default_rng(10)
+    state["params"]["Dense_3"] = {"kernel": rng.standard_normal((4, 3)),
+                                  "bias": rng.standard_normal(3)}
+    expected["params"]["Dense_3"] = state["params"]["Dense_3"]
+    s = tg.suggest(state, source)
+    assert_law(state, source, expected, s)
+    assert s.mapping["params.Dense_3"] is None
+
+
+def test_a_sibling_with_another_name_is_not_grafted():
+    rng = np.random.default_rng(11)
+    source = {"model": {"dense": {"weight": rng.standard_normal((3, 5)),
+                                  "other": rng.standard_normal(3)}}}
+    state = {"params": {"dense": {"kernel": np.zeros((5, 3)), "lora": np.zeros(3)}}}
+    expected = {"params": {"dense": {"kernel": source["model"]["dense"]["weight"].T,
+                                     "lora": np.zeros(3)}}}
+    s = tg.suggest(state, source)
+    assert_law(state, source, expected, s)
+    assert s.unmatched_state == ("params.dense.lora",)
+
+
 def test_auto_named_square_layers_of_one_shape_are_ambiguous():
     rng = np.random.default_rng(4)
     source = {"params": {n: {"kernel": rng.standard_normal((D, D))} for n in ("left", "right")}}

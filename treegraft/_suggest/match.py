@@ -242,9 +242,10 @@ def _candidates(state: Unit, fits: list[_Fit], available: set[int], *, evidence:
         if id(source) not in available:
             continue
         if evidence == "sibling" and source.template[:-1] != parent:
-            continue
-        if evidence == "shape" and not (state.auto or source.auto):
-            continue  # shape alone speaks only for auto-named modules
+            continue  # in matched modules (the leaf kinds agree: `relate` checked)
+        if evidence == "shape" and not (state.auto or source.auto) or \
+                evidence == "shape" and not _same_container(state, source, parents):
+            continue  # shape alone speaks only for auto-named modules, side by side
         shared = state.tokens & source.tokens
         # The same path on both sides is the best evidence there is, whatever
         # its tokens say (`params.b[0]` has none that tell modules apart).
@@ -255,6 +256,15 @@ def _candidates(state: Unit, fits: list[_Fit], available: set[int], *, evidence:
                          _score(state.tokens, source.tokens) + (1.0 if same else 0.0),
                          tuple(sorted(shared))))
     return out
+
+
+def _same_container(state: Unit, source: Unit,
+                    parents: dict[tuple[Any, ...], tuple[Any, ...]]) -> bool:
+    """Whether two leaves' modules sit in the same place (`params.Dense_0`, `params.encode`)."""
+    s, r = state.template[:-2], source.template[:-2]
+    if s == r:
+        return True
+    return any(k[:-1] == s and v[:-1] == r for k, v in parents.items())
 
 
 def _best(cands: list[_Cand]) -> list[_Cand]:

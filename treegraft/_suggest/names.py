@@ -54,6 +54,8 @@ _SYNONYMS = {
 GENERIC = frozenset({"params", "param", "model", "weight", "bias", "self", "proj", "module",
                      "variables", "base", "net"})
 LEAF_KINDS = frozenset({"weight", "bias"})
+# A leaf's own name only: Haiku's `w` and `b` (elsewhere `b` is just a name).
+_LAST = {"w": "weight", "b": "bias"}
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class Leaf:
     template: tuple[Any, ...]  # index parts replaced by `Wild`s
     indices: tuple[int, ...]  # the layer indices, in path order
     tokens: frozenset[str]  # normalised name tokens, the leaf kind excluded
-    kind: str  # `bias`, or `weight` for every other leaf
+    kind: str  # `bias`, `weight`, or the leaf's own name (see `leaf_class`)
     raw_kind: str  # the last name as written (`kernel`, `weight`, `scale`...)
     auto: bool  # a Linen auto-name (`Dense_0`) is on the path
 
@@ -126,10 +128,25 @@ def describe_leaf(parts: tuple[Part, ...], shape: tuple[int, ...], dtype: Any) -
     raw = str(parts[-1]) if parts else ""
     # Two kinds of leaf: biases, and the rest (a `kernel`, a norm's `scale`,
     # an `embedding` table); the last name's other tokens stay as evidence.
-    kind = "bias" if "bias" in normalise(raw) else "weight"
+    kind = leaf_class(raw)
     tokens.difference_update(LEAF_KINDS)
     return Leaf(tuple(parts), tuple(shape), dtype, tuple(template), tuple(indices),
                 frozenset(tokens), kind, raw, auto)
+
+
+def leaf_class(name: str) -> str:
+    """What a leaf's own name says it is: `bias`, `weight` (also `kernel`, `scale`,
+    `embedding`, Haiku's `w`), or its own normalised name (`lora_a`, `cls_token`).
+
+    Two leaves are paired only when their classes agree: a parent's name is not
+    enough to pair its `lora_a` with another module's `other`.
+    """
+    tokens = [_LAST.get(t, t) for t in normalise(name)]
+    if "bias" in tokens:
+        return "bias"
+    if set(tokens) <= {"weight", "embed"}:
+        return "weight"
+    return "_".join(tokens)
 
 
 def specific(tokens: frozenset[str]) -> frozenset[str]:
