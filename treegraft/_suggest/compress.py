@@ -41,6 +41,16 @@ class Rule:
     old_leaves: frozenset[Parts] = frozenset()
 
     @property
+    def signature(self) -> tuple[str, bool, str] | None:
+        """How every pair of the rule goes (relation, transposed, cast), or None if not alike.
+
+        Rules alike in this merge into their parents' rule: an operation
+        applies to each leaf under its rule, with the same suffix.
+        """
+        signs = {(p.relation, p.transposed, str(p.cast)) for p in self.pairs}
+        return signs.pop() if len(signs) == 1 else None
+
+    @property
     def plain(self) -> bool:
         """A copy with no operation: it may merge into its parents' rule."""
         return self.old is not None and all(
@@ -149,9 +159,11 @@ def merge(rules: list[Rule], state: Leaves, source: Leaves) -> list[Rule]:
             if rule.old is None:
                 groups[("keep", rule.new[:-1])].append(rule)
             # A last part that is the same capture on both sides merges too.
-            elif rule.plain and len(rule.old) >= 2 and rule.old[-1] == rule.new[-1] and \
-                    _wilds(rule.new[:-1]) == _wilds(rule.old[:-1]):
-                groups[("copy", rule.new[:-1], rule.old[:-1])].append(rule)
+            elif rule.signature is not None and len(rule.old) >= 2 and \
+                    rule.old[-1] == rule.new[-1] and \
+                    _wilds(rule.new[:-1]) - _wilds(rule.old[:-1]) == \
+                    _wilds(rule.new) - _wilds(rule.old):
+                groups[("copy", rule.new[:-1], rule.old[:-1], rule.signature)].append(rule)
         merged: list[Rule] = []
         gone: set[int] = set()
         for key, group in groups.items():
