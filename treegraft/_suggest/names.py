@@ -19,8 +19,9 @@ from treegraft._parse.paths import Part, is_index
 
 __all__ = ["Leaf", "Wild", "describe_leaf", "normalise", "specific"]
 
-# A name ending in `_3` or `-3` carries a layer index (`layers_3`, `h-3`).
-_SUFFIX = re.compile(r"^(?P<stem>.*?[A-Za-z])[_-](?P<index>[0-9]{1,9})$")
+# An identifier ending in `_3` carries a layer index (`layers_3`, `h_3`); only
+# identifiers, so that `layers_*` is a pattern the rules can be written with.
+_SUFFIX = re.compile(r"^(?P<stem>[A-Za-z_][A-Za-z0-9_]*?[A-Za-z])_(?P<index>[1-9][0-9]{0,8}|0)$")
 # Linen names unnamed submodules `ClassName_N`: an order, not a layer run.
 _AUTO = re.compile(r"^[A-Z][A-Za-z0-9]*_[0-9]{1,9}$")
 _SPLIT = re.compile(r"[._\-\s]+")
@@ -103,9 +104,8 @@ def _cut(part: Part) -> tuple[Any, int | None, bool]:
     if _AUTO.fullmatch(part):
         return part, None, True
     m = _SUFFIX.fullmatch(part)
-    if m and "*" not in part and "[" not in part:
-        glob = m.group("stem") + part[len(m.group("stem"))] + "*"
-        return Wild(glob), int(m.group("index")), False
+    if m and part.isascii():
+        return Wild(m.group("stem") + "_*"), int(m.group("index")), False
     return part, None, False
 
 
