@@ -476,7 +476,7 @@ def test_an_int_leaf_is_never_fed_from_a_float_or_cast_unsafely():
     assert s.unmatched_state == ("count", "w")
 
 
-def test_real_linen_models_scanned_into_per_layer_and_auto_into_named():
+def test_real_linen_scanned_model_into_a_per_layer_one():
     nn = pytest.importorskip("flax.linen")
     jnp = pytest.importorskip("jax.numpy")
 
