@@ -37,6 +37,8 @@ from treegraft._plan import Problem as Problem
 from treegraft._plan import plan as plan
 from treegraft._read.source import ReadRequest as ReadRequest
 from treegraft._read.source import Source as Source
+from treegraft._suggest.result import Suggestion as Suggestion
+from treegraft._suggest.suggest import suggest as suggest
 from treegraft._tree.pytree import extract as extract
 from treegraft._tree.pytree import flatten as flatten
 from treegraft._tree.pytree import insert as insert
@@ -69,6 +71,8 @@ __all__ = [
     "transpose",
     "unstack",
     "propagate_sharding",
+    "Suggestion",
+    "suggest",
     "CheckpointNotFoundError",
     "GraftError",
     "MappingError",

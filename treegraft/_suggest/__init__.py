@@ -1,0 +1,1 @@
+"""Suggesting a mapping (docs/design.md section 18): names, match, compress, result."""
