@@ -273,35 +273,30 @@ def test_model_target_error_is_a_graft_error() -> None:
 
 
 # ----------------------------------------------------------------------------
-# --suggest: only with tg.suggest
+# --suggest: the mapping as Python code to paste, and why
 # ----------------------------------------------------------------------------
 
 
-def test_suggest_flag_follows_tg_suggest(capsys, monkeypatch, item, target) -> None:
-    if not hasattr(tg, "suggest"):
-        with pytest.raises(SystemExit) as exited:
-            cli.main(["plan", item, "--target", target, "--suggest"])
-        assert exited.value.code == 2
-        assert "unrecognized arguments: --suggest" in capsys.readouterr().err
+def test_suggest_prints_code_that_grafts_and_its_explanation(capsys, item, target) -> None:
+    import jax.numpy as jnp
 
-    class Fake:
-        def as_code(self) -> str:
-            return 'MAPPING = {\n    "kernel": tg.transpose("weight", (1, 0)),\n}\n'
-
-        def explain(self) -> str:
-            return "kernel <- weight: same size, axes swapped"
-
-    seen = []
-
-    def fake_suggest(state, source):
-        seen.append((state, source))
-        return Fake()
-
-    monkeypatch.setattr(tg, "suggest", fake_suggest, raising=False)
     status, out, err = plan_cli(capsys, item, "--target", target, "--suggest")
     assert status == 0, err
-    assert out.startswith("MAPPING = {") and out.rstrip().endswith("axes swapped")
-    assert set(seen[0][0]) == {"kernel", "bias"}
+    code, _, explanation = out.partition("\n\n")
+    mapping = eval(code, {"tg": tg, "jnp": jnp})  # the code a user pastes
+    assert mapping == {"bias": "bias", "kernel": tg.transpose("weight", (1, 0))}
+    assert "kernel <- transpose(\"weight\", (1, 0))" in explanation
+    assert "transposed" in explanation
+    weight = np.arange(6, dtype=np.float32).reshape(3, 2)
+    state = {"kernel": np.zeros((2, 3), np.float32), "bias": np.zeros(3, np.float32)}
+    out_state = tg.graft(state, {"weight": weight, "bias": np.ones(3, np.float32)}, mapping)
+    np.testing.assert_array_equal(out_state["kernel"], weight.T)
+
+
+def test_suggest_against_a_model_defined_in_code(capsys, model_module, item) -> None:
+    status, out, err = plan_cli(capsys, item, "--target", "newmodel:abstract_state", "--suggest")
+    assert status == 0, err
+    assert '"kernel": tg.transpose("weight", (1, 0))' in out
 
 
 # ----------------------------------------------------------------------------

@@ -176,11 +176,10 @@ def _parser() -> argparse.ArgumentParser:
         "'stack(params.layers_*, axis=0)'; for a Kauldron workdir the default is "
         "params=params collections=collections",
     )
-    if _has_suggest():
-        dry.add_argument(
-            "--suggest", action="store_true",
-            help="print a suggested mapping as Python code, with its explanation",
-        )
+    dry.add_argument(
+        "--suggest", action="store_true",
+        help="print a suggested mapping as Python code, with its explanation",
+    )
     dry.add_argument("--step", type=_step_arg, default=None, help="step of the source workdir")
     dry.add_argument(
         "--target-step", type=_step_arg, default=None, help="step of the target workdir"
@@ -192,11 +191,6 @@ def _parser() -> argparse.ArgumentParser:
     dry.add_argument("--json", action="store_true", help="machine-readable output")
     dry.add_argument("--plain", action="store_true", help="no colour or bold")
     return parser
-
-
-def _has_suggest() -> bool:
-    """Whether this treegraft has `tg.suggest` (then `plan --suggest` exists)."""
-    return hasattr(treegraft, "suggest")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -424,9 +418,8 @@ def _is_kauldron(path: str, source: Source) -> bool:
 
 def _no_mapping(source: Source) -> str:
     """Why plan needs a mapping for this source, and the ways to give one."""
-    ways = "--map NEW=OLD (repeat it), --mapping FILE.py:NAME or --mapping FILE.json"
-    if _has_suggest():
-        ways += ", or --suggest for a suggested one"
+    ways = ("--map NEW=OLD (repeat it), --mapping FILE.py:NAME or --mapping FILE.json, "
+            "or --suggest for a suggested one")
     return (
         f"{source.describe()} is not a Kauldron workdir, so there is no default mapping "
         f"(params=params, collections=collections are Kauldron's); give one: {ways}"
@@ -496,7 +489,7 @@ def _plan(args: argparse.Namespace, style: Style) -> int:
 
 def _suggest(target: Any, source: Source, args: argparse.Namespace, style: Style) -> int:
     """Prints `tg.suggest`'s mapping as Python code to paste, then its explanation."""
-    suggestion = treegraft.suggest(target, source)  # type: ignore[attr-defined]
+    suggestion = treegraft.suggest(target, source)
     if args.json:
         _out(
             json.dumps(
