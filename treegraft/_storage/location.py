@@ -259,13 +259,13 @@ class Location:
             workdir the user gave rather than a folder inside it, or the file
             read in this folder.
           explain: turns a failure of the operation into a more precise error
-            (e.g. a truncated file); None from it, or no explain, gives the
-            storage's own (`error`).
+            (e.g. a truncated file); None from it, or no explain, gives
+            `errors.translate`'s.
 
         Raises:
           CheckpointError: the operation failed or took longer than the timeout
-            (then `stalled(error)` is true); the message names the location and
-            what to check.
+            (then `errors.stalled(error)` is true); the message names the
+            location and what to check.
         """
         try:
             return future.result(timeout=self.timeout)
