@@ -230,7 +230,7 @@ def test_inspect_and_plan_read_shapes_in_one_batch(tmp_path, monkeypatch, capsys
     def forbidden(self, name):
         raise AssertionError(f"single array open of {name}")
 
-    monkeypatch.setattr(metadata._Store, "header", forbidden)
+    monkeypatch.setattr(metadata.OrbaxStore, "header", forbidden)
     assert _cli.main(["inspect", item, "--plain"]) == 0
     assert "float64[40]" in capsys.readouterr().out
     assert _cli.main(["plan", item, "--target", item, "--map", "w=w", "--plain"]) == 0

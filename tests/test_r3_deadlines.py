@@ -41,7 +41,8 @@ from kauldron_run import init_params, train_state, write_item, write_run
 import treegraft as tg
 from treegraft._formats.orbax import ocdbt_index
 from treegraft._formats.safetensors import header as st_header
-from treegraft._storage.location import Location, stalled
+from treegraft._storage.errors import stalled
+from treegraft._storage.location import Location
 
 _TIMEOUT = 2.0  # the storage timeout the children run with, in seconds
 # A stall must be reported within the timeout, plus a margin for a loaded

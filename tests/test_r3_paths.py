@@ -432,7 +432,7 @@ def test_a_symlink_loop_as_a_shard_is_named(tmp_path):
 
 
 def test_what_a_local_path_is(tmp_path):
-    from treegraft._storage.location import local_kind
+    from treegraft._storage.local import local_kind
 
     (tmp_path / "f").write_text("x")
     os.mkfifo(tmp_path / "p")

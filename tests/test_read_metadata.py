@@ -367,8 +367,8 @@ def test_touching_every_shape_in_turn_reads_them_in_bulk_after_a_few(tmp_path, m
     tree = {"w": {f"k{i:03d}": np.full((i % 5 + 1,), i, np.float32) for i in range(n)}}
     item = os.path.abspath(write_item(tmp_path / "many", tree))
     single = []
-    original = headers._Store.header
-    monkeypatch.setattr(headers._Store, "header",
+    original = headers.OrbaxStore.header
+    monkeypatch.setattr(headers.OrbaxStore, "header",
                         lambda self, name: single.append(name) or original(self, name))
     lazy = lazy_metadata(item)
     shapes = jax.tree.map(lambda x: x.shape, lazy)  # as user code would

@@ -12,25 +12,23 @@ also maps `STORAGE_EMULATOR_HOST` onto it), and `AWS_ENDPOINT_URL_S3` or
 `AWS_ENDPOINT_URL` with `AWS_REGION` or `AWS_DEFAULT_REGION` for S3 (which
 tensorstore does not read: treegraft passes them in the spec). Every remote
 operation waits at most `timeout` seconds (default 30, or the environment's
-`TREEGRAFT_STORAGE_TIMEOUT`), then raises a `CheckpointError` naming the
-location.
+`TREEGRAFT_STORAGE_TIMEOUT`) in `Location.wait`, then raises a
+`CheckpointError` naming the location; a failure is translated once, in
+`errors.translate`.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from treegraft._errors import CheckpointError, CheckpointNotFoundError, first_line
+from treegraft._storage.errors import translate
+from treegraft._storage.local import local_kind, not_regular, read_local
 
-__all__ = [
-    "Location", "default_timeout", "stalled", "local_kind", "describe_kind", "not_regular",
-    "check_text", "mode_kind",
-]
+__all__ = ["Location", "default_timeout", "check_text", "children_of"]
 
 _SCHEMES = ("gs", "s3")
 _DEFAULT_TIMEOUT_S = 30.0
@@ -164,10 +162,6 @@ class Location:
     def __hash__(self) -> int:
         return hash((self.scheme, self.bucket, self.key))
 
-    def describe(self) -> str:
-        """The location as the user wrote it (local paths made absolute)."""
-        return self._shown
-
     @property
     def os_path(self) -> str:
         """The local path (only for local locations)."""
@@ -221,15 +215,27 @@ class Location:
         retries = {"max_retries": 6, "initial_delay": "0.1s", "max_delay": "2s"}
         return {"gcs_request_retries": retries, "s3_request_retries": retries}
 
-    def _kv(self, *, folder: bool = True, shown: Location | None = None) -> Any:
-        """A kvstore whose key b'' is this location (folder=False) or its folder prefix."""
+    def open_kvstore(self, context: Any = None, *, folder: bool = True,
+                     shown: Location | None = None) -> Any:
+        """The opened tensorstore kvstore of this folder: its keys are the names below it.
+
+        Args:
+          context: the tensorstore context to open it in (default: a new one
+            with `context_spec`).
+          folder: False to open this location as one key (b'') instead.
+          shown: the location errors name (default: this one).
+
+        Raises:
+          CheckpointError: opening failed or stalled (`Location.wait`).
+        """
         import tensorstore as ts
 
         _gcs_endpoint_from_env()
         spec = self.kvstore()
         if not folder:
             spec["path"] = spec["path"].rstrip("/")
-        context = ts.Context(self.context_spec())
+        if context is None:
+            context = ts.Context(self.context_spec())
         return self.wait(ts.KvStore.open(spec, context=context), "opening", shown=shown)
 
     def wait(
@@ -253,13 +259,13 @@ class Location:
             workdir the user gave rather than a folder inside it, or the file
             read in this folder.
           explain: turns a failure of the operation into a more precise error
-            (e.g. a truncated file); None from it, or no explain, gives the
-            storage's own (`error`).
+            (e.g. a truncated file); None from it, or no explain, gives
+            `errors.translate`'s.
 
         Raises:
           CheckpointError: the operation failed or took longer than the timeout
-            (then `stalled(error)` is true); the message names the location and
-            what to check.
+            (then `errors.stalled(error)` is true); the message names the
+            location and what to check.
         """
         try:
             return future.result(timeout=self.timeout)
@@ -268,48 +274,10 @@ class Location:
                 future.cancel()
             except Exception:  # already done
                 pass
-            raise CheckpointError(
-                f"{doing} {shown or self} took more than {self.timeout:g} s: "
-                f"{self._endpoint_hint()}; pass timeout= or set TREEGRAFT_STORAGE_TIMEOUT to "
-                "wait longer"
-            ) from e
+            raise translate(e, self, doing, shown=shown) from e
         except Exception as e:  # tensorstore raises ValueError with a status code
             precise = explain(e) if explain is not None else None
-            raise (precise or (shown or self).error(e, doing)) from e
-
-    def error(self, e: BaseException, doing: str) -> CheckpointError:
-        """A typed error naming this location for a failed tensorstore operation."""
-        _, line = first_line(e, limit=300)
-        line = line.split(" [http_response", 1)[0]  # the raw body repeats the message
-        status = line.split(":", 1)[0].strip()
-        if status in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
-            fix = ("the credentials were refused: check them ("
-                   + ("GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default "
-                      "login`" if self.scheme == "gs" else
-                      "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
-                   + ") and that they may read this bucket")
-            return CheckpointError(f"{doing} {self} failed: {fix}. ({line})")
-        if status == "NOT_FOUND" or "NoSuchBucket" in line:
-            return CheckpointNotFoundError(
-                f"{doing} {self} failed: the bucket {self.bucket!r} does not exist "
-                f"(or is not visible with these credentials). ({line})"
-            )
-        if status in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "UNKNOWN"):
-            return CheckpointError(
-                f"{doing} {self} failed: the storage could not be reached: "
-                f"{self._endpoint_hint()}. ({line})"
-            )
-        return CheckpointError(f"{doing} {self} failed: {line}")
-
-    def _endpoint_hint(self) -> str:
-        if self.scheme == "gs":
-            url = os.environ.get("TENSORSTORE_GCS_HTTP_URL") or "https://storage.googleapis.com"
-            return f"check the network and the endpoint {url} (TENSORSTORE_GCS_HTTP_URL)"
-        if self.scheme == "s3":
-            url = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-                   or "AWS's default")
-            return f"check the network, the endpoint {url} (AWS_ENDPOINT_URL) and AWS_REGION"
-        return "check the disk"
+            raise (precise or translate(e, self, doing, shown=shown)) from e
 
     # -- looking at the storage ---------------------------------------------
 
@@ -334,10 +302,10 @@ class Location:
                 return None
             raise not_regular(self.key, found, what)
         if self.key:
-            found = self.wait(self._kv(folder=False).read(b""), "reading")
+            found = self.wait(self.open_kvstore(folder=False).read(b""), "reading")
             if found.state == "value":
                 return "file"
-        return "dir" if self._keys(self._kv()) else None
+        return "dir" if self._keys(self.open_kvstore()) else None
 
     def _keys(self, kv: Any, shown: Location | None = None) -> list[str]:
         listed = self.wait(kv.list(), "listing", shown=shown)
@@ -367,7 +335,7 @@ class Location:
                     f"cannot list {what} {self.key!r}: {e.strerror or type(e).__name__}; fix "
                     "its permissions (treegraft needs to list and read it)"
                 ) from e
-        return children_of(self._keys(self._kv()))
+        return children_of(self._keys(self.open_kvstore()))
 
     def keys(self, *, shown: Location | None = None) -> list[str]:
         """Every object key below this remote folder, relative to it, sorted.
@@ -377,7 +345,7 @@ class Location:
         """
         if self.is_local:
             raise CheckpointError(f"{self} is local: walk it with os")
-        return self._keys(self._kv(shown=shown), shown)
+        return self._keys(self.open_kvstore(shown=shown), shown)
 
     def listdir(self, what: str = "folder") -> list[str]:
         """The names of the entries directly in this folder, sorted."""
@@ -391,131 +359,11 @@ class Location:
           CheckpointError: it cannot be read.
         """
         if self.is_local:
-            return _read_local(self.key, what)
-        found = self.wait(self._kv(folder=False).read(b""), "reading")
+            return read_local(self.key, what)
+        found = self.wait(self.open_kvstore(folder=False).read(b""), "reading")
         if found.state != "value":
             raise CheckpointNotFoundError(f"{what} {self} does not exist")
         return bytes(found.value)
-
-
-def stalled(error: BaseException) -> bool:
-    """Whether error is a wait of `Location.wait` that ran out of time.
-
-    A fallback that catches a failed read to try another way must let a stall
-    through: the other way waits on the same stalled storage, and a chain of
-    timeouts would add up to many times the timeout.
-    """
-    if not isinstance(error, CheckpointError):
-        return False
-    # Wrappers that add a leaf or file name keep the stall as their cause.
-    cause: BaseException | None = error
-    while isinstance(cause, CheckpointError):
-        cause = cause.__cause__
-    return isinstance(cause, TimeoutError)
-
-
-# What each kind of local path is, as messages say it.
-_KIND_PHRASES = {
-    "file": "a regular file",
-    "dir": "a folder",
-    "fifo": "a FIFO (named pipe)",
-    "char device": "a character device",
-    "block device": "a block device",
-    "socket": "a socket",
-    "symlink loop": "a loop of symbolic links",
-    "broken symlink": "a symbolic link to a missing target",
-    "missing": "missing",
-    "other": "neither a file nor a folder",
-}
-
-
-def local_kind(path: str, what: str = "path") -> str:
-    """What a local path is, without opening it (opening a FIFO blocks).
-
-    Returns one of 'file', 'dir', 'fifo', 'char device', 'block device',
-    'socket', 'symlink loop', 'broken symlink', 'missing', 'other'. Symbolic
-    links are followed.
-
-    Raises:
-      CheckpointError: the path cannot be looked at (permission denied).
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return "broken symlink" if os.path.islink(path) else "missing"
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return "symlink loop"
-        fix = ("; fix its permissions (treegraft needs to list and read it)"
-               if e.errno in (errno.EACCES, errno.EPERM) else "")
-        raise CheckpointError(
-            f"cannot read {what} {path!r}: {e.strerror or type(e).__name__}{fix}"
-        ) from e
-    return mode_kind(mode)
-
-
-def mode_kind(mode: int) -> str:
-    """The `local_kind` of a file mode (from `os.stat` or `os.fstat`)."""
-    for test, kind in (
-        (stat.S_ISREG, "file"),
-        (stat.S_ISDIR, "dir"),
-        (stat.S_ISFIFO, "fifo"),
-        (stat.S_ISCHR, "char device"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISSOCK, "socket"),
-    ):
-        if test(mode):
-            return kind
-    return "other"
-
-
-def describe_kind(kind: str) -> str:
-    """How messages say what a path of this `local_kind` is ("a FIFO (named pipe)")."""
-    return _KIND_PHRASES.get(kind, kind)
-
-
-def not_regular(path: str, kind: str, what: str, expected: str = "a file or folder"
-                ) -> CheckpointError:
-    """The error for a local path that is not what a checkpoint holds there."""
-    found = f"{what} {path!r} is {describe_kind(kind)}"
-    if kind in ("missing", "broken symlink"):
-        return CheckpointNotFoundError(found)
-    if kind == "symlink loop":
-        fix = "fix or remove the link"
-    elif kind in ("file", "dir"):
-        fix = f"a checkpoint holds {expected} there"
-    else:  # reading it would block (a FIFO) or never end (/dev/zero)
-        fix = "treegraft reads checkpoints from regular files and folders only"
-    return CheckpointError(f"{found}, not {expected}: {fix}")
-
-
-def _read_local(path: str, what: str) -> bytes:
-    """The bytes of a local regular file; never blocks on a FIFO or reads a device."""
-    try:
-        # O_NONBLOCK: opening a FIFO returns at once (it would wait for a writer).
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except (FileNotFoundError, NotADirectoryError):
-        raise CheckpointNotFoundError(f"{what} {path!r} does not exist") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise not_regular(path, "symlink loop", what, "a file") from None
-        if e.errno == errno.ENXIO:  # a socket
-            raise not_regular(path, local_kind(path, what), what, "a file") from None
-        raise CheckpointError(
-            f"cannot read {what} {path!r}: {e.strerror or type(e).__name__}"
-        ) from e
-    try:
-        kind = mode_kind(os.fstat(fd).st_mode)
-        if kind != "file":
-            raise not_regular(path, kind, what, "a file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    except OSError as e:
-        raise CheckpointError(
-            f"cannot read {what} {path!r}: {e.strerror or type(e).__name__}"
-        ) from e
-    finally:
-        os.close(fd)
 
 
 def check_text(text: str, what: str) -> None:

@@ -15,7 +15,8 @@ from treegraft._errors import CheckpointError, CheckpointNotFoundError
 from treegraft._formats.orbax.source import OrbaxCheckpoint
 from treegraft._parse.paths import Path
 from treegraft._read.source import BoxRequest, ReadRequest, Source
-from treegraft._storage.location import Location, children_of, stalled
+from treegraft._storage.errors import stalled
+from treegraft._storage.location import Location, children_of
 
 __all__ = ["KauldronCheckpoint", "list_steps", "is_workdir"]
 

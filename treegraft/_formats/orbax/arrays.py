@@ -25,10 +25,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft._errors import CheckpointError, describe_leaf, first_line
+from treegraft._errors import CheckpointError, describe_leaf
 from treegraft._formats.orbax.headers import LazyLeaf
 from treegraft._parse.paths import render_parts
 from treegraft._read.source import ReadRequest
+from treegraft._storage.errors import reason
 
 __all__ = ["DirectReader", "chunk_shape", "box_nbytes"]
 
@@ -165,7 +166,7 @@ class DirectReader:
     """Reads arrays of one checkpoint store with a shared bounded cache.
 
     Args:
-      store: the checkpoint's metadata store (`headers._Store`).
+      store: the checkpoint's metadata store (`headers.OrbaxStore`).
     """
 
     def __init__(self, store: Any):
@@ -281,14 +282,9 @@ class _LeafError(CheckpointError):
     """A read of one array failed: the caller names the checkpoint and the count."""
 
     def __init__(self, name: str, error: CheckpointError):
-        cause = error.__cause__
-        if cause is None or isinstance(cause, TimeoutError):
-            reason = str(error)
-        else:
-            kind, line = first_line(cause)
-            reason = f"{kind}: {line}"
-        super().__init__(f"array {name!r}: {reason}")
-        self.reason = reason
+        why = reason(error)
+        super().__init__(f"array {name!r}: {why}")
+        self.reason = why
 
 
 _ALIGN = 64  # what XLA's CPU client needs to adopt a host buffer without copying

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-from treegraft._errors import CheckpointError, first_line
-from treegraft._formats.orbax.ocdbt_index import IndexWalk, start_walk
-from treegraft._storage.location import Location, stalled
+from treegraft._errors import CheckpointError
+from treegraft._formats.orbax.ocdbt_index import IndexWalk
+from treegraft._storage.errors import reason, stalled
+from treegraft._storage.location import Location
 from treegraft._tree.gc import young_collections_only
 
 log = logging.getLogger("treegraft")
 
-__all__ = ["LazyLeaf", "prefetch"]
+__all__ = ["LazyLeaf", "OrbaxStore", "prefetch", "store_context"]
 
 # The Python type orbax saved a scalar as, by the numpy kind of its stored dtype.
 PY_TYPES = {"b": bool, "i": int, "u": int, "f": float, "c": complex}
@@ -27,7 +28,7 @@ _SHOWN_FAILURES = 10
 _SINGLE_LOADS = 16
 
 
-def _context(location: Location) -> Any:
+def store_context(location: Location) -> Any:
     """A tensorstore context whose cache keeps the decoded OCDBT index nodes.
 
     Without a cache pool each array open reads and decodes the index again:
@@ -38,23 +39,54 @@ def _context(location: Location) -> Any:
     return ts.Context({"cache_pool": {"total_bytes_limit": 64 << 20}, **location.context_spec()})
 
 
-class _Store:
-    """One tensorstore context per checkpoint, so the OCDBT index is read once."""
+class OrbaxStore:
+    """The arrays of one orbax checkpoint (an OCDBT store): how to open each, and its leaves.
 
-    def __init__(self, directory: Location):
+    One tensorstore context per checkpoint, so the OCDBT index is read once.
+    `LazyLeaf`s made by `leaf` read their headers through it, one at a time
+    and then, past a few, all together.
+
+    Args:
+      directory: the orbax item directory.
+      zarr3: whether the arrays are zarr v3 (`use_zarr3` in `_METADATA`),
+        else zarr v2.
+      key_impls: {array name: PRNG implementation} of the typed key arrays.
+      fill_missing: whether a chunk missing from the store reads as the fill
+        value. orbax stores every chunk unless told not to
+        (`store_array_data_equal_to_fill_value`): then a missing chunk means
+        the checkpoint is damaged or being deleted, and must fail, never
+        read as 0.
+      context: the tensorstore context (`store_context`; made on first use
+        when None).
+      index: a walk of the store's index started before (`start_walk`), or None.
+    """
+
+    def __init__(
+        self,
+        directory: Location,
+        *,
+        zarr3: bool = False,
+        key_impls: Mapping[str, str] | None = None,
+        fill_missing: bool = True,
+        context: Any = None,
+        index: IndexWalk | None = None,
+    ):
         self.location = directory
         self.directory = str(directory)
-        self._context: Any = None
-        self.index: IndexWalk | None = None
-        self.zarr3 = False  # set from `_METADATA`
-        self.key_impls: dict[str, str] = {}  # array name -> PRNG impl, from orbax
-        # Whether a chunk missing from the store reads as the fill value. orbax
-        # stores every chunk unless told not to: then a missing chunk means the
-        # checkpoint is damaged or being deleted, and must fail, never read as 0.
-        self.fill_missing = True
+        self.zarr3 = zarr3
+        self.key_impls = dict(key_impls or {})
+        self.fill_missing = fill_missing
+        self._context = context
+        self.index = index
         self.leaves: list[LazyLeaf] = []  # every leaf of the tree, for one bulk load
         self._single_loads = 0
         self._bulk_loaded = False
+
+    def leaf(self, name: str, scalar: bool) -> LazyLeaf:
+        """A new `LazyLeaf` for the array saved under name, kept for a bulk load."""
+        made = LazyLeaf(self, name, scalar, None if scalar else self.key_impls.get(name))
+        self.leaves.append(made)
+        return made
 
     def load(self, leaf: LazyLeaf) -> None:
         """Reads one leaf's shape and dtype; past a few, every leaf's at once.
@@ -77,12 +109,8 @@ class _Store:
     def context(self) -> Any:
         """The store's tensorstore context, made on first use."""
         if self._context is None:
-            self._context = _context(self.location)
+            self._context = store_context(self.location)
         return self._context
-
-    def start_index(self) -> None:
-        """Starts decoding the store's index, to overlap it with other work."""
-        self.index = start_walk(self.location, self.context())
 
     def spec(self, name: str) -> dict[str, Any]:
         """The tensorstore spec of the array saved under name."""
@@ -109,10 +137,9 @@ class _Store:
         """Shape and dtype from an `open_header` future, as `header`."""
         try:
             array = self.location.wait(future, "reading an array header of")
-        except Exception as e:  # tensorstore raises ValueError with a status
-            _, reason = first_line(e, limit=300)
+        except CheckpointError as e:
             raise CheckpointError(
-                f"cannot read the metadata of {self.directory} (leaf {name!r}): {reason}"
+                f"cannot read the metadata of {self.directory} (leaf {name!r}): {reason(e)}"
             ) from e
         return tuple(array.shape), np.dtype(array.dtype.numpy_dtype)
 
@@ -147,7 +174,7 @@ def _load_batch(leaves: Iterable[Any]) -> list[CheckpointError]:
     Returns the error of each leaf whose header could not be read (it is
     left unread), in order.
     """
-    by_store: dict[_Store, list[LazyLeaf]] = {}
+    by_store: dict[OrbaxStore, list[LazyLeaf]] = {}
     for leaf in leaves:
         if type(leaf) is LazyLeaf and leaf._spec is None:
             group = by_store.get(leaf._store)
@@ -171,7 +198,7 @@ def _load_batch(leaves: Iterable[Any]) -> list[CheckpointError]:
     return failed
 
 
-def _read_headers(store: _Store, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
+def _read_headers(store: OrbaxStore, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
     """Reads zarr headers straight from the OCDBT store.
 
     Opening an array through tensorstore costs about 95 µs; reading its small
@@ -275,7 +302,7 @@ class LazyLeaf:
 
     __slots__ = ("name", "scalar", "key_impl", "_store", "_spec", "_stored")
 
-    def __init__(self, store: _Store, name: str, scalar: bool, key_impl: str | None = None):
+    def __init__(self, store: OrbaxStore, name: str, scalar: bool, key_impl: str | None = None):
         self._store = store
         self.name = name
         self.scalar = scalar

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from treegraft._errors import CheckpointError
-from treegraft._formats.orbax.headers import LazyLeaf, _Store
+from treegraft._formats.orbax.headers import OrbaxStore, store_context
+from treegraft._formats.orbax.ocdbt_index import start_walk
 from treegraft._parse.paths import render_parts
 from treegraft._storage.location import Location
 from treegraft._tree.gc import young_collections_only
@@ -54,12 +55,12 @@ def lazy_metadata(directory: str | Location) -> Any:
     """
     location = Location.parse(directory)
     try:
-        store = _Store(location)
-        if location.is_local:
-            if os.path.exists(os.path.join(location.key, "manifest.ocdbt")):
-                store.start_index()  # decodes on tensorstore's threads while we parse
-        else:
-            store.start_index()  # no manifest: the walk fails and reads go key by key
+        context = store_context(location)
+        index = None
+        if not location.is_local or os.path.exists(os.path.join(location.key, "manifest.ocdbt")):
+            # Decodes on tensorstore's threads while _METADATA is parsed. Remote,
+            # without a manifest, the walk fails and reads go key by key.
+            index = start_walk(location, context)
         with young_collections_only():
             text = location.join("_METADATA").read_bytes("metadata file")
             try:
@@ -73,11 +74,16 @@ def lazy_metadata(directory: str | Location) -> Any:
             _check_shape(meta)
             zarr3 = meta.get("use_zarr3", False)
             if zarr3 not in (True, False) or meta.get("use_ocdbt") is not True:
-                _build(_Store(location), meta["tree_metadata"].values())  # its checks only
+                _build(OrbaxStore(location), meta["tree_metadata"].values())  # its checks only
                 return _fallback(location, "not an OCDBT layout with zarr v2 or v3 arrays")
-            store.zarr3 = zarr3
-            store.key_impls = _key_impls(location)
-            store.fill_missing = meta.get("store_array_data_equal_to_fill_value") is not True
+            store = OrbaxStore(
+                location,
+                zarr3=zarr3,
+                key_impls=_key_impls(location),
+                fill_missing=meta.get("store_array_data_equal_to_fill_value") is not True,
+                context=context,
+                index=index,
+            )
             entries = meta["tree_metadata"]
             if not isinstance(entries, dict) or not entries:
                 return _fallback(location, "tree_metadata is empty or not a dict")
@@ -177,7 +183,7 @@ def _key(node: dict[Any, Any], k: dict[str, Any], kinds: dict[int, int]) -> Any:
     return int(key) if kind == _SEQUENCE else key
 
 
-def _build(store: _Store, entries: Any) -> Any:
+def _build(store: OrbaxStore, entries: Any) -> Any:
     # Nodes are dicts while building; sequences carry their kind so they can
     # become lists (orbax saves tuples as lists) once every index is known.
     root: dict[Any, Any] = {}
@@ -215,11 +221,9 @@ def _build(store: _Store, entries: Any) -> Any:
         kind = entry["value_metadata"]["value_type"]
         if kind in _ARRAYS:
             name = f"{parent_name}{last['key']}"
-            parent[key] = leaf = LazyLeaf(store, name, False, store.key_impls.get(name))
-            store.leaves.append(leaf)
+            parent[key] = store.leaf(name, False)
         elif kind == "scalar":
-            parent[key] = leaf = LazyLeaf(store, f"{parent_name}{last['key']}", True)
-            store.leaves.append(leaf)
+            parent[key] = store.leaf(f"{parent_name}{last['key']}", True)
         elif kind in _EMPTY_NODES:
             parent[key] = _EMPTY_NODES[kind]()
         else:

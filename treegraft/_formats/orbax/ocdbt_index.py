@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Container
 from typing import Any
 
-from treegraft._storage.location import Location, stalled
+from treegraft._storage.errors import stalled
+from treegraft._storage.location import Location
 
 __all__ = ["IndexWalk", "start_walk"]
 
@@ -40,9 +41,7 @@ class IndexWalk:
         self._dump = ts.ocdbt.dump  # AttributeError on a tensorstore without it
         self._context = context
         self._where = location
-        self._base = location.wait(
-            ts.KvStore.open(location.kvstore(), context=context), "opening"
-        )
+        self._base = location.open_kvstore(context)
         manifest = location.wait(
             self._dump(self._base, context=context), "reading the OCDBT manifest of"
         )

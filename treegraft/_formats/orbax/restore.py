@@ -13,6 +13,7 @@ from treegraft._formats.orbax.headers import PY_TYPES, LazyLeaf
 from treegraft._formats.orbax.metadata import lazy_metadata
 from treegraft._parse.paths import Part, render_parts
 from treegraft._read.source import ReadRequest
+from treegraft._storage.errors import reason
 from treegraft._storage.location import Location
 from treegraft._tree import leaves as _leaves
 
@@ -56,10 +57,10 @@ def read_metadata(directory: Location) -> Any:
         ) from e
     except Exception as e:  # a corrupt _METADATA raises JSONDecodeError, KeyError, ...
         # orbax's own asserts fail with no message: say so rather than print 'AssertionError: '
-        reason = str(e).strip() or "orbax's reader failed one of its own checks on it"
+        why = str(e).strip() or "orbax's reader failed one of its own checks on it"
         raise CheckpointError(
             f"cannot read the metadata of {directory} (is _METADATA corrupt?): "
-            f"{type(e).__name__}: {reason}"
+            f"{type(e).__name__}: {why}"
         ) from e
     finally:
         handler.close()
@@ -149,7 +150,7 @@ def orbax_read(meta: Any, directory: Location, requests: Sequence[ReadRequest]) 
         raise
     except Exception as e:  # orbax/tensorstore raise ValueError, OSError, ...
         raise CheckpointError(
-            f"reading {len(requests)} leaf(s) from {directory} failed: {_reason(e)}"
+            f"reading {len(requests)} leaf(s) from {directory} failed: {reason(e)}"
         ) from e
     finally:
         handler.close()
@@ -238,11 +239,6 @@ def _restore_args(req: ReadRequest) -> Any:
             sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(like.shape))
     return ocp.RestoreArgs(restore_type=np.ndarray)
-
-
-def _reason(error: BaseException) -> str:
-    name, line = first_line(error)
-    return f"{name}: {line}"
 
 
 class _Marker:

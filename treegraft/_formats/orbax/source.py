@@ -24,7 +24,8 @@ from treegraft._formats.orbax.restore import read_metadata as _read_metadata
 from treegraft._multihost import check_processes_agree
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._read.source import BoxRequest, ReadRequest, Source
-from treegraft._storage.location import Location, children_of, local_kind, not_regular
+from treegraft._storage.local import local_kind, not_regular
+from treegraft._storage.location import Location, children_of
 
 __all__ = ["OrbaxCheckpoint", "ScalarSpec"]
 

@@ -32,7 +32,8 @@ from treegraft._formats.safetensors.header import (
     read_result,
     tensor_info,
 )
-from treegraft._storage.location import Location, check_text, local_kind, mode_kind, not_regular
+from treegraft._storage.local import local_kind, mode_kind, not_regular
+from treegraft._storage.location import Location, check_text
 
 __all__ = ["Files", "assemble"]
 
@@ -47,10 +48,7 @@ _CHUNK_BYTES = 2**20
 
 def _kvstore(location: Location) -> Any:
     """Opens the kvstore of a folder (local, gs://, s3://); keys are the file names in it."""
-    import tensorstore as ts
-
-    context = ts.Context(location.context_spec())
-    return location.wait(ts.KvStore.open(location.kvstore(), context=context), "opening")
+    return location.open_kvstore()
 
 
 def _local_folder(location: Location) -> str | None:

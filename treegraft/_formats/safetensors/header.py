@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import reprlib
 import struct
 from collections.abc import Callable
@@ -22,7 +21,9 @@ import ml_dtypes
 import numpy as np
 
 from treegraft._errors import PATH_CUTOFF, CheckpointError, first_line, suggest
-from treegraft._storage.location import Location, stalled
+from treegraft._storage.errors import stalled
+from treegraft._storage.location import Location
+from treegraft._storage.reads import read_value
 
 __all__ = [
     "DTYPES", "INDEX_NAME", "MAX_HEADER", "TensorInfo", "file_path", "read_headers",
@@ -206,9 +207,6 @@ def _close(name: str, names: Any) -> str:
     return suggest(name, list(names), cutoff=PATH_CUTOFF)
 
 
-_SIZE = re.compile(r"value of size (\d+)")
-
-
 def read_result(
     future: Any,
     file: str,
@@ -218,45 +216,20 @@ def read_result(
     bytes_wanted: int | None = None,
     generations: dict[str, bytes] | None = None,
 ) -> bytes:
-    """The bytes of a kvstore read of file in the folder location, or a CheckpointError.
+    """The bytes of a kvstore read of a file of the checkpoint (`reads.read_value`).
 
-    The wait is bounded by the location's timeout (`Location.wait`). With
-    `generations`, the file's storage generation is recorded on its first
-    read and must be the same on every later one: a file rewritten since its
-    header was read would otherwise give bytes that do not match the header.
+    A file rewritten since its header was read (its generation changed) is
+    read again only through a new checkpoint object.
 
     Raises:
       CheckpointError: the read failed or stalled, the file is missing,
         truncated or rewritten; the message names the file.
     """
-    where = location.join(file)
-
-    def explain(e: Exception) -> CheckpointError | None:
-        message = str(e)
-        size = _SIZE.search(message)
-        if "OUT_OF_RANGE" in message and size is not None and bytes_wanted is not None:
-            return CheckpointError(
-                f"{where} is truncated or damaged: reading {what} needs "
-                f"{bytes_wanted} bytes but the file has {size.group(1)}"
-            )
-        if not location.is_local:
-            return None  # the storage layer's message: credentials, endpoint, bucket
-        name, line = first_line(e)
-        return CheckpointError(f"cannot read {what} from {where}: {name}: {line}")
-
-    result = location.wait(future, f"reading {what} from", shown=where, explain=explain)
-    if result.state != "value":
-        raise CheckpointError(
-            f"{where} does not exist (reading {what}); was it moved or deleted?"
-        )
-    if generations is not None:
-        seen = generations.setdefault(file, result.stamp.generation)
-        if seen != result.stamp.generation:
-            raise CheckpointError(
-                f"{where} has changed since its header was read (reading "
-                f"{what}): open a new SafetensorsCheckpoint to read the new file"
-            )
-    return bytes(result.value)
+    return read_value(
+        future, file, location, what, bytes_wanted=bytes_wanted, generations=generations,
+        changed_since="its header was read",
+        changed_fix="open a new SafetensorsCheckpoint to read the new file",
+    )
 
 
 def _read_index(
