@@ -21,6 +21,7 @@ from typing import Any
 from treegraft._errors import GraftError, MappingError
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._parse.scan import scan
+from treegraft._tree.keys import finds_digits
 
 __all__ = ["Pattern", "parse_pattern"]
 
@@ -40,8 +41,9 @@ class _Seg:
             v = self.value
             if type(part) is type(v) and part == v:
                 return ()
-            # Orbax turns int dict keys into strings: 0 also finds '0'.
-            if type(v) is int and type(part) is str and part == str(v):
+            # Orbax turns int dict keys into strings: 0 also finds '0'. (The
+            # type test first: no call for the many name segments.)
+            if type(v) is int and finds_digits(v, part):
                 return ()
             return None
         if self.kind == _STAR:

@@ -16,7 +16,7 @@ from treegraft._parse.paths import Part
 from treegraft._plan.context import Inputs, source_prefixes
 from treegraft._plan.resolution import Node, Stray, Unpaired
 from treegraft._plan.result import Pair
-from treegraft._tree.index import loose
+from treegraft._tree.keys import loose
 
 Parts = tuple[Part, ...]
 
