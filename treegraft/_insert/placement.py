@@ -66,8 +66,12 @@ def box_of(index: tuple[slice, ...], shape: tuple[int, ...]) -> Box:
 
 def devices_by_box(sharding: Any, shape: tuple[int, ...]) -> dict[Box, list[Any]]:
     """{box: devices} of sharding's addressable devices, replicas grouped, in device order."""
+    return _group(sharding.addressable_devices_indices_map(shape), shape)
+
+
+def _group(indices: Mapping[Any, Any], shape: tuple[int, ...]) -> dict[Box, list[Any]]:
     out: dict[Box, list[Any]] = {}
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
+    for device, index in indices.items():
         out.setdefault(box_of(tuple(index or ()), shape), []).append(device)
     return out
 
@@ -132,9 +136,11 @@ def array_from_blocks(
     Args:
       adopt: see `put_block`.
     """
+    # The device map once: jax computes it anew on every call.
+    indices = sharding.addressable_devices_indices_map(shape)
     out: dict[Any, jax.Array] = {}
     used: set[int] = set()
-    for box, devices in devices_by_box(sharding, shape).items():
+    for box, devices in _group(indices, shape).items():
         block = block_of(box)
         if id(block) in used:
             block = _copy_block(block)
@@ -142,7 +148,7 @@ def array_from_blocks(
         for device, got in zip(devices, put_block(block, devices, adopt=adopt), strict=True):
             out[device] = got
         del block
-    return assemble(shape, sharding, out)
+    return jax.make_array_from_single_device_arrays(shape, sharding, [out[d] for d in indices])
 
 
 def own_buffers(value: Any) -> Any:
