@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 import treegraft as tg
 from treegraft._errors import PATH_CUTOFF, GraftError, suggest, suggest_path
 from treegraft._insert import placement
-from treegraft._tree import keys
+from treegraft._parse import keys
 
 ROOT = pathlib.Path(tg.__file__).parent
 
@@ -150,7 +150,7 @@ def _source_files():
         # Shardings on an AbstractMesh put on the mesh in context.
         (r"jax\.sharding\.get_mesh\(\)", "_insert/placement.py"),
         # An int part compared with its digits.
-        (r"str\((p|part|v)\) if type\(|== str\((part|v|wanted)\)", "_tree/keys.py"),
+        (r"str\((p|part|v)\) if type\(|== str\((part|v|wanted)\)", "_parse/keys.py"),
         # A did-you-mean phrase formatted by hand.
         (r"\(did you mean \" \+", "_errors.py"),
     ],

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from treegraft._errors import GraftError, MappingError
+from treegraft._parse.keys import loose_part
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._parse.scan import scan
-from treegraft._tree.keys import loose_part
 
 __all__ = ["Pattern", "parse_pattern"]
 
@@ -49,7 +49,7 @@ class _Seg:
             if type(part) is type(v) and part == v:
                 return ()
             # Orbax turns int dict keys into strings: 0 also finds '0'
-            # (_tree/keys.py; the digits are made once, not per part).
+            # (_parse/keys.py; the digits are made once, not per part).
             if self.digits is not None and type(part) is str and part == self.digits:
                 return ()
             return None

@@ -13,8 +13,8 @@ from typing import Any
 import jax
 
 from treegraft._errors import Names, PathNotFoundError
+from treegraft._parse.keys import could_loosen, loose
 from treegraft._parse.paths import Part, Path, is_index, render_parts, render_pattern
-from treegraft._tree.keys import could_loosen, loose
 from treegraft._tree.leaves import check_not_traced
 from treegraft._tree.pytree import children, flatten_parts, resolve
 

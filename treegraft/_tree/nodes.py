@@ -11,9 +11,9 @@ from typing import Any
 from jax import tree_util
 
 from treegraft._errors import TreeError
+from treegraft._parse.keys import finds_digits
 from treegraft._parse.paths import Part, key_to_part, render_parts
 from treegraft._tree import nnx as _nnx
-from treegraft._tree.keys import finds_digits
 
 __all__ = ["children", "find_child"]
 

@@ -34,10 +34,10 @@ from treegraft._formats.safetensors.files import Files
 from treegraft._formats.safetensors.header import INDEX_NAME, TensorInfo, file_path, read_headers
 from treegraft._formats.safetensors.tree import MAX_DEPTH, build_tree
 from treegraft._insert.placement import array_from_blocks, sharding_of
+from treegraft._parse.keys import loose
 from treegraft._parse.paths import Part, Path, parse_path, render_parts
 from treegraft._read.source import ReadRequest, Source
 from treegraft._storage.location import Location
-from treegraft._tree.keys import loose
 
 __all__ = ["SafetensorsCheckpoint", "TensorInfo"]
 
