@@ -458,20 +458,36 @@ def suggest(
     n: int = 3,
     cutoff: float = KEY_CUTOFF,
     render: Callable[[str], str] = repr,
+    not_itself: bool = False,
 ) -> str:
     """Returns ` (did you mean 'x'?)` for close matches of word, or ''.
 
     The one did-you-mean of every message. `cutoff` is `KEY_CUTOFF` for a
     single key or name, `PATH_CUTOFF` for whole rendered paths; `render` shows
-    each close candidate (by default its `repr`). `candidates` searched again
+    each close candidate (by default its `repr`); `not_itself` leaves word
+    itself out of them. `candidates` searched again
     should be a `Names`, built once; other iterables are indexed here, and the
     last few are kept.
     """
     names = candidates if isinstance(candidates, Names) else _names_of(tuple(candidates))
-    close = names.close(word, n=n, cutoff=cutoff)
+    if not_itself:
+        # One more asked for, as the word itself may be among them.
+        close = [c for c in names.close(word, n=n + 1, cutoff=cutoff) if c != word][:n]
+    else:
+        close = names.close(word, n=n, cutoff=cutoff)
     if not close:
         return ""
     return " (did you mean " + " or ".join(render(c) for c in close) + "?)"
+
+
+def suggest_path(text: str, candidates: Iterable[str] | Names, *, not_itself: bool = False) -> str:
+    """`suggest` for a whole rendered path or pattern among rendered paths (`PATH_CUTOFF`).
+
+    Args:
+      not_itself: never suggest text itself (a pattern that names leaves
+        elsewhere is not a typo).
+    """
+    return suggest(text, candidates, cutoff=PATH_CUTOFF, not_itself=not_itself)
 
 
 def first_line(error: BaseException, *, limit: int = 400) -> tuple[str, str]:

@@ -6,10 +6,10 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from treegraft._errors import GraftError
+from treegraft._insert.placement import concrete_likes
 from treegraft._insert.sharding import place
 from treegraft._insert.transform import Blocks, build
 from treegraft._parse.paths import Path, render_parts
@@ -123,7 +123,7 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
         # Checked again: a source array may be donated between plan and execute.
         raise GraftError.from_problems(gone, rules=len(p.rules))
     tgt, src = p._target, p._source
-    likes_of = _on_concrete_meshes(p)
+    likes_of = concrete_likes([pair.target for pair in p._pairs], tgt.leaves, tgt.paths)
     plain = [pair for pair in p._pairs if _is_copy(p, pair)]
     changed = [pair for pair in p._pairs if not _is_copy(p, pair)]
     first_use: dict[int, int] = {}
@@ -168,48 +168,6 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
         for pair in changed:
             out[pair.target] = build(p, pair, blocks, likes_of[pair.target])
     return tgt.treedef.unflatten(out)
-
-
-def _on_concrete_meshes(p: GraftPlan) -> dict[int, Any]:
-    """Each grafted target leaf, its sharding on a concrete mesh.
-
-    `jax.eval_shape` (and `nnx.eval_shape`) under `jax.set_mesh(mesh)` gives
-    shardings on an `AbstractMesh`, which names axes but no devices: they are
-    put on the mesh in context when it has the same axes.
-
-    Raises:
-      GraftError: no mesh in context fits, naming the leaves.
-    """
-    out: dict[int, Any] = {}
-    unplaced = []
-    for pair in p._pairs:
-        like = p._target.leaves[pair.target]
-        sharding = getattr(like, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(
-            sharding.mesh, jax.sharding.AbstractMesh
-        ):
-            mesh = jax.sharding.get_mesh()
-            if getattr(mesh, "empty", True) or mesh.abstract_mesh != sharding.mesh:
-                unplaced.append(pair.target)
-                out[pair.target] = like
-                continue
-            like = jax.ShapeDtypeStruct(
-                like.shape,
-                like.dtype,
-                sharding=jax.sharding.NamedSharding(mesh, sharding.spec),
-                weak_type=getattr(like, "weak_type", False),
-            )
-        out[pair.target] = like
-    if unplaced:
-        names = ", ".join(repr(render_parts(p._target.paths[i])) for i in unplaced[:5])
-        mesh = p._target.leaves[unplaced[0]].sharding.mesh
-        raise GraftError(
-            f"{len(unplaced)} target leaves are sharded on an AbstractMesh ({mesh}), which has "
-            f"no devices to put them on: {names}{', ...' if len(unplaced) > 5 else ''}; graft "
-            "under `with jax.set_mesh(mesh):` with the mesh they were made for, or give them "
-            "concrete shardings (jax.sharding.NamedSharding(mesh, x.sharding.spec))"
-        )
-    return out
 
 
 def _read_like(dtype: Any, like: Any) -> Any:

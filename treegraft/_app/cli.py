@@ -22,7 +22,7 @@ from treegraft._app.display import Style, leaf_rows, render_tree
 from treegraft._app.map_text import parse_map
 from treegraft._app.mapping_file import load_mapping
 from treegraft._app.model_target import is_model_target, load_model_target
-from treegraft._errors import PATH_CUTOFF, CheckpointError, GraftError, suggest
+from treegraft._errors import CheckpointError, GraftError, suggest_path
 from treegraft._formats.kauldron.source import KauldronCheckpoint, is_workdir, list_steps
 from treegraft._formats.orbax.source import OrbaxCheckpoint
 from treegraft._formats.safetensors.source import SafetensorsCheckpoint
@@ -396,7 +396,7 @@ def _close_names(pattern: Any, paths: Sequence[tuple[Any, ...]]) -> str:
         text = text[: -len(".**")]
     depth = max(pattern._min_len, 1)  # the segments other than '**'
     names = {render_parts(p[:depth]) for p in paths if len(p) >= depth}
-    return suggest(text, names, cutoff=PATH_CUTOFF) if text and text != "**" else ""
+    return suggest_path(text, names) if text and text != "**" else ""
 
 
 def _given_mapping(args: argparse.Namespace) -> dict[Any, Any] | None:

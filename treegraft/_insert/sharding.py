@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from treegraft._errors import GraftError, MismatchError, Problem
+from treegraft._insert.placement import array_from_blocks, buffers, copy_array, shares_buffers
 from treegraft._parse.paths import Path, render_parts
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.pytree import flatten_parts
@@ -143,15 +144,15 @@ def place(
             if (
                 isinstance(value, jax.Array)
                 and value.sharding != sharding
-                and _buffers(got) & _buffers(value)
+                and buffers(got) & buffers(value)
             ):
                 # jax keeps the source's buffer as one shard of a resharded array
                 # (one device to replicated), even with may_alias=False.
-                got = _copy(got)
+                got = copy_array(got)
             if (
                 _on_cpu(sharding)
                 and _has_replicas(sharding, np.shape(value))
-                and _shares_buffers(got)
+                and shares_buffers(got)
             ):
                 # Replicas sharing one buffer (docs/design.md section 12): jax's
                 # CPU client adopts an aligned host block's memory as the buffer
@@ -185,8 +186,8 @@ def place(
             may_alias=[False] * len(batch),
         )
         for (k_first, k), got in zip(batch, made, strict=True):
-            if _buffers(got) & _buffers(out[k_first]):
-                got = _copy(got)
+            if buffers(got) & buffers(out[k_first]):
+                got = copy_array(got)
             out[k] = got
     if checks:
         _refuse_device_overflows(checks, name_of)
@@ -402,37 +403,6 @@ def _has_replicas(sharding: Any, shape: tuple[int, ...]) -> bool:
     return blocks < devices
 
 
-def _shares_buffers(x: jax.Array) -> bool:
-    """Whether two addressable shards of x have the same device buffer."""
-    # Not addressable_data(i): on a fully replicated array it is always shard 0.
-    pointers = []
-    for shard in x.addressable_shards:
-        try:
-            pointers.append(shard.data.unsafe_buffer_pointer())
-        except Exception:  # noqa: BLE001 (a backend without pointers: nothing to compare)
-            return False
-    return len(set(pointers)) < len(pointers)
-
-
-def _copy(x: jax.Array) -> jax.Array:
-    """A copy of x with the same sharding in new device buffers (no host round trip)."""
-    y = jax.device_put(x, x.sharding, may_alias=False)
-    if _buffers(y) & _buffers(x):
-        y = jax.jit(lambda a: a.copy(), out_shardings=x.sharding)(x)
-    return y
-
-
-def _buffers(x: jax.Array) -> set[int]:
-    """The device buffer addresses of an array's addressable shards."""
-    out = set()
-    for shard in x.addressable_shards:
-        try:
-            out.add(shard.data.unsafe_buffer_pointer())
-        except Exception:  # noqa: BLE001 (a backend without pointers: nothing to compare)
-            pass
-    return out
-
-
 def _describe_at(k: int, name_of: Callable[[int], str] | None) -> str:
     return repr(name_of(k)) if name_of is not None else f"leaf #{k}"
 
@@ -515,8 +485,8 @@ def _local_to_global(value: Any, like: Any) -> jax.Array:
     """
     local = value if isinstance(value, jax.Array) else np.asarray(value, dtype=like.dtype)
 
-    def block(index: Any) -> Any:
-        piece = local[index]
+    def block(box: tuple[tuple[int, int], ...]) -> Any:
+        piece = local[tuple(slice(a, b) for a, b in box)]
         # A whole-array index gives the value itself: copy it, so that the
         # placed array owns its buffers (DESIGN section 12).
         # numpy blocks are copied too: jax's CPU client would keep their memory.
@@ -527,7 +497,7 @@ def _local_to_global(value: Any, like: Any) -> jax.Array:
                 piece = np.array(piece)
         return piece
 
-    return jax.make_array_from_callback(tuple(like.shape), like.sharding, block, dtype=like.dtype)
+    return array_from_blocks(tuple(like.shape), like.sharding, block)
 
 
 def _to_host(value: Any) -> np.ndarray:

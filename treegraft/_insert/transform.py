@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from treegraft._errors import GraftError
+from treegraft._insert.placement import array_from_blocks
 from treegraft._insert.sharding import overflow_error, weakly_typed
 from treegraft._parse.paths import Path, render_parts
 from treegraft._plan import GraftPlan, Pair, gathered_spec
@@ -171,34 +172,11 @@ def _place_blocks(
         sharding = like.sharding
         if sharding is None:
             return jax.device_put(block(whole))
-        # Each device gets its own block, put on it alone: make_array_from_callback
-        # may hand one host block to several devices of a replicated sharding,
-        # and the CPU client can adopt its memory for all of them.
-        boxes = {}
-        for device, index in sharding.addressable_devices_indices_map(shape).items():
-            boxes[device] = tuple(
-                slice(*s.indices(d)[:2]) for s, d in zip(index or (), shape, strict=True)
-            )
-        left: dict[tuple[tuple[int, int], ...], int] = {}
-        for box in boxes.values():
-            key = tuple((b.start, b.stop) for b in box)
-            left[key] = left.get(key, 0) + 1
-        # A block read for replicated shards is kept only until its last use,
-        # so host memory holds one shard's block at a time, not the array.
-        done: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
-        arrays = []
-        for device, box in boxes.items():
-            key = tuple((b.start, b.stop) for b in box)
-            left[key] -= 1
-            data = done[key] if key in done else block(box)
-            if left[key]:
-                done[key] = data
-                data = data.copy()  # this device's own buffer
-            else:
-                done.pop(key, None)
-            arrays.append(jax.device_put(data, device, may_alias=False))
-            del data
-        return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+        # Every device gets a buffer of its own (docs/design.md section 12); a
+        # block is read once for its replicas, one block at a time.
+        return array_from_blocks(
+            shape, sharding, lambda box: block(tuple(slice(a, b) for a, b in box)), adopt=False
+        )
     value = block(whole)
     if isinstance(like, np.ndarray):
         return np.array(value, dtype=like.dtype)

@@ -15,10 +15,11 @@ split, each half would need the other's internals.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from treegraft._errors import GraftError, MappingError
+from treegraft._parse.keys import loose_part
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._parse.scan import scan
 
@@ -33,6 +34,13 @@ class _Seg:
     kind: int
     value: Any = None  # the part (_LIT), the compiled `_Glob` (_GLOB)
     text: str = ""  # the source text of a glob segment
+    # An int literal's digits, which it also finds as a string key (orbax
+    # saves int dict keys as '0'); None for every other segment.
+    digits: str | None = field(default=None, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind == _LIT and type(self.value) is int:
+            object.__setattr__(self, "digits", loose_part(self.value))
 
     def matches(self, part: Part) -> tuple[Any, ...] | None:
         """Captures of this one-segment matcher on part, or None."""
@@ -40,8 +48,9 @@ class _Seg:
             v = self.value
             if type(part) is type(v) and part == v:
                 return ()
-            # Orbax turns int dict keys into strings: 0 also finds '0'.
-            if type(v) is int and type(part) is str and part == str(v):
+            # Orbax turns int dict keys into strings: 0 also finds '0'
+            # (_parse/keys.py; the digits are made once, not per part).
+            if self.digits is not None and type(part) is str and part == self.digits:
                 return ()
             return None
         if self.kind == _STAR:

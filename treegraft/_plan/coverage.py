@@ -7,10 +7,10 @@ mapping is an error, with close names suggested.
 
 from __future__ import annotations
 
-from treegraft._errors import Names, PathNotFoundError
+from treegraft._errors import Names, PathNotFoundError, suggest_path
 from treegraft._parse.paths import Part, Path, is_index, render_parts, render_pattern
 from treegraft._parse.patterns import Pattern
-from treegraft._plan.problems import Problem, _close_names, _close_paths
+from treegraft._plan.problems import Problem, _close_paths
 from treegraft._plan.resolution import Resolution
 from treegraft._tree.index import TreeIndex
 from treegraft._tree.pytree import resolve as resolve_path
@@ -156,7 +156,7 @@ def check_unmatched_ignores(res: Resolution) -> list[Problem]:
                 Problem(
                     "unmatched_ignore",
                     f"{name} pattern {pat.text!r} matches no key of {index.what},"
-                    f"{relative} from the root{_close_names(pat.text, names[wild])}",
+                    f"{relative} from the root{suggest_path(pat.text, names[wild])}",
                     pattern=pat.text,
                 )
             )

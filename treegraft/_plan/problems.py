@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from treegraft._errors import PATH_CUTOFF, GraftError, Names, Problem, suggest
+from treegraft._errors import GraftError, Problem, suggest_path
 from treegraft._errors import count as _count  # noqa: F401 (the planner's modules use it)
 from treegraft._parse.paths import Part, render_parts
 from treegraft._tree.index import TreeIndex
@@ -46,13 +46,7 @@ def _close_paths(text: str, index: TreeIndex) -> str:
     The text itself is never suggested: a pattern that names leaves elsewhere
     is not a typo.
     """
-    names = index.node_names(patterns="*" in text)
-    close = [c for c in names.close(text, n=4, cutoff=PATH_CUTOFF) if c != text][:3]
-    return " (did you mean " + " or ".join(map(repr, close)) + "?)" if close else ""
-
-
-def _close_names(text: str, names: Sequence[str] | Names) -> str:
-    return suggest(text, names, cutoff=PATH_CUTOFF)
+    return suggest_path(text, index.node_names(patterns="*" in text), not_itself=True)
 
 
 def raise_problems(problems: Sequence[Problem], n_rules: int) -> None:

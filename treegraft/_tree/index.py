@@ -13,18 +13,14 @@ from typing import Any
 import jax
 
 from treegraft._errors import Names, PathNotFoundError
+from treegraft._parse.keys import could_loosen, loose
 from treegraft._parse.paths import Part, Path, is_index, render_parts, render_pattern
 from treegraft._tree.leaves import check_not_traced
 from treegraft._tree.pytree import children, flatten_parts, resolve
 
-__all__ = ["TreeIndex", "loose", "is_abstract", "is_deleted"]
+__all__ = ["TreeIndex", "is_abstract", "is_deleted"]
 
 Parts = tuple[Part, ...]
-
-
-def loose(parts: Parts) -> Parts:
-    """Parts with int keys as strings: orbax saves int dict keys as '0'."""
-    return tuple(str(p) if type(p) is int else p for p in parts)
 
 
 class TreeIndex:
@@ -100,7 +96,7 @@ class TreeIndex:
             or _same_types(self.paths[found[0]][:k], prefix)
         ):
             return found
-        if found is None and not _loosens(prefix):
+        if found is None and not could_loosen(prefix):
             return []  # only an int or digits can match loosely: no need to index that way
         lgroups = self._loose_groups.get(k)
         if lgroups is None:
@@ -185,14 +181,6 @@ class TreeIndex:
                 if len(p) >= n + k:
                     groups.setdefault(loose(p[n : n + k]), []).append(i)
         return groups.get(loose(head), [])
-
-
-def _loosens(parts: Parts) -> bool:
-    """Whether loose() could make parts equal to another path: an int, or digits, in them."""
-    for p in parts:
-        if type(p) is int or (type(p) is str and p.lstrip("-").isdigit()):
-            return True
-    return False
 
 
 def _as_index(part: Part) -> Part:

@@ -11,6 +11,7 @@ from typing import Any
 from jax import tree_util
 
 from treegraft._errors import TreeError
+from treegraft._parse.keys import finds_digits
 from treegraft._parse.paths import Part, key_to_part, render_parts
 from treegraft._tree import nnx as _nnx
 
@@ -156,6 +157,6 @@ def find_child(kids: list[tuple[Part, Any]], part: Part) -> tuple[Part, Any] | N
             return key, child
     if type(part) is int:
         for key, child in kids:
-            if type(key) is str and key == str(part):
+            if finds_digits(part, key):
                 return key, child
     return None

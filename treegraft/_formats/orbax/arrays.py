@@ -27,6 +27,7 @@ import numpy as np
 
 from treegraft._errors import CheckpointError, describe_leaf
 from treegraft._formats.orbax.headers import LazyLeaf
+from treegraft._insert.placement import assemble, devices_by_box, put_block, sharding_of
 from treegraft._parse.paths import render_parts
 from treegraft._read.source import ReadRequest
 from treegraft._storage.errors import reason
@@ -108,12 +109,7 @@ def _slices(like: Any, shape: tuple[int, ...]) -> dict[tuple[tuple[int, int], ..
     grouped; [None] for a host (numpy or Python) target, which gets the whole array."""
     if not isinstance(like, jax.Array | jax.ShapeDtypeStruct):
         return {tuple((0, n) for n in shape): [None]}
-    sharding = like.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    out: dict[tuple[tuple[int, int], ...], list[Any]] = {}
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
-        box = _normalize(tuple(index or ()), shape) if shape else ()
-        out.setdefault(box, []).append(device)
-    return out
+    return devices_by_box(sharding_of(like), shape)
 
 
 class _Job:
@@ -131,10 +127,7 @@ class _Job:
         like = self.req.like
         if not isinstance(like, jax.Array | jax.ShapeDtypeStruct):
             return self.host
-        sharding = like.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        devices = sharding.addressable_devices_indices_map(tuple(like.shape))
-        buffers = [self.buffers[d] for d in devices]
-        return jax.make_array_from_single_device_arrays(tuple(like.shape), sharding, buffers)
+        return assemble(tuple(like.shape), sharding_of(like), self.buffers)
 
 
 class _Unit:
@@ -149,17 +142,6 @@ class _Unit:
         self.future = future
         self.nbytes = nbytes
         self.out: np.ndarray | None = out
-
-
-def _normalize(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    out = []
-    for s, n in zip(index, shape, strict=False):
-        start, stop, step = s.indices(n)
-        if step != 1:
-            raise CheckpointError("a shard index with a step is not a box")
-        out.append((start, stop))
-    out += [(0, n) for n in shape[len(out):]]
-    return tuple(out)
 
 
 class DirectReader:
@@ -259,9 +241,9 @@ class DirectReader:
             job.host = host
             return unit.nbytes
         with jax.transfer_guard("allow"):
-            for k, device in enumerate(unit.devices):
-                # Replicas get their own buffers (DESIGN 12): device_put may alias host.
-                job.buffers[device] = jax.device_put(host if k == 0 else host.copy(), device)
+            # Replicas get their own buffers (DESIGN 12); the first adopts host.
+            placed = put_block(host, unit.devices)
+            job.buffers.update(zip(unit.devices, placed, strict=True))
         return unit.nbytes
 
     def read_box(self, leaf: LazyLeaf, box: tuple[slice, ...]) -> np.ndarray:

@@ -11,6 +11,7 @@ import numpy as np
 from treegraft._errors import CheckpointError, describe_leaf, first_line
 from treegraft._formats.orbax.headers import PY_TYPES, LazyLeaf
 from treegraft._formats.orbax.metadata import lazy_metadata
+from treegraft._insert.placement import own_buffers, sharding_of
 from treegraft._parse.paths import Part, render_parts
 from treegraft._read.source import ReadRequest
 from treegraft._storage.errors import reason
@@ -164,7 +165,7 @@ def orbax_read(meta: Any, directory: Location, requests: Sequence[ReadRequest]) 
         _check_unchanged(req, leaf, value, directory)
         if isinstance(req.dtype, np.dtype) and np.dtype(value.dtype) != req.dtype:
             value = value.astype(req.dtype)  # a cast the caller asked for
-        out.append(_own_buffers(value))
+        out.append(own_buffers(value))
     return out
 
 
@@ -201,43 +202,13 @@ def _describe(spec: tuple[Any, Any]) -> str:
     return describe_leaf(spec[0], dtype)
 
 
-def _own_buffers(value: Any) -> Any:
-    """value, with copies where orbax handed several shards one buffer (DESIGN 12).
-
-    orbax restores a replicated array into one host buffer shared by every
-    device on CPU: donating one shard would then free the others.
-    """
-    if not isinstance(value, jax.Array) or len(value.addressable_shards) < 2:
-        return value
-    shards = value.addressable_shards
-    try:
-        pointers = [s.data.unsafe_buffer_pointer() for s in shards]
-    except Exception:  # a backend without pointers: nothing to check
-        return value
-    if len(set(pointers)) == len(pointers):
-        return value
-    seen: set[int] = set()
-    buffers = []
-    with jax.transfer_guard("allow"):
-        for shard, pointer in zip(shards, pointers, strict=True):
-            data = shard.data
-            if pointer in seen:
-                data = jax.device_put(np.array(data), shard.device)
-            seen.add(pointer)
-            buffers.append(data)
-        return jax.make_array_from_single_device_arrays(value.shape, value.sharding, buffers)
-
-
 def _restore_args(req: ReadRequest) -> Any:
     import orbax.checkpoint as ocp
 
     like = req.like
     # No dtype: orbax would cast to it silently; the value is checked and cast after.
     if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
-        sharding = like.sharding
-        if sharding is None:
-            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(like.shape))
+        return ocp.ArrayRestoreArgs(sharding=sharding_of(like), global_shape=tuple(like.shape))
     return ocp.RestoreArgs(restore_type=np.ndarray)
 
 

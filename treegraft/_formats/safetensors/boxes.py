@@ -10,6 +10,7 @@ import numpy as np
 
 from treegraft._errors import GraftError
 from treegraft._formats.safetensors.header import TensorInfo
+from treegraft._insert.placement import Box, box_of
 
 __all__ = [
     "Box",
@@ -22,21 +23,8 @@ __all__ = [
     "nbytes",
 ]
 
-Box = tuple[tuple[int, int], ...]  # (start, stop) per axis
-
-
 def full_box(shape: tuple[int, ...]) -> Box:
     return tuple((0, d) for d in shape)
-
-
-def box_of(index: tuple[slice, ...], shape: tuple[int, ...]) -> Box:
-    """A device's index (slices, maybe open-ended) as (start, stop) per axis."""
-    out = []
-    for k, dim in enumerate(shape):
-        s = index[k] if k < len(index) else slice(None)
-        start, stop, _ = s.indices(dim)
-        out.append((start, max(start, stop)))
-    return tuple(out)
 
 
 def check_box(box: Any, info: TensorInfo) -> Box:

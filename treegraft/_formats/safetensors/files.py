@@ -18,11 +18,10 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from treegraft._errors import CheckpointError, describe_leaf
-from treegraft._formats.safetensors.boxes import Box, box_of, merge, nbytes
+from treegraft._formats.safetensors.boxes import Box, merge, nbytes
 from treegraft._formats.safetensors.header import (
     DTYPES,
     INDEX_NAME,
@@ -35,7 +34,7 @@ from treegraft._formats.safetensors.header import (
 from treegraft._storage.local import local_kind, mode_kind, not_regular
 from treegraft._storage.location import Location, check_text
 
-__all__ = ["Files", "assemble"]
+__all__ = ["Files"]
 
 # Bytes of reads issued ahead of the tensor being assembled (a tensor's own
 # ranges are always issued): bounds the host memory a read needs beyond its
@@ -350,27 +349,6 @@ def _show(info: TensorInfo, begin: int, end: int) -> str:
 def _close_fds(fds: dict[str, int]) -> None:
     while fds:
         os.close(fds.popitem()[1])
-
-
-def assemble(info: TensorInfo, sharding: Any, pieces: dict[Box, np.ndarray]) -> jax.Array:
-    """A jax.Array in sharding whose every device shard is its piece, in a buffer of its own.
-
-    A piece held by several devices (a replicated axis) is copied for each
-    after the first: jax's CPU client adopts an aligned host array's memory
-    as the device buffer, so one piece put on several devices would give them
-    one shared buffer (docs/design.md section 12), and
-    `jax.make_array_from_callback` hands a replicated sharding one host value.
-    """
-    used: set[int] = set()
-    arrays = []
-    for device, index in sharding.addressable_devices_indices_map(info.shape).items():
-        piece = pieces[box_of(index or (), info.shape)]
-        if id(piece) in used:
-            piece = piece.copy()
-        else:
-            used.add(id(piece))
-        arrays.append(jax.device_put(piece, device, may_alias=False))
-    return jax.make_array_from_single_device_arrays(info.shape, sharding, arrays)
 
 
 def _aligned(n: int, align: int = 64) -> np.ndarray:

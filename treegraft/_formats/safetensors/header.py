@@ -20,7 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from treegraft._errors import PATH_CUTOFF, CheckpointError, first_line, suggest
+from treegraft._errors import CheckpointError, first_line, suggest_path
 from treegraft._storage.errors import stalled
 from treegraft._storage.location import Location
 from treegraft._storage.reads import read_value
@@ -179,7 +179,7 @@ def read_headers(
                 if name not in held:
                     raise CheckpointError(
                         f"{file_path(folder, INDEX_NAME)} maps tensor {name!r} to {f}, "
-                        f"but the header of {f} has no such tensor{_close(name, held)}"
+                        f"but the header of {f} has no such tensor{suggest_path(name, list(held))}"
                     )
                 infos.append(held[name])
     # The last data byte of each file must exist: else the file is truncated.
@@ -202,9 +202,6 @@ def file_path(folder: str, name: str) -> str:
     return os.path.join(folder, name)
 
 
-def _close(name: str, names: Any) -> str:
-    # Tensor names are whole dotted paths: the path cutoff.
-    return suggest(name, list(names), cutoff=PATH_CUTOFF)
 
 
 def read_result(

@@ -17,11 +17,10 @@ import jax
 import numpy as np
 
 from treegraft._errors import (
-    PATH_CUTOFF,
     CheckpointError,
     CheckpointNotFoundError,
     PathNotFoundError,
-    suggest,
+    suggest_path,
 )
 from treegraft._formats.safetensors.boxes import (
     Box,
@@ -31,13 +30,14 @@ from treegraft._formats.safetensors.boxes import (
     first_bad_bool,
     full_box,
 )
-from treegraft._formats.safetensors.files import Files, assemble
+from treegraft._formats.safetensors.files import Files
 from treegraft._formats.safetensors.header import INDEX_NAME, TensorInfo, file_path, read_headers
 from treegraft._formats.safetensors.tree import MAX_DEPTH, build_tree
+from treegraft._insert.placement import array_from_blocks, sharding_of
+from treegraft._parse.keys import loose
 from treegraft._parse.paths import Part, Path, parse_path, render_parts
 from treegraft._read.source import ReadRequest, Source
 from treegraft._storage.location import Location
-from treegraft._tree.index import loose
 
 __all__ = ["SafetensorsCheckpoint", "TensorInfo"]
 
@@ -178,9 +178,7 @@ class SafetensorsCheckpoint(Source):
             info = self._info(req.path)
             like = req.like
             if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
-                sharding = like.sharding
-                if sharding is None:
-                    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+                sharding = sharding_of(like)
                 indices = sharding.addressable_devices_indices_map(info.shape)
                 boxes = list(
                     dict.fromkeys(box_of(index or (), info.shape) for index in indices.values())
@@ -195,7 +193,8 @@ class SafetensorsCheckpoint(Source):
             if sharding is None:
                 out.append(pieces[boxes[0]])
                 continue
-            out.append(assemble(info, sharding, pieces))
+            # Every device shard in a buffer of its own (docs/design.md section 12).
+            out.append(array_from_blocks(info.shape, sharding, pieces.__getitem__, adopt=False))
         return out
 
     def read_boxes(self, requests: Sequence[Any]) -> list[np.ndarray]:
@@ -297,7 +296,7 @@ class SafetensorsCheckpoint(Source):
             names = [render_parts(k) for k in self._by_parts]
             raise PathNotFoundError(
                 f"{render_parts(parts)!r} is not a tensor of {self.describe()}"
-                f"{suggest(render_parts(parts), names, cutoff=PATH_CUTOFF)}"
+                f"{suggest_path(render_parts(parts), names)}"
             )
         return info
 
