@@ -184,7 +184,7 @@ def test_a_32_layer_stack_from_safetensors_is_one_box_read(tmp_path, monkeypatch
     assert calls == [LAYERS]
 
 
-def test_a_large_block_is_read_in_calls_of_at_most_64_mib(monkeypatch, orbax_layers):
+def test_a_large_block_is_read_in_calls_of_bounded_bytes(monkeypatch, orbax_layers):
     from treegraft._insert import transform
 
     # Shrink the batch to 2 layers' bytes: 32 layers are 16 calls of 2.

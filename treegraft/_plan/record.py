@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from treegraft._parse.paths import Path
 from treegraft._parse.rules import Rule
@@ -19,7 +19,7 @@ from treegraft._read.source import Source, reads_boxes
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.index import TreeIndex
 
-__all__ = ["Pair", "PlanRecord", "ReadKey", "make_record"]
+__all__ = ["Pair", "PlanRecord", "make_record"]
 
 
 class Pair(NamedTuple):
@@ -41,8 +41,6 @@ class Pair(NamedTuple):
 
 # A read of the source: (source leaf index, layer taken along the rule's axis or None).
 ReadKey = tuple[int, int | None]
-# The reads of one pair, each with the bytes it costs.
-Reads = tuple[tuple[ReadKey, int], ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,8 +54,8 @@ class PlanRecord:
       lazy: the lazy source (a checkpoint), or None for an in-memory pytree.
       pairs: each grafted target leaf with its source leaves (`Pair`).
       cast: the `cast` option.
-      reads: per pair, the reads it needs, each as (key, bytes); equal keys
-        are one read.
+      pair_nbytes: per pair, the bytes of the reads it needs (a read two pairs
+        share counted for each).
       nbytes: the bytes of every distinct read: what executing the plan reads.
     """
 
@@ -67,17 +65,13 @@ class PlanRecord:
     lazy: Source | None
     pairs: tuple[Pair, ...]
     cast: bool | str
-    reads: tuple[Reads, ...]
+    pair_nbytes: tuple[int, ...]
     nbytes: int
 
     def is_copy(self, pair: Pair) -> bool:
         """Whether a pair's value is its source leaf as is (no gather, no steps)."""
         rule = self.rules[pair.rule]
         return rule.gather == "copy" and not rule.steps
-
-    def pair_nbytes(self, k: int) -> int:
-        """The bytes the k-th pair reads (shared reads counted for each pair)."""
-        return sum(n for _, n in self.reads[k])
 
 
 def make_record(
@@ -93,12 +87,27 @@ def make_record(
 
     For an unstack rule over a source that reads boxes, a box's bytes are the
     chunks that hold it (`Source.box_nbytes`): asked here once per distinct box.
+    A source that does not read boxes reads the whole leaf once for all its boxes.
     """
     rules = tuple(rules)
+    boxes = lazy is None or reads_boxes(lazy)
     sizes: dict[ReadKey, int] = {}
-    reads = tuple(
-        _pair_reads(rules, source, lazy, pair, sizes) for pair in pairs
-    )
+    by_spec: dict[Any, int] = {}
+    per_pair = []
+    for pair in pairs:
+        if pair.sources:
+            keys: Sequence[ReadKey] = [(si, None) for si in pair.sources]
+        elif pair.layer is None or not boxes:
+            keys = ((pair.source, None),)  # read whole once, sliced for every box
+        else:
+            keys = ((pair.source, pair.layer),)
+        total = 0
+        for key in keys:
+            n = sizes.get(key)
+            if n is None:
+                n = sizes[key] = _read_nbytes(rules[pair.rule], source, lazy, key, by_spec)
+            total += n
+        per_pair.append(total)
     whole = {si for si, layer in sizes if layer is None}
     nbytes = sum(n for (si, layer), n in sizes.items() if layer is None or si not in whole)
     return PlanRecord(
@@ -108,43 +117,38 @@ def make_record(
         lazy=lazy,
         pairs=tuple(pairs),
         cast=cast,
-        reads=reads,
+        pair_nbytes=tuple(per_pair),
         nbytes=nbytes,
     )
 
 
-def _pair_reads(
-    rules: tuple[Rule, ...],
-    source: TreeIndex,
-    lazy: Source | None,
-    pair: Pair,
-    sizes: dict[ReadKey, int],
-) -> Reads:
-    """The reads a pair needs, each as (key, bytes); sizes caches each key's bytes."""
-    if pair.sources:
-        keys: list[ReadKey] = [(si, None) for si in pair.sources]
-    elif pair.layer is None or (lazy is not None and not reads_boxes(lazy)):
-        keys = [(pair.source, None)]  # read whole once, sliced for every box
-    else:
-        keys = [(pair.source, pair.layer)]
-    out = []
-    for key in keys:
-        if key not in sizes:
-            sizes[key] = _read_nbytes(rules[pair.rule], source, lazy, key)
-        out.append((key, sizes[key]))
-    return tuple(out)
-
-
-def _read_nbytes(rule: Rule, source: TreeIndex, lazy: Source | None, key: ReadKey) -> int:
+def _read_nbytes(
+    rule: Rule, source: TreeIndex, lazy: Source | None, key: ReadKey, by_spec: dict[Any, int]
+) -> int:
     """The bytes one read costs: the whole leaf, or the chunks holding one layer."""
     si, layer = key
-    spec = _leaves.spec_of(source.leaves[si])
-    whole = _leaves.nbytes(spec)
+    leaf = source.leaves[si]
     if layer is None:
-        return whole
+        return _whole_nbytes(leaf, by_spec)
+    spec = _leaves.spec_of(leaf)
     shape = spec[0] or ()
     axis = rule.axis + len(shape) if rule.axis < 0 else rule.axis
     if lazy is None:
-        return whole // max(shape[axis], 1)
+        return _leaves.nbytes(spec) // max(shape[axis], 1)
     box = index_box(shape, axis, layer)
     return int(lazy.box_nbytes(Path(source.paths[si]), box))
+
+
+def _whole_nbytes(leaf: Any, by_spec: dict[Any, int]) -> int:
+    """A leaf's bytes, remembered by shape and dtype: most leaves of a model share a few."""
+    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    if shape is None or dtype is None:
+        return _leaves.nbytes(_leaves.spec_of(leaf))
+    try:
+        spec_key = (tuple(shape), dtype)
+        n = by_spec.get(spec_key)
+    except TypeError:  # an unhashable dtype
+        return _leaves.nbytes(_leaves.spec_of(leaf))
+    if n is None:
+        n = by_spec[spec_key] = _leaves.nbytes(_leaves.spec_of(leaf))
+    return n

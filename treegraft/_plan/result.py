@@ -132,7 +132,7 @@ class GraftPlan:
                     rule=str(rec.rules[pair.rule]),
                     shape=spec[0],
                     dtype=spec[1],
-                    nbytes=rec.pair_nbytes(k),
+                    nbytes=rec.pair_nbytes[k],
                     operation=self._operation(pair),
                     sources=tuple(Path(rec.source.paths[si]) for si in sources),
                 )
@@ -192,7 +192,7 @@ class GraftPlan:
         counts = [[0, 0] for _ in rec.rules]
         for k, pair in enumerate(rec.pairs):
             counts[pair.rule][0] += 1
-            counts[pair.rule][1] += rec.pair_nbytes(k)
+            counts[pair.rule][1] += rec.pair_nbytes[k]
         return [(str(rule), n, b) for rule, (n, b) in zip(rec.rules, counts, strict=True)]
 
     def summary(self, *, max_rows: int = 40) -> str:
