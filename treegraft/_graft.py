@@ -14,7 +14,7 @@ from treegraft._insert.sharding import place
 from treegraft._insert.transform import Blocks, build
 from treegraft._parse.paths import Path, render_parts
 from treegraft._parse.rules import CastOption, MappingLike
-from treegraft._plan import GraftPlan, Pair, plan
+from treegraft._plan import GraftPlan, plan
 from treegraft._plan.leaves import deleted_sources
 from treegraft._read.progress import ProgressBar
 from treegraft._read.source import ReadRequest, Source
@@ -119,17 +119,18 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
     abstract = [pr for pr in p.report if pr.kind == "abstract"]
     if abstract:
         raise GraftError(abstract[0].message, problems=abstract)
-    if p._lazy is None and (gone := deleted_sources(p._source, p._pairs)):
+    rec = p._record
+    if rec.lazy is None and (gone := deleted_sources(rec.source, rec.pairs)):
         # Checked again: a source array may be donated between plan and execute.
         raise GraftError.from_problems(gone, rules=len(p.rules))
-    tgt, src = p._target, p._source
-    likes_of = concrete_likes([pair.target for pair in p._pairs], tgt.leaves, tgt.paths)
-    plain = [pair for pair in p._pairs if _is_copy(p, pair)]
-    changed = [pair for pair in p._pairs if not _is_copy(p, pair)]
+    tgt, src = rec.target, rec.source
+    likes_of = concrete_likes([pair.target for pair in rec.pairs], tgt.leaves, tgt.paths)
+    plain = [pair for pair in rec.pairs if rec.is_copy(pair)]
+    changed = [pair for pair in rec.pairs if not rec.is_copy(pair)]
     first_use: dict[int, int] = {}
     for pair in plain:
         first_use.setdefault(pair.source, pair.target)
-    if p._lazy is not None:
+    if rec.lazy is not None:
         order = list(first_use)
         # Read in the source's own dtype: a checkpoint reader must never cast
         # unasked, and each target is cast to its own dtype afterwards.
@@ -142,7 +143,7 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
             for si in order
         ]
         sizes = [_leaves.nbytes(_leaves.spec_of(src.leaves[si])) for si in order]
-        got = _read_batched(p._lazy, requests, sizes, progress)
+        got = _read_batched(rec.lazy, requests, sizes, progress)
         value_of = {
             si: _as_python(value) if isinstance(requests[n].dtype, type) else value
             for n, (si, value) in enumerate(zip(order, got, strict=True))
@@ -156,17 +157,17 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
     placed = place(
         values,
         likes,
-        cast=p.cast,
-        owned=p._lazy is not None,
+        cast=rec.cast,
+        owned=rec.lazy is not None,
         name_of=lambda k: render_parts(tgt.paths[plain[k].target]),
     )
     out = list(tgt.leaves)
     for pair, value in zip(plain, placed, strict=True):
         out[pair.target] = value
     if changed:
-        blocks = Blocks(p)
+        blocks = Blocks(rec)
         for pair in changed:
-            out[pair.target] = build(p, pair, blocks, likes_of[pair.target])
+            out[pair.target] = build(rec, pair, blocks, likes_of[pair.target])
     return tgt.treedef.unflatten(out)
 
 
@@ -188,11 +189,6 @@ def _as_python(value: Any) -> Any:
     if isinstance(value, bool | int | float | complex):
         return value
     return np.asarray(value).item()
-
-
-def _is_copy(p: GraftPlan, pair: Pair) -> bool:
-    rule = p._rules[pair.rule]
-    return rule.gather == "copy" and not rule.steps
 
 
 def _read_batched(

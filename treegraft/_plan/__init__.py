@@ -9,15 +9,17 @@
     coverage.py  checks of unexpected source leaves, rules and ignores that match nothing
     specs.py     what an operation makes of its source's shape and dtype
     problems.py  `Problem`, sections, remedies, and the error listing them all
-    result.py    `GraftPlan`, `Entry`, and the internal `Pair`
+    record.py    `PlanRecord`: what execute runs on (trees, `Pair`s, byte counts), made once
+    result.py    `GraftPlan` (holding one `PlanRecord`) and `Entry`
 """
 
 from treegraft._plan.planner import plan as plan
 from treegraft._plan.problems import Problem as Problem
 from treegraft._plan.problems import raise_problems as raise_problems
+from treegraft._plan.record import Pair as Pair
+from treegraft._plan.record import PlanRecord as PlanRecord
 from treegraft._plan.result import Entry as Entry
 from treegraft._plan.result import GraftPlan as GraftPlan
-from treegraft._plan.result import Pair as Pair
 from treegraft._plan.specs import gathered_spec as gathered_spec
 from treegraft._plan.specs import index_box as index_box
 from treegraft._plan.specs import output_spec as output_spec

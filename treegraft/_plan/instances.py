@@ -15,8 +15,8 @@ from treegraft._errors import GraftError
 from treegraft._parse.keys import loose
 from treegraft._parse.paths import Part
 from treegraft._plan.context import Inputs, source_prefixes
+from treegraft._plan.record import Pair
 from treegraft._plan.resolution import Node, Stray, Unpaired
-from treegraft._plan.result import Pair
 
 Parts = tuple[Part, ...]
 

@@ -13,8 +13,8 @@ from typing import Any
 from treegraft._errors import LISTED, GraftError
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._plan.problems import Problem, _close_paths, _count, _keep_remedy
+from treegraft._plan.record import Pair
 from treegraft._plan.resolution import Resolution
-from treegraft._plan.result import Pair
 from treegraft._plan.specs import output_spec
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.index import TreeIndex, is_abstract, is_deleted

@@ -7,6 +7,7 @@ The steps, each a function of the one before:
     resolve                          -> Resolution: winners, pairs, instances, strays
     source.prefetch                  the shapes and dtypes of the paired leaves, once
     CHECKS (a chain of pure checks)  Resolution -> problems
+    make_record                      the pairs and their byte counts, once (`PlanRecord`)
     GraftPlan                        or one error listing every fatal problem
 
 No array byte is read: a plan needs only paths, shapes and dtypes, so it works
@@ -26,6 +27,7 @@ from treegraft._parse.rules import CastOption, MappingLike, parse_ignore, parse_
 from treegraft._plan import coverage, leaves
 from treegraft._plan.context import Inputs
 from treegraft._plan.problems import _KEY_KINDS, Problem, raise_problems
+from treegraft._plan.record import make_record
 from treegraft._plan.resolution import Resolution
 from treegraft._plan.resolve import resolve
 from treegraft._plan.result import GraftPlan
@@ -194,15 +196,16 @@ def _conclude(
     if fatal:
         raise_problems(fatal, len(res.inputs.rules))
     inputs = res.inputs
-    return GraftPlan(
+    record = make_record(
         rules=inputs.rules,
-        state=inputs.tgt,
-        source=source,
-        source_index=inputs.src,
-        pairs=list(res.pairs),
-        report=[p for p in problems if p not in fatal],
+        target=inputs.tgt,
+        source=inputs.src,
+        lazy=source if isinstance(source, Source) else None,
+        pairs=res.pairs,
         cast=inputs.cast,
-        strict=strict,
+    )
+    return GraftPlan(
+        record, source=source, report=[p for p in problems if p not in fatal], strict=strict
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from treegraft._parse.paths import Part
 from treegraft._plan.context import Inputs
-from treegraft._plan.result import Pair
+from treegraft._plan.record import Pair
 
 Parts = tuple[Part, ...]
 # A target node an unmatched rule names: its path, its old path, whether the source has it.

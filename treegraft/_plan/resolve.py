@@ -20,8 +20,8 @@ from treegraft._plan.instances import (
     strays,
     unmatched_instances,
 )
+from treegraft._plan.record import Pair
 from treegraft._plan.resolution import Resolution, Unpaired
-from treegraft._plan.result import Pair
 
 Parts = tuple[Part, ...]
 

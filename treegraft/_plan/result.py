@@ -1,45 +1,27 @@
-"""The result of planning: `GraftPlan` and its `Entry` rows; `Pair`, its internal index record.
+"""The result of planning: `GraftPlan` and its `Entry` rows.
 
 A plan is inspectable (entries with their operations, untouched, unused,
 abstract, report, nbytes, executable) and printable; `treegraft.execute` runs
-it. Its public attributes hold public types; the indexes and pairs it runs on
-are private to the execute and insert steps.
+it. Its public attributes hold public types; what the execute and insert steps
+run on is one `PlanRecord` (record.py), `GraftPlan._record`, byte counts
+included: looking at a plan does no I/O.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from treegraft._parse.paths import Part, Path, render_parts
-from treegraft._parse.rules import Rule
 from treegraft._plan.problems import Problem, _count
-from treegraft._plan.specs import gathered_spec, index_box
-from treegraft._read.source import Source, reads_boxes
+from treegraft._plan.record import Pair, PlanRecord
+from treegraft._plan.specs import gathered_spec
 from treegraft._tree import leaves as _leaves
-from treegraft._tree.index import TreeIndex, is_abstract
+from treegraft._tree.index import is_abstract
 from treegraft._tree.leaves import format_bytes
 
 Parts = tuple[Part, ...]
-
-
-class Pair(NamedTuple):
-    """One grafted target leaf and the source leaves that feed it (leaf indices).
-
-    Attributes:
-      target: the target leaf's index in the state's leaves.
-      source: the (first) source leaf's index in the source's leaves.
-      rule: the rule's index in the mapping.
-      sources: for a stack rule, every source leaf, in index order; else ().
-      layer: for an unstack rule, the index taken along its axis; else None.
-    """
-
-    target: int
-    source: int
-    rule: int
-    sources: tuple[int, ...] = ()
-    layer: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,34 +82,27 @@ class GraftPlan:
 
     def __init__(
         self,
+        record: PlanRecord,
         *,
-        rules: Sequence[Rule],
-        state: TreeIndex,
         source: Any,
-        source_index: TreeIndex,
-        pairs: list[Pair],
         report: Sequence[Problem],
-        cast: bool | str,
         strict: bool,
     ):
-        self._rules = tuple(rules)
-        self._target = state
-        self._source = source_index
-        self._lazy: Source | None = source if isinstance(source, Source) else None
-        self._pairs = pairs
-        self.rules: tuple[str, ...] = tuple(str(rule) for rule in rules)
-        self.state: Any = state.root
+        self._record = record
+        self.rules: tuple[str, ...] = tuple(str(rule) for rule in record.rules)
+        self.state: Any = record.target.root
         self.source: Any = source
         self.report: tuple[Problem, ...] = tuple(report)
-        self.cast = cast
+        self.cast = record.cast
         self.strict = strict
 
     # -- inspection ----------------------------------------------------------
 
     def _operation(self, pair: Pair) -> str:
         """What happens to a pair's values on the way in ("" for a plain copy)."""
-        rule = self._rules[pair.rule]
-        spec = _leaves.spec_of(self._source.leaves[pair.source])
+        rec = self._record
+        rule = rec.rules[pair.rule]
+        spec = _leaves.spec_of(rec.source.leaves[pair.source])
         out = []
         if rule.gather == "stack":
             out.append(f"stack {len(pair.sources)} along axis {rule.axis}")
@@ -137,49 +112,29 @@ class GraftPlan:
         for step in rule.steps:
             out.append(step.describe(spec))  # type: ignore[arg-type]
             spec = step.spec(spec)[0] or spec  # type: ignore[arg-type]
-        tdtype = _leaves.spec_of(self._target.leaves[pair.target])[1]
+        tdtype = _leaves.spec_of(rec.target.leaves[pair.target])[1]
         if spec[1] != tdtype and not isinstance(tdtype, type):
             out.append(f"cast {spec[1]} -> {tdtype}")
         return "; ".join(out)
 
-    def _pair_reads(self, pair: Pair) -> list[tuple[tuple[int, Any], int]]:
-        """The reads a pair needs, each as (key, bytes); equal keys are read once."""
-        leaves = self._source.leaves
-        if pair.sources:
-            return [
-                ((si, None), _leaves.nbytes(_leaves.spec_of(leaves[si]))) for si in pair.sources
-            ]
-        si = pair.source
-        whole = _leaves.nbytes(_leaves.spec_of(leaves[si]))
-        if pair.layer is None:
-            return [((si, None), whole)]
-        rule = self._rules[pair.rule]
-        shape = _leaves.spec_of(leaves[si])[0] or ()
-        axis = rule.axis + len(shape) if rule.axis < 0 else rule.axis
-        box = index_box(shape, axis, pair.layer)
-        if self._lazy is None:
-            return [((si, pair.layer), whole // max(shape[axis], 1))]
-        if not reads_boxes(self._lazy):
-            return [((si, None), whole)]  # read whole once, sliced for every box
-        return [((si, pair.layer), int(self._lazy.box_nbytes(Path(self._source.paths[si]), box)))]
-
     @property
     def entries(self) -> list[Entry]:
         """Each grafted target leaf with its source path, rule and operation."""
+        rec = self._record
         out = []
-        for pair in self._pairs:
-            spec = _leaves.spec_of(self._source.leaves[pair.source])
+        for k, pair in enumerate(rec.pairs):
+            spec = _leaves.spec_of(rec.source.leaves[pair.source])
             sources = pair.sources or (pair.source,)
             out.append(
                 Entry(
-                    target=Path(self._target.paths[pair.target]),
-                    source=Path(self._source.paths[pair.source]),
-                    rule=str(self._rules[pair.rule]),
+                    target=Path(rec.target.paths[pair.target]),
+                    source=Path(rec.source.paths[pair.source]),
+                    rule=str(rec.rules[pair.rule]),
                     shape=spec[0],
                     dtype=spec[1],
-                    nbytes=sum(n for _, n in self._pair_reads(pair)),
+                    nbytes=rec.pair_nbytes[k],
                     operation=self._operation(pair),
-                    sources=tuple(Path(self._source.paths[si]) for si in sources),
+                    sources=tuple(Path(rec.source.paths[si]) for si in sources),
                 )
             )
         return out
@@ -190,27 +145,28 @@ class GraftPlan:
         return not any(p.kind == "abstract" for p in self.report)
 
     def _taken(self) -> set[int]:
-        return {pair.target for pair in self._pairs}
+        return {pair.target for pair in self._record.pairs}
 
     @property
     def untouched(self) -> list[Path]:
         """Target leaves that keep their current value (keep rules included)."""
         taken = self._taken()
-        return [Path(p) for i, p in enumerate(self._target.paths) if i not in taken]
+        return [Path(p) for i, p in enumerate(self._record.target.paths) if i not in taken]
 
     @property
     def abstract(self) -> list[Path]:
         """Untouched target leaves that are abstract and stay so."""
         taken = self._taken()
+        target = self._record.target
         return [
             Path(p)
-            for i, p in enumerate(self._target.paths)
-            if i not in taken and is_abstract(self._target.leaves[i])
+            for i, p in enumerate(target.paths)
+            if i not in taken and is_abstract(target.leaves[i])
         ]
 
     def _used(self) -> set[int]:
         used: set[int] = set()
-        for pair in self._pairs:
+        for pair in self._record.pairs:
             used.update(pair.sources or (pair.source,))
         return used
 
@@ -218,7 +174,7 @@ class GraftPlan:
     def unused(self) -> list[Path]:
         """Source leaves the graft does not read."""
         used = self._used()
-        return [Path(p) for i, p in enumerate(self._source.paths) if i not in used]
+        return [Path(p) for i, p in enumerate(self._record.source.paths) if i not in used]
 
     @property
     def nbytes(self) -> int:
@@ -226,29 +182,28 @@ class GraftPlan:
 
         For an unstack rule over a checkpoint, the bytes of the chunks that
         hold each slice: a slice of an array stored as one chunk costs it whole.
+        Counted once, by `plan`.
         """
-        reads: dict[tuple[int, Any], int] = {}
-        for pair in self._pairs:
-            for key, n in self._pair_reads(pair):
-                reads[key] = n
-        whole = {si for si, index in reads if index is None}
-        return sum(n for (si, index), n in reads.items() if index is None or si not in whole)
+        return self._record.nbytes
 
     def rule_counts(self) -> list[tuple[str, int, int]]:
         """Per rule: its text, how many leaves it feeds, and their bytes."""
-        counts = [[0, 0] for _ in self._rules]
-        for pair in self._pairs:
+        rec = self._record
+        counts = [[0, 0] for _ in rec.rules]
+        for k, pair in enumerate(rec.pairs):
             counts[pair.rule][0] += 1
-            counts[pair.rule][1] += sum(n for _, n in self._pair_reads(pair))
-        return [(str(rule), n, b) for rule, (n, b) in zip(self._rules, counts, strict=True)]
+            counts[pair.rule][1] += rec.pair_nbytes[k]
+        return [(str(rule), n, b) for rule, (n, b) in zip(rec.rules, counts, strict=True)]
 
     def summary(self, *, max_rows: int = 40) -> str:
         """A readable table: rules, grafted leaves, untouched and unused counts."""
-        n_target = len(self._target)
+        rec = self._record
+        pairs = rec.pairs
+        n_target = len(rec.target)
         reads = len(self._used())
         lines = [
-            f"GraftPlan: {len(self._pairs)} of {n_target} target leaves from "
-            f"{self._source.what}; {reads} source leaves to read ({format_bytes(self.nbytes)})",
+            f"GraftPlan: {len(pairs)} of {n_target} target leaves from "
+            f"{rec.source.what}; {reads} source leaves to read ({format_bytes(self.nbytes)})",
             "",
         ]
         rule_rows = [("rule", "leaves", "bytes")] + [
@@ -256,33 +211,33 @@ class GraftPlan:
         ]
         lines += _table(rule_rows)
         lines.append("")
-        ops = [self._operation(pair) for pair in self._pairs[:max_rows]]
+        ops = [self._operation(pair) for pair in pairs[:max_rows]]
         show_ops = any(ops)
         rows = [("target", "source", "shape/dtype") + (("operation",) if show_ops else ())]
-        for pair, op in zip(self._pairs[:max_rows], ops, strict=True):
-            spec = _leaves.spec_of(self._source.leaves[pair.source])
-            source = render_parts(self._source.paths[pair.source])
+        for pair, op in zip(pairs[:max_rows], ops, strict=True):
+            spec = _leaves.spec_of(rec.source.leaves[pair.source])
+            source = render_parts(rec.source.paths[pair.source])
             if pair.sources:
                 source += f" (+{len(pair.sources) - 1})"
             rows.append(
                 (
-                    render_parts(self._target.paths[pair.target]),
+                    render_parts(rec.target.paths[pair.target]),
                     source,
                     _leaves.describe(spec),
                 )
                 + ((op,) if show_ops else ())
             )
         lines += _table(rows)
-        if len(self._pairs) > max_rows:
-            lines.append(f"... and {len(self._pairs) - max_rows} more")
-        untouched = n_target - len(self._pairs)
+        if len(pairs) > max_rows:
+            lines.append(f"... and {len(pairs) - max_rows} more")
+        untouched = n_target - len(pairs)
         n_abstract = len(self.abstract)
         lines.append("")
         lines.append(
             f"untouched target leaves: {untouched}"
             + (f" ({n_abstract} stay abstract)" if n_abstract else "")
         )
-        lines.append(f"unused source leaves: {len(self._source) - reads}")
+        lines.append(f"unused source leaves: {len(rec.source) - reads}")
         if self.report:
             # A strict plan's report holds only the abstract leaves execute refuses.
             label = "report" if self.strict else "report (strict=False)"
@@ -295,8 +250,8 @@ class GraftPlan:
 
     def __repr__(self) -> str:
         return (
-            f"GraftPlan(rules={len(self.rules)}, grafted={len(self._pairs)}, "
-            f"target_leaves={len(self._target)}, bytes={self.nbytes})"
+            f"GraftPlan(rules={len(self.rules)}, grafted={len(self._record.pairs)}, "
+            f"target_leaves={len(self._record.target)}, bytes={self.nbytes})"
         )
 
 

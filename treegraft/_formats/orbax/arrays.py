@@ -248,10 +248,28 @@ class DirectReader:
 
     def read_box(self, leaf: LazyLeaf, box: tuple[slice, ...]) -> np.ndarray:
         """leaf[box] as a host numpy array in the source dtype."""
-        array = self.open(leaf.name)
-        return np.asarray(
-            self.location.wait(array[box].read(), f"reading array {leaf.name!r} of")
-        )
+        return self.read_boxes([leaf], [box])[0]
+
+    def read_boxes(self, leaves: Sequence[LazyLeaf],
+                   boxes: Sequence[tuple[slice, ...]]) -> list[np.ndarray]:
+        """leaf[box] of each pair, as host numpy arrays in the source dtype, in order.
+
+        Every read starts before the first is waited for: the boxes of one call
+        (a stack's layers) are fetched together, through this reader's one
+        context, and a chunk two boxes share is fetched and decoded once.
+        """
+        futures = []
+        try:
+            for leaf, box in zip(leaves, boxes, strict=True):
+                futures.append((leaf, self.open(leaf.name)[box].read()))
+            return [
+                np.asarray(self.location.wait(future, f"reading array {leaf.name!r} of"))
+                for leaf, future in futures
+            ]
+        except BaseException:
+            for _, future in futures:  # nothing keeps reading after a failure
+                future.cancel()
+            raise
 
     def box_nbytes(self, leaf: LazyLeaf, box: tuple[slice, ...]) -> int:
         """Bytes of the chunks that hold box (what a read of it decodes)."""

@@ -223,10 +223,9 @@ class OrbaxCheckpoint(Source):
         if not all(isinstance(leaf, LazyLeaf) for leaf in leaves):
             return super().read_boxes(requests)
         reader = arrays.DirectReader(leaves[0]._store)
-        return [
-            reader.read_box(leaf, _check_box(req, leaf.shape))
-            for leaf, req in zip(leaves, requests, strict=True)
-        ]
+        # One reader (one tensorstore context) for every box, all reads in flight at once.
+        boxes = [_check_box(req, leaf.shape) for leaf, req in zip(leaves, requests, strict=True)]
+        return reader.read_boxes(leaves, boxes)
 
     def box_nbytes(self, path: Path, box: Sequence[slice]) -> int:
         """Bytes a read of `leaf[box]` really reads, given the array's chunking."""

@@ -1,0 +1,154 @@
+"""`PlanRecord`: what the execute and insert steps run on, fixed when the plan is made.
+
+A `GraftPlan` holds one record (as jax's `Lowered` holds its lowering): the
+indexes of both trees, the pairs, the lazy source and the options. Every byte
+count a plan shows is computed here, once, while planning: looking at a plan
+(`str(plan)`, `plan.nbytes`, `plan.entries`) reads nothing from storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from treegraft._parse.paths import Path
+from treegraft._parse.rules import Rule
+from treegraft._plan.specs import index_box
+from treegraft._read.source import Source, reads_boxes
+from treegraft._tree import leaves as _leaves
+from treegraft._tree.index import TreeIndex
+
+__all__ = ["Pair", "PlanRecord", "make_record"]
+
+
+class Pair(NamedTuple):
+    """One grafted target leaf and the source leaves that feed it (leaf indices).
+
+    Attributes:
+      target: the target leaf's index in the state's leaves.
+      source: the (first) source leaf's index in the source's leaves.
+      rule: the rule's index in the mapping.
+      sources: for a stack rule, every source leaf, in index order; else ().
+      layer: for an unstack rule, the index taken along its axis; else None.
+    """
+
+    target: int
+    source: int
+    rule: int
+    sources: tuple[int, ...] = ()
+    layer: int | None = None
+
+# A read of the source: (source leaf index, layer taken along the rule's axis or None).
+ReadKey = tuple[int, int | None]
+
+
+@dataclass(frozen=True, eq=False)
+class PlanRecord:
+    """A plan's internals: the trees, the pairs and their byte counts, the options.
+
+    Attributes:
+      rules: the parsed rules, in the mapping's order.
+      target: the index of the state.
+      source: the index of the source (its metadata tree, for a lazy source).
+      lazy: the lazy source (a checkpoint), or None for an in-memory pytree.
+      pairs: each grafted target leaf with its source leaves (`Pair`).
+      cast: the `cast` option.
+      pair_nbytes: per pair, the bytes of the reads it needs (a read two pairs
+        share counted for each).
+      nbytes: the bytes of every distinct read: what executing the plan reads.
+    """
+
+    rules: tuple[Rule, ...]
+    target: TreeIndex
+    source: TreeIndex
+    lazy: Source | None
+    pairs: tuple[Pair, ...]
+    cast: bool | str
+    pair_nbytes: tuple[int, ...]
+    nbytes: int
+
+    def is_copy(self, pair: Pair) -> bool:
+        """Whether a pair's value is its source leaf as is (no gather, no steps)."""
+        rule = self.rules[pair.rule]
+        return rule.gather == "copy" and not rule.steps
+
+
+def make_record(
+    *,
+    rules: Sequence[Rule],
+    target: TreeIndex,
+    source: TreeIndex,
+    lazy: Source | None,
+    pairs: Sequence[Pair],
+    cast: bool | str,
+) -> PlanRecord:
+    """The record of a plan, its byte counts computed now (the only I/O: box sizes).
+
+    For an unstack rule over a source that reads boxes, a box's bytes are the
+    chunks that hold it (`Source.box_nbytes`): asked here once per distinct box.
+    A source that does not read boxes reads the whole leaf once for all its boxes.
+    """
+    rules = tuple(rules)
+    boxes = lazy is None or reads_boxes(lazy)
+    sizes: dict[ReadKey, int] = {}
+    by_spec: dict[Any, int] = {}
+    per_pair = []
+    for pair in pairs:
+        if pair.sources:
+            keys: Sequence[ReadKey] = [(si, None) for si in pair.sources]
+        elif pair.layer is None or not boxes:
+            keys = ((pair.source, None),)  # read whole once, sliced for every box
+        else:
+            keys = ((pair.source, pair.layer),)
+        total = 0
+        for key in keys:
+            n = sizes.get(key)
+            if n is None:
+                n = sizes[key] = _read_nbytes(rules[pair.rule], source, lazy, key, by_spec)
+            total += n
+        per_pair.append(total)
+    whole = {si for si, layer in sizes if layer is None}
+    nbytes = sum(n for (si, layer), n in sizes.items() if layer is None or si not in whole)
+    return PlanRecord(
+        rules=rules,
+        target=target,
+        source=source,
+        lazy=lazy,
+        pairs=tuple(pairs),
+        cast=cast,
+        pair_nbytes=tuple(per_pair),
+        nbytes=nbytes,
+    )
+
+
+def _read_nbytes(
+    rule: Rule, source: TreeIndex, lazy: Source | None, key: ReadKey, by_spec: dict[Any, int]
+) -> int:
+    """The bytes one read costs: the whole leaf, or the chunks holding one layer."""
+    si, layer = key
+    leaf = source.leaves[si]
+    if layer is None:
+        return _whole_nbytes(leaf, by_spec)
+    spec = _leaves.spec_of(leaf)
+    shape = spec[0] or ()
+    axis = rule.axis + len(shape) if rule.axis < 0 else rule.axis
+    if lazy is None:
+        return _leaves.nbytes(spec) // max(shape[axis], 1)
+    box = index_box(shape, axis, layer)
+    return int(lazy.box_nbytes(Path(source.paths[si]), box))
+
+
+def _whole_nbytes(leaf: Any, by_spec: dict[Any, int]) -> int:
+    """A leaf's bytes, remembered by shape and dtype: most leaves of a model share a few."""
+    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    if shape is None or dtype is None:
+        return _leaves.nbytes(_leaves.spec_of(leaf))
+    try:
+        spec_key = (tuple(shape), dtype)
+        n = by_spec.get(spec_key)
+    except TypeError:  # an unhashable dtype
+        return _leaves.nbytes(_leaves.spec_of(leaf))
+    if n is None:
+        n = by_spec[spec_key] = _leaves.nbytes(_leaves.spec_of(leaf))
+    return n
