@@ -23,7 +23,7 @@ hypothesis.settings.register_profile(
 )
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# Storage servers on loopback (DESIGN section 11). The whole session runs in a
+# Storage servers on loopback (docs/design.md section 11). The whole session runs in a
 # loopback-only network namespace where the machine allows it (root on Linux),
 # entered here, before any thread exists; remote-storage tests skip elsewhere.
 import pytest  # noqa: E402

@@ -345,7 +345,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     got = moved["decoder"]["layers_1"]["kernel"]
     assert got.sharding == before.sharding, (got.sharding, before.sharding)
     assert got.sharding != state.params["decoder"]["layers_0"]["kernel"].sharding
-    # Same sharding: a copy with buffers of its own (DESIGN section 12), made on
+    # Same sharding: a copy with buffers of its own (docs/design.md section 12), made on
     # each process's own devices.
     embed, original = moved["backbone"]["embed"], state.params["backbone"]["embed"]
     assert embed is not original and embed.sharding == original.sharding

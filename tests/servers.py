@@ -2,8 +2,8 @@
 
 Each server is a child process bound to 127.0.0.1 on a free port. `loopback_env`
 gives every environment variable a client consults, so that no client looks for
-credentials, a metadata server or an endpoint anywhere but loopback (DESIGN
-section 11).
+credentials, a metadata server or an endpoint anywhere but loopback
+(docs/design.md section 11).
 """
 
 from __future__ import annotations

@@ -130,3 +130,15 @@ def test_with_prefix_copies_the_error_and_leaves_it_unchanged():
 def test_pattern_as_path_of_a_glob_is_a_graft_error():
     with pytest.raises(tg.GraftError, match=r"^pattern 'a\.\*' has wildcards$"):
         tg.parse_pattern("a.*").as_path()
+
+
+def test_every_problem_kind_has_one_heading_and_class():
+    """The `Kind` literal and the `KINDS` table list the same kinds, each once."""
+    import typing
+
+    from treegraft._errors import KINDS, Kind
+
+    kinds = typing.get_args(Kind)
+    assert len(kinds) == len(set(kinds))
+    assert set(kinds) == set(KINDS)
+    assert all(issubclass(cls, tg.GraftError) for _, cls in KINDS.values())

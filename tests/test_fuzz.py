@@ -10,7 +10,7 @@
   mutated input. The same holds for a real checkpoint, which stays byte-identical;
 * on grafts drawn so that the outcome can be worked out (glob rules, ties, keep
   rules, missing and unexpected leaves, strict or not), an independent model of
-  DESIGN sections 4 and 5 predicts it exactly: the error type and problem kinds, or
+  docs/design.md sections 4 and 5 predicts it exactly: the error type and problem kinds, or
   every leaf of the result. Most of these grafts must succeed
   (`--hypothesis-show-statistics` shows the share).
 """
@@ -342,7 +342,7 @@ def test_random_graft_from_a_checkpoint(run_dir, case):
 # Random grafts against a reference model.
 # ----------------------------------------------------------------------------
 
-# The model states DESIGN section 4 on its own, for the grafts `modelled_grafts`
+# The model states docs/design.md section 4 on its own, for the grafts `modelled_grafts`
 # draws: a state {'enc': module, 'dec': {'layers_i': module}}, a source of the same
 # skeleton (more or fewer layers, a leaf dropped, an extra leaf, a reshaped leaf,
 # all perhaps under 'pre'), and 1-3 rules with `*`, `name*`, `**` and keep rules that
@@ -452,7 +452,7 @@ def _predict(state: dict, source: dict, rules: list[tuple[Pat, Pat | None]], str
                     instances.setdefault(r, []).append(_substitute(old, m[1]))
         if not ranked:
             if isinstance(like, jax.ShapeDtypeStruct):
-                kinds.add("unfilled")  # an abstract leaf no rule fills (DESIGN section 5)
+                kinds.add("unfilled")  # an abstract leaf no rule fills (docs/design.md section 5)
             continue
         best = max(rank for rank, _, _ in ranked)
         top = [(r, m) for rank, r, m in ranked if rank == best]

@@ -258,7 +258,7 @@ def test_python_float_source_into_a_bfloat16_target():
 
 
 def test_cast_with_python_scalar_source():
-    # float to int can change values: it needs cast="unsafe" (DESIGN section 10).
+    # float to int can change values: it needs cast="unsafe" (docs/design.md section 10).
     state = {"x": jnp.zeros((), jnp.int32)}
     with pytest.raises(
         tg.MismatchError,
@@ -614,7 +614,7 @@ def test_graft_property_matches_reference_and_preserves_placement(case):
 
 
 # The reference model with globs, tie-breaks and keep rules: an independent
-# statement of DESIGN section 4 (longest matched prefix, then most literal
+# statement of docs/design.md section 4 (longest matched prefix, then most literal
 # segments, equal on both is an error) and section 10 (None keeps).
 _MENU = [
     ("dec.layers_*", "dec.layers_*"),
@@ -716,7 +716,7 @@ def test_graft_property_identity_mapping_from_itself(state):
 
 
 def test_cast_true_never_turns_nan_into_int_min():
-    # float to an int type can change values: cast=True refuses it (DESIGN section 10).
+    # float to an int type can change values: cast=True refuses it (docs/design.md section 10).
     state = {"w": np.zeros(2, np.uint8), "j": jnp.zeros(2, jnp.int32)}
     source = {"w": np.array([np.nan, 300.0], np.float32), "j": jnp.array([np.nan, -1.0])}
     with pytest.raises(tg.MismatchError, match=r"uint8\[2\]"):
@@ -765,7 +765,7 @@ def test_keys_of_another_impl_are_never_cast(cast):
 
 
 def test_one_layer_into_many_then_a_donating_step():
-    # DESIGN section 12: every grafted leaf owns its buffers.
+    # docs/design.md section 12: every grafted leaf owns its buffers.
     mesh = jax.make_mesh((8,), ("d",))
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
     layer = {"w": jax.device_put(jnp.arange(16.0), sharded), "b": np.arange(8.0)}

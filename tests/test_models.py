@@ -235,7 +235,7 @@ def test_nnx_encoder_into_encoder_and_decoder(nnx, kind, tmp_path):
     assert model(X).shape == (2, 3)
     # The head keeps its own initialisation.
     assert new_state["head"]["kernel"].get_value() is state["head"]["kernel"].get_value()
-    # Grafted leaves own their buffers (DESIGN section 12), one per target.
+    # Grafted leaves own their buffers (docs/design.md section 12), one per target.
     pointers = {
         new_state[name]["linear"]["kernel"].get_value().unsafe_buffer_pointer()
         for name in ("encoder", "decoder")
@@ -574,7 +574,7 @@ def hidden(mlp: Any, x: jax.Array) -> jax.Array:
 
 
 # All layers but the last (its output size differs): one rule per layer, or
-# all layers and a keep rule (DESIGN section 10) for the last.
+# all layers and a keep rule (docs/design.md section 10) for the last.
 MLP_MAPPINGS = {
     "per_layer": {f"layers[{i}]": f"layers[{i}]" for i in range(3)},
     "keep_last": {"layers": "layers", "layers[3]": None},

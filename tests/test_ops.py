@@ -409,7 +409,7 @@ def test_loader_unstacks_params_and_adam_state_in_both_phases(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# Results own their buffers (DESIGN section 12), from memory and checkpoints.
+# Results own their buffers (docs/design.md section 12), from memory and checkpoints.
 # ----------------------------------------------------------------------------
 
 

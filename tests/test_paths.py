@@ -19,7 +19,7 @@ import treegraft as tg
 from treegraft import GraftError, Path, PathSyntaxError, parse_path, parse_pattern
 
 # ----------------------------------------------------------------------------
-# The grammar (DESIGN.md section 3), one row per form.
+# The grammar (docs/design.md section 3), one row per form.
 # ----------------------------------------------------------------------------
 
 GRAMMAR = [
@@ -235,7 +235,7 @@ def test_parse_path_rejects_non_strings():
 
 @pytest.mark.parametrize("bad", [None, 3, 1.5, b"a.b", ["a"]], ids=repr)
 def test_a_non_string_path_is_a_graft_error_and_a_type_error(bad):
-    # DESIGN section 2: every bad-input error is a GraftError; old code caught TypeError.
+    # docs/design.md section 2: every bad-input error is a GraftError; old code caught TypeError.
     for parse in (parse_path, parse_pattern):
         with pytest.raises(tg.PathTypeError, match=r"^a path must be a str, got ") as info:
             parse(bad)
@@ -258,7 +258,7 @@ BLANKS = [
 
 @pytest.mark.parametrize(("text", "parts"), BLANKS, ids=[repr(t) for t, _ in BLANKS])
 def test_blanks_around_tokens_are_ignored(text, parts):
-    # DESIGN section 3: as kontext does.
+    # docs/design.md section 3: as kontext does.
     assert parse_path(text).parts == parts
 
 

@@ -597,15 +597,9 @@ def test_unexpected_source_tensors_are_reported(files):
         tg.plan(state, src, {"layer": "model.layers.0"})
 
 
-def rule_operations():
-    if not hasattr(tg, "stack") or not hasattr(tg, "transpose"):
-        pytest.skip("needs the rule operations tg.stack and tg.transpose (DESIGN section 10)")
-    return tg
-
-
 @pytest.mark.parametrize("spec", [P(), P(None, None, "x"), P(None, "x")], ids=str)
 def test_torch_layout_into_a_scanned_flax_layout_in_one_mapping(files, spec):
-    tg_ops = rule_operations()
+    tg_ops = tg
     src = tg.SafetensorsCheckpoint(files["hf"])
     llama = files["llama"]
     bf16 = ml_dtypes.bfloat16
@@ -647,7 +641,7 @@ def test_torch_layout_into_a_scanned_flax_layout_in_one_mapping(files, spec):
 
 
 def test_unstack_plans_the_bytes_of_its_layers(files):
-    tg_ops = rule_operations()
+    tg_ops = tg
     src = tg.SafetensorsCheckpoint(files["arrays_path"])
     cube = reference(files["arrays_path"], "cube")  # (4, 16, 8) float32: 4 stacked layers
     sharding = NamedSharding(mesh_1d(), P("x"))

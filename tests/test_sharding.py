@@ -77,7 +77,7 @@ def test_grafted_leaf_takes_the_target_sharding(target, placement):
 
 
 def test_a_source_already_placed_right_is_copied_into_buffers_of_its_own():
-    # DESIGN section 12: a grafted leaf never shares memory with the source.
+    # docs/design.md section 12: a grafted leaf never shares memory with the source.
     sharding = TARGET_SHARDINGS["2d-partitioned"]
     source = jax.device_put(VALUES, sharding)
     out = tg.graft(

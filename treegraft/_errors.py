@@ -24,7 +24,7 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     # For the annotations only: the path grammar raises these errors, so this
@@ -42,9 +42,19 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "Problem",
+    "Kind",
     "suggest",
     "Names",
     "first_line",
+]
+
+
+# The problem kinds, written once: `KINDS` below gives each its heading and error
+# class (a test checks that the two agree), and mypy checks every `Problem(kind=...)`.
+Kind = Literal[
+    "mapping", "ignore", "unmatched_rule", "unmatched_ignore", "missing", "unexpected",
+    "structure", "shape", "dtype", "tie", "abstract", "deleted", "unfilled", "insert",
+    "sharding",
 ]
 
 
@@ -69,7 +79,7 @@ class Problem:
         says it (a close name) or there is no generic fix.
     """
 
-    kind: str
+    kind: Kind
     message: str
     target: Path | None = None
     source: Path | None = None
@@ -218,7 +228,7 @@ Problem.__module__ = "treegraft"
 
 # Each problem kind: the heading of its section in a message (in this order),
 # and the error class that reports it.
-KINDS: dict[str, tuple[str, type[GraftError]]] = {
+KINDS: dict[Kind, tuple[str, type[GraftError]]] = {
     "mapping": ("invalid mapping entries", MappingError),
     "ignore": ("invalid ignore patterns", MappingError),
     "unmatched_rule": ("rules that match nothing", PathNotFoundError),

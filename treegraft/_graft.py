@@ -15,7 +15,7 @@ from treegraft._insert.transform import Blocks, build
 from treegraft._parse.paths import Path, render_parts
 from treegraft._parse.rules import CastOption, MappingLike
 from treegraft._plan import GraftPlan, plan
-from treegraft._plan.leaves import deleted_sources
+from treegraft._plan.checks import deleted_sources
 from treegraft._read.progress import ProgressBar
 from treegraft._read.source import ReadRequest, Source
 from treegraft._tree import leaves as _leaves

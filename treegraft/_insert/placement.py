@@ -152,7 +152,7 @@ def array_from_blocks(
 
 
 def own_buffers(value: Any) -> Any:
-    """value, with copies where several of its shards have one buffer (DESIGN 12).
+    """value, with copies where several of its shards have one buffer (docs/design.md section 12).
 
     For arrays made elsewhere (orbax restores a replicated array into one host
     buffer shared by every device on CPU): a shared shard is copied through

@@ -3,7 +3,7 @@
 A grafted leaf takes the sharding of the target leaf (`jax.Array.sharding`, or
 `.sharding` of a `jax.ShapeDtypeStruct`); numpy targets stay numpy, Python
 scalars stay Python scalars. `place` gives every grafted leaf buffers of its
-own (DESIGN section 12); `propagate_sharding` is a placement utility like
+own (docs/design.md section 12); `propagate_sharding` is a placement utility like
 `jax.device_put` and returns arrays already placed right as they are.
 """
 
@@ -38,7 +38,7 @@ def place(
 ) -> list[Any]:
     """Places each value like the corresponding leaf of likes, in buffers of its own.
 
-    Every placed array owns its buffers (DESIGN section 12): it shares memory
+    Every placed array owns its buffers (docs/design.md section 12): it shares memory
     neither with the value it came from nor with another placed value, so the
     result can be donated (`jax.jit(f, donate_argnums=0)`) without deleting the
     caller's arrays, and a numpy result can be written to. Copies stay on the
@@ -488,7 +488,7 @@ def _local_to_global(value: Any, like: Any) -> jax.Array:
     def block(box: tuple[tuple[int, int], ...]) -> Any:
         piece = local[tuple(slice(a, b) for a, b in box)]
         # A whole-array index gives the value itself: copy it, so that the
-        # placed array owns its buffers (DESIGN section 12).
+        # placed array owns its buffers (docs/design.md section 12).
         # numpy blocks are copied too: jax's CPU client would keep their memory.
         if piece is local or not isinstance(piece, jax.Array):
             if isinstance(piece, jax.Array):

@@ -198,7 +198,7 @@ def _place_blocks(
     whole = tuple(slice(0, d) for d in shape)
 
     def block(box: tuple[slice, ...]) -> np.ndarray:
-        # Fetches return arrays of their own (DESIGN section 12), so a block is
+        # Fetches return arrays of their own (docs/design.md section 12), so a block is
         # copied only to change its dtype.
         value = np.asarray(fetch(box))
         if isinstance(dtype, type) or value.dtype == dtype:

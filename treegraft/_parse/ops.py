@@ -1,4 +1,4 @@
-"""Rule operations: what a rule does to source leaves on their way in (DESIGN 10).
+"""Rule operations: what a rule does to source leaves on their way in (docs/design.md section 10).
 
 A mapping value is a path string, `None` (keep the target's value), or an
 operation built here. `stack` and `unstack` say which source leaves feed a
@@ -27,9 +27,13 @@ from treegraft._parse.patterns import Pattern
 
 __all__ = ["Operation", "stack", "unstack", "cast", "transpose", "reshape", "Step"]
 
-Box = tuple[slice, ...]
-Spec = tuple[tuple[int, ...], Any]
-Fetch = Callable[[Box], np.ndarray]
+# A shard's index into an array, as jax gives it (`devices_indices_map`); the
+# placement step's `Box` is the same region as (start, stop) bounds.
+Index = tuple[slice, ...]
+# A concrete shape and its dtype, as a step sees them (`_tree.leaves.ShapeDtype` also
+# allows an unknown shape, for leaves that are not arrays).
+ShapeDtype = tuple[tuple[int, ...], Any]
+Fetch = Callable[[Index], np.ndarray]
 
 
 class Operation:
@@ -293,12 +297,12 @@ class Step:
     kind: str
     arg: Any
 
-    def describe(self, before: Spec) -> str:
+    def describe(self, before: ShapeDtype) -> str:
         if self.kind == "cast":
             return f"cast {before[1]} -> {self.arg}"
         return f"{self.kind} {tuple(self.arg)}"
 
-    def spec(self, before: Spec) -> tuple[Spec | None, str]:
+    def spec(self, before: ShapeDtype) -> tuple[ShapeDtype | None, str]:
         """The spec after this step, or None and why it does not apply."""
         shape, dtype = before
         if self.kind == "cast":
@@ -321,7 +325,7 @@ class Step:
             return None, f"cannot reshape {tuple(shape)} ({size} values) into {tuple(self.arg)}"
         return (tuple(target), dtype), ""
 
-    def pull(self, fetch: Fetch, before: Spec) -> Fetch:
+    def pull(self, fetch: Fetch, before: ShapeDtype) -> Fetch:
         """A fetch of this step's output boxes, from a fetch of its input boxes."""
         if self.kind == "cast":
             dtype = self.arg
@@ -330,7 +334,7 @@ class Step:
             axes = tuple(a % len(before[0]) for a in self.arg)
             inverse = np.argsort(axes)
 
-            def transposed(box: Box) -> np.ndarray:
+            def transposed(box: Index) -> np.ndarray:
                 inner = tuple(box[int(inverse[k])] for k in range(len(axes)))
                 return np.asarray(fetch(inner)).transpose(axes)
 

@@ -5,7 +5,7 @@
     resolve.py   `resolve`: the most specific rule per target leaf, and pairing
     instances.py rule instances from both sides; source leaves none mirrors
     resolution.py `Resolution`: what resolve found, immutable, for the checks
-    leaves.py    checks of ties, stacks, target leaves without a source, pairs
+    checks.py    checks of the paired leaves: ties, stacks, missing, specs, unfilled, deleted
     coverage.py  checks of unexpected source leaves, rules and ignores that match nothing
     specs.py     what an operation makes of its source's shape and dtype
     problems.py  `Problem`, sections, remedies, and the error listing them all

@@ -19,7 +19,7 @@ from treegraft._tree.index import TreeIndex
 Parts = tuple[Part, ...]
 
 
-class Stack(NamedTuple):
+class StackGroup(NamedTuple):
     """The source subtrees one stack rule gathers at one new prefix.
 
     Attributes:
@@ -59,7 +59,7 @@ class Inputs:
     _groups: dict[int, dict[tuple[Any, ...], list[tuple[Any, Parts]]]] = field(
         default_factory=dict, repr=False
     )
-    _stacks: dict[tuple[int, Parts], Stack] = field(default_factory=dict, repr=False)
+    _stacks: dict[tuple[int, Parts], StackGroup] = field(default_factory=dict, repr=False)
 
     def old_of(self, r: int, new_prefix: Parts, caps: tuple[Any, ...] | None = None) -> Parts:
         """The old path a rule's new side, matched at new_prefix, points to.
@@ -90,7 +90,7 @@ class Inputs:
         old = self.old_of(r, new_prefix, caps)
         return old if self.src.node_exists(old) else None
 
-    def stack(self, r: int, new_prefix: Parts) -> Stack:
+    def stack(self, r: int, new_prefix: Parts) -> StackGroup:
         """The source subtrees a stack rule gathers at new_prefix (memoized)."""
         key = (r, new_prefix)
         found = self._stacks.get(key)
@@ -102,7 +102,7 @@ class Inputs:
         """(rule, new prefix, why) of every stack looked up that cannot be stacked."""
         return [(r, prefix, s.why) for (r, prefix), s in self._stacks.items() if s.why]
 
-    def _find_stack(self, r: int, new_prefix: Parts) -> Stack:
+    def _find_stack(self, r: int, new_prefix: Parts) -> StackGroup:
         rule = self.rules[r]
         assert rule.old is not None
         caps = rule.new.match(new_prefix) or ()
@@ -113,7 +113,7 @@ class Inputs:
                 groups.setdefault(found[:-1], []).append((found[-1], prefix))
         group = groups.get(tuple(caps))
         if not group:
-            return Stack(None)
+            return StackGroup(None)
         indices: dict[int, list[Parts]] = {}
         bad = []
         for cap, prefix in group:
@@ -132,8 +132,8 @@ class Inputs:
         if ordered and ordered[-1] + 1 != len(ordered):
             why.append(f"{index_gaps(ordered)}: a stack needs exactly 0..N-1")
         if why:
-            return Stack({}, "; ".join(why))
-        return Stack({k: indices[k][0] for k in ordered})
+            return StackGroup({}, "; ".join(why))
+        return StackGroup({k: indices[k][0] for k in ordered})
 
     def ignored_model(self, parts: Parts, n: int) -> tuple[int, ...]:
         """Which ignore_model_keys patterns cover a target leaf (rule prefix n long)."""

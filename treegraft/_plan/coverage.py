@@ -13,7 +13,7 @@ from treegraft._parse.patterns import Pattern
 from treegraft._plan.problems import Problem, _close_paths
 from treegraft._plan.resolution import Resolution
 from treegraft._tree.index import TreeIndex
-from treegraft._tree.pytree import resolve as resolve_path
+from treegraft._tree.pytree import walk_path
 
 Parts = tuple[Part, ...]
 
@@ -114,7 +114,7 @@ def _empty_target_hint(tgt: TreeIndex, new_prefix: Parts) -> str:
     if tgt.under(new_prefix):
         return ""
     try:
-        _, node = resolve_path(tgt.root, Path(new_prefix))
+        _, node = walk_path(tgt.root, Path(new_prefix))
     except PathNotFoundError:
         return ""
     where = repr(render_parts(new_prefix)) if new_prefix else "the root"

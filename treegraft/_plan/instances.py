@@ -130,7 +130,7 @@ def strays(
     for u in unpaired:
         if u.why == "subtree" or (u.why == "leaf_above" and not u.ignored):
             assert u.old_prefix is not None
-            sparts = u.old_prefix + tgt.paths[u.target][u.n :]
+            sparts = u.old_prefix + tgt.paths[u.target][u.prefix_len :]
             accounted.add(loose(sparts if u.why == "subtree" else sparts[: u.above]))
     every = [(r, new, old) for (r, new), old in instances.items()] + stack_instances
     out = []

@@ -24,7 +24,7 @@ from typing import Any
 from treegraft._errors import MappingError
 from treegraft._multihost import plan_on_every_process
 from treegraft._parse.rules import CastOption, MappingLike, parse_ignore, parse_mapping
-from treegraft._plan import coverage, leaves
+from treegraft._plan import checks, coverage
 from treegraft._plan.context import Inputs
 from treegraft._plan.problems import _KEY_KINDS, Problem, raise_problems
 from treegraft._plan.record import make_record
@@ -161,14 +161,14 @@ def chain(*checks: Check) -> Check:
 
 # Every check of a plan, in the order their problems are listed within a kind.
 CHECKS = chain(
-    leaves.check_ties,
-    leaves.check_stacks,
-    leaves.check_missing,
-    leaves.check_copies,
-    leaves.check_operations,
-    leaves.check_concrete,
-    leaves.check_deleted,
-    leaves.check_unfilled,
+    checks.check_ties,
+    checks.check_stacks,
+    checks.check_missing,
+    checks.check_copies,
+    checks.check_operations,
+    checks.check_concrete,
+    checks.check_deleted,
+    checks.check_unfilled,
     coverage.check_outranked_rules,
     coverage.check_unmatched_rules,
     coverage.check_unexpected,

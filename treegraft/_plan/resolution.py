@@ -24,7 +24,7 @@ class Unpaired(NamedTuple):
     Attributes:
       target: the leaf's index in the state.
       rule: the covering rule's index.
-      n: the length of the rule's matched new prefix.
+      prefix_len: the length of the rule's matched new prefix.
       old_prefix: the old prefix the rule points to, or None when the source
         has no such node (`why` is then "prefix").
       why: "prefix" (the rule's source is absent), "subtree" (the source has a
@@ -34,17 +34,17 @@ class Unpaired(NamedTuple):
       ignored: the ignore_model_keys patterns covering the leaf (consulted
         unless `why` is "subtree": a structure error is never ignored).
       above: for "leaf_above", how many parts of the source path lead to the leaf.
-      at: for "leaf_above", that source leaf's index; else -1.
+      source_leaf: for "leaf_above", that source leaf's index; else -1.
     """
 
     target: int
     rule: int
-    n: int
+    prefix_len: int
     old_prefix: Parts | None
     why: str
     ignored: tuple[int, ...] = ()
     above: int = 0
-    at: int = -1
+    source_leaf: int = -1
 
 
 class Stray(NamedTuple):
@@ -114,5 +114,9 @@ class Resolution:
         """
         leaves = self.inputs.src.leaves
         out = [leaves[si] for pair in self.pairs for si in (pair.sources or (pair.source,))]
-        out += [leaves[u.at] for u in self.unpaired if u.why == "leaf_above" and not u.ignored]
+        out += [
+            leaves[u.source_leaf]
+            for u in self.unpaired
+            if u.why == "leaf_above" and not u.ignored
+        ]
         return out

@@ -1,16 +1,16 @@
 """Rule resolution: which rule covers each target leaf, and which source leaves feed it.
 
-DESIGN section 4: the longest matched new prefix wins, then the rule with
+docs/design.md section 4: the longest matched new prefix wins, then the rule with
 more literal segments; still equal is a tie. `resolve` pairs each winner's
 leaf with its source leaf (for a stack, its source leaves; for an unstack,
 one index of one leaf), completes the rule instances from both sides
 (`instances`), and records what found no partner. It judges nothing: the
-checks (`leaves`, `coverage`) turn its `Resolution` into problems.
+checks (`checks`, `coverage`) turn its `Resolution` into problems.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from treegraft._parse.paths import Part
 from treegraft._plan.context import Inputs, as_index, same_index
@@ -26,16 +26,58 @@ from treegraft._plan.resolution import Resolution, Unpaired
 Parts = tuple[Part, ...]
 
 
+class Assignment(NamedTuple):
+    """Per target leaf, the most specific rule covering it (`_assign_rules`).
+
+    Attributes:
+      winner: per target leaf, the winning rule's index, or -1.
+      prefix_len: per target leaf, the length of the winner's matched new prefix.
+      hits: per rule, how many target leaves it matched (won or not).
+      captures: per target leaf, the winner's captures.
+      ties: (rule, rule, target leaf) for rules tied on a leaf, once per pair of rules.
+      outranked: (rule, target leaf, prefix length) where a more specific rule won.
+    """
+
+    winner: list[int]
+    prefix_len: list[int]
+    hits: list[int]
+    captures: list[tuple[Any, ...]]
+    ties: list[tuple[int, int, int]]
+    outranked: list[tuple[int, int, int]]
+
+
+class Pairing(NamedTuple):
+    """Each covered target leaf paired with its source leaves, or why not (`_pair_leaves`).
+
+    Attributes:
+      instances: (rule, new prefix) -> old prefix, or None when it is not in the source.
+      pairs: the pairs made.
+      unpaired: the covered target leaves that found no source leaf.
+      bad_unstacks: (rule, new prefix, capture) where an unstack's index capture is
+        not an integer.
+      stack_instances: (rule, new prefix, old prefix) of each stacked source subtree.
+      index_clashes: (unstack rule, new prefix, why) where two new prefixes spell
+        one index differently.
+    """
+
+    instances: dict[tuple[int, Parts], Parts | None]
+    pairs: list[Pair]
+    unpaired: list[Unpaired]
+    bad_unstacks: list[tuple[int, Parts, Any]]
+    stack_instances: list[tuple[int, Parts, Parts]]
+    index_clashes: list[tuple[int, Parts, str]]
+
+
 def resolve(inputs: Inputs) -> Resolution:
     """Resolves the rules against both trees: winners, pairs, instances, strays.
 
     Reads only paths (and, for unexpected-leaf checks, which source nodes
     exist): no shape or dtype, so nothing of a lazy source's metadata.
     """
-    winner, prefix_len, hits, captures, ties, outranked = _assign_rules(inputs)
-    instances, pairs, unpaired, bad_unstacks, stack_instances, index_clashes = _pair_leaves(
-        inputs, winner, prefix_len, captures
-    )
+    assigned = _assign_rules(inputs)
+    winner, prefix_len, hits, captures, ties, outranked = assigned
+    paired = _pair_leaves(inputs, winner, prefix_len, captures)
+    instances, pairs, unpaired, bad_unstacks, stack_instances, index_clashes = paired
     outranked_unfound = outranked_instances(inputs, winner, outranked, instances)
     unmatched = unmatched_instances(inputs, hits, instances)
     source_instances(inputs, instances, stack_instances)
@@ -58,12 +100,7 @@ def resolve(inputs: Inputs) -> Resolution:
     )
 
 
-def _assign_rules(
-    inputs: Inputs,
-) -> tuple[
-    list[int], list[int], list[int], list[tuple[Any, ...]], list[tuple[int, int, int]],
-    list[tuple[int, int, int]],
-]:
+def _assign_rules(inputs: Inputs) -> Assignment:
     """Per target leaf, the most specific rule covering it, and its captures."""
     tgt, rules = inputs.tgt, inputs.rules
     n = len(tgt)
@@ -108,15 +145,12 @@ def _assign_rules(
         for b in others:
             first.setdefault((winner[i], b), i)
     ties = [(a, b, i) for (a, b), i in first.items()]
-    return winner, prefix_len, hits, captures, ties, outranked
+    return Assignment(winner, prefix_len, hits, captures, ties, outranked)
 
 
 def _pair_leaves(
     inputs: Inputs, winner: list[int], prefix_len: list[int], captures: list[tuple[Any, ...]]
-) -> tuple[
-    dict[tuple[int, Parts], Parts | None], list[Pair], list[Unpaired],
-    list[tuple[int, Parts, Any]], list[tuple[int, Parts, Parts]], list[tuple[int, Parts, str]],
-]:
+) -> Pairing:
     """Pairs each covered target leaf with its source leaves, or records why not.
 
     Also returns (unstack rule, new prefix, why) where two new prefixes of one
@@ -202,7 +236,7 @@ def _pair_leaves(
         if why:
             clash = next(paths for _, paths in sorted(by_index.items()) if len(paths) > 1)
             index_clashes.append((r, clash[0], why))
-    return instances, pairs, unpaired, bad_unstacks, stack_instances, index_clashes
+    return Pairing(instances, pairs, unpaired, bad_unstacks, stack_instances, index_clashes)
 
 
 def _unpaired_leaf(inputs: Inputs, i: int, r: int, n: int, old_prefix: Parts) -> Unpaired:

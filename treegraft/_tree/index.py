@@ -16,7 +16,7 @@ from treegraft._errors import Names, PathNotFoundError
 from treegraft._parse.keys import could_loosen, loose
 from treegraft._parse.paths import Part, Path, is_index, render_parts, render_pattern
 from treegraft._tree.leaves import check_not_traced
-from treegraft._tree.pytree import children, flatten_parts, resolve
+from treegraft._tree.pytree import children, flatten_parts, walk_path
 
 __all__ = ["TreeIndex", "is_abstract", "is_deleted"]
 
@@ -120,7 +120,7 @@ class TreeIndex:
         if self.under(parts):
             return True
         try:
-            resolve(self.root, Path(parts), what=self.what)
+            walk_path(self.root, Path(parts), what=self.what)
         except PathNotFoundError as e:
             # Kept for why_missing: walking a node of many keys again costs as much.
             self._missing[parts] = str(e)
@@ -133,7 +133,7 @@ class TreeIndex:
         if known is not None:
             return known
         try:
-            _, node = resolve(self.root, Path(parts), what=self.what)
+            _, node = walk_path(self.root, Path(parts), what=self.what)
         except PathNotFoundError as e:
             return self._missing.setdefault(parts, str(e))
         where = repr(render_parts(parts)) if parts else "the root"

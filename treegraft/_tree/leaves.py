@@ -31,7 +31,6 @@ __all__ = [
     "format_bytes",
     "is_key_dtype",
     "check_not_traced",
-    "CAST_OPTIONS",
     "scalar_mismatch",
     "scalar_array",
     "values_checked",
@@ -47,8 +46,6 @@ _PY_DTYPES = {
     complex: np.dtype(np.complex128),
 }
 
-# The values the `cast` option takes (DESIGN section 10).
-CAST_OPTIONS = (False, True, "unsafe")
 
 Spec = tuple[tuple[int, ...] | None, Any]
 
@@ -166,7 +163,7 @@ def _float_facts(dtype: np.dtype[Any]) -> tuple[float, bool, bool, bool]:
 
 
 def _range(source: Any, target: Any) -> str:
-    """What a `same_kind` cast does to the range of values (DESIGN section 10).
+    """What a `same_kind` cast does to the range of values (docs/design.md section 10).
 
     "kept": every source value has a finite value of the target (a precision
     change at most). "checked": values beyond the target's range become inf,
@@ -282,7 +279,7 @@ def _as_float(value: Any, kind: str) -> complex | float | None:
 def scalar_mismatch(value: Any, target: Any, *, cast: bool | str = False) -> Mismatch | None:
     """Why a Python scalar source value cannot fill a leaf of dtype target, or None.
 
-    A Python scalar has no dtype: its value decides (DESIGN section 4, "shape
+    A Python scalar has no dtype: its value decides (docs/design.md section 4, "shape
     and dtype must match exactly"). With `cast=False` it fills a leaf of its
     kind (an `int` an int or uint dtype, a `float` a float dtype) that holds
     the value exactly: 300 does not fit int8, -1 no uint dtype, 2**40 not
@@ -415,7 +412,7 @@ def _name(dtype: Any) -> str:
 def mismatch(target: Spec, source: Spec, *, cast: bool | str = False) -> Mismatch | None:
     """Why a source leaf cannot fill a target leaf, or None when it can.
 
-    The casting policy (DESIGN section 10): `cast=False` allows no dtype
+    The casting policy (docs/design.md section 10): `cast=False` allows no dtype
     change (beyond a Python scalar meeting a dtype of its kind; a Python
     scalar source's value is checked by `scalar_mismatch`); `cast=True`
     allows `same_kind` casts that keep every value in range (float32 to

@@ -17,13 +17,13 @@ from treegraft._tree.flat import flatten_parts as flatten_parts
 from treegraft._tree.nodes import _MAX_LISTED, IsLeaf, find_child
 from treegraft._tree.nodes import children as children
 
-__all__ = ["flatten", "extract", "insert", "flatten_parts", "children", "resolve"]
+__all__ = ["flatten", "extract", "insert", "flatten_parts", "children", "walk_path"]
 
 
 _NO_NODE = object()
 
 
-def resolve(
+def walk_path(
     tree: Any, path: Path, *, is_leaf: IsLeaf = None, what: str = "the tree"
 ) -> tuple[tuple[Part, ...], Any]:
     """Walks path in tree; returns the keys actually used and the subtree.
@@ -110,7 +110,7 @@ def extract(tree: Any, path: str | Path, /, *, is_leaf: IsLeaf = None) -> Any:
       >>> tg.extract({'a': {'b': [1, 2]}}, 'a.b[1]')
       2
     """
-    return resolve(tree, parse_path(path), is_leaf=is_leaf)[1]
+    return walk_path(tree, parse_path(path), is_leaf=is_leaf)[1]
 
 
 def insert(tree: Any, path: str | Path, subtree: Any, /, *, is_leaf: IsLeaf = None) -> Any:
@@ -141,7 +141,7 @@ def insert(tree: Any, path: str | Path, subtree: Any, /, *, is_leaf: IsLeaf = No
       array([1., 1.])
     """
     p = parse_path(path)
-    prefix, _ = resolve(tree, p, is_leaf=is_leaf)
+    prefix, _ = walk_path(tree, p, is_leaf=is_leaf)
     paths, leaves, treedef = flatten_parts(tree, is_leaf=is_leaf)
     new_paths, new_leaves, _ = flatten_parts(subtree, is_leaf=is_leaf)
     new_by_suffix = dict(zip(new_paths, new_leaves, strict=True))

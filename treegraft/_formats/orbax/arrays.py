@@ -241,7 +241,7 @@ class DirectReader:
             job.host = host
             return unit.nbytes
         with jax.transfer_guard("allow"):
-            # Replicas get their own buffers (DESIGN 12); the first adopts host.
+            # Replicas get their own buffers (docs/design.md section 12); the first adopts host.
             placed = put_block(host, unit.devices)
             job.buffers.update(zip(unit.devices, placed, strict=True))
         return unit.nbytes

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from treegraft._errors import LISTED, GraftError
+from treegraft._errors import LISTED, GraftError, Kind
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._plan.problems import Problem, _close_paths, _count, _keep_remedy
 from treegraft._plan.record import Pair
@@ -85,15 +85,15 @@ def check_missing(res: Resolution) -> list[Problem]:
         parts = tgt.paths[u.target]
         rule = rules[u.rule]
         if u.why == "prefix":
-            key = (u.rule, parts[: u.n])
+            key = (u.rule, parts[: u.prefix_len])
             if not u.ignored and key not in reported:
                 reported.add(key)
                 if stacked is None:
                     stacked = {r for r, _, _ in res.stack_instances}
-                out.append(_missing_prefix(res, u.rule, parts[: u.n], u.rule in stacked))
+                out.append(_missing_prefix(res, u.rule, parts[: u.prefix_len], u.rule in stacked))
             continue
         assert u.old_prefix is not None
-        sparts = u.old_prefix + parts[u.n :]
+        sparts = u.old_prefix + parts[u.prefix_len :]
         if u.why == "subtree":
             below = src.under(sparts)
             out.append(
@@ -113,7 +113,7 @@ def check_missing(res: Resolution) -> list[Problem]:
             continue
         if u.why == "leaf_above":
             # A leaf in the source where the state has a subtree: once per subtree.
-            tsub = parts[: u.n + u.above - len(u.old_prefix)]
+            tsub = parts[: u.prefix_len + u.above - len(u.old_prefix)]
             if (tsub, sparts[: u.above]) in seen:
                 continue
             seen.add((tsub, sparts[: u.above]))
@@ -122,7 +122,7 @@ def check_missing(res: Resolution) -> list[Problem]:
                     "structure",
                     f"{render_parts(tsub)!r} is a subtree in the state but "
                     f"{render_parts(sparts[: u.above])!r} is a leaf in the source "
-                    f"({_leaves.describe(_leaves.spec_of(src.leaves[u.at]))}) "
+                    f"({_leaves.describe(_leaves.spec_of(src.leaves[u.source_leaf]))}) "
                     f"[rule {rule}]",
                     target=Path(tsub),
                     source=Path(sparts[: u.above]),
@@ -134,7 +134,7 @@ def check_missing(res: Resolution) -> list[Problem]:
         k = len(u.old_prefix) + 1
         while k < len(sparts) and src.node_exists(sparts[:k]):
             k += 1
-        troot = parts[: u.n + k - len(u.old_prefix)]
+        troot = parts[: u.prefix_len + k - len(u.old_prefix)]
         group = groups.get((u.rule, troot))
         if group is not None:
             group[0] += 1
@@ -213,7 +213,7 @@ def check_copies(res: Resolution) -> list[Problem]:
                 continue
         except (AttributeError, TypeError):
             pass
-        # Every dtype difference goes through the casting policy (DESIGN section 10).
+        # Every dtype difference goes through the casting policy (docs/design.md section 10).
         tspec, sspec = _leaves.spec_of(tleaf), _leaves.spec_of(sleaf)
         why = _leaves.mismatch(tspec, sspec, cast=inputs.cast)
         value = ""
@@ -224,7 +224,7 @@ def check_copies(res: Resolution) -> list[Problem]:
             value = f" = {_short(sleaf)}"
         if why is None:
             continue
-        kind = str(why) if why in ("shape", "dtype") else "structure"
+        kind = _kind_of(why)
         tp, sp = inputs.tgt.paths[pair.target], inputs.src.paths[pair.source]
         out.append(
             Problem(
@@ -272,7 +272,7 @@ def _operation_problem(res: Resolution, pair: Pair) -> Problem | None:
     tp = render_parts(tgt.paths[pair.target])
     sp = render_parts(src.paths[pair.source])
 
-    def problem(kind: str, message: str, remedy: str = "") -> Problem:
+    def problem(kind: Kind, message: str, remedy: str = "") -> Problem:
         return Problem(
             kind,
             message,
@@ -295,7 +295,7 @@ def _operation_problem(res: Resolution, pair: Pair) -> Problem | None:
         )
     if _leaves.is_key_dtype(specs[0][1]):
         # jax refuses numpy's view of a key array, which every operation
-        # needs: refuse here, naming the leaf, not in execute (DESIGN section 13).
+        # needs: refuse here, naming the leaf, not in execute (docs/design.md section 13).
         names = [rule.gather] if rule.gather != "copy" else []
         names += [step.kind for step in rule.steps]
         return problem(
@@ -314,7 +314,7 @@ def _operation_problem(res: Resolution, pair: Pair) -> Problem | None:
     differs = _leaves.mismatch(tspec, made, cast=inputs.cast)
     if differs is None:
         return None
-    kind = str(differs) if differs in ("shape", "dtype") else "structure"
+    kind = _kind_of(differs)
     return problem(
         kind,
         f"{tp!r} in the state is {_leaves.describe(tspec)}, {rule.shown} makes "
@@ -495,3 +495,12 @@ def _misfit(tgt: TreeIndex, src: TreeIndex, targets: list[int]) -> str | None:
                 f"{_leaves.describe(tspec)} in the state"
             )
     return None
+
+
+def _kind_of(mismatch: Any) -> Kind:
+    """The problem kind of a `_tree.leaves` mismatch: "shape", "dtype", or else "structure"."""
+    if mismatch == "shape":
+        return "shape"
+    if mismatch == "dtype":
+        return "dtype"
+    return "structure"
