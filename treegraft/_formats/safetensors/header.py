@@ -202,8 +202,6 @@ def file_path(folder: str, name: str) -> str:
     return os.path.join(folder, name)
 
 
-
-
 def read_result(
     future: Any,
     file: str,
