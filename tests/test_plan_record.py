@@ -8,8 +8,9 @@ and the boxes of one block go to the source in one call.
   the source for the layers' boxes in one `read_boxes` call, however many
   bytes they are, and the orbax reader opens one tensorstore reader for them.
 - Memory stays bounded: the orbax reader streams the parts with a bounded
-  window of reads in flight (cancelled when the consumer stops), and the
-  block being built keeps no part it has copied.
+  window of reads in flight (cancelled when the consumer stops), the block
+  being built keeps no part it has copied, and a kauldron step removed while
+  its parts stream is still reported as removed.
 - `execute` and the insert step take the plan's `PlanRecord`, nothing else of it.
 """
 
@@ -285,3 +286,23 @@ def test_a_consumer_that_stops_cancels_the_reads_in_flight(monkeypatch, orbax_la
     parts.close()  # type: ignore[attr-defined]
     assert window["started"] == 4
     assert window["cancelled"] == 3  # the reads after the part handed over
+
+
+def test_a_step_removed_while_its_boxes_stream_is_named_so(tmp_path):
+    """The kauldron source's parts stream too, and a read that fails on a step
+    deleted meanwhile still says the step was removed."""
+    import optax
+    from kauldron_run import init_params, train_state, write_run
+
+    from treegraft._read.source import BoxRequest
+
+    workdir = tmp_path / "run"
+    write_run(workdir, {5: train_state(init_params({"dense": {"kernel": (4, 8)}}, seed=5),
+                                       step=5, opt=optax.adam(1e-3))})
+    src = tg.KauldronCheckpoint(str(workdir))
+    request = BoxRequest(tg.parse_path("params.dense.kernel"), (slice(0, 2), slice(0, 8)))
+    parts = src.read_boxes([request])  # paths and boxes checked, arrays opened: no read yet
+    shutil.rmtree(workdir / "checkpoints" / "ckpt_5")
+    with pytest.raises(tg.CheckpointNotFoundError,
+                       match=r"step 5 of '.*run' was removed after it was chosen"):
+        list(parts)
