@@ -5,8 +5,12 @@ and the boxes of one block go to the source in one call.
   I/O: it works with every read method of the source refused and its folder
   deleted.
 - Executing a 32-layer stack from an orbax checkpoint or from safetensors asks
-  the source for the layers' boxes in one `read_boxes` call, and the orbax
-  reader opens one tensorstore reader for them.
+  the source for the layers' boxes in one `read_boxes` call, however many
+  bytes they are, and the orbax reader opens one tensorstore reader for them.
+- Memory stays bounded: the orbax reader streams the parts with a bounded
+  window of reads in flight (cancelled when the consumer stops), the block
+  being built keeps no part it has copied, and a kauldron step removed while
+  its parts stream is still reported as removed.
 - `execute` and the insert step take the plan's `PlanRecord`, nothing else of it.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -184,13 +189,120 @@ def test_a_32_layer_stack_from_safetensors_is_one_box_read(tmp_path, monkeypatch
     assert calls == [LAYERS]
 
 
-def test_a_large_block_is_read_in_calls_of_bounded_bytes(monkeypatch, orbax_layers):
-    from treegraft._insert import transform
+def _read_one(read_boxes, src, request) -> np.ndarray:
+    (part,) = read_boxes(src, [request])
+    return part
 
-    # Shrink the batch to 2 layers' bytes: 32 layers are 16 calls of 2.
-    monkeypatch.setattr(transform, "_BOX_BATCH_BYTES", 2 * int(np.prod(SHAPE)) * 4)
+
+def _watch_reads(monkeypatch) -> dict[str, int]:
+    """Counts the orbax reader's box reads: started, cancelled, most in flight at once."""
+    seen = {"started": 0, "given": 0, "most": 0, "cancelled": 0}
+    stream = orbax_arrays.DirectReader._stream
+
+    class Future:
+        def __init__(self, future):
+            self.future = future
+
+        def result(self, timeout=None):
+            return self.future.result(timeout=timeout)
+
+        def cancel(self):
+            seen["cancelled"] += 1
+            return self.future.cancel()
+
+    class View:
+        def __init__(self, view):
+            self.view = view
+
+        def read(self):
+            seen["started"] += 1
+            seen["most"] = max(seen["most"], seen["started"] - seen["given"])
+            return Future(self.view.read())
+
+    def watched(self, leaves, views, sizes):
+        for part in stream(self, leaves, [View(v) for v in views], sizes):
+            seen["given"] += 1
+            yield part
+            del part
+
+    monkeypatch.setattr(orbax_arrays.DirectReader, "_stream", watched)
+    return seen
+
+
+def test_a_large_block_is_one_call_with_a_bounded_window(monkeypatch, orbax_layers):
+    """32 layers are one call however many bytes; the reader keeps 2 layers in flight."""
+    layer = int(np.prod(SHAPE)) * 4
+    monkeypatch.setattr(orbax_arrays, "_BOX_WINDOW_BYTES", 2 * layer)
+    window = _watch_reads(monkeypatch)
     path, stacked = orbax_layers
     calls = _count_calls(monkeypatch, tg.OrbaxCheckpoint, "read_boxes")
     got = tg.graft(_stack_like(), tg.OrbaxCheckpoint(path), {"w": tg.stack("unscanned.layers_*.w")})
     np.testing.assert_array_equal(np.asarray(got["w"]), stacked)
-    assert calls == [2] * (LAYERS // 2)
+    assert calls == [LAYERS]
+    assert window["started"] == LAYERS
+    assert window["most"] == 2  # streamed: never more than the window, nor one at a time
+
+
+def test_a_block_keeps_no_part_it_has_copied(monkeypatch, orbax_layers):
+    """A source that streams its parts: when part k is made, parts 0..k-1 are all freed."""
+    path, stacked = orbax_layers
+    original = tg.OrbaxCheckpoint.read_boxes
+    calls: list[int] = []
+    kept: list[int] = []
+
+    def streamed(self, requests):
+        calls.append(len(requests))
+        refs: list[weakref.ref] = []
+
+        def made(part):
+            kept.append(sum(ref() is not None for ref in refs))
+            refs.append(weakref.ref(part))
+            return part
+
+        for request in requests:
+            # No name here keeps a part once it is handed over.
+            yield made(_read_one(original, self, request))
+
+    monkeypatch.setattr(tg.OrbaxCheckpoint, "read_boxes", streamed)
+    got = tg.graft(_stack_like(), tg.OrbaxCheckpoint(path), {"w": tg.stack("unscanned.layers_*.w")})
+    np.testing.assert_array_equal(np.asarray(got["w"]), stacked)
+    assert calls == [LAYERS]
+    assert kept == [0] * LAYERS
+
+
+def test_a_consumer_that_stops_cancels_the_reads_in_flight(monkeypatch, orbax_layers):
+    from treegraft._read.source import BoxRequest
+
+    layer = int(np.prod(SHAPE)) * 4
+    monkeypatch.setattr(orbax_arrays, "_BOX_WINDOW_BYTES", 4 * layer)
+    window = _watch_reads(monkeypatch)
+    path, stacked = orbax_layers
+    src = tg.OrbaxCheckpoint(path)
+    requests = [BoxRequest(tg.parse_path(f"unscanned.layers_{i}.w"), (slice(0, 4), slice(0, 8)))
+                for i in range(LAYERS)]
+    parts = iter(src.read_boxes(requests))
+    np.testing.assert_array_equal(next(parts), stacked[0])
+    assert window["started"] == 4
+    parts.close()  # type: ignore[attr-defined]
+    assert window["started"] == 4
+    assert window["cancelled"] == 3  # the reads after the part handed over
+
+
+def test_a_step_removed_while_its_boxes_stream_is_named_so(tmp_path):
+    """The kauldron source's parts stream too, and a read that fails on a step
+    deleted meanwhile still says the step was removed."""
+    import optax
+    from kauldron_run import init_params, train_state, write_run
+
+    from treegraft._read.source import BoxRequest
+
+    workdir = tmp_path / "run"
+    write_run(workdir, {5: train_state(init_params({"dense": {"kernel": (4, 8)}}, seed=5),
+                                       step=5, opt=optax.adam(1e-3))})
+    src = tg.KauldronCheckpoint(str(workdir))
+    request = BoxRequest(tg.parse_path("params.dense.kernel"), (slice(0, 2), slice(0, 8)))
+    parts = src.read_boxes([request])  # paths and boxes checked, arrays opened: no read yet
+    shutil.rmtree(workdir / "checkpoints" / "ckpt_5")
+    with pytest.raises(tg.CheckpointNotFoundError,
+                       match=r"step 5 of '.*run' was removed after it was chosen"):
+        list(parts)

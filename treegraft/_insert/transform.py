@@ -3,15 +3,14 @@
 A leaf under a stack, unstack, cast, transpose or reshape rule is built per
 device of its target's sharding: each device's box is pulled back through the
 rule's steps to the boxes of the source leaves it needs (`treegraft._parse.ops`),
-read (`Blocks`: the source's box reads, the boxes of one block in one call,
-or one host copy per in-memory leaf),
+read (`Blocks`: the source's box reads, the boxes of one block in one call
+that the source may stream, or one host copy per in-memory leaf),
 and put on that device in a buffer of its own. A stacked or unstacked array is
 never assembled whole on one host, except through `reshape`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,14 +26,6 @@ from treegraft._read.source import BoxRequest, ReadRequest, reads_boxes
 from treegraft._tree import leaves as _leaves
 
 __all__ = ["Blocks", "build"]
-
-
-# Boxes of one block asked of the source in one call, up to this many bytes a call:
-# host memory then holds the block and at most this much of its parts (and of the
-# reader's chunks in flight). A call per box costs an array open and a reader
-# each (32 layers of 128 KiB: 15 ms, against 8 ms in one call); past 16 MiB a
-# call that cost is small beside the bytes, and larger calls raise the peak.
-_BOX_BATCH_BYTES = 16 * 2**20
 
 
 class Blocks:
@@ -53,35 +44,32 @@ class Blocks:
         return next(self.fetch_many([(si, box)]))
 
     def fetch_many(self, wanted: Sequence[tuple[int, tuple[slice, ...]]]) -> Iterator[np.ndarray]:
-        """Boxes of several source leaves, in order, read in one batch where the source can.
+        """Boxes of several source leaves, in order, read in one call where the source can.
 
-        A source that reads boxes gets them in one `read_boxes` call (one per
-        16 MiB of boxes): a 32-layer stack is one call, not 32, and the source
-        opens each array once for all of them. Each array is handed over as
-        soon as it is asked for and dropped here, so a caller that copies it
-        into its block frees it as it goes. Each returned array is fresh: the
-        caller owns it (no view of a source leaf or of a cached read).
+        A source that reads boxes gets all of them in one `read_boxes` call: a
+        32-layer stack is one call, not 32, and the source opens each array
+        once for all of them. The source may stream its parts (the orbax
+        reader keeps a bounded window of reads in flight), so each part is
+        handed over as soon as it is asked for and no name here keeps it: a
+        caller that copies it into its block frees it before the next is
+        read. Closing this generator closes the source's. Each returned array
+        is fresh: the caller owns it (no view of a source leaf or of a cached
+        read).
         """
         rec = self.rec
         if rec.lazy is None or not reads_boxes(rec.lazy):
             for si, box in wanted:
                 yield self._fetch_one(si, box)
             return
-        for group in _batches(wanted, [self._box_nbytes(si, box) for si, box in wanted]):
-            requests = [BoxRequest(Path(rec.source.paths[si]), box) for si, box in group]
-            got = list(rec.lazy.read_boxes(requests))
-            got.reverse()
-            while got:
-                yield np.asarray(got.pop())
-
-    def _box_nbytes(self, si: int, box: tuple[slice, ...]) -> int:
-        shape, dtype = _leaves.spec_of(self.rec.source.leaves[si])
+        requests = [BoxRequest(Path(rec.source.paths[si]), box) for si, box in wanted]
+        parts = iter(rec.lazy.read_boxes(requests))
         try:
-            itemsize = np.dtype(dtype).itemsize
-        except TypeError:
-            itemsize = 8  # not a numpy dtype (a PRNG key): a guess, for batching only
-        sizes = [len(range(*b.indices(n))) for b, n in zip(box, shape or (), strict=False)]
-        return math.prod(sizes) * itemsize
+            for request in requests:
+                yield np.asarray(_next_part(parts, request, rec.lazy))
+        finally:
+            close = getattr(parts, "close", None)
+            if close is not None:
+                close()  # cancels the source's reads still in flight
 
     def _fetch_one(self, si: int, box: tuple[slice, ...]) -> np.ndarray:
         rec = self.rec
@@ -110,16 +98,16 @@ class Blocks:
         return np.array(whole[box] if box else whole)  # the caller's own copy
 
 
-def _batches(items: Sequence[Any], sizes: Sequence[int]) -> Iterator[Sequence[Any]]:
-    """items in consecutive runs of at most _BOX_BATCH_BYTES (at least one item a run)."""
-    start = 0
-    while start < len(items):
-        end, total = start, 0
-        while end < len(items) and (end == start or total + sizes[end] <= _BOX_BATCH_BYTES):
-            total += sizes[end]
-            end += 1
-        yield items[start:end]
-        start = end
+def _next_part(parts: Iterator[np.ndarray], request: BoxRequest, source: Any) -> np.ndarray:
+    """The next part of a `read_boxes` result, which must have one per request."""
+    part = next(parts, None)
+    if part is None:
+        raise GraftError(
+            f"{source.describe()} returned fewer boxes than asked for: none for "
+            f"{render_parts(request.path.parts)!r}; its read_boxes must give one array "
+            "per request, in order"
+        )
+    return part
 
 
 def _axis(axis: int, ndim: int) -> int:
@@ -139,18 +127,22 @@ def build(rec: PlanRecord, pair: Pair, blocks: Blocks, like: Any) -> Any:
         def fetch(box: tuple[slice, ...]) -> np.ndarray:
             inner = box[:axis] + box[axis + 1 :]
             layers = range(box[axis].start, box[axis].stop)
-            # Every layer's box asked of the source at once, copied into one
-            # block as it comes: host memory holds the block and the parts
-            # not yet copied (at most 16 MiB of them), not every slice and
-            # then their stack.
+            # Every layer's box asked of the source in one call, copied into one
+            # block as it comes: host memory holds the block and the parts the
+            # source has in flight (the orbax reader: at most 16 MiB of them),
+            # not every slice and then their stack.
             parts = blocks.fetch_many([(sources[k], inner) for k in layers])
             out: np.ndarray | None = None
-            for j, part in enumerate(parts):
+            j = 0
+            # No enumerate: its reused result tuple would keep the last part
+            # alive while the next one is read.
+            for part in parts:
                 if out is None:
                     out = np.empty(part.shape[:axis] + (len(layers),) + part.shape[axis:],
                                    part.dtype)
                 out[(slice(None),) * axis + (j,)] = part
                 del part
+                j += 1
             assert out is not None
             return out
 

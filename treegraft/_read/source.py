@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -76,15 +76,24 @@ class Source(abc.ABC):
         """How messages name this source, e.g. "the checkpoint /w/ckpt_3"."""
         return "the source"
 
-    def read_boxes(self, requests: Sequence[BoxRequest]) -> list[np.ndarray]:
+    def read_boxes(self, requests: Sequence[BoxRequest]) -> Iterable[np.ndarray]:
         """Reads `leaf[box]` of each request as a host numpy array, in the source dtype.
 
         The default reads each whole leaf (to the host) and slices it; sources
         whose layout allows it read only the chunks that hold each box. Each
         result owns its memory.
 
+        A graft asks for all the boxes of one block in one call and iterates
+        the result once, in order, copying each part into its block before it
+        asks for the next. A list is fine; an iterator (a generator) lets the
+        source stream: keep a bounded window of reads in flight, hand over each
+        part once it and those before it are read, and cancel what is still in
+        flight when the consumer stops early (the generator is closed) or a read
+        fails. Errors about the requests themselves (a path or box the source
+        does not have) should still be raised by the call, before any read.
+
         Returns:
-          One array per request, in order.
+          One array per request, in request order: a list or any iterable.
         """
         if not requests:
             return []

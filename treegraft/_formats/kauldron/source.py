@@ -6,7 +6,7 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -232,10 +232,16 @@ class KauldronCheckpoint(Source):
         with self._removal_checked(grace=_REMOVAL_GRACE_S) as inner:
             return inner.read(requests)
 
-    def read_boxes(self, requests: Sequence[BoxRequest]) -> list[np.ndarray]:
+    def read_boxes(self, requests: Sequence[BoxRequest]) -> Iterable[np.ndarray]:
         """`leaf[box]` for each request, reading only the chunks that hold the box."""
         with self._removal_checked(grace=_REMOVAL_GRACE_S) as inner:
-            return inner.read_boxes(requests)
+            parts = inner.read_boxes(requests)
+        return self._removal_checked_parts(parts)
+
+    def _removal_checked_parts(self, parts: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """parts, read lazily by the step's checkpoint, with a removed step named as such."""
+        with self._removal_checked(grace=_REMOVAL_GRACE_S):
+            yield from parts
 
     def box_nbytes(self, path: Path, box: Sequence[slice]) -> int:
         """Bytes a read of `leaf[box]` really reads, given the array's chunking."""

@@ -10,7 +10,7 @@ orbax's public partial restore (`restore`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -210,9 +210,12 @@ class OrbaxCheckpoint(Source):
             out[i] = jax.random.wrap_key_data(out[i], impl=impl)
         return out
 
-    def read_boxes(self, requests: Sequence[BoxRequest]) -> list[np.ndarray]:
+    def read_boxes(self, requests: Sequence[BoxRequest]) -> Iterable[np.ndarray]:
         """`leaf[box]` for each request, reading only the chunks that hold the box.
 
+        The paths and boxes are checked, and the arrays opened, by this call;
+        the parts then stream in request order (`DirectReader.read_boxes`: a
+        bounded window of reads in flight, cancelled if the consumer stops).
         Falls back to reading the whole leaf (the base class) for layouts the
         direct reader does not know.
         """
@@ -223,7 +226,7 @@ class OrbaxCheckpoint(Source):
         if not all(isinstance(leaf, LazyLeaf) for leaf in leaves):
             return super().read_boxes(requests)
         reader = arrays.DirectReader(leaves[0]._store)
-        # One reader (one tensorstore context) for every box, all reads in flight at once.
+        # One reader (one tensorstore context) for every box of the call.
         boxes = [_check_box(req, leaf.shape) for leaf, req in zip(leaves, requests, strict=True)]
         return reader.read_boxes(leaves, boxes)
 
