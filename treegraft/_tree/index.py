@@ -220,6 +220,15 @@ def is_abstract(leaf: Any) -> bool:
 
 def is_deleted(leaf: Any) -> bool:
     """Whether a leaf is a jax array whose buffer is gone (deleted, or donated to a jit)."""
-    return isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and (
-        leaf.is_deleted()
-    )
+    cls = type(leaf)
+    concrete = _CONCRETE_ARRAY.get(cls)
+    if concrete is None:
+        # Asked once per leaf type: `isinstance` against jax.Array's ABC is what a
+        # check of every source leaf would otherwise spend its time on.
+        concrete = _CONCRETE_ARRAY[cls] = issubclass(cls, jax.Array) and not issubclass(
+            cls, jax.core.Tracer
+        )
+    return concrete and leaf.is_deleted()
+
+
+_CONCRETE_ARRAY: dict[type, bool] = {}
