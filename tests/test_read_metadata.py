@@ -107,13 +107,18 @@ def test_a_plan_reads_the_headers_of_paired_leaves_only(items):
     assert loaded == ["params.encoder.bias", "params.encoder.kernel"]
 
 
-def test_other_layouts_fall_back_to_orbax(tmp_path):
-    directory = str(tmp_path / "plain")
+def write_plain_item(directory: str) -> str:
+    """Saves {"w": ones(3)} without OCDBT: a layout the fast metadata reader leaves to orbax."""
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False)
     try:
         handler.save(epath.Path(directory), args=ocp.args.PyTreeSave({"w": np.ones(3)}))
     finally:
         handler.close()
+    return directory
+
+
+def test_other_layouts_fall_back_to_orbax(tmp_path):
+    directory = write_plain_item(str(tmp_path / "plain"))
     assert lazy_metadata(directory) is None
     meta = tg.OrbaxCheckpoint(directory).metadata()
     assert meta["w"].shape == (3,) and meta["w"].dtype == np.float64
@@ -417,12 +422,7 @@ def test_standard_checkpoints_never_take_the_fallback(items, name, caplog, monke
 
 
 def test_the_fallback_says_why_in_the_log(tmp_path, caplog):
-    directory = str(tmp_path / "plain")
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False)
-    try:
-        handler.save(epath.Path(directory), args=ocp.args.PyTreeSave({"w": np.ones(3)}))
-    finally:
-        handler.close()
+    directory = write_plain_item(str(tmp_path / "plain"))
     caplog.set_level("DEBUG", logger="treegraft")
     assert lazy_metadata(directory) is None
     messages = [r.getMessage() for r in caplog.records if r.name == "treegraft"]
