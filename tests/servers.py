@@ -226,16 +226,20 @@ class Storage:
         if cache and local in self._published:
             return self._published[local]
         prefix = f"t{os.getpid()}-{next(_PUBLISHED)}/{os.path.basename(local.rstrip('/'))}"
+        self.upload_folder(local, prefix)
+        url = f"{'gs' if self.kind == 'gcs' else 's3'}://{self.bucket}/{prefix}"
+        if cache:
+            self._published[local] = url
+        return url
+
+    def upload_folder(self, local: str, prefix: str) -> None:
+        """Uploads every file under the local folder as objects under prefix (overwriting)."""
         files = []
         for dirpath, _, names in os.walk(local):
             for name in names:
                 full = os.path.join(dirpath, name)
                 files.append((full, f"{prefix}/{os.path.relpath(full, local)}"))
         self.upload(files)
-        url = f"{'gs' if self.kind == 'gcs' else 's3'}://{self.bucket}/{prefix}"
-        if cache:
-            self._published[local] = url
-        return url
 
     def upload(self, files: list[tuple[str, str]]) -> None:
         if self.kind == "gcs":

@@ -195,13 +195,7 @@ def s3(s3_server):
 
 def _republish(storage: servers.Storage, local: str, url: str) -> None:
     """Uploads the local folder's files over the objects under url (a rewrite in place)."""
-    prefix = url.split("://", 1)[1].split("/", 1)[1]
-    files = []
-    for dirpath, _, names in os.walk(local):
-        for name in names:
-            full = os.path.join(dirpath, name)
-            files.append((full, f"{prefix}/{os.path.relpath(full, local)}"))
-    storage.upload(files)
+    storage.upload_folder(local, url.split("://", 1)[1].split("/", 1)[1])
 
 
 def test_orbax_on_s3_rewritten_after_the_plan_fails_at_execute(tmp_path, s3):
