@@ -25,7 +25,7 @@ from treegraft._plan import Pair, PlanRecord, gathered_spec
 from treegraft._read.source import BoxRequest, ReadRequest, reads_boxes
 from treegraft._tree import leaves as _leaves
 
-__all__ = ["Blocks", "build"]
+__all__ = ["Blocks", "build", "leaf_fetch"]
 
 
 class Blocks:
@@ -114,8 +114,16 @@ def _axis(axis: int, ndim: int) -> int:
     return axis + ndim if axis < 0 else axis
 
 
-def build(rec: PlanRecord, pair: Pair, blocks: Blocks, like: Any) -> Any:
-    """The value of one target leaf under a transforming rule, placed like it."""
+def leaf_fetch(
+    rec: PlanRecord, pair: Pair, blocks: Blocks
+) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """A fetch of boxes of one pair's value: the rule's gather and steps, on host arrays.
+
+    The insert step places the boxes on devices (`build`); the write step
+    writes them to a file, chunk by chunk (docs/design.md section 15). Each
+    fetched box is a fresh array in the rule's output dtype (before any cast
+    to the target's dtype).
+    """
     rule = rec.rules[pair.rule]
     spec = _leaves.spec_of(rec.source.leaves[pair.source])
     shape = tuple(spec[0] or ())
@@ -165,6 +173,12 @@ def build(rec: PlanRecord, pair: Pair, blocks: Blocks, like: Any) -> Any:
     for step in rule.steps:
         fetch = step.pull(fetch, current)
         current = step.spec(current)[0]
+    return fetch
+
+
+def build(rec: PlanRecord, pair: Pair, blocks: Blocks, like: Any) -> Any:
+    """The value of one target leaf under a transforming rule, placed like it."""
+    fetch = leaf_fetch(rec, pair, blocks)
     dtype = _leaves.spec_of(like)[1]
     path = render_parts(rec.target.paths[pair.target])
     value = _place_blocks(fetch, like, dtype, cast=rec.cast, path=path)
