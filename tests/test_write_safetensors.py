@@ -275,16 +275,17 @@ def leaf(*path, dtype=np.float32, shape=(2,)):
 
 REFUSED = [
     ([leaf("a", "b.c")], r"^\"a\['b.c'\]\" has the key 'b.c', which holds a '\.': its safetensors "
-     r"name 'a\.b\.c' would read back as other keys; rename it with a mapping rule"),
-    ([leaf("a", "")], r"^\"a\[''\]\" has an empty key: its safetensors name would drop it; rename"),
-    ([leaf()], r"^the root leaf has no name: safetensors names tensors by their paths; rename"),
+     r"name 'a\.b\.c' would read back as other keys; give it another name with a mapping rule "
+     r"\(\{'<new name>': '<its source path>'\}\)$"),
+    ([leaf("a", "")], r"^\"a\[''\]\" has an empty key: its safetensors name would drop it; give"),
+    ([leaf()], r"^the root leaf has no name: safetensors names tensors by their paths; give"),
     ([leaf("a", None)], r"^'a\[None\]' has the key None \(NoneType\): safetensors names are "
      r"strings of str keys and int indices"),
     ([leaf("a", 1.5)], r"has the key 1\.5 \(float\)"),
     ([leaf("a", True)], r"has the key True \(bool\)"),
     ([leaf("a", 0), leaf("a", "0")], r"^'a\[0\]' and \"a\['0'\]\" would both be named 'a\.0'; "
      r"rename one with a mapping rule$"),
-    ([leaf("a", "01")], r"would be named 'a\.01', which reads back as 'a\[1\]'; rename"),
+    ([leaf("a", "01")], r"would be named 'a\.01', which reads back as 'a\[1\]'; give"),
     ([leaf("a", "x[0]")], r"would be named 'a\.x\[0\]', which reads back as 'a\.x\[0\]'"),
     ([leaf("__metadata__")], r"^'__metadata__' is named '__metadata__', which safetensors keeps"),
     ([leaf("a", 0), leaf("a", "0", "b")], r"^\"a\['0'\]\.b\" would be named 'a\.0\.b', under the "
@@ -461,3 +462,12 @@ def test_remote_tensor_larger_than_half_the_budget_is_refused_before_any_fetch(b
     with pytest.raises(tg.CheckpointError, match=r"'big' takes 800 bytes"):
         SafetensorsWriter().write(f"{bucket}/out", leaves, fetch, budget)
     assert fetch.boxes == []
+
+
+def test_a_remote_write_the_storage_refuses_is_an_error_naming_the_file(bucket):
+    scheme = bucket.split(":")[0]
+    url = f"{scheme}://no-such-bucket-wsafe/out"
+    with pytest.raises(tg.CheckpointError, match=(
+            rf"^writing {url}/model\.safetensors failed: the bucket 'no-such-bucket-wsafe' does "
+            r"not exist")):
+        write(url, {"w": np.zeros(4, np.float32)})

@@ -81,7 +81,7 @@ def _shown(path: Sequence[Any]) -> str:
 def _key_problem(path: tuple[Any, ...]) -> str | None:
     """Why one path has no safetensors name that reads back as itself, or None."""
     where = _shown(path)
-    fix = "rename it with a mapping rule (e.g. {'new.name': '<its path>'})"
+    fix = "give it another name with a mapping rule ({'<new name>': '<its source path>'})"
     if not path:
         return f"{where} has no name: safetensors names tensors by their paths; {fix}"
     for part in path:
@@ -371,9 +371,9 @@ class SafetensorsWriter(Writer):
     format = "safetensors"
 
     def __init__(self, dest: Any = None, *, budget: Budget | None = None):
-        self.single_file = dest is not None and _names_a_file(dest)
-        self.scheme = Location.parse(dest, what="a destination").scheme if dest is not None else (
-            "file")
+        where = None if dest is None else Location.parse(dest, what="a destination")
+        self.single_file = where is not None and where.name.endswith(".safetensors")
+        self.scheme = "file" if where is None else where.scheme
         self.budget = budget
 
     def problems(self, leaves: Sequence[OutLeaf]) -> list[str]:
@@ -383,6 +383,11 @@ class SafetensorsWriter(Writer):
 
     def write(self, tmp: Any, leaves: Sequence[OutLeaf], fetch: BoxFetch, budget: Budget) -> None:
         """Writes the files under tmp (the file itself for a `.safetensors` destination).
+
+        A local tmp is written with plain file I/O (the folder is made; the
+        folder a single file goes in must exist); a remote one with one
+        tensorstore write per file, the index last. Files already there are
+        never overwritten: locally that is an error.
 
         Raises:
           CheckpointError: the leaves cannot be written (`problems`, checked
@@ -420,10 +425,6 @@ def checked_files(
     plans = plan_files(leaves, single_file=single_file, cap=_cap(budget, scheme))
     found = header_problems(plans)
     return found, ([] if found else plans)
-
-
-def _names_a_file(dest: Any) -> bool:
-    return Location.parse(dest, what="a destination").name.endswith(".safetensors")
 
 
 def _cap(budget: Budget, scheme: str) -> int:
