@@ -515,3 +515,11 @@ def test_shards_are_huggingface_hubs_when_no_tensor_exceeds_a_shard(sizes, cap):
             filename_pattern="model{suffix}.safetensors", max_shard_size=cap)
         mine = {f"t.{i}": p.name for p in plans for i in p.leaves}
         assert mine == (split.tensor_to_filename or dict.fromkeys(mine, "model.safetensors"))
+
+
+def test_an_error_of_the_fetch_passes_through_as_it_is(tmp_path):
+    def fetch(i, box):
+        raise tg.CheckpointError("reading the source failed: it is gone")
+
+    with pytest.raises(tg.CheckpointError, match=r"^reading the source failed: it is gone$"):
+        SafetensorsWriter().write(tmp_path / "out", [leaf("w")], fetch, Budget())

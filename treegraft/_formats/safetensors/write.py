@@ -33,6 +33,7 @@ What is written, and why:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -475,32 +476,52 @@ def _write_local(
     max_bytes: int, single_file: bool,
 ) -> None:
     if not single_file:
-        try:
+        with _io(tmp.os_path):
             os.makedirs(tmp.os_path, exist_ok=True)
-        except OSError as e:
-            raise _local_error(e, tmp.os_path) from e
     for plan in plans:
         path = tmp.os_path if single_file else os.path.join(tmp.os_path, plan.name)
-        try:
-            with open(path, "xb") as f:
-                f.write(plan.header)
-                for i in plan.leaves:
-                    for chunk in _boxes(leaves, i, fetch, max_bytes, path):
-                        f.write(chunk)  # type: ignore[arg-type]
-                        del chunk
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise _local_error(e, path) from e
+        _write_file(path, _file_chunks(leaves, plan, fetch, max_bytes, path))
     if len(plans) > 1:
         path = os.path.join(tmp.os_path, INDEX_NAME)
-        try:
-            with open(path, "xb") as f:
-                f.write(index_bytes(leaves, plans))
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise _local_error(e, path) from e
+        _write_file(path, iter([index_bytes(leaves, plans)]))
+
+
+def _file_chunks(
+    leaves: Sequence[OutLeaf], plan: FilePlan, fetch: BoxFetch, max_bytes: int, path: str
+) -> Iterator[Any]:
+    """A file's bytes in order: its header, then its tensors' slabs."""
+    yield plan.header
+    for i in plan.leaves:
+        yield from _boxes(leaves, i, fetch, max_bytes, path)  # binds no name: one box at a time
+
+
+def _write_file(path: str, chunks: Iterator[Any]) -> None:
+    """Writes chunks to a new file (never over one) and syncs it to the disk.
+
+    An `OSError` of the file is a `CheckpointError` naming it; what making the
+    chunks raises (the fetch reading its source) passes through as it is.
+    """
+    with _io(path):
+        f = open(path, "xb")
+    try:
+        for chunk in chunks:
+            with _io(path):
+                f.write(chunk)
+            del chunk
+        with _io(path):
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        with _io(path):
+            f.close()
+
+
+@contextlib.contextmanager
+def _io(path: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise _local_error(e, path) from e
 
 
 _LOCAL_FIXES = {
