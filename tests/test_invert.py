@@ -146,6 +146,44 @@ def test_a_stack_of_leaves_of_different_dtypes_is_split_with_its_index_kept():
     assert_same_leaves(back, src)
 
 
+def test_split_entries_bind_the_other_captures_and_keep_the_layer_index():
+    rng = np.random.default_rng(5)
+    src = {
+        "enc": {
+            "a": {f"l_{i}": rng.normal(size=2).astype(BF16) for i in range(3)},
+            "b": {f"l_{i}": rng.normal(size=2).astype(np.float16) for i in range(2)},
+        },
+        "flat": {"a": rng.normal(size=(2, 3)).astype(BF16), "b": np.arange(4, dtype=np.int8)},
+    }
+    m = {
+        "dec.*.s": tg.cast(tg.stack("enc.*.l_*", axis=0), np.float32),
+        "out.*.l_*": tg.cast(tg.unstack("flat.*", axis=0), np.float64),
+    }
+    inv = tg.invert(m, like=meta(src))
+    assert inv == {
+        "enc.a.l_*": tg.cast(tg.unstack("dec.a.s", axis=0), BF16),
+        "enc.b.l_*": tg.cast(tg.unstack("dec.b.s", axis=0), np.float16),
+        "flat.a": tg.cast(tg.stack("out.a.l_*", axis=0), BF16),
+        "flat.b": tg.cast(tg.stack("out.b.l_*", axis=0), np.int8),
+    }
+    tgt = {
+        "dec": {"a": {"s": np.zeros((3, 2), np.float32)}, "b": {"s": np.zeros((2, 2), np.float32)}},
+        "out": {
+            "a": {f"l_{i}": np.zeros(3) for i in range(2)},
+            "b": {f"l_{i}": np.zeros(()) for i in range(4)},
+        },
+    }
+    _, back = round_trip(src, tgt, m)
+    assert_same_leaves(back, src)
+
+
+def test_split_entries_under_a_double_star_name_each_leaf():
+    src = {"x": {"p": {"q": {"w": np.ones(2, BF16)}}, "r": {"w": np.ones(2, np.float16)}}}
+    m = {"y.**.w": tg.cast("x.**.w", np.float32)}
+    inv = tg.invert(m, like=meta(src))
+    assert inv == {"x.p.q.w": tg.cast("y.p.q.w", BF16), "x.r.w": tg.cast("y.r.w", np.float16)}
+
+
 def test_a_transpose_after_a_stack_moves_the_unstacked_axis():
     rng = np.random.default_rng(2)
     src = {f"l_{i}": rng.normal(size=(2, 3)) for i in range(4)}  # stacked: (4, 2, 3)
@@ -249,6 +287,18 @@ def test_a_reshape_that_mixes_the_stacked_axis_cannot_be_inverted():
 def test_a_cast_rule_with_nothing_under_it_in_like_is_named():
     with pytest.raises(tg.MappingError, match=r"rule 'x' <- .*like has no leaf under 'a'"):
         tg.invert({"x": tg.cast("a", np.float32)}, like={"b": np.ones(2)})
+
+
+def test_transpose_axes_that_are_not_a_permutation_are_named():
+    with pytest.raises(tg.MappingError, match=r"rule 'k' <- .*axes \(5, 0\) are not a permutation"):
+        tg.invert({"k": tg.transpose("w", (5, 0))})
+
+
+def test_a_split_entry_whose_capture_a_glob_cannot_hold_is_named():
+    like = {"e": {"a.b_0": np.ones(2, BF16), "c_0": np.ones(2, np.float16)}}
+    m = {"d.*": tg.cast(tg.stack("e.*_*"), np.float32)}
+    with pytest.raises(tg.MappingError, match=r"the captures \('a.b',\) cannot be written"):
+        tg.invert(m, like=like)
 
 
 def test_an_invalid_mapping_is_a_mapping_error():

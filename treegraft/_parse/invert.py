@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from treegraft._errors import GraftError, MappingError, Problem, count
+from treegraft._errors import GraftError, MappingError, PathSyntaxError, Problem, count
 from treegraft._parse.ops import (
     Cast,
     Operation,
@@ -138,30 +138,33 @@ _INVERSES: dict[type[Operation], Callable[[_Traced], _Inv]] = {
 
 # ----------------------------------------------------------------------------
 # To come with the operations of docs/design.md section 16 (ops.py does not
-# have them yet; nothing below is code). Each is one `_INVERSES` entry:
+# have them yet; nothing below is code). Each is one `_INVERSES` entry; the
+# two that gather several values (StackList, Concat) return one inverse per
+# value, and `_entries` makes one inverse rule of each (key: that value's
+# source, value: the part of the result it became).
 #
 #   StackList(values, axis)   the stack of a list of values: one rule per
-#                             element, `{values[k]: take(new, k, axis)}`; each
+#                             element, `{values[k]: take(new, k, axis)}`, each
 #                             element's own chain inverted around its take.
 #   Take(value, index, axis)  not invertible alone (the other indices are
-#                             lost): a MappingError, unless the rule set holds
-#                             one take per index of the axis (then a StackList).
+#                             lost): a MappingError naming the rule.
 #   Concat(values, axis)      one rule per part, `{values[k]: slice(new,
 #                             start_k, stop_k, axis)}`; the part sizes along
-#                             axis come from like (the source's metadata) or
-#                             from the plan's specs of the parts.
+#                             axis from like (the source's metadata) or from
+#                             the plan's specs of the parts.
 #   Slice(value, start, stop, axis)
 #                             not invertible alone (the rest of the axis is
-#                             lost): a MappingError; the inverse of a Pad.
+#                             lost): a MappingError naming the rule.
 #   Pad(value, size, axis, constant)
-#                             `slice(new, before, before + n, axis)`, n being
-#                             the axis' size before the pad (from like, or
-#                             the padded size minus the padding).
-#   Scale(value, factor)      `scale(new, 1 / factor)`; exact only where the
-#                             factor is a power of two (else the law's
-#                             bit-for-bit round trip fails: a MappingError
-#                             unless the caller accepts rounding).
+#                             `slice(new, before, before + n, axis)`, n the
+#                             axis' size before the pad (the spec before the
+#                             step, as for reshape).
+#   Scale(value, factor)      `scale(new, 1 / factor)`.
 #   Offset(value, amount)     `offset(new, -amount)`.
+#                             Both round: the law's bit-for-bit round trip
+#                             holds for a power-of-two factor and for an
+#                             amount the values absorb exactly; the tests
+#                             generate those.
 #   Stack(source=Operation)   once Stack and Unstack take operations, the
 #                             reversed chain is built as it is (gather where
 #                             it falls) and `_gather_first` is not needed.
@@ -171,7 +174,7 @@ _INVERSES: dict[type[Operation], Callable[[_Traced], _Inv]] = {
 def _perm(axes: Sequence[int]) -> tuple[int, ...]:
     """transpose axes with negative ones made positive (a permutation has len(axes) axes)."""
     n = len(axes)
-    out = tuple(int(a) % n if n else int(a) for a in axes)
+    out = tuple(int(a) + n if -n <= a < 0 else int(a) for a in axes)
     if sorted(out) != list(range(n)):
         raise _CannotInvert(f"transpose axes {tuple(axes)} are not a permutation")
     return out
@@ -280,7 +283,7 @@ def _unstack_first(
             at = _same_axis(after[0], b, before[0])
             if at is None:
                 raise _CannotInvert(
-                    f"the reshape {before[0]} -> {after[0]} mixes the stacked axis {b} with "
+                    f"the reshape {after[0]} -> {before[0]} mixes the stacked axis {b} with "
                     "others; a stack can be undone only through a reshape that keeps it whole"
                 )
             out.append(_Inv("reshape", after[0][:b] + after[0][b + 1 :]))
@@ -395,9 +398,16 @@ def _bind(pattern: Pattern, captures: Sequence[Any], suffix: Parts, *, keep_last
             out.append(("glob", text) if kept else ("part", text))
     out.extend(("part", p) for p in suffix)
     rendered = str(Pattern("", _segments=out))
-    if keep_last and Pattern(rendered).wildcards() != ("*",):
-        raise _CannotInvert(f"the key {rendered!r} cannot be written as a pattern")
-    return rendered
+    try:  # a capture may hold what a glob cannot (a '.', a '*'): read it back to see
+        if scan(rendered, wildcards=True) == out:
+            return rendered
+    except PathSyntaxError:
+        pass
+    raise _CannotInvert(
+        f"the captures {tuple(captures)!r} cannot be written into {pattern.text!r} beside "
+        "its layer index '*'; give the leaves under the rule one dtype and shape, or name "
+        "them in rules of their own"
+    )
 
 
 # ----------------------------------------------------------------------------
