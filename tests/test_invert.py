@@ -123,6 +123,32 @@ def test_like_may_be_a_lazy_source(tmp_path):
     assert inv == {"w": Cast(Reshape("k", (2, 3)), np.dtype(np.float16))}
 
 
+def test_like_may_be_an_orbax_checkpoint_read_back_through_the_inverse(tmp_path):
+    import orbax.checkpoint as ocp
+
+    rng = np.random.default_rng(6)
+    src = {
+        "layers": {f"l_{i}": {"w": rng.normal(size=(2, 3)).astype(BF16)} for i in range(3)},
+        "embed": rng.normal(size=(4,)).astype(np.float16),
+    }
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "item", src)
+        ckptr.wait_until_finished()
+    m = {
+        "scan.w": tg.cast(tg.transpose(tg.stack("layers.l_*.w", axis=0), (0, 2, 1)), np.float32),
+        "emb": tg.cast(tg.reshape("embed", (2, 2)), np.float32),
+    }
+    target = {"scan": {"w": np.zeros((3, 3, 2), np.float32)}, "emb": np.zeros((2, 2), np.float32)}
+    with tg.OrbaxCheckpoint(tmp_path / "item") as ckpt:
+        inv = tg.invert(m, like=ckpt)
+        result = tg.graft(target, ckpt, m)
+    assert inv == {
+        "layers.l_*.w": tg.transpose(tg.cast(tg.unstack("scan.w", axis=0), BF16), (1, 0)),
+        "embed": tg.reshape(tg.cast("emb", np.float16), (4,)),
+    }
+    assert_same_leaves(tg.graft(zeros(src), result, inv), src)
+
+
 def test_leaves_of_different_shapes_under_one_rule_get_one_entry_each():
     src = {"enc": {"a": np.ones((2, 2), BF16), "b": np.ones((4,), np.float16)}}
     m = {"dec": tg.cast("enc", np.float32)}
