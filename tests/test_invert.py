@@ -291,6 +291,10 @@ def test_every_rule_that_cannot_be_inverted_is_listed_at_once():
     assert len(e.value.problems) == 3
 
 
+def test_without_like_a_rule_refining_a_broader_one_is_not_ambiguous():
+    assert tg.invert({"a": "x", "a.y": "x.y"}) == {"x": "a", "x.y": "a.y"}
+
+
 def test_two_rules_reading_one_source_leaf_are_ambiguous():
     with pytest.raises(tg.MappingError, match=r"'a' <- 'x' and 'b' <- 'x.y' both read 'x.y'"):
         tg.invert({"a": "x", "b": "x.y"})
