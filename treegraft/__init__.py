@@ -21,7 +21,6 @@ from treegraft._loaders import MultiTransform as MultiTransform
 from treegraft._loaders import NoopTransform as NoopTransform
 from treegraft._loaders import PartialKauldronLoader as PartialKauldronLoader
 from treegraft._loaders import SimpleCheckpointLoader as SimpleCheckpointLoader
-from treegraft._parse.invert import invert as invert
 from treegraft._parse.ops import Operation as Operation
 from treegraft._parse.ops import cast as cast
 from treegraft._parse.ops import reshape as reshape
@@ -43,6 +42,7 @@ from treegraft._suggest.suggest import suggest as suggest
 from treegraft._tree.pytree import extract as extract
 from treegraft._tree.pytree import flatten as flatten
 from treegraft._tree.pytree import insert as insert
+from treegraft._write.invert import invert as invert
 
 __version__ = "0.1.0"
 

@@ -49,6 +49,9 @@ from treegraft._parse.paths import Part, Path
 from treegraft._parse.patterns import Pattern
 from treegraft._parse.rules import MappingLike, Rule, RuleValue, parse_mapping
 from treegraft._parse.scan import scan
+from treegraft._read.source import Source
+from treegraft._tree.flat import flatten_parts
+from treegraft._tree.leaves import spec_of
 
 __all__ = ["invert", "invert_rules", "LikeLeaf"]
 
@@ -626,13 +629,6 @@ def invert_rules(
 
 def _like_leaves(like: Any) -> list[LikeLeaf]:
     """The leaves of like (a pytree of arrays or ShapeDtypeStructs, or a lazy Source)."""
-    # Reading a tree is the tree step's job, which comes after parsing
-    # (docs/design.md section 1); invert is the one parse function that needs
-    # it, so it imports it here, when called.
-    from treegraft._read.source import Source
-    from treegraft._tree.flat import flatten_parts
-    from treegraft._tree.leaves import spec_of
-
     tree = like.metadata() if isinstance(like, Source) else like
     paths, values, _ = flatten_parts(tree)
     out = []
