@@ -18,12 +18,12 @@ from typing import Any, NamedTuple
 
 from treegraft._parse.paths import Path
 from treegraft._parse.rules import Rule
-from treegraft._plan.specs import index_box
+from treegraft._plan.specs import index_box, pair_inputs
 from treegraft._read.source import Source, reads_boxes
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.index import TreeIndex
 
-__all__ = ["Pair", "PlanRecord", "make_record"]
+__all__ = ["Pair", "PlanRecord", "make_record", "pair_inputs"]
 
 
 class Pair(NamedTuple):
@@ -33,8 +33,13 @@ class Pair(NamedTuple):
       target: the target leaf's index in the state's leaves.
       source: the (first) source leaf's index in the source's leaves.
       rule: the rule's index in the mapping.
-      sources: for a stack rule, every source leaf, in index order; else ().
-      layer: for an unstack rule, the index taken along its axis; else None.
+      sources: for a stack rule, every source leaf, in index order (row-major
+        for nested stacks); for a rule of several source references (concat,
+        a stack of a list), every reference's leaves one after the other; else ().
+      layer: for an unstack, the index taken along its axis; else None.
+      grids: per source reference, the sizes of its stacked levels (() for a
+        reference of one leaf): `sources` splits into one run per reference,
+        each `prod(grid)` long. () for a rule of one reference without stacks.
     """
 
     target: int
@@ -42,6 +47,8 @@ class Pair(NamedTuple):
     rule: int
     sources: tuple[int, ...] = ()
     layer: int | None = None
+    grids: tuple[tuple[int, ...], ...] = ()
+
 
 # A read of the source: (source leaf index, layer taken along the rule's axis or None).
 ReadKey = tuple[int, int | None]
@@ -89,7 +96,7 @@ class PlanRecord:
         per_pair = []
         for pair in self.pairs:
             total = 0
-            for key in _read_keys(pair, boxes):
+            for key in _read_keys(pair, boxes, self.rules[pair.rule]):
                 n = sizes.get(key)
                 if n is None:
                     n = self.box_nbytes.get(key)
@@ -104,8 +111,7 @@ class PlanRecord:
 
     def is_copy(self, pair: Pair) -> bool:
         """Whether a pair's value is its source leaf as is (no gather, no steps)."""
-        rule = self.rules[pair.rule]
-        return rule.gather == "copy" and not rule.steps
+        return self.rules[pair.rule].is_copy
 
 
 def make_record(
@@ -128,7 +134,7 @@ def make_record(
     measured: dict[ReadKey, int] = {}
     if lazy is not None and reads_boxes(lazy):
         for pair in pairs:
-            if pair.layer is None or pair.sources:
+            if pair.layer is None or pair.sources or not _boxed_unstack(rules[pair.rule]):
                 continue
             key = (pair.source, pair.layer)
             if key not in measured:
@@ -144,11 +150,20 @@ def make_record(
     )
 
 
-def _read_keys(pair: Pair, boxes: bool) -> Sequence[ReadKey]:
-    """The reads a pair needs: each stacked leaf, the whole leaf, or one layer's box."""
+def _boxed_unstack(rule: Rule) -> bool:
+    """Whether a rule unstacks a path directly, so that a layer's box is its read."""
+    return rule.gather == "unstack" and rule.plain_form
+
+
+def _read_keys(pair: Pair, boxes: bool, rule: Rule) -> Sequence[ReadKey]:
+    """The reads a pair needs: each stacked leaf, the whole leaf, or one layer's box.
+
+    Other operations than a direct unstack count their source leaves whole:
+    an upper bound of what their boxes read.
+    """
     if pair.sources:
         return [(si, None) for si in pair.sources]
-    if pair.layer is None or not boxes:
+    if pair.layer is None or not boxes or not _boxed_unstack(rule):
         return ((pair.source, None),)  # read whole once, sliced for every box
     return ((pair.source, pair.layer),)
 
