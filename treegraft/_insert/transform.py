@@ -21,8 +21,8 @@ import numpy as np
 from treegraft._errors import GraftError
 from treegraft._insert.placement import array_from_blocks
 from treegraft._insert.sharding import overflow_error, weakly_typed
-from treegraft._parse.paths import Path, render_parts
 from treegraft._parse.ops import Node
+from treegraft._parse.paths import Path, render_parts
 from treegraft._plan import Pair, PlanRecord
 from treegraft._plan.specs import pair_inputs
 from treegraft._read.source import BoxRequest, ReadRequest, reads_boxes

@@ -1,4 +1,4 @@
-"""Rule operations: what a rule does to source leaves on their way in (docs/design.md sections 10, 16).
+"""Rule operations: what a rule does to source leaves on their way in (docs/design.md section 16).
 
 A mapping value is a path string, `None` (keep the target's value), or an
 operation built here. `stack` and `unstack` say which source leaves feed a
