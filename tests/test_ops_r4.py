@@ -582,3 +582,15 @@ def test_a_take_of_a_chunked_leaf_reads_one_chunk_and_a_full_read_reads_all(chun
     before = _rchar()
     tg.graft(whole, tg.OrbaxCheckpoint(path), {"all": tg.transpose("w", (2, 1, 0))})
     assert _rchar() - before >= 0.8 * 16 * row
+
+
+def test_a_stray_non_integer_beside_indices_is_reported_not_skipped_over():
+    """The stacked '*' captures integers somewhere: 'l_x' among them is refused by name."""
+    leaf = np.zeros(2, F)
+    src = {b: {"l_0": leaf, "l_1": leaf, "l_x": leaf} for b in ("0", "1")}
+    state = {"y": {b: np.zeros((2, 2), F) for b in ("0", "1")}}
+    with pytest.raises(tg.MismatchError, match=r"\"\['0'\]\.l_x\" captured no integer index"):
+        tg.plan(state, src, {"y.*": tg.stack("*.l_*")})
+    del src["0"]["l_x"], src["1"]["l_x"]
+    out = tg.graft(state, src, {"y.*": tg.stack("*.l_*")})
+    assert out["y"]["1"].shape == (2, 2)

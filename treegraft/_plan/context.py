@@ -126,9 +126,9 @@ class Inputs:
     def stacked_positions(self, r: int, ref: int = 0) -> tuple[int, ...]:
         """Which captures of a reference's pattern its stacks take, outer first.
 
-        The last `levels` '*' whose every match in the source is an integer
-        index, among those whose removal leaves the new side's wildcards; the
-        last ones when no match decides (docs/design.md section 16).
+        The last `levels` '*' that capture integer indices in the source,
+        among those whose removal leaves the new side's wildcards; the last
+        ones when no match decides (docs/design.md section 16).
         """
         key = (r, ref)
         found = self._positions.get(key)
@@ -152,7 +152,9 @@ class Inputs:
             return tuple(stars[-k:])
         found = source_prefixes(pattern, self.src).values()
         if found:
-            indexed = [p for p in stars if all(as_index(caps[p]) is not None for caps in found)]
+            # A '*' that captures an integer anywhere is an index (a stray
+            # non-integer among its matches is then reported, not skipped over).
+            indexed = [p for p in stars if any(as_index(caps[p]) is not None for caps in found)]
             for combo in fits:
                 if all(p in indexed for p in combo):
                     return tuple(sorted(combo))
