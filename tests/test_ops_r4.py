@@ -376,6 +376,10 @@ def test_each_operation_is_shown_on_its_plan_entry():
         "stacked": "stack 2 along axis 1",
     }
     assert {str(e.target): tuple(map(str, e.sources)) for e in p.entries}["concat"] == ("x", "y")
+    nbytes = {str(e.target): e.nbytes for e in p.entries}
+    assert nbytes["take"] == 6 * 4 and nbytes["slice"] == 4 * 2 * 4  # only their boxes
+    assert nbytes["pad"] == 4 * 6 * 4 and nbytes["concat"] == 2 * 4 * 6 * 4
+    assert p.nbytes == 2 * 4 * 6 * 4  # x and y, each read once for all
     text = str(p)
     assert "'slice' <- slice('x', 2, 4, axis=-1)" in text
     assert "concat(['x', 'y'], axis=0)" in text
@@ -553,6 +557,7 @@ def test_a_slice_reads_only_the_chunks_it_covers(chunked, sharded):
     like = {"part": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)}
     p = tg.plan(like, tg.OrbaxCheckpoint(path), {"part": tg.slice("w", 5, 9)})
     assert p.entries[0].operation == "slice 5:9 along axis 0"
+    assert p.nbytes == 4 * row  # the plan counts the chunks the slice lives in
     before = _rchar()
     out = tg.execute(p)
     read = _rchar() - before
