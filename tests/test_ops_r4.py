@@ -599,3 +599,29 @@ def test_a_stray_non_integer_beside_indices_is_reported_not_skipped_over():
     del src["0"]["l_x"], src["1"]["l_x"]
     out = tg.graft(state, src, {"y.*": tg.stack("*.l_*")})
     assert out["y"]["1"].shape == (2, 2)
+
+
+def test_joins_and_nested_stacks_from_an_orbax_checkpoint_land_sharded(tmp_path):
+    """Several named leaves of a real checkpoint, pulled box by box into sharded targets."""
+    import orbax.checkpoint as ocp
+
+    tree = {"k": values((4, 8), F, seed=1), "v": values((4, 8), F, seed=2),
+            "l": {str(i): {"e": {str(e): values((2, 4), F, seed=10 * i + e) for e in range(2)}}
+                  for i in range(4)}}
+    path = tmp_path / "item"
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, tree)
+        ckptr.wait_until_finished()
+    state = {n: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding_for(s))
+             for n, s in (("kv", (2, 4, 8)), ("cat", (4, 16)), ("moe", (4, 2, 4, 2)))}
+    mapping = {"kv": tg.stack(["k", "v"]), "cat": tg.concat(["k", "v"], axis=-1),
+               "moe": tg.stack(tg.stack(tg.transpose("l.*.e.*", (1, 0))))}
+    out = tg.graft(state, tg.OrbaxCheckpoint(path), mapping)
+    np.testing.assert_array_equal(np.asarray(out["kv"]), np.stack([tree["k"], tree["v"]]))
+    np.testing.assert_array_equal(np.asarray(out["cat"]),
+                                  np.concatenate([tree["k"], tree["v"]], axis=-1))
+    moe = np.stack([np.stack([tree["l"][str(i)]["e"][str(e)].T for e in range(2)])
+                    for i in range(4)])
+    np.testing.assert_array_equal(np.asarray(out["moe"]), moe)
+    for name in state:
+        assert out[name].sharding == state[name].sharding
