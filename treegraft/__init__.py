@@ -23,8 +23,14 @@ from treegraft._loaders import PartialKauldronLoader as PartialKauldronLoader
 from treegraft._loaders import SimpleCheckpointLoader as SimpleCheckpointLoader
 from treegraft._parse.ops import Operation as Operation
 from treegraft._parse.ops import cast as cast
+from treegraft._parse.ops import concat as concat
+from treegraft._parse.ops import offset as offset
+from treegraft._parse.ops import pad as pad
 from treegraft._parse.ops import reshape as reshape
+from treegraft._parse.ops import scale as scale
+from treegraft._parse.ops import slice as slice  # noqa: A004 - the operation's public name
 from treegraft._parse.ops import stack as stack
+from treegraft._parse.ops import take as take
 from treegraft._parse.ops import transpose as transpose
 from treegraft._parse.ops import unstack as unstack
 from treegraft._parse.paths import Path as Path
@@ -72,6 +78,12 @@ __all__ = [
     "stack",
     "transpose",
     "unstack",
+    "take",
+    "slice",
+    "pad",
+    "scale",
+    "offset",
+    "concat",
     "propagate_sharding",
     "Suggestion",
     "suggest",

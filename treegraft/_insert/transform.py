@@ -1,8 +1,9 @@
 """Transformed leaves, built shard by shard: the insert step of rule operations.
 
-A leaf under a stack, unstack, cast, transpose or reshape rule is built per
-device of its target's sharding: each device's box is pulled back through the
-rule's steps to the boxes of the source leaves it needs (`treegraft._parse.ops`),
+A leaf under a rule operation (stack, unstack, concat, cast, transpose, slice,
+...) is built per device of its target's sharding: each device's box is pulled
+back through the rule's tree to the boxes of the source leaves it needs
+(`treegraft._parse.ops`),
 read (`Blocks`: the source's box reads, the boxes of one block in one call
 that the source may stream, or one host copy per in-memory leaf),
 and put on that device in a buffer of its own. A stacked or unstacked array is
@@ -12,7 +13,7 @@ never assembled whole on one host, except through `reshape`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -20,8 +21,10 @@ import numpy as np
 from treegraft._errors import GraftError
 from treegraft._insert.placement import array_from_blocks
 from treegraft._insert.sharding import overflow_error, weakly_typed
+from treegraft._parse.ops import Node
 from treegraft._parse.paths import Path, render_parts
-from treegraft._plan import Pair, PlanRecord, gathered_spec
+from treegraft._plan import Pair, PlanRecord
+from treegraft._plan.specs import pair_inputs
 from treegraft._read.source import BoxRequest, ReadRequest, reads_boxes
 from treegraft._tree import leaves as _leaves
 
@@ -114,66 +117,156 @@ def _axis(axis: int, ndim: int) -> int:
     return axis + ndim if axis < 0 else axis
 
 
-def leaf_fetch(
-    rec: PlanRecord, pair: Pair, blocks: Blocks
-) -> Callable[[tuple[slice, ...]], np.ndarray]:
-    """A fetch of boxes of one pair's value: the rule's gather and steps, on host arrays.
+Fetch = Callable[[tuple[slice, ...]], np.ndarray]
+
+
+def leaf_fetch(rec: PlanRecord, pair: Pair, blocks: Blocks) -> Fetch:
+    """A fetch of boxes of one pair's value: the rule's tree, on host arrays.
 
     The insert step places the boxes on devices (`build`); the write step
     writes them to a file, chunk by chunk (docs/design.md section 15). Each
     fetched box is a fresh array in the rule's output dtype (before any cast
-    to the target's dtype).
+    to the target's dtype). A box is pulled back through the tree's nodes
+    (`treegraft._parse.ops.Node`) to the boxes of the source leaves it needs.
     """
     rule = rec.rules[pair.rule]
-    spec = _leaves.spec_of(rec.source.leaves[pair.source])
-    shape = tuple(spec[0] or ())
-    fetch: Callable[[tuple[slice, ...]], np.ndarray]
-    if rule.gather == "stack":
-        axis = _axis(rule.axis, len(shape) + 1)
-        sources = pair.sources
+    refs = pair_inputs(pair)
+    specs = [_leaves.spec_of(rec.source.leaves[leaves[0]]) for _, leaves in refs]
+    assert rule.tree is not None
+    return _node_fetch(rule.tree, _Context(refs, specs, pair.layer, blocks), ())[0]
 
-        def fetch(box: tuple[slice, ...]) -> np.ndarray:
-            inner = box[:axis] + box[axis + 1 :]
-            layers = range(box[axis].start, box[axis].stop)
-            # Every layer's box asked of the source in one call, copied into one
-            # block as it comes: host memory holds the block and the parts the
-            # source has in flight (the orbax reader: at most 16 MiB of them),
-            # not every slice and then their stack.
-            parts = blocks.fetch_many([(sources[k], inner) for k in layers])
-            out: np.ndarray | None = None
-            j = 0
-            # No enumerate: its reused result tuple would keep the last part
-            # alive while the next one is read.
-            for part in parts:
-                if out is None:
-                    out = np.empty(part.shape[:axis] + (len(layers),) + part.shape[axis:],
-                                   part.dtype)
-                out[(slice(None),) * axis + (j,)] = part
-                del part
-                j += 1
-            assert out is not None
-            return out
 
-    elif rule.gather == "unstack":
-        axis = _axis(rule.axis, len(shape))
-        si, index = pair.source, pair.layer
-        assert index is not None
+class _Context(NamedTuple):
+    """What a tree's nodes fetch from: each reference's leaves, their specs, the unstack index."""
 
-        def fetch(box: tuple[slice, ...]) -> np.ndarray:
-            full = box[:axis] + (slice(index, index + 1),) + box[axis:]
-            return np.squeeze(blocks.fetch(si, full), axis=axis)
+    refs: list[tuple[tuple[int, ...], tuple[int, ...]]]
+    specs: list[Any]
+    layer: int | None
+    blocks: Blocks
 
-    else:
-        si = pair.source
 
-        def fetch(box: tuple[slice, ...]) -> np.ndarray:
-            return blocks.fetch(si, box)
+def _flat(grid: tuple[int, ...], bound: tuple[int, ...]) -> int:
+    """The row-major position of index `bound` in a grid."""
+    k = 0
+    for size, i in zip(grid, bound, strict=True):
+        k = k * size + i
+    return k
 
-    current: Any = gathered_spec(rule, spec, len(pair.sources), pair.layer)[0]
-    for step in rule.steps:
-        fetch = step.pull(fetch, current)
-        current = step.spec(current)[0]
+
+def _node_fetch(node: Node, ctx: _Context, bound: tuple[int, ...]) -> tuple[Fetch, Any]:
+    """A node's fetch and spec; `bound` holds the indices its enclosing stacks chose."""
+    if node.kind == "source":
+        grid, leaves = ctx.refs[node.slot]
+        si = leaves[_flat(grid, bound)]
+        blocks = ctx.blocks
+        return (lambda box: blocks.fetch(si, box)), ctx.specs[node.slot]
+    if node.kind == "concat":
+        return _concat_fetch(node, ctx, bound)
+    if node.kind == "stack_list":
+        kids = [_node_fetch(child, ctx, bound) for child in node.children]
+        spec = kids[0][1]
+        shape = tuple(spec[0])
+        axis = _axis(node.axis, len(shape) + 1)
+        made = (shape[:axis] + (len(kids),) + shape[axis:], spec[1])
+        return _stacked([f for f, _ in kids], axis, made), made
+    if node.kind == "stack":
+        child = node.children[0]
+        grid, leaves = ctx.refs[node.inputs_below()[0]]
+        count = grid[len(bound)]
+        spec = _node_fetch(child, ctx, bound + (0,))[1]
+        shape = tuple(spec[0])
+        axis = _axis(node.axis, len(shape) + 1)
+        made = (shape[:axis] + (count,) + shape[axis:], spec[1])
+        if child.kind == "source":
+            members = [leaves[_flat(grid, bound + (k,))] for k in range(count)]
+            return _stack_fetch(ctx.blocks, members, axis), made
+        fetches = [_node_fetch(child, ctx, bound + (k,))[0] for k in range(count)]
+        return _stacked(fetches, axis, made), made
+    fetch, spec = _node_fetch(node.children[0], ctx, bound)
+    if node.kind == "step":
+        assert node.step is not None
+        return node.step.pull(fetch, spec), node.step.spec(spec)[0]
+    # unstack: the new side's index along the axis
+    shape = tuple(spec[0])
+    axis = _axis(node.axis, len(shape))
+    index = ctx.layer
+    assert index is not None
+
+    def unstacked(box: tuple[slice, ...]) -> np.ndarray:
+        full = box[:axis] + (slice(index, index + 1),) + box[axis:]
+        return np.squeeze(np.asarray(fetch(full)), axis=axis)
+
+    return unstacked, (shape[:axis] + shape[axis + 1 :], spec[1])
+
+
+def _stack_fetch(blocks: Blocks, sources: Sequence[int], axis: int) -> Fetch:
+    """A stack of source leaves along a new axis: one `fetch_many` per box."""
+
+    def fetch(box: tuple[slice, ...]) -> np.ndarray:
+        inner = box[:axis] + box[axis + 1 :]
+        layers = range(box[axis].start, box[axis].stop)
+        # Every layer's box asked of the source in one call, copied into one
+        # block as it comes: host memory holds the block and the parts the
+        # source has in flight (the orbax reader: at most 16 MiB of them),
+        # not every slice and then their stack.
+        parts = blocks.fetch_many([(sources[k], inner) for k in layers])
+        out: np.ndarray | None = None
+        j = 0
+        # No enumerate: its reused result tuple would keep the last part
+        # alive while the next one is read.
+        for part in parts:
+            if out is None:
+                out = np.empty(part.shape[:axis] + (len(layers),) + part.shape[axis:],
+                               part.dtype)
+            out[(slice(None),) * axis + (j,)] = part
+            del part
+            j += 1
+        if out is None:  # an empty box along the stacked axis
+            out = _empty_box(box, blocks.rec.source.leaves[sources[0]])
+        return out
+
     return fetch
+
+
+def _empty_box(box: tuple[slice, ...], like: Any) -> np.ndarray:
+    return np.empty(tuple(s.stop - s.start for s in box), _leaves.spec_of(like)[1])
+
+
+def _stacked(fetches: Sequence[Fetch], axis: int, made: Any) -> Fetch:
+    """A stack of values, each fetched by its own fetch, along a new axis."""
+
+    def fetch(box: tuple[slice, ...]) -> np.ndarray:
+        inner = box[:axis] + box[axis + 1 :]
+        out = np.empty(tuple(s.stop - s.start for s in box), made[1])
+        for j, k in enumerate(range(box[axis].start, box[axis].stop)):
+            out[(slice(None),) * axis + (j,)] = fetches[k](inner)
+        return out
+
+    return fetch
+
+
+def _concat_fetch(node: Node, ctx: _Context, bound: tuple[int, ...]) -> tuple[Fetch, Any]:
+    """A concat: each box split along the axis among the values it overlaps."""
+    kids = [_node_fetch(child, ctx, bound) for child in node.children]
+    shape0 = tuple(kids[0][1][0])
+    axis = _axis(node.axis, len(shape0))
+    starts = [0]
+    for _, spec in kids:
+        starts.append(starts[-1] + spec[0][axis])
+    made = (shape0[:axis] + (starts[-1],) + shape0[axis + 1 :], kids[0][1][1])
+
+    def fetch(box: tuple[slice, ...]) -> np.ndarray:
+        out = np.empty(tuple(s.stop - s.start for s in box), made[1])
+        b = box[axis]
+        for (child, _), lo, hi in zip(kids, starts, starts[1:], strict=False):
+            a, z = max(b.start, lo), min(b.stop, hi)
+            if a >= z:
+                continue  # this value lies outside the box: not read
+            inner = box[:axis] + (slice(a - lo, z - lo),) + box[axis + 1 :]
+            out[(slice(None),) * axis + (slice(a - b.start, z - b.start),)] = child(inner)
+        return out
+
+    return fetch, made
 
 
 def build(rec: PlanRecord, pair: Pair, blocks: Blocks, like: Any) -> Any:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 from treegraft._errors import GraftError, MappingError, PathSyntaxError, Problem, count
-from treegraft._parse.ops import Operation, Step, flatten_operation
+from treegraft._parse.ops import Node, Operation, Step, compile_operation
 from treegraft._parse.paths import Path
 from treegraft._parse.patterns import Pattern, parse_pattern
 
-__all__ = ["Rule", "parse_mapping", "parse_ignore", "MappingLike", "CastOption"]
+__all__ = ["Rule", "Ref", "parse_mapping", "parse_ignore", "MappingLike", "CastOption"]
 
 # What a mapping may hold, as the public signatures say it (docs/design.md
 # section 10): keys are path strings, `Path`s or `Pattern`s; values are those,
@@ -29,21 +29,42 @@ MappingLike: TypeAlias = Mapping[Any, RuleValue]
 CastOption: TypeAlias = bool | Literal["unsafe"]
 
 
+class Ref(NamedTuple):
+    """One source reference of a rule: its pattern and how its leaves are gathered.
+
+    Attributes:
+      pattern: the source pattern, filled with the new side's captures.
+      levels: how many of its integer captures are stacked (0: none).
+      unstack: whether the new side's last capture indexes it.
+    """
+
+    pattern: Pattern
+    levels: int = 0
+    unstack: bool = False
+
+
 @dataclass(frozen=True, eq=False)
 class Rule:
     """One entry `new ← old` of a mapping, compiled.
 
     Attributes:
       new: the pattern matched against the state (the target).
-      old: the pattern filled with `new`'s captures to find the source; None
-        for a keep rule (`{new: None}`).
+      old: the (first) pattern filled with `new`'s captures to find the
+        source; None for a keep rule (`{new: None}`).
       index: the rule's position in the mapping (for stable reports).
       gather: how source leaves feed a target leaf: "copy" (one leaf),
         "keep" (none: the target keeps its value), "stack" (one per index of
-        old's last `*`) or "unstack" (one leaf, indexed by new's last `*`).
-      axis: the axis of "stack" and "unstack".
-      steps: per-leaf changes (cast, transpose, reshape), in the order they apply.
+        old's stacked captures), "unstack" (one leaf, indexed by new's last
+        `*`) or "join" (several source references: concat, stack of a list).
+      axis: the axis of "stack" and "unstack" in the plain form (a gather on
+        a path, then steps); 0 otherwise.
+      steps: in the plain form, the per-leaf changes (cast, transpose,
+        reshape, ...) in the order they apply; () otherwise.
       shown: the rule's value as the user wrote it, for messages.
+      tree: the compiled value (`treegraft._parse.ops.Node`); None to keep.
+      refs: the source references, in the tree's order (`Ref`).
+      plain_form: whether the value is a gather on a path followed by steps
+        (so `axis` and `steps` say everything the tree says).
     """
 
     new: Pattern
@@ -53,10 +74,19 @@ class Rule:
     axis: int = 0
     steps: tuple[Step, ...] = ()
     shown: str = ""
+    tree: Node | None = None
+    refs: tuple[Ref, ...] = ()
+    plain_form: bool = True
 
-    def old_captures(self, captures: tuple[Any, ...]) -> tuple[Any, ...]:
-        """The captures of new that fill old (unstack's extra index left out)."""
-        return captures[:-1] if self.gather == "unstack" else captures
+    @property
+    def is_copy(self) -> bool:
+        """Whether each target leaf is its one source leaf as is."""
+        return self.old is not None and (self.tree is None or self.tree.kind == "source")
+
+    def old_captures(self, captures: tuple[Any, ...], ref: int = 0) -> tuple[Any, ...]:
+        """The captures of new that fill a reference's pattern (an unstack's index left out)."""
+        unstacked = self.refs[ref].unstack if self.refs else self.gather == "unstack"
+        return captures[:-1] if unstacked else captures
 
     def __str__(self) -> str:
         if self.old is None:
@@ -83,7 +113,7 @@ def _compile(new: Any, new_text: str, old: Any, index: int) -> Rule:
     if old is None:
         return Rule(new_pat, None, index, gather="keep")
     if isinstance(old, Operation):
-        gather, source, axis, steps = flatten_operation(old)
+        tree, inputs = compile_operation(old)
         shown = old.describe()
     else:
         source_text = _as_text(old)
@@ -92,15 +122,73 @@ def _compile(new: Any, new_text: str, old: Any, index: int) -> Rule:
                 f"the value {old!r} is {_a(old)}; a value is a path string, None (keep the "
                 "target's value) or an operation such as tg.stack(...)"
             )
-        gather, source, axis, steps, shown = "copy", source_text, 0, (), ""
-    old_pat = parse_pattern(old if isinstance(old, Pattern | Path) else source)
-    if gather == "copy":
-        new_pat.check_corresponds(old_pat)
-    elif gather == "stack":
-        _check_one_more(old_pat, new_pat, "stack", "source")
+        tree, inputs = compile_operation(source_text)
+        shown = ""
+    refs = []
+    for k, ref in enumerate(inputs):
+        given = old if k == 0 and isinstance(old, Pattern | Path) else ref.text
+        pattern = parse_pattern(given)
+        _check_ref(new_pat, pattern, ref.levels, ref.unstack)
+        refs.append(Ref(pattern, ref.levels, ref.unstack))
+    gather, axis, steps, plain = _plain_form(tree, refs)
+    return Rule(new_pat, refs[0].pattern, index, gather=gather, axis=axis, steps=steps,
+                shown=shown, tree=tree, refs=tuple(refs), plain_form=plain)
+
+
+def _plain_form(tree: Node, refs: list[Ref]) -> tuple[str, int, tuple[Step, ...], bool]:
+    """(gather, axis, steps, whether the tree is a gather on a path followed by steps)."""
+    if len(refs) > 1:
+        gather = "join"
+    elif refs[0].levels:
+        gather = "stack"
+    elif refs[0].unstack:
+        gather = "unstack"
     else:
-        _check_one_more(new_pat, old_pat, "unstack", "new side")
-    return Rule(new_pat, old_pat, index, gather=gather, axis=axis, steps=steps, shown=shown)
+        gather = "copy"
+    steps: list[Step] = []
+    node = tree
+    while node.kind == "step":
+        assert node.step is not None
+        steps.append(node.step)
+        node = node.children[0]
+    steps.reverse()
+    if node.kind == "source":
+        return gather, 0, tuple(steps), True
+    if node.kind in ("stack", "unstack") and node.children[0].kind == "source":
+        return gather, node.axis, tuple(steps), True
+    return gather, 0, (), False
+
+
+def _check_ref(new: Pattern, old: Pattern, levels: int, unstack: bool) -> None:
+    """Checks that new's captures fill old: as they are, less an unstack's, plus stacked ones."""
+    if unstack:
+        _check_one_more(new, old, "unstack", "new side")
+        return
+    if levels == 0:
+        new.check_corresponds(old)
+        return
+    mine, theirs = old.wildcards(), new.wildcards()
+    if not _embeds(theirs, mine, levels):
+        extra = "one last '*' for the layer index" if levels == 1 else (
+            f"{levels} '*' for the stacked indices")
+        raise MappingError(
+            f"stack: the source {old.text!r} ({' '.join(mine) or 'no wildcards'}) must have "
+            f"the wildcards of {new.text!r} ({' '.join(theirs) or 'none'}) plus {extra} "
+            "(a '*' that captures integer indices, wherever it stands)"
+        )
+
+
+def _embeds(fewer: tuple[str, ...], more: tuple[str, ...], extra: int) -> bool:
+    """Whether removing `extra` '*' from more leaves fewer."""
+    if len(more) != len(fewer) + extra:
+        return False
+    j = 0
+    for kind in more:
+        if j < len(fewer) and kind == fewer[j]:
+            j += 1
+        elif kind != "*":
+            return False
+    return j == len(fewer)
 
 
 def _check_one_more(more: Pattern, fewer: Pattern, what: str, side: str) -> None:

@@ -15,7 +15,7 @@ from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._plan.problems import Problem, _close_paths, _count, _keep_remedy
 from treegraft._plan.record import Pair
 from treegraft._plan.resolution import Resolution
-from treegraft._plan.specs import output_spec
+from treegraft._plan.specs import pair_inputs, tree_spec
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.index import TreeIndex, is_abstract, is_deleted
 
@@ -47,7 +47,8 @@ def check_stacks(res: Resolution) -> list[Problem]:
             Problem(
                 "structure",
                 f"{render_parts(new_prefix)!r}: the source subtrees matching "
-                f"{rule.old.text if rule.old else ''!r} cannot be {rule.gather}ed: {why} "
+                f"{rule.old.text if rule.old else ''!r} cannot be "
+                f"{'stack' if rule.gather == 'join' else rule.gather}ed: {why} "
                 f"[rule {rule}]",
                 target=Path(new_prefix),
                 rule=str(rule),
@@ -204,7 +205,7 @@ def check_copies(res: Resolution) -> list[Problem]:
     out = []
     for pair in res.pairs:
         rule = rules[pair.rule]
-        if rule.gather != "copy" or rule.steps:
+        if not rule.is_copy:
             continue
         tleaf, sleaf = tleaves[pair.target], sleaves[pair.source]
         # Fast path for arrays: plain attribute compares, no spec objects.
@@ -255,19 +256,32 @@ def check_operations(res: Resolution) -> list[Problem]:
     rules = res.inputs.rules
     out = []
     for pair in res.pairs:
-        rule = rules[pair.rule]
-        if rule.gather != "copy" or rule.steps:
+        if not rules[pair.rule].is_copy:
             problem = _operation_problem(res, pair)
             if problem is not None:
                 out.append(problem)
     return out
 
 
+def _tree_names(rule: Any) -> list[str]:
+    """The operations of a rule's tree, by name, innermost first."""
+    names: list[str] = []
+    todo = [rule.tree] if rule.tree is not None else []
+    while todo:
+        node = todo.pop()
+        if node.kind == "step":
+            names.append(node.step.kind)
+        elif node.kind != "source":
+            names.append({"stack_list": "stack"}.get(node.kind, node.kind))
+        todo.extend(node.children)
+    return names[::-1]
+
+
 def _operation_problem(res: Resolution, pair: Pair) -> Problem | None:
     inputs = res.inputs
     tgt, src = inputs.tgt, inputs.src
     rule = inputs.rules[pair.rule]
-    specs = [_leaves.spec_of(src.leaves[si]) for si in (pair.sources or (pair.source,))]
+    refs = pair_inputs(pair)
     tspec = _leaves.spec_of(tgt.leaves[pair.target])
     tp = render_parts(tgt.paths[pair.target])
     sp = render_parts(src.paths[pair.source])
@@ -282,43 +296,49 @@ def _operation_problem(res: Resolution, pair: Pair) -> Problem | None:
             remedy=remedy,
         )
 
-    if any(spec != specs[0] for spec in specs[1:]):
-        differ = [
-            f"{render_parts(src.paths[si])!r} is {_leaves.describe(spec)}"
-            for si, spec in zip(pair.sources, specs, strict=True)
-            if spec != specs[0]
-        ]
-        return problem(
-            "shape",
-            f"{tp!r}: the {len(specs)} source leaves to stack differ: {sp!r} is "
-            f"{_leaves.describe(specs[0])} but {', '.join(differ[:3])} [rule {rule}]",
-        )
-    if _leaves.is_key_dtype(specs[0][1]):
+    firsts = []
+    for _, leaves in refs:
+        specs = [_leaves.spec_of(src.leaves[si]) for si in leaves]
+        if any(spec != specs[0] for spec in specs[1:]):
+            differ = [
+                f"{render_parts(src.paths[si])!r} is {_leaves.describe(spec)}"
+                for si, spec in zip(leaves, specs, strict=True)
+                if spec != specs[0]
+            ]
+            first = render_parts(src.paths[leaves[0]])
+            return problem(
+                "shape",
+                f"{tp!r}: the {len(specs)} source leaves to stack differ: {first!r} is "
+                f"{_leaves.describe(specs[0])} but {', '.join(differ[:3])} [rule {rule}]",
+            )
+        firsts.append(specs[0])
+    keys = [k for k, spec in enumerate(firsts) if _leaves.is_key_dtype(spec[1])]
+    if keys:
         # jax refuses numpy's view of a key array, which every operation
         # needs: refuse here, naming the leaf, not in execute (docs/design.md section 13).
-        names = [rule.gather] if rule.gather != "copy" else []
-        names += [step.kind for step in rule.steps]
+        key_path = render_parts(src.paths[refs[keys[0]][1][0]])
         return problem(
             "dtype",
-            f"{tp!r} <- {sp!r} ({_leaves.describe(specs[0])}): typed PRNG keys cannot go "
-            f"through {' and '.join(dict.fromkeys(names))} [rule {rule}]",
+            f"{tp!r} <- {key_path!r} ({_leaves.describe(firsts[keys[0]])}): typed PRNG keys "
+            f"cannot go through {' and '.join(dict.fromkeys(_tree_names(rule)))} [rule {rule}]",
             "typed PRNG keys (jax.random.key) graft only as plain copies: map them with a "
             "path, not an operation, or graft their jax.random.key_data and wrap it with "
             "jax.random.wrap_key_data afterwards",
         )
-    made, why = output_spec(rule, specs[0], len(specs), pair.layer)
-    if made is None:
+    made = tree_spec(rule, firsts, [grid for grid, _ in refs], pair.layer)
+    if made.spec is None:
         return problem(
-            "shape", f"{tp!r} <- {sp!r} ({_leaves.describe(specs[0])}): {why} [rule {rule}]"
+            "dtype" if made.kind == "dtype" else "shape",
+            f"{tp!r} <- {sp!r} ({_leaves.describe(firsts[0])}): {made.why} [rule {rule}]",
         )
-    differs = _leaves.mismatch(tspec, made, cast=inputs.cast)
+    differs = _leaves.mismatch(tspec, made.spec, cast=inputs.cast)
     if differs is None:
         return None
     kind = _kind_of(differs)
     return problem(
         kind,
         f"{tp!r} in the state is {_leaves.describe(tspec)}, {rule.shown} makes "
-        f"{_leaves.describe(made)} of {sp!r} ({_leaves.describe(specs[0])})",
+        f"{_leaves.describe(made.spec)} of {sp!r} ({_leaves.describe(firsts[0])})",
         differs.detail if kind == "dtype" else "",
     )
 

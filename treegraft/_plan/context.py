@@ -7,6 +7,7 @@ costly (a literal rule's old path, the members of a stack) are memoized.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -23,14 +24,17 @@ class StackGroup(NamedTuple):
     """The source subtrees one stack rule gathers at one new prefix.
 
     Attributes:
-      members: {index: old prefix}, indices 0..N-1 in order; None when no
-        subtree of the source matches; {} when the ones that match cannot be
-        stacked (`why` says why).
+      members: {index: old prefix}, indices 0..N-1 in order (for nested
+        stacks, index tuples in row-major order); None when no subtree of the
+        source matches; {} when the ones that match cannot be stacked (`why`
+        says why).
       why: what is wrong with the indices, or "".
+      grid: the size of each stacked level, outer first (`(N,)` for one).
     """
 
-    members: dict[int, Parts] | None
+    members: dict[Any, Parts] | None
     why: str = ""
+    grid: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,85 +59,126 @@ class Inputs:
     cast: bool | str
     lazy: Source | None = None
     # Memos of pure look-ups; the key is the look-up's arguments.
-    _literal: dict[int, Parts] = field(default_factory=dict, repr=False)
-    _groups: dict[int, dict[tuple[Any, ...], list[tuple[Any, Parts]]]] = field(
+    _literal: dict[tuple[int, int], Parts] = field(default_factory=dict, repr=False)
+    _groups: dict[tuple[int, int], dict[tuple[Any, ...], list[tuple[Any, Parts]]]] = field(
         default_factory=dict, repr=False
     )
-    _stacks: dict[tuple[int, Parts], StackGroup] = field(default_factory=dict, repr=False)
+    _positions: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict, repr=False)
+    _stacks: dict[tuple[int, Parts, int], StackGroup] = field(default_factory=dict, repr=False)
 
-    def old_of(self, r: int, new_prefix: Parts, caps: tuple[Any, ...] | None = None) -> Parts:
+    def old_of(
+        self, r: int, new_prefix: Parts, caps: tuple[Any, ...] | None = None, ref: int = 0
+    ) -> Parts:
         """The old path a rule's new side, matched at new_prefix, points to.
 
-        `caps` are new's captures at new_prefix, when already known. For a
-        stack rule, the literal part of its old side (before the index).
+        `caps` are new's captures at new_prefix, when already known; `ref`
+        picks one of the rule's source references. For a stacked reference,
+        the literal part of its pattern (before the first wildcard).
         """
         rule = self.rules[r]
         assert rule.old is not None
-        if rule.gather == "stack":
-            return rule.old.literal_prefix()
-        if rule.old.is_literal:
-            old = self._literal.get(r)
+        pattern = rule.refs[ref].pattern if rule.refs else rule.old
+        if self.levels(r, ref):
+            return pattern.literal_prefix()
+        if pattern.is_literal:
+            old = self._literal.get((r, ref))
             if old is None:
-                old = self._literal[r] = rule.old.as_path().parts
+                old = self._literal[(r, ref)] = pattern.as_path().parts
             return old
         if caps is None:
             caps = rule.new.match(new_prefix) or ()
-        return rule.old.substitute_parts(rule.old_captures(caps))
+        return pattern.substitute_parts(rule.old_captures(caps, ref))
+
+    def levels(self, r: int, ref: int = 0) -> int:
+        """How many captures a rule's source reference stacks (0 for none)."""
+        rule = self.rules[r]
+        if rule.refs:
+            return rule.refs[ref].levels
+        return 1 if rule.gather == "stack" else 0
 
     def old_prefix(
-        self, r: int, new_prefix: Parts, caps: tuple[Any, ...] | None = None
+        self, r: int, new_prefix: Parts, caps: tuple[Any, ...] | None = None, ref: int = 0
     ) -> Parts | None:
         """The old prefix a rule instance reads from, or None if the source lacks it."""
-        if self.rules[r].gather == "stack":
-            members = self.stack(r, new_prefix).members
+        if self.levels(r, ref):
+            members = self.stack(r, new_prefix, ref).members
             return next(iter(members.values())) if members else None
-        old = self.old_of(r, new_prefix, caps)
+        old = self.old_of(r, new_prefix, caps, ref)
         return old if self.src.node_exists(old) else None
 
-    def stack(self, r: int, new_prefix: Parts) -> StackGroup:
-        """The source subtrees a stack rule gathers at new_prefix (memoized)."""
-        key = (r, new_prefix)
+    def stack(self, r: int, new_prefix: Parts, ref: int = 0) -> StackGroup:
+        """The source subtrees a stacked reference gathers at new_prefix (memoized)."""
+        key = (r, new_prefix, ref)
         found = self._stacks.get(key)
         if found is None:
-            found = self._stacks[key] = self._find_stack(r, new_prefix)
+            found = self._stacks[key] = self._find_stack(r, new_prefix, ref)
         return found
 
     def bad_stacks(self) -> list[tuple[int, Parts, str]]:
         """(rule, new prefix, why) of every stack looked up that cannot be stacked."""
-        return [(r, prefix, s.why) for (r, prefix), s in self._stacks.items() if s.why]
+        return [(r, prefix, s.why) for (r, prefix, _), s in self._stacks.items() if s.why]
 
-    def _find_stack(self, r: int, new_prefix: Parts) -> StackGroup:
+    def carried(self, r: int, caps: tuple[Any, ...], ref: int = 0) -> tuple[Any, ...]:
+        """A stacked reference's captures less the stacked ones: the new side's captures."""
+        stacked = set(self.stacked_positions(r, ref))
+        return tuple(c for k, c in enumerate(caps) if k not in stacked)
+
+    def stacked_positions(self, r: int, ref: int = 0) -> tuple[int, ...]:
+        """Which captures of a reference's pattern its stacks take, outer first.
+
+        The last `levels` '*' that capture integer indices in the source,
+        among those whose removal leaves the new side's wildcards; the last
+        ones when no match decides (docs/design.md section 16).
+        """
+        key = (r, ref)
+        found = self._positions.get(key)
+        if found is None:
+            found = self._positions[key] = self._choose_positions(r, ref)
+        return found
+
+    def _choose_positions(self, r: int, ref: int) -> tuple[int, ...]:
         rule = self.rules[r]
         assert rule.old is not None
+        pattern = rule.refs[ref].pattern if rule.refs else rule.old
+        k = self.levels(r, ref)
+        kinds, wanted = pattern.wildcards(), rule.new.wildcards()
+        stars = [p for p, kind in enumerate(kinds) if kind == "*"]
+        fits = [
+            combo
+            for combo in itertools.combinations(reversed(stars), k)
+            if tuple(kind for p, kind in enumerate(kinds) if p not in combo) == wanted
+        ]
+        if not fits:
+            return tuple(stars[-k:])
+        found = source_prefixes(pattern, self.src).values()
+        if found:
+            # A '*' that captures an integer anywhere is an index (a stray
+            # non-integer among its matches is then reported, not skipped over).
+            indexed = [p for p in stars if any(as_index(caps[p]) is not None for caps in found)]
+            for combo in fits:
+                if all(p in indexed for p in combo):
+                    return tuple(sorted(combo))
+        return tuple(sorted(fits[0]))
+
+    def _find_stack(self, r: int, new_prefix: Parts, ref: int) -> StackGroup:
+        rule = self.rules[r]
+        assert rule.old is not None
+        pattern = rule.refs[ref].pattern if rule.refs else rule.old
         caps = rule.new.match(new_prefix) or ()
-        groups = self._groups.get(r)
+        positions = self.stacked_positions(r, ref)
+        groups = self._groups.get((r, ref))
         if groups is None:
-            groups = self._groups[r] = {}
-            for prefix, found in source_prefixes(rule.old, self.src).items():
-                groups.setdefault(found[:-1], []).append((found[-1], prefix))
+            groups = self._groups[(r, ref)] = {}
+            for prefix, found in source_prefixes(pattern, self.src).items():
+                index = tuple(found[p] for p in positions)
+                carried = tuple(c for p, c in enumerate(found) if p not in positions)
+                groups.setdefault(carried, []).append((index, prefix))
         group = groups.get(tuple(caps))
         if not group:
             return StackGroup(None)
-        indices: dict[int, list[Parts]] = {}
-        bad = []
-        for cap, prefix in group:
-            index = as_index(cap)
-            if index is None:
-                bad.append(repr(render_parts(prefix)))
-            else:
-                indices.setdefault(index, []).append(prefix)
-        ordered = sorted(indices)
-        why = []
-        if bad:
-            why.append(f"{', '.join(bad[:5])} captured no integer index")
-        same = same_index(indices, "the source")
-        if same:
-            why.append(same)
-        if ordered and ordered[-1] + 1 != len(ordered):
-            why.append(f"{index_gaps(ordered)}: a stack needs exactly 0..N-1")
-        if why:
-            return StackGroup({}, "; ".join(why))
-        return StackGroup({k: indices[k][0] for k in ordered})
+        if len(positions) == 1:
+            return _one_level([(cap[0], prefix) for cap, prefix in group])
+        return _levels(group, len(positions))
 
     def ignored_model(self, parts: Parts, n: int) -> tuple[int, ...]:
         """Which ignore_model_keys patterns cover a target leaf (rule prefix n long)."""
@@ -142,6 +187,73 @@ class Inputs:
     def ignored_restored(self, parts: Parts, n: int) -> tuple[int, ...]:
         """Which ignore_restored_keys patterns cover a source leaf (rule prefix n long)."""
         return _hits(self.ignore_restored, parts, n)
+
+
+def _one_level(group: list[tuple[Any, Parts]]) -> StackGroup:
+    """The members of a one-level stack: indices exactly 0..N-1, or why not."""
+    indices: dict[int, list[Parts]] = {}
+    bad = []
+    for cap, prefix in group:
+        index = as_index(cap)
+        if index is None:
+            bad.append(repr(render_parts(prefix)))
+        else:
+            indices.setdefault(index, []).append(prefix)
+    ordered = sorted(indices)
+    why = []
+    if bad:
+        why.append(f"{', '.join(bad[:5])} captured no integer index")
+    same = same_index(indices, "the source")
+    if same:
+        why.append(same)
+    if ordered and ordered[-1] + 1 != len(ordered):
+        why.append(f"{index_gaps(ordered)}: a stack needs exactly 0..N-1")
+    if why:
+        return StackGroup({}, "; ".join(why))
+    return StackGroup({k: indices[k][0] for k in ordered}, grid=(len(ordered),))
+
+
+def _levels(group: list[tuple[tuple[Any, ...], Parts]], n: int) -> StackGroup:
+    """The members of nested stacks: every index tuple of a full 0..N-1 grid, or why not."""
+    found: dict[tuple[int, ...], list[Parts]] = {}
+    bad = []
+    for caps, prefix in group:
+        index = tuple(as_index(c) for c in caps)
+        if any(i is None for i in index):
+            bad.append(repr(render_parts(prefix)))
+        else:
+            found.setdefault(index, []).append(prefix)  # type: ignore[arg-type]
+    why = []
+    if bad:
+        why.append(f"{', '.join(bad[:5])} captured no integer index")
+    clashes = [
+        f"{' and '.join(repr(render_parts(p)) for p in paths[:3])} are all index {k}"
+        for k, paths in sorted(found.items())
+        if len(paths) > 1
+    ]
+    if clashes:
+        why.append(f"in the source, {'; '.join(clashes[:5])}: keep one key per index")
+    grid = tuple(max(index[level] for index in found) + 1 for level in range(n)) if found else ()
+    if found and len(found) != _product(grid):
+        size = " x ".join(map(str, grid))
+        if _product(grid) <= 100_000:  # listed; a grid of 10**12 is only counted
+            everything = itertools.product(*(range(n) for n in grid))
+            missing = [index for index in everything if index not in found]
+            gaps = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            shown = f"missing {gaps} ({len(missing)} in all)"
+        else:
+            shown = f"found {len(found)} of {_product(grid)}"
+        why.append(f"nested stacks need every index 0..N-1 at each level ({size}); {shown}")
+    if why:
+        return StackGroup({}, "; ".join(why))
+    return StackGroup({k: found[k][0] for k in sorted(found)}, grid=grid)
+
+
+def _product(sizes: tuple[int, ...]) -> int:
+    out = 1
+    for size in sizes:
+        out *= size
+    return out
 
 
 def as_index(capture: Any) -> int | None:

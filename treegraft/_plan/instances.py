@@ -63,7 +63,7 @@ def unmatched_instances(
             continue
         nodes: list[Node] = []
         for parts in matching_nodes(rule.new, inputs.tgt):
-            if rule.old is None or rule.gather == "stack":
+            if rule.old is None or rule.gather in ("stack", "join"):
                 # A keep rule needs no source; a stack finds its members.
                 nodes.append((parts, None, True))
                 continue
@@ -91,24 +91,31 @@ def source_instances(
     for (k, _), known_old in instances.items():
         if known_old is not None:
             by_rule.setdefault(k, set()).add(known_old)
+    for k, _, known_old in stack_instances:
+        by_rule.setdefault(k, set()).add(known_old)
     for r, rule in enumerate(inputs.rules):
-        if rule.old is None or rule.old.is_literal or rule.gather == "unstack":
-            # A keep rule reads nothing; an unstack takes the layers it is
-            # asked for; a literal rule's one instance is known when it matched.
-            continue
+        if rule.old is None:
+            continue  # a keep rule reads nothing
         known = by_rule.get(r, set())
-        for old_prefix, caps in source_prefixes(rule.old, inputs.src, known).items():
-            try:
-                new_prefix = rule.new.substitute_parts(
-                    caps[:-1] if rule.gather == "stack" else caps
-                )
-            except GraftError:  # a capture the new side cannot take
+        for j, ref in enumerate(rule.refs or (None,)):
+            pattern = rule.old if ref is None else ref.pattern
+            if pattern.is_literal or (ref.unstack if ref else rule.gather == "unstack"):
+                # An unstack takes the layers it is asked for; a literal
+                # reference's one instance is known when it matched.
                 continue
-            if rule.gather == "stack":
-                if (r, new_prefix) not in instances:
-                    stack_instances.append((r, new_prefix, old_prefix))
-            else:
-                instances.setdefault((r, new_prefix), old_prefix)
+            stacked = inputs.levels(r, j) > 0
+            for old_prefix, caps in source_prefixes(pattern, inputs.src, known).items():
+                try:
+                    new_prefix = rule.new.substitute_parts(
+                        inputs.carried(r, caps, j) if stacked else caps
+                    )
+                except GraftError:  # a capture the new side cannot take
+                    continue
+                if stacked or rule.gather == "join":
+                    if (r, new_prefix) not in instances:
+                        stack_instances.append((r, new_prefix, old_prefix))
+                else:
+                    instances.setdefault((r, new_prefix), old_prefix)
 
 
 def strays(

@@ -18,12 +18,12 @@ from typing import Any, NamedTuple
 
 from treegraft._parse.paths import Path
 from treegraft._parse.rules import Rule
-from treegraft._plan.specs import index_box
+from treegraft._plan.specs import index_box, pair_inputs
 from treegraft._read.source import Source, reads_boxes
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.index import TreeIndex
 
-__all__ = ["Pair", "PlanRecord", "make_record"]
+__all__ = ["Pair", "PlanRecord", "make_record", "pair_inputs"]
 
 
 class Pair(NamedTuple):
@@ -33,8 +33,13 @@ class Pair(NamedTuple):
       target: the target leaf's index in the state's leaves.
       source: the (first) source leaf's index in the source's leaves.
       rule: the rule's index in the mapping.
-      sources: for a stack rule, every source leaf, in index order; else ().
-      layer: for an unstack rule, the index taken along its axis; else None.
+      sources: for a stack rule, every source leaf, in index order (row-major
+        for nested stacks); for a rule of several source references (concat,
+        a stack of a list), every reference's leaves one after the other; else ().
+      layer: for an unstack, the index taken along its axis; else None.
+      grids: per source reference, the sizes of its stacked levels (() for a
+        reference of one leaf): `sources` splits into one run per reference,
+        each `prod(grid)` long. () for a rule of one reference without stacks.
     """
 
     target: int
@@ -42,9 +47,13 @@ class Pair(NamedTuple):
     rule: int
     sources: tuple[int, ...] = ()
     layer: int | None = None
+    grids: tuple[tuple[int, ...], ...] = ()
 
-# A read of the source: (source leaf index, layer taken along the rule's axis or None).
-ReadKey = tuple[int, int | None]
+
+# A read of the source: (source leaf index, what of it): None for the whole leaf,
+# an int for the layer an unstack takes along its axis, or ((start, stop), ...)
+# for the box a take or slice on the leaf itself reads.
+ReadKey = tuple[int, Any]
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,9 +67,9 @@ class PlanRecord:
       lazy: the lazy source (a checkpoint), or None for an in-memory pytree.
       pairs: each grafted target leaf with its source leaves (`Pair`).
       cast: the `cast` option.
-      box_nbytes: the bytes of each (source leaf, layer) box read, as the lazy
-        source measured them while planning (unstack rules over a source that
-        reads boxes).
+      box_nbytes: the bytes of each (source leaf, layer or box) read, as the
+        lazy source measured them while planning (unstack, take and slice
+        rules on a path, over a source that reads boxes).
     """
 
     rules: tuple[Rule, ...]
@@ -89,7 +98,7 @@ class PlanRecord:
         per_pair = []
         for pair in self.pairs:
             total = 0
-            for key in _read_keys(pair, boxes):
+            for key in _read_keys(pair, boxes, self.rules[pair.rule], self.source):
                 n = sizes.get(key)
                 if n is None:
                     n = self.box_nbytes.get(key)
@@ -104,8 +113,7 @@ class PlanRecord:
 
     def is_copy(self, pair: Pair) -> bool:
         """Whether a pair's value is its source leaf as is (no gather, no steps)."""
-        rule = self.rules[pair.rule]
-        return rule.gather == "copy" and not rule.steps
+        return self.rules[pair.rule].is_copy
 
 
 def make_record(
@@ -128,11 +136,20 @@ def make_record(
     measured: dict[ReadKey, int] = {}
     if lazy is not None and reads_boxes(lazy):
         for pair in pairs:
-            if pair.layer is None or pair.sources:
+            rule = rules[pair.rule]
+            if pair.sources:
                 continue
-            key = (pair.source, pair.layer)
-            if key not in measured:
-                measured[key] = _box_nbytes(rules[pair.rule], source, lazy, pair.source, pair.layer)
+            if pair.layer is not None and _boxed_unstack(rule):
+                key: ReadKey = (pair.source, pair.layer)
+                if key not in measured:
+                    measured[key] = _box_nbytes(rule, source, lazy, pair.source, pair.layer)
+                continue
+            bounds = _step_box(rule, source, pair.source)
+            if bounds is not None and (pair.source, bounds) not in measured:
+                box = tuple(slice(a, b) for a, b in bounds)
+                measured[(pair.source, bounds)] = int(
+                    lazy.box_nbytes(Path(source.paths[pair.source]), box)
+                )
     return PlanRecord(
         rules=rules,
         target=target,
@@ -144,13 +161,58 @@ def make_record(
     )
 
 
-def _read_keys(pair: Pair, boxes: bool) -> Sequence[ReadKey]:
-    """The reads a pair needs: each stacked leaf, the whole leaf, or one layer's box."""
+def _boxed_unstack(rule: Rule) -> bool:
+    """Whether a rule unstacks a path directly, so that a layer's box is its read."""
+    return rule.gather == "unstack" and rule.plain_form
+
+
+def _read_keys(pair: Pair, boxes: bool, rule: Rule, source: TreeIndex) -> Sequence[ReadKey]:
+    """The reads a pair needs: each stacked leaf, the whole leaf, or one layer's box.
+
+    An unstack, take or slice on the leaf itself reads its box; other
+    operations count their source leaves whole: an upper bound of what their
+    boxes read.
+    """
     if pair.sources:
         return [(si, None) for si in pair.sources]
-    if pair.layer is None or not boxes:
-        return ((pair.source, None),)  # read whole once, sliced for every box
-    return ((pair.source, pair.layer),)
+    if boxes and pair.layer is not None and _boxed_unstack(rule):
+        return ((pair.source, pair.layer),)
+    bounds = _step_box(rule, source, pair.source) if boxes else None
+    if bounds is not None:
+        return ((pair.source, bounds),)
+    return ((pair.source, None),)  # read whole once, sliced for every box
+
+
+def _step_box(rule: Rule, source: TreeIndex, si: int) -> tuple[tuple[int, int], ...] | None:
+    """The box of a leaf a take or slice applied to the leaf itself reads, as bounds.
+
+    None for any other rule (or a take or slice out of range: the plan refuses it).
+    """
+    tree = rule.tree
+    if tree is None or len(rule.refs) != 1 or rule.refs[0].levels or rule.refs[0].unstack:
+        return None
+    node = tree
+    while node.kind == "step" and node.children[0].kind != "source":
+        node = node.children[0]
+    step = node.step
+    if node.kind != "step" or step is None or step.kind not in ("take", "slice"):
+        return None
+    shape = _leaves.spec_of(source.leaves[si])[0]
+    if shape is None:
+        return None
+    bounds = [(0, d) for d in shape]
+    axis = step.arg[1] if step.kind == "take" else step.arg[2]
+    if not -len(shape) <= axis < len(shape):
+        return None
+    a = axis % len(shape)
+    if step.kind == "take":
+        index = step.arg[0] + shape[a] if step.arg[0] < 0 else step.arg[0]
+        bounds[a] = (index, index + 1)
+    else:
+        bounds[a] = (step.arg[0], step.arg[1])
+    if not 0 <= bounds[a][0] < bounds[a][1] <= shape[a]:
+        return None
+    return tuple(bounds)
 
 
 def _box_nbytes(rule: Rule, source: TreeIndex, lazy: Source, si: int, layer: int) -> int:
@@ -167,6 +229,11 @@ def _read_nbytes(rule: Rule, source: TreeIndex, key: ReadKey, by_spec: dict[Any,
     if layer is None:
         return _whole_nbytes(leaf, by_spec)
     spec = _leaves.spec_of(leaf)
+    if isinstance(layer, tuple):  # a take's or slice's box
+        size = 1
+        for a, b in layer:
+            size *= b - a
+        return _leaves.nbytes(spec) * size // max(_count_of(spec[0] or ()), 1)
     shape = spec[0] or ()
     axis = rule.axis + len(shape) if rule.axis < 0 else rule.axis
     return _leaves.nbytes(spec) // max(shape[axis], 1)
@@ -184,4 +251,11 @@ def _whole_nbytes(leaf: Any, by_spec: dict[Any, int]) -> int:
         return _leaves.nbytes(_leaves.spec_of(leaf))
     if n is None:
         n = by_spec[spec_key] = _leaves.nbytes(_leaves.spec_of(leaf))
+    return n
+
+
+def _count_of(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
     return n

@@ -159,7 +159,8 @@ def _pair_leaves(
     tgt, src, rules = inputs.tgt, inputs.src, inputs.rules
     # (rule, new prefix) -> old prefix, or None when it is not in the source.
     instances: dict[tuple[int, Parts], Parts | None] = {}
-    stacks: dict[tuple[int, Parts], dict[int, Parts] | None] = {}
+    # (rule, new prefix) -> every old prefix a stack or join instance reads.
+    gathered: dict[tuple[int, Parts], list[Parts]] = {}
     # (rule, new prefix) -> the index an unstack rule takes.
     taken: dict[tuple[int, Parts], int | None] = {}
     # (unstack rule, its other captures) -> {index: the new prefixes taking it}:
@@ -179,23 +180,17 @@ def _pair_leaves(
         n = prefix_len[i]
         new_prefix = parts[:n]
         key = (r, new_prefix)
-        if rule.gather == "stack":
-            if key not in stacks:
-                stacks[key] = inputs.stack(r, new_prefix).members
-            group = stacks[key]
-            if not group:
-                instances.setdefault(key, None)
-                if group is None:  # {} is a bad stack, a structure problem of its own
-                    unpaired.append(
-                        Unpaired(i, r, n, None, "prefix", inputs.ignored_model(parts, n))
-                    )
-                continue
-            found = [src.find(op + parts[n:]) for op in group.values()]
-            if any(si is None for si in found):
-                op = next(op for op, si in zip(group.values(), found, strict=True) if si is None)
-                unpaired.append(_unpaired_leaf(inputs, i, r, n, op))
-                continue
-            pairs.append(Pair(i, found[0], r, tuple(found)))  # type: ignore[arg-type]
+        if rule.gather in ("stack", "join"):
+            made = _gather(inputs, i, r, n, captures[i], gathered)
+            if isinstance(made, Unpaired):
+                unpaired.append(made)
+            elif made is not None:
+                pairs.append(made)
+            elif rule.refs and any(ref.unstack for ref in rule.refs):
+                caps = captures[i]
+                if key not in instances and (not caps or as_index(caps[-1]) is None):
+                    bad_unstacks.append((r, new_prefix, caps[-1] if caps else None))
+            instances.setdefault(key, None)
             continue
         if key in instances:
             old_prefix = instances[key]
@@ -226,17 +221,76 @@ def _pair_leaves(
         else:
             pairs.append(Pair(i, si, r))
     stack_instances = []
-    for key, group in stacks.items():
-        for op in (group or {}).values():
+    for key, olds in gathered.items():
+        for op in olds:
             stack_instances.append((key[0], key[1], op))
-        if group:
-            instances[key] = next(iter(group.values()))
+        if olds:
+            instances[key] = olds[0]
     for (r, _), by_index in spelt.items():
         why = same_index(by_index, "the state")
         if why:
             clash = next(paths for _, paths in sorted(by_index.items()) if len(paths) > 1)
             index_clashes.append((r, clash[0], why))
     return Pairing(instances, pairs, unpaired, bad_unstacks, stack_instances, index_clashes)
+
+
+def _gather(
+    inputs: Inputs,
+    i: int,
+    r: int,
+    n: int,
+    caps: tuple[Any, ...],
+    gathered: dict[tuple[int, Parts], list[Parts]],
+) -> Pair | Unpaired | None:
+    """Target leaf i's source leaves under a stack or several references, or why not.
+
+    None when a stack cannot be stacked or an unstack's index is no integer:
+    problems recorded once per instance elsewhere (`Inputs.bad_stacks`,
+    `bad_unstacks`). Records in `gathered` every old prefix the instance reads.
+    """
+    src, rule = inputs.src, inputs.rules[r]
+    parts = inputs.tgt.paths[i]
+    new_prefix = parts[:n]
+    suffix = parts[n:]
+    olds = gathered.setdefault((r, new_prefix), [])
+    record = not olds
+    refs = rule.refs or (None,)
+    sources: list[int] = []
+    grids: list[tuple[int, ...]] = []
+    layer = None
+    for j, ref in enumerate(refs):
+        if ref is not None and ref.unstack:
+            layer = as_index(caps[-1]) if caps else None
+            if layer is None:
+                return None
+        if inputs.levels(r, j):
+            group = inputs.stack(r, new_prefix, j)
+            if not group.members:
+                if group.members is None:
+                    return Unpaired(i, r, n, None, "prefix", inputs.ignored_model(parts, n))
+                return None
+            members = list(group.members.values())
+            if record:
+                olds.extend(members)
+            found = [src.find(op + suffix) for op in members]
+            missing = next((op for op, si in zip(members, found, strict=True) if si is None), None)
+            if missing is not None:
+                return _unpaired_leaf(inputs, i, r, n, missing)
+            sources.extend(found)  # type: ignore[arg-type]
+            grids.append(group.grid)
+            continue
+        old = inputs.old_of(r, new_prefix, caps, j)
+        if record:
+            olds.append(old)
+        si = src.find(old + suffix)
+        if si is None:
+            if j == 0 and not src.node_exists(old):
+                return Unpaired(i, r, n, None, "prefix", inputs.ignored_model(parts, n))
+            return _unpaired_leaf(inputs, i, r, n, old)
+        sources.append(si)
+        grids.append(())
+    keep_grids = tuple(grids) if rule.gather == "join" or any(len(g) > 1 for g in grids) else ()
+    return Pair(i, sources[0], r, tuple(sources), layer, keep_grids)
 
 
 def _unpaired_leaf(inputs: Inputs, i: int, r: int, n: int, old_prefix: Parts) -> Unpaired:

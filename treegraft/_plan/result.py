@@ -16,7 +16,7 @@ from typing import Any
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._plan.problems import Problem, _count
 from treegraft._plan.record import Pair, PlanRecord
-from treegraft._plan.specs import gathered_spec
+from treegraft._plan.specs import operation_shown
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.index import is_abstract
 from treegraft._tree.leaves import format_bytes
@@ -101,17 +101,7 @@ class GraftPlan:
     def _operation(self, pair: Pair) -> str:
         """What happens to a pair's values on the way in ("" for a plain copy)."""
         rec = self._record
-        rule = rec.rules[pair.rule]
-        spec = _leaves.spec_of(rec.source.leaves[pair.source])
-        out = []
-        if rule.gather == "stack":
-            out.append(f"stack {len(pair.sources)} along axis {rule.axis}")
-        elif rule.gather == "unstack":
-            out.append(f"[{pair.layer}] along axis {rule.axis}")
-        spec = gathered_spec(rule, spec, len(pair.sources), pair.layer)[0] or spec
-        for step in rule.steps:
-            out.append(step.describe(spec))  # type: ignore[arg-type]
-            spec = step.spec(spec)[0] or spec  # type: ignore[arg-type]
+        out, spec = operation_shown(rec.rules[pair.rule], rec.source, pair)
         tdtype = _leaves.spec_of(rec.target.leaves[pair.target])[1]
         if spec[1] != tdtype and not isinstance(tdtype, type):
             out.append(f"cast {spec[1]} -> {tdtype}")
