@@ -1,0 +1,184 @@
+"""The orbax writer: a pytree item that plain orbax restores (docs/design.md section 15).
+
+The item is orbax's layout without OCDBT: one zarr (v2) array per leaf in a
+folder named by the leaf's keys joined with '.', uncompressed chunks written
+one box at a time, then `_METADATA` (the tree: each leaf's keys and their
+kinds), `_CHECKPOINT_METADATA` and `commit_success.txt`, last. Each chunk is
+its own file, so a chunk is written once by one writer and nothing is held
+back until the end. `ocp.StandardCheckpointer().restore`,
+`ocp.PyTreeCheckpointer().restore` and `treegraft.OrbaxCheckpoint` read it;
+with `item="default"` the folder is a `CheckpointManager` step holding that
+item.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from treegraft._write.interface import Budget, BoxFetch, OutLeaf, Writer, slabs
+
+__all__ = ["OrbaxWriter", "zarr_dtype", "CHUNK_BYTES"]
+
+# The largest chunk of an array file: small enough to stream under any budget
+# worth having, large enough that a model is not a million files.
+CHUNK_BYTES = 64 * 2**20
+_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
+_KEY_SEQUENCE, _KEY_DICT = 1, 2
+# The ml_dtypes tensorstore's zarr driver writes under their own names.
+_NAMED = {"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2",
+          "float8_e5m2fnuz", "int4", "uint4"}
+
+
+def zarr_dtype(dtype: np.dtype[Any]) -> str | None:
+    """The zarr v2 dtype string tensorstore writes for a numpy dtype, or None if it has none."""
+    if dtype.name in _NAMED:
+        return dtype.name
+    if dtype.kind in "biufc" and dtype.fields is None:
+        return dtype.str
+    return None
+
+
+def leaf_name(path: Sequence[Any]) -> str:
+    """The folder orbax names a leaf's array by: its keys joined with '.'."""
+    return ".".join(str(part) for part in path)
+
+
+def chunk_shape(shape: Sequence[int], itemsize: int, max_bytes: int) -> tuple[int, ...]:
+    """A regular chunk grid of whole rows of the largest suffix that fits in max_bytes."""
+    first = next(slabs(shape, itemsize, max_bytes))
+    return tuple(max(1, b.stop - b.start) for b in first)
+
+
+class OrbaxWriter(Writer):
+    """Writes an orbax pytree item (or, with `item`, a CheckpointManager step holding it).
+
+    Args:
+      item: None for an item folder; an item name ("default") to write a
+        step folder with the item below it, as `CheckpointManager` saves.
+      chunk_bytes: the largest chunk of each array.
+    """
+
+    format = "orbax"
+
+    def __init__(self, item: str | None = None, chunk_bytes: int = CHUNK_BYTES):
+        self.item = item
+        self.chunk_bytes = chunk_bytes
+
+    def problems(self, leaves: Sequence[OutLeaf]) -> list[str]:
+        out = []
+        seen: dict[str, tuple[Any, ...]] = {}
+        for leaf in leaves:
+            name = leaf_name(leaf.path)
+            shown = name or "(the root)"
+            if zarr_dtype(leaf.dtype) is None:
+                out.append(f"{shown}: orbax cannot store dtype {leaf.dtype} (typed keys and "
+                           "other non-numeric dtypes have no zarr form)")
+            if not leaf.path:
+                out.append("the output is one array with no key: orbax names arrays by their "
+                           "keys; wrap it in a dict")
+            elif any("/" in str(part) or str(part) in ("", ".", "..") for part in leaf.path):
+                out.append(f"{shown}: a key that is empty or holds '/' cannot name an orbax array "
+                           "folder")
+            other = seen.get(name)
+            if other is not None:
+                out.append(f"{shown}: the paths {other} and {tuple(leaf.path)} both name the "
+                           f"orbax array folder {name!r} (keys are joined with '.')")
+            seen[name] = tuple(leaf.path)
+        return out
+
+    def write(self, tmp: Any, leaves: Sequence[OutLeaf], fetch: BoxFetch, budget: Budget) -> None:
+        import tensorstore as ts
+
+        started = time.time_ns()
+        item = tmp.join(self.item) if self.item else tmp
+        context = ts.Context(tmp.context_spec())
+        chunk = max(1, min(self.chunk_bytes, budget.max_host_bytes // 2))
+        window = _Window(budget.max_host_bytes, item)
+        for i, leaf in enumerate(leaves):
+            grid = chunk_shape(leaf.shape, leaf.dtype.itemsize, chunk)
+            spec = {
+                "driver": "zarr",
+                "kvstore": item.join(leaf_name(leaf.path)).kvstore(),
+                "metadata": {
+                    "shape": list(leaf.shape),
+                    "chunks": list(grid),
+                    "dtype": zarr_dtype(leaf.dtype),
+                    "compressor": None,
+                    "dimension_separator": ".",
+                    "fill_value": None,
+                },
+                "create": True,
+                "open": True,
+            }
+            array = item.wait(ts.open(spec, context=context), "creating an array in")
+            for box in slabs(leaf.shape, leaf.dtype.itemsize, chunk):
+                part = fetch(i, box)
+                window.add(array[box].write(part) if box else array.write(part), part.nbytes)
+                del part
+        window.drain()
+        _write_json(item, "_METADATA", _tree_metadata(leaves))
+        handlers: Any = {self.item: _HANDLER} if self.item else _HANDLER
+        _write_json(tmp, "_CHECKPOINT_METADATA", {
+            "item_handlers": handlers, "metrics": {}, "performance_metrics": {},
+            "init_timestamp_nsecs": started, "commit_timestamp_nsecs": time.time_ns(),
+            "custom_metadata": {},
+        })
+        if self.item:
+            _write_text(item, "commit_success.txt", f"Checkpoint commit was successful to {item}")
+        _write_text(tmp, "commit_success.txt", f"Checkpoint commit was successful to {tmp}")
+
+
+class _Window:
+    """Writes in flight, their host bytes bounded: a new one waits for the oldest to finish."""
+
+    def __init__(self, max_bytes: int, where: Any):
+        self.max_bytes = max_bytes
+        self.where = where
+        self.pending: deque[tuple[Any, int]] = deque()
+        self.held = 0
+
+    def add(self, future: Any, nbytes: int) -> None:
+        self.pending.append((future, nbytes))
+        self.held += nbytes
+        while self.pending and self.held > self.max_bytes:
+            self._pop()
+
+    def _pop(self) -> None:
+        future, nbytes = self.pending.popleft()
+        self.where.wait(future, "writing")
+        self.held -= nbytes
+
+    def drain(self) -> None:
+        while self.pending:
+            self._pop()
+
+
+def _tree_metadata(leaves: Sequence[OutLeaf]) -> dict[str, Any]:
+    tree = {}
+    for leaf in leaves:
+        keys = [str(part) for part in leaf.path]
+        tree[str(tuple(keys))] = {
+            "key_metadata": [
+                {"key": str(part),
+                 "key_type": _KEY_SEQUENCE if isinstance(part, int) else _KEY_DICT}
+                for part in leaf.path
+            ],
+            "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
+        }
+    return {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+
+
+def _write_json(where: Any, name: str, value: Any) -> None:
+    _write_text(where, name, json.dumps(value))
+
+
+def _write_text(where: Any, name: str, text: str) -> None:
+    kv = where.open_kvstore()
+    where.wait(kv.write(name.encode(), text.encode()), "writing")
