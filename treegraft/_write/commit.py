@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import socket
+
 from treegraft._errors import CheckpointError
 from treegraft._storage.location import Location
 

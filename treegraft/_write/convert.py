@@ -121,7 +121,7 @@ def convert(
     final = _commit.final_location(location, layout, step)
     existed = _commit.refuse_existing(final, location, overwrite)
     _refuse_source_at(source, final)
-    writer = _writer(layout)
+    writer = _writer(layout, step)
     rules = parse_mapping(mapping)
     if like is None:
         like = _derived_like(source, rules)
@@ -148,12 +148,12 @@ def convert(
             _commit.commit(tmp, final, single_file=_single_file(layout, final))
         except _FromSource as e:
             raise e.error from e.error.__cause__
-        except GraftError:
-            raise
         except Exception as e:
+            # The storage's own words (not the temporary folder's name), then the remedy.
+            cause = e.__cause__ if isinstance(e, CheckpointError) and e.__cause__ else e
             raise CheckpointError(
-                f"writing {location} failed: {reason(e)}; {_remedy(e)}; nothing was written "
-                "there (the temporary data was removed)"
+                f"writing {location} failed: {reason(cause)}; {_remedy(e)}; nothing was "
+                "written there (the temporary data was removed)"
             ) from e
         done = True
     finally:
@@ -239,7 +239,7 @@ def _format(format: str | None, dest: Location, step: int | None) -> str:
     return format
 
 
-def _writer(format: str) -> Writer:
+def _writer(format: str, step: int | None) -> Writer:
     module_name, class_name = _WRITERS[format]
     try:
         module = importlib.import_module(module_name)
@@ -249,7 +249,8 @@ def _writer(format: str) -> Writer:
             f"format {format!r} cannot be written by this version of treegraft (no "
             f"{module_name}.{class_name}); write 'orbax' or 'kauldron'"
         ) from None
-    writer = cls()
+    # A CheckpointManager step holds the item as "default", as orbax and Kauldron save it.
+    writer = cls(item="default") if format == "orbax" and step is not None else cls()
     assert isinstance(writer, Writer)
     return writer
 

@@ -137,7 +137,7 @@ def out_leaves(rec: PlanRecord) -> list[OutLeaf]:
 
 def box_fetch(rec: PlanRecord, leaves: Sequence[OutLeaf],
               on_bytes: Callable[[int], None] | None = None) -> BoxFetch:
-    """The `BoxFetch` of a plan's output: grafted leaves through their rules, the rest as `like` holds them.
+    """The output's `BoxFetch`: grafted leaves through their rules, the rest as `like` holds them.
 
     Args:
       rec: the plan's record (target: the output's layout).

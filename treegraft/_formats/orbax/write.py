@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from treegraft._write.interface import Budget, BoxFetch, OutLeaf, Writer, slabs
+from treegraft._write.interface import BoxFetch, Budget, OutLeaf, Writer, slabs
 
 __all__ = ["OrbaxWriter", "zarr_dtype", "CHUNK_BYTES"]
 
