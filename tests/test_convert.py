@@ -462,7 +462,7 @@ def test_a_killed_convert_leaves_nothing_accepted_and_rerunning_succeeds(tmp_pat
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             temps = [n for n in os.listdir(tmp_path) if ".treegraft-tmp-" in n]
-            if temps and len(os.listdir(tmp_path / temps[0])) >= 3:
+            if temps and sum(len(f) for _, _, f in os.walk(tmp_path / temps[0])) >= 3:
                 proc.send_signal(signal.SIGKILL)
                 killed = True
                 break

@@ -1,14 +1,16 @@
 """The orbax writer: a pytree item that plain orbax restores (docs/design.md section 15).
 
-The item is orbax's layout without OCDBT: one zarr (v2) array per leaf in a
-folder named by the leaf's keys joined with '.', uncompressed chunks written
-one box at a time, then `_METADATA` (the tree: each leaf's keys and their
-kinds), `_CHECKPOINT_METADATA` and `commit_success.txt`, last. Each chunk is
-its own file, so a chunk is written once by one writer and nothing is held
-back until the end. `ocp.StandardCheckpointer().restore`,
-`ocp.PyTreeCheckpointer().restore` and `treegraft.OrbaxCheckpoint` read it;
-with `item="default"` the folder is a `CheckpointManager` step holding that
-item.
+The item is orbax's layout: one zarr (v2) array per leaf, named by the leaf's
+keys joined with '.', its uncompressed chunks written one box at a time, then
+`_METADATA` (the tree: each leaf's keys and their kinds),
+`_CHECKPOINT_METADATA` and `commit_success.txt`, last. By default the arrays
+live in one OCDBT database at the item's root (orbax's default layout, which
+treegraft's fast reader reads on every storage, S3 included); with
+`ocdbt=False` each array is a folder and each chunk its own file (a layout
+several processes can write side by side, which orbax restores too).
+`ocp.StandardCheckpointer().restore`, `ocp.PyTreeCheckpointer().restore` and
+`treegraft.OrbaxCheckpoint` read it; with `item="default"` the folder is a
+`CheckpointManager` step holding that item.
 """
 
 from __future__ import annotations
@@ -62,13 +64,16 @@ class OrbaxWriter(Writer):
       item: None for an item folder; an item name ("default") to write a
         step folder with the item below it, as `CheckpointManager` saves.
       chunk_bytes: the largest chunk of each array.
+      ocdbt: the arrays in one OCDBT database (True), or a folder each.
     """
 
     format = "orbax"
 
-    def __init__(self, item: str | None = None, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, item: str | None = None, chunk_bytes: int = CHUNK_BYTES,
+                 ocdbt: bool = True):
         self.item = item
         self.chunk_bytes = chunk_bytes
+        self.ocdbt = ocdbt
 
     def problems(self, leaves: Sequence[OutLeaf]) -> list[str]:
         out = []
@@ -104,7 +109,7 @@ class OrbaxWriter(Writer):
             grid = chunk_shape(leaf.shape, leaf.dtype.itemsize, chunk)
             spec = {
                 "driver": "zarr",
-                "kvstore": item.join(leaf_name(leaf.path)).kvstore(),
+                "kvstore": self._kvstore(item, leaf_name(leaf.path)),
                 "metadata": {
                     "shape": list(leaf.shape),
                     "chunks": list(grid),
@@ -122,7 +127,7 @@ class OrbaxWriter(Writer):
                 window.add(array[box].write(part) if box else array.write(part), part.nbytes)
                 del part
         window.drain()
-        _write_json(item, "_METADATA", _tree_metadata(leaves))
+        _write_json(item, "_METADATA", _tree_metadata(leaves, self.ocdbt))
         handlers: Any = {self.item: _HANDLER} if self.item else _HANDLER
         _write_json(tmp, "_CHECKPOINT_METADATA", {
             "item_handlers": handlers, "metrics": {}, "performance_metrics": {},
@@ -132,6 +137,13 @@ class OrbaxWriter(Writer):
         if self.item:
             _write_text(item, "commit_success.txt", f"Checkpoint commit was successful to {item}")
         _write_text(tmp, "commit_success.txt", f"Checkpoint commit was successful to {tmp}")
+
+    def _kvstore(self, item: Any, name: str) -> dict[str, Any]:
+        if not self.ocdbt:
+            return dict(item.join(name).kvstore())
+        # orbax's own settings for the database it writes.
+        config = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000}
+        return {"driver": "ocdbt", "base": item.kvstore(), "path": name, "config": config}
 
 
 class _Window:
@@ -159,7 +171,7 @@ class _Window:
             self._pop()
 
 
-def _tree_metadata(leaves: Sequence[OutLeaf]) -> dict[str, Any]:
+def _tree_metadata(leaves: Sequence[OutLeaf], ocdbt: bool) -> dict[str, Any]:
     tree = {}
     for leaf in leaves:
         keys = [str(part) for part in leaf.path]
@@ -171,7 +183,7 @@ def _tree_metadata(leaves: Sequence[OutLeaf]) -> dict[str, Any]:
             ],
             "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
         }
-    return {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+    return {"tree_metadata": tree, "use_ocdbt": ocdbt, "use_zarr3": False,
             "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
 
 

@@ -1,0 +1,123 @@
+"""tg.convert to gs:// and s3:// (docs/design.md sections 11 and 15), on loopback emulators.
+
+fake-gcs-server and moto run on 127.0.0.1 (tests/servers.py); the session is
+in a loopback-only network namespace where the machine allows it.
+"""
+
+from __future__ import annotations
+
+import http.server
+import itertools
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import tensorstore
+
+import treegraft as tg
+
+_N = itertools.count()
+
+
+def state():
+    rng = np.random.default_rng(0)
+    return {
+        "layers_0": {"w": rng.standard_normal((32, 16)).astype(np.float32)},
+        "layers_1": {"w": rng.standard_normal((32, 16)).astype(np.float32)},
+        "step": np.array(3, np.int32),
+    }
+
+
+MAPPING = {"layers": tg.stack("layers_*"), "step": "step"}
+
+
+def url(scheme: str) -> str:
+    return f"{scheme}://treegraft/convert-{os.getpid()}-{next(_N)}"
+
+
+@pytest.fixture(params=["gcs", "s3"])
+def remote(request):
+    request.getfixturevalue(f"{request.param}_server")
+    return "gs" if request.param == "gcs" else "s3"
+
+
+def test_convert_writes_a_remote_checkpoint_treegraft_reads(remote, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a local folder named gs: or s3: would appear here
+    dest = url(remote)
+    assert tg.convert(state(), dest, MAPPING, max_host_bytes=1024) == dest
+    like = {"layers": {"w": np.zeros((2, 32, 16), np.float32)}, "step": np.zeros((), np.int32)}
+    got = tg.graft(like, tg.OrbaxCheckpoint(dest), {"": ""})
+    np.testing.assert_array_equal(got["layers"]["w"],
+                                  np.stack([state()["layers_0"]["w"], state()["layers_1"]["w"]]))
+    assert int(got["step"]) == 3
+    # an existing remote dest is refused, then replaced with overwrite=True
+    with pytest.raises(tg.CheckpointError, match="already exists"):
+        tg.save({"v": np.ones(2)}, dest)
+    tg.save({"v": np.ones(2)}, dest, overwrite=True)
+    meta = tg.OrbaxCheckpoint(dest).metadata()
+    assert list(meta) == ["v"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_kauldron_step_on_remote_storage(remote, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    workdir = url(remote)
+    tg.convert(state(), workdir, MAPPING, format="kauldron", step=4)
+    like = {"layers": {"w": np.zeros((2, 32, 16), np.float32)}, "step": np.zeros((), np.int32)}
+    got = tg.graft(like, tg.KauldronCheckpoint(workdir), {"": ""})
+    np.testing.assert_array_equal(got["layers"]["w"][1], state()["layers_1"]["w"])
+
+
+def test_a_folder_without_metadata_is_not_a_checkpoint(remote):
+    """What a convert killed mid-write leaves remotely: arrays, no _METADATA (written last)."""
+    from treegraft._storage.location import Location
+
+    dest = url(remote)
+    tg.save(state(), dest)
+    location = Location.parse(dest)
+    kv = location.open_kvstore()
+    location.wait(kv.delete_range(tensorstore.KvStore.KeyRange(b"_METADATA", b"_METADATA\x00")),
+                  "deleting")
+    with pytest.raises(tg.GraftError):
+        tg.OrbaxCheckpoint(dest).metadata()
+
+
+class _Refuse(http.server.BaseHTTPRequestHandler):
+    """Answers every request 403, as S3 does for refused credentials."""
+
+    def _refuse(self):
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                b"<Message>Access Denied</Message></Error>")
+        self.send_response(403)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _refuse
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def refusing_server(s3_server):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_refusing_server_is_a_checkpoint_error_within_the_timeout(refusing_server,
+                                                                    monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", refusing_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", refusing_server)
+    monkeypatch.setenv("TREEGRAFT_STORAGE_TIMEOUT", "10")
+    start = time.monotonic()
+    with pytest.raises(tg.CheckpointError, match=r"s3://treegraft/refused.*credentials"):
+        tg.save(state(), "s3://treegraft/refused")
+    assert time.monotonic() - start < 10
