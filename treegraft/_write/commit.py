@@ -53,12 +53,19 @@ def refuse_existing(final: Location, dest: Location, overwrite: bool) -> bool:
     return found is not None
 
 
-def temporary(final: Location) -> Location:
-    """The temporary location beside final that the writer fills (final itself on object stores)."""
+def temporary(final: Location, shared: str | None = None) -> Location:
+    """The temporary location beside final that the writer fills (final itself on object stores).
+
+    Args:
+      final: where the output appears.
+      shared: a token all the processes writing together agreed on (their
+        folder is then one, named by it); None for one process.
+    """
     if not final.is_local:
         return final
     parent, name = os.path.split(final.key)
-    tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    tag = (f"shared-{shared}" if shared is not None
+           else f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
     return Location.parse(os.path.join(parent, f".{name}{_TMP}{tag}"))
 
 

@@ -12,9 +12,11 @@ docs/design.md section 15. The steps, each before the next:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +32,9 @@ from treegraft._storage.errors import reason
 from treegraft._storage.location import Location
 from treegraft._tree.index import TreeIndex
 from treegraft._write import commit as _commit
-from treegraft._write.interface import Budget, Writer
+from treegraft._write.interface import Budget, Share, Writer
 from treegraft._write.layout import abstract_of, derive_like, is_identity
+from treegraft._write.share import Disagreed, ProcessShare, agree_token
 from treegraft._write.stream import box_fetch, out_leaves
 
 log = logging.getLogger("treegraft")
@@ -39,6 +42,7 @@ log = logging.getLogger("treegraft")
 __all__ = ["convert", "save"]
 
 _FORMATS = ("orbax", "kauldron", "safetensors")
+_CHUNK_BYTES = 64 * 2**20  # the orbax writer's largest chunk (its CHUNK_BYTES)
 # format -> (module, class) of its writer, imported when asked for.
 _WRITERS = {
     "orbax": ("treegraft._formats.orbax.write", "OrbaxWriter"),
@@ -138,16 +142,26 @@ def convert(
     total = sum(leaf.nbytes for leaf in leaves)
     report = _progress(progress, total)
     fetch = box_fetch(rec, leaves, report)
-    _commit.clean_stale(final)
-    tmp = _commit.temporary(final)
+    share, tmp = _share(rec, leaves, writer, budget, final)
+    budget = dataclasses.replace(budget, share=share)
+    lead = share.process == 0
     done = False
     try:
-        _commit.prepare(tmp, final, existed)
         try:
+            if lead:
+                _agreed(share, "preparing the destination",
+                        lambda: _commit.prepare(tmp, final, existed))
+            else:
+                _agreed(share, "preparing the destination", lambda: None)
             writer.write(tmp, leaves, _SourceFailures(fetch), budget)
-            _commit.commit(tmp, final, single_file=_single_file(layout, final))
+            single = _single_file(layout, final)
+            _agreed(share, "committing",
+                    (lambda: _commit.commit(tmp, final, single_file=single)) if lead
+                    else (lambda: None))
         except _FromSource as e:
             raise e.error from e.error.__cause__
+        except Disagreed:
+            raise
         except Exception as e:
             # The storage's own words (not the temporary folder's name), then the remedy.
             cause = e.__cause__ if isinstance(e, CheckpointError) and e.__cause__ else e
@@ -157,7 +171,7 @@ def convert(
             ) from e
         done = True
     finally:
-        if not done:
+        if not done and lead:
             _commit.discard(tmp)
     log.info("treegraft: wrote %s (%d leaves)", final, len(leaves))
     return str(final)
@@ -211,6 +225,35 @@ class _SourceFailures:
             raise _FromSource(e) from e
 
 
+def _share(rec: Any, leaves: Any, writer: Writer, budget: Budget,
+           final: Location) -> tuple[Share, Location]:
+    """This process's share of the write, and the temporary folder (one for all processes)."""
+    if jax.process_count() == 1:
+        _commit.clean_stale(final)
+        return Share(), _commit.temporary(final)
+    if not getattr(writer, "shares", False):
+        raise GraftError(
+            f"format {writer.format!r} cannot be written by several processes together: "
+            "write it from one process (jax.process_index() == 0), from a checkpoint source"
+        )
+    if jax.process_index() == 0:
+        _commit.clean_stale(final)
+    token = agree_token(secrets.token_hex(8).encode()).decode()
+    chunk = min(_CHUNK_BYTES, budget.max_host_bytes // 2)
+    share = ProcessShare(rec, leaves, max(1, chunk))
+    return share, _commit.temporary(final, shared=token)
+
+
+def _agreed(share: Share, what: str, run: Callable[[], Any]) -> None:
+    """Runs one step on this process, then agrees on it with the others."""
+    try:
+        run()
+    except BaseException:
+        share.agree(what, ok=False)
+        raise
+    share.agree(what)
+
+
 def _budget(max_host_bytes: Any, max_shard_bytes: Any) -> Budget:
     for name, value in (("max_host_bytes", max_host_bytes), ("max_shard_bytes", max_shard_bytes)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -250,7 +293,12 @@ def _writer(format: str, step: int | None) -> Writer:
             f"{module_name}.{class_name}); write 'orbax' or 'kauldron'"
         ) from None
     # A CheckpointManager step holds the item as "default", as orbax and Kauldron save it.
-    writer = cls(item="default") if format == "orbax" and step is not None else cls()
+    options: dict[str, Any] = {}
+    if format == "orbax" and step is not None:
+        options["item"] = "default"
+    if format in ("orbax", "kauldron") and jax.process_count() > 1:
+        options["ocdbt"] = False  # each process writes its own chunk files
+    writer = cls(**options)
     assert isinstance(writer, Writer)
     return writer
 

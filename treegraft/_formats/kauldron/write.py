@@ -18,5 +18,5 @@ class KauldronWriter(OrbaxWriter):
 
     format = "kauldron"
 
-    def __init__(self, chunk_bytes: int = CHUNK_BYTES):
-        super().__init__(item="default", chunk_bytes=chunk_bytes)
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES, ocdbt: bool = True):
+        super().__init__(item="default", chunk_bytes=chunk_bytes, ocdbt=ocdbt)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from treegraft._write.interface import BoxFetch, Budget, OutLeaf, Writer, slabs
+from treegraft._errors import GraftError
+from treegraft._write.interface import BoxFetch, Budget, OutLeaf, Share, Writer, slabs
 
 __all__ = ["OrbaxWriter", "zarr_dtype", "CHUNK_BYTES"]
 
@@ -97,46 +98,82 @@ class OrbaxWriter(Writer):
             seen[name] = tuple(leaf.path)
         return out
 
-    def write(self, tmp: Any, leaves: Sequence[OutLeaf], fetch: BoxFetch, budget: Budget) -> None:
-        import tensorstore as ts
+    # Several processes can write one item together (docs/design.md section 15):
+    # each its own chunks, in the layout without OCDBT (one file per chunk).
+    shares = True
 
+    def write(self, tmp: Any, leaves: Sequence[OutLeaf], fetch: BoxFetch, budget: Budget) -> None:
+        share = budget.share
+        if share.count > 1 and self.ocdbt:
+            raise GraftError("several processes write an orbax item without OCDBT: "
+                             "OrbaxWriter(ocdbt=False)")
         started = time.time_ns()
         item = tmp.join(self.item) if self.item else tmp
-        context = ts.Context(tmp.context_spec())
         chunk = max(1, min(self.chunk_bytes, budget.max_host_bytes // 2))
-        window = _Window(budget.max_host_bytes, item)
-        for i, leaf in enumerate(leaves):
-            grid = chunk_shape(leaf.shape, leaf.dtype.itemsize, chunk)
-            spec = {
+        grids = [share.grid(i) or chunk_shape(leaf.shape, leaf.dtype.itemsize, chunk)
+                 for i, leaf in enumerate(leaves)]
+        # Each step's failure on one process is heard by all at the next agreement,
+        # so that all raise together and none waits forever.
+        _step(share, "creating the arrays", lambda: share.process == 0 and self._create(
+            item, leaves, grids, open_only=False))
+
+        def chunks() -> None:
+            arrays = self._create(item, leaves, grids, open_only=True)
+            window = _Window(budget.max_host_bytes, item)
+            for i, leaf in enumerate(leaves):
+                for box in _grid_boxes(leaf.shape, grids[i]):
+                    if not share.owns(i, box):
+                        continue
+                    part = fetch(i, box)
+                    window.add(arrays[i][box].write(part) if box else arrays[i].write(part),
+                               part.nbytes)
+                    del part
+            window.drain()
+
+        _step(share, "writing the chunks", chunks)
+
+        def metadata() -> None:
+            if share.process != 0:
+                return
+            _write_json(item, "_METADATA", _tree_metadata(leaves, self.ocdbt))
+            handlers: Any = {self.item: _HANDLER} if self.item else _HANDLER
+            _write_json(tmp, "_CHECKPOINT_METADATA", {
+                "item_handlers": handlers, "metrics": {}, "performance_metrics": {},
+                "init_timestamp_nsecs": started, "commit_timestamp_nsecs": time.time_ns(),
+                "custom_metadata": {},
+            })
+            if self.item:
+                _write_text(item, "commit_success.txt",
+                            f"Checkpoint commit was successful to {item}")
+            _write_text(tmp, "commit_success.txt", f"Checkpoint commit was successful to {tmp}")
+
+        _step(share, "writing the metadata", metadata)
+
+    def _create(self, item: Any, leaves: Sequence[OutLeaf], grids: Sequence[tuple[int, ...]],
+                *, open_only: bool) -> list[Any]:
+        """Creates (or opens) every leaf's zarr array; opened arrays are returned."""
+        import tensorstore as ts
+
+        context = ts.Context(item.context_spec())
+        futures = []
+        for leaf, grid in zip(leaves, grids, strict=True):
+            spec: dict[str, Any] = {
                 "driver": "zarr",
                 "kvstore": self._kvstore(item, leaf_name(leaf.path)),
-                "metadata": {
+                "open": True,
+            }
+            if not open_only:
+                spec["create"] = True
+                spec["metadata"] = {
                     "shape": list(leaf.shape),
                     "chunks": list(grid),
                     "dtype": zarr_dtype(leaf.dtype),
                     "compressor": None,
                     "dimension_separator": ".",
                     "fill_value": None,
-                },
-                "create": True,
-                "open": True,
-            }
-            array = item.wait(ts.open(spec, context=context), "creating an array in")
-            for box in slabs(leaf.shape, leaf.dtype.itemsize, chunk):
-                part = fetch(i, box)
-                window.add(array[box].write(part) if box else array.write(part), part.nbytes)
-                del part
-        window.drain()
-        _write_json(item, "_METADATA", _tree_metadata(leaves, self.ocdbt))
-        handlers: Any = {self.item: _HANDLER} if self.item else _HANDLER
-        _write_json(tmp, "_CHECKPOINT_METADATA", {
-            "item_handlers": handlers, "metrics": {}, "performance_metrics": {},
-            "init_timestamp_nsecs": started, "commit_timestamp_nsecs": time.time_ns(),
-            "custom_metadata": {},
-        })
-        if self.item:
-            _write_text(item, "commit_success.txt", f"Checkpoint commit was successful to {item}")
-        _write_text(tmp, "commit_success.txt", f"Checkpoint commit was successful to {tmp}")
+                }
+            futures.append(ts.open(spec, context=context))
+        return [item.wait(f, "creating an array in") for f in futures]
 
     def _kvstore(self, item: Any, name: str) -> dict[str, Any]:
         if not self.ocdbt:
@@ -144,6 +181,30 @@ class OrbaxWriter(Writer):
         # orbax's own settings for the database it writes.
         config = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000}
         return {"driver": "ocdbt", "base": item.kvstore(), "path": name, "config": config}
+
+
+def _step(share: Share, what: str, run: Any) -> None:
+    """Runs one step of the write, then agrees on it with the other processes."""
+    try:
+        run()
+    except BaseException:
+        share.agree(what, ok=False)
+        raise
+    share.agree(what)
+
+
+def _grid_boxes(shape: Sequence[int], grid: Sequence[int]) -> Iterator[tuple[slice, ...]]:
+    """The chunks of a regular grid over shape, in C order (the last one of an axis cut short)."""
+    if not shape:
+        yield ()
+        return
+    if any(d == 0 for d in shape):
+        yield tuple(slice(0, d) for d in shape)
+        return
+    counts = [-(-d // g) for d, g in zip(shape, grid, strict=True)]
+    for cell in np.ndindex(*counts):
+        yield tuple(slice(c * g, min(d, (c + 1) * g))
+                    for c, g, d in zip(cell, grid, shape, strict=True))
 
 
 class _Window:
