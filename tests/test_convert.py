@@ -157,6 +157,35 @@ def test_convert_with_like_writes_what_graft_holds(tmp_path):
     assert_bits_equal(tg.graft(like, tg.OrbaxCheckpoint(dest), {"": ""}), want)
 
 
+def test_the_more_specific_rule_makes_a_leaf_two_rules_produce(tmp_path):
+    source = {"x": {"b": np.ones(2, np.float32), "c": np.zeros(3, np.float32)},
+              "y": np.full(5, 7, np.int32)}
+    mapping = {"a": "x", "a.b": "y"}
+    dest = tg.convert(source, str(tmp_path / "out"), mapping)
+    got = restore_std(dest)
+    assert_bits_equal(got, {"a": {"b": source["y"], "c": source["x"]["c"]}})
+    like = {"a": {"b": np.zeros(5, np.int32), "c": np.ones(3, np.float32)}}
+    assert_bits_equal(got, tg.graft(like, source, mapping))
+
+
+def test_safetensors_is_chosen_by_the_dest_name(tmp_path):
+    state = {"model": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    dest = str(tmp_path / "model.safetensors")
+    try:
+        import treegraft._formats.safetensors.write  # noqa: F401
+    except ImportError:
+        with pytest.raises(tg.GraftError, match="'safetensors' cannot be written by this "
+                           "version"):
+            tg.save(state, dest)
+        assert os.listdir(tmp_path) == []
+        return
+    from safetensors import safe_open
+
+    tg.save(state, dest)
+    with safe_open(dest, "np") as f:
+        np.testing.assert_array_equal(f.get_tensor("model.w"), state["model"]["w"])
+
+
 def test_unstack_round_trip_through_two_converts(tmp_path):
     state = model()
     scanned = tg.convert(state, str(tmp_path / "scanned"), SCANNED)
@@ -346,9 +375,22 @@ def test_refusals_are_typed_and_write_nothing(tmp_path, call, error, message):
 def test_a_checkpoint_is_never_written_over_its_own_source(tmp_path):
     src = save_orbax({"w": np.ones(3)}, str(tmp_path / "src"))
     before = folder_hash(src)
-    with pytest.raises(tg.CheckpointError, match="holds the source"):
+    with pytest.raises(tg.CheckpointError, match="overlap"):
         tg.save(tg.OrbaxCheckpoint(src), src, overwrite=True)
+    with pytest.raises(tg.CheckpointError, match="overlap"):
+        tg.save(tg.OrbaxCheckpoint(src), os.path.join(src, "inside"))
     assert folder_hash(src) == before
+    workdir = str(tmp_path / "workdir")
+    tg.save({"w": np.ones(3)}, workdir, format="kauldron", step=1)
+    step_1 = folder_hash(os.path.join(workdir, "checkpoints", "ckpt_1"))
+    with pytest.raises(tg.CheckpointError, match="overlap"):
+        tg.save(tg.KauldronCheckpoint(workdir), workdir, format="kauldron", step=1,
+                overwrite=True)
+    # a new step beside the one read is fine
+    tg.save(tg.KauldronCheckpoint(workdir, step=1), workdir, format="kauldron", step=2)
+    assert folder_hash(os.path.join(workdir, "checkpoints", "ckpt_1")) == step_1
+    assert_bits_equal(tg.graft({"w": np.zeros(3)}, tg.KauldronCheckpoint(workdir), {"": ""}),
+                      {"w": np.ones(3)})
 
 
 # -- the budget ------------------------------------------------------------------------------

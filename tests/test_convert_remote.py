@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import itertools
 import os
+import socket
 import threading
 import time
 
@@ -84,6 +85,11 @@ def test_a_folder_without_metadata_is_not_a_checkpoint(remote):
         tg.OrbaxCheckpoint(dest).metadata()
 
 
+def test_a_missing_bucket_is_a_checkpoint_error(remote):
+    with pytest.raises(tg.CheckpointError, match="no-such-bucket"):
+        tg.save(state(), f"{remote}://no-such-bucket/out")
+
+
 class _Refuse(http.server.BaseHTTPRequestHandler):
     """Answers every request 403, as S3 does for refused credentials."""
 
@@ -120,4 +126,24 @@ def test_a_refusing_server_is_a_checkpoint_error_within_the_timeout(refusing_ser
     start = time.monotonic()
     with pytest.raises(tg.CheckpointError, match=r"s3://treegraft/refused.*credentials"):
         tg.save(state(), "s3://treegraft/refused")
+    assert time.monotonic() - start < 10
+
+
+@pytest.fixture
+def silent_server(s3_server):
+    """Accepts connections and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+def test_a_server_that_never_answers_is_an_error_within_the_timeout(silent_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", silent_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", silent_server)
+    monkeypatch.setenv("TREEGRAFT_STORAGE_TIMEOUT", "3")
+    start = time.monotonic()
+    with pytest.raises(tg.CheckpointError, match=r"s3://treegraft/stalled.*took more than 3 s"):
+        tg.save(state(), "s3://treegraft/stalled")
     assert time.monotonic() - start < 10

@@ -308,22 +308,30 @@ def _single_file(format: str, final: Location) -> bool:
 
 
 def _refuse_source_at(source: Any, final: Location) -> None:
-    """Refuses to write over the checkpoint being read (overwrite would destroy the source)."""
-    path = getattr(source, "path", None) if isinstance(source, Source) else None
-    if not isinstance(path, str):
+    """Refuses to write where the source is read (the source is never written to).
+
+    The folder the source reads (an orbax item, a Kauldron step folder, a
+    safetensors file or folder) and the folder written must not overlap: a new
+    step beside the step read, in the same workdir, is fine.
+    """
+    if not isinstance(source, Source):
+        return
+    read = getattr(source, "step_dir", None) if hasattr(source, "workdir") else None
+    if read is None:
+        read = getattr(source, "location", None) or getattr(source, "path", None)
+    if read is None:
         return
     try:
-        here = Location.parse(path)
+        here = read if isinstance(read, Location) else Location.parse(read)
     except GraftError:
         return
-    inside = here == final or (
-        here.scheme == final.scheme and here.bucket == final.bucket
-        and (here.key + "/").startswith(final.key.rstrip("/") + "/")
-    )
-    if inside:
+    if here.scheme != final.scheme or here.bucket != final.bucket:
+        return
+    a, b = here.key.rstrip("/") + "/", final.key.rstrip("/") + "/"
+    if a.startswith(b) or b.startswith(a):
         raise CheckpointError(
-            f"the destination {final} holds the source {path}: write elsewhere (the source "
-            "is never written to)"
+            f"the destination {final} and the source {here} overlap: write elsewhere (the "
+            "source is never written to)"
         )
 
 

@@ -113,6 +113,11 @@ class Writer(abc.ABC):
         `tmp` does not exist yet (or is an empty folder); the caller makes it
         appear as `dest` once this returns (a rename locally, the commit marker on
         object stores), and removes it if this raises.
+
+        `tmp` is always a folder. For a dest that names one file (a dest ending
+        in ".safetensors"), the writer writes that one file in `tmp` (any
+        name) and the caller moves it to dest; more than one file there is
+        refused (the output needs shards: dest must be a folder).
         """
 
 
