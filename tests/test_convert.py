@@ -157,6 +157,13 @@ def test_convert_with_like_writes_what_graft_holds(tmp_path):
     assert_bits_equal(tg.graft(like, tg.OrbaxCheckpoint(dest), {"": ""}), want)
 
 
+def test_python_scalars_tuples_and_empty_arrays_are_written(tmp_path):
+    tree = {"step": 3, "lr": 0.5, "pair": (np.ones(1), np.zeros((0, 3))), "flag": np.bool_(True)}
+    got = restore_std(tg.save(tree, str(tmp_path / "out")))
+    assert int(got["step"]) == 3 and float(got["lr"]) == 0.5 and bool(got["flag"])
+    assert got["pair"][1].shape == (0, 3)
+
+
 def test_the_more_specific_rule_makes_a_leaf_two_rules_produce(tmp_path):
     source = {"x": {"b": np.ones(2, np.float32), "c": np.zeros(3, np.float32)},
               "y": np.full(5, 7, np.int32)}
@@ -363,6 +370,13 @@ def test_overwrite_replaces_only_once_complete(tmp_path):
          tg.GraftError, "axis"),
         (lambda d: tg.save({"a": np.ones(2)}, d, like={"a": np.ones(2)}), tg.MappingError,
          "save writes"),
+        (lambda d: tg.save({}, d), tg.GraftError, "no leaf"),
+        (lambda d: tg.save(np.ones(2), d), tg.GraftError, "wrap it in a dict"),
+        (lambda d: tg.save({"k": jax.random.key(0)}, d), tg.GraftError, "key_data"),
+        (lambda d: tg.save({"s": np.array(["text"])}, d), tg.GraftError, "cannot store dtype"),
+        (lambda d: tg.convert({"x": np.ones(3)}, d, {"x": "x"}, strict=False,
+                              like={"x": np.zeros(3), "y": jax.ShapeDtypeStruct((2,), np.float32)}),
+         tg.GraftError, "no rule fills it"),
     ],
 )
 def test_refusals_are_typed_and_write_nothing(tmp_path, call, error, message):

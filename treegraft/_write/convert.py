@@ -23,6 +23,7 @@ from typing import Any
 import jax
 
 from treegraft._errors import CheckpointError, GraftError, MappingError, Problem
+from treegraft._parse.paths import render_parts
 from treegraft._parse.rules import CastOption, MappingLike, parse_mapping
 from treegraft._plan import plan
 from treegraft._plan.checks import deleted_sources
@@ -30,7 +31,8 @@ from treegraft._read.progress import ProgressBar
 from treegraft._read.source import Source
 from treegraft._storage.errors import reason
 from treegraft._storage.location import Location
-from treegraft._tree.index import TreeIndex
+from treegraft._tree.index import TreeIndex, is_abstract
+from treegraft._tree.leaves import is_key_dtype, spec_of
 from treegraft._write import commit as _commit
 from treegraft._write.interface import Budget, Share, Writer
 from treegraft._write.layout import abstract_of, derive_like, is_identity
@@ -132,6 +134,7 @@ def convert(
     p = plan(like, source, mapping, strict=strict, cast=cast)
     _check_executable(p)
     rec = p._record
+    _check_values(rec, location)
     leaves = out_leaves(rec)
     if problems := writer.problems(leaves):
         raise GraftError.from_problems(
@@ -350,6 +353,27 @@ def _check_executable(p: Any) -> None:
     rec = p._record
     if rec.lazy is None and (gone := deleted_sources(rec.source, rec.pairs)):
         raise GraftError.from_problems(gone, rules=len(p.rules))
+
+
+def _check_values(rec: Any, location: Location) -> None:
+    """Refuses, before anything is read, an output leaf with no value or that no format can hold."""
+    grafted = {pair.target for pair in rec.pairs}
+    problems = []
+    for i, (parts, leaf) in enumerate(zip(rec.target.paths, rec.target.leaves, strict=True)):
+        path = render_parts(parts) or "(the root)"
+        if i not in grafted and is_abstract(leaf):
+            problems.append(Problem("unfilled", f"{path!r}: `like` holds only its shape and "
+                                    "dtype and no rule fills it: map it, or give like= a value"))
+        elif is_key_dtype(spec_of(leaf)[1]):
+            problems.append(Problem("dtype", f"{path!r} holds typed PRNG keys, which a "
+                                    "checkpoint holds as their key data: write "
+                                    "jax.random.key_data(keys)"))
+    if not rec.target.leaves:
+        raise GraftError(f"nothing to write to {location}: the output has no leaf")
+    if problems:
+        raise GraftError.from_problems(
+            problems, header=f"cannot write {location}: {len(problems)} "
+                             f"problem{'s' if len(problems) != 1 else ''}")
 
 
 def _progress(progress: Any, total: int) -> Callable[[int], None] | None:
