@@ -64,6 +64,11 @@ try:
                                      {"t": tg.transpose("w", (1, 0)), "b": "b"},
                                      max_host_bytes=1 << 16)
     result["convert_bytes"] = written() - before
+    try:  # a transform of an in-memory array spread over processes: refused on both
+        tg.convert(state, os.path.join(workdir, "refused"), {"t": tg.transpose("w", (1, 0))})
+        result["refused"] = ""
+    except tg.GraftError as e:
+        result["refused"] = str(e)
     result["ok"] = True
 except BaseException as e:
     import traceback
@@ -135,3 +140,6 @@ def test_two_processes_write_one_checkpoint_each_its_share(tmp_path):
         assert 0.3 * sharded < r["save_bytes"] < 0.75 * sharded, results
         assert 0.3 * 256 * 512 * 4 < r["convert_bytes"] < 0.75 * 256 * 512 * 4, results
     assert [n for n in os.listdir(tmp_path) if ".treegraft-tmp-" in n] == []
+    for r in results:
+        assert "save the state first" in r["refused"], r["refused"]
+    assert not os.path.exists(tmp_path / "refused")

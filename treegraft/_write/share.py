@@ -20,7 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft._errors import CheckpointError
+from treegraft._errors import CheckpointError, GraftError
+from treegraft._parse.paths import render_parts
 from treegraft._plan import PlanRecord
 from treegraft._tree.index import is_abstract
 from treegraft._write.interface import OutLeaf, Share
@@ -66,6 +67,13 @@ class ProcessShare(Share):
             pair = pair_of.get(i)
             value = rec.source.leaves[pair.source] if pair is not None else rec.target.leaves[i]
             if pair is not None and not rec.is_copy(pair):
+                if any(_spans(rec.source.leaves[si]) for si in (pair.sources or (pair.source,))):
+                    raise GraftError(
+                        f"the output leaf {render_parts(leaf.path)!r}: its rule transforms "
+                        "an in-memory array sharded across processes, whose boxes no one "
+                        "process holds: save the state first (tg.save), then convert the "
+                        "checkpoint"
+                    )
                 continue
             if not _spans(value):
                 continue
