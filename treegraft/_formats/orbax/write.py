@@ -119,7 +119,9 @@ class OrbaxWriter(Writer):
 
         def chunks() -> None:
             arrays = self._create(item, leaves, grids, open_only=True)
-            window = _Window(budget.max_host_bytes, item)
+            # Writes in flight hold the budget less one chunk: the box being
+            # fetched (and an operation's copy of it) is the rest, plus one chunk.
+            window = _Window(max(chunk, budget.max_host_bytes - chunk), item)
             for i, leaf in enumerate(leaves):
                 for box in _grid_boxes(leaf.shape, grids[i]):
                     if not share.owns(i, box):
