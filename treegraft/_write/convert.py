@@ -75,9 +75,11 @@ def convert(
     each output chunk through the plan's operations from the source boxes it
     needs, writes it and drops it: array data in host memory stays under
     `max_host_bytes` plus one chunk, whatever the model's size. A sharded
-    `jax.Array` source is read shard by shard, never gathered whole. The output
-    is written under a temporary name beside dest and appears only when
-    complete; the source is never written to.
+    `jax.Array` source is read shard by shard, never gathered whole; under
+    `jax.distributed` each process writes the chunks of the shards it holds.
+    The output is written under a temporary name beside dest and appears only
+    when complete (on gs:// and s3://, its metadata is written last); the
+    source is never written to.
 
     Args:
       source: a pytree, or a lazy `treegraft.Source` (`OrbaxCheckpoint`,
@@ -93,7 +95,8 @@ def convert(
         for a dest ending in ".safetensors").
       step: write a `CheckpointManager` step `dest/<step>/default` (orbax) or a
         Kauldron step; None writes the item at dest.
-      overwrite: replace an existing dest (once the new one is complete).
+      overwrite: replace an existing dest: locally once the new one is
+        complete; on gs:// and s3:// (no rename) the old one is removed first.
       max_host_bytes: array data held in host memory at once (plus one chunk).
       max_shard_bytes: the largest safetensors file before splitting into shards.
       strict: as for `treegraft.plan`.
@@ -122,7 +125,7 @@ def convert(
     budget = _budget(max_host_bytes, max_shard_bytes)
     location = Location.parse(dest, what="dest")
     layout = _format(format, location, step)
-    if isinstance(overwrite, bool) is False:
+    if not isinstance(overwrite, bool):
         raise MappingError(f"overwrite must be True or False, got {overwrite!r}")
     final = _commit.final_location(location, layout, step)
     existed = _commit.refuse_existing(final, location, overwrite)
