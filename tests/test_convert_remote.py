@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import http.server
 import itertools
+import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -147,3 +150,91 @@ def test_a_server_that_never_answers_is_an_error_within_the_timeout(silent_serve
     with pytest.raises(tg.CheckpointError, match=r"s3://treegraft/stalled.*took more than 3 s"):
         tg.save(state(), "s3://treegraft/stalled")
     assert time.monotonic() - start < 10
+
+
+class _ReadOnly(http.server.BaseHTTPRequestHandler):
+    """An S3 bucket these credentials may list and read but not write: every write is 403."""
+
+    def _send(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self):
+        if "list-type=2" in self.path:
+            self._send(200, b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult '
+                            b'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>treegraft'
+                            b"</Name><KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys>"
+                            b"<IsTruncated>false</IsTruncated></ListBucketResult>")
+        else:
+            self._send(404, b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchKey'
+                            b"</Code><Message>The specified key does not exist.</Message>"
+                            b"</Error>")
+
+    do_HEAD = do_GET
+
+    def _refuse(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        self._send(403, b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied'
+                        b"</Code><Message>Access Denied</Message></Error>")
+
+    do_PUT = do_POST = do_DELETE = _refuse
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def read_only_server(s3_server):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ReadOnly)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_refused_write_is_a_checkpoint_error_naming_dest(read_only_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", read_only_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", read_only_server)
+    monkeypatch.setenv("TREEGRAFT_STORAGE_TIMEOUT", "10")
+    start = time.monotonic()
+    with pytest.raises(tg.CheckpointError, match=r"^writing s3://treegraft/read-only failed: "
+                       r".*(PERMISSION_DENIED|Access Denied).*permission denied") as info:
+        tg.save(state(), "s3://treegraft/read-only")
+    assert "treegraft-tmp" not in str(info.value)
+    assert time.monotonic() - start < 10
+
+
+_GCS_CHILD = """
+import json, sys, time
+import numpy as np
+import treegraft as tg
+start = time.monotonic()
+try:
+    tg.save({"w": np.ones((64, 64), np.float32)}, "gs://treegraft/refused")
+    out = {"ok": True}
+except tg.CheckpointError as e:
+    out = {"type": type(e).__name__, "message": str(e)}
+out["seconds"] = time.monotonic() - start
+print(json.dumps(out))
+"""
+
+
+def test_a_refusing_gcs_server_is_a_checkpoint_error_within_the_timeout(refusing_server):
+    # The GCS endpoint is read from the environment once: a child process gets its own.
+    env = dict(os.environ, TENSORSTORE_GCS_HTTP_URL=refusing_server,
+               STORAGE_EMULATOR_HOST=refusing_server, TREEGRAFT_STORAGE_TIMEOUT="10",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", _GCS_CHILD], capture_output=True, text=True,
+                          env=env, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.get("type") == "CheckpointError", out
+    assert "gs://treegraft/refused" in out["message"] and "credentials" in out["message"], out
+    assert out["seconds"] < 10
