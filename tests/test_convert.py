@@ -158,10 +158,12 @@ def test_convert_with_like_writes_what_graft_holds(tmp_path):
 
 
 def test_python_scalars_tuples_and_empty_arrays_are_written(tmp_path):
-    tree = {"step": 3, "lr": 0.5, "pair": (np.ones(1), np.zeros((0, 3))), "flag": np.bool_(True)}
+    tree = {"step": 3, "lr": 0.5, "pair": (np.ones(1), np.zeros((0, 3))), "flag": np.bool_(True),
+            "gappy": {0: np.ones(2), 2: np.zeros(2)}}
     got = restore_std(tg.save(tree, str(tmp_path / "out")))
     assert int(got["step"]) == 3 and float(got["lr"]) == 0.5 and bool(got["flag"])
     assert got["pair"][1].shape == (0, 3)
+    assert sorted(got["gappy"]) == ["0", "2"]  # int keys that are no list stay a dict
 
 
 def test_the_more_specific_rule_makes_a_leaf_two_rules_produce(tmp_path):

@@ -235,19 +235,33 @@ class _Window:
 
 
 def _tree_metadata(leaves: Sequence[OutLeaf], ocdbt: bool) -> dict[str, Any]:
+    sequences = _sequences(leaves)
     tree = {}
     for leaf in leaves:
         keys = [str(part) for part in leaf.path]
         tree[str(tuple(keys))] = {
             "key_metadata": [
                 {"key": str(part),
-                 "key_type": _KEY_SEQUENCE if isinstance(part, int) else _KEY_DICT}
-                for part in leaf.path
+                 "key_type": _KEY_SEQUENCE if leaf.path[:k] in sequences else _KEY_DICT}
+                for k, part in enumerate(leaf.path)
             ],
             "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
         }
     return {"tree_metadata": tree, "use_ocdbt": ocdbt, "use_zarr3": False,
             "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+
+
+def _sequences(leaves: Sequence[OutLeaf]) -> set[tuple[Any, ...]]:
+    """The nodes orbax restores as lists: their keys are the ints 0..n-1 (others are dicts)."""
+    children: dict[tuple[Any, ...], set[Any]] = {}
+    for leaf in leaves:
+        for k in range(len(leaf.path)):
+            children.setdefault(tuple(leaf.path[:k]), set()).add(leaf.path[k])
+    return {
+        node for node, keys in children.items()
+        if all(isinstance(key, int) and not isinstance(key, bool) for key in keys)
+        and sorted(keys) == list(range(len(keys)))
+    }
 
 
 def _write_json(where: Any, name: str, value: Any) -> None:
