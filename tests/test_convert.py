@@ -544,9 +544,14 @@ def test_a_killed_convert_leaves_nothing_accepted_and_rerunning_succeeds(tmp_pat
 def test_a_stale_temporary_step_folder_does_not_confuse_orbax(tmp_path):
     root = tmp_path / "run"
     tg.save({"w": np.ones(2)}, str(root), step=1)
-    (root / ".2.treegraft-tmp-otherhost-1-abcd").mkdir()
+    other = root / ".2.treegraft-tmp-otherhost-1-abcd"  # another host's run, maybe alive
+    other.mkdir()
     with ocp.CheckpointManager(str(root)) as manager:
         assert manager.all_steps() == [1]
+    tg.save({"w": np.zeros(2)}, str(root), step=2)
+    assert other.is_dir()  # left alone: only this host's dead runs are cleaned
+    with ocp.CheckpointManager(str(root)) as manager:
+        assert manager.all_steps() == [1, 2]
 
 
 def test_the_source_tree_is_not_modified(tmp_path):
