@@ -344,6 +344,29 @@ def test_an_existing_dest_is_refused_before_anything_is_read(tmp_path):
         tg.save({"w": np.ones(2)}, str(tmp_path), step=None)  # the folder itself
 
 
+class FailingSource(CountingSource):
+    """A source whose second box read fails, as a checkpoint removed mid-read would."""
+
+    def read_boxes(self, requests):
+        for part in super().read_boxes(requests):
+            if len(self.boxes) > 1:
+                raise tg.CheckpointError("reading the source failed: the test's source is gone")
+            yield part
+
+
+def test_a_failing_source_read_is_its_own_error_and_removes_the_temporary_data(tmp_path):
+    source = FailingSource({"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)})
+    with pytest.raises(tg.CheckpointError, match="^reading the source failed"):
+        tg.save(source, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+    # failing mid-write, an overwrite leaves the old checkpoint as it was
+    old = tg.save({"v": np.arange(3)}, str(tmp_path / "out"))
+    before = folder_hash(old)
+    with pytest.raises(tg.CheckpointError, match="^reading the source failed"):
+        tg.save(FailingSource(source.tree), old, overwrite=True)
+    assert folder_hash(old) == before and os.listdir(tmp_path) == ["out"]
+
+
 def test_overwrite_replaces_only_once_complete(tmp_path):
     dest = str(tmp_path / "out")
     tg.save({"w": np.ones(3, np.float32)}, dest)
