@@ -48,6 +48,8 @@ from treegraft._suggest.suggest import suggest as suggest
 from treegraft._tree.pytree import extract as extract
 from treegraft._tree.pytree import flatten as flatten
 from treegraft._tree.pytree import insert as insert
+from treegraft._write.convert import convert as convert
+from treegraft._write.convert import save as save
 from treegraft._write.invert import invert as invert
 
 __version__ = "0.1.0"
@@ -102,4 +104,6 @@ __all__ = [
     "insert",
     "parse_path",
     "parse_pattern",
+    "convert",
+    "save",
 ]

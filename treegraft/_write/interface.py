@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OutLeaf", "BoxFetch", "Budget", "Writer", "slabs"]
+__all__ = ["OutLeaf", "BoxFetch", "Budget", "Share", "Writer", "slabs"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,37 @@ class OutLeaf:
 BoxFetch = Callable[[int, tuple[slice, ...]], np.ndarray]
 
 
+class Share:
+    """This process's share of a write that several processes make together (jax.distributed).
+
+    With one process (`count == 1`) it owns every box and `agree` returns at
+    once. With several, every process runs the same writer on the same leaves:
+    each writes the boxes it `owns` (on a chunk grid where each chunk lies in
+    one process's share: `grid`), then all `agree` (a barrier that also
+    tells every process if one failed), and process 0 alone writes the
+    metadata that makes the output whole.
+
+    Attributes:
+      process: this process's index.
+      count: how many processes write.
+    """
+
+    process: int = 0
+    count: int = 1
+
+    def owns(self, leaf: int, box: tuple[slice, ...]) -> bool:
+        """Whether this process writes this box of this output leaf."""
+        return True
+
+    def grid(self, leaf: int) -> tuple[int, ...] | None:
+        """A chunk shape that keeps each chunk in one process's share, or None for any."""
+        return None
+
+    def agree(self, what: str, ok: bool = True) -> None:
+        """Waits for every process to get here; raises on all if one was not ok."""
+        return None
+
+
 @dataclass(frozen=True)
 class Budget:
     """The limits a write keeps to.
@@ -53,10 +84,13 @@ class Budget:
       max_host_bytes: array data held in host memory at once (plus one chunk).
       max_shard_bytes: the largest output file a format that splits files writes
         (safetensors' `model-0000i-of-0000n.safetensors`).
+      share: this process's share when several processes write (the default:
+        one process, writing everything).
     """
 
     max_host_bytes: int = 2**30
     max_shard_bytes: int = 5 * 10**9
+    share: Share = Share()
 
 
 class Writer(abc.ABC):
@@ -79,6 +113,11 @@ class Writer(abc.ABC):
         `tmp` does not exist yet (or is an empty folder); the caller makes it
         appear as `dest` once this returns (a rename locally, the commit marker on
         object stores), and removes it if this raises.
+
+        `tmp` is always a folder. For a dest that names one file (a dest ending
+        in ".safetensors"), the writer writes that one file in `tmp` (any
+        name) and the caller moves it to dest; more than one file there is
+        refused (the output needs shards: dest must be a folder).
         """
 
 

@@ -34,6 +34,7 @@ What is written, and why:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import math
@@ -407,10 +408,16 @@ class SafetensorsWriter(Writer):
             raise CheckpointError(
                 f"cannot write {tmp} as safetensors: {len(found)} problem(s)\n  "
                 + "\n  ".join(found))
+        # A single-file dest is written either at tmp itself (tmp names the
+        # file) or, as `convert` does (tmp is always a folder there), as the one
+        # file `model.safetensors` in tmp, which convert then moves to dest.
+        into_file = self.single_file and tmp.name.endswith(".safetensors")
+        if self.single_file and not into_file:
+            plans = [dataclasses.replace(plan, name=SINGLE_NAME) for plan in plans]
         if tmp.is_local:
-            _write_local(tmp, leaves, plans, fetch, budget.max_host_bytes, self.single_file)
+            _write_local(tmp, leaves, plans, fetch, budget.max_host_bytes, into_file)
         else:
-            _write_remote(tmp, leaves, plans, fetch, _cap(budget, tmp.scheme), self.single_file)
+            _write_remote(tmp, leaves, plans, fetch, _cap(budget, tmp.scheme), into_file)
 
 
 def checked_files(
