@@ -85,8 +85,8 @@ class Sources(Source):
         for key, value in sources.items():
             if not isinstance(key, str):
                 problems.append(
-                    Problem("mapping", f"the source name {key!r} is a {type(key).__name__}, "
-                            "not a string")
+                    Problem("mapping", f"the source name {key!r} is not a string "
+                            f"({type(key).__name__})")
                 )
             elif isinstance(value, str | os.PathLike):
                 problems.append(
@@ -323,7 +323,7 @@ def as_source(source: Any) -> Source | None:
     """
     if isinstance(source, Source):
         return source
-    if type(source) is dict and any(isinstance(v, Source) for v in source.values()):
+    if isinstance(source, dict) and any(isinstance(v, Source) for v in source.values()):
         return Sources(source)
     return None
 
