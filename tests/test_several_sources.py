@@ -204,6 +204,15 @@ def test_a_pytree_sub_source_is_copied_never_aliased(ckpts):
     np.testing.assert_array_equal(np.asarray(extra["proj"]["kernel"]), kernel)
 
 
+def test_a_pytree_leaf_on_one_device_goes_to_a_target_on_eight(ckpts):
+    one = jax.device_put(jnp.arange(16.0), jax.devices()[3])
+    src = {"extra": {"w": one}, "gone": tg.OrbaxCheckpoint(ckpts[1] + "-not-there")}
+    new = tg.graft({"w": _sds((16,), P("x"))}, src, {"w": "extra.w"})
+    assert new["w"].sharding == NamedSharding(_mesh(), P("x"))
+    np.testing.assert_array_equal(np.asarray(new["w"]), np.arange(16.0, dtype=np.float32))
+    assert_owns_buffers(new["w"], one)
+
+
 def test_a_stack_whose_layers_come_from_a_pytree_sub_source(ckpts):
     layers = {f"layers_{i}": {"w": jnp.full((8,), float(i))} for i in range(LAYERS)}
     src = {"llm": tg.OrbaxCheckpoint(ckpts[1]), "extra": layers}
@@ -309,14 +318,17 @@ def test_a_sub_source_nothing_maps_to_is_never_opened(ckpts, tmp_path, monkeypat
                    gone=tg.OrbaxCheckpoint(str(tmp_path / "no-such-checkpoint")))
     st_calls = _spy(monkeypatch, tg.SafetensorsCheckpoint,
                     "metadata", "prefetch", "read", "read_boxes", "box_nbytes")
-    orbax_calls = _spy(monkeypatch, tg.OrbaxCheckpoint, "read", "read_boxes")
+    orbax_calls = _spy(monkeypatch, tg.OrbaxCheckpoint, "read", "read_boxes", "prefetch")
     p = tg.plan(_state(), sources, MAPPING)
     new = tg.execute(p)
     assert not [c for c in st_calls if c[0] is spare]
     assert [c for c in st_calls if c[0] is sources["vision"]]
     # Of llm, only the mapped leaves were asked for: never its optimizer state.
     assert not [c for c in orbax_calls if c[0] is sources["gone"]]
-    asked = {str(r.path) for _, _, reqs in orbax_calls for r in reqs}
+    # llm's headers: one batch, of the three leaves the plan pairs.
+    prefetched = [arg for self, name, arg in orbax_calls if name == "prefetch"]
+    assert [len(leaves) for leaves in prefetched] == [3], prefetched
+    asked = {str(r.path) for _, name, reqs in orbax_calls if name != "prefetch" for r in reqs}
     assert asked == {"params.embed", "params.scanned_w", "params.final_norm"}, asked
     np.testing.assert_array_equal(np.asarray(new["lm"]["norm"]), LLM["params"]["final_norm"])
     # The bytes the plan reads: the mapped leaves (the unstacked layers as the orbax

@@ -161,10 +161,9 @@ class Sources(Source):
         for name, source in self._lazy.items():
             if not pending:
                 return
-            if name not in self._opened:
-                continue  # never opened: none of these leaves is its
-            meta = source.metadata()
-            mine = [pending.pop(i) for i in _leaf_ids(meta) if i in pending]
+            if name not in self._opened or type(source).prefetch is Source.prefetch:
+                continue  # never opened (none of these leaves is its), or nothing to fetch
+            mine = [pending.pop(i) for i in _leaf_ids(source.metadata()) if i in pending]
             if mine:
                 source.prefetch(mine)
 
@@ -478,7 +477,8 @@ def _value_problem(leaf: Any, parts: Parts, named: str) -> Problem | None:
 
 
 def _leaf_ids(tree: Any) -> list[int]:
-    return [id(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
+    # The leaves as the plan's index has them (treegraft's flattening, not jax's).
+    return [id(leaf) for leaf in flatten_parts(tree)[1]]
 
 
 def _copy_leaf(leaf: Any, like: Any) -> Any:
@@ -493,7 +493,10 @@ def _copy_leaf(leaf: Any, like: Any) -> Any:
     if isinstance(leaf, jax.Array):
         sharding = getattr(like, "sharding", None) if isinstance(
             like, jax.Array | jax.ShapeDtypeStruct) else None
-        return _copier(sharding if sharding is not None else leaf.sharding)(leaf)
+        if sharding is None or sharding.device_set != leaf.sharding.device_set:
+            # A compiled copy cannot move devices: copy where it is, the graft moves it.
+            sharding = leaf.sharding
+        return _copier(sharding)(leaf)
     with jax.transfer_guard("allow"):
         return np.array(leaf, copy=True)
 
