@@ -228,6 +228,29 @@ def test_a_stack_whose_layers_come_from_a_pytree_sub_source(ckpts):
     assert_owns_buffers(new["stacked"]["w"], *[v["w"] for v in layers.values()])
 
 
+def test_a_stack_across_two_sub_sources_named_by_index(ckpts, monkeypatch):
+    # Sub-sources named '0' and '1': the stack's last '*' takes one leaf from each,
+    # the checkpoint's and the pytree's, boxes of both in one block.
+    other = _f32(8)
+    src = {"0": tg.OrbaxCheckpoint(ckpts[1]), "1": {"params": {"final_norm": other}}}
+    calls = _spy(monkeypatch, tg.OrbaxCheckpoint, "read_boxes")
+    new = tg.graft({"soup": _sds((2, 8), P(None, "x"))}, src,
+                   {"soup": tg.stack("*.params.final_norm")})
+    np.testing.assert_array_equal(np.asarray(new["soup"]),
+                                  np.stack([LLM["params"]["final_norm"], other]))
+    assert new["soup"].sharding == NamedSharding(_mesh(), P(None, "x"))
+    assert calls and all(str(r.path) == "params.final_norm" for _, _, reqs in calls for r in reqs)
+
+
+def test_an_ignore_pattern_names_a_sub_source_from_the_root(ckpts):
+    state = _state()
+    del state["proj"]["bias"]
+    with pytest.raises(tg.PathNotFoundError, match="'extra.proj.bias' in the in-memory pytree"):
+        tg.plan(state, _sources(ckpts), MAPPING)
+    p = tg.plan(state, _sources(ckpts), MAPPING, ignore_restored_keys=["extra.proj.bias"])
+    assert len(p.entries) == len(jax.tree.leaves(state))
+
+
 # ----------------------------------------------------------------------------
 # One report, messages naming the sub-source, did-you-mean within it.
 # ----------------------------------------------------------------------------
