@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
@@ -405,6 +406,15 @@ def test_a_dict_of_arrays_stays_a_plain_pytree():
     assert "from the source;" in str(p)
     with pytest.raises(tg.PathNotFoundError, match="not found in the source:"):
         tg.plan({"w": np.zeros(2)}, src, {"w": "llm.v"})
+
+
+def test_any_mapping_holding_a_source_is_several_sources(ckpts):
+    # As tg.suggest reads it: a read-only mapping (or a FrozenDict) works as a dict does.
+    src = MappingProxyType({"llm": tg.OrbaxCheckpoint(ckpts[1]), "extra": {"b": np.ones(8)}})
+    new = tg.graft({"n": np.zeros(8, np.float32), "b": np.zeros(8)}, src,
+                   {"n": "llm.params.final_norm", "b": "extra.b"})
+    np.testing.assert_array_equal(new["n"], LLM["params"]["final_norm"])
+    np.testing.assert_array_equal(new["b"], np.ones(8))
 
 
 def test_sources_is_the_dict_made_explicit(ckpts):

@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -74,8 +74,8 @@ class Sources(Source):
       (array([1., 1.]), array([0., 0., 0.]))
     """
 
-    def __init__(self, sources: dict[str, Any], /):
-        if not isinstance(sources, dict):
+    def __init__(self, sources: Mapping[str, Any], /):
+        if not isinstance(sources, Mapping):
             raise MappingError(
                 f"tg.Sources takes a dict {{name: source}}, got {type(sources).__name__}"
             )
@@ -317,12 +317,12 @@ Sources.__module__ = "treegraft"
 def as_source(source: Any) -> Source | None:
     """The lazy source a plan reads from: a `Source`, a dict holding one as `Sources`, or None.
 
-    None means an in-memory pytree: a dict none of whose values is a `Source`
-    (docs/design.md section 17).
+    None means an in-memory pytree: a dict (any `Mapping`) none of whose
+    values is a `Source` (docs/design.md section 17), or any other pytree.
     """
     if isinstance(source, Source):
         return source
-    if isinstance(source, dict) and any(isinstance(v, Source) for v in source.values()):
+    if isinstance(source, Mapping) and any(isinstance(v, Source) for v in source.values()):
         return Sources(source)
     return None
 
