@@ -57,7 +57,8 @@ def plan(
 
     Args:
       state: the pytree to graft into (arrays or `jax.ShapeDtypeStruct`s).
-      source: a pytree, or a lazy `treegraft.Source` such as `OrbaxCheckpoint`.
+      source: a pytree, or a lazy `treegraft.Source` such as `OrbaxCheckpoint`,
+        or a dict of them, `{name: source}` (paths then start with the name).
       mapping: `{new_path: old_path}`; keys and values may be patterns.
       ignore_model_keys: patterns of target leaves that may lack a source leaf
         (they keep their value); matched against the key relative to the

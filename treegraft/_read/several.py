@@ -28,7 +28,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft._errors import GraftError, MappingError, Names, PathNotFoundError, Problem, suggest
+from treegraft._errors import (
+    GraftError,
+    MappingError,
+    Names,
+    PathNotFoundError,
+    Problem,
+    count,
+    suggest,
+)
 from treegraft._parse.keys import loose_part
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._parse.patterns import Pattern
@@ -96,14 +104,14 @@ class Sources(Source):
                 )
         if problems:
             raise GraftError.from_problems(
-                problems, header=f"cannot use these sources ({len(problems)} problem(s)):"
+                problems, header=f"cannot use these sources ({count(len(problems), 'problem')}):"
             )
         self._names: tuple[str, ...] = tuple(sources)
         self._lazy: dict[str, Source] = {k: v for k, v in sources.items() if isinstance(v, Source)}
+        self._opened: set[str] = set()  # the lazy sub-sources whose metadata was asked for
         # A pytree is taken as it is now (its containers rebuilt, its leaves the
         # same objects): mutating the caller's dict later changes nothing here,
         # as a plan of a pytree holds the leaves it saw.
-        self._opened: set[str] = set()  # the lazy sub-sources whose metadata was asked for
         self._trees: dict[str, Any] = {}
         self._leaves: dict[str, dict[Parts, Any]] = {}
         for key, value in sources.items():
@@ -307,7 +315,8 @@ class Sources(Source):
         ]
         if problems:
             raise GraftError.from_problems(
-                problems, header=f"cannot read {len(problems)} leaf(s) of the sources:"
+                problems,
+                header=f"cannot read {count(len(problems), 'leaf', 'leaves')} of the sources:",
             )
 
 
