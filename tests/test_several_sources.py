@@ -252,6 +252,24 @@ def test_an_ignore_pattern_names_a_sub_source_from_the_root(ckpts):
     assert len(p.entries) == len(jax.tree.leaves(state))
 
 
+def test_a_kauldron_workdir_as_a_sub_source(ckpts, tmp_path):
+    from kauldron_run import init_params, train_state, write_run
+
+    params = init_params({"encoder": {"kernel": (4, 8)}}, seed=3)
+    write_run(tmp_path / "run", {7: train_state(params, step=7)})
+    run = tg.KauldronCheckpoint(str(tmp_path / "run"))
+    state = {"enc": np.zeros((4, 8), np.float32), "norm": np.zeros(8, np.float32)}
+    new = tg.graft(state, {"run": run, "llm": tg.OrbaxCheckpoint(ckpts[1])},
+                   {"enc": "run.params.encoder.kernel", "norm": "llm.params.final_norm"})
+    alone = tg.graft({"enc": state["enc"]}, tg.KauldronCheckpoint(str(tmp_path / "run")),
+                     {"enc": "params.encoder.kernel"})
+    _assert_bit_identical({"enc": new["enc"]}, alone)
+    np.testing.assert_array_equal(new["enc"], np.asarray(params["encoder"]["kernel"]))
+    np.testing.assert_array_equal(new["norm"], LLM["params"]["final_norm"])
+    with pytest.raises(tg.PathNotFoundError, match=r"the checkpoint .*ckpt_7.* \(source 'run'\)"):
+        tg.plan(state, {"run": run}, {"enc": "run.params.encoder.kernl"})
+
+
 # ----------------------------------------------------------------------------
 # One report, messages naming the sub-source, did-you-mean within it.
 # ----------------------------------------------------------------------------
