@@ -417,6 +417,17 @@ def test_deleted_pytree_leaves_are_refused_in_plan(ckpts):
         tg.plan({"w": np.zeros(8, np.float32)}, src, {"w": "extra.w"})
 
 
+def test_a_pytree_leaf_deleted_after_the_plan_is_refused_by_execute(ckpts):
+    w = jnp.ones(8)
+    src = {"llm": tg.OrbaxCheckpoint(ckpts[1]), "extra": {"w": w}}
+    p = tg.plan({"w": np.zeros(8, np.float32), "n": np.zeros(8, np.float32)}, src,
+                {"w": "extra.w", "n": "llm.params.final_norm"})
+    w.delete()  # donated between plan and execute
+    with pytest.raises(tg.GraftError, match=r"'extra\.w' in the in-memory pytree \(source "
+                       r"'extra'\) \(float32\[8\]\) has been deleted"):
+        tg.execute(p)
+
+
 def test_a_dict_of_arrays_stays_a_plain_pytree():
     src = {"vision": {"w": np.ones(2)}, "llm": {"w": np.zeros(2)}}
     p = tg.plan({"w": np.zeros(2)}, src, {"w": "llm.w"})
