@@ -250,6 +250,10 @@ def test_an_ignore_pattern_names_a_sub_source_from_the_root(ckpts):
         tg.plan(state, _sources(ckpts), MAPPING)
     p = tg.plan(state, _sources(ckpts), MAPPING, ignore_restored_keys=["extra.proj.bias"])
     assert len(p.entries) == len(jax.tree.leaves(state))
+    # One that matches nothing names the sub-source it names, with its close keys.
+    with pytest.raises(tg.PathNotFoundError, match=r"'llm\.params\.embd' matches no key of "
+                       r"the checkpoint .* \(source 'llm'\).*did you mean 'llm\.params\.embed'"):
+        tg.plan(_state(), _sources(ckpts), MAPPING, ignore_restored_keys=["llm.params.embd"])
 
 
 def test_a_kauldron_workdir_as_a_sub_source(ckpts, tmp_path):

@@ -39,7 +39,7 @@ from treegraft._errors import (
 )
 from treegraft._parse.keys import loose_part
 from treegraft._parse.paths import Part, Path, render_parts
-from treegraft._parse.patterns import Pattern
+from treegraft._parse.patterns import Pattern, parse_pattern
 from treegraft._read.source import BoxRequest, ReadRequest, Source
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.index import TreeIndex, is_abstract, is_deleted
@@ -446,11 +446,17 @@ class SeveralIndex(TreeIndex):
         return out
 
     def _named(self, problem: Problem) -> Problem:
-        name = self.name_of(problem.source.parts) if problem.source is not None else None
+        message = problem.message
+        if problem.source is not None:
+            name = self.name_of(problem.source.parts)
+        elif problem.pattern is not None and self.what in message:
+            # An ignore pattern of the source that names a sub-source from the root.
+            name = self.name_of(_head(problem.pattern))
+        else:
+            name = None
         if name is None:
             return problem
         named = self.sources.describe_source(name)
-        message = problem.message
         if named in message:
             return problem
         for said in (" in the source", f" {self.what}", " the source"):
@@ -461,6 +467,14 @@ class SeveralIndex(TreeIndex):
         else:
             message += f" (in {named})"
         return dataclasses.replace(problem, message=message)
+
+
+def _head(text: str) -> Parts:
+    """The literal first part of a pattern's text, if it has one and parses."""
+    try:
+        return parse_pattern(text).literal_prefix()[:1]
+    except GraftError:
+        return ()
 
 
 def _value_problem(leaf: Any, parts: Parts, named: str) -> Problem | None:
