@@ -310,8 +310,8 @@ class Sources(Source):
         """Pytree leaves to read must hold values: every one that does not, in one error."""
         problems = [
             p for name, parts in dict.fromkeys(wanted)
-            if (p := _value_problem(self._leaves[name][parts], (name, *parts),
-                                    self.describe_source(name))) is not None
+            if (p := _value_problem(self._leaves[name][parts], (name, *parts), name, self))
+            is not None
         ]
         if problems:
             raise GraftError.from_problems(
@@ -439,8 +439,7 @@ class SeveralIndex(TreeIndex):
             name = self.name_of(self.paths[si])
             if name is None or name not in self.sources._leaves:
                 continue
-            found = _value_problem(self.leaves[si], self.paths[si],
-                                   self.sources.describe_source(name))
+            found = _value_problem(self.leaves[si], self.paths[si], name, self.sources)
             if found is not None:
                 out.append(found)
         return out
@@ -477,9 +476,11 @@ def _head(text: str) -> Parts:
         return ()
 
 
-def _value_problem(leaf: Any, parts: Parts, named: str) -> Problem | None:
+def _value_problem(leaf: Any, parts: Parts, name: str, sources: Sources) -> Problem | None:
     """The problem of a pytree leaf that has no value to read, or None."""
-    where = f"{render_parts(parts)!r} in {named}"
+    if not (is_abstract(leaf) or is_deleted(leaf)):
+        return None  # the common case, without a message made for nothing
+    where = f"{render_parts(parts)!r} in {sources.describe_source(name)}"
     if is_abstract(leaf):
         return Problem(
             "abstract",
@@ -520,8 +521,7 @@ def _copy_leaf(leaf: Any, like: Any) -> Any:
             # A compiled copy cannot move devices: copy where it is, the graft moves it.
             sharding = leaf.sharding
         return _copier(sharding)(leaf)
-    with jax.transfer_guard("allow"):
-        return np.array(leaf, copy=True)
+    return np.array(leaf, copy=True)  # a host value: no device transfer
 
 
 @functools.lru_cache(maxsize=64)
