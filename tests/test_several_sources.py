@@ -229,6 +229,34 @@ def test_a_stack_whose_layers_come_from_a_pytree_sub_source(ckpts):
     assert_owns_buffers(new["stacked"]["w"], *[v["w"] for v in layers.values()])
 
 
+def test_transforms_on_each_sub_source_equal_them_alone(ckpts):
+    vision, llm = ckpts
+    extra = {"flat": jnp.arange(64.0).reshape(64)}
+    state = {
+        "k": _sds((16, 8), P("x")),  # a [out, in] Linear weight as an [in, out] kernel
+        "e": _sds((32, 8), P("x"), jnp.bfloat16),
+        "r": _sds((8, 8), P(None, "x")),
+    }
+    rules = {
+        "k": tg.transpose("vision.vision_model.embeddings.patch.weight", (1, 0)),
+        "e": tg.cast("llm.params.embed", jnp.bfloat16),
+        "r": tg.reshape("extra.flat", (8, 8)),
+    }
+    new = tg.graft(state, {"vision": tg.SafetensorsCheckpoint(vision),
+                           "llm": tg.OrbaxCheckpoint(llm), "extra": extra}, rules)
+    alone = {
+        "k": tg.graft({"k": state["k"]}, tg.SafetensorsCheckpoint(vision),
+                      {"k": tg.transpose("vision_model.embeddings.patch.weight", (1, 0))})["k"],
+        "e": tg.graft({"e": state["e"]}, tg.OrbaxCheckpoint(llm),
+                      {"e": tg.cast("params.embed", jnp.bfloat16)})["e"],
+        "r": tg.graft({"r": state["r"]}, extra, {"r": tg.reshape("flat", (8, 8))})["r"],
+    }
+    _assert_bit_identical(new, alone)
+    np.testing.assert_array_equal(np.asarray(new["k"]), VISION[
+        "vision_model.embeddings.patch.weight"].T)
+    assert_owns_buffers(new["r"], extra["flat"])
+
+
 def test_a_stack_across_two_sub_sources_named_by_index(ckpts, monkeypatch):
     # Sub-sources named '0' and '1': the stack's last '*' takes one leaf from each,
     # the checkpoint's and the pytree's, boxes of both in one block.
