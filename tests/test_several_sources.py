@@ -26,8 +26,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from helpers import assert_owns_buffers
+from hypothesis import HealthCheck, assume, event, given, settings
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_fuzz import random_grafts
 
 import treegraft as tg
 
@@ -574,3 +576,28 @@ def test_nothing_is_mutated_and_a_failed_plan_changes_nothing(ckpts):
     np.testing.assert_array_equal(np.asarray(extra["proj"]["kernel"]), kernel)
     assert jax.tree.structure(state) == jax.tree.structure(_state())
     assert all(a is b for a, b in zip(jax.tree.leaves(state), leaves, strict=True))
+
+
+# ----------------------------------------------------------------------------
+# Property: pytrees as sub-sources mean what the same dict means as one pytree.
+# ----------------------------------------------------------------------------
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow,
+                                                  HealthCheck.filter_too_much])
+@given(random_grafts())
+def test_random_grafts_from_sources_equal_them_from_the_dict(case):
+    state, source, mapping, options = case
+    assume(isinstance(source, dict) and source and all(type(k) is str for k in source))
+    try:
+        want = tg.graft(state, source, mapping, **options)
+    except tg.GraftError as e:
+        event(f"both refuse: {type(e).__name__}")
+        with pytest.raises(type(e)) as info:
+            tg.graft(state, tg.Sources(source), mapping, **options)
+        assert {p.kind for p in info.value.problems} == {p.kind for p in e.problems}, (
+            str(e), str(info.value))
+        return
+    event("both graft")
+    got = tg.graft(state, tg.Sources(source), mapping, **options)
+    _assert_bit_identical(got, want)

@@ -153,13 +153,14 @@ class Sources(Source):
         return self._lazy[name].metadata() if name in self._lazy else self._trees[name]
 
     def plan_index(self, patterns: Iterable[Pattern]) -> SeveralIndex:
-        """The index a plan resolves against: only the sub-sources patterns can read are opened.
+        """The index a plan resolves against: only the checkpoints patterns can read are opened.
 
-        A sub-source no pattern's first segment can name is an empty dict in
-        it: its name is there for did-you-mean, its metadata is never read.
-        A pattern starting with a wildcard may read any of them.
+        A lazy sub-source no pattern's first segment can name is an empty dict
+        in it: its name is there for did-you-mean, its metadata is never read.
+        A pattern starting with a wildcard may read any of them. A pytree is
+        always there, as in a graft from it.
         """
-        wanted = _wanted(patterns, self._names)
+        wanted = _wanted(patterns, self._names) | set(self._trees)  # a pytree costs nothing
         root = {k: self._metadata_of(k) if k in wanted else {} for k in self._names}
         return SeveralIndex(root, self)
 
