@@ -152,7 +152,7 @@ class Sources(Source):
             self._opened.add(name)
         return self._lazy[name].metadata() if name in self._lazy else self._trees[name]
 
-    def plan_index(self, patterns: Iterable[Pattern]) -> SeveralIndex:
+    def _plan_index(self, patterns: Iterable[Pattern]) -> SeveralIndex:
         """The index a plan resolves against: only the checkpoints patterns can read are opened.
 
         A lazy sub-source no pattern's first segment can name is an empty dict
@@ -348,7 +348,7 @@ def source_index(
     """
     if isinstance(lazy, Sources):
         named = [p for p in ignore_restored if p.literal_prefix()]
-        return lazy.plan_index(read_patterns(rules) + named)
+        return lazy._plan_index(read_patterns(rules) + named)
     if lazy is not None:
         return TreeIndex(lazy.metadata(), lazy.describe())
     return TreeIndex(source, "the source")
@@ -432,8 +432,12 @@ class SeveralIndex(TreeIndex):
         return near
 
     def restate(self, problems: Sequence[Problem], pairs: Iterable[Any]) -> list[Problem]:
-        """The plan's problems, each about a source path naming its sub-source, and the
-        pytree leaves without values (abstract, deleted) among those the pairs read."""
+        """The plan's problems with their sub-sources named, and the pairs' valueless leaves.
+
+        A problem about a source path names the sub-source it is in; a pytree
+        leaf the pairs read that has no value (abstract, deleted) is one more
+        problem, as a plan from that pytree alone would report it.
+        """
         out = [self._named(p) for p in problems]
         read = sorted({si for pair in pairs for si in (pair.sources or (pair.source,))})
         for si in read:
