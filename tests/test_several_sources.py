@@ -340,6 +340,22 @@ def test_strict_false_reports_them_as_one_plan(ckpts):
     assert "(source 'llm')" in p.report[0].message
 
 
+def test_a_stack_that_cannot_be_made_names_its_sub_source(tmp_path):
+    z = np.zeros(2, np.float32)
+    st_numpy.save_file({"layers.0.w": z, "layers.2.w": z}, str(tmp_path / "gap.safetensors"))
+    src = {"vision": tg.SafetensorsCheckpoint(str(tmp_path / "gap.safetensors")),
+           "extra": {"a": {"0": {"w": z}, "1": {"w": z}, "3": {"w": z}}}}
+    state = {"img": {"w": np.zeros((2, 2), np.float32)}, "e": {"w": np.zeros((3, 2), np.float32)}}
+    with pytest.raises(tg.MismatchError) as info:
+        tg.plan(state, src, {"img": tg.stack("vision.layers.*"), "e": tg.stack("extra.a.*")})
+    message = str(info.value)
+    assert (f"'img': the subtrees of the safetensors checkpoint {tmp_path}/gap.safetensors "
+            "(source 'vision') matching 'vision.layers.*' cannot be stacked: indices found 0, "
+            "2, missing 1") in message, message
+    assert ("'e': the subtrees of the in-memory pytree (source 'extra') matching 'extra.a.*' "
+            "cannot be stacked") in message, message
+
+
 def test_did_you_mean_stays_within_the_sub_source(tmp_path):
     z = np.zeros((2,), np.float32)
     st_numpy.save_file({f"encoder.blocks.{i}.mlp": z for i in range(2)},

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -456,6 +457,11 @@ class SeveralIndex(TreeIndex):
         elif problem.pattern is not None and self.what in message:
             # An ignore pattern of the source that names a sub-source from the root.
             name = self.name_of(_head(problem.pattern))
+        elif problem.rule is not None and " the source" in message and (
+            old := _OLD_SIDE.search(problem.rule)
+        ):
+            # A rule's sources as a whole (a stack's): the sub-source its old side names.
+            name = self.name_of(_head(old.group(2)))
         else:
             name = None
         if name is None:
@@ -463,14 +469,22 @@ class SeveralIndex(TreeIndex):
         named = self.sources.describe_source(name)
         if named in message:
             return problem
-        for said in (" in the source", f" {self.what}", " the source"):
+        for said, says in (
+            (" the source subtrees", f" the subtrees of {named}"),
+            (" in the source", f" in {named}"),
+            (f" {self.what}", f" {named}"),
+            (" the source", f" {named}"),
+        ):
             if said in message:
-                message = message.replace(said, f" in {named}" if said.startswith(" in") else
-                                          f" {named}", 1)
+                message = message.replace(said, says, 1)
                 break
         else:
             message += f" (in {named})"
         return dataclasses.replace(problem, message=message)
+
+
+# The first quoted path after a rule's arrow ("'new' <- stack('old.*', axis=0)"): its old side.
+_OLD_SIDE = re.compile(r""" <- [^'"]*(['"])(.*?)\1""")
 
 
 def _head(text: str) -> Parts:
