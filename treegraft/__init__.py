@@ -41,6 +41,7 @@ from treegraft._plan import Entry as Entry
 from treegraft._plan import GraftPlan as GraftPlan
 from treegraft._plan import Problem as Problem
 from treegraft._plan import plan as plan
+from treegraft._read.several import Sources as Sources
 from treegraft._read.source import ReadRequest as ReadRequest
 from treegraft._read.source import Source as Source
 from treegraft._suggest.result import Suggestion as Suggestion
@@ -70,6 +71,7 @@ __all__ = [
     "Problem",
     "ReadRequest",
     "Source",
+    "Sources",
     "Operation",
     "cast",
     "execute",

@@ -50,7 +50,8 @@ def graft(
 
     Args:
       state: the pytree to graft into (arrays or `jax.ShapeDtypeStruct`s).
-      source: a pytree, or a lazy `treegraft.Source` such as `OrbaxCheckpoint`.
+      source: a pytree, or a lazy `treegraft.Source` such as `OrbaxCheckpoint`,
+        or a dict of them, `{name: source}` (paths then start with the name).
       mapping: `{new_path: old_path}` (new <- old); patterns allowed.
       ignore_model_keys: see `treegraft.plan`.
       ignore_restored_keys: see `treegraft.plan`.

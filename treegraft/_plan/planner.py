@@ -31,7 +31,7 @@ from treegraft._plan.record import make_record
 from treegraft._plan.resolution import Resolution
 from treegraft._plan.resolve import resolve
 from treegraft._plan.result import GraftPlan
-from treegraft._read.source import Source
+from treegraft._read.several import SeveralIndex, as_source, source_index
 from treegraft._tree.gc import young_collections_only
 from treegraft._tree.index import TreeIndex
 
@@ -57,7 +57,8 @@ def plan(
 
     Args:
       state: the pytree to graft into (arrays or `jax.ShapeDtypeStruct`s).
-      source: a pytree, or a lazy `treegraft.Source` such as `OrbaxCheckpoint`.
+      source: a pytree, or a lazy `treegraft.Source` such as `OrbaxCheckpoint`,
+        or a dict of them, `{name: source}` (paths then start with the name).
       mapping: `{new_path: old_path}`; keys and values may be patterns.
       ignore_model_keys: patterns of target leaves that may lack a source leaf
         (they keep their value); matched against the key relative to the
@@ -115,17 +116,14 @@ def plan(
         rules = tuple(parse_mapping(mapping))
         ignore_model = tuple(parse_ignore(ignore_model_keys, name="ignore_model_keys"))
         ignore_restored = tuple(parse_ignore(ignore_restored_keys, name="ignore_restored_keys"))
-        lazy = source if isinstance(source, Source) else None
+        lazy = as_source(source)  # a dict holding a Source is several (docs/design.md section 17)
         with young_collections_only():
             inputs = Inputs(
                 rules,
                 ignore_model,
                 ignore_restored,
                 TreeIndex(state, "the state"),
-                TreeIndex(
-                    lazy.metadata() if lazy is not None else source,
-                    lazy.describe() if lazy is not None else "the source",
-                ),
+                source_index(source, lazy, rules, ignore_restored),
                 cast,
                 lazy,
             )
@@ -134,6 +132,8 @@ def plan(
                 # The one metadata read: every source leaf a check looks at, in one batch.
                 lazy.prefetch(needed)
             problems = CHECKS(res)
+            if isinstance(inputs.src, SeveralIndex):
+                problems = inputs.src.restate(problems, res.pairs)
         return _conclude(res, source, problems, strict=strict, check_ignores=check_ignores)
 
     return plan_on_every_process(state, run)
@@ -200,7 +200,7 @@ def _conclude(
         rules=inputs.rules,
         target=inputs.tgt,
         source=inputs.src,
-        lazy=source if isinstance(source, Source) else None,
+        lazy=inputs.lazy,
         pairs=res.pairs,
         cast=inputs.cast,
     )

@@ -46,7 +46,7 @@ def _close_paths(text: str, index: TreeIndex) -> str:
     The text itself is never suggested: a pattern that names leaves elsewhere
     is not a typo.
     """
-    return suggest_path(text, index.node_names(patterns="*" in text), not_itself=True)
+    return suggest_path(text, index.names_near(text), not_itself=True)
 
 
 def raise_problems(problems: Sequence[Problem], n_rules: int) -> None:

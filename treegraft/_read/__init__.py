@@ -4,6 +4,7 @@
                  shapes and dtypes (`metadata`), one batch of header reads
                  (`prefetch`), reads of whole leaves and of boxes, one lifecycle
     progress.py  the terminal progress bar of a long read
+    several.py   several sources as one: a dict of checkpoints and pytrees (`Sources`)
 
 The sources themselves are formats, each in its folder under `treegraft/_formats`
 with its reader (and, to come, its writer); where they read from is

@@ -120,7 +120,7 @@ class TreeIndex:
         if self.under(parts):
             return True
         try:
-            walk_path(self.root, Path(parts), what=self.what)
+            walk_path(self.root, Path(parts), what=self.what_at(parts))
         except PathNotFoundError as e:
             # Kept for why_missing: walking a node of many keys again costs as much.
             self._missing[parts] = str(e)
@@ -133,11 +133,19 @@ class TreeIndex:
         if known is not None:
             return known
         try:
-            _, node = walk_path(self.root, Path(parts), what=self.what)
+            _, node = walk_path(self.root, Path(parts), what=self.what_at(parts))
         except PathNotFoundError as e:
             return self._missing.setdefault(parts, str(e))
         where = repr(render_parts(parts)) if parts else "the root"
-        return f"{where} is {_what_node(node)} in {self.what}"
+        return f"{where} is {_what_node(node)} in {self.what_at(parts)}"
+
+    def what_at(self, parts: Parts) -> str:
+        """How messages name the tree a path is in: `what` (several sources name each one)."""
+        return self.what
+
+    def names_near(self, text: str) -> Names:
+        """The node names a mistyped path or pattern is compared with: all of them here."""
+        return self.node_names(patterns="*" in text)
 
     def node_paths(self) -> list[Parts]:
         """Every node's path, empty nodes and None included (a full walk)."""
