@@ -596,3 +596,21 @@ def test_a_source_without_box_reads_is_read_whole_once(tmp_path):
     got = restore_std(dest)
     np.testing.assert_array_equal(got["t"], np.arange(6.0).reshape(2, 3).T)
     assert sorted(source.boxes) == [32, 48]  # each leaf read whole, once
+
+
+def test_convert_from_several_sources_opens_only_what_it_reads(tmp_path):
+    # docs/design.md section 17: a dict holding sources is one source for convert too.
+    ckpt = tg.save({"w": np.arange(4, dtype=np.float32)}, str(tmp_path / "a"))
+    sources = {
+        "x": tg.OrbaxCheckpoint(ckpt),
+        "y": {"b": np.arange(3, dtype=np.int32)},
+        "unused": tg.OrbaxCheckpoint(str(tmp_path / "does-not-exist")),
+    }
+    before = folder_hash(ckpt)
+    out = tg.convert(sources, str(tmp_path / "c"), {"p.w": "x.w", "p.b": "y.b"})
+    assert_bits_equal(restore_std(out),
+                      {"p": {"w": np.arange(4, dtype=np.float32), "b": np.arange(3, dtype=np.int32)}})
+    assert folder_hash(ckpt) == before
+    with pytest.raises(tg.MappingError, match="produces no leaf"):
+        tg.convert(sources, str(tmp_path / "d"), {"p.w": "x.ww"})
+    assert not os.path.exists(tmp_path / "d")

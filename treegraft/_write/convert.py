@@ -28,10 +28,11 @@ from treegraft._parse.rules import CastOption, MappingLike, parse_mapping
 from treegraft._plan import plan
 from treegraft._plan.checks import deleted_sources
 from treegraft._read.progress import ProgressBar
+from treegraft._read.several import as_source, source_index
 from treegraft._read.source import Source
 from treegraft._storage.errors import reason
 from treegraft._storage.location import Location
-from treegraft._tree.index import TreeIndex, is_abstract
+from treegraft._tree.index import is_abstract
 from treegraft._tree.leaves import is_key_dtype, spec_of
 from treegraft._write import commit as _commit
 from treegraft._write.interface import Budget, Share, Writer
@@ -348,10 +349,12 @@ def _refuse_source_at(source: Any, final: Location) -> None:
 
 def _derived_like(source: Any, rules: list[Any]) -> Any:
     """The output layout without `like`: the source's own tree for a copy of all of it."""
-    meta = source.metadata() if isinstance(source, Source) else source
+    # A dict holding sources is several sources (docs/design.md section 17):
+    # only the sub-sources the rules read are opened.
+    lazy = as_source(source)
     if is_identity(rules):
-        return jax.tree.map(abstract_of, meta)
-    return derive_like(rules, TreeIndex(meta, "the source"))
+        return jax.tree.map(abstract_of, lazy.metadata() if lazy is not None else source)
+    return derive_like(rules, source_index(source, lazy, rules, ()))
 
 
 def _check_executable(p: Any) -> None:
