@@ -1,4 +1,4 @@
-"""The `treegraft` command line: demo, inspect, plan.
+"""The `treegraft` command line: demo, inspect, plan, convert.
 
 Exit status: 0 on success, 1 when a plan would fail (or the demo's checks
 fail, or the output cannot be written), 2 for usage errors and unusable
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import treegraft
+from treegraft._app import convert_cmd
 from treegraft._app.display import Style, leaf_rows, render_tree
 from treegraft._app.map_text import parse_map
 from treegraft._app.mapping_file import load_mapping
@@ -39,9 +40,9 @@ __all__ = ["main"]
 
 _DEFAULT_MAP = ("params=params", "collections=collections")
 # The arguments that name a checkpoint or folder.
-_LOCATIONS = ("path", "source", "target", "keep")
+_LOCATIONS = ("path", "source", "target", "keep", "dest")
 # Arguments by the name a user sees.
-_SHOWN_AS = {"path": "PATH", "source": "SOURCE"}
+_SHOWN_AS = {"path": "PATH", "source": "SOURCE", "dest": "DEST"}
 
 
 def open_checkpoint(path: str, step: int | None, *, flag: str = "--step") -> Source:
@@ -190,6 +191,8 @@ def _parser() -> argparse.ArgumentParser:
     dry.add_argument("--cast", action="store_true", help="allow dtype differences")
     dry.add_argument("--json", action="store_true", help="machine-readable output")
     dry.add_argument("--plain", action="store_true", help="no colour or bold")
+
+    convert_cmd.add_parser(sub, _step_arg)
     return parser
 
 
@@ -236,7 +239,21 @@ def _run(args: argparse.Namespace, style: Style) -> int:
         return _demo(args, style)
     if args.command == "inspect":
         return _inspect(args, style)
+    if args.command == "convert":
+        return _convert(args)
     return _plan(args, style)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    # A malformed mapping and a missing source are usage errors (2); a refused
+    # or failed conversion is 1 (`convert_cmd.run`).
+    mapping = _given_mapping(args)
+    if mapping is None:
+        mapping = {"": ""}
+    parse_mapping(mapping)
+    source = open_checkpoint(args.source, args.step)
+    source.metadata()
+    return convert_cmd.run(args, source, mapping, _say)
 
 
 def _not_utf8(args: argparse.Namespace) -> str | None:
