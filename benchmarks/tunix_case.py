@@ -26,6 +26,7 @@ time <= 0.8x tunix's, peak RSS growth <= 0.7x tunix's. Warm page cache.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -47,6 +48,7 @@ SIZES = {
               "kv_heads": 4, "head_dim": 16},
 }
 VARIANTS = ("tunix", "treegraft", "treegraft-1")
+STEPS: dict[str, float] = {}  # treegraft's load, step by step (seconds)
 AIMS = {"time": 0.8, "peak_rss": 0.7}
 
 
@@ -151,17 +153,25 @@ def _loaders(spec: dict):
     mapping = recipes.llama3(cfg)
 
     def load():
+        # recipes.load, step by step, each step timed (STEPS).
+        t0 = time.perf_counter()
         graphdef, abstract = nnx.split(
             recipes.abstract_model(llama3_model.Llama3, cfg, mesh if on_mesh else None))
         # tunix declares float32 params; the files are bf16, and tunix's loader keeps
         # the files' dtype: so does this state.
         abstract = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16, sharding=s.sharding), abstract)
-        source = tg.SafetensorsCheckpoint(folder)
-        if not on_mesh:
-            return nnx.merge(graphdef, tg.graft(abstract, source, mapping))
-        with jax.set_mesh(mesh):
-            return nnx.merge(graphdef, tg.graft(abstract, source, mapping))
+        t1 = time.perf_counter()
+        with jax.set_mesh(mesh) if on_mesh else contextlib.nullcontext():
+            plan = tg.plan(abstract, tg.SafetensorsCheckpoint(folder), mapping)
+            t2 = time.perf_counter()
+            state = tg.execute(plan)
+            jax.block_until_ready(jax.tree.leaves(state))
+            t3 = time.perf_counter()
+            model = nnx.merge(graphdef, state)
+        STEPS.update(abstract=t1 - t0, plan=t2 - t1, execute=t3 - t2,
+                     merge=time.perf_counter() - t3)
+        return model
     return load
 
 
@@ -181,7 +191,7 @@ def worker(spec: dict) -> dict:
            "bytes": sum(x.nbytes for x in leaves),
            "devices": max(len(x.sharding.device_set) for x in leaves),
            "replicated": sum(x.sharding.is_fully_replicated for x in leaves),
-           "leaves": len(leaves)}
+           "leaves": len(leaves), "steps": dict(STEPS)}
     return out
 
 
@@ -203,7 +213,8 @@ def profile(spec: dict) -> str:
     prof.disable()
     text = io.StringIO()
     text.write(f"{spec['variant']}: {time.perf_counter() - start:.2f} s under cProfile\n")
-    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(25)
+    order = os.environ.get("TG_SORT", "cumulative")  # or tottime
+    pstats.Stats(prof, stream=text).sort_stats(order).print_stats(25)
     return text.getvalue()
 
 
@@ -242,6 +253,11 @@ def report(size: dict, nbytes: int, repeats: int, runs: dict[str, list[dict]]) -
         lines.append(
             f"  {v:<12} {med[v]['seconds']:7.2f}s {med[v]['peak_growth'] / MIB:12.0f} MiB "
             f"{rs[0]['devices']:>8} {rs[0]['replicated']:>11} of {rs[0]['leaves']}")
+    for v, rs in runs.items():
+        if rs[0]["steps"]:
+            steps = {k: statistics.median(r["steps"][k] for r in rs) for k in rs[0]["steps"]}
+            lines.append(f"  {v} step by step: " + ", ".join(
+                f"{k} {t:.2f}s" for k, t in steps.items()))
     base = med["tunix"]
     ratios = {"time": med["treegraft"]["seconds"] / base["seconds"],
               "peak_rss": med["treegraft"]["peak_growth"] / max(base["peak_growth"], 1)}
