@@ -23,14 +23,11 @@ import treegraft as tg
 __all__ = ["heads", "llama3", "qwen3", "qwen3_moe", "gemma3", "abstract_model", "load"]
 
 
-# --8<-- [start:heads]
 def heads(name: str, shape: tuple[int, ...]) -> tg.Operation:
     """A Linear weight `[out, in]` as a tunix einsum kernel: transposed, heads split out."""
     return tg.reshape(tg.transpose(name, (1, 0)), shape)
-# --8<-- [end:heads]
 
 
-# --8<-- [start:llama3]
 def llama3(cfg: Any) -> dict[str, Any]:
     """Hugging Face Llama 3 (`LlamaForCausalLM`) into `tunix.models.llama3.model.Llama3`."""
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -49,10 +46,8 @@ def llama3(cfg: Any) -> dict[str, Any]:
     if not cfg.weight_tying:  # Llama 3.2 1B and 3B tie the head to the embedding
         mapping["lm_head.w"] = tg.transpose("lm_head.weight", (1, 0))
     return mapping
-# --8<-- [end:llama3]
 
 
-# --8<-- [start:qwen3]
 def qwen3(cfg: Any) -> dict[str, Any]:
     """Hugging Face Qwen 3 (`Qwen3ForCausalLM`) into `tunix.models.qwen3.model.Qwen3`."""
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -73,10 +68,8 @@ def qwen3(cfg: Any) -> dict[str, Any]:
     if not cfg.use_tied_embedding:
         mapping["lm_head.w"] = tg.transpose("lm_head.weight", (1, 0))
     return mapping
-# --8<-- [end:qwen3]
 
 
-# --8<-- [start:qwen3_moe]
 def qwen3_moe(cfg: Any) -> dict[str, Any]:
     """Hugging Face Qwen 3 MoE (`Qwen3MoeForCausalLM`) into tunix's `Qwen3` with experts."""
     mapping = qwen3(cfg)
@@ -94,10 +87,8 @@ def qwen3_moe(cfg: Any) -> dict[str, Any]:
         "layers.*.mlp.router.kernel": tg.transpose("model.layers.*.mlp.gate.weight", (1, 0)),
     }
     return mapping
-# --8<-- [end:qwen3_moe]
 
 
-# --8<-- [start:gemma3]
 def gemma3(cfg: Any) -> dict[str, Any]:
     """Hugging Face Gemma 3 text (`Gemma3ForCausalLM`) into `tunix.models.gemma3.model.Gemma3`.
 
@@ -133,10 +124,8 @@ def gemma3(cfg: Any) -> dict[str, Any]:
             [heads_first("k_proj", k), heads_first("v_proj", k)], axis=0
         )
     return mapping
-# --8<-- [end:gemma3]
 
 
-# --8<-- [start:load]
 def abstract_model(model_class: Any, cfg: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
     """The tunix model built abstractly, its parameters carrying the model's own shardings.
 
@@ -159,4 +148,3 @@ def load(model_class: Any, cfg: Any, folder: str, mapping: dict[str, Any],
         return nnx.merge(graphdef, tg.graft(abstract, source, mapping))
     with jax.set_mesh(mesh):  # the abstract shardings name the mesh by its axes only
         return nnx.merge(graphdef, tg.graft(abstract, source, mapping))
-# --8<-- [end:load]
