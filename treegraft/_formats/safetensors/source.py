@@ -4,7 +4,8 @@ Metadata comes from the headers alone (`header`). A read fetches,
 for each target shard, only the bytes of its box: a range of rows of a
 C-ordered tensor is one contiguous byte range; any other box is read as the
 smallest such range that covers it, then sliced (`boxes`). Boxes
-that overlap are read once (`files`).
+that overlap are read once (`files`), and so are the boxes of one tensor
+asked for device by device, in calls of their own (`_rows_of`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class SafetensorsCheckpoint(Source):
     (nested dicts; an all-digit segment is an int key). Metadata comes from the
     file headers alone. Each target shard then reads only its byte range of
     each tensor, in the stored dtype; a tensor is read once per read call even
-    when several shards hold the same rows. Reading never writes: the files
+    when several shards hold the same rows, and once for all the devices of a
+    leaf built device by device under an operation (the rows of the tensor
+    read last are kept for the next boxes of it, up to 256 MiB). Reading never writes: the files
     are byte-identical afterwards.
 
     Args:
