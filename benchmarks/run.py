@@ -44,6 +44,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata as importlib_metadata
+from importlib import util as importlib_util
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -60,6 +61,10 @@ EXTRA = {
     "storage": "storage_cases.py",
     "error_path": "error_path.py",
 }
+# Hugging Face Llama 3 into tunix's NNX model beside tunix's own loader (tunix_case.py):
+# only where google-tunix (in the test extra) is installed.
+if importlib_util.find_spec("tunix") is not None:
+    EXTRA["tunix"] = "tunix_case.py"
 
 TREEGRAFT = "treegraft"
 LABELS = {

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from treegraft._parse.paths import Part, Path, render_parts
+from treegraft._plan.layout import layout_line
 from treegraft._plan.problems import Problem, _count
 from treegraft._plan.record import Pair, PlanRecord
 from treegraft._plan.specs import operation_shown
@@ -194,8 +195,9 @@ class GraftPlan:
         lines = [
             f"GraftPlan: {len(pairs)} of {n_target} target leaves from "
             f"{rec.source.what}; {reads} source leaves to read ({format_bytes(self.nbytes)})",
-            "",
         ]
+        placed = layout_line([rec.target.leaves[pair.target] for pair in pairs])
+        lines += [placed, ""] if placed else [""]
         rule_rows = [("rule", "leaves", "bytes")] + [
             (text, str(n), format_bytes(b)) for text, n, b in self.rule_counts()
         ]

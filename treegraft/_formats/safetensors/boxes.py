@@ -17,10 +17,12 @@ __all__ = [
     "box_of",
     "check_box",
     "covering",
+    "cut",
     "first_bad_bool",
     "full_box",
     "merge",
     "nbytes",
+    "row_box",
 ]
 
 def full_box(shape: tuple[int, ...]) -> Box:
@@ -78,6 +80,33 @@ def covering(info: TensorInfo, box: Box) -> tuple[int, int, tuple[int, ...], tup
     inner = (slice(None), *(slice(a, b) for a, b in box[d + 1 :]))
     begin = info.begin + first * itemsize
     return begin, begin + count * itemsize, sub_shape, inner
+
+
+def row_box(info: TensorInfo, box: Box) -> Box:
+    """The box of whole rows whose bytes are `covering(info, box)`: what a read of box reads.
+
+    Example:
+      >>> import numpy as np
+      >>> info = TensorInfo("w", (4, 6), np.dtype("float32"), "a.safetensors", 0, 96)
+      >>> row_box(info, ((1, 3), (2, 5)))
+      ((1, 3), (0, 6))
+    """
+    d = 0
+    while d < len(info.shape) - 1 and box[d][1] - box[d][0] == 1:
+        d += 1
+    return (*box[: d + 1], *((0, n) for n in info.shape[d + 1 :]))
+
+
+def cut(info: TensorInfo, rows: np.ndarray, rows_begin: int, box: Box, out: np.ndarray) -> None:
+    """Copies box of the tensor into out, from rows: its elements from file offset rows_begin on.
+
+    rows is a flat array of the tensor's dtype holding the bytes of a range
+    that covers box (`covering`).
+    """
+    begin, _, sub_shape, inner = covering(info, box)
+    offset = (begin - rows_begin) // info.dtype.itemsize
+    piece = rows[offset : offset + math.prod(sub_shape)].reshape(sub_shape)[inner]
+    out[...] = piece.reshape(out.shape)
 
 
 def merge(

@@ -4,11 +4,13 @@ Metadata comes from the headers alone (`header`). A read fetches,
 for each target shard, only the bytes of its box: a range of rows of a
 C-ordered tensor is one contiguous byte range; any other box is read as the
 smallest such range that covers it, then sliced (`boxes`). Boxes
-that overlap are read once (`files`).
+that overlap are read once (`files`), and so are the boxes of one tensor
+asked for device by device, in calls of their own (`_rows_of`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,10 +29,12 @@ from treegraft._formats.safetensors.boxes import (
     box_of,
     check_box,
     covering,
+    cut,
     first_bad_bool,
     full_box,
+    row_box,
 )
-from treegraft._formats.safetensors.files import Files
+from treegraft._formats.safetensors.files import Files, _aligned, _local_folder
 from treegraft._formats.safetensors.header import INDEX_NAME, TensorInfo, file_path, read_headers
 from treegraft._formats.safetensors.tree import MAX_DEPTH, build_tree
 from treegraft._insert.placement import array_from_blocks, sharding_of
@@ -42,6 +46,9 @@ from treegraft._storage.location import Location
 __all__ = ["SafetensorsCheckpoint", "TensorInfo"]
 
 _SUFFIX = ".safetensors"
+# A tensor at most this large, asked for box by box, keeps the rows read for one box
+# for the next boxes of it (`_rows_of`); a larger one is read box by box.
+_RECENT_BYTES = 256 * 2**20
 
 
 class SafetensorsCheckpoint(Source):
@@ -52,7 +59,9 @@ class SafetensorsCheckpoint(Source):
     (nested dicts; an all-digit segment is an int key). Metadata comes from the
     file headers alone. Each target shard then reads only its byte range of
     each tensor, in the stored dtype; a tensor is read once per read call even
-    when several shards hold the same rows. Reading never writes: the files
+    when several shards hold the same rows, and once for all the devices of a
+    leaf built device by device under an operation (the rows of the tensor
+    read last are kept for the next boxes of it, up to 256 MiB). Reading never writes: the files
     are byte-identical afterwards.
 
     Args:
@@ -116,6 +125,8 @@ class SafetensorsCheckpoint(Source):
             )
             self._index = None
         self._files = Files(self._loc, self.folder, self.describe())
+        # The rows of the tensor read last by `read_boxes`, by file byte range (`_rows_of`).
+        self._recent: tuple[TensorInfo, dict[tuple[int, int], np.ndarray]] | None = None
         self._tree: dict[Any, Any] | None = None
         self._by_parts: dict[tuple[Part, ...], TensorInfo] = {}
         self._by_loose: dict[tuple[Part, ...], TensorInfo] | None = None
@@ -223,7 +234,11 @@ class SafetensorsCheckpoint(Source):
                 entry[1].append(box)
             wanted.append((id(info), box))
         keys = list(by_tensor)
-        fetched = dict(zip(keys, self._fetch([by_tensor[k] for k in keys]), strict=True))
+        if len(keys) == 1 and self._keeps_rows(by_tensor[keys[0]]):
+            fetched = {keys[0]: self._rows_of(*by_tensor[keys[0]])}
+        else:
+            self._recent = None
+            fetched = dict(zip(keys, self._fetch([by_tensor[k] for k in keys]), strict=True))
         out, given = [], set()
         for k, box in wanted:
             piece = fetched[k][box]
@@ -248,9 +263,54 @@ class SafetensorsCheckpoint(Source):
 
     def close(self) -> None:
         """Closes the files and the kvstore; later reads raise `CheckpointError`."""
+        self._recent = None
         self._files.close()
 
     # -- internals --------------------------------------------------------------
+
+    def _keeps_rows(self, job: tuple[TensorInfo, list[Box]]) -> bool:
+        """Whether the boxes of one local tensor go through the rows kept between calls."""
+        info, boxes = job
+        return (
+            _local_folder(self._loc) is not None
+            and bool(info.shape)
+            and info.end - info.begin <= _RECENT_BYTES
+            and all(stop > start for box in boxes for start, stop in box)
+        )
+
+    def _rows_of(self, info: TensorInfo, boxes: list[Box]) -> dict[Box, np.ndarray]:
+        """Boxes of one tensor, cut from its rows read by this call or the calls just before.
+
+        A target leaf under an operation is built one device at a time, each
+        device asking for its own box: devices that need the same rows
+        (column shards, replicas, the whole input of a reshape) would each
+        read them again. The rows read for one box are kept (one tensor at a
+        time, at most `_RECENT_BYTES`) and the next boxes of that tensor cut
+        from them, after checking that the file has not changed since.
+        Each box is a new array, never a view of the kept rows.
+        """
+        kept = self._recent[1] if self._recent is not None and self._recent[0] is info else {}
+        if kept:  # the checks of a read: the file's stat, then its header
+            self._files.pread(info, info.begin, np.empty(0, np.uint8))
+            self._files.check_unchanged([info])
+
+        def holder(box: Box) -> tuple[int, int] | None:
+            begin, end = covering(info, box)[:2]
+            return next(((b, e) for b, e in kept if b <= begin and end <= e), None)
+
+        missing = list(dict.fromkeys(row_box(info, box) for box in boxes if holder(box) is None))
+        if missing:
+            for rows, piece in next(self._fetch([(info, missing)])).items():
+                kept[covering(info, rows)[:2]] = piece.reshape(-1)
+        self._recent = (info, kept)
+        out = {}
+        for box in boxes:
+            b, e = holder(box)  # type: ignore[misc]
+            shape = tuple(stop - start for start, stop in box)
+            piece = _aligned(math.prod(shape) * info.dtype.itemsize).view(info.dtype).reshape(shape)
+            cut(info, kept[(b, e)], b, box, piece)
+            out[box] = piece
+        return out
 
     def _fetch(self, jobs: Sequence[tuple[TensorInfo, list[Box]]]) -> Iterator[dict[Box, Any]]:
         """The files' pieces of each job, with every BOOL byte checked to be 0 or 1.
