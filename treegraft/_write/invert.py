@@ -24,7 +24,7 @@ it, every such rule listed at once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,18 +33,30 @@ import numpy as np
 from treegraft._errors import GraftError, MappingError, PathSyntaxError, Problem, count
 from treegraft._parse.ops import (
     Cast,
+    Concat,
+    Offset,
     Operation,
+    Pad,
     Reshape,
+    Scale,
+    Slice,
     Stack,
+    StackList,
     Step,
+    Take,
     Transpose,
     Unstack,
     cast,
+    concat,
+    offset,
     reshape,
+    scale,
     stack,
+    take,
     transpose,
     unstack,
 )
+from treegraft._parse.ops import slice as slice_
 from treegraft._parse.paths import Part, Path
 from treegraft._parse.patterns import Pattern
 from treegraft._parse.rules import MappingLike, Rule, RuleValue, parse_mapping
@@ -73,7 +85,8 @@ class _CannotInvert(Exception):
 @dataclass(frozen=True)
 class _Inv:
     """One step of an inverse chain: ("cast", dtype), ("transpose", axes),
-    ("reshape", shape), ("stack", axis) or ("unstack", axis)."""
+    ("reshape", shape), ("stack", axis), ("unstack", axis), ("take", (index,
+    axis)), ("slice", (start, stop, axis)), ("scale", factor) or ("offset", amount)."""
 
     kind: str
     arg: Any
@@ -81,11 +94,17 @@ class _Inv:
 
 @dataclass(frozen=True)
 class _Traced:
-    """A forward operation with the specs around it (None where `like` was not given)."""
+    """A forward operation with the specs around it (None where `like` was not given).
+
+    For a join (concat, stack of a list): `part`, which of its values the
+    inverse is for, and `parts`, the specs of all its values.
+    """
 
     node: Operation
     before: Spec | None
     after: Spec | None
+    part: int = 0
+    parts: tuple[Spec | None, ...] = ()
 
 
 def _inverse_cast(t: _Traced) -> _Inv:
@@ -128,50 +147,73 @@ def _inverse_unstack(t: _Traced) -> _Inv:
     return _Inv("stack", node.axis)
 
 
+def _inverse_stack_list(t: _Traced) -> _Inv:
+    node = t.node
+    assert isinstance(node, StackList)
+    return _Inv("take", (t.part, node.axis))
+
+
+def _inverse_concat(t: _Traced) -> _Inv:
+    node = t.node
+    assert isinstance(node, Concat)
+    if any(p is None for p in t.parts):
+        raise _CannotInvert(
+            f"concat along axis {node.axis} cannot be split back without the size of each "
+            "part; pass like= (the source's metadata)"
+        )
+    sizes = []
+    for spec in t.parts:
+        assert spec is not None
+        sizes.append(spec[0][_axis(node.axis, len(spec[0]))])
+    start = sum(sizes[: t.part])
+    return _Inv("slice", (start, start + sizes[t.part], node.axis))
+
+
+def _inverse_pad(t: _Traced) -> _Inv:
+    node = t.node
+    assert isinstance(node, Pad)
+    if t.before is None:
+        raise _CannotInvert(
+            f"pad to {node.size} along axis {node.axis} cannot be cut back without the "
+            "size before it; pass like= (the source's metadata)"
+        )
+    n = t.before[0][_axis(node.axis, len(t.before[0]))]
+    if n == 0:
+        raise _CannotInvert(f"pad of an empty axis {node.axis}: there is nothing to cut back")
+    return _Inv("slice", (0, n, node.axis))
+
+
+def _inverse_scale(t: _Traced) -> _Inv:
+    node = t.node
+    assert isinstance(node, Scale)
+    if node.factor == 0:
+        raise _CannotInvert("scale by 0 loses every value: it cannot be undone")
+    return _Inv("scale", 1.0 / node.factor)
+
+
+def _inverse_offset(t: _Traced) -> _Inv:
+    node = t.node
+    assert isinstance(node, Offset)
+    return _Inv("offset", -node.amount)
+
+
 # One entry per operation class: the inverse of one forward step, given the
-# specs around it. The operations of docs/design.md section 16 each add one
-# entry (and, for those that gather, one case in `_gather_first`).
+# specs around it. `take` and `slice` have none: they keep part of an axis,
+# and only rules that together cover the axis are undone (`_partitions`).
 _INVERSES: dict[type[Operation], Callable[[_Traced], _Inv]] = {
     Cast: _inverse_cast,
     Transpose: _inverse_transpose,
     Reshape: _inverse_reshape,
     Stack: _inverse_stack,
     Unstack: _inverse_unstack,
+    StackList: _inverse_stack_list,
+    Concat: _inverse_concat,
+    Pad: _inverse_pad,
+    Scale: _inverse_scale,
+    Offset: _inverse_offset,
 }
-
-# ----------------------------------------------------------------------------
-# To come with the operations of docs/design.md section 16 (ops.py does not
-# have them yet; nothing below is code). Each is one `_INVERSES` entry; the
-# two that gather several values (StackList, Concat) return one inverse per
-# value, and `_entries` makes one inverse rule of each (key: that value's
-# source, value: the part of the result it became).
-#
-#   StackList(values, axis)   the stack of a list of values: one rule per
-#                             element, `{values[k]: take(new, k, axis)}`, each
-#                             element's own chain inverted around its take.
-#   Take(value, index, axis)  not invertible alone (the other indices are
-#                             lost): a MappingError naming the rule.
-#   Concat(values, axis)      one rule per part, `{values[k]: slice(new,
-#                             start_k, stop_k, axis)}`; the part sizes along
-#                             axis from like (the source's metadata) or from
-#                             the plan's specs of the parts.
-#   Slice(value, start, stop, axis)
-#                             not invertible alone (the rest of the axis is
-#                             lost): a MappingError naming the rule.
-#   Pad(value, size, axis, constant)
-#                             `slice(new, before, before + n, axis)`, n the
-#                             axis' size before the pad (the spec before the
-#                             step, as for reshape).
-#   Scale(value, factor)      `scale(new, 1 / factor)`.
-#   Offset(value, amount)     `offset(new, -amount)`.
-#                             Both round: the law's bit-for-bit round trip
-#                             holds for a power-of-two factor and for an
-#                             amount the values absorb exactly; the tests
-#                             generate those.
-#   Stack(source=Operation)   once Stack and Unstack take operations, the
-#                             reversed chain is built as it is (gather where
-#                             it falls) and `_gather_first` is not needed.
-# ----------------------------------------------------------------------------
+# Steps that act on each value alone: they commute with a stack or unstack.
+_ELEMENTWISE = ("cast", "scale", "offset")
 
 
 def _perm(axes: Sequence[int]) -> tuple[int, ...]:
@@ -184,36 +226,88 @@ def _perm(axes: Sequence[int]) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------
-# A rule's value as a chain, traced through specs.
+# A rule's value as a tree, traced through specs.
 # ----------------------------------------------------------------------------
 
 
-def _chain(value: str | Operation) -> tuple[str, list[Operation]]:
-    """The value's source text and its operations, innermost first."""
-    nodes: list[Operation] = []
-    node: Any = value
-    while isinstance(node, Operation):
-        if type(node) not in _INVERSES:
-            raise _CannotInvert(f"{type(node).__name__} has no inverse yet")
-        nodes.append(node)
-        node = node.source if isinstance(node, Stack | Unstack) else node.value  # type: ignore[attr-defined]
-    nodes.reverse()
-    return node, nodes
+@dataclass(frozen=True)
+class _Specs:
+    """A value's output spec (None without like) and its values' (`kids`).
+
+    `n`: for a source reference, how many leaves its stack gathers.
+    """
+
+    out: Spec | None
+    kids: tuple[_Specs, ...] = ()
+    n: int | None = None
 
 
-def _forward_spec(node: Operation, before: Spec, n: int | None) -> Spec:
-    """The spec after node, from the spec before it (n: how many leaves a stack gathers)."""
-    shape, dtype = before
+def _kids(node: Any) -> tuple[Any, ...]:
+    if isinstance(node, Concat | StackList):
+        return tuple(node.values)
+    if isinstance(node, Stack | Unstack):
+        return (node.source,)
+    if isinstance(node, Operation):
+        return (node.value,)  # type: ignore[attr-defined]
+    return ()
+
+
+def _step_of(node: Operation) -> Step:
+    if isinstance(node, Cast):
+        return Step("cast", node.dtype)
+    if isinstance(node, Transpose):
+        return Step("transpose", node.axes)
+    if isinstance(node, Reshape):
+        return Step("reshape", node.shape)
+    if isinstance(node, Take):
+        return Step("take", (node.index, node.axis))
+    if isinstance(node, Slice):
+        return Step("slice", (node.start, node.stop, node.axis))
+    if isinstance(node, Pad):
+        return Step("pad", (node.size, node.axis, node.constant))
+    if isinstance(node, Scale):
+        return Step("scale", node.factor)
+    assert isinstance(node, Offset)
+    return Step("offset", node.amount)
+
+
+def _spec_tree(value: Any, refs: Iterator[tuple[Spec, int]] | None) -> _Specs:
+    """The specs of value's nodes, from its source references' (in order), or all None."""
+    if not isinstance(value, Operation):
+        if refs is None:
+            return _Specs(None)
+        spec, n = next(refs)
+        return _Specs(spec, (), n)
+    kids = tuple(_spec_tree(k, refs) for k in _kids(value))
+    if refs is None:
+        return _Specs(None, kids)
+    return _Specs(_forward_spec(value, kids), kids)
+
+
+def _forward_spec(node: Operation, kids: tuple[_Specs, ...]) -> Spec:
+    """The spec after node, from its values' specs."""
+    first = kids[0].out
+    assert first is not None
+    shape, dtype = first
     if isinstance(node, Stack):
-        assert n is not None
+        leaf = kids[0]
+        while leaf.kids:
+            leaf = leaf.kids[0]
+        assert leaf.n is not None
         axis = _axis(node.axis, len(shape) + 1)
-        return shape[:axis] + (n,) + shape[axis:], dtype
+        return shape[:axis] + (leaf.n,) + shape[axis:], dtype
     if isinstance(node, Unstack):
         axis = _axis(node.axis, len(shape))
         return shape[:axis] + shape[axis + 1 :], dtype
-    step = {Cast: "cast", Transpose: "transpose", Reshape: "reshape"}[type(node)]
-    arg = {Cast: "dtype", Transpose: "axes", Reshape: "shape"}[type(node)]
-    after, why = Step(step, getattr(node, arg)).spec(before)
+    if isinstance(node, StackList | Concat):
+        specs = [k.out for k in kids]
+        if isinstance(node, StackList):
+            axis = _axis(node.axis, len(shape) + 1)
+            return shape[:axis] + (len(kids),) + shape[axis:], dtype
+        axis = _axis(node.axis, len(shape))
+        total = sum(s[0][axis] for s in specs if s is not None and len(s[0]) == len(shape))
+        return shape[:axis] + (total,) + shape[axis + 1 :], dtype
+    after, why = _step_of(node).spec(first)
     if after is None:
         raise _CannotInvert(why)
     return (tuple(after[0]), after[1])
@@ -225,20 +319,66 @@ def _axis(axis: int, ndim: int) -> int:
     return axis % ndim
 
 
-def _trace(nodes: list[Operation], start: Spec | None, n: int | None) -> list[_Traced]:
-    """Each node with the specs around it; all None when start is unknown."""
-    out = []
-    spec = start
-    for node in nodes:
-        after = None if spec is None else _forward_spec(node, spec, n)
-        out.append(_Traced(node, spec, after))
-        spec = after
+# What undoing a rule down to one of its source references takes.
+_Path = tuple[str, list[_Traced]]  # (the reference's text, its nodes, innermost first)
+
+
+def _ref_paths(value: Any, specs: _Specs, stop: Operation | None = None) -> list[_Path]:
+    """Each source reference under value with the nodes above it, traced.
+
+    Stops at the node `stop` (a partitioning take or slice), giving it as
+    the reference (text "").
+    """
+    out: list[_Path] = []
+    todo: list[tuple[Any, _Specs, list[_Traced]]] = [(value, specs, [])]
+    while todo:
+        node, s, above = todo.pop()
+        if node is stop and stop is not None:
+            out.append(("", above))
+            continue
+        if not isinstance(node, Operation):
+            out.append((str(node), above))
+            continue
+        if type(node) not in _INVERSES:
+            raise _CannotInvert(_partial_why(node))
+        kids = _kids(node)
+        parts = tuple(k.out for k in s.kids)
+        for j in reversed(range(len(kids))):
+            t = _Traced(node, s.kids[j].out, s.out, j, parts)
+            todo.append((kids[j], s.kids[j], [t, *above]))
     return out
+
+
+def _partial_why(node: Operation) -> str:
+    kind = "take" if isinstance(node, Take) else "slice"
+    return (
+        f"{node.describe()} keeps only part of its axis: a {kind} drops data, so it has no "
+        "inverse alone; it is undone only when other rules read the rest of that axis "
+        f"({kind}s that partition it), with like= to know the axis' size"
+    )
 
 
 def _reversed_chain(traced: list[_Traced]) -> list[_Inv]:
     """The inverse steps, in the order they apply to the result's leaf."""
     return [_INVERSES[type(t.node)](t) for t in reversed(traced)]
+
+
+def _inverse_chain(traced: list[_Traced]) -> list[_Inv]:
+    """The inverse steps of traced (innermost first), the gather moved first where it can be.
+
+    Starting with the gather keeps a reshape to one layer's leaf (a reshape
+    reads its whole input); the steps are otherwise applied in the natural,
+    reversed order.
+    """
+    chain = _reversed_chain(traced)
+    gathers = [k for k, step in enumerate(chain) if step.kind in ("stack", "unstack")]
+    movable = ("transpose", "reshape", *_ELEMENTWISE)
+    if gathers == [len(chain) - 1] and all(step.kind in movable for step in chain[:-1]):
+        try:
+            return _gather_first(chain, traced)
+        except _CannotInvert:
+            pass  # e.g. a reshape that mixes the stacked axis: undo it on the whole
+    return chain
 
 
 # ----------------------------------------------------------------------------
@@ -274,7 +414,7 @@ def _unstack_first(
             b = _axis(b, ndim)
         elif b < 0:
             raise _CannotInvert(f"unstack along axis {axis} needs like= to know the rank")
-        if step.kind == "cast":
+        if step.kind in _ELEMENTWISE:
             out.append(step)
         elif step.kind == "transpose":
             p = step.arg
@@ -316,7 +456,7 @@ def _stack_first(
             b = _axis(b, ndim + 1)
         elif b < 0:
             raise _CannotInvert(f"stack along axis {axis} needs like= to know the rank")
-        if step.kind == "cast":
+        if step.kind in _ELEMENTWISE:
             lifted.append([step])
         elif step.kind == "transpose":
             p = step.arg
@@ -350,20 +490,29 @@ def _ndim(step: _Inv, after: Spec | None) -> int | None:
     return None
 
 
-def _build(chain: list[_Inv], source: str) -> str | Operation:
-    """The rule value applying chain (gather first) to the result's leaves at source."""
-    value: str | Operation = source
+def _build(chain: list[_Inv], start: str | Operation) -> str | Operation:
+    """The rule value applying chain, in order, to start (the result's leaves)."""
+    value = start
     for step in chain:
-        if step.kind == "stack":
-            value = stack(source, axis=step.arg)
-        elif step.kind == "unstack":
-            value = unstack(source, axis=step.arg)
-        elif step.kind == "cast":
-            value = cast(value, step.arg)
-        elif step.kind == "transpose":
-            value = transpose(value, step.arg)
+        k, arg = step.kind, step.arg
+        if k == "stack":
+            value = stack(value, axis=arg)
+        elif k == "unstack":
+            value = unstack(value, axis=arg)
+        elif k == "cast":
+            value = cast(value, arg)
+        elif k == "transpose":
+            value = transpose(value, arg)
+        elif k == "reshape":
+            value = reshape(value, arg)
+        elif k == "take":
+            value = take(value, arg[0], axis=arg[1])
+        elif k == "slice":
+            value = slice_(value, arg[0], arg[1], axis=arg[2])
+        elif k == "scale":
+            value = scale(value, arg)
         else:
-            value = reshape(value, step.arg)
+            value = offset(value, arg)
     return value
 
 
@@ -424,54 +573,84 @@ class _Unit:
 
     captures: tuple[Any, ...]
     suffix: Parts
-    spec: Spec  # of the gathered value's input (one stacked leaf's for a stack)
-    n: int | None  # how many leaves a stack gathers
+    # per source reference: the spec of one of its leaves, and how many leaves
+    # a stack of it gathers
+    refs: tuple[tuple[Spec, int], ...]
 
 
-def _needs_like(nodes: list[Operation]) -> bool:
-    return any(isinstance(n, Cast | Reshape) for n in nodes)
+def _needs_like(value: Any) -> bool:
+    """Whether undoing value needs the specs only like gives."""
+    todo = [value]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, Cast | Reshape | Concat | Pad):
+            return True
+        todo.extend(_kids(node))
+    return False
 
 
-def _value_of(nodes: list[Operation], source: str, unit: _Unit | None) -> str | Operation:
-    """The inverse value over one unit (or over the whole rule, without like)."""
-    traced = _trace(nodes, None if unit is None else unit.spec, None if unit is None else unit.n)
-    return _build(_gather_first(_reversed_chain(traced), traced), source)
+def _unit_entries(
+    value: Any, unit: _Unit | None, start: str | Operation
+) -> list[tuple[str, str | Operation]]:
+    """One (source reference, inverse value) per reference of value, over one unit
+    (or over the whole rule, without like); start is the result's side."""
+    specs = _spec_tree(value, None if unit is None else iter(unit.refs))
+    return [(text, _build(_inverse_chain(traced), start)) for text, traced in
+            _ref_paths(value, specs)]
+
+
+def _check_levels(rule: Rule) -> None:
+    for ref in rule.refs:
+        if ref.levels > 1:
+            raise _CannotInvert(
+                f"nested stacks of {ref.pattern.text!r} ({ref.levels} levels) cannot be undone: "
+                "an unstack gives back one index; map each outer index in a rule of its own "
+                "(tg.take of it, then unstack)"
+            )
 
 
 def _entries(
     rule: Rule, value: RuleValue, units: list[_Unit] | None
 ) -> list[tuple[str, RuleValue]]:
-    """The inverse entries of one rule: one for the whole rule, or one per unit."""
+    """The inverse entries of one rule: one per source reference, or those per unit."""
     assert rule.old is not None
-    nodes = _chain(value)[1] if isinstance(value, Operation) else []
     key, src = str(rule.old), str(rule.new)
-    if not nodes:
+    if not isinstance(value, Operation):
         return [(key, src)]
-    if units is None or not _needs_like(nodes):
-        return [(key, _value_of(nodes, src, None))]
+    _check_levels(rule)
+    if units is None or not _needs_like(value):
+        return list(_unit_entries(value, None, src))
     if not units:
         raise _CannotInvert(f"like has no leaf under {key!r}: its dtypes and shapes are unknown")
-    values = [_value_of(nodes, src, u) for u in units]
+    values = [_unit_entries(value, u, src) for u in units]
     if all(v == values[0] for v in values):
-        return [(key, values[0])]
+        return list(values[0])
     # the leaves differ in shape or dtype: one entry each
-    keep_old, keep_new = rule.gather == "stack", rule.gather == "unstack"
-    return [
-        (
-            _bind(rule.old, u.captures, u.suffix, keep_last=keep_old),
-            _value_of(nodes, _bind(rule.new, u.captures, u.suffix, keep_last=keep_new), u),
-        )
-        for u in units
-    ]
+    keep_new = any(ref.unstack for ref in rule.refs)
+    out: list[tuple[str, RuleValue]] = []
+    for u in units:
+        bound = _bind(rule.new, u.captures, u.suffix, keep_last=keep_new)
+        entries = _unit_entries(value, u, bound)
+        for ref, (_, inverse) in zip(rule.refs, entries, strict=True):
+            out.append((_bind(ref.pattern, u.captures, u.suffix, keep_last=ref.levels > 0),
+                        inverse))
+    return out
 
 
-def _target_of(rule: Rule, captures: tuple[Any, ...], suffix: Parts) -> Parts:
+def _target_of(rule: Rule, ref: int, captures: tuple[Any, ...], suffix: Parts) -> Parts:
     """Where in the result a source leaf goes under rule (an unstack's first index)."""
-    if rule.gather == "stack":
-        captures = captures[:-1]
-    elif rule.gather == "unstack":
-        captures = captures + (0,)
-    return rule.new.substitute_parts(captures) + suffix
+    return rule.new.substitute_parts(_common(rule, ref, captures, index=0)) + suffix
+
+
+def _common(rule: Rule, ref: int, captures: tuple[Any, ...], index: Any = None) -> tuple[Any, ...]:
+    """A reference's captures as the new side's: a stacked index dropped, an unstack's
+    index appended when given."""
+    levels = rule.refs[ref].levels
+    if levels:
+        return captures[:-levels]
+    if rule.refs[ref].unstack and index is not None:
+        return captures + (index,)
+    return captures
 
 
 def _winner(rules: Sequence[Rule], parts: Parts) -> int | None:
@@ -504,32 +683,41 @@ def _units_and_readers(
 ) -> tuple[dict[int, list[_Unit]], list[Parts]]:
     """Per rule, the units it reads in like; and the leaves no rule reads that
     an inverse key would cover (they are kept). Leaves two rules read go to shared."""
-    grouped: dict[int, dict[tuple[tuple[Any, ...], Parts], list[Spec]]] = {}
+    # rule -> (captures, suffix) -> per reference, the specs of its leaves there
+    grouped: dict[int, dict[tuple[tuple[Any, ...], Parts], dict[int, list[Spec]]]] = {}
     unread: list[Parts] = []
-    matchers = [None if r.old is None else r.old.prefix_matcher() for r in rules]
+    matchers = [[ref.pattern.prefix_matcher() for ref in r.refs] if r.old is not None else []
+                for r in rules]
     for parts, shape, dtype in leaves:
         readers: list[int] = []
         covered = False
         for r, rule in enumerate(rules):
-            match = matchers[r]
-            m = None if match is None else match(parts)
-            if m is None:
-                continue
-            covered = True
-            n, caps = m
-            # the rule reads this leaf only if it wins the leaf's target
-            if _winner(rules, _target_of(rule, caps, parts[n:])) != r:
-                continue
-            readers.append(r)
-            key = (caps[:-1] if rule.gather == "stack" else caps, parts[n:])
-            grouped.setdefault(r, {}).setdefault(key, []).append((shape, dtype))
+            for k, match in enumerate(matchers[r]):
+                m = match(parts)
+                if m is None:
+                    continue
+                covered = True
+                n, caps = m
+                # the rule reads this leaf only if it wins the leaf's target
+                if _winner(rules, _target_of(rule, k, caps, parts[n:])) != r:
+                    continue
+                if r not in readers:
+                    readers.append(r)
+                key = (_common(rule, k, caps), parts[n:])
+                grouped.setdefault(r, {}).setdefault(key, {}).setdefault(k, []).append(
+                    (shape, dtype)
+                )
         if covered and not readers:
             unread.append(parts)
         for i, a in enumerate(readers):
             for b in readers[i + 1 :]:
                 _share(shared, a, b, repr(str(Path(parts))))
     units = {
-        r: [_Unit(caps, suffix, specs[0], len(specs)) for (caps, suffix), specs in groups.items()]
+        r: [
+            _Unit(caps, suffix, tuple((per[k][0], len(per[k])) for k in range(len(rules[r].refs))))
+            for (caps, suffix), per in groups.items()
+            if len(per) == len(rules[r].refs)  # a join missing a value there is the plan's error
+        ]
         for r, groups in grouped.items()
     }
     return units, unread
@@ -575,6 +763,142 @@ def _ambiguous(rules: Sequence[Rule], shared: Shared) -> list[Problem]:
     return out
 
 
+# ----------------------------------------------------------------------------
+# Takes and slices that partition an axis: one inverse for all of them.
+# ----------------------------------------------------------------------------
+
+
+def _partial_node(value: Any) -> Take | Slice | None:
+    """The take or slice on value's chain of one-value operations, if any."""
+    node = value
+    while isinstance(node, Operation) and not isinstance(node, Concat | StackList):
+        if isinstance(node, Take | Slice):
+            return node
+        node = _kids(node)[0]
+    return None
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One rule of a partition: where its take or slice starts and stops."""
+
+    rule: int
+    start: int
+    stop: int
+
+
+def _part_of(node: Take | Slice, n: int) -> tuple[int, int]:
+    if isinstance(node, Take):
+        index = node.index + n if node.index < 0 else node.index
+        return index, index + 1
+    return node.start, node.stop
+
+
+def _partitions(
+    rules: Sequence[Rule], values: Sequence[RuleValue], units: dict[int, list[_Unit]]
+) -> tuple[dict[int, list[tuple[str, RuleValue]]], set[int], list[Problem]]:
+    """The inverse entries of the take and slice rules that partition an axis.
+
+    Returns:
+      (entries per rule, the rules those entries stand for or that are
+      reported in problems, problems).
+    """
+    groups: dict[tuple[Any, ...], list[_Part]] = {}
+    problems: list[Problem] = []
+    reported: set[int] = set()
+    axis_size: dict[tuple[Any, ...], int] = {}
+    for r, value in enumerate(values):
+        node = _partial_node(value)
+        if node is None or rules[r].old is None:
+            continue
+        try:
+            _check_levels(rules[r])
+            mine = units.get(r, [])
+            if not mine:
+                raise _CannotInvert(f"like has no leaf under {str(rules[r].old)!r}")
+            before = _spec_tree(node.value, iter(mine[0].refs)).out
+            assert before is not None
+            ndim = len(before[0])
+            axis = _axis(node.axis, ndim)
+            kind = "take" if isinstance(node, Take) else "slice"
+            key = (node.value, kind, axis)
+            axis_size[key] = before[0][axis]
+            start, stop = _part_of(node, before[0][axis])
+            groups.setdefault(key, []).append(_Part(r, start, stop))
+        except _CannotInvert as e:
+            problems.append(Problem("mapping", f"rule {rules[r]}: {e}", rule=str(rules[r])))
+            reported.add(r)
+    out: dict[int, list[tuple[str, RuleValue]]] = {}
+    done = reported
+    for key, parts in groups.items():
+        parts.sort(key=lambda p: p.start)
+        size = axis_size[key]
+        ends = [0] + [p.stop for p in parts]
+        if any(p.start != end for p, end in zip(parts, ends, strict=False)) or ends[-1] != size:
+            covered = ", ".join(f"{p.start}:{p.stop}" for p in parts)
+            for p in parts:
+                rule = rules[p.rule]
+                why = _partial_why(_partial_node(values[p.rule]))  # type: ignore[arg-type]
+                problems.append(Problem(
+                    "mapping",
+                    f"rule {rule}: {why}; the rules reading that axis cover {covered} of its "
+                    f"{size}",
+                    rule=str(rule),
+                    remedy="map the rest of the axis with takes or slices too (the inverse "
+                    "joins them), or invert a mapping without this rule",
+                ))
+            done.update(p.rule for p in parts)
+            continue
+        try:
+            entries = _partition_entries(rules, values, units, parts, key)
+        except _CannotInvert as e:
+            rule = rules[parts[0].rule]
+            problems.append(Problem("mapping", f"rule {rule}: {e}", rule=str(rule)))
+            done.update(p.rule for p in parts)
+            continue
+        out[parts[0].rule] = entries
+        done.update(p.rule for p in parts)
+    return out, done, problems
+
+
+def _partition_entries(
+    rules: Sequence[Rule],
+    values: Sequence[RuleValue],
+    units: dict[int, list[_Unit]],
+    parts: list[_Part],
+    key: tuple[Any, ...],
+) -> list[tuple[str, RuleValue]]:
+    """The inverse of rules whose takes or slices cover one axis: their parts joined."""
+    inner, kind, axis = key
+    found: list[tuple[str, RuleValue]] | None = None
+    for u in units[parts[0].rule]:
+        pieces: list[str | Operation] = []
+        for p in parts:
+            value = values[p.rule]
+            node = _partial_node(value)
+            mine = next((m for m in units[p.rule] if (m.captures, m.suffix) ==
+                         (u.captures, u.suffix)), None)
+            if mine is None:
+                raise _CannotInvert(
+                    f"rule {rules[p.rule]} reads no leaf where this rule does: its parts do "
+                    "not line up"
+                )
+            specs = _spec_tree(value, iter(mine.refs))
+            [(_, traced)] = _ref_paths(value, specs, stop=node)
+            pieces.append(_build(_inverse_chain(traced), str(rules[p.rule].new)))
+        joined = concat(pieces, axis=axis) if kind == "slice" else stack(pieces, axis=axis)
+        entries: list[tuple[str, RuleValue]] = list(_unit_entries(inner, u, joined))
+        if found is None:
+            found = entries
+        elif entries != found:
+            raise _CannotInvert(
+                "the leaves under these rules differ in shape or dtype; a partition is "
+                "undone for leaves alike only: name them in rules of their own"
+            )
+    assert found is not None
+    return found
+
+
 def invert_rules(
     rules: Sequence[Rule], values: Sequence[RuleValue], leaves: Sequence[LikeLeaf] | None
 ) -> dict[str, RuleValue]:
@@ -598,17 +922,28 @@ def invert_rules(
     shared: Shared = {}
     units: dict[int, list[_Unit]] | None = None
     unread: list[Parts] = []
+    joined: dict[int, list[tuple[str, RuleValue]]] = {}
+    partitioned: set[int] = set()
     if leaves is None:
         _overlaps_without_like(rules, shared)
     else:
         units, unread = _units_and_readers(rules, leaves, shared)
+        joined, partitioned, problems = _partitions(rules, values, units)
+        # the rules of one partition read the same leaves by design
+        for pair in [p for p in shared if p[0] in partitioned and p[1] in partitioned]:
+            del shared[pair]
     out: dict[str, RuleValue] = {}
     owner: dict[str, int] = {}
     for r, (rule, value) in enumerate(zip(rules, values, strict=True)):
         if rule.old is None:
             continue  # a keep rule read nothing: nothing to give back
+        if r in partitioned and r not in joined:
+            continue  # its partition's first rule gives the inverse
         try:
-            entries = _entries(rule, value, None if units is None else units.get(r, []))
+            if r in joined:
+                entries = joined[r]
+            else:
+                entries = _entries(rule, value, None if units is None else units.get(r, []))
         except (_CannotInvert, MappingError) as e:
             problems.append(Problem("mapping", f"rule {rule}: {e}", rule=str(rule)))
             continue
