@@ -263,6 +263,152 @@ def test_a_more_specific_rule_refining_a_broader_one_is_not_ambiguous():
     assert tg.invert(m, like=src) == {"": "", "head": tg.cast("head", np.float32)}
 
 
+# -- the operations of docs/design.md section 16 ----------------------------------------
+
+
+def test_a_stack_of_a_list_inverts_to_one_take_per_element():
+    rng = np.random.default_rng(10)
+    src = {"k": rng.normal(size=(3, 2)).astype(np.float32), "v": rng.normal(size=(2, 3))
+           .astype(np.float32)}
+    m = {"kv": tg.stack([tg.transpose("k", (1, 0)), "v"], axis=-1)}
+    assert tg.invert(m) == {
+        "k": tg.transpose(tg.take("kv", 0, axis=-1), (1, 0)),
+        "v": tg.take("kv", 1, axis=-1),
+    }
+    _, back = round_trip(src, {"kv": np.zeros((2, 3, 2), np.float32)}, m)
+    assert_same_leaves(back, src)
+
+
+def test_a_stack_of_patterns_with_captures_inverts_per_element_pattern():
+    rng = np.random.default_rng(11)
+    src = {f"l_{i}": {"k": rng.normal(size=4), "v": rng.normal(size=4)} for i in range(3)}
+    m = {"layers_*.kv": tg.stack(["l_*.k", "l_*.v"], axis=0)}
+    assert tg.invert(m, like=meta(src)) == {
+        "l_*.k": tg.take("layers_*.kv", 0, axis=0),
+        "l_*.v": tg.take("layers_*.kv", 1, axis=0),
+    }
+    tgt = {f"layers_{i}": {"kv": np.zeros((2, 4))} for i in range(3)}
+    _, back = round_trip(src, tgt, m)
+    assert_same_leaves(back, src)
+
+
+def test_a_stack_of_capture_stacks_inverts_to_an_unstack_of_each_take():
+    rng = np.random.default_rng(12)
+    src = {**{f"k_{i}": rng.normal(size=3) for i in range(2)},
+           **{f"v_{i}": rng.normal(size=3) for i in range(2)}}
+    m = {"kv": tg.stack([tg.stack("k_*", axis=0), tg.stack("v_*", axis=0)], axis=0)}
+    assert tg.invert(m) == {
+        "k_*": tg.unstack(tg.take("kv", 0, axis=0), axis=0),
+        "v_*": tg.unstack(tg.take("kv", 1, axis=0), axis=0),
+    }
+    _, back = round_trip(src, {"kv": np.zeros((2, 2, 3))}, m)
+    assert_same_leaves(back, src)
+
+
+def test_concat_inverts_to_one_slice_per_part_sized_from_like():
+    rng = np.random.default_rng(13)
+    src = {"q": rng.normal(size=(4, 8)).astype(BF16), "k": rng.normal(size=(4, 2)).astype(BF16),
+           "v": rng.normal(size=(4, 2)).astype(BF16)}
+    m = {"qkv": tg.cast(tg.concat(["q", "k", "v"], axis=-1), np.float32)}
+    inv = tg.invert(m, like=meta(src))
+    assert inv == {
+        "q": tg.slice(tg.cast("qkv", BF16), 0, 8, axis=-1),
+        "k": tg.slice(tg.cast("qkv", BF16), 8, 10, axis=-1),
+        "v": tg.slice(tg.cast("qkv", BF16), 10, 12, axis=-1),
+    }
+    _, back = round_trip(src, {"qkv": np.zeros((4, 12), np.float32)}, m)
+    assert_same_leaves(back, src)
+
+
+def test_a_concat_of_operations_undoes_each_part_after_its_slice():
+    rng = np.random.default_rng(14)
+    src = {"gate": rng.normal(size=(3, 2)), "up": rng.normal(size=(2, 3))}
+    m = {"gate_up": tg.concat(["gate", tg.transpose("up", (1, 0))], axis=1)}
+    inv = tg.invert(m, like=meta(src))
+    assert inv == {"gate": tg.slice("gate_up", 0, 2, axis=1),
+                   "up": tg.transpose(tg.slice("gate_up", 2, 4, axis=1), (1, 0))}
+    _, back = round_trip(src, {"gate_up": np.zeros((3, 4))}, m)
+    assert_same_leaves(back, src)
+
+
+def test_pad_inverts_to_a_slice_of_the_size_before_it():
+    rng = np.random.default_rng(15)
+    src = {"embed": rng.normal(size=(5, 4)).astype(np.float16)}
+    m = {"emb": tg.pad("embed", 8, axis=0, constant=0)}
+    assert tg.invert(m, like=meta(src)) == {"embed": tg.slice("emb", 0, 5, axis=0)}
+    result, back = round_trip(src, {"emb": np.zeros((8, 4), np.float16)}, m)
+    assert same_bits(result["emb"][5:], np.zeros((3, 4), np.float16))
+    assert_same_leaves(back, src)
+
+
+def test_scale_and_offset_invert_to_the_reciprocal_and_the_negation():
+    src = {"q": (np.arange(-8, 8) / 4).astype(BF16), "n": (np.arange(16) / 8).astype(np.float16)}
+    m = {"q2": tg.scale("q", 0.125), "n2": tg.scale(tg.offset("n", 1.0), 4.0)}
+    assert tg.invert(m) == {"q": tg.scale("q2", 8.0), "n": tg.offset(tg.scale("n2", 0.25), -1.0)}
+    _, back = round_trip(src, {"q2": np.zeros(16, BF16), "n2": np.zeros(16, np.float16)}, m)
+    assert_same_leaves(back, src)
+
+
+def test_operations_inside_a_stack_or_unstack_invert_in_the_natural_order():
+    rng = np.random.default_rng(16)
+    src = {"l": {f"l_{i}": rng.normal(size=(2, 3)).astype(np.float32) for i in range(3)},
+           "w": rng.normal(size=(2, 4)).astype(np.float32)}
+    m = {
+        "s": tg.stack(tg.transpose("l.l_*", (1, 0)), axis=0),
+        "u_*": tg.unstack(tg.scale("w", 2.0), axis=1),
+    }
+    assert tg.invert(m) == {
+        "l.l_*": tg.transpose(tg.unstack("s", axis=0), (1, 0)),
+        "w": tg.scale(tg.stack("u_*", axis=1), 0.5),
+    }
+    tgt = {"s": np.zeros((3, 3, 2), np.float32), **{f"u_{i}": np.zeros(2, np.float32)
+                                                    for i in range(4)}}
+    _, back = round_trip(src, tgt, m)
+    assert_same_leaves(back, src)
+
+
+def test_slices_that_partition_an_axis_invert_to_one_concat_of_the_parts_in_order():
+    rng = np.random.default_rng(17)
+    src = {f"l_{i}": {"qkv": rng.normal(size=(2, 12)).astype(np.float32)} for i in range(2)}
+    m = {  # written out of order, one part transposed
+        "layers_*.v": tg.slice("l_*.qkv", 8, 12, axis=-1),
+        "layers_*.q": tg.slice("l_*.qkv", 0, 6, axis=1),
+        "layers_*.k": tg.transpose(tg.slice("l_*.qkv", 6, 8, axis=-1), (1, 0)),
+    }
+    inv = tg.invert(m, like=meta(src))
+    assert inv == {
+        "l_*.qkv": tg.concat(
+            ["layers_*.q", tg.transpose("layers_*.k", (1, 0)), "layers_*.v"], axis=1
+        )
+    }
+    tgt = {f"layers_{i}": {"q": np.zeros((2, 6), np.float32), "k": np.zeros((2, 2), np.float32),
+                           "v": np.zeros((2, 4), np.float32)} for i in range(2)}
+    _, back = round_trip(src, tgt, m)
+    assert_same_leaves(back, src)
+
+
+def test_takes_that_partition_an_axis_invert_to_one_stack_of_a_list():
+    rng = np.random.default_rng(18)
+    src = {"kv": rng.normal(size=(4, 2, 3)).astype(np.float32)}
+    m = {"v": tg.take("kv", -1, axis=1), "k": tg.cast(tg.take("kv", 0, axis=1), np.float64)}
+    inv = tg.invert(m, like=meta(src))
+    assert inv == {"kv": tg.stack([tg.cast("k", np.float32), "v"], axis=1)}
+    _, back = round_trip(src, {"k": np.zeros((4, 3)), "v": np.zeros((4, 3), np.float32)}, m)
+    assert_same_leaves(back, src)
+
+
+def test_a_partition_under_operations_is_joined_before_they_are_undone():
+    rng = np.random.default_rng(19)
+    src = {"w": rng.normal(size=(6, 2)).astype(BF16)}
+    m = {"a": tg.slice(tg.cast(tg.transpose("w", (1, 0)), np.float32), 0, 2, axis=1),
+         "b": tg.slice(tg.cast(tg.transpose("w", (1, 0)), np.float32), 2, 6, axis=1)}
+    inv = tg.invert(m, like=meta(src))
+    assert inv == {"w": tg.transpose(tg.cast(tg.concat(["a", "b"], axis=1), BF16), (1, 0))}
+    _, back = round_trip(src, {"a": np.zeros((2, 2), np.float32),
+                               "b": np.zeros((2, 4), np.float32)}, m)
+    assert_same_leaves(back, src)
+
+
 # -- errors ----------------------------------------------------------------------------
 
 
@@ -334,6 +480,47 @@ def test_a_split_entry_whose_capture_a_glob_cannot_hold_is_named():
         tg.invert(m, like=like)
 
 
+@pytest.mark.parametrize(
+    ("mapping", "like", "reason"),
+    [
+        ({"q": tg.slice("qkv", 0, 4, axis=-1)}, None,
+         r"rule 'q' <- slice\('qkv', 0, 4, axis=-1\): .*a slice drops data.*with like="),
+        ({"q": tg.slice("qkv", 0, 4), "k": tg.slice("qkv", 6, 8)}, {"qkv": np.ones(8)},
+         r"rule 'q' <- .*a slice drops data.*cover 0:4, 6:8 of its 8"),
+        ({"q": tg.slice("qkv", 0, 4), "k": tg.slice("qkv", 2, 8)}, {"qkv": np.ones(8)},
+         r"rule 'k' <- .*a slice drops data.*cover 0:4, 2:8 of its 8"),
+        ({"k": tg.take("kv", 0)}, {"kv": np.ones((2, 3))},
+         r"rule 'k' <- take\('kv', 0, axis=0\): .*a take drops data.*cover 0:1 of its 2"),
+        ({"kv": tg.concat(["k", "v"])}, None,
+         r"rule 'kv' <- concat\(\['k', 'v'\], axis=0\): concat along axis 0 cannot be split "
+         r"back without the size of each part; pass like="),
+        ({"e": tg.pad("emb", 8)}, None,
+         r"rule 'e' <- pad\('emb', 8, .*cannot be cut back without the size before it; "
+         r"pass like="),
+        ({"q": tg.scale("q", 0.0)}, None, r"rule 'q' <- scale\('q', 0.0\): scale by 0 loses"),
+        ({"s": tg.stack(tg.stack("l_*.e_*"))}, None,
+         r"rule 's' <- .*nested stacks of 'l_\*.e_\*' \(2 levels\) cannot be undone"),
+        ({"s": tg.concat([tg.slice("a", 0, 1), "b"])}, {"a": np.ones(2), "b": np.ones(2)},
+         r"rule 's' <- .*slice\('a', 0, 1, axis=0\) keeps only part of its axis"),
+    ],
+    ids=["slice-without-like", "slices-with-a-gap", "slices-overlapping", "one-take",
+         "concat-without-like", "pad-without-like", "scale-by-zero", "nested-stacks",
+         "slice-inside-a-join"],
+)
+def test_what_cannot_be_undone_is_a_mapping_error_naming_the_rule(mapping, like, reason):
+    with pytest.raises(tg.MappingError, match=reason):
+        tg.invert(mapping, like=like)
+
+
+def test_every_partition_rule_that_drops_data_is_listed_once():
+    m = {"q": tg.slice("qkv", 0, 4), "k": tg.slice("qkv", 6, 8), "p": tg.pad("e", 4)}
+    with pytest.raises(tg.MappingError) as e:
+        tg.invert(m, like={"qkv": np.ones(8), "e": np.ones(3)})
+    text = str(e.value)
+    assert len(e.value.problems) == 2, text
+    assert "rule 'q' <-" in text and "rule 'k' <-" in text and "rule 'p'" not in text
+
+
 def test_an_invalid_mapping_is_a_mapping_error():
     with pytest.raises(tg.MappingError, match="do not correspond"):
         tg.invert({"a.*": "b"})
@@ -346,9 +533,14 @@ def test_invert_never_mutates_its_input():
         "a.l": tg.cast(tg.stack("b.x_*", axis=0), np.float32),
         "k": tg.transpose("w", (1, 0)),
         "h": None,
+        "kv": tg.stack([tg.scale("k1", 2.0), tg.offset("v1", 1.0)]),
+        "cat": tg.concat([tg.pad("p1", 4), "p2"], axis=0),
+        "s0": tg.slice("f", 0, 1),
+        "s1": tg.slice("f", 1, 3),
     }
     before = copy.deepcopy(m)
-    like = {"b": {"x_0": np.ones(2, np.float16)}, "w": np.ones((2, 3))}
+    like = {"b": {"x_0": np.ones(2, np.float16)}, "w": np.ones((2, 3)), "k1": np.ones(2),
+            "v1": np.ones(2), "p1": np.ones(3), "p2": np.ones(2), "f": np.ones(3)}
     like_before = copy.deepcopy(like)
     tg.invert(m, like=like)
     assert m == before and list(m) == list(before)
