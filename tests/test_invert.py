@@ -1,6 +1,7 @@
 """tg.invert: the mapping that takes a graft's result back (docs/design.md section 15)."""
 
 import copy
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -562,13 +563,16 @@ FAMILIES = [
     (np.dtype(np.float64), [np.dtype(np.float32), BF16]),
     (np.dtype(np.int32), [np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16)]),
 ]
-KINDS = ["copy", "rename", "dstar", "stack", "unstack", "refine"]
+KINDS = ["copy", "rename", "dstar", "stack", "unstack", "refine", "stacklist", "concat", "pad",
+         "partition"]
 
 
-def _values(rng, shape, dtype):
+def _values(rng, shape, dtype, quantized=False):
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+    if quantized:  # quarters up to 2: a scale by 2**k and an exact offset keep every bit
+        return (rng.integers(-8, 9, size=shape) / 4).astype(dtype)
     return (rng.normal(size=shape) * 100).astype(dtype)
 
 
@@ -600,9 +604,11 @@ def blocks(draw, k: int):
     n = draw(st.integers(1, 3))
     kind = draw(st.sampled_from(KINDS))
     src, dst = f"src{k}", f"dst{k}"
+    # scale and offset apply to floating leaves; their values are then quantized
+    arith = wide.kind == "f" and draw(st.booleans())
 
-    def group():
-        return {x: _values(rng, shape, dtypes[x]) for x in names}
+    def group(shape_=shape):
+        return {x: _values(rng, shape_, dtypes[x], arith) for x in names}
 
     def specs(shape_):
         return {x: (shape_, dtypes[x]) for x in names}
@@ -613,7 +619,7 @@ def blocks(draw, k: int):
         out = {f"layers_{i}": specs(shape) for i in range(n)}
         value, new = f"{src}.block_*", f"{dst}.layers_*"
     elif kind == "dstar":
-        source = {"a": {"b": {names[0]: _values(rng, shape, dtypes[names[0]])}}}
+        source = {"a": {"b": {names[0]: _values(rng, shape, dtypes[names[0]], arith)}}}
         out = {"a": {"b": {names[0]: (shape, dtypes[names[0]])}}}
         value, new = f"{src}.**.{names[0]}", f"{dst}.**.{names[0]}"
     elif kind == "stack":
@@ -633,6 +639,55 @@ def blocks(draw, k: int):
         source = group()
         out = {f"l_{i}": specs(shape[:a] + shape[a + 1 :]) for i in range(shape[a])}
         value, new = tg.unstack(src, axis=axis), f"{dst}.l_*"
+    elif kind == "stacklist":  # a stack of a list of named subtrees
+        source = {f"p{j}": group() for j in range(n)}
+        axis = draw(st.integers(-len(shape) - 1, len(shape)))
+        a = axis % (len(shape) + 1)
+        out = specs(shape[:a] + (n,) + shape[a:])
+        elements: list[str | tg.Operation] = [f"{src}.p{j}" for j in range(n)]
+        if arith and draw(st.booleans()):  # an operation inside the list
+            elements[-1] = tg.scale(elements[-1], 2.0)
+        value, new = tg.stack(elements, axis=axis), dst
+    elif kind == "concat":  # parts of different sizes along one axis
+        axis = draw(st.integers(-len(shape), len(shape) - 1))
+        a = axis % len(shape)
+        sizes = [draw(st.integers(1, 3)) for _ in range(n)]
+        source = {f"p{j}": group(shape[:a] + (m,) + shape[a + 1 :]) for j, m in enumerate(sizes)}
+        out = specs(shape[:a] + (sum(sizes),) + shape[a + 1 :])
+        value, new = tg.concat([f"{src}.p{j}" for j in range(n)], axis=axis), dst
+    elif kind == "pad":
+        axis = draw(st.integers(-len(shape), len(shape) - 1))
+        a = axis % len(shape)
+        size = shape[a] + draw(st.integers(0, 3))
+        source = group()
+        out = specs(shape[:a] + (size,) + shape[a + 1 :])
+        value, new = tg.pad(src, size, axis=axis), dst
+    elif kind == "partition":  # takes or slices covering one axis, one rule each
+        axis = draw(st.integers(-len(shape), len(shape) - 1))
+        a = axis % len(shape)
+        takes = draw(st.booleans())
+        if takes:
+            bounds = list(range(shape[a] + 1))
+        else:
+            cuts = draw(st.sets(st.integers(1, shape[a] - 1))) if shape[a] > 1 else set()
+            bounds = [0, *sorted(cuts), shape[a]]
+        parts = list(zip(bounds[:-1], bounds[1:], strict=True))
+        mapping: dict[str, str | tg.Operation] = {}
+        target: dict[str, Any] = {}
+        for j in draw(st.permutations(range(len(parts)))):  # rules in any order
+            start, stop = parts[j]
+            if takes:
+                part: tg.Operation = tg.take(src, start, axis=axis)
+                piece = shape[:a] + shape[a + 1 :]
+            else:
+                part = tg.slice(src, start, stop, axis=axis)
+                piece = shape[:a] + (stop - start,) + shape[a + 1 :]
+            target[f"p{j}"] = _each(specs(piece), lambda s: np.zeros(*s))
+            if draw(st.booleans()):
+                part = tg.cast(part, wide)
+                target[f"p{j}"] = _each(specs(piece), lambda s: np.zeros(s[0], wide))
+            mapping[f"{dst}.p{j}"] = part
+        return {src: group()}, {dst: target}, mapping
     elif kind == "refine":  # a broader rule and a more specific one inside it
         source = {"body": group(), "head": group()}
         out = {"body": specs(shape), "head": specs(shape)}
@@ -666,6 +721,12 @@ def blocks(draw, k: int):
     if draw(st.booleans()):
         value = tg.cast(value, wide)
         out = _each(out, lambda s: (s[0], wide))
+    if arith:  # exact on the quantized values: a power of two, a multiple of a quarter
+        for op in draw(st.permutations(["scale", "offset"])):
+            if op == "scale" and draw(st.booleans()):
+                value = tg.scale(value, 2.0 ** draw(st.integers(-2, 2)))
+            elif op == "offset" and draw(st.booleans()):
+                value = tg.offset(value, draw(st.sampled_from([0.5, -1.0, 2.25])))
     return {src: source}, {dst: _each(out, lambda s: np.zeros(*s))}, {new: value}
 
 

@@ -868,35 +868,54 @@ def _partition_entries(
     parts: list[_Part],
     key: tuple[Any, ...],
 ) -> list[tuple[str, RuleValue]]:
-    """The inverse of rules whose takes or slices cover one axis: their parts joined."""
-    inner, kind, axis = key
-    found: list[tuple[str, RuleValue]] | None = None
+    """The inverse of rules whose takes or slices cover one axis: their parts joined.
+
+    One set of entries for the whole partition, or, when its leaves differ
+    in shape or dtype, one per leaf (as `_entries` does).
+    """
+    first = rules[parts[0].rule]
+    per_unit = [_partition_unit(rules, values, units, parts, key, u, bind=False)
+                for u in units[parts[0].rule]]
+    if all(e == per_unit[0] for e in per_unit):
+        return per_unit[0]
+    out: list[tuple[str, RuleValue]] = []
     for u in units[parts[0].rule]:
-        pieces: list[str | Operation] = []
-        for p in parts:
-            value = values[p.rule]
-            node = _partial_node(value)
-            mine = next((m for m in units[p.rule] if (m.captures, m.suffix) ==
-                         (u.captures, u.suffix)), None)
-            if mine is None:
-                raise _CannotInvert(
-                    f"rule {rules[p.rule]} reads no leaf where this rule does: its parts do "
-                    "not line up"
-                )
-            specs = _spec_tree(value, iter(mine.refs))
-            [(_, traced)] = _ref_paths(value, specs, stop=node)
-            pieces.append(_build(_inverse_chain(traced), str(rules[p.rule].new)))
-        joined = concat(pieces, axis=axis) if kind == "slice" else stack(pieces, axis=axis)
-        entries: list[tuple[str, RuleValue]] = list(_unit_entries(inner, u, joined))
-        if found is None:
-            found = entries
-        elif entries != found:
+        entries = _partition_unit(rules, values, units, parts, key, u, bind=True)
+        for ref, (_, inverse) in zip(first.refs, entries, strict=True):
+            out.append((_bind(ref.pattern, u.captures, u.suffix, keep_last=ref.levels > 0),
+                        inverse))
+    return out
+
+
+def _partition_unit(
+    rules: Sequence[Rule],
+    values: Sequence[RuleValue],
+    units: dict[int, list[_Unit]],
+    parts: list[_Part],
+    key: tuple[Any, ...],
+    u: _Unit,
+    *,
+    bind: bool,
+) -> list[tuple[str, RuleValue]]:
+    """A partition's entries over one unit (the new sides bound to it when bind)."""
+    inner, kind, axis = key
+    pieces: list[str | Operation] = []
+    for p in parts:
+        rule, value = rules[p.rule], values[p.rule]
+        mine = next((m for m in units.get(p.rule, []) if (m.captures, m.suffix) ==
+                     (u.captures, u.suffix)), None)
+        if mine is None:
             raise _CannotInvert(
-                "the leaves under these rules differ in shape or dtype; a partition is "
-                "undone for leaves alike only: name them in rules of their own"
+                f"rule {rule} reads no leaf where {rules[parts[0].rule]} does: the parts of "
+                "the axis do not line up"
             )
-    assert found is not None
-    return found
+        specs = _spec_tree(value, iter(mine.refs))
+        [(_, traced)] = _ref_paths(value, specs, stop=_partial_node(value))
+        keep = any(ref.unstack for ref in rule.refs)
+        start = _bind(rule.new, u.captures, u.suffix, keep_last=keep) if bind else str(rule.new)
+        pieces.append(_build(_inverse_chain(traced), start))
+    joined = concat(pieces, axis=axis) if kind == "slice" else stack(pieces, axis=axis)
+    return list(_unit_entries(inner, u, joined))
 
 
 def invert_rules(
