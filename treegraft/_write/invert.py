@@ -2,19 +2,26 @@
 
 `invert(m)` gives the mapping `m'` such that `graft(source_layout, result, m')`
 puts back what `result = graft(like, source, m)` took from the source. Each
-rule is inverted on its own:
+rule is inverted on its own, one inverse entry per source reference:
 
 - its two sides swap, their captures with them (`{"a.l_*": "b.*"}` becomes
   `{"b.*": "a.l_*"}`: both sides have the same wildcards in the same order,
   so the captures line up either way);
-- its operation chain is reversed, each operation replaced by its inverse
-  (`_INVERSES`, one small function per operation class); the inverse of
-  `cast` and `reshape` needs the dtype and shape the value had before it,
-  which only `like` (the original source's metadata) knows;
-- today's operation classes keep `stack`/`unstack` innermost, so the reversed
-  chain, which ends with the inverse gather, is rewritten to start with it
-  (`_gather_first`): a cast commutes with it, a transpose has its axes
-  renumbered, a reshape keeps the stacked axis whole or cannot be inverted.
+- the rule's value is a tree (operations nest, docs/design.md section 16);
+  the nodes from its root down to each source reference are undone in the
+  reverse order, each replaced by its inverse (`_INVERSES`, one small
+  function per operation class): a join (`concat`, a stack of a list) gives
+  each of its values back by a `slice` or `take` of the result; `cast`,
+  `reshape`, `pad` and `concat` need the specs before them, which only
+  `like` (the original source's metadata) knows;
+- when a chain's only gather is a `stack`/`unstack` on the path itself, the
+  inverse gather is moved first (`_gather_first`) so that a reshape applies
+  to one layer's leaf rather than to the whole stack (a reshape reads its
+  whole input); where that cannot be done the natural order stands;
+- a `take` or `slice` keeps part of an axis: alone it has no inverse; rules
+  whose takes or slices of one value cover its axis exactly are undone
+  together, by one `stack` of a list or `concat` of their parts in order
+  (`_partitions`).
 
 Keep rules (`{new: None}`) drop out. A rule whose inverse would be ambiguous
 (two rules reading one source leaf) or impossible is a `MappingError` naming
@@ -382,7 +389,7 @@ def _inverse_chain(traced: list[_Traced]) -> list[_Inv]:
 
 
 # ----------------------------------------------------------------------------
-# Moving the inverse gather to the front (today's classes nest it innermost).
+# Moving the inverse gather to the front (when the forward one is on the path).
 # ----------------------------------------------------------------------------
 
 
@@ -998,26 +1005,41 @@ def invert(mapping: MappingLike, /, *, like: Any = None) -> dict[str, RuleValue]
     """The mapping that takes the result of `graft(state, source, mapping)` back to the source.
 
     Each rule's sides swap with their captures, `stack` and `unstack` swap,
-    `transpose(axes)` becomes `transpose(argsort(axes))`, and a chain of
-    operations is undone in the reverse order. `cast` and `reshape` are undone
-    to the dtype and shape each leaf had in the source, which `like` gives.
-    Keep rules drop out. The input is not modified; use the return value.
+    a stack of a list becomes one `take` per element and a `concat` one
+    `slice` per part, `pad` becomes a `slice` of the size before it,
+    `transpose(axes)` becomes `transpose(argsort(axes))`, `scale(f)` becomes
+    `scale(1/f)` and `offset(c)` becomes `offset(-c)`, and nested operations
+    are undone in the reverse order. `cast` and `reshape` are undone to the
+    dtype and shape each leaf had in the source, which `like` gives. A `take`
+    or `slice` drops data: rules whose takes or slices of one value cover its
+    whole axis are undone together (one `stack` of a list, or one `concat`,
+    of their parts in order); one alone cannot be. Keep rules drop out. The
+    input is not modified; use the return value.
+
+    Bit for bit: `scale` and `offset` round their results to the leaf's
+    dtype, so undoing them gives back every bit only when no rounding
+    happened: a power-of-two factor (without overflow or subnormal results),
+    an amount that the values absorb exactly. Other factors and amounts come
+    back within rounding.
 
     Args:
       mapping: a `{new: old}` mapping, as `graft` takes it.
       like: the original source's metadata: a pytree of arrays or
         `jax.ShapeDtypeStruct`s, or a lazy `tg.Source` (its `metadata()` is
-        used). Needed to undo `cast` and `reshape`; with it, every source
-        leaf is checked to be read by at most one rule.
+        used). Needed to undo `cast`, `reshape`, `pad`, `concat` and a
+        partition by takes or slices; with it, every source leaf is checked
+        to be read by at most one rule.
 
     Returns:
       The inverse mapping `{old: new}`, to graft from the result into the
       source's layout.
 
     Raises:
-      MappingError: listing every rule that cannot be inverted: a `cast` or
-        `reshape` without `like`, two rules reading the same source leaf, a
-        reshape that mixes a stacked axis with others, or an invalid mapping.
+      MappingError: listing every rule that cannot be inverted: a `cast`,
+        `reshape`, `pad` or `concat` without `like`; a `take` or `slice`
+        whose axis other rules do not cover (or without `like`); a scale by
+        0; nested stacks of one pattern; two rules reading the same source
+        leaf; or an invalid mapping.
 
     Example:
       >>> import numpy as np, treegraft as tg
@@ -1028,6 +1050,12 @@ def invert(mapping: MappingLike, /, *, like: Any = None) -> dict[str, RuleValue]
       >>> m = {"k": tg.cast(tg.transpose("w", (1, 0)), np.float32)}
       >>> tg.invert(m, like=src)
       {'w': Transpose(value=Cast(value='k', dtype=dtype('float16')), axes=(1, 0))}
+      >>> qkv = {"qkv": np.zeros((4, 12), np.float32)}
+      >>> m = {"q": tg.slice("qkv", 0, 8, axis=1), "kv": tg.slice("qkv", 8, 12, axis=1)}
+      >>> tg.invert(m, like=qkv)
+      {'qkv': Concat(values=('q', 'kv'), axis=1)}
+      >>> tg.invert({"kv": tg.stack(["k", tg.scale("v", 0.5)])})["v"]
+      Scale(value=Take(value='kv', index=1, axis=0), factor=2.0)
     """
     rules = parse_mapping(mapping)
     values = list(mapping.values())
