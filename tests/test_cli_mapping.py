@@ -424,6 +424,25 @@ def test_map_text_writes_the_new_operations_as_python_does(text, expected) -> No
     assert parse_rule_value(f"  {text}", where="--mapping 'm.json', key 'new'") == expected
 
 
+@pytest.mark.parametrize(
+    "op",
+    [
+        tg.concat(["k", tg.pad("v", 4, axis=-1, constant=-1.5)], axis=1),
+        tg.stack(["k", tg.scale("v", 0.125)], axis=0),
+        tg.take(tg.offset("k", 1.0), 1, axis=-1),
+        tg.slice(tg.transpose("k", (1, 0)), 0, 2, axis=1),
+        tg.stack(tg.concat(["l_*.q", "l_*.k"]), axis=1),
+    ],
+    ids=["concat-pad", "stack-list-scale", "take-offset", "slice-transpose", "stack-concat"],
+)
+def test_an_operation_as_a_plan_prints_it_parses_back_to_itself(op) -> None:
+    from treegraft._app.map_text import parse_map
+
+    text = op.describe()  # quoted paths, as the plan shows them
+    assert "'k'" in text or "'l_*.q'" in text
+    assert parse_map([f"x={text}"])["x"] == op
+
+
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, np.ndarray]]:
     """An orbax item of a fused attention and its neighbours, random bits."""
@@ -519,3 +538,12 @@ def test_malformed_new_operations_exit_2_with_one_line_naming_the_entry(
     assert len(lines) == 1, err
     assert lines[0].startswith(f"treegraft plan: --map {entry!r}: "), lines[0]
     assert reason in lines[0]
+
+
+def test_a_bad_path_inside_a_new_operation_points_at_its_column(capsys, fused) -> None:
+    path, _ = fused
+    status = cli.main(["plan", path, "--target", path, "--map", "x=concat([k, a..b], axis=0)"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "invalid path 'a..b': empty name" in err and "at column 3" in err
+    assert err.rstrip().splitlines()[-2:] == ["      a..b", "        ^"]

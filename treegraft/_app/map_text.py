@@ -7,14 +7,17 @@ as a plan prints it), `reshape(q, 4, -1)`, `take(kv, 0, axis=0)`,
 `slice(qkv, 0, 128, axis=-1)`, `pad(embed, 32128, axis=0, constant=0)`,
 `scale(q, 0.125)`, `offset(norm, 1.0)`, and over a list of values in square
 brackets `concat([q, k, v], axis=0)`, `stack([k, v], axis=0)`; calls nest
-(`stack([transpose(k, 1, 0), v])`). Every malformed entry is a `MappingError`
+(`stack([transpose(k, 1, 0), v])`). A path may also be quoted, as Python
+and a plan write it (`concat(['q', 'k'], axis=1)`). Every malformed entry is a `MappingError`
 of one line naming the entry and what is wrong in it (a bracket that does not
 close, with its column in the entry).
 """
 
 from __future__ import annotations
 
+import ast
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,6 +99,8 @@ class _Entry:
         """A rule value: None, a path string, or an operation."""
         if text == "None":
             return None
+        if text[:1] in "'\"" and _quote_end(text, 0) == len(text):
+            return self.string(text)  # a path as Python (and a plan) writes it: 'a.b'
         parens = _parens(text)
         if not parens:
             return text  # a path or pattern: its own parser reports its syntax
@@ -122,6 +127,20 @@ class _Entry:
         self.brackets(inside, at + call.end())
         args = [(at + call.end() + i, a) for i, a in _split_args_at(inside)]
         return self.call(name, args)
+
+    def string(self, text: str) -> str:
+        """A quoted path, its quotes and escapes read as Python reads them.
+
+        Text that is not a closed Python string is left as it is, for the
+        path's own parser to report with its column.
+        """
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an invalid escape: kept, as Python does
+                value = ast.literal_eval(text)
+        except (SyntaxError, ValueError):
+            return text
+        return value if isinstance(value, str) else text
 
     def brackets(self, text: str, at: int) -> None:
         """Checks that the square brackets of text (outside quotes) pair up."""
