@@ -503,10 +503,14 @@ def test_a_split_entry_whose_capture_a_glob_cannot_hold_is_named():
          r"rule 's' <- .*nested stacks of 'l_\*.e_\*' \(2 levels\) cannot be undone"),
         ({"s": tg.concat([tg.slice("a", 0, 1), "b"])}, {"a": np.ones(2), "b": np.ones(2)},
          r"rule 's' <- .*slice\('a', 0, 1, axis=0\) keeps only part of its axis"),
+        ({"p": tg.slice("w", 0, 2), "q": tg.slice("w", 2, 4)},
+         {"w": {"a": np.ones(4), "b": np.ones(6)}},
+         r"rule 'p' <- .*the leaves it reads differ in size along axis 0 \(shapes \(4,\), "
+         r"\(6,\)\)"),
     ],
     ids=["slice-without-like", "slices-with-a-gap", "slices-overlapping", "one-take",
          "concat-without-like", "pad-without-like", "scale-by-zero", "nested-stacks",
-         "slice-inside-a-join"],
+         "slice-inside-a-join", "partition-of-unlike-leaves"],
 )
 def test_what_cannot_be_undone_is_a_mapping_error_naming_the_rule(mapping, like, reason):
     with pytest.raises(tg.MappingError, match=reason):

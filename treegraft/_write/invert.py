@@ -823,10 +823,22 @@ def _partitions(
             mine = units.get(r, [])
             if not mine:
                 raise _CannotInvert(f"like has no leaf under {str(rules[r].old)!r}")
+            shapes = set()
+            for u in mine:
+                spec = _spec_tree(node.value, iter(u.refs)).out
+                assert spec is not None
+                shapes.add(spec[0])
             before = _spec_tree(node.value, iter(mine[0].refs)).out
             assert before is not None
             ndim = len(before[0])
             axis = _axis(node.axis, ndim)
+            sizes = {(len(shape), shape[axis] if len(shape) == ndim else None) for shape in shapes}
+            if len(sizes) > 1:
+                raise _CannotInvert(
+                    f"the leaves it reads differ in size along axis {node.axis} (shapes "
+                    f"{', '.join(map(str, sorted(shapes)))}): a partition is undone for leaves "
+                    "of one size only; name them in rules of their own"
+                )
             kind = "take" if isinstance(node, Take) else "slice"
             key = (node.value, kind, axis)
             axis_size[key] = before[0][axis]
