@@ -410,6 +410,51 @@ def test_a_partition_under_operations_is_joined_before_they_are_undone():
     assert_same_leaves(back, src)
 
 
+def test_a_fused_hugging_face_layout_round_trips_through_a_safetensors_checkpoint(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(20)
+    tensors = {"model.embed_tokens.weight": rng.normal(size=(6, 4)).astype(np.float16),
+               "model.norm.weight": (rng.integers(-8, 9, size=4) / 4).astype(BF16)}
+    for i in range(2):
+        pre = f"model.layers.{i}.self_attn."
+        tensors[pre + "qkv_proj.weight"] = rng.normal(size=(8, 4)).astype(BF16)  # [out, in]
+        tensors[pre + "k_proj.weight"] = rng.normal(size=(2, 4)).astype(BF16)
+        tensors[pre + "v_proj.weight"] = rng.normal(size=(2, 4)).astype(BF16)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    attn = "model.layers.*.self_attn"
+    m = {
+        "layers_*.q": tg.transpose(tg.slice(f"{attn}.qkv_proj.weight", 0, 4, axis=0), (1, 0)),
+        "layers_*.k": tg.transpose(tg.slice(f"{attn}.qkv_proj.weight", 4, 6, axis=0), (1, 0)),
+        "layers_*.v": tg.transpose(tg.slice(f"{attn}.qkv_proj.weight", 6, 8, axis=0), (1, 0)),
+        "kv_einsum": tg.stack([tg.stack(f"{attn}.k_proj.weight"),
+                               tg.stack(f"{attn}.v_proj.weight")], axis=0),
+        "embed": tg.pad("model.embed_tokens.weight", 8, axis=0),
+        "norm": tg.offset("model.norm.weight", -1.0),
+    }
+    target = {
+        **{f"layers_{i}": {"q": np.zeros((4, 4), BF16), "k": np.zeros((4, 2), BF16),
+                           "v": np.zeros((4, 2), BF16)} for i in range(2)},
+        "kv_einsum": np.zeros((2, 2, 2, 4), BF16),
+        "embed": np.zeros((8, 4), np.float16),
+        "norm": np.zeros(4, BF16),
+    }
+    with tg.SafetensorsCheckpoint(tmp_path / "model.safetensors") as ckpt:
+        result = tg.graft(target, ckpt, m)
+        inverse = tg.invert(m, like=ckpt)
+        layout = zeros(ckpt.metadata())
+    assert inverse[f"{attn}.qkv_proj.weight"] == tg.concat(
+        [tg.transpose(f"layers_*.{x}", (1, 0)) for x in "qkv"], axis=0
+    )
+    back = tg.graft(layout, result, inverse)
+    flat = {".".join(map(str, path.parts)): leaf for path, leaf in tg.flatten(back).items()}
+    assert len(flat) == len(tensors)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="np") as f:
+        for name in f.keys():
+            assert same_bits(flat[name], f.get_tensor(name)), name
+
+
 # -- errors ----------------------------------------------------------------------------
 
 
