@@ -552,10 +552,12 @@ def test_a_split_entry_whose_capture_a_glob_cannot_hold_is_named():
          {"w": {"a": np.ones(4), "b": np.ones(6)}},
          r"rule 'p' <- .*the leaves it reads differ in size along axis 0 \(shapes \(4,\), "
          r"\(6,\)\)"),
+        ({"c": tg.concat(["x", "y"])}, {"x": np.ones(0), "y": np.ones(2)},
+         r"rule 'c' <- .*value 0 of the concat is empty along axis 0"),
     ],
     ids=["slice-without-like", "slices-with-a-gap", "slices-overlapping", "one-take",
          "concat-without-like", "pad-without-like", "scale-by-zero", "nested-stacks",
-         "slice-inside-a-join", "partition-of-unlike-leaves"],
+         "slice-inside-a-join", "partition-of-unlike-leaves", "empty-concat-part"],
 )
 def test_what_cannot_be_undone_is_a_mapping_error_naming_the_rule(mapping, like, reason):
     with pytest.raises(tg.MappingError, match=reason):

@@ -172,6 +172,11 @@ def _inverse_concat(t: _Traced) -> _Inv:
     for spec in t.parts:
         assert spec is not None
         sizes.append(spec[0][_axis(node.axis, len(spec[0]))])
+    if sizes[t.part] == 0:
+        raise _CannotInvert(
+            f"value {t.part} of the concat is empty along axis {node.axis}: no slice gives "
+            "back an empty part; leave it out of the concat"
+        )
     start = sum(sizes[: t.part])
     return _Inv("slice", (start, start + sizes[t.part], node.axis))
 
@@ -844,7 +849,7 @@ def _partitions(
             axis_size[key] = before[0][axis]
             start, stop = _part_of(node, before[0][axis])
             groups.setdefault(key, []).append(_Part(r, start, stop))
-        except _CannotInvert as e:
+        except (_CannotInvert, MappingError) as e:
             problems.append(Problem("mapping", f"rule {rules[r]}: {e}", rule=str(rules[r])))
             reported.add(r)
     out: dict[int, list[tuple[str, RuleValue]]] = {}
@@ -870,7 +875,7 @@ def _partitions(
             continue
         try:
             entries = _partition_entries(rules, values, units, parts, key)
-        except _CannotInvert as e:
+        except (_CannotInvert, MappingError) as e:
             rule = rules[parts[0].rule]
             problems.append(Problem("mapping", f"rule {rule}: {e}", rule=str(rule)))
             done.update(p.rule for p in parts)
