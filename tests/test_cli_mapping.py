@@ -17,7 +17,13 @@ What this proves:
 - a path given as a source names `tg.SafetensorsCheckpoint` when it holds
   safetensors (and all three kinds otherwise);
 - `inspect` folds 4 or more alike repeated layers into `[0..N]` with `x N` on
-  their leaves, and `--expand` shows every one.
+  their leaves, and `--expand` shows every one;
+- `--map` text writes the operations of docs/design.md section 16 as Python
+  does (`take`, `slice`, `pad`, `scale`, `offset`, `concat([...])`,
+  `stack([...])`, nested), each parsing to the operation `tg` builds, a plan
+  from a real checkpoint showing them and a graft through them equal to
+  numpy; malformed text exits 2 with one line naming the entry (a bracket
+  that does not close with its column).
 """
 
 from __future__ import annotations
@@ -372,3 +378,172 @@ def test_fold_does_not_apply_to_json(capsys, moe) -> None:
     assert len(json.loads(capsys.readouterr().out)["leaves"]) == 55
 
 
+
+
+# ----------------------------------------------------------------------------
+# --map text for the operations of docs/design.md section 16
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("take(x, 3, axis=0)", tg.take("x", 3, axis=0)),
+        ("take(x, -1, 1)", tg.take("x", -1, axis=1)),
+        ("slice(x, 0, 128, axis=-1)", tg.slice("x", 0, 128, axis=-1)),
+        ("slice(x, start=2, stop=4)", tg.slice("x", 2, 4)),
+        ("pad(x, 32128, axis=0, constant=0)", tg.pad("x", 32128, axis=0, constant=0)),
+        ("pad(x, 8, 1, -1.5)", tg.pad("x", 8, axis=1, constant=-1.5)),
+        ("pad(x, 8, constant=True)", tg.pad("x", 8, constant=True)),
+        ("scale(x, 0.125)", tg.scale("x", 0.125)),
+        ("scale(x, factor=1e-3)", tg.scale("x", 0.001)),
+        ("offset(x, 1.0)", tg.offset("x", 1.0)),
+        ("offset(x, -.5)", tg.offset("x", -0.5)),
+        ("concat([a, b, c], axis=0)", tg.concat(["a", "b", "c"], axis=0)),
+        ("concat([a['k,]'], b[0],], -1)", tg.concat(["a['k,]']", "b[0]"], axis=-1)),
+        ("stack([a, b], axis=0)", tg.stack(["a", "b"], axis=0)),
+        ("stack([k.*, v.*])", tg.stack(["k.*", "v.*"])),
+        ("stack([transpose(k, 1, 0), cast(v, float32)], 1)",
+         tg.stack([tg.transpose("k", (1, 0)), tg.cast("v", np.float32)], axis=1)),
+        ("concat([slice(a, 0, 2), pad(scale(b, 2), 4, constant=0)], axis=-1)",
+         tg.concat([tg.slice("a", 0, 2), tg.pad(tg.scale("b", 2.0), 4)], axis=-1)),
+        ("stack(concat([l_*.q, l_*.k]), axis=1)",
+         tg.stack(tg.concat(["l_*.q", "l_*.k"]), axis=1)),
+        ("offset(take(stack([a, b]), 1), 1)", tg.offset(tg.take(tg.stack(["a", "b"]), 1), 1.0)),
+    ],
+    ids=["take", "take-positional", "slice", "slice-keywords", "pad", "pad-positional",
+         "pad-bool", "scale", "scale-exponent", "offset", "offset-leading-dot", "concat",
+         "concat-quoted-and-indexed", "stack-list", "stack-list-patterns", "stack-list-of-ops",
+         "concat-of-ops", "stack-of-concat", "nested-take"],
+)
+def test_map_text_writes_the_new_operations_as_python_does(text, expected) -> None:
+    from treegraft._app.map_text import parse_map, parse_rule_value
+
+    assert parse_map([f"new={text}"])["new"] == expected
+    # a mapping file's JSON values use the same text
+    assert parse_rule_value(f"  {text}", where="--mapping 'm.json', key 'new'") == expected
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        tg.concat(["k", tg.pad("v", 4, axis=-1, constant=-1.5)], axis=1),
+        tg.stack(["k", tg.scale("v", 0.125)], axis=0),
+        tg.take(tg.offset("k", 1.0), 1, axis=-1),
+        tg.slice(tg.transpose("k", (1, 0)), 0, 2, axis=1),
+        tg.stack(tg.concat(["l_*.q", "l_*.k"]), axis=1),
+    ],
+    ids=["concat-pad", "stack-list-scale", "take-offset", "slice-transpose", "stack-concat"],
+)
+def test_an_operation_as_a_plan_prints_it_parses_back_to_itself(op) -> None:
+    from treegraft._app.map_text import parse_map
+
+    text = op.describe()  # quoted paths, as the plan shows them
+    assert "'k'" in text or "'l_*.q'" in text
+    assert parse_map([f"x={text}"])["x"] == op
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, np.ndarray]]:
+    """An orbax item of a fused attention and its neighbours, random bits."""
+    rng = np.random.default_rng(7)
+    tree = {
+        "qkv": rng.normal(size=(4, 12)).astype(np.float32),
+        "kv": rng.normal(size=(2, 4, 3)).astype(np.float32),
+        "k": rng.normal(size=(4, 3)).astype(np.float32),
+        "v": rng.normal(size=(4, 3)).astype(np.float32),
+        "embed": rng.normal(size=(5, 4)).astype(np.float32),
+        "norm": rng.normal(size=4).astype(np.float32),
+    }
+    return write_item(tmp_path_factory.mktemp("fused") / "item", tree), tree
+
+
+def test_new_operations_from_map_text_plan_and_graft_as_numpy_computes(capsys, fused) -> None:
+    from treegraft._app.map_text import parse_map
+
+    path, tree = fused
+    entries = [
+        "q=slice(qkv, 0, 4, axis=-1)",
+        "kt=take(kv, 0, axis=0)",
+        "joined=concat([k, v], axis=1)",
+        "pair=stack([k, v], axis=1)",
+        "embed=pad(embed, 8, axis=0, constant=0)",
+        "nq=scale(offset(norm, 1.0), 0.5)",
+    ]
+    want = {
+        "q": tree["qkv"][:, 0:4],
+        "kt": tree["kv"][0],
+        "joined": np.concatenate([tree["k"], tree["v"]], axis=1),
+        "pair": np.stack([tree["k"], tree["v"]], axis=1),
+        "embed": np.concatenate([tree["embed"], np.zeros((3, 4), np.float32)], axis=0),
+        "nq": ((tree["norm"] + np.float32(1.0)) * np.float32(0.5)).astype(np.float32),
+    }
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in want.items()}
+    with tg.OrbaxCheckpoint(path) as ckpt:
+        got = tg.graft(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target), ckpt,
+                       parse_map(entries))
+    for key, value in want.items():
+        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
+    target_path = write_item(os.path.join(os.path.dirname(path), "target"),
+                             {k: np.zeros(v.shape, v.dtype) for k, v in want.items()})
+    args = [a for e in entries for a in ("--map", e)]
+    status, out, err = plan_cli(capsys, path, "--target", target_path, *args)
+    assert status == 0, out + err
+    assert "the graft would succeed" in out
+    for shown in ("slice 0:4 along axis -1", "take [0] along axis 0", "pad axis 0 to 8 with 0",
+                  "scale by 0.5", "offset by 1.0", "concat(['k', 'v'], axis=1)",
+                  "stack(['k', 'v'], axis=1)"):
+        assert shown in out, shown
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [
+        ("x=concat([a, b, axis=0)", "the '[' at column 10 is never closed by a ']'"),
+        ("x=concat([a, b]], axis=0)", "the ']' at column 16 closes no '['"),
+        ("x=stack([a, [b], axis=0)", "the '[' at column 9 is never closed by a ']'"),
+        ("x=concat([a, b]c, axis=0)", "concat: unexpected text after the list closed at column 15"),
+        ("x=concat(a, axis=0)", "concat takes a list of values in square brackets, got 'a'"),
+        ("x=concat([], axis=0)", "concat takes at least one value, got an empty list"),
+        ("x=concat([a,,b])", "concat: its list has an empty value"),
+        ("x=stack([a, None])", "stack: a value of its list is None"),
+        ("x=concat()", "concat() needs a list of values as its first argument"),
+        ("x=concat([a, b], axis=q)", "concat: the axis must be an integer, got 'q'"),
+        ("x=take(x)", "take needs an index: take(path, index, axis=0)"),
+        ("x=take(x, 1.5)", "take: the index must be an integer, got '1.5'"),
+        ("x=take(x, 1, 2, 3)", "take takes a source and at most 2 arguments (index, axis), got 3"),
+        ("x=take(x, 1, index=2)", "take: index is given by position and as index="),
+        ("x=take(x, 1, ax=0)", "take: unknown argument ax=; it takes index=, axis="),
+        ("x=slice(x, 0)", "slice needs a stop: slice(path, start, stop, axis=0)"),
+        ("x=slice(x, 3, 1)", "slice: needs 0 <= start < stop, got start=3, stop=1"),
+        ("x=pad(x)", "pad needs a size: pad(path, size, axis=0, constant=0)"),
+        ("x=pad(x, 3, constant=z)", "pad: the constant must be a number such as 0.125, got 'z'"),
+        ("x=pad(x, -3)", "pad: size must be >= 0, got -3"),
+        ("x=scale(x)", "scale needs a factor: scale(path, factor)"),
+        ("x=scale(x, inf)", "scale: the factor must be a number such as 0.125, got 'inf'"),
+        ("x=scale(x, 1, 2)", "scale takes a source and one factor, got 2 factor values: 1, 2"),
+        ("x=offset(x, amount=1/2)", "offset: the amount must be a number such as 0.125, got '1/2'"),
+        ("x=offset(x, by=1)", "offset: unknown argument by=; it takes amount="),
+        ("x=cast(take(x, a), float32)", "take: the index must be an integer, got 'a'"),
+    ],
+    ids=lambda v: v if v.startswith("x=") else "",
+)
+def test_malformed_new_operations_exit_2_with_one_line_naming_the_entry(
+    capsys, entry, reason
+) -> None:
+    status = cli.main(["plan", "/nonexistent/src", "--target", "/nonexistent/t", "--map", entry])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"treegraft plan: --map {entry!r}: "), lines[0]
+    assert reason in lines[0]
+
+
+def test_a_bad_path_inside_a_new_operation_points_at_its_column(capsys, fused) -> None:
+    path, _ = fused
+    status = cli.main(["plan", path, "--target", path, "--map", "x=concat([k, a..b], axis=0)"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "invalid path 'a..b': empty name" in err and "at column 3" in err
+    assert err.rstrip().splitlines()[-2:] == ["      a..b", "        ^"]

@@ -1,6 +1,7 @@
 """tg.invert: the mapping that takes a graft's result back (docs/design.md section 15)."""
 
 import copy
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -263,6 +264,197 @@ def test_a_more_specific_rule_refining_a_broader_one_is_not_ambiguous():
     assert tg.invert(m, like=src) == {"": "", "head": tg.cast("head", np.float32)}
 
 
+# -- the operations of docs/design.md section 16 ----------------------------------------
+
+
+def test_a_stack_of_a_list_inverts_to_one_take_per_element():
+    rng = np.random.default_rng(10)
+    src = {"k": rng.normal(size=(3, 2)).astype(np.float32), "v": rng.normal(size=(2, 3))
+           .astype(np.float32)}
+    m = {"kv": tg.stack([tg.transpose("k", (1, 0)), "v"], axis=-1)}
+    assert tg.invert(m) == {
+        "k": tg.transpose(tg.take("kv", 0, axis=-1), (1, 0)),
+        "v": tg.take("kv", 1, axis=-1),
+    }
+    _, back = round_trip(src, {"kv": np.zeros((2, 3, 2), np.float32)}, m)
+    assert_same_leaves(back, src)
+
+
+def test_a_stack_of_patterns_with_captures_inverts_per_element_pattern():
+    rng = np.random.default_rng(11)
+    src = {f"l_{i}": {"k": rng.normal(size=4), "v": rng.normal(size=4)} for i in range(3)}
+    m = {"layers_*.kv": tg.stack(["l_*.k", "l_*.v"], axis=0)}
+    assert tg.invert(m, like=meta(src)) == {
+        "l_*.k": tg.take("layers_*.kv", 0, axis=0),
+        "l_*.v": tg.take("layers_*.kv", 1, axis=0),
+    }
+    tgt = {f"layers_{i}": {"kv": np.zeros((2, 4))} for i in range(3)}
+    _, back = round_trip(src, tgt, m)
+    assert_same_leaves(back, src)
+
+
+def test_a_stack_of_capture_stacks_inverts_to_an_unstack_of_each_take():
+    rng = np.random.default_rng(12)
+    src = {**{f"k_{i}": rng.normal(size=3) for i in range(2)},
+           **{f"v_{i}": rng.normal(size=3) for i in range(2)}}
+    m = {"kv": tg.stack([tg.stack("k_*", axis=0), tg.stack("v_*", axis=0)], axis=0)}
+    assert tg.invert(m) == {
+        "k_*": tg.unstack(tg.take("kv", 0, axis=0), axis=0),
+        "v_*": tg.unstack(tg.take("kv", 1, axis=0), axis=0),
+    }
+    _, back = round_trip(src, {"kv": np.zeros((2, 2, 3))}, m)
+    assert_same_leaves(back, src)
+
+
+def test_concat_inverts_to_one_slice_per_part_sized_from_like():
+    rng = np.random.default_rng(13)
+    src = {"q": rng.normal(size=(4, 8)).astype(BF16), "k": rng.normal(size=(4, 2)).astype(BF16),
+           "v": rng.normal(size=(4, 2)).astype(BF16)}
+    m = {"qkv": tg.cast(tg.concat(["q", "k", "v"], axis=-1), np.float32)}
+    inv = tg.invert(m, like=meta(src))
+    assert inv == {
+        "q": tg.slice(tg.cast("qkv", BF16), 0, 8, axis=-1),
+        "k": tg.slice(tg.cast("qkv", BF16), 8, 10, axis=-1),
+        "v": tg.slice(tg.cast("qkv", BF16), 10, 12, axis=-1),
+    }
+    _, back = round_trip(src, {"qkv": np.zeros((4, 12), np.float32)}, m)
+    assert_same_leaves(back, src)
+
+
+def test_a_concat_of_operations_undoes_each_part_after_its_slice():
+    rng = np.random.default_rng(14)
+    src = {"gate": rng.normal(size=(3, 2)), "up": rng.normal(size=(2, 3))}
+    m = {"gate_up": tg.concat(["gate", tg.transpose("up", (1, 0))], axis=1)}
+    inv = tg.invert(m, like=meta(src))
+    assert inv == {"gate": tg.slice("gate_up", 0, 2, axis=1),
+                   "up": tg.transpose(tg.slice("gate_up", 2, 4, axis=1), (1, 0))}
+    _, back = round_trip(src, {"gate_up": np.zeros((3, 4))}, m)
+    assert_same_leaves(back, src)
+
+
+def test_pad_inverts_to_a_slice_of_the_size_before_it():
+    rng = np.random.default_rng(15)
+    src = {"embed": rng.normal(size=(5, 4)).astype(np.float16)}
+    m = {"emb": tg.pad("embed", 8, axis=0, constant=0)}
+    assert tg.invert(m, like=meta(src)) == {"embed": tg.slice("emb", 0, 5, axis=0)}
+    result, back = round_trip(src, {"emb": np.zeros((8, 4), np.float16)}, m)
+    assert same_bits(result["emb"][5:], np.zeros((3, 4), np.float16))
+    assert_same_leaves(back, src)
+
+
+def test_scale_and_offset_invert_to_the_reciprocal_and_the_negation():
+    src = {"q": (np.arange(-8, 8) / 4).astype(BF16), "n": (np.arange(16) / 8).astype(np.float16)}
+    m = {"q2": tg.scale("q", 0.125), "n2": tg.scale(tg.offset("n", 1.0), 4.0)}
+    assert tg.invert(m) == {"q": tg.scale("q2", 8.0), "n": tg.offset(tg.scale("n2", 0.25), -1.0)}
+    _, back = round_trip(src, {"q2": np.zeros(16, BF16), "n2": np.zeros(16, np.float16)}, m)
+    assert_same_leaves(back, src)
+
+
+def test_operations_inside_a_stack_or_unstack_invert_in_the_natural_order():
+    rng = np.random.default_rng(16)
+    src = {"l": {f"l_{i}": rng.normal(size=(2, 3)).astype(np.float32) for i in range(3)},
+           "w": rng.normal(size=(2, 4)).astype(np.float32)}
+    m = {
+        "s": tg.stack(tg.transpose("l.l_*", (1, 0)), axis=0),
+        "u_*": tg.unstack(tg.scale("w", 2.0), axis=1),
+    }
+    assert tg.invert(m) == {
+        "l.l_*": tg.transpose(tg.unstack("s", axis=0), (1, 0)),
+        "w": tg.scale(tg.stack("u_*", axis=1), 0.5),
+    }
+    tgt = {"s": np.zeros((3, 3, 2), np.float32), **{f"u_{i}": np.zeros(2, np.float32)
+                                                    for i in range(4)}}
+    _, back = round_trip(src, tgt, m)
+    assert_same_leaves(back, src)
+
+
+def test_slices_that_partition_an_axis_invert_to_one_concat_of_the_parts_in_order():
+    rng = np.random.default_rng(17)
+    src = {f"l_{i}": {"qkv": rng.normal(size=(2, 12)).astype(np.float32)} for i in range(2)}
+    m = {  # written out of order, one part transposed
+        "layers_*.v": tg.slice("l_*.qkv", 8, 12, axis=-1),
+        "layers_*.q": tg.slice("l_*.qkv", 0, 6, axis=1),
+        "layers_*.k": tg.transpose(tg.slice("l_*.qkv", 6, 8, axis=-1), (1, 0)),
+    }
+    inv = tg.invert(m, like=meta(src))
+    assert inv == {
+        "l_*.qkv": tg.concat(
+            ["layers_*.q", tg.transpose("layers_*.k", (1, 0)), "layers_*.v"], axis=1
+        )
+    }
+    tgt = {f"layers_{i}": {"q": np.zeros((2, 6), np.float32), "k": np.zeros((2, 2), np.float32),
+                           "v": np.zeros((2, 4), np.float32)} for i in range(2)}
+    _, back = round_trip(src, tgt, m)
+    assert_same_leaves(back, src)
+
+
+def test_takes_that_partition_an_axis_invert_to_one_stack_of_a_list():
+    rng = np.random.default_rng(18)
+    src = {"kv": rng.normal(size=(4, 2, 3)).astype(np.float32)}
+    m = {"v": tg.take("kv", -1, axis=1), "k": tg.cast(tg.take("kv", 0, axis=1), np.float64)}
+    inv = tg.invert(m, like=meta(src))
+    assert inv == {"kv": tg.stack([tg.cast("k", np.float32), "v"], axis=1)}
+    _, back = round_trip(src, {"k": np.zeros((4, 3)), "v": np.zeros((4, 3), np.float32)}, m)
+    assert_same_leaves(back, src)
+
+
+def test_a_partition_under_operations_is_joined_before_they_are_undone():
+    rng = np.random.default_rng(19)
+    src = {"w": rng.normal(size=(6, 2)).astype(BF16)}
+    m = {"a": tg.slice(tg.cast(tg.transpose("w", (1, 0)), np.float32), 0, 2, axis=1),
+         "b": tg.slice(tg.cast(tg.transpose("w", (1, 0)), np.float32), 2, 6, axis=1)}
+    inv = tg.invert(m, like=meta(src))
+    assert inv == {"w": tg.transpose(tg.cast(tg.concat(["a", "b"], axis=1), BF16), (1, 0))}
+    _, back = round_trip(src, {"a": np.zeros((2, 2), np.float32),
+                               "b": np.zeros((2, 4), np.float32)}, m)
+    assert_same_leaves(back, src)
+
+
+def test_a_fused_hugging_face_layout_round_trips_through_a_safetensors_checkpoint(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(20)
+    tensors = {"model.embed_tokens.weight": rng.normal(size=(6, 4)).astype(np.float16),
+               "model.norm.weight": (rng.integers(-8, 9, size=4) / 4).astype(BF16)}
+    for i in range(2):
+        pre = f"model.layers.{i}.self_attn."
+        tensors[pre + "qkv_proj.weight"] = rng.normal(size=(8, 4)).astype(BF16)  # [out, in]
+        tensors[pre + "k_proj.weight"] = rng.normal(size=(2, 4)).astype(BF16)
+        tensors[pre + "v_proj.weight"] = rng.normal(size=(2, 4)).astype(BF16)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    attn = "model.layers.*.self_attn"
+    m = {
+        "layers_*.q": tg.transpose(tg.slice(f"{attn}.qkv_proj.weight", 0, 4, axis=0), (1, 0)),
+        "layers_*.k": tg.transpose(tg.slice(f"{attn}.qkv_proj.weight", 4, 6, axis=0), (1, 0)),
+        "layers_*.v": tg.transpose(tg.slice(f"{attn}.qkv_proj.weight", 6, 8, axis=0), (1, 0)),
+        "kv_einsum": tg.stack([tg.stack(f"{attn}.k_proj.weight"),
+                               tg.stack(f"{attn}.v_proj.weight")], axis=0),
+        "embed": tg.pad("model.embed_tokens.weight", 8, axis=0),
+        "norm": tg.offset("model.norm.weight", -1.0),
+    }
+    target = {
+        **{f"layers_{i}": {"q": np.zeros((4, 4), BF16), "k": np.zeros((4, 2), BF16),
+                           "v": np.zeros((4, 2), BF16)} for i in range(2)},
+        "kv_einsum": np.zeros((2, 2, 2, 4), BF16),
+        "embed": np.zeros((8, 4), np.float16),
+        "norm": np.zeros(4, BF16),
+    }
+    with tg.SafetensorsCheckpoint(tmp_path / "model.safetensors") as ckpt:
+        result = tg.graft(target, ckpt, m)
+        inverse = tg.invert(m, like=ckpt)
+        layout = zeros(ckpt.metadata())
+    assert inverse[f"{attn}.qkv_proj.weight"] == tg.concat(
+        [tg.transpose(f"layers_*.{x}", (1, 0)) for x in "qkv"], axis=0
+    )
+    back = tg.graft(layout, result, inverse)
+    flat = {".".join(map(str, path.parts)): leaf for path, leaf in tg.flatten(back).items()}
+    assert len(flat) == len(tensors)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="np") as f:
+        for name in f.keys():
+            assert same_bits(flat[name], f.get_tensor(name)), name
+
+
 # -- errors ----------------------------------------------------------------------------
 
 
@@ -307,11 +499,14 @@ def test_with_like_overlapping_globs_reading_one_leaf_are_named_with_the_leaf():
         tg.invert(m, like=meta(src))
 
 
-def test_a_reshape_that_mixes_the_stacked_axis_cannot_be_inverted():
-    src = {f"l_{i}": np.ones((3,), np.float32) for i in range(2)}
+def test_a_reshape_that_mixes_the_stacked_axis_is_undone_on_the_whole_then_unstacked():
+    rng = np.random.default_rng(8)
+    src = {f"l_{i}": rng.normal(size=(3,)).astype(np.float32) for i in range(2)}
     m = {"s": tg.reshape(tg.stack("l_*", axis=1), (6,))}
-    with pytest.raises(tg.MappingError, match=r"rule 's' <- .*mixes the stacked axis"):
-        tg.invert(m, like=meta(src))
+    inv = tg.invert(m, like=meta(src))
+    assert inv == {"l_*": tg.unstack(tg.reshape("s", (3, 2)), axis=1)}
+    _, back = round_trip(src, {"s": np.zeros(6, np.float32)}, m)
+    assert_same_leaves(back, src)
 
 
 def test_a_cast_rule_with_nothing_under_it_in_like_is_named():
@@ -331,6 +526,53 @@ def test_a_split_entry_whose_capture_a_glob_cannot_hold_is_named():
         tg.invert(m, like=like)
 
 
+@pytest.mark.parametrize(
+    ("mapping", "like", "reason"),
+    [
+        ({"q": tg.slice("qkv", 0, 4, axis=-1)}, None,
+         r"rule 'q' <- slice\('qkv', 0, 4, axis=-1\): .*a slice drops data.*with like="),
+        ({"q": tg.slice("qkv", 0, 4), "k": tg.slice("qkv", 6, 8)}, {"qkv": np.ones(8)},
+         r"rule 'q' <- .*a slice drops data.*cover 0:4, 6:8 of its 8"),
+        ({"q": tg.slice("qkv", 0, 4), "k": tg.slice("qkv", 2, 8)}, {"qkv": np.ones(8)},
+         r"rule 'k' <- .*a slice drops data.*cover 0:4, 2:8 of its 8"),
+        ({"k": tg.take("kv", 0)}, {"kv": np.ones((2, 3))},
+         r"rule 'k' <- take\('kv', 0, axis=0\): .*a take drops data.*cover 0:1 of its 2"),
+        ({"kv": tg.concat(["k", "v"])}, None,
+         r"rule 'kv' <- concat\(\['k', 'v'\], axis=0\): concat along axis 0 cannot be split "
+         r"back without the size of each part; pass like="),
+        ({"e": tg.pad("emb", 8)}, None,
+         r"rule 'e' <- pad\('emb', 8, .*cannot be cut back without the size before it; "
+         r"pass like="),
+        ({"q": tg.scale("q", 0.0)}, None, r"rule 'q' <- scale\('q', 0.0\): scale by 0 loses"),
+        ({"s": tg.stack(tg.stack("l_*.e_*"))}, None,
+         r"rule 's' <- .*nested stacks of 'l_\*.e_\*' \(2 levels\) cannot be undone"),
+        ({"s": tg.concat([tg.slice("a", 0, 1), "b"])}, {"a": np.ones(2), "b": np.ones(2)},
+         r"rule 's' <- .*slice\('a', 0, 1, axis=0\) keeps only part of its axis"),
+        ({"p": tg.slice("w", 0, 2), "q": tg.slice("w", 2, 4)},
+         {"w": {"a": np.ones(4), "b": np.ones(6)}},
+         r"rule 'p' <- .*the leaves it reads differ in size along axis 0 \(shapes \(4,\), "
+         r"\(6,\)\)"),
+        ({"c": tg.concat(["x", "y"])}, {"x": np.ones(0), "y": np.ones(2)},
+         r"rule 'c' <- .*value 0 of the concat is empty along axis 0"),
+    ],
+    ids=["slice-without-like", "slices-with-a-gap", "slices-overlapping", "one-take",
+         "concat-without-like", "pad-without-like", "scale-by-zero", "nested-stacks",
+         "slice-inside-a-join", "partition-of-unlike-leaves", "empty-concat-part"],
+)
+def test_what_cannot_be_undone_is_a_mapping_error_naming_the_rule(mapping, like, reason):
+    with pytest.raises(tg.MappingError, match=reason):
+        tg.invert(mapping, like=like)
+
+
+def test_every_partition_rule_that_drops_data_is_listed_once():
+    m = {"q": tg.slice("qkv", 0, 4), "k": tg.slice("qkv", 6, 8), "p": tg.pad("e", 4)}
+    with pytest.raises(tg.MappingError) as e:
+        tg.invert(m, like={"qkv": np.ones(8), "e": np.ones(3)})
+    text = str(e.value)
+    assert len(e.value.problems) == 2, text
+    assert "rule 'q' <-" in text and "rule 'k' <-" in text and "rule 'p'" not in text
+
+
 def test_an_invalid_mapping_is_a_mapping_error():
     with pytest.raises(tg.MappingError, match="do not correspond"):
         tg.invert({"a.*": "b"})
@@ -343,9 +585,14 @@ def test_invert_never_mutates_its_input():
         "a.l": tg.cast(tg.stack("b.x_*", axis=0), np.float32),
         "k": tg.transpose("w", (1, 0)),
         "h": None,
+        "kv": tg.stack([tg.scale("k1", 2.0), tg.offset("v1", 1.0)]),
+        "cat": tg.concat([tg.pad("p1", 4), "p2"], axis=0),
+        "s0": tg.slice("f", 0, 1),
+        "s1": tg.slice("f", 1, 3),
     }
     before = copy.deepcopy(m)
-    like = {"b": {"x_0": np.ones(2, np.float16)}, "w": np.ones((2, 3))}
+    like = {"b": {"x_0": np.ones(2, np.float16)}, "w": np.ones((2, 3)), "k1": np.ones(2),
+            "v1": np.ones(2), "p1": np.ones(3), "p2": np.ones(2), "f": np.ones(3)}
     like_before = copy.deepcopy(like)
     tg.invert(m, like=like)
     assert m == before and list(m) == list(before)
@@ -367,13 +614,16 @@ FAMILIES = [
     (np.dtype(np.float64), [np.dtype(np.float32), BF16]),
     (np.dtype(np.int32), [np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16)]),
 ]
-KINDS = ["copy", "rename", "dstar", "stack", "unstack", "refine"]
+KINDS = ["copy", "rename", "dstar", "stack", "unstack", "refine", "stacklist", "concat", "pad",
+         "partition"]
 
 
-def _values(rng, shape, dtype):
+def _values(rng, shape, dtype, quantized=False):
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+    if quantized:  # quarters up to 2: a scale by 2**k and an exact offset keep every bit
+        return (rng.integers(-8, 9, size=shape) / 4).astype(dtype)
     return (rng.normal(size=shape) * 100).astype(dtype)
 
 
@@ -405,9 +655,11 @@ def blocks(draw, k: int):
     n = draw(st.integers(1, 3))
     kind = draw(st.sampled_from(KINDS))
     src, dst = f"src{k}", f"dst{k}"
+    # scale and offset apply to floating leaves; their values are then quantized
+    arith = wide.kind == "f" and draw(st.booleans())
 
-    def group():
-        return {x: _values(rng, shape, dtypes[x]) for x in names}
+    def group(shape_=shape):
+        return {x: _values(rng, shape_, dtypes[x], arith) for x in names}
 
     def specs(shape_):
         return {x: (shape_, dtypes[x]) for x in names}
@@ -418,7 +670,7 @@ def blocks(draw, k: int):
         out = {f"layers_{i}": specs(shape) for i in range(n)}
         value, new = f"{src}.block_*", f"{dst}.layers_*"
     elif kind == "dstar":
-        source = {"a": {"b": {names[0]: _values(rng, shape, dtypes[names[0]])}}}
+        source = {"a": {"b": {names[0]: _values(rng, shape, dtypes[names[0]], arith)}}}
         out = {"a": {"b": {names[0]: (shape, dtypes[names[0]])}}}
         value, new = f"{src}.**.{names[0]}", f"{dst}.**.{names[0]}"
     elif kind == "stack":
@@ -438,6 +690,55 @@ def blocks(draw, k: int):
         source = group()
         out = {f"l_{i}": specs(shape[:a] + shape[a + 1 :]) for i in range(shape[a])}
         value, new = tg.unstack(src, axis=axis), f"{dst}.l_*"
+    elif kind == "stacklist":  # a stack of a list of named subtrees
+        source = {f"p{j}": group() for j in range(n)}
+        axis = draw(st.integers(-len(shape) - 1, len(shape)))
+        a = axis % (len(shape) + 1)
+        out = specs(shape[:a] + (n,) + shape[a:])
+        elements: list[str | tg.Operation] = [f"{src}.p{j}" for j in range(n)]
+        if arith and draw(st.booleans()):  # an operation inside the list
+            elements[-1] = tg.scale(elements[-1], 2.0)
+        value, new = tg.stack(elements, axis=axis), dst
+    elif kind == "concat":  # parts of different sizes along one axis
+        axis = draw(st.integers(-len(shape), len(shape) - 1))
+        a = axis % len(shape)
+        sizes = [draw(st.integers(1, 3)) for _ in range(n)]
+        source = {f"p{j}": group(shape[:a] + (m,) + shape[a + 1 :]) for j, m in enumerate(sizes)}
+        out = specs(shape[:a] + (sum(sizes),) + shape[a + 1 :])
+        value, new = tg.concat([f"{src}.p{j}" for j in range(n)], axis=axis), dst
+    elif kind == "pad":
+        axis = draw(st.integers(-len(shape), len(shape) - 1))
+        a = axis % len(shape)
+        size = shape[a] + draw(st.integers(0, 3))
+        source = group()
+        out = specs(shape[:a] + (size,) + shape[a + 1 :])
+        value, new = tg.pad(src, size, axis=axis), dst
+    elif kind == "partition":  # takes or slices covering one axis, one rule each
+        axis = draw(st.integers(-len(shape), len(shape) - 1))
+        a = axis % len(shape)
+        takes = draw(st.booleans())
+        if takes:
+            bounds = list(range(shape[a] + 1))
+        else:
+            cuts = draw(st.sets(st.integers(1, shape[a] - 1))) if shape[a] > 1 else set()
+            bounds = [0, *sorted(cuts), shape[a]]
+        parts = list(zip(bounds[:-1], bounds[1:], strict=True))
+        mapping: dict[str, str | tg.Operation] = {}
+        target: dict[str, Any] = {}
+        for j in draw(st.permutations(range(len(parts)))):  # rules in any order
+            start, stop = parts[j]
+            if takes:
+                part: tg.Operation = tg.take(src, start, axis=axis)
+                piece = shape[:a] + shape[a + 1 :]
+            else:
+                part = tg.slice(src, start, stop, axis=axis)
+                piece = shape[:a] + (stop - start,) + shape[a + 1 :]
+            target[f"p{j}"] = _each(specs(piece), lambda s: np.zeros(*s))
+            if draw(st.booleans()):
+                part = tg.cast(part, wide)
+                target[f"p{j}"] = _each(specs(piece), lambda s: np.zeros(s[0], wide))
+            mapping[f"{dst}.p{j}"] = part
+        return {src: group()}, {dst: target}, mapping
     elif kind == "refine":  # a broader rule and a more specific one inside it
         source = {"body": group(), "head": group()}
         out = {"body": specs(shape), "head": specs(shape)}
@@ -471,6 +772,12 @@ def blocks(draw, k: int):
     if draw(st.booleans()):
         value = tg.cast(value, wide)
         out = _each(out, lambda s: (s[0], wide))
+    if arith:  # exact on the quantized values: a power of two, a multiple of a quarter
+        for op in draw(st.permutations(["scale", "offset"])):
+            if op == "scale" and draw(st.booleans()):
+                value = tg.scale(value, 2.0 ** draw(st.integers(-2, 2)))
+            elif op == "offset" and draw(st.booleans()):
+                value = tg.offset(value, draw(st.sampled_from([0.5, -1.0, 2.25])))
     return {src: source}, {dst: _each(out, lambda s: np.zeros(*s))}, {new: value}
 
 

@@ -2,19 +2,27 @@
 
 `invert(m)` gives the mapping `m'` such that `graft(source_layout, result, m')`
 puts back what `result = graft(like, source, m)` took from the source. Each
-rule is inverted on its own:
+rule is inverted on its own, one inverse entry per source reference:
 
 - its two sides swap, their captures with them (`{"a.l_*": "b.*"}` becomes
   `{"b.*": "a.l_*"}`: both sides have the same wildcards in the same order,
   so the captures line up either way);
-- its operation chain is reversed, each operation replaced by its inverse
-  (`_INVERSES`, one small function per operation class); the inverse of
-  `cast` and `reshape` needs the dtype and shape the value had before it,
-  which only `like` (the original source's metadata) knows;
-- today's operation classes keep `stack`/`unstack` innermost, so the reversed
-  chain, which ends with the inverse gather, is rewritten to start with it
-  (`_gather_first`): a cast commutes with it, a transpose has its axes
-  renumbered, a reshape keeps the stacked axis whole or cannot be inverted.
+- the rule's value is a tree (operations nest, docs/design.md section 16);
+  the nodes from its root down to each source reference are undone in the
+  reverse order, each replaced by its inverse (`invert_steps._INVERSES`, one
+  small function per operation class): a join (`concat`, a stack of a list) gives
+  each of its values back by a `slice` or `take` of the result; `cast`,
+  `reshape`, `pad` and `concat` need the specs before them, which only
+  `like` (the original source's metadata) knows;
+- when a chain's only gather is a `stack`/`unstack` on the path itself, the
+  inverse gather is moved first (`_gather_first`) so that a reshape applies
+  to one layer's leaf rather than to the whole stack (a reshape reads its
+  whole input); where that cannot be done the natural order stands
+  (`invert_steps.inverse_chain`);
+- a `take` or `slice` keeps part of an axis: alone it has no inverse; rules
+  whose takes or slices of one value cover its axis exactly are undone
+  together, by one `stack` of a list or `concat` of their parts in order
+  (`_partitions`).
 
 Keep rules (`{new: None}`) drop out. A rule whose inverse would be ambiguous
 (two rules reading one source leaf) or impossible is a `MappingError` naming
@@ -23,8 +31,7 @@ it, every such rule listed at once.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,17 +40,15 @@ import numpy as np
 from treegraft._errors import GraftError, MappingError, PathSyntaxError, Problem, count
 from treegraft._parse.ops import (
     Cast,
+    Concat,
     Operation,
+    Pad,
     Reshape,
-    Stack,
-    Step,
-    Transpose,
-    Unstack,
-    cast,
-    reshape,
+    Slice,
+    StackList,
+    Take,
+    concat,
     stack,
-    transpose,
-    unstack,
 )
 from treegraft._parse.paths import Part, Path
 from treegraft._parse.patterns import Pattern
@@ -52,319 +57,23 @@ from treegraft._parse.scan import scan
 from treegraft._read.source import Source
 from treegraft._tree.flat import flatten_parts
 from treegraft._tree.leaves import spec_of
+from treegraft._write.invert_steps import (
+    CannotInvert,
+    Spec,
+    axis_of,
+    build,
+    inverse_chain,
+    kids_of,
+    partial_why,
+    ref_paths,
+    spec_tree,
+)
 
 __all__ = ["invert", "invert_rules", "LikeLeaf"]
 
 Parts = tuple[Part, ...]
 # A leaf of `like` as inversion sees it: its path, shape and dtype.
 LikeLeaf = tuple[Parts, tuple[int, ...], np.dtype[Any]]
-Spec = tuple[tuple[int, ...], np.dtype[Any]]
-
-
-class _CannotInvert(Exception):
-    """Why one rule (or one leaf of it) has no inverse; becomes a Problem."""
-
-
-# ----------------------------------------------------------------------------
-# The inverse steps: what a reversed chain is made of.
-# ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Inv:
-    """One step of an inverse chain: ("cast", dtype), ("transpose", axes),
-    ("reshape", shape), ("stack", axis) or ("unstack", axis)."""
-
-    kind: str
-    arg: Any
-
-
-@dataclass(frozen=True)
-class _Traced:
-    """A forward operation with the specs around it (None where `like` was not given)."""
-
-    node: Operation
-    before: Spec | None
-    after: Spec | None
-
-
-def _inverse_cast(t: _Traced) -> _Inv:
-    node = t.node
-    assert isinstance(node, Cast)
-    if t.before is None:
-        raise _CannotInvert(
-            f"cast to {node.dtype} cannot be undone without the source's dtype; "
-            "pass like= (the source's metadata)"
-        )
-    return _Inv("cast", t.before[1])
-
-
-def _inverse_transpose(t: _Traced) -> _Inv:
-    node = t.node
-    assert isinstance(node, Transpose)
-    return _Inv("transpose", tuple(int(a) for a in np.argsort(_perm(node.axes))))
-
-
-def _inverse_reshape(t: _Traced) -> _Inv:
-    node = t.node
-    assert isinstance(node, Reshape)
-    if t.before is None:
-        raise _CannotInvert(
-            f"reshape to {node.shape} cannot be undone without the source's shape; "
-            "pass like= (the source's metadata)"
-        )
-    return _Inv("reshape", t.before[0])
-
-
-def _inverse_stack(t: _Traced) -> _Inv:
-    node = t.node
-    assert isinstance(node, Stack)
-    return _Inv("unstack", node.axis)
-
-
-def _inverse_unstack(t: _Traced) -> _Inv:
-    node = t.node
-    assert isinstance(node, Unstack)
-    return _Inv("stack", node.axis)
-
-
-# One entry per operation class: the inverse of one forward step, given the
-# specs around it. The operations of docs/design.md section 16 each add one
-# entry (and, for those that gather, one case in `_gather_first`).
-_INVERSES: dict[type[Operation], Callable[[_Traced], _Inv]] = {
-    Cast: _inverse_cast,
-    Transpose: _inverse_transpose,
-    Reshape: _inverse_reshape,
-    Stack: _inverse_stack,
-    Unstack: _inverse_unstack,
-}
-
-# ----------------------------------------------------------------------------
-# To come with the operations of docs/design.md section 16 (ops.py does not
-# have them yet; nothing below is code). Each is one `_INVERSES` entry; the
-# two that gather several values (StackList, Concat) return one inverse per
-# value, and `_entries` makes one inverse rule of each (key: that value's
-# source, value: the part of the result it became).
-#
-#   StackList(values, axis)   the stack of a list of values: one rule per
-#                             element, `{values[k]: take(new, k, axis)}`, each
-#                             element's own chain inverted around its take.
-#   Take(value, index, axis)  not invertible alone (the other indices are
-#                             lost): a MappingError naming the rule.
-#   Concat(values, axis)      one rule per part, `{values[k]: slice(new,
-#                             start_k, stop_k, axis)}`; the part sizes along
-#                             axis from like (the source's metadata) or from
-#                             the plan's specs of the parts.
-#   Slice(value, start, stop, axis)
-#                             not invertible alone (the rest of the axis is
-#                             lost): a MappingError naming the rule.
-#   Pad(value, size, axis, constant)
-#                             `slice(new, before, before + n, axis)`, n the
-#                             axis' size before the pad (the spec before the
-#                             step, as for reshape).
-#   Scale(value, factor)      `scale(new, 1 / factor)`.
-#   Offset(value, amount)     `offset(new, -amount)`.
-#                             Both round: the law's bit-for-bit round trip
-#                             holds for a power-of-two factor and for an
-#                             amount the values absorb exactly; the tests
-#                             generate those.
-#   Stack(source=Operation)   once Stack and Unstack take operations, the
-#                             reversed chain is built as it is (gather where
-#                             it falls) and `_gather_first` is not needed.
-# ----------------------------------------------------------------------------
-
-
-def _perm(axes: Sequence[int]) -> tuple[int, ...]:
-    """transpose axes with negative ones made positive (a permutation has len(axes) axes)."""
-    n = len(axes)
-    out = tuple(int(a) + n if -n <= a < 0 else int(a) for a in axes)
-    if sorted(out) != list(range(n)):
-        raise _CannotInvert(f"transpose axes {tuple(axes)} are not a permutation")
-    return out
-
-
-# ----------------------------------------------------------------------------
-# A rule's value as a chain, traced through specs.
-# ----------------------------------------------------------------------------
-
-
-def _chain(value: str | Operation) -> tuple[str, list[Operation]]:
-    """The value's source text and its operations, innermost first."""
-    nodes: list[Operation] = []
-    node: Any = value
-    while isinstance(node, Operation):
-        if type(node) not in _INVERSES:
-            raise _CannotInvert(f"{type(node).__name__} has no inverse yet")
-        nodes.append(node)
-        node = node.source if isinstance(node, Stack | Unstack) else node.value  # type: ignore[attr-defined]
-    nodes.reverse()
-    return node, nodes
-
-
-def _forward_spec(node: Operation, before: Spec, n: int | None) -> Spec:
-    """The spec after node, from the spec before it (n: how many leaves a stack gathers)."""
-    shape, dtype = before
-    if isinstance(node, Stack):
-        assert n is not None
-        axis = _axis(node.axis, len(shape) + 1)
-        return shape[:axis] + (n,) + shape[axis:], dtype
-    if isinstance(node, Unstack):
-        axis = _axis(node.axis, len(shape))
-        return shape[:axis] + shape[axis + 1 :], dtype
-    step = {Cast: "cast", Transpose: "transpose", Reshape: "reshape"}[type(node)]
-    arg = {Cast: "dtype", Transpose: "axes", Reshape: "shape"}[type(node)]
-    after, why = Step(step, getattr(node, arg)).spec(before)
-    if after is None:
-        raise _CannotInvert(why)
-    return (tuple(after[0]), after[1])
-
-
-def _axis(axis: int, ndim: int) -> int:
-    if not -ndim <= axis < ndim:
-        raise _CannotInvert(f"axis {axis} is out of range for {ndim} dimensions")
-    return axis % ndim
-
-
-def _trace(nodes: list[Operation], start: Spec | None, n: int | None) -> list[_Traced]:
-    """Each node with the specs around it; all None when start is unknown."""
-    out = []
-    spec = start
-    for node in nodes:
-        after = None if spec is None else _forward_spec(node, spec, n)
-        out.append(_Traced(node, spec, after))
-        spec = after
-    return out
-
-
-def _reversed_chain(traced: list[_Traced]) -> list[_Inv]:
-    """The inverse steps, in the order they apply to the result's leaf."""
-    return [_INVERSES[type(t.node)](t) for t in reversed(traced)]
-
-
-# ----------------------------------------------------------------------------
-# Moving the inverse gather to the front (today's classes nest it innermost).
-# ----------------------------------------------------------------------------
-
-
-def _gather_first(chain: list[_Inv], traced: list[_Traced]) -> list[_Inv]:
-    """The same function as chain, rewritten to start with its gather (if any).
-
-    The gather is the chain's last step (the forward gather is innermost).
-    Specs of the steps before it are those of `traced`, reversed.
-    """
-    if not chain or chain[-1].kind not in ("stack", "unstack"):
-        return chain
-    gather, steps = chain[-1], chain[:-1]
-    # specs around each inverse step: inverse step k undoes traced[-1 - k]
-    specs = [(traced[-1 - k].after, traced[-1 - k].before) for k in range(len(steps))]
-    if gather.kind == "unstack":
-        return _unstack_first(gather.arg, steps, specs)
-    return _stack_first(gather.arg, steps, specs)
-
-
-def _unstack_first(
-    axis: int, steps: list[_Inv], specs: list[tuple[Spec | None, Spec | None]]
-) -> list[_Inv]:
-    """`take(s_k(...s_1(r)), i, axis)` as `s'_k(...s'_1(take(r, i, b)))`."""
-    out: list[_Inv] = []
-    b = axis
-    for step, (before, after) in reversed(list(zip(steps, specs, strict=True))):
-        ndim = _ndim(step, after)
-        if ndim is not None:
-            b = _axis(b, ndim)
-        elif b < 0:
-            raise _CannotInvert(f"unstack along axis {axis} needs like= to know the rank")
-        if step.kind == "cast":
-            out.append(step)
-        elif step.kind == "transpose":
-            p = step.arg
-            src = p[b]
-            out.append(_Inv("transpose", tuple(a - (a > src) for j, a in enumerate(p) if j != b)))
-            b = src
-        else:  # reshape: the stacked axis must pass whole, in place
-            assert before is not None and after is not None
-            at = _same_axis(after[0], b, before[0])
-            if at is None:
-                raise _CannotInvert(
-                    f"the reshape {after[0]} -> {before[0]} mixes the stacked axis {b} with "
-                    "others; a stack can be undone only through a reshape that keeps it whole"
-                )
-            out.append(_Inv("reshape", after[0][:b] + after[0][b + 1 :]))
-            b = at
-    out.reverse()
-    return [_Inv("unstack", b)] + out
-
-
-def _same_axis(shape: tuple[int, ...], axis: int, other: tuple[int, ...]) -> int | None:
-    """The axis of other that holds shape's `axis` in row-major order, if one does."""
-    head = math.prod(shape[:axis])
-    for j in range(len(other)):
-        if other[j] == shape[axis] and math.prod(other[:j]) == head:
-            return j
-    return None
-
-
-def _stack_first(
-    axis: int, steps: list[_Inv], specs: list[tuple[Spec | None, Spec | None]]
-) -> list[_Inv]:
-    """`stack([s_k(...s_1(r_i))], axis)` as `s'_k(...s'_1(stack([r_i], b)))`."""
-    lifted: list[list[_Inv]] = []
-    b = axis
-    for step, (_before, after) in reversed(list(zip(steps, specs, strict=True))):
-        ndim = _ndim(step, after)  # of the element after the step
-        if ndim is not None:
-            b = _axis(b, ndim + 1)
-        elif b < 0:
-            raise _CannotInvert(f"stack along axis {axis} needs like= to know the rank")
-        if step.kind == "cast":
-            lifted.append([step])
-        elif step.kind == "transpose":
-            p = step.arg
-            q = [b if j == b else p[j - (j > b)] + (p[j - (j > b)] >= b) for j in range(len(p) + 1)]
-            lifted.append([_Inv("transpose", tuple(q))])
-        else:  # reshape: done on the stack with the stacked axis first
-            shape = step.arg
-            if math.prod(shape) == 0:
-                raise _CannotInvert(f"a reshape to the empty shape {shape} cannot be stacked back")
-            move = list(range(1, len(shape) + 1))
-            move.insert(b, 0)
-            todo = [_Inv("reshape", (-1,) + tuple(shape))]
-            if b:
-                todo.append(_Inv("transpose", tuple(move)))
-            lifted.append(todo)
-            b = 0
-    # the element steps seen last here apply first
-    out = [_Inv("stack", b)]
-    for todo in reversed(lifted):
-        out.extend(todo)
-    return out
-
-
-def _ndim(step: _Inv, after: Spec | None) -> int | None:
-    if after is not None:
-        return len(after[0])
-    if step.kind == "transpose":
-        return len(step.arg)
-    if step.kind == "reshape":
-        return len(step.arg)
-    return None
-
-
-def _build(chain: list[_Inv], source: str) -> str | Operation:
-    """The rule value applying chain (gather first) to the result's leaves at source."""
-    value: str | Operation = source
-    for step in chain:
-        if step.kind == "stack":
-            value = stack(source, axis=step.arg)
-        elif step.kind == "unstack":
-            value = unstack(source, axis=step.arg)
-        elif step.kind == "cast":
-            value = cast(value, step.arg)
-        elif step.kind == "transpose":
-            value = transpose(value, step.arg)
-        else:
-            value = reshape(value, step.arg)
-    return value
 
 
 # ----------------------------------------------------------------------------
@@ -406,7 +115,7 @@ def _bind(pattern: Pattern, captures: Sequence[Any], suffix: Parts, *, keep_last
             return rendered
     except PathSyntaxError:
         pass
-    raise _CannotInvert(
+    raise CannotInvert(
         f"the captures {tuple(captures)!r} cannot be written into {pattern.text!r} beside "
         "its layer index '*'; give the leaves under the rule one dtype and shape, or name "
         "them in rules of their own"
@@ -424,54 +133,84 @@ class _Unit:
 
     captures: tuple[Any, ...]
     suffix: Parts
-    spec: Spec  # of the gathered value's input (one stacked leaf's for a stack)
-    n: int | None  # how many leaves a stack gathers
+    # per source reference: the spec of one of its leaves, and how many leaves
+    # a stack of it gathers
+    refs: tuple[tuple[Spec, int], ...]
 
 
-def _needs_like(nodes: list[Operation]) -> bool:
-    return any(isinstance(n, Cast | Reshape) for n in nodes)
+def _needs_like(value: Any) -> bool:
+    """Whether undoing value needs the specs only like gives."""
+    todo = [value]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, Cast | Reshape | Concat | Pad):
+            return True
+        todo.extend(kids_of(node))
+    return False
 
 
-def _value_of(nodes: list[Operation], source: str, unit: _Unit | None) -> str | Operation:
-    """The inverse value over one unit (or over the whole rule, without like)."""
-    traced = _trace(nodes, None if unit is None else unit.spec, None if unit is None else unit.n)
-    return _build(_gather_first(_reversed_chain(traced), traced), source)
+def _unit_entries(
+    value: Any, unit: _Unit | None, start: str | Operation
+) -> list[tuple[str, str | Operation]]:
+    """One (source reference, inverse value) per reference of value, over one unit
+    (or over the whole rule, without like); start is the result's side."""
+    specs = spec_tree(value, None if unit is None else iter(unit.refs))
+    return [(text, build(inverse_chain(traced), start)) for text, traced in
+            ref_paths(value, specs)]
+
+
+def _check_levels(rule: Rule) -> None:
+    for ref in rule.refs:
+        if ref.levels > 1:
+            raise CannotInvert(
+                f"nested stacks of {ref.pattern.text!r} ({ref.levels} levels) cannot be undone: "
+                "an unstack gives back one index; map each outer index in a rule of its own "
+                "(tg.take of it, then unstack)"
+            )
 
 
 def _entries(
     rule: Rule, value: RuleValue, units: list[_Unit] | None
 ) -> list[tuple[str, RuleValue]]:
-    """The inverse entries of one rule: one for the whole rule, or one per unit."""
+    """The inverse entries of one rule: one per source reference, or those per unit."""
     assert rule.old is not None
-    nodes = _chain(value)[1] if isinstance(value, Operation) else []
     key, src = str(rule.old), str(rule.new)
-    if not nodes:
+    if not isinstance(value, Operation):
         return [(key, src)]
-    if units is None or not _needs_like(nodes):
-        return [(key, _value_of(nodes, src, None))]
+    _check_levels(rule)
+    if units is None or not _needs_like(value):
+        return list(_unit_entries(value, None, src))
     if not units:
-        raise _CannotInvert(f"like has no leaf under {key!r}: its dtypes and shapes are unknown")
-    values = [_value_of(nodes, src, u) for u in units]
+        raise CannotInvert(f"like has no leaf under {key!r}: its dtypes and shapes are unknown")
+    values = [_unit_entries(value, u, src) for u in units]
     if all(v == values[0] for v in values):
-        return [(key, values[0])]
+        return list(values[0])
     # the leaves differ in shape or dtype: one entry each
-    keep_old, keep_new = rule.gather == "stack", rule.gather == "unstack"
-    return [
-        (
-            _bind(rule.old, u.captures, u.suffix, keep_last=keep_old),
-            _value_of(nodes, _bind(rule.new, u.captures, u.suffix, keep_last=keep_new), u),
-        )
-        for u in units
-    ]
+    keep_new = any(ref.unstack for ref in rule.refs)
+    out: list[tuple[str, RuleValue]] = []
+    for u in units:
+        bound = _bind(rule.new, u.captures, u.suffix, keep_last=keep_new)
+        entries = _unit_entries(value, u, bound)
+        for ref, (_, inverse) in zip(rule.refs, entries, strict=True):
+            out.append((_bind(ref.pattern, u.captures, u.suffix, keep_last=ref.levels > 0),
+                        inverse))
+    return out
 
 
-def _target_of(rule: Rule, captures: tuple[Any, ...], suffix: Parts) -> Parts:
+def _target_of(rule: Rule, ref: int, captures: tuple[Any, ...], suffix: Parts) -> Parts:
     """Where in the result a source leaf goes under rule (an unstack's first index)."""
-    if rule.gather == "stack":
-        captures = captures[:-1]
-    elif rule.gather == "unstack":
-        captures = captures + (0,)
-    return rule.new.substitute_parts(captures) + suffix
+    return rule.new.substitute_parts(_common(rule, ref, captures, index=0)) + suffix
+
+
+def _common(rule: Rule, ref: int, captures: tuple[Any, ...], index: Any = None) -> tuple[Any, ...]:
+    """A reference's captures as the new side's: a stacked index dropped, an unstack's
+    index appended when given."""
+    levels = rule.refs[ref].levels
+    if levels:
+        return captures[:-levels]
+    if rule.refs[ref].unstack and index is not None:
+        return captures + (index,)
+    return captures
 
 
 def _winner(rules: Sequence[Rule], parts: Parts) -> int | None:
@@ -504,32 +243,41 @@ def _units_and_readers(
 ) -> tuple[dict[int, list[_Unit]], list[Parts]]:
     """Per rule, the units it reads in like; and the leaves no rule reads that
     an inverse key would cover (they are kept). Leaves two rules read go to shared."""
-    grouped: dict[int, dict[tuple[tuple[Any, ...], Parts], list[Spec]]] = {}
+    # rule -> (captures, suffix) -> per reference, the specs of its leaves there
+    grouped: dict[int, dict[tuple[tuple[Any, ...], Parts], dict[int, list[Spec]]]] = {}
     unread: list[Parts] = []
-    matchers = [None if r.old is None else r.old.prefix_matcher() for r in rules]
+    matchers = [[ref.pattern.prefix_matcher() for ref in r.refs] if r.old is not None else []
+                for r in rules]
     for parts, shape, dtype in leaves:
         readers: list[int] = []
         covered = False
         for r, rule in enumerate(rules):
-            match = matchers[r]
-            m = None if match is None else match(parts)
-            if m is None:
-                continue
-            covered = True
-            n, caps = m
-            # the rule reads this leaf only if it wins the leaf's target
-            if _winner(rules, _target_of(rule, caps, parts[n:])) != r:
-                continue
-            readers.append(r)
-            key = (caps[:-1] if rule.gather == "stack" else caps, parts[n:])
-            grouped.setdefault(r, {}).setdefault(key, []).append((shape, dtype))
+            for k, match in enumerate(matchers[r]):
+                m = match(parts)
+                if m is None:
+                    continue
+                covered = True
+                n, caps = m
+                # the rule reads this leaf only if it wins the leaf's target
+                if _winner(rules, _target_of(rule, k, caps, parts[n:])) != r:
+                    continue
+                if r not in readers:
+                    readers.append(r)
+                key = (_common(rule, k, caps), parts[n:])
+                grouped.setdefault(r, {}).setdefault(key, {}).setdefault(k, []).append(
+                    (shape, dtype)
+                )
         if covered and not readers:
             unread.append(parts)
         for i, a in enumerate(readers):
             for b in readers[i + 1 :]:
                 _share(shared, a, b, repr(str(Path(parts))))
     units = {
-        r: [_Unit(caps, suffix, specs[0], len(specs)) for (caps, suffix), specs in groups.items()]
+        r: [
+            _Unit(caps, suffix, tuple((per[k][0], len(per[k])) for k in range(len(rules[r].refs))))
+            for (caps, suffix), per in groups.items()
+            if len(per) == len(rules[r].refs)  # a join missing a value there is the plan's error
+        ]
         for r, groups in grouped.items()
     }
     return units, unread
@@ -575,6 +323,173 @@ def _ambiguous(rules: Sequence[Rule], shared: Shared) -> list[Problem]:
     return out
 
 
+# ----------------------------------------------------------------------------
+# Takes and slices that partition an axis: one inverse for all of them.
+# ----------------------------------------------------------------------------
+
+
+def _partial_node(value: Any) -> Take | Slice | None:
+    """The take or slice on value's chain of one-value operations, if any."""
+    node = value
+    while isinstance(node, Operation) and not isinstance(node, Concat | StackList):
+        if isinstance(node, Take | Slice):
+            return node
+        node = kids_of(node)[0]
+    return None
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One rule of a partition: where its take or slice starts and stops."""
+
+    rule: int
+    start: int
+    stop: int
+
+
+def _part_of(node: Take | Slice, n: int) -> tuple[int, int]:
+    if isinstance(node, Take):
+        index = node.index + n if node.index < 0 else node.index
+        return index, index + 1
+    return node.start, node.stop
+
+
+def _partitions(
+    rules: Sequence[Rule], values: Sequence[RuleValue], units: dict[int, list[_Unit]]
+) -> tuple[dict[int, list[tuple[str, RuleValue]]], set[int], list[Problem]]:
+    """The inverse entries of the take and slice rules that partition an axis.
+
+    Returns:
+      (entries per rule, the rules those entries stand for or that are
+      reported in problems, problems).
+    """
+    groups: dict[tuple[Any, ...], list[_Part]] = {}
+    problems: list[Problem] = []
+    reported: set[int] = set()
+    axis_size: dict[tuple[Any, ...], int] = {}
+    for r, value in enumerate(values):
+        node = _partial_node(value)
+        if node is None or rules[r].old is None:
+            continue
+        try:
+            _check_levels(rules[r])
+            mine = units.get(r, [])
+            if not mine:
+                raise CannotInvert(f"like has no leaf under {str(rules[r].old)!r}")
+            shapes = set()
+            for u in mine:
+                spec = spec_tree(node.value, iter(u.refs)).out
+                assert spec is not None
+                shapes.add(spec[0])
+            before = spec_tree(node.value, iter(mine[0].refs)).out
+            assert before is not None
+            ndim = len(before[0])
+            axis = axis_of(node.axis, ndim)
+            sizes = {(len(shape), shape[axis] if len(shape) == ndim else None) for shape in shapes}
+            if len(sizes) > 1:
+                raise CannotInvert(
+                    f"the leaves it reads differ in size along axis {node.axis} (shapes "
+                    f"{', '.join(map(str, sorted(shapes)))}): a partition is undone for leaves "
+                    "of one size only; name them in rules of their own"
+                )
+            kind = "take" if isinstance(node, Take) else "slice"
+            key = (node.value, kind, axis)
+            axis_size[key] = before[0][axis]
+            start, stop = _part_of(node, before[0][axis])
+            groups.setdefault(key, []).append(_Part(r, start, stop))
+        except (CannotInvert, MappingError) as e:
+            problems.append(Problem("mapping", f"rule {rules[r]}: {e}", rule=str(rules[r])))
+            reported.add(r)
+    out: dict[int, list[tuple[str, RuleValue]]] = {}
+    done = reported
+    for key, parts in groups.items():
+        parts.sort(key=lambda p: p.start)
+        size = axis_size[key]
+        ends = [0] + [p.stop for p in parts]
+        if any(p.start != end for p, end in zip(parts, ends, strict=False)) or ends[-1] != size:
+            covered = ", ".join(f"{p.start}:{p.stop}" for p in parts)
+            for p in parts:
+                rule = rules[p.rule]
+                why = partial_why(_partial_node(values[p.rule]))  # type: ignore[arg-type]
+                problems.append(Problem(
+                    "mapping",
+                    f"rule {rule}: {why}; the rules reading that axis cover {covered} of its "
+                    f"{size}",
+                    rule=str(rule),
+                    remedy="map the rest of the axis with takes or slices too (the inverse "
+                    "joins them), or invert a mapping without this rule",
+                ))
+            done.update(p.rule for p in parts)
+            continue
+        try:
+            entries = _partition_entries(rules, values, units, parts, key)
+        except (CannotInvert, MappingError) as e:
+            rule = rules[parts[0].rule]
+            problems.append(Problem("mapping", f"rule {rule}: {e}", rule=str(rule)))
+            done.update(p.rule for p in parts)
+            continue
+        out[parts[0].rule] = entries
+        done.update(p.rule for p in parts)
+    return out, done, problems
+
+
+def _partition_entries(
+    rules: Sequence[Rule],
+    values: Sequence[RuleValue],
+    units: dict[int, list[_Unit]],
+    parts: list[_Part],
+    key: tuple[Any, ...],
+) -> list[tuple[str, RuleValue]]:
+    """The inverse of rules whose takes or slices cover one axis: their parts joined.
+
+    One set of entries for the whole partition, or, when its leaves differ
+    in shape or dtype, one per leaf (as `_entries` does).
+    """
+    first = rules[parts[0].rule]
+    per_unit = [_partition_unit(rules, values, units, parts, key, u, bind=False)
+                for u in units[parts[0].rule]]
+    if all(e == per_unit[0] for e in per_unit):
+        return per_unit[0]
+    out: list[tuple[str, RuleValue]] = []
+    for u in units[parts[0].rule]:
+        entries = _partition_unit(rules, values, units, parts, key, u, bind=True)
+        for ref, (_, inverse) in zip(first.refs, entries, strict=True):
+            out.append((_bind(ref.pattern, u.captures, u.suffix, keep_last=ref.levels > 0),
+                        inverse))
+    return out
+
+
+def _partition_unit(
+    rules: Sequence[Rule],
+    values: Sequence[RuleValue],
+    units: dict[int, list[_Unit]],
+    parts: list[_Part],
+    key: tuple[Any, ...],
+    u: _Unit,
+    *,
+    bind: bool,
+) -> list[tuple[str, RuleValue]]:
+    """A partition's entries over one unit (the new sides bound to it when bind)."""
+    inner, kind, axis = key
+    pieces: list[str | Operation] = []
+    for p in parts:
+        rule, value = rules[p.rule], values[p.rule]
+        mine = next((m for m in units.get(p.rule, []) if (m.captures, m.suffix) ==
+                     (u.captures, u.suffix)), None)
+        if mine is None:
+            raise CannotInvert(
+                f"rule {rule} reads no leaf where {rules[parts[0].rule]} does: the parts of "
+                "the axis do not line up"
+            )
+        specs = spec_tree(value, iter(mine.refs))
+        [(_, traced)] = ref_paths(value, specs, stop=_partial_node(value))
+        keep = any(ref.unstack for ref in rule.refs)
+        start = _bind(rule.new, u.captures, u.suffix, keep_last=keep) if bind else str(rule.new)
+        pieces.append(build(inverse_chain(traced), start))
+    joined = concat(pieces, axis=axis) if kind == "slice" else stack(pieces, axis=axis)
+    return list(_unit_entries(inner, u, joined))
+
+
 def invert_rules(
     rules: Sequence[Rule], values: Sequence[RuleValue], leaves: Sequence[LikeLeaf] | None
 ) -> dict[str, RuleValue]:
@@ -598,18 +513,29 @@ def invert_rules(
     shared: Shared = {}
     units: dict[int, list[_Unit]] | None = None
     unread: list[Parts] = []
+    joined: dict[int, list[tuple[str, RuleValue]]] = {}
+    partitioned: set[int] = set()
     if leaves is None:
         _overlaps_without_like(rules, shared)
     else:
         units, unread = _units_and_readers(rules, leaves, shared)
+        joined, partitioned, problems = _partitions(rules, values, units)
+        # the rules of one partition read the same leaves by design
+        for pair in [p for p in shared if p[0] in partitioned and p[1] in partitioned]:
+            del shared[pair]
     out: dict[str, RuleValue] = {}
     owner: dict[str, int] = {}
     for r, (rule, value) in enumerate(zip(rules, values, strict=True)):
         if rule.old is None:
             continue  # a keep rule read nothing: nothing to give back
+        if r in partitioned and r not in joined:
+            continue  # its partition's first rule gives the inverse
         try:
-            entries = _entries(rule, value, None if units is None else units.get(r, []))
-        except (_CannotInvert, MappingError) as e:
+            if r in joined:
+                entries = joined[r]
+            else:
+                entries = _entries(rule, value, None if units is None else units.get(r, []))
+        except (CannotInvert, MappingError) as e:
             problems.append(Problem("mapping", f"rule {rule}: {e}", rule=str(rule)))
             continue
         for key, inverse in entries:
@@ -644,26 +570,41 @@ def invert(mapping: MappingLike, /, *, like: Any = None) -> dict[str, RuleValue]
     """The mapping that takes the result of `graft(state, source, mapping)` back to the source.
 
     Each rule's sides swap with their captures, `stack` and `unstack` swap,
-    `transpose(axes)` becomes `transpose(argsort(axes))`, and a chain of
-    operations is undone in the reverse order. `cast` and `reshape` are undone
-    to the dtype and shape each leaf had in the source, which `like` gives.
-    Keep rules drop out. The input is not modified; use the return value.
+    a stack of a list becomes one `take` per element and a `concat` one
+    `slice` per part, `pad` becomes a `slice` of the size before it,
+    `transpose(axes)` becomes `transpose(argsort(axes))`, `scale(f)` becomes
+    `scale(1/f)` and `offset(c)` becomes `offset(-c)`, and nested operations
+    are undone in the reverse order. `cast` and `reshape` are undone to the
+    dtype and shape each leaf had in the source, which `like` gives. A `take`
+    or `slice` drops data: rules whose takes or slices of one value cover its
+    whole axis are undone together (one `stack` of a list, or one `concat`,
+    of their parts in order); one alone cannot be. Keep rules drop out. The
+    input is not modified; use the return value.
+
+    Bit for bit: `scale` and `offset` round their results to the leaf's
+    dtype, so undoing them gives back every bit only when no rounding
+    happened: a power-of-two factor (without overflow or subnormal results),
+    an amount that the values absorb exactly. Other factors and amounts come
+    back within rounding.
 
     Args:
       mapping: a `{new: old}` mapping, as `graft` takes it.
       like: the original source's metadata: a pytree of arrays or
         `jax.ShapeDtypeStruct`s, or a lazy `tg.Source` (its `metadata()` is
-        used). Needed to undo `cast` and `reshape`; with it, every source
-        leaf is checked to be read by at most one rule.
+        used). Needed to undo `cast`, `reshape`, `pad`, `concat` and a
+        partition by takes or slices; with it, every source leaf is checked
+        to be read by at most one rule.
 
     Returns:
       The inverse mapping `{old: new}`, to graft from the result into the
       source's layout.
 
     Raises:
-      MappingError: listing every rule that cannot be inverted: a `cast` or
-        `reshape` without `like`, two rules reading the same source leaf, a
-        reshape that mixes a stacked axis with others, or an invalid mapping.
+      MappingError: listing every rule that cannot be inverted: a `cast`,
+        `reshape`, `pad` or `concat` without `like`; a `take` or `slice`
+        whose axis other rules do not cover (or without `like`); a scale by
+        0; nested stacks of one pattern; two rules reading the same source
+        leaf; or an invalid mapping.
 
     Example:
       >>> import numpy as np, treegraft as tg
@@ -674,6 +615,12 @@ def invert(mapping: MappingLike, /, *, like: Any = None) -> dict[str, RuleValue]
       >>> m = {"k": tg.cast(tg.transpose("w", (1, 0)), np.float32)}
       >>> tg.invert(m, like=src)
       {'w': Transpose(value=Cast(value='k', dtype=dtype('float16')), axes=(1, 0))}
+      >>> qkv = {"qkv": np.zeros((4, 12), np.float32)}
+      >>> m = {"q": tg.slice("qkv", 0, 8, axis=1), "kv": tg.slice("qkv", 8, 12, axis=1)}
+      >>> tg.invert(m, like=qkv)
+      {'qkv': Concat(values=('q', 'kv'), axis=1)}
+      >>> tg.invert({"kv": tg.stack(["k", tg.scale("v", 0.5)])})["v"]
+      Scale(value=Take(value='kv', index=1, axis=0), factor=2.0)
     """
     rules = parse_mapping(mapping)
     values = list(mapping.values())
