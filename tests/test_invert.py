@@ -796,3 +796,27 @@ def test_law_graft_then_graft_back_with_the_inverse_reproduces_every_leaf(drawn)
     _, back = round_trip(source, target, mapping)
     assert mapping == before
     assert_same_leaves(back, source)
+
+
+def test_a_stack_over_a_wildcard_that_is_not_the_last_is_bound_per_later_value():
+    # The stack takes the layer '*' (integers); '*_proj' carries over. The inverse
+    # unstack indexes its new side's last '*', so the rule is split per projection.
+    src = {"model": {"layers": {str(i): {"mlp": {
+        "up_proj": {"weight": np.full((4, 2), i, np.float32)},
+        "down_proj": {"weight": np.full((2, 4), 10 + i, np.float32)}}} for i in range(3)}}}
+    m = {"params.layers.*.kernel": tg.transpose(tg.stack("model.layers.*.mlp.*_proj.weight"),
+                                               (0, 2, 1))}
+    like = {"params": {"layers": {"up": {"kernel": np.zeros((3, 2, 4), np.float32)},
+                                  "down": {"kernel": np.zeros((3, 4, 2), np.float32)}}}}
+    result = tg.graft(like, src, m)
+    back = tg.invert(m, like=src)
+    assert sorted(back) == ["model.layers.*.mlp.down_proj.weight",
+                            "model.layers.*.mlp.up_proj.weight"]
+    zeros = jax.tree.map(np.zeros_like, src)
+    again = tg.graft(zeros, result, back)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(src), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(tg.MappingError, match="pass like="):
+        tg.invert(m)
+    # a single '*' needs no like
+    assert tg.invert({"s": tg.stack("l_*.w")}) == {"l_*.w": tg.unstack("s", axis=0)}

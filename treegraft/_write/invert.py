@@ -57,6 +57,7 @@ from treegraft._parse.scan import scan
 from treegraft._read.source import Source
 from treegraft._tree.flat import flatten_parts
 from treegraft._tree.leaves import spec_of
+from treegraft._write.invert_bind import bind_later_wildcards
 from treegraft._write.invert_steps import (
     CannotInvert,
     Spec,
@@ -623,6 +624,8 @@ def invert(mapping: MappingLike, /, *, like: Any = None) -> dict[str, RuleValue]
       Scale(value=Take(value='kv', index=1, axis=0), factor=2.0)
     """
     rules = parse_mapping(mapping)
-    values = list(mapping.values())
     leaves = None if like is None else _like_leaves(like)
-    return invert_rules(rules, values, leaves)
+    bound = bind_later_wildcards(rules, dict(mapping), leaves)
+    if list(bound) != list(mapping):  # a rule was split
+        rules = parse_mapping(bound)
+    return invert_rules(rules, list(bound.values()), leaves)
