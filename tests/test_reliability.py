@@ -314,6 +314,23 @@ def safetensors(mapping: Any) -> Call:
     )
 
 
+def convert(mapping: Any, dest: str, *, from_run: bool = False, **opts: Any) -> Call:
+    """`tg.convert(<pytree or the run's checkpoint>, <workdir>/dest, mapping)`."""
+
+    def call(state: Any, source: Any, workdir: str) -> Any:
+        src = tg.KauldronCheckpoint(workdir) if from_run else source
+        target = dest.replace("{item}", _item(workdir)) if "{item}" in dest else (
+            os.path.join(workdir, dest))
+        return tg.convert(src, target, mapping, **opts)
+
+    return call
+
+
+def _folder_with_a_file(workdir: str) -> None:
+    os.makedirs(os.path.join(workdir, "out"))
+    _write(os.path.join(workdir, "out", "notes.txt"), "kept")
+
+
 def _nested(depth: int) -> Any:
     """An operation nested depth deep, built from the class (the public functions stop at 100)."""
     from treegraft._parse.ops import Transpose
@@ -692,6 +709,29 @@ CATALOGUE: list[Case] = [
          state=lambda: {"w": jnp.zeros(1)},
          workdir=fresh_dir(_safetensors(
              b'{"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}'))),
+    # -- round 4 (issues #23, #24): the way out refuses before it writes a byte -------------
+    Case("write-dest-exists", convert({"params": "params"}, "out"), tg.CheckpointError,
+         r"the destination .*out already exists \(a folder\); pass overwrite=True",
+         workdir=fresh_dir(_folder_with_a_file)),
+    Case("write-into-the-source", convert({"": ""}, "{item}/inside", from_run=True),
+         tg.CheckpointError, r"the destination .*inside and the source .* overlap: write "
+         r"elsewhere \(the source is never written to\)"),
+    Case("write-safetensors-dotted-key", convert({"": ""}, "out.safetensors"), tg.GraftError,
+         r"has the key 'a\.b', which holds a '\.'",
+         source=lambda: {"a.b": _F32}, workdir=fresh_dir(os.makedirs)),
+    Case("write-keep-rule-without-like", convert({"w": None}, "out"), tg.MappingError,
+         r"keep rule", source=lambda: {"w": _F32}, workdir=fresh_dir(os.makedirs)),
+    Case("write-typed-keys", convert({"": ""}, "out"), tg.MismatchError,
+         r"'k' holds typed PRNG keys, .*: write jax\.random\.key_data\(keys\)",
+         source=lambda: {"k": jax.random.key(0)}, workdir=fresh_dir(os.makedirs)),
+    Case("write-invert-cast-without-like",
+         lambda state, source, workdir: tg.invert({"w": tg.cast("v", jnp.float16)}),
+         tg.MappingError, r"like"),
+    Case("write-invert-stack-of-a-non-last-star-without-like",
+         lambda state, source, workdir: tg.invert(
+             {"p.layers.*.kernel": tg.stack("m.layers.*.mlp.*_proj.weight")}),
+         tg.MappingError, r"which '\*' of 'm\.layers\.\*\.mlp\.\*_proj\.weight' the stack "
+         r"takes depends on the source.*pass like="),
 ]
 
 
