@@ -37,6 +37,9 @@ __all__ = ["produced_leaves", "leaf_spec", "nest"]
 
 Parts = tuple[Part, ...]
 _PLACEHOLDER = np.zeros((), np.float32)  # a candidate's leaf: only its path counts
+# Without like there is no value to keep: the plan's remedy (map it to None) does not apply.
+_MADE_REMEDY = ("a rule produces this leaf but the source lacks what makes it: give the "
+                "source that value, narrow the rule's pattern, or pass like=")
 
 
 def produced_leaves(rules: Sequence[Rule], source: TreeIndex) -> dict[Parts, Any]:
@@ -66,7 +69,8 @@ def produced_leaves(rules: Sequence[Rule], source: TreeIndex) -> dict[Parts, Any
                if u.rule not in makers.get(loose(paths[u.target]), ())}
     if dropped:  # a more specific rule wins a leaf it does not make: the leaf is not made
         res = _resolved(rules, source, {p: r for p, r in made.items() if loose(p) not in dropped})
-    problems = check_stacks(res) + check_missing(res)
+    problems = check_stacks(res) + [
+        dataclasses.replace(p, remedy=_MADE_REMEDY) for p in check_missing(res)]
     out: dict[Parts, Any] = {}
     for pair in res.pairs:
         spec = _pair_spec(res, pair, problems)
@@ -116,7 +120,7 @@ def _unstack_indices(rule: Rule, ref: int, leaf: Any) -> range:
     if node is None:
         return range(0)
     below = dataclasses.replace(rule, tree=node.children[0])
-    specs = [None] * len(rule.refs)
+    specs: list[Any] = [None] * len(rule.refs)
     specs[ref] = _leaves.spec_of(leaf)
     shape = tree_spec(below, specs, [()] * len(rule.refs), None).spec
     if shape is None or shape[0] is None:
