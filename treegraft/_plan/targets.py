@@ -58,9 +58,11 @@ def produced_leaves(rules: Sequence[Rule], source: TreeIndex) -> dict[Parts, Any
         operation that does not fit the source's shape or dtype), or a
         `MappingError` when two rules make a leaf and a subtree at one path.
     """
-    rules = tuple(rules)
-    made = _candidates(Inputs(rules, (), (), TreeIndex({}, "the layout"), source, False))
-    res = _resolved(rules, source, made)
+    # One Inputs throughout: its memos (stack members, stacked positions) depend
+    # on the rules and the source only, so each layout resolved shares them.
+    inputs = Inputs(tuple(rules), (), (), TreeIndex({}, "the layout"), source, False)
+    made = _candidates(inputs)
+    res = _resolved(inputs, made)
     makers: dict[Parts, set[int]] = {}  # int keys loose: the plan finds '0' with 0
     for parts, by in made.items():
         makers.setdefault(loose(parts), set()).update(by)
@@ -68,7 +70,7 @@ def produced_leaves(rules: Sequence[Rule], source: TreeIndex) -> dict[Parts, Any
     dropped = {loose(paths[u.target]) for u in res.unpaired
                if u.rule not in makers.get(loose(paths[u.target]), ())}
     if dropped:  # a more specific rule wins a leaf it does not make: the leaf is not made
-        res = _resolved(rules, source, {p: r for p, r in made.items() if loose(p) not in dropped})
+        res = _resolved(inputs, {p: r for p, r in made.items() if loose(p) not in dropped})
     problems = check_stacks(res) + [
         dataclasses.replace(p, remedy=_MADE_REMEDY) for p in check_missing(res)]
     out: dict[Parts, Any] = {}
@@ -77,7 +79,7 @@ def produced_leaves(rules: Sequence[Rule], source: TreeIndex) -> dict[Parts, Any
         if spec is not None:
             out[res.inputs.tgt.paths[pair.target]] = spec
     if problems:
-        raise_problems(problems, len(rules))
+        raise_problems(problems, len(inputs.rules))
     return out
 
 
@@ -100,17 +102,24 @@ def _candidates(inputs: Inputs) -> dict[Parts, set[int]]:
                 if ref.levels:
                     caps = inputs.carried(r, caps, j)
                 k = len(old_prefix)
+                named: dict[int | None, Parts | None] = {}  # index -> new prefix, once each
                 for si in src.under(old_prefix):
-                    suffix = src.paths[si][k:]
                     indices = _unstack_indices(rule, j, src.leaves[si]) if ref.unstack else [None]
                     for index in indices:
-                        try:
-                            new = rule.new.substitute_parts(
-                                caps if index is None else tuple(caps) + (index,))
-                        except GraftError:  # a capture the new side cannot take
-                            continue
-                        made.setdefault(new + suffix, set()).add(r)
+                        if index not in named:
+                            named[index] = _new_prefix(rule, caps, index)
+                        new = named[index]
+                        if new is not None:
+                            made.setdefault(new + src.paths[si][k:], set()).add(r)
     return made
+
+
+def _new_prefix(rule: Rule, caps: tuple[Any, ...], index: int | None) -> Parts | None:
+    """The new side with these captures (and an unstack's index); None if it cannot take them."""
+    try:
+        return rule.new.substitute_parts(caps if index is None else tuple(caps) + (index,))
+    except GraftError:  # a capture the new side cannot take
+        return None
 
 
 def _unstack_indices(rule: Rule, ref: int, leaf: Any) -> range:
@@ -141,10 +150,10 @@ def _unstack_of(node: Node, ref: int) -> Node | None:
     return None
 
 
-def _resolved(rules: tuple[Rule, ...], source: TreeIndex, made: dict[Parts, Any]) -> Resolution:
+def _resolved(inputs: Inputs, made: dict[Parts, Any]) -> Resolution:
     """The plan's resolution of the rules against a layout holding the made paths."""
     tree = nest(dict.fromkeys(made, _PLACEHOLDER))
-    return resolve(Inputs(rules, (), (), TreeIndex(tree, "the layout"), source, False))
+    return resolve(dataclasses.replace(inputs, tgt=TreeIndex(tree, "the layout")))
 
 
 def _pair_spec(res: Resolution, pair: Any, problems: list[Problem]) -> Any:
