@@ -193,6 +193,44 @@ def test_a_checkpoint_source_is_derived_the_same(tmp_path):
     assert_bits_equal(ocp.StandardCheckpointer().restore(dest), want)
 
 
+def test_hugging_face_names_from_safetensors_into_one_scanned_tree(tmp_path):
+    """The issue's reproducer on a safetensors checkpoint, with experts stacked per layer.
+
+    Its layer keys are ints; the layout mixes them with names under `layers`,
+    so they are written as '0', '1' (as orbax writes int keys).
+    """
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    rng = np.random.default_rng(3)
+    flat = {f"model.layers.{i}.self_attn.{p}.weight": rand(rng, 4, 3)
+            for i in range(2) for p in ("q_proj", "k_proj")}
+    flat |= {f"model.layers.{i}.mlp.experts.{e}.w": rand(rng, 3) for i in range(2)
+             for e in range(3)}
+    (tmp_path / "hf").mkdir()
+    safetensors_numpy.save_file(flat, str(tmp_path / "hf" / "model.safetensors"))
+    source = tg.SafetensorsCheckpoint(str(tmp_path / "hf"))
+    mapping = {
+        "params.layers.*.*.kernel":
+            tg.stack(tg.transpose("model.layers.*.*.*.weight", (1, 0)), axis=0),
+        "params.layers.*.moe": tg.stack("model.layers.*.mlp.experts.*.w", axis=0),
+    }
+    like = {"params": {"layers": {
+        "self_attn": {p: {"kernel": zeros((2, 3, 4))} for p in ("q_proj", "k_proj")},
+        "0": {"moe": zeros((3, 3))}, "1": {"moe": zeros((3, 3))}}}}
+    assert_converts_like_graft(tmp_path, source, mapping, like)
+    kernel = ocp.StandardCheckpointer().restore(str(tmp_path / "out"))["params"]["layers"]
+    np.testing.assert_array_equal(kernel["self_attn"]["k_proj"]["kernel"][1],
+                                  flat["model.layers.1.self_attn.k_proj.weight"].T)
+    np.testing.assert_array_equal(kernel["1"]["moe"][2], flat["model.layers.1.mlp.experts.2.w"])
+
+
+def test_a_stack_finds_its_layer_capture_under_a_string_key_as_a_copy_does():
+    """A state's '0' finds a source's int key 0 in a stack's other captures too."""
+    source = {"layers": {0: {"experts": {0: {"w": np.ones(2)}, 1: {"w": np.zeros(2)}}}}}
+    got = tg.graft({"layers": {"0": {"moe": zeros((2, 2), np.float64)}}}, source,
+                   {"layers.*.moe": tg.stack("layers.*.experts.*.w")})
+    np.testing.assert_array_equal(got["layers"]["0"]["moe"], [[1, 1], [0, 0]])
+
+
 def test_a_stack_of_a_list_missing_one_value_names_it(tmp_path):
     source = {"layers": [{"k_proj": zeros(2), "v_proj": zeros(2)}, {"k_proj": zeros(2)}]}
     mapping = {"layers.*.kv": tg.stack(["layers.*.k_proj", "layers.*.v_proj"])}
