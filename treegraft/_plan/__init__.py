@@ -11,6 +11,7 @@
     problems.py  `Problem`, sections, remedies, and the error listing them all
     record.py    `PlanRecord`: what execute runs on (trees, `Pair`s, byte counts), made once
     result.py    `GraftPlan` (holding one `PlanRecord`) and `Entry`
+    targets.py   the target leaves a mapping produces from a source (a layout without `like`)
 """
 
 from treegraft._plan.planner import plan as plan

@@ -11,6 +11,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from treegraft._parse.keys import loose
 from treegraft._parse.paths import Part, render_parts
 from treegraft._parse.patterns import Pattern
 from treegraft._parse.rules import Rule
@@ -172,8 +173,10 @@ class Inputs:
             for prefix, found in source_prefixes(pattern, self.src).items():
                 index = tuple(found[p] for p in positions)
                 carried = tuple(c for p, c in enumerate(found) if p not in positions)
-                groups.setdefault(carried, []).append((index, prefix))
-        group = groups.get(tuple(caps))
+                # Loose, as every look-up by path (docs/design.md section 3): a
+                # state's '0' finds a source's int key 0.
+                groups.setdefault(loose(carried), []).append((index, prefix))
+        group = groups.get(loose(tuple(caps)))
         if not group:
             return StackGroup(None)
         if len(positions) == 1:
