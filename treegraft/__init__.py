@@ -21,6 +21,7 @@ from treegraft._loaders import MultiTransform as MultiTransform
 from treegraft._loaders import NoopTransform as NoopTransform
 from treegraft._loaders import PartialKauldronLoader as PartialKauldronLoader
 from treegraft._loaders import SimpleCheckpointLoader as SimpleCheckpointLoader
+from treegraft._parse.invert import invert as invert
 from treegraft._parse.ops import Operation as Operation
 from treegraft._parse.ops import cast as cast
 from treegraft._parse.ops import reshape as reshape
@@ -67,6 +68,7 @@ __all__ = [
     "cast",
     "execute",
     "graft",
+    "invert",
     "plan",
     "reshape",
     "stack",

@@ -6,6 +6,5 @@
     tree.py    tensor names as paths, the tree they make
     boxes.py   the box of a tensor a target shard needs, as byte ranges
     files.py   files opened once, byte ranges read and merged
-
-The writer (docs/design.md section 15) goes here as `write.py`.
+    write.py   `SafetensorsWriter`: Hugging Face files written (docs/design.md section 15)
 """
