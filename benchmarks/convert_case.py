@@ -24,6 +24,10 @@ command) minus VmRSS at that moment, after imports and set-up.
            cp         `cp f dest` (the floor: the same bytes, no format), and
                       `sync dest` after it, timed apart (treegraft and orbax write
                       through tensorstore, which syncs its files; cp does not).
+                      GNU cp copies in the kernel (copy_file_range): no byte
+                      crosses into user space;
+           readwrite  the floor of any user-space converter: the file read in
+                      16 MiB blocks into a buffer and written out, then fsynced.
            Aims: treegraft's peak RSS growth under 256 MiB at every size and flat
            across sizes (largest minus smallest under the 64 MiB budget);
            throughput at least 0.7x cp's.
@@ -62,7 +66,7 @@ SIZES = {
     "quick": {"sizes": [4 * MIB], "tensor": 256 * 2**10, "budget": 1 * MIB,
               "export": 4 * MIB, "aim_growth": 4 * MIB, "repeats": 1},
 }
-CONVERT = ("treegraft", "naive", "cp")
+CONVERT = ("treegraft", "naive", "cp", "readwrite")
 EXPORT = ("treegraft", "save_file")
 AIM_CP = 0.7  # treegraft's throughput / cp's, at least
 # Memory the naive recipe takes per byte of model, with a margin (measured: 3.0x at 1 GiB).
@@ -174,7 +178,21 @@ def _last_tensor_equal(src: str, read_back) -> bool:
     return bool(np.array_equal(want.view(np.uint32), np.asarray(got).view(np.uint32)))
 
 
+def _read_write(src: str, dest: str, block: int) -> None:
+    """The same bytes through a user-space buffer, block by block, synced: no format, no copy."""
+    with open(src, "rb", buffering=0) as f, open(dest, "wb", buffering=0) as g:
+        while data := f.read(block):
+            g.write(data)
+        os.fsync(g.fileno())
+
+
 def convert_worker(spec: dict) -> dict:
+    src, dest, variant = spec["source"], spec["dest"], spec["variant"]
+    if variant == "readwrite":  # no library: nothing to import
+        with Measure() as m:
+            _read_write(src, dest, spec["tensor"])
+        return {"time_s": m.time_s, "peak_growth": m.peak_growth, "rss_before": m.rss_before,
+                "bytes": os.path.getsize(src), "ok": os.path.getsize(dest) == os.path.getsize(src)}
     import jax  # noqa: F401  (imported before measuring, as in a user's script)
     import numpy as np
     import orbax.checkpoint as ocp
@@ -182,7 +200,6 @@ def convert_worker(spec: dict) -> dict:
 
     import treegraft as tg
 
-    src, dest, variant = spec["source"], spec["dest"], spec["variant"]
     out: dict = {}
     if variant == "treegraft":
         source = tg.SafetensorsCheckpoint(src)
@@ -383,6 +400,11 @@ def evaluate(runs: dict, sizes: dict) -> dict:
         aim(f"convert {label}: throughput >= {AIM_CP}x cp's", f"{thr:.2f}x", thr >= AIM_CP,
             f"treegraft {size / tg['time_s'] / MIB:.0f} MiB/s, cp {size / cp['time_s'] / MIB:.0f}"
             f" MiB/s ({size / (cp['time_s'] + cp['sync_s']) / MIB:.0f} MiB/s with sync)")
+        rw = med[f"convert/{size // MIB}MiB/readwrite"]
+        aim(f"convert {label}: throughput / user-space read+write's (information)",
+            f"{rw['time_s'] / tg['time_s']:.2f}x", None,
+            f"read+write+fsync {size / rw['time_s'] / MIB:.0f} MiB/s = "
+            f"{cp['time_s'] / rw['time_s']:.2f}x cp's")
         if naive["save_s"] is not None:
             aim(f"convert {label}: time / orbax's own save of the arrays in memory "
                 "(information)", f"{tg['time_s'] / naive['save_s']:.2f}x", None,

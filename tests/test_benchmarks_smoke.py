@@ -71,7 +71,7 @@ def test_quick_convert_benchmark_runs_and_writes_json(tmp_path):
     assert convert["values_agree"] is True
     assert set(convert["runs"]) == {
         "convert/4MiB/treegraft", "convert/4MiB/naive", "convert/4MiB/cp",
-        "export/4MiB/treegraft", "export/4MiB/save_file",
+        "convert/4MiB/readwrite", "export/4MiB/treegraft", "export/4MiB/save_file",
     }
     for key, runs in convert["runs"].items():
         assert len(runs) == 1 and runs[0]["ok"] and runs[0]["time_s"] > 0, key
