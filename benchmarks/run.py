@@ -28,6 +28,8 @@ Cases with a script of their own (EXTRA): planscale, ops, storage, and
 error_path (`error_path.py`: a plan with a mistake beside the same plan
 without it: a mistyped stack pattern over an 18,867-tensor MoE source, mistyped
 keys among 30,000, unmatched ignore patterns, a typo against 100,000 keys).
+Extra case convert (`convert_case.py`): 1, 2 and 4 GiB of safetensors to orbax under a
+64 MiB budget, and a sharded 1 GiB state to safetensors, beside the naive recipes and cp.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ EXTRA = {
     "ops": "rule_ops.py",
     "storage": "storage_cases.py",
     "error_path": "error_path.py",
+    "convert": "convert_case.py",
 }
 # Hugging Face Llama 3 into tunix's NNX model beside tunix's own loader (tunix_case.py):
 # only where google-tunix (in the test extra) is installed.

@@ -55,3 +55,25 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path):
     assert "failed" not in error_path, error_path.get("stderr")
     ids = [r["id"] for r in error_path["rows"]]
     assert ids == ["moe", "flat3", "flat110", "ignores", "node100k"]
+
+
+def test_quick_convert_benchmark_runs_and_writes_json(tmp_path):
+    # The write side's case (benchmarks/convert_case.py), through run.py's EXTRA.
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--quick", "--cases",
+         "convert", "--json", str(out), "--tmpdir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    convert = json.loads(out.read_text())["extra"]["convert"]
+    assert "failed" not in convert, convert.get("stderr")
+    assert convert["values_agree"] is True
+    assert set(convert["runs"]) == {
+        "convert/4MiB/treegraft", "convert/4MiB/naive", "convert/4MiB/cp",
+        "convert/4MiB/readwrite", "export/4MiB/treegraft", "export/4MiB/save_file",
+    }
+    for key, runs in convert["runs"].items():
+        assert len(runs) == 1 and runs[0]["ok"] and runs[0]["time_s"] > 0, key
+    assert {a["met"] for a in convert["aims"]} == {None}  # --quick judges nothing
+    assert "export" in convert["report"]
