@@ -608,8 +608,8 @@ def test_convert_from_several_sources_opens_only_what_it_reads(tmp_path):
     }
     before = folder_hash(ckpt)
     out = tg.convert(sources, str(tmp_path / "c"), {"p.w": "x.w", "p.b": "y.b"})
-    assert_bits_equal(restore_std(out),
-                      {"p": {"w": np.arange(4, dtype=np.float32), "b": np.arange(3, dtype=np.int32)}})
+    want = {"p": {"w": np.arange(4, dtype=np.float32), "b": np.arange(3, dtype=np.int32)}}
+    assert_bits_equal(restore_std(out), want)
     assert folder_hash(ckpt) == before
     with pytest.raises(tg.MappingError, match="produces no leaf"):
         tg.convert(sources, str(tmp_path / "d"), {"p.w": "x.ww"})
