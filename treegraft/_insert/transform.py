@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from treegraft._errors import GraftError
-from treegraft._insert.placement import array_from_blocks
+from treegraft._insert.placement import aligned_empty, array_from_blocks
 from treegraft._insert.sharding import overflow_error, weakly_typed
 from treegraft._parse.paths import Path, render_parts
 from treegraft._plan import Pair, PlanRecord, gathered_spec
@@ -71,6 +71,34 @@ class Blocks:
             if close is not None:
                 close()  # cancels the source's reads still in flight
 
+    def fill(self, wanted: Sequence[tuple[int, tuple[slice, ...]]],
+             into: Sequence[np.ndarray]) -> None:
+        """Writes each wanted box into its array of into, in one source call where it can.
+
+        As `fetch_many`, but each request carries its destination
+        (`BoxRequest.out`): a source that reads boxes may write it there
+        itself; any other part is checked (shape, dtype) and copied in.
+        """
+        rec = self.rec
+        if rec.lazy is None or not reads_boxes(rec.lazy):
+            for (si, box), out in zip(wanted, into, strict=True):
+                _copy_into(out, self._fetch_one(si, box), Path(rec.source.paths[si]), rec.lazy)
+            return
+        requests = [BoxRequest(Path(rec.source.paths[si]), box, out)
+                    for (si, box), out in zip(wanted, into, strict=True)]
+        parts = iter(rec.lazy.read_boxes(requests))
+        try:
+            for request in requests:
+                part = _next_part(parts, request, rec.lazy)
+                if part is not request.out:
+                    assert request.out is not None
+                    _copy_into(request.out, np.asarray(part), request.path, rec.lazy)
+                del part
+        finally:
+            close = getattr(parts, "close", None)
+            if close is not None:
+                close()  # cancels the source's reads still in flight
+
     def _fetch_one(self, si: int, box: tuple[slice, ...]) -> np.ndarray:
         rec = self.rec
         leaf = rec.source.leaves[si]
@@ -110,6 +138,18 @@ def _next_part(parts: Iterator[np.ndarray], request: BoxRequest, source: Any) ->
     return part
 
 
+def _copy_into(out: np.ndarray, part: np.ndarray, path: Path, source: Any) -> None:
+    """Copies a part a source returned into its slot, which it must fit exactly."""
+    if part.shape != out.shape or part.dtype != out.dtype:
+        where = "the source" if source is None else source.describe()
+        raise GraftError(
+            f"{where} returned {part.dtype}{list(part.shape)} for a box of "
+            f"{render_parts(path.parts)!r} that holds {out.dtype}{list(out.shape)}; its "
+            "read_boxes must give each box in its shape and the source dtype"
+        )
+    out[...] = part
+
+
 def _axis(axis: int, ndim: int) -> int:
     return axis + ndim if axis < 0 else axis
 
@@ -135,23 +175,16 @@ def leaf_fetch(
         def fetch(box: tuple[slice, ...]) -> np.ndarray:
             inner = box[:axis] + box[axis + 1 :]
             layers = range(box[axis].start, box[axis].stop)
-            # Every layer's box asked of the source in one call, copied into one
-            # block as it comes: host memory holds the block and the parts the
-            # source has in flight (the orbax reader: at most 16 MiB of them),
-            # not every slice and then their stack.
-            parts = blocks.fetch_many([(sources[k], inner) for k in layers])
-            out: np.ndarray | None = None
-            j = 0
-            # No enumerate: its reused result tuple would keep the last part
-            # alive while the next one is read.
-            for part in parts:
-                if out is None:
-                    out = np.empty(part.shape[:axis] + (len(layers),) + part.shape[axis:],
-                                   part.dtype)
-                out[(slice(None),) * axis + (j,)] = part
-                del part
-                j += 1
-            assert out is not None
+            # The block first, then every layer's box asked of the source in one
+            # call, each written straight into its slot (by the source itself
+            # when it can, docs/design.md section 12: the block is the caller's
+            # own): host memory holds the block and the source's reads in
+            # flight, never a part beside the block.
+            # Aligned, so that jax's CPU client adopts it as the device buffer.
+            out = aligned_empty(tuple(s.stop - s.start for s in box), spec[1])
+            slot = (slice(None),) * axis
+            blocks.fill([(sources[k], inner) for k in layers],
+                         [out[slot + (j,)] for j in range(len(layers))])
             return out
 
     elif rule.gather == "unstack":
@@ -223,9 +256,11 @@ def _place_blocks(
         if sharding is None:
             return jax.device_put(block(whole))
         # Every device gets a buffer of its own (docs/design.md section 12); a
-        # block is read once for its replicas, one block at a time.
+        # block is read once for its replicas, one block at a time. A block is
+        # a fresh array of its own (every fetch returns one), so the first
+        # device may adopt its memory instead of copying it.
         return array_from_blocks(
-            shape, sharding, lambda box: block(tuple(slice(a, b) for a, b in box)), adopt=False
+            shape, sharding, lambda box: block(tuple(slice(a, b) for a, b in box)), adopt=True
         )
     value = block(whole)
     if isinstance(like, np.ndarray):
