@@ -59,6 +59,7 @@ EXTRA = {
     "ops": "rule_ops.py",
     "storage": "storage_cases.py",
     "error_path": "error_path.py",
+    "inprocess": "read_inprocess.py",
 }
 
 TREEGRAFT = "treegraft"

@@ -17,7 +17,6 @@ the buffer checks `place` relies on, and putting shardings made on an
 from __future__ import annotations
 
 import math
-import mmap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,7 +47,6 @@ Box = tuple[tuple[int, int], ...]  # (start, stop) per axis
 
 
 _ALIGN = 64  # what XLA's CPU client needs to adopt a host buffer without copying
-_MAPPED_BYTES = 1 << 20  # arrays this large get pages of their own
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -56,16 +54,9 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
     A block read into it is put on a CPU device without a copy: jax's CPU
     client adopts aligned host memory as the device buffer (`put_block`).
-    Large arrays get pages of their own (an anonymous mapping, returned to
-    the system when the array goes): from the heap, a long-lived device
-    buffer between the reader's short-lived chunks would keep the holes they
-    leave from ever being returned, and peak memory would grow past the
-    bytes read.
     """
     dtype = np.dtype(dtype)
     nbytes = int(math.prod(shape)) * dtype.itemsize
-    if nbytes >= _MAPPED_BYTES:
-        return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
     raw = np.empty(max(nbytes, 1) + _ALIGN, np.uint8)
     offset = (-raw.ctypes.data) % _ALIGN
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)

@@ -217,10 +217,9 @@ class Regions:
             entry = self._held.get(key)
             if entry is None:
                 return None
-            region = entry[0]
-            piece = out if out is not None else aligned_empty(
-                tuple(s.stop - s.start for s in rel), region.dtype)
-            piece[...] = region[rel]
+            view = entry[0][rel]
+            piece = out if out is not None else aligned_empty(view.shape, view.dtype)
+            piece[...] = view
             entry[1] -= piece.size
             if entry[1] <= 0:
                 del self._held[key]
