@@ -1,8 +1,10 @@
-"""Case inprocess: one 4 MiB array of a 256 MiB checkpoint, read in a warm process (issue #25 row 4).
+"""Case inprocess: one 4 MiB array of a 256 MiB checkpoint, read in a warm process.
 
-    python benchmarks/read_inprocess.py                 # 64 arrays of 4 MiB, 31 rounds
-    python benchmarks/read_inprocess.py --quick         # 64 arrays of 64 KiB, 5 rounds (a smoke test)
-    python benchmarks/read_inprocess.py --profile       # and where treegraft's time goes
+    python benchmarks/read_inprocess.py             # 64 arrays of 4 MiB, 31 rounds
+    python benchmarks/read_inprocess.py --quick     # 64 arrays of 64 KiB, 5 rounds (smoke test)
+    python benchmarks/read_inprocess.py --profile   # and where treegraft's time goes
+
+Issue #25 row 4.
 
 One process, everything imported and warmed up first; each round runs every
 variant once, the order reversed every other round; medians are reported:
