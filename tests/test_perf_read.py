@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import treegraft as tg
-from treegraft._formats.orbax.arrays import Regions
+from treegraft._formats.orbax.arrays import Regions, region_of
 from treegraft._read.source import BoxRequest, ReadRequest
 
 LAYERS, ROWS, COLS = 8, 256, 64
@@ -118,6 +118,22 @@ def test_the_base_class_fills_out_too(saved):
                                          (slice(3, 13), slice(None)), out)])
     assert part is out
     np.testing.assert_array_equal(out, stacked[4][3:13])
+
+
+def test_the_base_class_leaves_an_out_that_does_not_fit_alone(saved):
+    _, stacked = saved
+    src = _Whole({"layers": {str(i): stacked[i] for i in range(LAYERS)}})
+    wrong = np.zeros((10, COLS), np.float64)
+    (part,) = src.read_boxes([BoxRequest(tg.parse_path("layers['4']"),
+                                         (slice(3, 13), slice(None)), wrong)])
+    assert part is not wrong and part.dtype == np.float32 and not wrong.any()
+    np.testing.assert_array_equal(part, stacked[4][3:13])
+
+
+def test_region_of_covers_a_box_with_whole_chunks_clipped_to_the_shape():
+    assert region_of(((3, 5), (0, 64)), (4, 64), (10, 64)) == ((0, 8), (0, 64))
+    assert region_of(((8, 10), (10, 20)), (4, 16), (10, 40)) == ((8, 10), (0, 32))
+    assert region_of(((0, 4), (0, 0)), (4, 16), (10, 40)) == ((0, 4), (0, 0))
 
 
 class _OwnArrays(_Whole):

@@ -118,11 +118,14 @@ class Source(abc.ABC):
         for r, value in zip(requests, self.read(reqs), strict=True):
             with jax.transfer_guard("allow"):
                 host = np.asarray(value)
-            if r.out is not None:
-                r.out[...] = host[tuple(r.box)]
-                out.append(r.out)
-            else:
-                out.append(np.array(host[tuple(r.box)], copy=True))
+            part = host[tuple(r.box)]
+            dest = getattr(r, "out", None)
+            if isinstance(dest, np.ndarray) and dest.shape == part.shape and (
+                    dest.dtype == part.dtype):
+                dest[...] = part
+                out.append(dest)
+            else:  # no out, or one that does not fit: the caller's check says so
+                out.append(np.array(part, copy=True))
         return out
 
     def box_nbytes(self, path: Path, box: tuple[slice, ...]) -> int:
