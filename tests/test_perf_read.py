@@ -237,3 +237,17 @@ def test_regions_keep_within_their_limit_and_only_what_a_call_needs():
     assert [regions.has(k) for k in "bcd"] == [False, True, False]
     regions.clear()
     assert regions.nbytes() == 0
+
+
+def test_a_view_into_a_larger_array_is_copied_not_adopted():
+    """An adopted view would keep the whole array it cuts alive as long as the shard."""
+    from treegraft._insert.placement import aligned_empty, put_block
+
+    whole = aligned_empty((64, 256), np.float32)
+    whole[...] = np.arange(whole.size, dtype=np.float32).reshape(whole.shape)
+    view = whole[8:16]
+    (placed,) = put_block(view, [jax.devices()[0]])
+    assert placed.unsafe_buffer_pointer() != view.ctypes.data
+    whole[...] = -1  # the caller's array changes; the shard does not
+    np.testing.assert_array_equal(np.asarray(placed),
+                                  np.arange(8 * 256, 16 * 256, dtype=np.float32).reshape(8, 256))

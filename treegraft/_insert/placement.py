@@ -106,21 +106,44 @@ def put_block(block: Any, devices: Sequence[Any], *, adopt: bool = True) -> list
       block: a numpy array or a jax.Array.
       devices: where it goes, in order.
       adopt: let jax reuse the block's memory for the first device
-        (`may_alias=None`); False puts with `may_alias=False`.
+        (`may_alias=None`); False puts with `may_alias=False`, which jax's
+        CPU client does not always honour: a block that is a view into a
+        larger array is copied here either way.
     """
     may_alias = None if adopt else False
     out = []
     for k, device in enumerate(devices):
-        piece = block if k == 0 else _copy_block(block)
+        # jax's CPU client adopts an aligned C-ordered block even with
+        # may_alias=False: a view into a larger array is copied first, or the
+        # shard would keep the whole array alive.
+        piece = block if k == 0 and _adoptable(block) else _copy_block(block)
         out.append(jax.device_put(piece, device, may_alias=may_alias))
     return out
+
+
+def _adoptable(block: Any) -> bool:
+    """Whether a device adopting block's memory would keep no more than block alive.
+
+    A view into a larger array (a box cut from a whole leaf read for a
+    reshape) is copied instead: adopted, it would keep the whole array
+    alive for as long as the shard lives.
+    """
+    if not isinstance(block, np.ndarray):
+        return True
+    root = block
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return root.nbytes <= block.nbytes + _ALIGN
 
 
 def _copy_block(block: Any) -> Any:
     """A copy of a block in memory of its own (a jax.Array stays on its device)."""
     if isinstance(block, jax.Array):
         return jax.numpy.array(block, copy=True)
-    return np.array(block, copy=True)
+    block = np.asarray(block)
+    copy = aligned_empty(block.shape, block.dtype)  # aligned: the device adopts it as is
+    copy[...] = block
+    return copy
 
 
 def assemble(

@@ -256,11 +256,9 @@ def _place_blocks(
         if sharding is None:
             return jax.device_put(block(whole))
         # Every device gets a buffer of its own (docs/design.md section 12); a
-        # block is read once for its replicas, one block at a time. A block is
-        # a fresh array of its own (every fetch returns one), so the first
-        # device may adopt its memory instead of copying it.
+        # block is read once for its replicas, one block at a time.
         return array_from_blocks(
-            shape, sharding, lambda box: block(tuple(slice(a, b) for a, b in box)), adopt=True
+            shape, sharding, lambda box: block(tuple(slice(a, b) for a, b in box)), adopt=False
         )
     value = block(whole)
     if isinstance(like, np.ndarray):
