@@ -334,9 +334,11 @@ class DirectReader:
         self.location = store.location
         # The cache keeps the OCDBT index and zarr headers; decoded array
         # chunks are not kept (`open`): each is decoded once per read anyway.
-        self.context = ts.Context(
-            {"cache_pool": {"total_bytes_limit": _CACHE_BYTES}, **self.location.context_spec()}
-        )
+        self.context = ts.Context({
+            "cache_pool": {"total_bytes_limit": _CACHE_BYTES},
+            "cache_pool#chunks": {"total_bytes_limit": 0},
+            **self.location.context_spec(),
+        })
         self._open: dict[str, Any] = {}
 
     def open(self, name: str) -> Any:
@@ -349,7 +351,7 @@ class DirectReader:
             # No chunk cache: a read decodes every chunk it needs once (slices that
             # share chunks are read as one region), and decoded chunks kept for
             # nothing would only raise peak memory.
-            spec["cache_pool"] = {"total_bytes_limit": 0}
+            spec["cache_pool"] = "cache_pool#chunks"
             array = self._open[name] = self.location.wait(
                 ts.open(spec, open=True, read=True, context=self.context),
                 f"opening array {name!r} of",
