@@ -63,6 +63,7 @@ EXTRA = {
     "storage": "storage_cases.py",
     "error_path": "error_path.py",
     "convert": "convert_case.py",
+    "inprocess": "read_inprocess.py",
 }
 # Hugging Face Llama 3 into tunix's NNX model beside tunix's own loader (tunix_case.py):
 # only where google-tunix (in the test extra) is installed.

@@ -16,6 +16,7 @@ the buffer checks `place` relies on, and putting shardings made on an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from treegraft._parse.paths import render_parts
 
 __all__ = [
     "Box",
+    "aligned_empty",
     "default_sharding",
     "sharding_of",
     "box_of",
@@ -42,6 +44,22 @@ __all__ = [
 ]
 
 Box = tuple[tuple[int, int], ...]  # (start, stop) per axis
+
+
+_ALIGN = 64  # what XLA's CPU client needs to adopt a host buffer without copying
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-ordered array whose data starts on a 64-byte boundary.
+
+    A block read into it is put on a CPU device without a copy: jax's CPU
+    client adopts aligned host memory as the device buffer (`put_block`).
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(math.prod(shape)) * dtype.itemsize
+    raw = np.empty(max(nbytes, 1) + _ALIGN, np.uint8)
+    offset = (-raw.ctypes.data) % _ALIGN
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def default_sharding() -> jax.sharding.Sharding:
@@ -88,21 +106,44 @@ def put_block(block: Any, devices: Sequence[Any], *, adopt: bool = True) -> list
       block: a numpy array or a jax.Array.
       devices: where it goes, in order.
       adopt: let jax reuse the block's memory for the first device
-        (`may_alias=None`); False puts with `may_alias=False`.
+        (`may_alias=None`); False puts with `may_alias=False`, which jax's
+        CPU client does not always honour: a block that is a view into a
+        larger array is copied here either way.
     """
     may_alias = None if adopt else False
     out = []
     for k, device in enumerate(devices):
-        piece = block if k == 0 else _copy_block(block)
+        # jax's CPU client adopts an aligned C-ordered block even with
+        # may_alias=False: a view into a larger array is copied first, or the
+        # shard would keep the whole array alive.
+        piece = block if k == 0 and _adoptable(block) else _copy_block(block)
         out.append(jax.device_put(piece, device, may_alias=may_alias))
     return out
+
+
+def _adoptable(block: Any) -> bool:
+    """Whether a device adopting block's memory would keep no more than block alive.
+
+    A view into a larger array (a box cut from a whole leaf read for a
+    reshape) is copied instead: adopted, it would keep the whole array
+    alive for as long as the shard lives.
+    """
+    if not isinstance(block, np.ndarray):
+        return True
+    root = block
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return root.nbytes <= block.nbytes + _ALIGN
 
 
 def _copy_block(block: Any) -> Any:
     """A copy of a block in memory of its own (a jax.Array stays on its device)."""
     if isinstance(block, jax.Array):
         return jax.numpy.array(block, copy=True)
-    return np.array(block, copy=True)
+    block = np.asarray(block)
+    copy = aligned_empty(block.shape, block.dtype)  # aligned: the device adopts it as is
+    copy[...] = block
+    return copy
 
 
 def assemble(

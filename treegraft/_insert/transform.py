@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from treegraft._errors import GraftError
-from treegraft._insert.placement import array_from_blocks
+from treegraft._insert.placement import aligned_empty, array_from_blocks
 from treegraft._insert.sharding import overflow_error, weakly_typed
 from treegraft._parse.ops import Node
 from treegraft._parse.paths import Path, render_parts
@@ -74,6 +74,34 @@ class Blocks:
             if close is not None:
                 close()  # cancels the source's reads still in flight
 
+    def fill(self, wanted: Sequence[tuple[int, tuple[slice, ...]]],
+             into: Sequence[np.ndarray]) -> None:
+        """Writes each wanted box into its array of into, in one source call where it can.
+
+        As `fetch_many`, but each request carries its destination
+        (`BoxRequest.out`): a source that reads boxes may write it there
+        itself; any other part is checked (shape, dtype) and copied in.
+        """
+        rec = self.rec
+        if rec.lazy is None or not reads_boxes(rec.lazy):
+            for (si, box), out in zip(wanted, into, strict=True):
+                _copy_into(out, self._fetch_one(si, box), Path(rec.source.paths[si]), rec.lazy)
+            return
+        requests = [BoxRequest(Path(rec.source.paths[si]), box, out)
+                    for (si, box), out in zip(wanted, into, strict=True)]
+        parts = iter(rec.lazy.read_boxes(requests))
+        try:
+            for request in requests:
+                part = _next_part(parts, request, rec.lazy)
+                if part is not request.out:
+                    assert request.out is not None
+                    _copy_into(request.out, np.asarray(part), request.path, rec.lazy)
+                del part
+        finally:
+            close = getattr(parts, "close", None)
+            if close is not None:
+                close()  # cancels the source's reads still in flight
+
     def _fetch_one(self, si: int, box: tuple[slice, ...]) -> np.ndarray:
         rec = self.rec
         leaf = rec.source.leaves[si]
@@ -111,6 +139,18 @@ def _next_part(parts: Iterator[np.ndarray], request: BoxRequest, source: Any) ->
             "per request, in order"
         )
     return part
+
+
+def _copy_into(out: np.ndarray, part: np.ndarray, path: Path, source: Any) -> None:
+    """Copies a part a source returned into its slot, which it must fit exactly."""
+    if part.shape != out.shape or part.dtype != out.dtype:
+        where = "the source" if source is None else source.describe()
+        raise GraftError(
+            f"{where} returned {part.dtype}{list(part.shape)} for a box of "
+            f"{render_parts(path.parts)!r} that holds {out.dtype}{list(out.shape)}; its "
+            "read_boxes must give each box in its shape and the source dtype"
+        )
+    out[...] = part
 
 
 def _axis(axis: int, ndim: int) -> int:
@@ -200,36 +240,25 @@ def _node_fetch(node: Node, ctx: _Context, bound: tuple[int, ...]) -> tuple[Fetc
 
 
 def _stack_fetch(blocks: Blocks, sources: Sequence[int], axis: int) -> Fetch:
-    """A stack of source leaves along a new axis: one `fetch_many` per box."""
+    """A stack of source leaves along a new axis: one `read_boxes` call per box."""
+    dtype = _leaves.spec_of(blocks.rec.source.leaves[sources[0]])[1]
 
     def fetch(box: tuple[slice, ...]) -> np.ndarray:
         inner = box[:axis] + box[axis + 1 :]
         layers = range(box[axis].start, box[axis].stop)
-        # Every layer's box asked of the source in one call, copied into one
-        # block as it comes: host memory holds the block and the parts the
-        # source has in flight (the orbax reader: at most 16 MiB of them),
-        # not every slice and then their stack.
-        parts = blocks.fetch_many([(sources[k], inner) for k in layers])
-        out: np.ndarray | None = None
-        j = 0
-        # No enumerate: its reused result tuple would keep the last part
-        # alive while the next one is read.
-        for part in parts:
-            if out is None:
-                out = np.empty(part.shape[:axis] + (len(layers),) + part.shape[axis:],
-                               part.dtype)
-            out[(slice(None),) * axis + (j,)] = part
-            del part
-            j += 1
-        if out is None:  # an empty box along the stacked axis
-            out = _empty_box(box, blocks.rec.source.leaves[sources[0]])
+        # The block first, then every layer's box asked of the source in one
+        # call, each written straight into its slot (by the source itself
+        # when it can; docs/design.md section 12: the block is the caller's
+        # own): host memory holds the block and the source's reads in flight,
+        # never a part beside the block. Aligned, so that jax's CPU client
+        # adopts it as the device buffer.
+        out = aligned_empty(tuple(s.stop - s.start for s in box), dtype)
+        slot = (slice(None),) * axis
+        blocks.fill([(sources[k], inner) for k in layers],
+                    [out[slot + (j,)] for j in range(len(layers))])
         return out
 
     return fetch
-
-
-def _empty_box(box: tuple[slice, ...], like: Any) -> np.ndarray:
-    return np.empty(tuple(s.stop - s.start for s in box), _leaves.spec_of(like)[1])
 
 
 def _stacked(fetches: Sequence[Fetch], axis: int, made: Any) -> Fetch:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -47,10 +47,15 @@ class BoxRequest:
     Attributes:
       path: the leaf's path in the source.
       box: one `slice` per axis of the leaf, each of step 1 (None bounds allowed).
+      out: where the caller wants the box, or None: a writable numpy array (often
+        a view into a larger block) of the box's shape and the source dtype. A
+        source may read the box straight into it and hand `out` itself back; one
+        that ignores it returns an array of its own, which the caller copies in.
     """
 
     path: Path
     box: tuple[slice, ...]
+    out: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 class Source(abc.ABC):
@@ -92,6 +97,10 @@ class Source(abc.ABC):
         fails. Errors about the requests themselves (a path or box the source
         does not have) should still be raised by the call, before any read.
 
+        A request may name an `out` array: the source may fill it and return
+        it (as this default does), so that a block is filled with no part in
+        between; a source that ignores `out` still works, its parts are copied.
+
         Returns:
           One array per request, in request order: a list or any iterable.
         """
@@ -109,7 +118,14 @@ class Source(abc.ABC):
         for r, value in zip(requests, self.read(reqs), strict=True):
             with jax.transfer_guard("allow"):
                 host = np.asarray(value)
-            out.append(np.array(host[tuple(r.box)], copy=True))
+            part = host[tuple(r.box)]
+            dest = getattr(r, "out", None)
+            if isinstance(dest, np.ndarray) and dest.shape == part.shape and (
+                    dest.dtype == part.dtype):
+                dest[...] = part
+                out.append(dest)
+            else:  # no out, or one that does not fit: the caller's check says so
+                out.append(np.array(part, copy=True))
         return out
 
     def box_nbytes(self, path: Path, box: tuple[slice, ...]) -> int:

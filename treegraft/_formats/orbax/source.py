@@ -121,6 +121,9 @@ class OrbaxCheckpoint(Source):
         self.path = str(self.location)
         self._metadata: Any = None
         self._direct_reads = True  # False: every read through orbax's restore
+        # Chunk-aligned regions kept between box reads (a shard's box cutting a
+        # chunk leaves the chunk for the next shards): see `arrays.Regions`.
+        self._regions = arrays.Regions()
 
     def __repr__(self) -> str:
         return f"OrbaxCheckpoint({self.path!r})"
@@ -146,8 +149,9 @@ class OrbaxCheckpoint(Source):
         return self._metadata
 
     def close(self) -> None:
-        """Forgets the cached metadata and the tensorstore handles it holds."""
+        """Forgets the cached metadata, the tensorstore handles it holds and kept regions."""
         self._metadata = None
+        self._regions.clear()
 
     def prefetch(self, leaves: Sequence[Any]) -> None:
         """Reads the shapes and dtypes of these metadata leaves in one batch.
@@ -228,7 +232,8 @@ class OrbaxCheckpoint(Source):
         reader = arrays.DirectReader(leaves[0]._store)
         # One reader (one tensorstore context) for every box of the call.
         boxes = [_check_box(req, leaf.shape) for leaf, req in zip(leaves, requests, strict=True)]
-        return reader.read_boxes(leaves, boxes)
+        outs = [getattr(req, "out", None) for req in requests]
+        return reader.read_boxes(leaves, boxes, outs, self._regions)
 
     def box_nbytes(self, path: Path, box: Sequence[slice]) -> int:
         """Bytes a read of `leaf[box]` really reads, given the array's chunking."""
