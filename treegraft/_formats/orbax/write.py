@@ -122,14 +122,20 @@ class OrbaxWriter(Writer):
             # Writes in flight hold the budget less one chunk: the box being
             # fetched (and an operation's copy of it) is the rest, plus one chunk.
             window = _Window(max(chunk, budget.max_host_bytes - chunk), item)
-            for i, leaf in enumerate(leaves):
-                for box in _grid_boxes(leaf.shape, grids[i]):
-                    if not share.owns(i, box):
-                        continue
-                    part = fetch(i, box)
-                    window.add(arrays[i][box].write(part) if box else arrays[i].write(part),
-                               part.nbytes)
-                    del part
+            try:
+                for i, leaf in enumerate(leaves):
+                    for box in _grid_boxes(leaf.shape, grids[i]):
+                        if not share.owns(i, box):
+                            continue
+                        part = fetch(i, box)
+                        window.add(arrays[i][box].write(part) if box else arrays[i].write(part),
+                                   part.nbytes)
+                        del part
+            except BaseException:
+                # Writes still in flight would recreate files in the temporary
+                # folder after the caller removed it: let them end first.
+                window.settle()
+                raise
             window.drain()
 
         _step(share, "writing the chunks", chunks)
@@ -232,6 +238,16 @@ class _Window:
     def drain(self) -> None:
         while self.pending:
             self._pop()
+
+    def settle(self) -> None:
+        """Waits for every write in flight (each within the storage timeout), errors ignored."""
+        while self.pending:
+            future, _ = self.pending.popleft()
+            try:
+                self.where.wait(future, "writing")
+            except Exception:  # the first error is the one being raised
+                pass
+        self.held = 0
 
 
 def _tree_metadata(leaves: Sequence[OutLeaf], ocdbt: bool) -> dict[str, Any]:
