@@ -421,3 +421,15 @@ def test_export_with_inverted_recipe_is_the_original_files(
             logits, logits_again = _logits(case, theirs), _logits(case, again)
     assert logits.tobytes() == logits_again.tobytes()
     assert np.isfinite(logits).all() and np.abs(logits).max() > 0
+
+
+def test_inverting_a_recipe_without_like_names_every_rule_that_needs_it() -> None:
+    """The reshapes need the shapes before them, the MoE stack which `*` it took: all listed."""
+    case = _qwen(moe=True)
+    recipe = recipes.qwen3_moe(case.cfg)
+    with pytest.raises(tg.MappingError, match="pass like=") as info:
+        tg.invert(recipe)
+    refused = sorted(p.rule.split(" <- ")[0].strip("'") for p in info.value.problems)
+    assert refused == sorted(["layers.*.attn.q_proj.w", "layers.*.attn.k_proj.w",
+                              "layers.*.attn.v_proj.w", "layers.*.attn.o_proj.w",
+                              "layers.*.mlp.*_proj"])
