@@ -13,6 +13,8 @@ weights as einsum kernels with the heads split out (`q_proj.w` is `[D, N, H]`,
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Any
 
 import jax
@@ -20,7 +22,7 @@ from flax import nnx
 
 import treegraft as tg
 
-__all__ = ["heads", "llama3", "qwen3", "qwen3_moe", "gemma3", "abstract_model", "load"]
+__all__ = ["heads", "llama3", "qwen3", "qwen3_moe", "gemma3", "abstract_model", "load", "export"]
 
 
 def heads(name: str, shape: tuple[int, ...]) -> tg.Operation:
@@ -145,3 +147,16 @@ def load(model_class: Any, cfg: Any, folder: str, mapping: dict[str, Any],
         return nnx.merge(graphdef, tg.graft(abstract, source, mapping))
     with jax.set_mesh(mesh):  # the abstract shardings name the mesh by its axes only
         return nnx.merge(graphdef, tg.graft(abstract, source, mapping))
+
+
+def export(model: Any, folder: str, mapping: dict[str, Any], dest: str, **options: Any) -> str:
+    """A tunix model's weights as Hugging Face files again, written by the recipe's inverse.
+
+    `like` is the folder the model was loaded from: only its headers are read,
+    for the shapes before the reshapes and the `*` each stack took. `options`
+    go to `tg.convert` (`max_shard_bytes`, `max_host_bytes`, ...).
+    """
+    back = tg.invert(mapping, like=tg.SafetensorsCheckpoint(folder))
+    written = tg.convert(nnx.state(model), dest, back, format="safetensors", **options)
+    shutil.copy(os.path.join(folder, "config.json"), os.path.join(written, "config.json"))
+    return written

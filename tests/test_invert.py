@@ -820,3 +820,32 @@ def test_a_stack_over_a_wildcard_that_is_not_the_last_is_bound_per_later_value()
         tg.invert(m)
     # a single '*' needs no like
     assert tg.invert({"s": tg.stack("l_*.w")}) == {"l_*.w": tg.unstack("s", axis=0)}
+
+
+def test_a_stack_refused_without_like_is_listed_with_the_other_problems():
+    # Regression: the refused stack raised alone, before the other rules were looked at,
+    # and its error had no `.problems`.
+    m = {"params.layers.*.kernel": tg.stack("model.layers.*.mlp.*_proj.weight"),
+         "q": tg.reshape("model.q.weight", (2, 2, 2)),
+         "embed": "model.embed.weight"}
+    with pytest.raises(tg.MappingError, match=r"\(2 problems\)") as info:
+        tg.invert(m)
+    assert [p.rule for p in info.value.problems] == [
+        "'params.layers.*.kernel' <- stack('model.layers.*.mlp.*_proj.weight', axis=0)",
+        "'q' <- reshape('model.q.weight', (2, 2, 2))"]
+    assert "which '*'" in str(info.value) and "without the source's shape" in str(info.value)
+    assert m["embed"] == "model.embed.weight" and len(m) == 3
+
+
+def test_a_stack_of_several_sources_refused_with_like_is_a_problem_of_the_error():
+    z = np.zeros((2, 2), np.float32)
+    src = {"a": {"0": {"up_proj": z}, "1": {"up_proj": z}}, "b": {"0": {"up_proj": z}},
+           "q": np.zeros((8,), np.float32)}
+    m = {"p.*.k": tg.concat([tg.stack("a.*.*_proj"), tg.stack("b.*.*_proj")], axis=0),
+         "r": tg.cast("q", np.float16)}
+    with pytest.raises(tg.MappingError, match=r"\(1 problem\)") as info:
+        tg.invert(m, like=src)
+    (problem,) = info.value.problems
+    assert problem.rule.startswith("'p.*.k' <- concat(") and "among several sources" in str(
+        info.value)
+    assert tg.invert({"r": m["r"]}, like=src) == {"q": tg.cast("r", np.float32)}

@@ -6,7 +6,9 @@ layout (its tensor names, `[out, in]` Linear weights, two shards and
 tunix NNX model: by tunix's `create_model_from_safe_tensors`, and by treegraft
 with the recipe of tests/recipes.py. Every leaf must be bit-identical and
 placed alike, and so must the logits on a fixed batch; on one device and on an
-8-device (2 x 4) mesh.
+8-device (2 x 4) mesh. The way back too: the loaded model written out by the
+recipe's inverse (`tg.invert`, `tg.convert`) is the original files' tensors,
+and tunix's loader reads it as it reads them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402
 from flax import nnx  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 # Importing tunix's models turns flax's eager sharding of Variables off for the whole
@@ -340,3 +343,93 @@ def test_cli_plan_shows_a_replicated_target(tmp_path: Path, monkeypatch, capsys)
     assert code == 0, out
     n = case.cfg.num_layers * 9 + 3  # 9 leaves a layer; the embedding, final norm and head
     assert f"target: {n} leaves on 8 devices: 0 sharded, {n} replicated (" in out
+
+
+
+# ----------------------------------------------------------------------------
+# The way back: the loaded state exported to Hugging Face files.
+# ----------------------------------------------------------------------------
+
+
+def _two_shards(tensors: dict[str, np.ndarray]) -> int:
+    """A `max_shard_bytes` under which these tensors fill exactly two files, packed in turn."""
+    total = sum(t.nbytes for t in tensors.values())
+    return (total + max(t.nbytes for t in tensors.values())) // 2 + 1
+
+
+def _tensors(folder: Path) -> dict[str, tuple[Any, tuple[int, ...], bytes]]:
+    """Every tensor of a Hugging Face folder by name, read by safe_open: dtype, shape, bytes."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    out = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(folder / shard), "numpy") as f:
+            assert f.metadata() == {"format": "pt"}, shard
+            for name in f.keys():
+                assert index["weight_map"][name] == shard, name
+                x = f.get_tensor(name)
+                out[name] = (x.dtype, x.shape, x.tobytes())
+    assert sorted(out) == sorted(index["weight_map"])
+    return out
+
+
+@pytest.mark.parametrize("on_mesh", [False, True], ids=["one_device", "mesh_2x4"])
+@pytest.mark.parametrize("name", PARAMS)
+def test_export_with_inverted_recipe_is_the_original_files(
+    tmp_path: Path, name: str, on_mesh: bool
+) -> None:
+    """Loaded by the recipe, written back by its inverse: the files tunix loaded, bit for bit.
+
+    The export's tensors (names, dtypes, shapes, bytes) are the original's, up to
+    their order in the files; tunix's own loader reads it into the same leaves and
+    logits as the original; a tied head writes no `lm_head.weight`.
+    """
+    case = CASES[name]()
+    mesh = _mesh(on_mesh)
+    tensors = hf_tensors(case.kind, case.cfg, case.dtype)
+    folder = write_hf_folder(tmp_path / name, tensors, case.hf_config)
+    recipe = case.recipe(case.cfg)
+    loaded = recipes.load(case.model_class, case.cfg, str(folder), recipe, mesh)
+
+    written = Path(recipes.export(loaded, str(folder), recipe, str(tmp_path / "export"),
+                                  max_shard_bytes=_two_shards(tensors)))
+
+    assert written == tmp_path / "export"
+    assert sorted(p.name for p in written.iterdir()) == [
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json"]
+    assert (written / "config.json").read_bytes() == (folder / "config.json").read_bytes()
+    original, exported = _tensors(folder), _tensors(written)
+    assert sorted(exported) == sorted(original) == sorted(tensors)
+    assert ("lm_head.weight" in exported) == ("lm_head.weight" in tensors)
+    for tensor, (dtype, shape, data) in original.items():
+        assert exported[tensor] == (dtype, shape, data), tensor
+    index = json.loads((written / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in tensors.values())
+
+    theirs = case.tunix_load(str(folder), case.cfg, mesh=mesh, mode="optimized")
+    again = case.tunix_load(str(written), case.cfg, mesh=mesh, mode="optimized")
+    a, b = _flat(theirs), _flat(again)
+    assert sorted(a) == sorted(b)
+    for path in a:
+        x, y = a[path], b[path]
+        assert (x.shape, x.dtype) == (y.shape, y.dtype), path
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), path
+    if mesh is None:
+        logits, logits_again = _logits(case, theirs), _logits(case, again)
+    else:
+        with jax.set_mesh(mesh):
+            logits, logits_again = _logits(case, theirs), _logits(case, again)
+    assert logits.tobytes() == logits_again.tobytes()
+    assert np.isfinite(logits).all() and np.abs(logits).max() > 0
+
+
+def test_inverting_a_recipe_without_like_names_every_rule_that_needs_it() -> None:
+    """The reshapes need the shapes before them, the MoE stack which `*` it took: all listed."""
+    case = _qwen(moe=True)
+    recipe = recipes.qwen3_moe(case.cfg)
+    with pytest.raises(tg.MappingError, match="pass like=") as info:
+        tg.invert(recipe)
+    refused = sorted(p.rule.split(" <- ")[0].strip("'") for p in info.value.problems)
+    assert refused == sorted(["layers.*.attn.q_proj.w", "layers.*.attn.k_proj.w",
+                              "layers.*.attn.v_proj.w", "layers.*.attn.o_proj.w",
+                              "layers.*.mlp.*_proj"])

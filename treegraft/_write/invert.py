@@ -492,7 +492,8 @@ def _partition_unit(
 
 
 def invert_rules(
-    rules: Sequence[Rule], values: Sequence[RuleValue], leaves: Sequence[LikeLeaf] | None
+    rules: Sequence[Rule], values: Sequence[RuleValue], leaves: Sequence[LikeLeaf] | None,
+    refused: Sequence[Problem] = (),
 ) -> dict[str, RuleValue]:
     """The inverse of parsed rules (values: the mapping's values, in order).
 
@@ -500,6 +501,8 @@ def invert_rules(
       rules: from `parse_mapping`.
       values: the mapping's values, one per rule.
       leaves: the original source's leaves, or None when `like` was not given.
+      refused: the problems of rules already refused (left out of rules),
+        listed with these rules' own.
 
     Returns:
       The inverse mapping, in the rules' order; with leaves, an entry
@@ -510,7 +513,7 @@ def invert_rules(
     Raises:
       MappingError: every rule that cannot be inverted, at once.
     """
-    problems: list[Problem] = []
+    problems: list[Problem] = list(refused)
     shared: Shared = {}
     units: dict[int, list[_Unit]] | None = None
     unread: list[Parts] = []
@@ -520,7 +523,8 @@ def invert_rules(
         _overlaps_without_like(rules, shared)
     else:
         units, unread = _units_and_readers(rules, leaves, shared)
-        joined, partitioned, problems = _partitions(rules, values, units)
+        joined, partitioned, partition_problems = _partitions(rules, values, units)
+        problems += partition_problems
         # the rules of one partition read the same leaves by design
         for pair in [p for p in shared if p[0] in partitioned and p[1] in partitioned]:
             del shared[pair]
@@ -625,7 +629,7 @@ def invert(mapping: MappingLike, /, *, like: Any = None) -> dict[str, RuleValue]
     """
     rules = parse_mapping(mapping)
     leaves = None if like is None else _like_leaves(like)
-    bound = bind_later_wildcards(rules, dict(mapping), leaves)
-    if list(bound) != list(mapping):  # a rule was split
-        rules = parse_mapping(bound)
-    return invert_rules(rules, list(bound.values()), leaves)
+    bound, refused = bind_later_wildcards(rules, dict(mapping), leaves)
+    if list(bound) != list(mapping):  # a rule was split or refused
+        rules = parse_mapping(bound) if bound else []  # all refused: refused says why
+    return invert_rules(rules, list(bound.values()), leaves, refused)

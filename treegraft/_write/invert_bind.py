@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from treegraft._errors import MappingError, PathSyntaxError
+from treegraft._errors import MappingError, PathSyntaxError, Problem
 from treegraft._parse.ops import Operation, Stack
 from treegraft._parse.patterns import Pattern
 from treegraft._parse.rules import Rule, RuleValue
@@ -31,42 +31,46 @@ LikeLeaf = tuple[Parts, tuple[int, ...], Any]
 
 def bind_later_wildcards(
     rules: Sequence[Rule], mapping: dict[Any, RuleValue], leaves: Sequence[LikeLeaf] | None
-) -> dict[Any, RuleValue]:
+) -> tuple[dict[Any, RuleValue], list[Problem]]:
     """The mapping with each stack over a non-last `*` split per value of the later ones.
 
-    Raises:
-      MappingError: without leaves, a stack whose pattern has a `*` the stack
-        might not have taken; with leaves, such a rule of several sources.
+    Returns:
+      The bound mapping, without the rules that cannot be bound, and one
+      problem per such rule (to be listed with the inversion's others): without
+      leaves, a stack whose pattern has a `*` the stack might not have taken;
+      with leaves, such a rule of several sources.
     """
     out: dict[Any, RuleValue] = {}
-    problems: list[str] = []
+    problems: list[Problem] = []
     for rule, (key, value) in zip(rules, mapping.items(), strict=True):
         stacked = [ref for ref in rule.refs if ref.levels == 1]
         if rule.old is None or not stacked or not _has_choice(rule, stacked[0].pattern):
             out[key] = value
             continue
         if leaves is None:
-            problems.append(
+            problems.append(Problem(
+                "mapping",
                 f"rule {rule}: which '*' of {stacked[0].pattern.text!r} the stack takes "
                 "depends on the source (the last one whose matches are integers); pass "
-                "like= (the original source's metadata, e.g. the checkpoint) to invert it"
-            )
+                "like= (the original source's metadata, e.g. the checkpoint) to invert it",
+                rule=str(rule),
+            ))
             continue
         if len(rule.refs) != 1:
-            problems.append(
+            problems.append(Problem(
+                "mapping",
                 f"rule {rule}: a stack over a '*' that is not its pattern's last, among "
                 "several sources, cannot be inverted; write one rule per value of the "
-                "later '*'"
-            )
+                "later '*'",
+                rule=str(rule),
+            ))
             continue
         split = _split(rule, key, value, stacked[0].pattern, leaves)
         if split is None:
             out[key] = value
         else:
             out.update(split)
-    if problems:
-        raise MappingError("cannot invert the mapping:\n  " + "\n  ".join(problems))
-    return out
+    return out, problems
 
 
 def _has_choice(rule: Rule, pattern: Pattern) -> bool:
