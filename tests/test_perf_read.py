@@ -251,3 +251,16 @@ def test_a_view_into_a_larger_array_is_copied_not_adopted():
     whole[...] = -1  # the caller's array changes; the shard does not
     np.testing.assert_array_equal(np.asarray(placed),
                                   np.arange(8 * 256, 16 * 256, dtype=np.float32).reshape(8, 256))
+
+
+def test_a_stack_of_scalar_leaves_fills_each_slot(tmp_path):
+    # A 0-d slot must be a view of the block: a plain index gives a scalar copy,
+    # into which nothing can be read (a TypeError, found by the invert law test).
+    src = {f"l_{i}": np.float32(i + 0.5) for i in range(3)}
+    want = np.array([0.5, 1.5, 2.5], np.float32)
+    got = tg.graft({"s": np.zeros(3, np.float32)}, src, {"s": tg.stack("l_*")})
+    np.testing.assert_array_equal(got["s"], want)
+    ckpt = tg.save({k: np.asarray(v) for k, v in src.items()}, str(tmp_path / "c"))
+    got = tg.graft({"s": jnp.zeros(3, jnp.float32)}, tg.OrbaxCheckpoint(ckpt),
+                   {"s": tg.stack("l_*")})
+    np.testing.assert_array_equal(np.asarray(got["s"]), want)

@@ -254,8 +254,9 @@ def _stack_fetch(blocks: Blocks, sources: Sequence[int], axis: int) -> Fetch:
         # adopts it as the device buffer.
         out = aligned_empty(tuple(s.stop - s.start for s in box), dtype)
         slot = (slice(None),) * axis
+        # `...` keeps a 0-d slot a view (a plain index would give a scalar copy).
         blocks.fill([(sources[k], inner) for k in layers],
-                    [out[slot + (j,)] for j in range(len(layers))])
+                    [out[slot + (j, Ellipsis)] for j in range(len(layers))])
         return out
 
     return fetch
