@@ -21,7 +21,8 @@ import socket
 from treegraft._errors import CheckpointError
 from treegraft._storage.location import Location
 
-__all__ = ["final_location", "refuse_existing", "temporary", "commit", "discard", "clean_stale"]
+__all__ = ["final_location", "refuse_existing", "temporary", "prepare", "commit", "discard",
+           "clean_stale", "remove_made"]
 
 _TMP = ".treegraft-tmp-"
 _OLD = ".treegraft-old-"
@@ -69,13 +70,34 @@ def temporary(final: Location, shared: str | None = None) -> Location:
     return Location.parse(os.path.join(parent, f".{name}{_TMP}{tag}"))
 
 
-def prepare(tmp: Location, final: Location, existed: bool) -> None:
-    """Makes room for the write: the parent folder locally, the old objects removed remotely."""
+def prepare(tmp: Location, final: Location, existed: bool) -> list[str]:
+    """Makes room for the write: the parent folder locally, the old objects removed remotely.
+
+    Returns:
+      The local folders it made, deepest first (`remove_made` removes them
+      again when the write fails, so that a failed convert leaves no folder).
+    """
     if tmp.is_local:
-        os.makedirs(os.path.dirname(tmp.key), exist_ok=True)
-        return
+        parent = os.path.dirname(tmp.key)
+        made = []
+        up = parent
+        while up and not os.path.lexists(up) and os.path.dirname(up) != up:
+            made.append(up)
+            up = os.path.dirname(up)
+        os.makedirs(parent, exist_ok=True)
+        return made
     if existed:
         discard(final)
+    return []
+
+
+def remove_made(folders: list[str]) -> None:
+    """Removes the folders `prepare` made, deepest first, those still empty; never raises."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return  # not empty (another writer's?) or gone: leave it and those above
 
 
 def clean_stale(final: Location) -> list[str]:
