@@ -27,8 +27,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import servers
 from test_convert import ROOT, _run_unprivileged, file_hash, folder_hash
-from test_convert_remote import refusing_server, silent_server  # noqa: F401  (fixtures)
+from test_convert_remote import (  # noqa: F401  (fixtures)
+    read_only_server,
+    refusing_server,
+    silent_server,
+    url,
+)
 
 import treegraft as tg
 
@@ -419,3 +425,183 @@ def test_permission_denied_on_the_parent_is_a_checkpoint_error_naming_dest(src):
         os.chmod(os.path.join(top, "ro"), 0o755) if os.path.isdir(os.path.join(top, "ro")) \
             else None
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_a_folder_holding_only_the_first_of_several_shards_is_not_a_checkpoint(tmp_path):
+    """What a sharded write to an object store killed after its first shard leaves, locally."""
+    from safetensors.numpy import save_file
+
+    tensors = {"w": np.arange(6, dtype=np.float32)}
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    save_file(tensors, str(lone / "model-00001-of-00003.safetensors"))
+    with pytest.raises(tg.CheckpointError, match=r"shard 1 of 3, and no "
+                       r"model.safetensors.index.json: it is incomplete"):
+        tg.SafetensorsCheckpoint(str(lone)).metadata()
+    # the one file alone, when asked for, and a lone shard 1 of 1, are read
+    assert_same(via_treegraft(tg.SafetensorsCheckpoint(
+        str(lone / "model-00001-of-00003.safetensors")), tensors), tensors)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    save_file(tensors, str(whole / "model-00001-of-00001.safetensors"))
+    assert_same(via_treegraft(tg.SafetensorsCheckpoint(str(whole)), tensors), tensors)
+
+
+# -- remote destinations: fake-gcs-server and moto on loopback ------------------------------------
+
+
+@pytest.fixture(params=["gcs", "s3"])
+def remote(request):
+    request.getfixturevalue(f"{request.param}_server")
+    return "gs" if request.param == "gcs" else "s3"
+
+
+def storage_of(scheme: str) -> servers.Storage:
+    return servers.Storage("gcs" if scheme == "gs" else "s3", "treegraft")
+
+
+def names_under(dest: str) -> list[str]:
+    """The object names under a gs:// or s3:// folder, relative to it."""
+    scheme = dest.split("://", 1)[0]
+    prefix = dest.split("://", 1)[1].split("/", 1)[1] + "/"
+    return sorted(key[len(prefix):] for key in storage_of(scheme).snapshot(dest))
+
+
+def download(dest: str, folder: str) -> None:
+    """Copies every object under dest into folder, with the storage's own client."""
+    scheme = dest.split("://", 1)[0]
+    prefix = dest.split("://", 1)[1].split("/", 1)[1] + "/"
+    os.makedirs(folder)
+    for name in names_under(dest):
+        target = os.path.join(folder, name)
+        if scheme == "gs":
+            servers.gcs_client().bucket("treegraft").blob(prefix + name).download_to_filename(
+                target)
+        else:
+            servers.s3_client().download_file("treegraft", prefix + name, target)
+
+
+@pytest.mark.parametrize("files", [1, 4])
+def test_safetensors_to_a_remote_folder_is_read_back_by_treegraft_and_safe_open(
+        remote, files, tmp_path, monkeypatch, src):
+    monkeypatch.chdir(tmp_path)  # a local folder named gs: or s3: would appear here
+    path, tensors = src
+    dest = url(remote)
+    # On object storage a file is built in memory: max_host_bytes // 3 bytes of data at most.
+    options = ({"max_host_bytes": 4 * SOURCE_BYTES} if files == 1 else
+               {"max_host_bytes": SOURCE_BYTES, "max_shard_bytes": SOURCE_BYTES // 4})
+    written = tg.convert(tg.SafetensorsCheckpoint(path), dest, {"": ""}, format="safetensors",
+                         **options)
+    assert written == dest
+    want = (["model.safetensors"] if files == 1 else
+            [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
+            + ["model.safetensors.index.json"])
+    assert names_under(dest) == sorted(want)
+    assert_same(via_treegraft(tg.SafetensorsCheckpoint(dest), tensors), tensors)
+    download(dest, str(tmp_path / "down"))
+    assert_same(read_safetensors_folder(str(tmp_path / "down")), tensors)
+    assert os.listdir(tmp_path) == ["down"]
+
+
+def _within(seconds: float, run: Callable[[], object]) -> None:
+    start = time.monotonic()
+    run()
+    # Not a speed check: a hang would wait forever, or far beyond the storage timeout.
+    assert time.monotonic() - start < seconds
+
+
+@pytest.mark.parametrize("server", ["refusing_server", "read_only_server", "silent_server"])
+def test_a_refusing_or_stalled_s3_server_is_a_checkpoint_error_naming_dest(
+        server, request, monkeypatch, src):
+    endpoint = request.getfixturevalue(server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.setenv("TREEGRAFT_STORAGE_TIMEOUT", "3")
+    dest = f"s3://treegraft/{server}"
+
+    def convert():
+        with pytest.raises(tg.CheckpointError, match=dest) as info:
+            tg.convert(tg.SafetensorsCheckpoint(src[0]), dest, {"": ""}, format="safetensors",
+                       max_host_bytes=SOURCE_BYTES, max_shard_bytes=SOURCE_BYTES // 4)
+        assert "treegraft-tmp" not in str(info.value)
+        if server == "silent_server":
+            assert "took more than 3 s" in str(info.value)
+
+    _within(30, convert)
+
+
+GCS_CHILD = """
+import json, sys, time
+import treegraft as tg
+src, dest = sys.argv[1], sys.argv[2]
+try:
+    tg.convert(tg.SafetensorsCheckpoint(src), dest, {"": ""}, format="safetensors",
+               max_shard_bytes=1 << 20, max_host_bytes=4 << 20)
+    out = {"ok": True}
+except Exception as e:
+    out = {"type": type(e).__name__, "typed": isinstance(e, tg.CheckpointError),
+           "message": str(e)}
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("server", ["refusing_server", "silent_server"])
+def test_a_refusing_or_stalled_gcs_server_is_a_checkpoint_error_naming_dest(
+        server, request, src):
+    endpoint = request.getfixturevalue(server)
+    # The GCS endpoint is read from the environment once: a child process gets its own.
+    env = dict(os.environ, TENSORSTORE_GCS_HTTP_URL=endpoint, STORAGE_EMULATOR_HOST=endpoint,
+               TREEGRAFT_STORAGE_TIMEOUT="3", PYTHONPATH=ROOT)
+    dest = f"gs://treegraft/{server}"
+    proc = subprocess.run([sys.executable, "-c", GCS_CHILD, src[0], dest], capture_output=True,
+                          text=True, env=env, timeout=120, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stdout + proc.stderr[-3000:]
+    got = json.loads(lines[0][len("RESULT "):])
+    assert got.get("typed") and got["type"] == "CheckpointError", got
+    assert dest in got["message"], got
+    if server == "silent_server":
+        assert "took more than 3 s" in got["message"], got
+
+
+REMOTE_KINDS = {
+    # kind: (options, when to kill: (progress, objects written) -> bool)
+    "orbax": ({"max_host_bytes": 1 << 18},
+              lambda progress, names: bool(names)),
+    "safetensors-shards": ({"format": "safetensors", "max_host_bytes": SOURCE_BYTES,
+                            "max_shard_bytes": SOURCE_BYTES // 4},
+                           lambda progress, names: len(names) == 1),  # the first shard only
+    # One file: built in memory and sent in one request; killed while it is built.
+    "safetensors-one": ({"format": "safetensors", "max_host_bytes": 4 * SOURCE_BYTES},
+                        lambda progress, names: progress[0] >= progress[1] // 2),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REMOTE_KINDS))
+def test_a_remote_convert_killed_mid_write_leaves_nothing_accepted(
+        remote, kind, tmp_path, monkeypatch, src):
+    monkeypatch.chdir(tmp_path)
+    path, tensors = src
+    dest = url(remote)
+    options, ready = REMOTE_KINDS[kind]
+    kill_mid_write(tmp_path, path, dest, options,
+                   lambda progress: ready(progress, names_under(dest)), slow=0.1)
+    names = names_under(dest)
+    if kind == "orbax":
+        assert names  # killed mid-write: arrays, but not the metadata written last
+        assert not {"_METADATA", "commit_success.txt", "_CHECKPOINT_METADATA"} & set(names)
+        with pytest.raises(tg.GraftError):
+            tg.OrbaxCheckpoint(dest).metadata()
+    elif kind == "safetensors-shards":
+        assert names == ["model-00001-of-00004.safetensors"]  # no index: not complete
+        with pytest.raises(tg.CheckpointError):
+            tg.SafetensorsCheckpoint(dest).metadata()
+    else:
+        assert names == []
+        with pytest.raises(tg.CheckpointNotFoundError):
+            tg.SafetensorsCheckpoint(dest).metadata()
+    # What the dead run left is replaced by a rerun with overwrite=True.
+    tg.convert(tg.SafetensorsCheckpoint(path), dest, {"": ""}, overwrite=True, **options)
+    reader = tg.OrbaxCheckpoint(dest) if kind == "orbax" else tg.SafetensorsCheckpoint(dest)
+    assert_same(via_treegraft(reader, tensors), tensors)
+    assert [n for n in os.listdir(tmp_path) if not n.startswith("progress-")] == []
