@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import servers
-from test_convert import ROOT, _run_unprivileged, file_hash, folder_hash
+from test_convert import ROOT, CountingSource, _run_unprivileged, file_hash, folder_hash
 from test_convert_remote import (  # noqa: F401  (fixtures)
     read_only_server,
     refusing_server,
@@ -322,6 +322,28 @@ def test_a_convert_killed_mid_write_leaves_nothing_accepted_and_rerunning_succee
     assert_same(case.read(), tensors)
     if kind in ("orbax-step", "kauldron"):
         assert case.steps() == [1, 2]
+
+
+class FailsLate(CountingSource):
+    """A real lazy source whose 6th box read fails, as a checkpoint removed mid-read would."""
+
+    def read_boxes(self, requests):
+        for part in super().read_boxes(requests):
+            if len(self.boxes) > 5:
+                raise tg.CheckpointError("reading the source failed: the test's source is gone")
+            yield part
+
+
+def test_a_failed_orbax_write_removes_its_temporary_folder_after_the_writes_in_flight(
+        tmp_path):
+    # The orbax writer keeps writes in flight; a failure must wait for them before the
+    # temporary folder is removed, or they write files into it again (a race: repeated).
+    rng = np.random.default_rng(0)
+    tree = {f"l{i}": rng.standard_normal((64, 256)).astype(np.float32) for i in range(8)}
+    for k in range(10):
+        with pytest.raises(tg.CheckpointError, match="^reading the source failed"):
+            tg.save(FailsLate(tree), str(tmp_path / "out"), max_host_bytes=1 << 22)
+        assert os.listdir(tmp_path) == [], k
 
 
 # -- disk full and permission denied --------------------------------------------------------------

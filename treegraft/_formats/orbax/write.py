@@ -122,15 +122,21 @@ class OrbaxWriter(Writer):
             # Writes in flight hold the budget less one chunk: the box being
             # fetched (and an operation's copy of it) is the rest, plus one chunk.
             window = _Window(max(chunk, budget.max_host_bytes - chunk), item)
-            for i, leaf in enumerate(leaves):
-                for box in _grid_boxes(leaf.shape, grids[i]):
-                    if not share.owns(i, box):
-                        continue
-                    part = fetch(i, box)
-                    window.add(arrays[i][box].write(part) if box else arrays[i].write(part),
-                               part.nbytes)
-                    del part
-            window.drain()
+            try:
+                for i, leaf in enumerate(leaves):
+                    for box in _grid_boxes(leaf.shape, grids[i]):
+                        if not share.owns(i, box):
+                            continue
+                        part = fetch(i, box)
+                        window.add(arrays[i][box].write(part) if box else arrays[i].write(part),
+                                   part.nbytes)
+                        del part
+                window.drain()
+            except BaseException:
+                # The writes in flight end before the caller removes the temporary
+                # folder: else they would write files into it again after.
+                window.settle()
+                raise
 
         _step(share, "writing the chunks", chunks)
 
@@ -232,6 +238,16 @@ class _Window:
     def drain(self) -> None:
         while self.pending:
             self._pop()
+
+    def settle(self) -> None:
+        """Waits for every write in flight (each within the storage timeout), ignoring failures."""
+        while self.pending:
+            future, _ = self.pending.popleft()
+            try:
+                self.where.wait(future, "writing")
+            except Exception:  # the error that stopped the write is the one reported
+                pass
+        self.held = 0
 
 
 def _tree_metadata(leaves: Sequence[OutLeaf], ocdbt: bool) -> dict[str, Any]:
