@@ -324,6 +324,51 @@ def test_a_convert_killed_mid_write_leaves_nothing_accepted_and_rerunning_succee
         assert case.steps() == [1, 2]
 
 
+RENAMES = "rename,renameat,renameat2"
+
+
+def _strace_refused() -> str | None:
+    if not shutil.which("strace"):
+        return "strace is missing"
+    probe = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={RENAMES}",
+                            "true"], capture_output=True, text=True)
+    return probe.stderr.strip() or None if probe.returncode else None
+
+
+@pytest.mark.parametrize("kind", ["safetensors-file", "safetensors-folder"])
+def test_a_kill_between_the_renames_of_an_overwrite_keeps_a_whole_dest(
+        kind, tmp_path, src, src_b):
+    # strace kills the child on entering its second rename: with an overwrite by two
+    # renames (old away, new in) that is the moment dest does not exist. The local
+    # safetensors writer itself renames nothing, so the count is the commit's.
+    if (why := _strace_refused()) is not None:
+        pytest.skip(f"cannot run the child under strace: {why}")
+    case = make_case(kind, tmp_path)
+    tg.convert(tg.SafetensorsCheckpoint(src[0]), case.dest, {"": ""}, **case.options)
+    before = case.fingerprint()
+    args = dict(case.options, src=src_b[0], dest=case.dest, overwrite=True,
+                progress=str(tmp_path / "progress"), slow=0.0)
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run(
+        ["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={RENAMES}",
+         "-e", f"inject={RENAMES}:signal=SIGKILL:when=2",
+         sys.executable, "-c", CHILD, json.dumps(args)],
+        env=env, capture_output=True, text=True, timeout=120)
+    # Whole, old or new: never absent, never a mix.
+    assert os.path.lexists(case.final), (done.returncode, done.stderr[-2000:])
+    if case.fingerprint() == before:
+        assert_same(case.read(), src[1])
+    else:
+        assert "DONE" in done.stdout, done.stderr[-2000:]
+        assert_same(case.read(), src_b[1])
+    tg.convert(tg.SafetensorsCheckpoint(src_b[0]), case.dest, {"": ""}, overwrite=True,
+               **case.options)
+    assert_same(case.read(), src_b[1])
+    assert case.temporaries() == []
+    assert [n for n in os.listdir(os.path.dirname(case.final))
+            if ".treegraft-old-" in n] == []
+
+
 class FailsLate(CountingSource):
     """A real lazy source whose 6th box read fails, as a checkpoint removed mid-read would."""
 

@@ -13,10 +13,12 @@ it wrote.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
 import socket
+import sys
 
 from treegraft._errors import CheckpointError
 from treegraft._storage.location import Location
@@ -162,6 +164,11 @@ def commit(tmp: Location, final: Location, single_file: bool = False) -> None:
                 "file: give a folder as dest"
             )
         source = os.path.join(tmp.key, files[0])
+    if os.path.lexists(final.key) and _exchange(source, final.key):
+        # One step: no moment without a whole final. The old one is now at the
+        # temporary name (removed by clean_stale if this process dies here).
+        _remove_local(tmp.key)
+        return
     old = None
     if os.path.lexists(final.key):
         parent, name = os.path.split(final.key)
@@ -177,6 +184,35 @@ def commit(tmp: Location, final: Location, single_file: bool = False) -> None:
         _remove_local(old)
     if single_file:
         shutil.rmtree(tmp.key, ignore_errors=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swaps the paths a and b in one step (Linux renameat2); False where it is not supported.
+
+    Replacing an existing output by two renames (old away, new in) leaves a
+    moment with no output at all: a process killed then loses the old one.
+    """
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # a libc without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without it
+        return False
+    raise OSError(code, os.strerror(code), b)
 
 
 def discard(where: Location) -> None:
