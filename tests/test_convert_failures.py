@@ -385,10 +385,12 @@ def test_a_failed_orbax_write_removes_its_temporary_folder_after_the_writes_in_f
     # temporary folder is removed, or they write files into it again (a race: repeated).
     rng = np.random.default_rng(0)
     tree = {f"l{i}": rng.standard_normal((64, 256)).astype(np.float32) for i in range(8)}
+    copy = {k: v.copy() for k, v in tree.items()}
     for k in range(10):
         with pytest.raises(tg.CheckpointError, match="^reading the source failed"):
             tg.save(FailsLate(tree), str(tmp_path / "out"), max_host_bytes=1 << 22)
         assert os.listdir(tmp_path) == [], k
+    assert_same(tree, copy)  # the source, as it was
 
 
 # -- disk full and permission denied --------------------------------------------------------------
@@ -667,6 +669,10 @@ def test_a_remote_convert_killed_mid_write_leaves_nothing_accepted(
         assert names == []
         with pytest.raises(tg.CheckpointNotFoundError):
             tg.SafetensorsCheckpoint(dest).metadata()
+    if names:  # what the dead run left is not taken for nothing, nor written over unasked
+        with pytest.raises(tg.CheckpointError,
+                           match="already exists.*overwrite=True.*removed first"):
+            tg.convert(tg.SafetensorsCheckpoint(path), dest, {"": ""}, **options)
     # What the dead run left is replaced by a rerun with overwrite=True.
     tg.convert(tg.SafetensorsCheckpoint(path), dest, {"": ""}, overwrite=True, **options)
     reader = tg.OrbaxCheckpoint(dest) if kind == "orbax" else tg.SafetensorsCheckpoint(dest)

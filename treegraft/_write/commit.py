@@ -48,10 +48,12 @@ def refuse_existing(final: Location, dest: Location, overwrite: bool) -> bool:
     if found is not None and not overwrite:
         kind = "a folder" if found == "dir" else "a file"
         where = f"{dest}" if final == dest else f"{final} (in {dest})"
+        # Object stores have no rename: there the old objects go before the new are written.
+        how = ("it is replaced only once the new one is complete" if final.is_local
+               else "its objects are removed first, then the new ones written")
         raise CheckpointError(
             f"the destination {where} already exists ({kind}); pass overwrite=True to "
-            "replace it (it is replaced only once the new one is complete), or choose "
-            "another dest"
+            f"replace it ({how}), or choose another dest"
         )
     return found is not None
 
