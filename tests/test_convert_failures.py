@@ -491,8 +491,8 @@ def test_permission_denied_on_the_parent_is_a_checkpoint_error_naming_dest(src):
             assert got["left"] == [], (name, got)
         guard.check()
     finally:
-        os.chmod(os.path.join(top, "ro"), 0o755) if os.path.isdir(os.path.join(top, "ro")) \
-            else None
+        if os.path.isdir(os.path.join(top, "ro")):
+            os.chmod(os.path.join(top, "ro"), 0o755)
         shutil.rmtree(top, ignore_errors=True)
 
 

@@ -7,8 +7,10 @@ written. On gs:// and s3://, which have no rename, the writer writes in place
 and its metadata last (the object a reader needs to accept the folder). An
 existing destination is refused before anything is read, unless overwrite is
 asked; then the old one is replaced only once the new one is complete
-(locally; on object stores it is removed first). A failed write removes what
-it wrote.
+(locally, by swapping the two names in one step where Linux allows it, so
+that a kill at any moment leaves the old one or the new one whole; on object
+stores it is removed first). A failed write removes what it wrote, and the
+folders it made for it.
 """
 
 from __future__ import annotations
