@@ -7,21 +7,26 @@ written. On gs:// and s3://, which have no rename, the writer writes in place
 and its metadata last (the object a reader needs to accept the folder). An
 existing destination is refused before anything is read, unless overwrite is
 asked; then the old one is replaced only once the new one is complete
-(locally; on object stores it is removed first). A failed write removes what
-it wrote.
+(locally, by swapping the two names in one step where Linux allows it, so
+that a kill at any moment leaves the old one or the new one whole; on object
+stores it is removed first). A failed write removes what it wrote, and the
+folders it made for it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
 import socket
+import sys
 
 from treegraft._errors import CheckpointError
 from treegraft._storage.location import Location
 
-__all__ = ["final_location", "refuse_existing", "temporary", "commit", "discard", "clean_stale"]
+__all__ = ["final_location", "refuse_existing", "temporary", "prepare", "commit", "discard",
+           "clean_stale", "remove_made"]
 
 _TMP = ".treegraft-tmp-"
 _OLD = ".treegraft-old-"
@@ -45,10 +50,12 @@ def refuse_existing(final: Location, dest: Location, overwrite: bool) -> bool:
     if found is not None and not overwrite:
         kind = "a folder" if found == "dir" else "a file"
         where = f"{dest}" if final == dest else f"{final} (in {dest})"
+        # Object stores have no rename: there the old objects go before the new are written.
+        how = ("it is replaced only once the new one is complete" if final.is_local
+               else "its objects are removed first, then the new ones written")
         raise CheckpointError(
             f"the destination {where} already exists ({kind}); pass overwrite=True to "
-            "replace it (it is replaced only once the new one is complete), or choose "
-            "another dest"
+            f"replace it ({how}), or choose another dest"
         )
     return found is not None
 
@@ -69,13 +76,34 @@ def temporary(final: Location, shared: str | None = None) -> Location:
     return Location.parse(os.path.join(parent, f".{name}{_TMP}{tag}"))
 
 
-def prepare(tmp: Location, final: Location, existed: bool) -> None:
-    """Makes room for the write: the parent folder locally, the old objects removed remotely."""
+def prepare(tmp: Location, final: Location, existed: bool) -> list[str]:
+    """Makes room for the write: the parent folder locally, the old objects removed remotely.
+
+    Returns:
+      The local folders it made, deepest first (`remove_made` removes them
+      again when the write fails, so that a failed convert leaves no folder).
+    """
     if tmp.is_local:
-        os.makedirs(os.path.dirname(tmp.key), exist_ok=True)
-        return
+        parent = os.path.dirname(tmp.key)
+        made = []
+        up = parent
+        while up and not os.path.lexists(up) and os.path.dirname(up) != up:
+            made.append(up)
+            up = os.path.dirname(up)
+        os.makedirs(parent, exist_ok=True)
+        return made
     if existed:
         discard(final)
+    return []
+
+
+def remove_made(folders: list[str]) -> None:
+    """Removes the folders `prepare` made, deepest first, those still empty; never raises."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return  # not empty (another writer's?) or gone: leave it and those above
 
 
 def clean_stale(final: Location) -> list[str]:
@@ -140,6 +168,11 @@ def commit(tmp: Location, final: Location, single_file: bool = False) -> None:
                 "file: give a folder as dest"
             )
         source = os.path.join(tmp.key, files[0])
+    if os.path.lexists(final.key) and _exchange(source, final.key):
+        # One step: no moment without a whole final. The old one is now at the
+        # temporary name (removed by clean_stale if this process dies here).
+        _remove_local(tmp.key)
+        return
     old = None
     if os.path.lexists(final.key):
         parent, name = os.path.split(final.key)
@@ -155,6 +188,35 @@ def commit(tmp: Location, final: Location, single_file: bool = False) -> None:
         _remove_local(old)
     if single_file:
         shutil.rmtree(tmp.key, ignore_errors=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swaps the paths a and b in one step (Linux renameat2); False where it is not supported.
+
+    Replacing an existing output by two renames (old away, new in) leaves a
+    moment with no output at all: a process killed then loses the old one.
+    """
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # a libc without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without it
+        return False
+    raise OSError(code, os.strerror(code), b)
 
 
 def discard(where: Location) -> None:

@@ -153,11 +153,12 @@ def convert(
     budget = dataclasses.replace(budget, share=share)
     lead = share.process == 0
     done = False
+    made: list[str] = []  # folders prepare made: removed again if the write fails
     try:
         try:
             if lead:
                 _agreed(share, "preparing the destination",
-                        lambda: _commit.prepare(tmp, final, existed))
+                        lambda: made.extend(_commit.prepare(tmp, final, existed)))
             else:
                 _agreed(share, "preparing the destination", lambda: None)
             writer.write(tmp, leaves, _SourceFailures(fetch), budget)
@@ -172,14 +173,18 @@ def convert(
         except Exception as e:
             # The storage's own words (not the temporary folder's name), then the remedy.
             cause = e.__cause__ if isinstance(e, CheckpointError) and e.__cause__ else e
+            said = reason(cause)
+            if tmp != final:  # a file in the temporary folder is named where it would appear
+                said = said.replace(tmp.key, final.key)
             raise CheckpointError(
-                f"writing {location} failed: {reason(cause)}; {_remedy(e)}; nothing was "
+                f"writing {location} failed: {said}; {_remedy(e)}; nothing was "
                 "written there (the temporary data was removed)"
             ) from e
         done = True
     finally:
         if not done and lead:
             _commit.discard(tmp)
+            _commit.remove_made(made)
     log.info("treegraft: wrote %s (%d leaves)", final, len(leaves))
     return str(final)
 

@@ -131,12 +131,12 @@ class OrbaxWriter(Writer):
                         window.add(arrays[i][box].write(part) if box else arrays[i].write(part),
                                    part.nbytes)
                         del part
+                window.drain()
             except BaseException:
-                # Writes still in flight would recreate files in the temporary
-                # folder after the caller removed it: let them end first.
+                # The writes in flight end before the caller removes the temporary
+                # folder: else they would write files into it again after.
                 window.settle()
                 raise
-            window.drain()
 
         _step(share, "writing the chunks", chunks)
 
@@ -240,12 +240,12 @@ class _Window:
             self._pop()
 
     def settle(self) -> None:
-        """Waits for every write in flight (each within the storage timeout), errors ignored."""
+        """Waits for every write in flight (each within the storage timeout), ignoring failures."""
         while self.pending:
             future, _ = self.pending.popleft()
             try:
                 self.where.wait(future, "writing")
-            except Exception:  # the first error is the one being raised
+            except Exception:  # the error that stopped the write is the one reported
                 pass
         self.held = 0
 

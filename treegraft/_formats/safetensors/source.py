@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -46,6 +47,8 @@ from treegraft._storage.location import Location
 __all__ = ["SafetensorsCheckpoint", "TensorInfo"]
 
 _SUFFIX = ".safetensors"
+# Hugging Face's shard names: `model-00002-of-00004.safetensors`.
+_SHARD = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
 # A tensor at most this large, asked for box by box, keeps the rows read for one box
 # for the next boxes of it (`_rows_of`); a larger one is read box by box.
 _RECENT_BYTES = 256 * 2**20
@@ -116,6 +119,16 @@ class SafetensorsCheckpoint(Source):
                         f"{self.path!r}{named} has no {INDEX_NAME} and holds {len(files)} "
                         f"{_SUFFIX} files ({listed}): pass one file, or add the index "
                         "that Hugging Face writes beside sharded weights"
+                    )
+                shard = _SHARD.search(files[0])
+                if shard and int(shard.group(2)) > 1:
+                    # What a sharded write to gs:// or s3:// interrupted after its
+                    # first shard leaves (the index is written last).
+                    raise CheckpointError(
+                        f"{self.path!r} holds only {files[0]}, shard {int(shard.group(1))} "
+                        f"of {int(shard.group(2))}, and no {INDEX_NAME}: it is incomplete (an "
+                        "interrupted write or copy?); write or copy it again, or pass that "
+                        "one file to read it alone"
                     )
                 self._single = files[0]
         else:
