@@ -309,16 +309,31 @@ def _slots(text: str) -> tuple[tuple[str, ...], tuple[bool, ...], tuple[int, ...
     A flag is True where the index is a path's first part (`'[0].w'`), which a
     pattern writes `*` rather than `.*`.
     """
+    # Most messages have no index at all: one scan says so, with no look for
+    # quotes (an error listing 24,000 problems spent 0.1 s on those looks).
+    indices = list(_INDEX.finditer(text))
+    if not indices:
+        return (text,), (), ()
     pieces: list[str] = []
     firsts: list[bool] = []
     values: list[int] = []
     last = 0
+    # An index cannot hold a quote, so the indices inside a quoted string are
+    # the text's indices that lie within it.
+    k = 0
     for quoted in _QUOTED.finditer(text):
-        for m in _INDEX.finditer(text, quoted.start() + 1, quoted.end() - 1):
+        start, end = quoted.start() + 1, quoted.end() - 1
+        while k < len(indices) and indices[k].start() < start:
+            k += 1
+        while k < len(indices) and indices[k].end() <= end:
+            m = indices[k]
             pieces.append(text[last : m.start()])
-            firsts.append(m.start() == quoted.start() + 1)
+            firsts.append(m.start() == start)
             values.append(int(m.group(1)))
             last = m.end()
+            k += 1
+        if k == len(indices):
+            break
     pieces.append(text[last:])
     return tuple(pieces), tuple(firsts), tuple(values)
 
