@@ -85,8 +85,9 @@ def _meshes():
     )
 
 
-def _trainer(value, n=3, spec=P("fsdp")):
+def _trainer(value, n=3, spec=None):
     fsdp, _ = _meshes()
+    spec = P("fsdp") if spec is None else spec
     return {
         "model": {
             f"layers_{i}": {"w": jax.device_put(np.full((8,), value + i, np.float32),

@@ -401,12 +401,13 @@ _KEEPS: dict[tuple[Any, Any, tuple[int, ...]], bool] = {}
 
 
 def _may_keep(have: Any, want: Any, shape: tuple[int, ...]) -> bool:
-    """Whether a device holds the same block of an array of shape under both shardings.
+    """Whether some device's block under want lies within its block under have.
 
-    Only there can `jax.device_put` keep a source buffer as a shard of its
-    result; elsewhere each shard of the result is another block, so a new
-    buffer, and looking at every shard's buffer (0.2 ms an array) is
-    skipped. Asked once per pair of shardings and shape.
+    Only there can `jax.device_put` give the result a shard in a source
+    buffer: the source's own (the same block), or a view into it (a row of
+    a replicated array). Elsewhere the device holds none of the shard's
+    elements, so its buffer is new, and looking at every shard's buffer
+    (0.2 ms an array) is skipped. Asked once per pair of shardings and shape.
     """
     key = (have, want, shape)
     found = _KEEPS.get(key)
@@ -416,7 +417,8 @@ def _may_keep(have: Any, want: Any, shape: tuple[int, ...]) -> bool:
             mine = want.devices_indices_map(shape)
             found = any(
                 device in theirs
-                and box_of(tuple(theirs[device] or ()), shape) == box_of(tuple(index or ()), shape)
+                and _within(box_of(tuple(index or ()), shape),
+                            box_of(tuple(theirs[device] or ()), shape))
                 for device, index in mine.items()
             )
         except Exception:  # noqa: BLE001 (a sharding jax cannot map: look at the buffers)
@@ -425,6 +427,10 @@ def _may_keep(have: Any, want: Any, shape: tuple[int, ...]) -> bool:
             _KEEPS.clear()
         _KEEPS[key] = found
     return found
+
+
+def _within(inner: tuple[tuple[int, int], ...], outer: tuple[tuple[int, int], ...]) -> bool:
+    return all(a >= c and b <= d for (a, b), (c, d) in zip(inner, outer, strict=True))
 
 
 def _same_layout(have: Any, want: Any, ndim: int) -> bool:
