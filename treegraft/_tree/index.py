@@ -83,6 +83,13 @@ class TreeIndex:
         holding `value`, so `kernel` finds a lone `kernel.value` and the
         reverse.
         """
+        index = self._index
+        if index is not None and self._all_str:
+            # The common case inline (a plan asks once per leaf): str paths
+            # only, so an equal path has the same types.
+            i = index.get(parts)
+            if i is not None:
+                return i
         i = self._find(parts)
         if i is not None or "flax.nnx" not in sys.modules:
             return i
