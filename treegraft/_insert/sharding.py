@@ -73,13 +73,36 @@ def place(
     out: list[Any] = [None] * len(values)
     checks: list[_Check] = []  # casts on devices whose values are checked at the end
     puts: list[tuple[int, Any, Any]] = []  # (k, value, sharding): one batched device_put
-    first_put: dict[tuple[int, Any], int] = {}  # (id(value), sharding) -> k of its put
+    # id(value) -> [(sharding, k of its put)]: a value's shardings are compared
+    # only when it comes again (hashing a sharding costs more than the put's
+    # bookkeeping for a small array).
+    first_put: dict[int, list[tuple[Any, int]]] = {}
+    addressable: dict[Any, bool] = {}  # sharding -> is_fully_addressable, this call
     copies: dict[int, list[int]] = {}  # k of a put -> the ks that get a copy of its result
     seen: set[int] = set()
     for k, (value, like) in enumerate(zip(values, likes, strict=True)):
         first = id(value) not in seen
         seen.add(id(value))
         keep = owned and first  # the value may be used without a copy
+        if (
+            not keep
+            and type(value) is _ARRAY
+            and (type(like) is _ARRAY or type(like) is jax.ShapeDtypeStruct)
+            and (sharding := like.sharding) is not None
+            and value.dtype == like.dtype
+            and _addressable(sharding, addressable)
+        ):
+            # The common case of an in-memory graft, as the branch below takes
+            # it, without its isinstance checks against jax.Array's ABC (0.5 s
+            # for 50,000 leaves): a caller's array of the right dtype, copied
+            # into a sharding of this process.
+            earlier = None if first else _put_of(first_put, value, sharding)
+            if earlier is not None:
+                copies.setdefault(earlier, []).append(k)
+            else:
+                first_put.setdefault(id(value), []).append((sharding, k))
+                puts.append((k, value, sharding))
+            continue
         if type(value) in _PY_SCALARS:
             # A Python scalar has no dtype: its value must fit (docs/design.md
             # section 4); it becomes an array of the like's dtype here.
@@ -95,18 +118,19 @@ def place(
                 # No sharding to follow: the default device, in a copy of its own.
                 out[k] = jax.numpy.array(value, copy=not keep)
                 continue
-            if not sharding.is_fully_addressable and _is_local(value):
+            if not _addressable(sharding, addressable) and _is_local(value):
                 out[k] = _local_to_global(value, like)
                 continue
+            earlier = _put_of(first_put, value, sharding)
             if keep and isinstance(value, jax.Array) and value.sharding == sharding:
                 out[k] = value
-                first_put.setdefault((id(value), sharding), k)
+                if earlier is None:
+                    first_put.setdefault(id(value), []).append((sharding, k))
                 continue
-            key = (id(value), sharding)
-            if key in first_put:
-                copies.setdefault(first_put[key], []).append(k)
+            if earlier is not None:
+                copies.setdefault(earlier, []).append(k)
                 continue
-            first_put[key] = k
+            first_put.setdefault(id(value), []).append((sharding, k))
             if not keep and not isinstance(value, jax.Array) and _on_cpu(sharding):
                 # jax's CPU client keeps an aligned numpy array's memory as the
                 # buffer, even with may_alias=False: copy it on the host first.
@@ -204,6 +228,29 @@ def place(
         if getattr(like, "weak_type", False) and isinstance(out[k], jax.Array):
             out[k] = weakly_typed(out[k])
     return out
+
+
+_ARRAY = type(jax.numpy.zeros(()))  # jax's concrete array type (ArrayImpl)
+
+
+def _put_of(first_put: dict[int, list[tuple[Any, int]]], value: Any, sharding: Any) -> int | None:
+    """The k of the put of value onto sharding made earlier in this call, if any."""
+    for placed, k in first_put.get(id(value), ()):
+        if placed == sharding:
+            return k
+    return None
+
+
+def _addressable(sharding: Any, known: dict[Any, bool]) -> bool:
+    """`sharding.is_fully_addressable`, asked once per distinct sharding in a call.
+
+    Arrays made one by one each hold a sharding object of their own: a hash
+    and a compare cost a tenth of asking jax.
+    """
+    found = known.get(sharding)
+    if found is None:
+        found = known[sharding] = bool(sharding.is_fully_addressable)
+    return found
 
 
 def weakly_typed(x: jax.Array) -> jax.Array:
@@ -366,17 +413,29 @@ def _copy_in_chunks(
     array). Only groups of at least one chunk go this way (fewer would pay a
     compile for little); the rest is returned for the batched `device_put`.
     """
+    # Each sharding hashed once, to its first equal object (arrays made one by
+    # one each hold a sharding object of their own); then keyed by ids.
     groups: dict[tuple[Any, ...], list[int]] = {}
+    target_of: dict[int, Any] = {}
+    layouts: dict[tuple[int, int, int], bool] = {}
+    canon: dict[Any, Any] = {}
     for n, (_, value, sharding) in enumerate(puts):
-        if (
-            isinstance(value, jax.Array)
-            and isinstance(value.dtype, np.dtype)  # not a key array
-            and not value.weak_type
-            and _same_layout(value.sharding, sharding, value.ndim)
-        ):
-            groups.setdefault((value.shape, value.dtype, sharding), []).append(n)
+        if not (type(value) is _ARRAY or isinstance(value, jax.Array)):
+            continue
+        if not isinstance(value.dtype, np.dtype) or value.weak_type:  # a key array; weak
+            continue
+        have, ndim = canon.setdefault(value.sharding, value.sharding), value.ndim
+        sharding = canon.setdefault(sharding, sharding)
+        pair = (id(have), id(sharding), ndim)
+        same = layouts.get(pair)
+        if same is None:
+            same = layouts[pair] = _same_layout(have, sharding, ndim)
+        if same:
+            target_of[id(sharding)] = sharding
+            groups.setdefault((value.shape, value.dtype, id(sharding)), []).append(n)
     done: set[int] = set()
-    for (_, _, sharding), members in groups.items():
+    for (_, _, sharding_id), members in groups.items():
+        sharding = target_of[sharding_id]
         whole = len(members) - len(members) % _CHUNK
         if not whole:
             continue
