@@ -27,6 +27,7 @@ from treegraft._insert.placement import (
 )
 from treegraft._parse.paths import Path, render_parts
 from treegraft._tree import leaves as _leaves
+from treegraft._tree.leaves import array_type
 from treegraft._tree.pytree import flatten_parts
 
 __all__ = ["propagate_sharding", "place", "weakly_typed", "overflow_error"]
@@ -80,14 +81,15 @@ def place(
     addressable: dict[Any, bool] = {}  # sharding -> is_fully_addressable, this call
     copies: dict[int, list[int]] = {}  # k of a put -> the ks that get a copy of its result
     seen: set[int] = set()
+    concrete = array_type()
     for k, (value, like) in enumerate(zip(values, likes, strict=True)):
         first = id(value) not in seen
         seen.add(id(value))
         keep = owned and first  # the value may be used without a copy
         if (
             not keep
-            and type(value) is _ARRAY
-            and (type(like) is _ARRAY or type(like) is jax.ShapeDtypeStruct)
+            and type(value) is concrete
+            and (type(like) is concrete or type(like) is jax.ShapeDtypeStruct)
             and (sharding := like.sharding) is not None
             and value.dtype == like.dtype
             and _addressable(sharding, addressable)
@@ -230,7 +232,6 @@ def place(
     return out
 
 
-_ARRAY = type(jax.numpy.zeros(()))  # jax's concrete array type (ArrayImpl)
 
 
 def _put_of(first_put: dict[int, list[tuple[Any, int]]], value: Any, sharding: Any) -> int | None:
@@ -419,8 +420,9 @@ def _copy_in_chunks(
     target_of: dict[int, Any] = {}
     layouts: dict[tuple[int, int, int], bool] = {}
     canon: dict[Any, Any] = {}
+    concrete = array_type()
     for n, (_, value, sharding) in enumerate(puts):
-        if not (type(value) is _ARRAY or isinstance(value, jax.Array)):
+        if not (type(value) is concrete or isinstance(value, jax.Array)):
             continue
         if not isinstance(value.dtype, np.dtype) or value.weak_type:  # a key array; weak
             continue

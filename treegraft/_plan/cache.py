@@ -38,6 +38,7 @@ from treegraft._parse.rules import Rule
 from treegraft._plan.problems import Problem
 from treegraft._plan.record import Pair
 from treegraft._tree.index import TreeIndex
+from treegraft._tree.leaves import array_type
 
 __all__ = ["Kept", "tree_key", "options_key", "lookup", "keep"]
 
@@ -45,7 +46,6 @@ _SIZE = 8  # structures kept; the least recently used goes first
 _lock = threading.Lock()
 _kept: OrderedDict[Any, Kept] = OrderedDict()
 
-_ARRAY = type(jax.numpy.zeros(()))  # jax's concrete array type (ArrayImpl)
 _SCALARS = (bool, int, float, complex)
 _aval = operator.attrgetter("aval")
 _sharding = operator.attrgetter("sharding")
@@ -72,7 +72,7 @@ def tree_key(tree: Any) -> tuple[list[Any], Any] | None:
     except Exception:  # noqa: BLE001 (a tree jax cannot flatten: plan says why)
         return None
     types = set(map(type, leaves))
-    if types <= {_ARRAY}:
+    if types <= {array_type()}:
         return leaves, (treedef, tuple(map(_aval, leaves)), tuple(map(_sharding, leaves)))
     specs = tuple(map(_leaf_key, leaves))
     if None in specs:
@@ -82,7 +82,7 @@ def tree_key(tree: Any) -> tuple[list[Any], Any] | None:
 
 def _leaf_key(x: Any) -> Any:
     t = type(x)
-    if t is _ARRAY:
+    if t is array_type():
         return (t, x.aval, x.sharding)
     if t is np.ndarray:
         return (t, x.shape, x.dtype)
