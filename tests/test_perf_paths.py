@@ -236,3 +236,12 @@ def test_replicated_leaves_move_to_another_mesh_by_chunks_in_buffers_of_their_ow
         assert got.sharding == target[f"l{i}"].sharding
         np.testing.assert_array_equal(np.asarray(got), np.full(4, i, np.float32))
         assert_owns_buffers(got, source[f"l{i}"])
+
+
+def test_leaf_descriptions_are_the_same_remembered_or_not():
+    from treegraft._errors import describe_leaf
+
+    for _ in range(2):
+        assert describe_leaf((2, 3), np.dtype("float32")) == "float32[2, 3]"
+        assert describe_leaf(None, int) == "<class 'int'>"
+    assert describe_leaf([4], "bfloat16") == "bfloat16[4]"  # unhashable: rendered each time
