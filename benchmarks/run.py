@@ -23,6 +23,11 @@ Cases:
   5 sharded   1 GiB into a target sharded over 8 CPU devices: peak RSS / bytes.
   6 scaling   case 1 at 1/64, 1/8 and 1/1 of the checkpoint, and 1/64 of 1 GiB
               vs the same bytes from a checkpoint 8x smaller.
+  7 sync      weight sync in memory (issue #25): tg.graft from an 8-way fsdp state
+              into a 2x4 tensor-parallel one renamed by one glob rule, vs
+              jax.device_put of the same leaves into the target shardings (the
+              floor); 192 kernels of 1 MiB with their biases, and 10,000 leaves
+              of float32[4]. Warm calls are the aim (a sync repeats); 8 devices.
 
 Cases with a script of their own (EXTRA): planscale, ops, storage, and
 error_path (`error_path.py`: a plan with a mistake beside the same plan
@@ -54,7 +59,10 @@ sys.path.insert(0, HERE)
 
 from _common import FANOUT, MIB, SIZES, layer  # noqa: E402
 
-CASES = ("partial", "fanout", "memory", "plan", "sharded", "scaling")
+CASES = ("partial", "fanout", "memory", "plan", "sharded", "scaling", "sync")
+# Case 7's configurations per mode: (leaves, side): side x side kernels with
+# their biases, or float32[4] leaves when side is 0.
+SYNC_SIZES = {"full": [(192, 512), (10000, 0)], "quick": [(16, 64), (300, 0)]}
 # Cases with a script of their own: run in a subprocess, their report and JSON
 # kept beside the others' (`results["extra"]`).
 EXTRA = {
@@ -79,6 +87,7 @@ LABELS = {
     "floor": "jax tree_flatten_with_path + tree_unflatten (floor)",
     "tensorstore": "tensorstore reading exactly the arrays, shard by shard (floor)",
     "orbax_metadata": "orbax PyTreeCheckpointHandler.metadata (floor)",
+    "device_put": "jax.device_put of the same leaves into the target shardings (floor)",
 }
 
 
@@ -337,6 +346,30 @@ def build_cases(data: dict, size: dict, selected: list[str], *, quick: bool) -> 
                 "configs": configs,
             }
         )
+    if "sync" in selected:
+        configs = []
+        for leaves, side in SYNC_SIZES["quick" if quick else "full"]:
+            name = (
+                f"{leaves:,} kernels {side}x{side} + biases" if side else f"{leaves:,} x float32[4]"
+            )
+            configs.append(
+                {
+                    "name": name,
+                    "spec": {"kind": "sync", "leaves": leaves, "side": side,
+                             "inner": size["inner"]},
+                    "script": "_sync_worker.py",
+                    "devices": 8,
+                    "variants": ["treegraft", "device_put"],
+                }
+            )
+        cases.append(
+            {
+                "id": "7_sync",
+                "title": "7. Weight sync in memory: 8-way fsdp -> 2x4 tensor parallel, one glob "
+                "rule",
+                "configs": configs,
+            }
+        )
     return cases
 
 
@@ -490,6 +523,23 @@ def evaluate(case: dict) -> list[dict]:
                     cfg["name"],
                     f"rchar {_fmt_bytes(tg['rchar'])} vs {_fmt_bytes(cfg['array_bytes'])} of "
                     "array data in the checkpoint",
+                )
+    elif cid == "7_sync":
+        for cfg in case["configs"]:
+            s = cfg["summary"]
+            tg, floor = s.get("treegraft"), s.get("device_put")
+            if not (tg and floor) or tg["time_s"] is None:
+                continue
+            warm = _ratio(tg.get("warm_time_s"), floor.get("warm_time_s"))
+            first = _ratio(tg["time_s"], floor["time_s"])
+            if warm is not None:
+                aim(
+                    f"<= 1.25x jax.device_put of the same leaves (warm calls) [{cfg['name']}]",
+                    f"{warm:.2f}x",
+                    warm <= 1.25,
+                    "device_put",
+                    cfg["name"],
+                    f"first call in process {first:.2f}x",
                 )
     elif cid == "5_sharded":
         cfg = case["configs"][0]
@@ -905,7 +955,10 @@ def run_case(case: dict, repeats: int, *, jobs: int, timeout: float) -> int:
             warm_page_cache(cfg["spec"]["workdir"])
         where = f"  [{rep + 1}/{repeats}] {cfg['name']}: {variant}"
         try:
-            r = _run_script("_worker.py", spec, devices=cfg.get("devices", 1), timeout=timeout)
+            r = _run_script(
+                cfg.get("script", "_worker.py"), spec, devices=cfg.get("devices", 1),
+                timeout=timeout,
+            )
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             _log(f"{where} FAILED: {e}")
             return {"error": str(e)}

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = {"1_partial", "2_fanout", "3_memory", "4_plan", "5_sharded", "6_scaling"}
+CASES = {"1_partial", "2_fanout", "3_memory", "4_plan", "5_sharded", "6_scaling", "7_sync"}
 
 
 def test_quick_benchmark_runs_and_writes_json(tmp_path):

@@ -18,9 +18,16 @@ import jax
 import numpy as np
 
 from treegraft._errors import GraftError, MismatchError, Problem
-from treegraft._insert.placement import array_from_blocks, buffers, copy_array, shares_buffers
+from treegraft._insert.placement import (
+    array_from_blocks,
+    box_of,
+    buffers,
+    copy_array,
+    shares_buffers,
+)
 from treegraft._parse.paths import Path, render_parts
 from treegraft._tree import leaves as _leaves
+from treegraft._tree.leaves import array_type
 from treegraft._tree.pytree import flatten_parts
 
 __all__ = ["propagate_sharding", "place", "weakly_typed", "overflow_error"]
@@ -67,13 +74,37 @@ def place(
     out: list[Any] = [None] * len(values)
     checks: list[_Check] = []  # casts on devices whose values are checked at the end
     puts: list[tuple[int, Any, Any]] = []  # (k, value, sharding): one batched device_put
-    first_put: dict[tuple[int, Any], int] = {}  # (id(value), sharding) -> k of its put
+    # id(value) -> [(sharding, k of its put)]: a value's shardings are compared
+    # only when it comes again (hashing a sharding costs more than the put's
+    # bookkeeping for a small array).
+    first_put: dict[int, list[tuple[Any, int]]] = {}
+    addressable: dict[Any, bool] = {}  # sharding -> is_fully_addressable, this call
     copies: dict[int, list[int]] = {}  # k of a put -> the ks that get a copy of its result
     seen: set[int] = set()
+    concrete = array_type()
     for k, (value, like) in enumerate(zip(values, likes, strict=True)):
         first = id(value) not in seen
         seen.add(id(value))
         keep = owned and first  # the value may be used without a copy
+        if (
+            not keep
+            and type(value) is concrete
+            and (type(like) is concrete or type(like) is jax.ShapeDtypeStruct)
+            and (sharding := like.sharding) is not None
+            and value.dtype == like.dtype
+            and _addressable(sharding, addressable)
+        ):
+            # The common case of an in-memory graft, as the branch below takes
+            # it, without its isinstance checks against jax.Array's ABC (0.5 s
+            # for 50,000 leaves): a caller's array of the right dtype, copied
+            # into a sharding of this process.
+            earlier = None if first else _put_of(first_put, value, sharding)
+            if earlier is not None:
+                copies.setdefault(earlier, []).append(k)
+            else:
+                first_put.setdefault(id(value), []).append((sharding, k))
+                puts.append((k, value, sharding))
+            continue
         if type(value) in _PY_SCALARS:
             # A Python scalar has no dtype: its value must fit (docs/design.md
             # section 4); it becomes an array of the like's dtype here.
@@ -89,18 +120,19 @@ def place(
                 # No sharding to follow: the default device, in a copy of its own.
                 out[k] = jax.numpy.array(value, copy=not keep)
                 continue
-            if not sharding.is_fully_addressable and _is_local(value):
+            if not _addressable(sharding, addressable) and _is_local(value):
                 out[k] = _local_to_global(value, like)
                 continue
+            earlier = _put_of(first_put, value, sharding)
             if keep and isinstance(value, jax.Array) and value.sharding == sharding:
                 out[k] = value
-                first_put.setdefault((id(value), sharding), k)
+                if earlier is None:
+                    first_put.setdefault(id(value), []).append((sharding, k))
                 continue
-            key = (id(value), sharding)
-            if key in first_put:
-                copies.setdefault(first_put[key], []).append(k)
+            if earlier is not None:
+                copies.setdefault(earlier, []).append(k)
                 continue
-            first_put[key] = k
+            first_put.setdefault(id(value), []).append((sharding, k))
             if not keep and not isinstance(value, jax.Array) and _on_cpu(sharding):
                 # jax's CPU client keeps an aligned numpy array's memory as the
                 # buffer, even with may_alias=False: copy it on the host first.
@@ -144,6 +176,7 @@ def place(
             if (
                 isinstance(value, jax.Array)
                 and value.sharding != sharding
+                and _may_keep(value.sharding, sharding, value.shape)
                 and buffers(got) & buffers(value)
             ):
                 # jax keeps the source's buffer as one shard of a resharded array
@@ -197,6 +230,28 @@ def place(
         if getattr(like, "weak_type", False) and isinstance(out[k], jax.Array):
             out[k] = weakly_typed(out[k])
     return out
+
+
+
+
+def _put_of(first_put: dict[int, list[tuple[Any, int]]], value: Any, sharding: Any) -> int | None:
+    """The k of the put of value onto sharding made earlier in this call, if any."""
+    for placed, k in first_put.get(id(value), ()):
+        if placed == sharding:
+            return k
+    return None
+
+
+def _addressable(sharding: Any, known: dict[Any, bool]) -> bool:
+    """`sharding.is_fully_addressable`, asked once per distinct sharding in a call.
+
+    Arrays made one by one each hold a sharding object of their own: a hash
+    and a compare cost a tenth of asking jax.
+    """
+    found = known.get(sharding)
+    if found is None:
+        found = known[sharding] = bool(sharding.is_fully_addressable)
+    return found
 
 
 def weakly_typed(x: jax.Array) -> jax.Array:
@@ -346,25 +401,43 @@ _CHUNK = 256  # arrays per compiled copy
 def _copy_in_chunks(
     puts: list[tuple[int, Any, Any]], out: list[Any]
 ) -> list[tuple[int, Any, Any]]:
-    """Copies many same-shape arrays already placed right, by compiled chunks.
+    """Copies many same-shape arrays onto shardings that keep their layout, by compiled chunks.
 
     `jax.device_put` costs about 30 us per array, so copying 50,000 small
     arrays took 1.6 s; one compiled copy of 256 arrays at a time costs a
-    fraction of that, and is compiled once per shape, dtype and sharding. Only
-    groups of at least one chunk go this way (fewer would pay a compile for
-    little); the rest is returned for the batched `device_put`.
+    fraction of that, and is compiled once per shape, dtype and sharding. An
+    array goes this way when its sharding puts the same blocks on the same
+    devices as the target's (`is_equivalent_to`: a replicated array of one
+    mesh onto a replicated sharding of another mesh of the same devices), so
+    the copy moves no data between devices; there `jax.device_put` would keep
+    the source's buffers, and each result had to be copied again (0.45 ms an
+    array). Only groups of at least one chunk go this way (fewer would pay a
+    compile for little); the rest is returned for the batched `device_put`.
     """
+    # Each sharding hashed once, to its first equal object (arrays made one by
+    # one each hold a sharding object of their own); then keyed by ids.
     groups: dict[tuple[Any, ...], list[int]] = {}
+    target_of: dict[int, Any] = {}
+    layouts: dict[tuple[int, int, int], bool] = {}
+    canon: dict[Any, Any] = {}
+    concrete = array_type()
     for n, (_, value, sharding) in enumerate(puts):
-        if (
-            isinstance(value, jax.Array)
-            and isinstance(value.dtype, np.dtype)  # not a key array
-            and not value.weak_type
-            and value.sharding == sharding
-        ):
-            groups.setdefault((value.shape, value.dtype, sharding), []).append(n)
+        if not (type(value) is concrete or isinstance(value, jax.Array)):
+            continue
+        if not isinstance(value.dtype, np.dtype) or value.weak_type:  # a key array; weak
+            continue
+        have, ndim = canon.setdefault(value.sharding, value.sharding), value.ndim
+        sharding = canon.setdefault(sharding, sharding)
+        pair = (id(have), id(sharding), ndim)
+        same = layouts.get(pair)
+        if same is None:
+            same = layouts[pair] = _same_layout(have, sharding, ndim)
+        if same:
+            target_of[id(sharding)] = sharding
+            groups.setdefault((value.shape, value.dtype, id(sharding)), []).append(n)
     done: set[int] = set()
-    for (_, _, sharding), members in groups.items():
+    for (_, _, sharding_id), members in groups.items():
+        sharding = target_of[sharding_id]
         whole = len(members) - len(members) % _CHUNK
         if not whole:
             continue
@@ -382,6 +455,68 @@ def _chunk_copier(sharding: Any) -> Any:
     """A compiled copy of _CHUNK arrays onto sharding, made once per sharding."""
     # Outputs of a computation never alias its (undonated) inputs: new buffers.
     return jax.jit(lambda *xs: tuple(x.copy() for x in xs), out_shardings=sharding)
+
+
+_LAYOUTS: dict[tuple[Any, Any, int], bool] = {}
+_KEEPS: dict[tuple[Any, Any, tuple[int, ...]], bool] = {}
+
+
+def _may_keep(have: Any, want: Any, shape: tuple[int, ...]) -> bool:
+    """Whether some device's block under want lies within its block under have.
+
+    Only there can `jax.device_put` give the result a shard in a source
+    buffer: the source's own (the same block), or a view into it (a row of
+    a replicated array). Elsewhere the device holds none of the shard's
+    elements, so its buffer is new, and looking at every shard's buffer
+    (0.2 ms an array) is skipped. Asked once per pair of shardings and shape.
+    """
+    key = (have, want, shape)
+    found = _KEEPS.get(key)
+    if found is None:
+        try:
+            theirs = have.devices_indices_map(shape)
+            mine = want.devices_indices_map(shape)
+            found = any(
+                device in theirs
+                and _within(box_of(tuple(index or ()), shape),
+                            box_of(tuple(theirs[device] or ()), shape))
+                for device, index in mine.items()
+            )
+        except Exception:  # noqa: BLE001 (a sharding jax cannot map: look at the buffers)
+            found = True
+        if len(_KEEPS) > 4096:
+            _KEEPS.clear()
+        _KEEPS[key] = found
+    return found
+
+
+def _within(inner: tuple[tuple[int, int], ...], outer: tuple[tuple[int, int], ...]) -> bool:
+    return all(a >= c and b <= d for (a, b), (c, d) in zip(inner, outer, strict=True))
+
+
+def _same_layout(have: Any, want: Any, ndim: int) -> bool:
+    """Whether two shardings put the same blocks on the same devices, in the same order.
+
+    Asked once per pair of shardings and rank: a sync of 10,000 leaves meets a
+    few shardings, and `is_equivalent_to` costs some microseconds a call.
+    """
+    if have == want:
+        return True
+    key = (have, want, ndim)
+    same = _LAYOUTS.get(key)
+    if same is None:
+        try:
+            # The device order too: a compiled copy needs its inputs on the
+            # devices its output goes to, in the same order.
+            same = bool(have.is_equivalent_to(want, ndim)) and list(
+                have._device_assignment
+            ) == list(want._device_assignment)
+        except Exception:  # noqa: BLE001 (a sharding jax cannot compare: device_put decides)
+            same = False
+        if len(_LAYOUTS) > 4096:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = same
+    return same
 
 
 def _on_cpu(sharding: Any) -> bool:

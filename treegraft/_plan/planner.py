@@ -24,7 +24,8 @@ from typing import Any
 from treegraft._errors import MappingError
 from treegraft._multihost import plan_on_every_process
 from treegraft._parse.rules import CastOption, MappingLike, parse_ignore, parse_mapping
-from treegraft._plan import checks, coverage
+from treegraft._plan import cache, checks, coverage
+from treegraft._plan.checks import deleted_sources
 from treegraft._plan.context import Inputs
 from treegraft._plan.problems import _KEY_KINDS, Problem, raise_problems
 from treegraft._plan.record import make_record
@@ -113,10 +114,22 @@ def plan(
             )
         if isinstance(source, str | os.PathLike):
             raise MappingError(_wrap_path_hint(os.fspath(source)))
+        lazy = as_source(source)  # a dict holding a Source is several (docs/design.md section 17)
+        key = None
+        if lazy is None:
+            with young_collections_only():
+                key, state_leaves, source_leaves = _cache_key(state, source)
+            if key is not None:
+                kept = cache.lookup(key)
+                if kept is not None:
+                    again = _rebind(
+                        kept, state, source, state_leaves, source_leaves, strict=strict, cast=cast
+                    )
+                    if again is not None:
+                        return again
         rules = tuple(parse_mapping(mapping))
         ignore_model = tuple(parse_ignore(ignore_model_keys, name="ignore_model_keys"))
         ignore_restored = tuple(parse_ignore(ignore_restored_keys, name="ignore_restored_keys"))
-        lazy = as_source(source)  # a dict holding a Source is several (docs/design.md section 17)
         with young_collections_only():
             inputs = Inputs(
                 rules,
@@ -134,9 +147,63 @@ def plan(
             problems = CHECKS(res)
             if isinstance(inputs.src, SeveralIndex):
                 problems = inputs.src.restate(problems, res.pairs)
-        return _conclude(res, source, problems, strict=strict, check_ignores=check_ignores)
+        made = _conclude(res, source, problems, strict=strict, check_ignores=check_ignores)
+        if key is not None:
+            rec = made._record
+            cache.keep(
+                key,
+                rules=rec.rules,
+                target=rec.target,
+                source=rec.source,
+                pairs=rec.pairs,
+                report=made.report,
+            )
+        return made
+
+    def _cache_key(state: Any, source: Any) -> tuple[Any, list[Any], list[Any]]:
+        """The cache key of this call, with both trees' leaves; (None, [], []) if it has none."""
+        options = cache.options_key(
+            mapping,
+            ignore_model_keys,
+            ignore_restored_keys,
+            strict=strict,
+            cast=cast,
+            check_ignores=check_ignores,
+        )
+        if options is None:
+            return None, [], []
+        state_key = cache.tree_key(state)
+        source_key = cache.tree_key(source) if state_key is not None else None
+        if state_key is None or source_key is None:
+            return None, [], []
+        return (options, state_key[1], source_key[1]), state_key[0], source_key[0]
 
     return plan_on_every_process(state, run)
+
+
+def _rebind(
+    kept: cache.Kept,
+    state: Any,
+    source: Any,
+    state_leaves: list[Any],
+    source_leaves: list[Any],
+    *,
+    strict: bool,
+    cast: CastOption,
+) -> GraftPlan | None:
+    """A kept plan on new leaves of the same structure; None when a source leaf it reads is gone.
+
+    A deleted (donated) source array is the one thing the cache key cannot
+    see: then the full plan runs, and reports it as always.
+    """
+    target = kept.target.holding(state, state_leaves)
+    src = kept.source.holding(source, source_leaves)
+    if deleted_sources(src, kept.pairs):
+        return None
+    record = make_record(
+        rules=kept.rules, target=target, source=src, lazy=None, pairs=kept.pairs, cast=cast
+    )
+    return GraftPlan(record, source=source, report=kept.report, strict=strict)
 
 
 Check = Callable[[Resolution], list[Problem]]

@@ -17,7 +17,7 @@ from treegraft._parse.paths import Part, Path, key_to_part, render_parts
 from treegraft._tree import nnx as _nnx
 from treegraft._tree.nodes import IsLeaf, _find_unsortable, _is_variable, _kids, children
 
-__all__ = ["flatten", "flatten_parts"]
+__all__ = ["flatten", "flatten_parts", "flatten_plain"]
 
 
 def flatten_parts(
@@ -27,14 +27,29 @@ def flatten_parts(
 
     This is the internal fast path: parts are plain tuples, not `Path`s.
     """
+    paths, leaves, treedef, _ = flatten_plain(tree, is_leaf=is_leaf)
+    return paths, leaves, treedef
+
+
+def flatten_plain(
+    tree: Any, *, is_leaf: IsLeaf = None
+) -> tuple[list[tuple[Part, ...]], list[Any], tree_util.PyTreeDef, bool]:
+    """`flatten_parts`, and whether the tree is plain.
+
+    Plain: every node is a dict with str keys, a list, a tuple or None. Then
+    the paths are a function of the treedef alone (jax's treedef keeps dict
+    keys and container kinds), so two trees with equal treedefs have the
+    same paths; a custom node may not say so (its keys can come from its
+    children, or change order from one flatten to the next).
+    """
     if is_leaf is None:
         leaves, treedef = _jax_flatten(tree_util.tree_flatten, tree, None)
         walked = _walk_paths(tree, len(leaves))
         if walked is not None:
-            paths, seen, custom = walked
+            paths, seen, custom, plain = walked
             if len(seen) == len(leaves) and all(map(operator.is_, seen, leaves)):
                 if not custom or _all_distinct(leaves):
-                    return paths, leaves, treedef
+                    return paths, leaves, treedef, plain
                 # The walk flattened the custom nodes a second time, and a
                 # node may order its children differently on each call (a
                 # set-like node): identity pairs only distinct leaves, so a
@@ -66,7 +81,7 @@ def flatten_parts(
         paths.append(tuple(parts))
         leaves.append(leaf)
     _check_distinct_paths(tree, paths, is_leaf)
-    return paths, leaves, treedef
+    return paths, leaves, treedef, False
 
 
 # jax's flatten gives up (SystemError) at about 1000 levels, fewer when called
@@ -158,7 +173,7 @@ def _all_distinct(leaves: list[Any]) -> bool:
 
 def _walk_paths(
     tree: Any, n_leaves: int
-) -> tuple[list[tuple[Part, ...]], list[Any], bool] | None:
+) -> tuple[list[tuple[Part, ...]], list[Any], bool, bool] | None:
     """Leaf paths by a direct walk: several times faster than jax's key paths.
 
     Builtin containers are walked here, in jax's order (dict keys sorted);
@@ -166,20 +181,24 @@ def _walk_paths(
     walk cannot vouch for matching jax's leaf order (the caller then asks jax).
     Also returns the leaves it found, for the caller to check against jax's,
     and whether it met a node type that is not a builtin container (whose
-    flatten may not give its children in the same order every time).
+    flatten may not give its children in the same order every time), and
+    whether it met only dicts with str keys, lists, tuples and None (plain).
     """
     paths: list[tuple[Part, ...]] = []
     found: list[Any] = []
     custom = False
+    plain = True
     add, keep = paths.append, found.append
     leaf_types = _LEAF_TYPES
 
     def visit(prefix: tuple[Part, ...], node: Any) -> None:
-        nonlocal custom
+        nonlocal custom, plain
         # Children that are known leaves are taken in place: most of a big
         # tree's nodes are leaves, and a call per leaf is what costs.
         t = type(node)
         if t is dict:
+            if plain and not all(type(k) is str for k in node):
+                plain = False
             for k in sorted(node):
                 child = node[k]
                 if type(child) in leaf_types:
@@ -200,6 +219,7 @@ def _walk_paths(
             add(prefix)
             keep(node)
         elif t not in _NODE_TYPES and _is_variable(t):
+            plain = False
             visit(prefix, _nnx.value_of(node))
         else:
             kids = None if t in _NODE_TYPES else _generic_children(node, t, prefix)
@@ -209,6 +229,7 @@ def _walk_paths(
                 return
             if kids is None:
                 kids = children(node, where=prefix) or []
+            plain = False
             if len(kids) > 1:
                 custom = True
             for k, c in kids:
@@ -220,7 +241,7 @@ def _walk_paths(
         return None
     except RecursionError:  # deeper than Python's stack: jax walks it
         return None
-    return (paths, found, custom) if len(paths) == n_leaves else None
+    return (paths, found, custom, plain) if len(paths) == n_leaves else None
 
 
 def _generic_children(node: Any, t: type, where: tuple[Part, ...]) -> list[tuple[Part, Any]] | None:

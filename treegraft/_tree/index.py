@@ -6,6 +6,7 @@ costs a small constant per leaf.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import sys
 from typing import Any
@@ -15,8 +16,9 @@ import jax
 from treegraft._errors import Names, PathNotFoundError
 from treegraft._parse.keys import could_loosen, loose
 from treegraft._parse.paths import Part, Path, is_index, render_parts, render_pattern
+from treegraft._tree.flat import flatten_plain
 from treegraft._tree.leaves import check_not_traced
-from treegraft._tree.pytree import children, flatten_parts, walk_path
+from treegraft._tree.pytree import children, walk_path
 
 __all__ = ["TreeIndex", "is_abstract", "is_deleted"]
 
@@ -32,12 +34,14 @@ class TreeIndex:
       paths: each leaf's parts, in leaf order.
       leaves: the leaves, in the same order.
       treedef: the tree's structure.
+      plain: whether every node is a dict with str keys, a list, a tuple or
+        None: then another tree with the same treedef has the same paths.
     """
 
     def __init__(self, root: Any, what: str):
         self.root = root
         self.what = what
-        self.paths, self.leaves, self.treedef = flatten_parts(root)
+        self.paths, self.leaves, self.treedef, self.plain = flatten_plain(root)
         check_not_traced(self.leaves, self.paths, what)
         self._index: dict[Parts, int] | None = None
         self._all_str = False  # every part a str: an equal path has the same types
@@ -51,6 +55,26 @@ class TreeIndex:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def bare(self) -> TreeIndex:
+        """This index without its tree and leaves: paths and look-up tables only.
+
+        What a cache may keep: it holds no array alive. Its tables describe
+        paths alone, so they stay true for every tree of the same paths.
+        """
+        out = copy.copy(self)
+        out.root, out.leaves = None, []
+        return out
+
+    def holding(self, root: Any, leaves: list[Any]) -> TreeIndex:
+        """The index of root, a tree of this index's paths (in order) whose leaves are leaves.
+
+        The caller vouches for the paths (a plain tree of the same treedef).
+        The look-up tables are shared: they are built from paths only.
+        """
+        out = copy.copy(self)
+        out.root, out.leaves = root, leaves
+        return out
+
     def find(self, parts: Parts) -> int | None:
         """The index of the leaf at parts (int keys also find '0'), or None.
 
@@ -59,6 +83,13 @@ class TreeIndex:
         holding `value`, so `kernel` finds a lone `kernel.value` and the
         reverse.
         """
+        index = self._index
+        if index is not None and self._all_str:
+            # The common case inline (a plan asks once per leaf): str paths
+            # only, so an equal path has the same types.
+            i = index.get(parts)
+            if i is not None:
+                return i
         i = self._find(parts)
         if i is not None or "flax.nnx" not in sys.modules:
             return i
@@ -76,9 +107,10 @@ class TreeIndex:
         if i is not None and (self._all_str or _same_types(self.paths[i], parts)):
             return i
         if self._loose is None:
-            self._loose = {}
+            table: dict[Parts, int] = {}
             for j, p in enumerate(self.paths):
-                self._loose.setdefault(loose(p), j)
+                table.setdefault(loose(p), j)
+            self._loose = table
         return self._loose.get(loose(parts))
 
     def under(self, prefix: Parts) -> list[int]:
@@ -86,10 +118,13 @@ class TreeIndex:
         k = len(prefix)
         groups = self._groups.get(k)
         if groups is None:
-            groups = self._groups[k] = {}
+            # Tables are published whole: indexes of equal paths share them
+            # (`holding`), possibly across threads.
+            groups = {}
             for i, p in enumerate(self.paths):
                 if len(p) >= k:
                     groups.setdefault(p[:k], []).append(i)
+            self._groups[k] = groups
         found = groups.get(prefix)
         if found is not None and (
             (self._str_only() and _all_str(prefix))
@@ -100,9 +135,10 @@ class TreeIndex:
             return []  # only an int or digits can match loosely: no need to index that way
         lgroups = self._loose_groups.get(k)
         if lgroups is None:
-            lgroups = self._loose_groups[k] = {}
+            lgroups = {}
             for key, members in groups.items():
                 lgroups.setdefault(loose(key), []).extend(members)
+            self._loose_groups[k] = lgroups
         return lgroups.get(loose(prefix), [])
 
     def _build_index(self) -> None:
@@ -183,11 +219,12 @@ class TreeIndex:
         key = (n, len(head))
         groups = self._at_groups.get(key)
         if groups is None:
-            groups = self._at_groups[key] = {}
+            groups = {}
             k = len(head)
             for i, p in enumerate(self.paths):
                 if len(p) >= n + k:
                     groups.setdefault(loose(p[n : n + k]), []).append(i)
+            self._at_groups[key] = groups
         return groups.get(loose(head), [])
 
 

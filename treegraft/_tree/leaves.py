@@ -50,6 +50,17 @@ _PY_DTYPES = {
 Spec = tuple[tuple[int, ...] | None, Any]
 
 
+@functools.cache
+def array_type() -> type[jax.Array]:
+    """jax's concrete array type (`ArrayImpl`), looked up on first use.
+
+    Fast paths compare `type(x) is array_type()`: an isinstance check against
+    `jax.Array` (an ABC) costs some microseconds a leaf. Not at import: making
+    an array starts jax's backend, which must wait for `jax.distributed`.
+    """
+    return type(jax.numpy.zeros(()))
+
+
 def is_key_dtype(dtype: Any) -> bool:
     """Whether dtype is a typed PRNG key dtype (`key<fry>`, `key<rbg>`, ...)."""
     if dtype is None or isinstance(dtype, type | np.dtype):

@@ -248,15 +248,21 @@ def _read_headers(store: OrbaxStore, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
     parsed: dict[bytes, tuple[tuple[int, ...], np.dtype[Any]] | None] = {}
     for key, value in found.items():
         leaf = wanted[key]
-        if value in parsed:  # most headers repeat: parse each text once
-            spec = parsed[value]
-        else:
+        spec = parsed.get(value, _UNSEEN)
+        if spec is _UNSEEN:  # most headers repeat: parse each text once
             spec = parsed[value] = _parse_header(value, store.zarr3)
         if spec is None:  # unparsable or unusual: the array open decides
             left.append(leaf)
-        else:
+        elif leaf.scalar or leaf.key_impl is not None:
             leaf._set(*spec)
+        else:
+            # A plain array, as `_set` would set it: one spec object shared by
+            # every leaf of that header (100,000 calls of `_set` cost 0.07 s).
+            leaf._stored = leaf._spec = spec
     return left
+
+
+_UNSEEN: Any = object()
 
 
 _KEY_SPECS: dict[str, tuple[Any, int]] = {}
