@@ -119,22 +119,24 @@ class OrbaxWriter(Writer):
 
         def chunks() -> None:
             arrays = self._create(item, leaves, grids, open_only=True)
-            # Writes in flight hold the budget less one chunk: the box being
-            # fetched (and an operation's copy of it) is the rest, plus one chunk.
-            window = _Window(max(chunk, budget.max_host_bytes - chunk), item)
+            # The chunks in flight hold the budget less the largest chunk, which
+            # is the next one fetched while they commit.
+            sizes = [_chunk_bytes(leaf, grid) for leaf, grid in zip(leaves, grids, strict=True)]
+            largest = max(sizes, default=0)
+            window = _Window(max(largest, budget.max_host_bytes - largest), item,
+                             batched=self.ocdbt)
             try:
                 for i, leaf in enumerate(leaves):
                     for box in _grid_boxes(leaf.shape, grids[i]):
                         if not share.owns(i, box):
                             continue
-                        part = fetch(i, box)
-                        window.add(arrays[i][box].write(part) if box else arrays[i].write(part),
-                                   part.nbytes)
-                        del part
+                        window.add(arrays[i], box, fetch(i, box), sizes[i])
                 window.drain()
             except BaseException:
-                # The writes in flight end before the caller removes the temporary
-                # folder: else they would write files into it again after.
+                # Nothing staged is kept, and the writes in flight end before the
+                # caller removes the temporary folder: else they would write files
+                # into it again after.
+                window.abort()
                 window.settle()
                 raise
 
@@ -215,32 +217,86 @@ def _grid_boxes(shape: Sequence[int], grid: Sequence[int]) -> Iterator[tuple[sli
                     for c, g, d in zip(cell, grid, shape, strict=True))
 
 
-class _Window:
-    """Writes in flight, their host bytes bounded: a new one waits for the oldest to finish."""
+# A fetched box is a fresh array the window drops once written (interface.BoxFetch):
+# tensorstore may keep it as its copy instead of copying it.
+_HAND_OVER = {"can_reference_source_data_indefinitely": True}
 
-    def __init__(self, max_bytes: int, where: Any):
+
+def _chunk_bytes(leaf: OutLeaf, grid: Sequence[int]) -> int:
+    """The bytes of one whole chunk of a leaf (zarr stores a chunk at the edge whole too)."""
+    return int(np.prod([min(d, g) for d, g in zip(leaf.shape, grid, strict=True)],
+                       dtype=np.int64)) * leaf.dtype.itemsize
+
+
+class _Window:
+    """Chunk writes in flight, their host bytes bounded: a new one waits for the oldest to commit.
+
+    Each chunk is handed over to tensorstore (no copy: `_HAND_OVER`), which
+    holds it, or the whole chunk it writes it into at an edge, until the write
+    commits: a chunk in flight costs one whole chunk. With `batched` (OCDBT)
+    the chunks are staged in a tensorstore transaction, committed together
+    once it holds half the window or the next chunk would not fit beside it:
+    every commit of an OCDBT database writes and syncs a data file, a b-tree
+    node and the manifest, so that one commit per chunk spends its time on
+    syncs and manifests rather than on the bytes.
+    """
+
+    def __init__(self, max_bytes: int, where: Any, *, batched: bool):
         self.max_bytes = max_bytes
         self.where = where
+        self.batched = batched
         self.pending: deque[tuple[Any, int]] = deque()
-        self.held = 0
+        self.held = 0  # the cost of the commits in flight
+        self.txn: Any = None
+        self.staged = 0  # the cost of the chunks staged in txn
 
-    def add(self, future: Any, nbytes: int) -> None:
-        self.pending.append((future, nbytes))
-        self.held += nbytes
-        while self.pending and self.held > self.max_bytes:
+    def add(self, array: Any, box: tuple[slice, ...], part: np.ndarray, cost: int) -> None:
+        """Writes part (a fresh array, dropped after) into array's box; cost: its chunk's bytes."""
+        if self.staged and self.held + self.staged + cost > self.max_bytes:
+            self._commit()
+        while self.pending and self.held + self.staged + cost > self.max_bytes:
             self._pop()
+        if not self.batched:
+            target = array[box] if box else array
+            self.pending.append((target.write(part, **_HAND_OVER), cost))
+            self.held += cost
+            return
+        import tensorstore as ts
+
+        if self.txn is None:
+            self.txn = ts.Transaction()
+        target = array.with_transaction(self.txn)
+        target = target[box] if box else target
+        self.where.wait(target.write(part, **_HAND_OVER).copy, "writing")
+        self.staged += cost
+        if 2 * self.staged >= self.max_bytes:
+            self._commit()
+
+    def _commit(self) -> None:
+        txn, self.txn = self.txn, None
+        self.pending.append((txn.commit_async(), self.staged))
+        self.held += self.staged
+        self.staged = 0
 
     def _pop(self) -> None:
-        future, nbytes = self.pending.popleft()
+        future, cost = self.pending.popleft()
         self.where.wait(future, "writing")
-        self.held -= nbytes
+        self.held -= cost
 
     def drain(self) -> None:
+        if self.txn is not None:
+            self._commit()
         while self.pending:
             self._pop()
 
+    def abort(self) -> None:
+        """Drops what is staged and not committed (after a failure: nothing of it is kept)."""
+        if self.txn is not None:
+            self.txn.abort()
+            self.txn, self.staged = None, 0
+
     def settle(self) -> None:
-        """Waits for every write in flight (each within the storage timeout), ignoring failures."""
+        """Waits for every commit in flight (each within the storage timeout), ignoring failures."""
         while self.pending:
             future, _ = self.pending.popleft()
             try:
