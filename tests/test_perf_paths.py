@@ -245,3 +245,22 @@ def test_leaf_descriptions_are_the_same_remembered_or_not():
         assert describe_leaf((2, 3), np.dtype("float32")) == "float32[2, 3]"
         assert describe_leaf(None, int) == "<class 'int'>"
     assert describe_leaf([4], "bfloat16") == "bfloat16[4]"  # unhashable: rendered each time
+
+
+def test_plans_beyond_the_leaf_budget_are_not_kept(monkeypatch):
+    # A kept plan's indexes stay in memory: a big one is not kept, and the
+    # least recently used go first once the kept leaves pass the budget.
+    cache.clear()
+    monkeypatch.setattr(cache, "_MAX_LEAVES", 10)
+    big = {f"w{i}": np.zeros(1, np.float32) for i in range(6)}
+    tg.plan(big, big, {"": ""})  # 12 leaves in all
+    assert len(cache._kept) == 0
+    small = {f"w{i}": np.zeros(1, np.float32) for i in range(2)}
+    other = {f"v{i}": np.zeros(1, np.float32) for i in range(2)}
+    tg.plan(small, small, {"": ""})
+    tg.plan(other, other, {"": ""})
+    assert len(cache._kept) == 2  # 4 + 4 leaves
+    third = {f"u{i}": np.zeros(1, np.float32) for i in range(2)}
+    tg.plan(third, third, {"": ""})
+    assert len(cache._kept) == 2  # the first went: 12 > 10
+    cache.clear()

@@ -43,6 +43,11 @@ from treegraft._tree.leaves import array_type
 __all__ = ["Kept", "tree_key", "options_key", "lookup", "keep"]
 
 _SIZE = 8  # structures kept; the least recently used goes first
+# Leaves (state and source) kept in all: the indexes of a kept plan stay in
+# memory, and a big one slows the garbage collector for every later call (a
+# 200,000-leaf plan kept made an unrelated failing plan 20 % slower). A weight
+# sync of tens of thousands of leaves fits; a plan larger than this is not kept.
+_MAX_LEAVES = 100_000
 _lock = threading.Lock()
 _kept: OrderedDict[Any, Kept] = OrderedDict()
 
@@ -142,12 +147,19 @@ def keep(
     """Keeps a plan of plain trees under key (without their leaves)."""
     if not (target.plain and source.plain):
         return
+    size = len(target.paths) + len(source.paths)
+    if size > _MAX_LEAVES:
+        return
     kept = Kept(tuple(rules), target.bare(), source.bare(), tuple(pairs), tuple(report))
     with _lock:
         _kept[key] = kept
         _kept.move_to_end(key)
-        while len(_kept) > _SIZE:
+        while len(_kept) > _SIZE or _kept_leaves() > _MAX_LEAVES:
             _kept.popitem(last=False)
+
+
+def _kept_leaves() -> int:
+    return sum(len(k.target.paths) + len(k.source.paths) for k in _kept.values())
 
 
 def clear() -> None:
