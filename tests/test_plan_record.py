@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 import treegraft as tg
 from treegraft._formats.orbax import arrays as orbax_arrays
+from treegraft._read.source import BoxRequest
 
 LAYERS = 32
 SHAPE = (4, 8)
@@ -198,33 +199,34 @@ def _watch_reads(monkeypatch) -> dict[str, int]:
     """Counts the orbax reader's box reads: started, cancelled, most in flight at once."""
     seen = {"started": 0, "given": 0, "most": 0, "cancelled": 0}
     stream = orbax_arrays.DirectReader._stream
+    start = orbax_arrays._BoxRead.start
 
     class Future:
         def __init__(self, future):
             self.future = future
 
-        def result(self, timeout=None):
-            return self.future.result(timeout=timeout)
+        def __getattr__(self, name):
+            return getattr(self.future, name)
 
         def cancel(self):
             seen["cancelled"] += 1
             return self.future.cancel()
 
-    class View:
-        def __init__(self, view):
-            self.view = view
+    def started(self, pending):
+        future = start(self, pending)
+        if future is None:
+            return None
+        seen["started"] += 1
+        seen["most"] = max(seen["most"], seen["started"] - seen["given"])
+        return Future(future)
 
-        def read(self):
-            seen["started"] += 1
-            seen["most"] = max(seen["most"], seen["started"] - seen["given"])
-            return Future(self.view.read())
-
-    def watched(self, leaves, views, sizes):
-        for part in stream(self, leaves, [View(v) for v in views], sizes):
+    def watched(self, reads):
+        for part in stream(self, reads):
             seen["given"] += 1
             yield part
             del part
 
+    monkeypatch.setattr(orbax_arrays._BoxRead, "start", started)
     monkeypatch.setattr(orbax_arrays.DirectReader, "_stream", watched)
     return seen
 
@@ -260,8 +262,10 @@ def test_a_block_keeps_no_part_it_has_copied(monkeypatch, orbax_layers):
             return part
 
         for request in requests:
-            # No name here keeps a part once it is handed over.
-            yield made(_read_one(original, self, request))
+            # A source that ignores the block's slots (`BoxRequest.out`) and gives
+            # fresh parts: no name here keeps a part once it is handed over.
+            fresh = BoxRequest(request.path, request.box)
+            yield made(_read_one(original, self, fresh))
 
     monkeypatch.setattr(tg.OrbaxCheckpoint, "read_boxes", streamed)
     got = tg.graft(_stack_like(), tg.OrbaxCheckpoint(path), {"w": tg.stack("unscanned.layers_*.w")})
