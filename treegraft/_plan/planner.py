@@ -147,7 +147,10 @@ def plan(
             problems = CHECKS(res)
             if isinstance(inputs.src, SeveralIndex):
                 problems = inputs.src.restate(problems, res.pairs)
-        made = _conclude(res, source, problems, strict=strict, check_ignores=check_ignores)
+        # The conclusion too: a failing plan formats every problem, and a full
+        # collection there walks everything alive (plans kept by the cache among it).
+        with young_collections_only():
+            made = _conclude(res, source, problems, strict=strict, check_ignores=check_ignores)
         if key is not None:
             rec = made._record
             cache.keep(
