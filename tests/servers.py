@@ -21,7 +21,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["Server", "gcs_server", "s3_server", "loopback_env", "free_port", "in_loopback_netns"]
+__all__ = [
+    "Server", "gcs_server", "s3_server", "loopback_env", "free_port", "in_loopback_netns",
+    "http_endpoint", "silent_endpoint",
+]
 
 
 def free_port() -> int:
@@ -290,3 +293,27 @@ def s3_client():
 
     return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"],
                         region_name=os.environ["AWS_REGION"])
+
+
+@contextlib.contextmanager
+def http_endpoint(handler: type) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 answering with handler (a BaseHTTPRequestHandler): its URL."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def silent_endpoint() -> Iterator[str]:
+    """An endpoint on 127.0.0.1 that accepts connections and never answers: its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"

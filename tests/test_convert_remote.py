@@ -10,14 +10,13 @@ import http.server
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
+import servers
 import tensorstore
 
 import treegraft as tg
@@ -113,12 +112,8 @@ class _Refuse(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def refusing_server(s3_server):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with servers.http_endpoint(_Refuse) as url:
+        yield url
 
 
 def test_a_refusing_server_is_a_checkpoint_error_within_the_timeout(refusing_server,
@@ -135,11 +130,8 @@ def test_a_refusing_server_is_a_checkpoint_error_within_the_timeout(refusing_ser
 @pytest.fixture
 def silent_server(s3_server):
     """Accepts connections and never answers."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()
+    with servers.silent_endpoint() as url:
+        yield url
 
 
 def test_a_server_that_never_answers_is_an_error_within_the_timeout(silent_server, monkeypatch):
@@ -191,12 +183,8 @@ class _ReadOnly(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def read_only_server(s3_server):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ReadOnly)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with servers.http_endpoint(_ReadOnly) as url:
+        yield url
 
 
 def test_a_refused_write_is_a_checkpoint_error_naming_dest(read_only_server, monkeypatch):

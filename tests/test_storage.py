@@ -12,11 +12,9 @@ import json
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import jax
@@ -224,22 +222,15 @@ class _Refuse(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def refusing_server(s3_server):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with servers.http_endpoint(_Refuse) as url:
+        yield url
 
 
 @pytest.fixture
 def silent_server(s3_server):
     """Accepts connections and never answers."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()
+    with servers.silent_endpoint() as url:
+        yield url
 
 
 def test_refused_credentials_are_a_checkpoint_error(refusing_server, monkeypatch):

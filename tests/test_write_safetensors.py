@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+import servers
 
 import treegraft as tg
 from treegraft._formats.safetensors.write import SafetensorsWriter, plan_files
@@ -481,11 +481,8 @@ def test_a_remote_write_the_storage_refuses_is_an_error_naming_the_file(bucket):
 @pytest.fixture
 def silent_endpoint(s3_server):
     """An S3 endpoint that accepts connections and never answers."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()
+    with servers.silent_endpoint() as url:
+        yield url
 
 
 def test_a_stalled_server_is_an_error_within_the_storage_timeout(silent_endpoint, monkeypatch):
