@@ -8,6 +8,7 @@ costly (a literal rule's old path, the members of a stack) are memoized.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -141,25 +142,11 @@ class Inputs:
         rule = self.rules[r]
         assert rule.old is not None
         pattern = rule.refs[ref].pattern if rule.refs else rule.old
-        k = self.levels(r, ref)
         kinds, wanted = pattern.wildcards(), rule.new.wildcards()
-        stars = [p for p, kind in enumerate(kinds) if kind == "*"]
-        fits = [
-            combo
-            for combo in itertools.combinations(reversed(stars), k)
-            if tuple(kind for p, kind in enumerate(kinds) if p not in combo) == wanted
-        ]
-        if not fits:
-            return tuple(stars[-k:])
-        found = source_prefixes(pattern, self.src).values()
-        if found:
-            # A '*' that captures an integer anywhere is an index (a stray
-            # non-integer among its matches is then reported, not skipped over).
-            indexed = [p for p in stars if any(as_index(caps[p]) is not None for caps in found)]
-            for combo in fits:
-                if all(p in indexed for p in combo):
-                    return tuple(sorted(combo))
-        return tuple(sorted(fits[0]))
+        k = self.levels(r, ref)
+        if not stack_choices(kinds, wanted, k):
+            return choose_stacked(kinds, wanted, k, ())
+        return choose_stacked(kinds, wanted, k, source_prefixes(pattern, self.src).values())
 
     def _find_stack(self, r: int, new_prefix: Parts, ref: int) -> StackGroup:
         rule = self.rules[r]
@@ -190,6 +177,45 @@ class Inputs:
     def ignored_restored(self, parts: Parts, n: int) -> tuple[int, ...]:
         """Which ignore_restored_keys patterns cover a source leaf (rule prefix n long)."""
         return _hits(self.ignore_restored, parts, n)
+
+
+def stack_choices(
+    kinds: tuple[str, ...], wanted: tuple[str, ...], k: int
+) -> list[tuple[int, ...]]:
+    """The sets of k '*' positions a stack could take: those whose removal leaves `wanted`.
+
+    Last ones first (a stack takes the last '*' when nothing else decides).
+    """
+    stars = [p for p, kind in enumerate(kinds) if kind == "*"]
+    return [
+        combo
+        for combo in itertools.combinations(reversed(stars), k)
+        if tuple(kind for p, kind in enumerate(kinds) if p not in combo) == wanted
+    ]
+
+
+def choose_stacked(
+    kinds: tuple[str, ...], wanted: tuple[str, ...], k: int, found: Iterable[tuple[Any, ...]]
+) -> tuple[int, ...]:
+    """The k '*' positions a stack takes, given the captures its pattern found.
+
+    The last ones that capture integer indices among `stack_choices`; the last
+    ones when no match decides (docs/design.md section 16). The planner and
+    `invert` decide with this one rule.
+    """
+    stars = [p for p, kind in enumerate(kinds) if kind == "*"]
+    fits = stack_choices(kinds, wanted, k)
+    if not fits:
+        return tuple(stars[-k:])
+    found = list(found)
+    if found:
+        # A '*' that captures an integer anywhere is an index (a stray
+        # non-integer among its matches is then reported, not skipped over).
+        indexed = [p for p in stars if any(as_index(caps[p]) is not None for caps in found)]
+        for combo in fits:
+            if all(p in indexed for p in combo):
+                return tuple(sorted(combo))
+    return tuple(sorted(fits[0]))
 
 
 def _one_level(group: list[tuple[Any, Parts]]) -> StackGroup:

@@ -21,7 +21,7 @@ from treegraft._parse.ops import Operation, Stack
 from treegraft._parse.patterns import Pattern
 from treegraft._parse.rules import Rule, RuleValue
 from treegraft._parse.scan import scan
-from treegraft._plan.context import as_index
+from treegraft._plan.context import choose_stacked, stack_choices
 
 __all__ = ["bind_later_wildcards"]
 
@@ -75,24 +75,7 @@ def bind_later_wildcards(
 
 def _has_choice(rule: Rule, pattern: Pattern) -> bool:
     """Whether a one-level stack of pattern could take a `*` other than its last."""
-    kinds, wanted = pattern.wildcards(), rule.new.wildcards()
-    stars = [p for p, kind in enumerate(kinds) if kind == "*"]
-    return len(_fits(kinds, wanted, stars)) > 1
-
-
-def _fits(kinds: tuple[str, ...], wanted: tuple[str, ...], stars: list[int]) -> list[int]:
-    """The `*` positions whose removal leaves the new side's wildcards, last first."""
-    return [p for p in reversed(stars)
-            if tuple(k for q, k in enumerate(kinds) if q != p) == wanted]
-
-
-def _stacked_position(rule: Rule, pattern: Pattern, found: list[Parts]) -> int:
-    """The `*` the planner stacks (the last that captures an integer), as `_plan/context`."""
-    kinds = pattern.wildcards()
-    stars = [p for p, kind in enumerate(kinds) if kind == "*"]
-    fits = _fits(kinds, rule.new.wildcards(), stars)
-    indexed = {p for p in stars if any(as_index(caps[p]) is not None for caps in found)}
-    return next((p for p in fits if p in indexed), fits[0])
+    return len(stack_choices(pattern.wildcards(), rule.new.wildcards(), 1)) > 1
 
 
 def _split(
@@ -103,7 +86,7 @@ def _split(
     found = [m[1] for parts, _, _ in leaves if (m := match(parts)) is not None]
     if not found:
         return None
-    p = _stacked_position(rule, pattern, found)
+    (p,) = choose_stacked(pattern.wildcards(), rule.new.wildcards(), 1, found)
     later = [q for q in range(p + 1, len(pattern.wildcards()))]
     if not later:
         return None
