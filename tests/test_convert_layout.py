@@ -9,36 +9,18 @@ Then the law of section 15 through two converts and `tg.invert`.
 
 from __future__ import annotations
 
-import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_convert import assert_bits_equal
 
 import treegraft as tg
 from treegraft._app.cli import main
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def bits(tree):
-    """{path text: (dtype, shape, bytes)} of every leaf: equal means bit-identical."""
-    out = {}
-    for path, leaf in tg.flatten(tree).items():
-        with jax.transfer_guard("allow"):
-            value = np.ascontiguousarray(np.asarray(leaf))
-        out[str(path)] = (value.dtype, value.shape, value.tobytes())
-    return out
-
-
-def assert_bits_equal(got, want):
-    g, w = bits(got), bits(want)
-    assert sorted(g) == sorted(w)
-    for key in w:
-        assert g[key][:2] == w[key][:2], (key, g[key][:2], w[key][:2])
-        assert g[key][2] == w[key][2], key
 
 
 def rand(rng, *shape, dtype=np.float32):
