@@ -732,7 +732,19 @@ CATALOGUE: list[Case] = [
              {"p.layers.*.kernel": tg.stack("m.layers.*.mlp.*_proj.weight")}),
          tg.MappingError, r"which '\*' of 'm\.layers\.\*\.mlp\.\*_proj\.weight' the stack "
          r"takes depends on the source.*pass like="),
+    # -- round 5: found in round 4, refused in plan instead of jax's error after the reads ---
+    Case("value-target-sharding-uneven", memory({"w": "w"}), tg.MismatchError,
+         r"'w' in the state is float32\[5\] with sharding P\('x',\) over a mesh of x=8: "
+         r"axis 0 of size 5 cannot be split 8 ways evenly",
+         state=lambda: {"w": jax.ShapeDtypeStruct((5,), jnp.float32, sharding=_uneven())},
+         source=lambda: {"w": np.zeros(5, np.float32)}),
 ]
+
+
+def _uneven() -> Any:
+    """A sharding of 8 devices along one axis (it splits a length 5 unevenly)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("x",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
 
 
 def test_catalogue_is_complete():

@@ -54,7 +54,7 @@ __all__ = [
 Kind = Literal[
     "mapping", "ignore", "unmatched_rule", "unmatched_ignore", "missing", "unexpected",
     "structure", "shape", "dtype", "tie", "abstract", "deleted", "unfilled", "insert",
-    "sharding",
+    "sharding", "indivisible",
 ]
 
 
@@ -68,7 +68,8 @@ class Problem:
         "tie", "abstract", "deleted" or "unfilled" (found by a plan); "mapping"
         or "ignore" (an entry of a mapping or an ignore pattern that does not
         parse); "insert" (a leaf of `insert`'s subtree that does not fit);
-        "sharding" (a leaf of `propagate_sharding` whose shape differs).
+        "sharding" (a leaf of `propagate_sharding` whose shape differs);
+        "indivisible" (an abstract target whose sharding cannot split its shape).
       message: names the paths and shows both sides; one line, but for a
         syntax error's caret lines.
       target: the path in the state, where there is one.
@@ -250,6 +251,7 @@ KINDS: dict[Kind, tuple[str, type[GraftError]]] = {
     "unfilled": ("abstract target leaves no rule fills (they would stay abstract)", MappingError),
     "insert": ("the subtree differs from the one it replaces", MismatchError),
     "sharding": ("values and like differ in shape", MismatchError),
+    "indivisible": ("target shardings that do not divide their leaf's shape", MismatchError),
 }
 
 LISTED = 20  # problems listed per kind in a message before "... and N more"

@@ -24,7 +24,7 @@ from typing import Any
 from treegraft._errors import MappingError
 from treegraft._multihost import plan_on_every_process
 from treegraft._parse.rules import CastOption, MappingLike, parse_ignore, parse_mapping
-from treegraft._plan import cache, checks, coverage
+from treegraft._plan import cache, checks, coverage, divisible
 from treegraft._plan.checks import deleted_sources
 from treegraft._plan.context import Inputs
 from treegraft._plan.problems import _KEY_KINDS, Problem, raise_problems
@@ -239,6 +239,7 @@ CHECKS = chain(
     checks.check_concrete,
     checks.check_deleted,
     checks.check_unfilled,
+    divisible.check_divisible,
     coverage.check_outranked_rules,
     coverage.check_unmatched_rules,
     coverage.check_unexpected,

@@ -1,0 +1,102 @@
+"""Abstract targets whose sharding cannot split their shape are refused in `plan`.
+
+Before, such a `jax.ShapeDtypeStruct` passed `plan` and `graft` failed after
+its reads with jax's raw `IndivisibleError` naming only the first leaf.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import treegraft as tg
+from treegraft._plan.divisible import uneven_split
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+
+
+def _abstract(shape, mesh, spec):
+    return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec))
+
+
+def test_every_uneven_target_is_named_in_one_mismatch_error_before_any_read(mesh):
+    state = {
+        "layers": [{"w": _abstract((6, 3), mesh, P("model"))} for _ in range(4)],
+        "b": _abstract((5,), mesh, P("data")),
+        "ok": _abstract((8, 6), mesh, P("model", "data")),
+    }
+    source = {
+        "layers": [{"w": np.ones((6, 3), np.float32)} for _ in range(4)],
+        "b": np.ones(5, np.float32),
+        "ok": np.ones((8, 6), np.float32),
+    }
+    with pytest.raises(tg.MismatchError) as err:
+        tg.plan(state, source, {"*": "*"})
+    text = str(err.value)
+    assert "target shardings that do not divide their leaf's shape: 5" in text
+    assert "'b' in the state is float32[5] with sharding P('data',) over a mesh of " \
+        "data=2, model=4: axis 0 of size 5 cannot be split 2 ways evenly" in text
+    assert "axis 0 of size 6 cannot be split 4 ways evenly" in text
+    assert "'layers[0..3].w' in the state is float32[6, 3]" in text  # grouped across layers
+    assert "(x4)" in text
+    assert "'ok'" not in text
+    assert "or None to replicate that axis" in text
+    kinds = {p.kind for p in err.value.problems}
+    assert kinds == {"indivisible"}
+    assert sorted(str(p.target) for p in err.value.problems) == [
+        "b", "layers[0].w", "layers[1].w", "layers[2].w", "layers[3].w"]
+
+
+def test_a_checkpoint_source_is_refused_in_plan_and_graft_leaves_the_state(mesh, tmp_path):
+    src = {"w": np.arange(15, dtype=np.float32).reshape(5, 3)}
+    tg.save(src, str(tmp_path / "ck"))
+    state = {"w": _abstract((5, 3), mesh, P(("data", "model")))}
+    ckpt = tg.OrbaxCheckpoint(str(tmp_path / "ck"))
+    with pytest.raises(tg.MismatchError, match=r"axis 0 of size 5 cannot be split 8 ways evenly"):
+        tg.plan(state, ckpt, {"w": "w"})
+    with pytest.raises(tg.MismatchError, match=r"axis 0 of size 5 cannot be split 8 ways evenly"):
+        tg.graft(state, ckpt, {"w": "w"})
+    assert isinstance(state["w"], jax.ShapeDtypeStruct)
+
+
+def test_convert_with_such_a_like_writes_nothing(mesh, tmp_path):
+    like = {"w": _abstract((5, 3), mesh, P("model"))}
+    dest = tmp_path / "out"
+    with pytest.raises(tg.MismatchError, match=r"cannot be split 4 ways evenly"):
+        tg.convert({"w": np.ones((5, 3), np.float32)}, str(dest), {"w": "w"}, like=like)
+    assert not os.path.exists(dest)
+    assert os.listdir(tmp_path) == []
+
+
+def test_targets_that_divide_are_grafted_with_their_sharding(mesh):
+    """Uneven axes that no mesh axis splits are fine; so are concrete targets."""
+    state = {
+        "a": _abstract((8, 5), mesh, P("model")),
+        "b": _abstract((7, 4), mesh, P(None, "model")),
+        "c": jnp.zeros((5,)),
+    }
+    source = {k: np.arange(np.prod(v.shape), dtype=np.float32).reshape(v.shape)
+              for k, v in state.items()}
+    out = tg.graft(state, source, {"*": "*"})
+    for k in state:
+        np.testing.assert_array_equal(np.asarray(out[k]), source[k])
+    assert out["a"].sharding == state["a"].sharding
+    assert out["b"].sharding == state["b"].sharding
+
+
+def test_uneven_split_names_each_axis_and_fits_otherwise(mesh):
+    assert uneven_split((8, 4), NamedSharding(mesh, P("model", "data"))) is None
+    assert uneven_split((6, 3), NamedSharding(mesh, P("data", "model"))) == (
+        "axis 1 of size 3 cannot be split 4 ways evenly")
+    assert uneven_split((3, 3), NamedSharding(mesh, P("data", "model"))) == (
+        "axis 0 of size 3 cannot be split 2 ways evenly; "
+        "axis 1 of size 3 cannot be split 4 ways evenly")
