@@ -57,8 +57,11 @@ def array_type() -> type[jax.Array]:
     Fast paths compare `type(x) is array_type()`: an isinstance check against
     `jax.Array` (an ABC) costs some microseconds a leaf. Not at import: making
     an array starts jax's backend, which must wait for `jax.distributed`.
+    Made under `ensure_compile_time_eval`: a first use inside `jax.jit` would
+    otherwise cache the tracer's type for the whole process.
     """
-    return type(jax.numpy.zeros(()))
+    with jax.ensure_compile_time_eval():
+        return type(jax.numpy.zeros(()))
 
 
 def is_key_dtype(dtype: Any) -> bool:

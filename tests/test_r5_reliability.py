@@ -1,4 +1,4 @@
-"""Abstract targets whose sharding cannot split their shape are refused in `plan`.
+"""Reliability round 5: abstract targets whose sharding cannot split their shape, and jit.
 
 Before, such a `jax.ShapeDtypeStruct` passed `plan` and `graft` failed after
 its reads with jax's raw `IndivisibleError` naming only the first leaf.
@@ -7,6 +7,8 @@ its reads with jax's raw `IndivisibleError` naming only the first leaf.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -100,3 +102,23 @@ def test_uneven_split_names_each_axis_and_fits_otherwise(mesh):
     assert uneven_split((3, 3), NamedSharding(mesh, P("data", "model"))) == (
         "axis 0 of size 3 cannot be split 2 ways evenly; "
         "axis 1 of size 3 cannot be split 4 ways evenly")
+
+
+def test_the_array_type_is_jaxs_even_when_first_asked_under_jit():
+    """array_type() is cached for the process: asked first inside a trace, it kept the tracer's type."""
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from treegraft._tree.leaves import array_type\n"
+        "seen = []\n"
+        "jax.jit(lambda x: seen.append(array_type()) or x)(jnp.ones(3))\n"
+        "assert seen[0] is type(jnp.ones(3)), seen\n"
+        "import treegraft as tg\n"
+        "try:\n"
+        "    jax.jit(lambda x: tg.graft({'w': x}, {'w': x}, {'w': 'w'}))(jnp.ones(3))\n"
+        "except tg.GraftError as e:\n"
+        "    print('typed:', type(e).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr
+    assert "typed:" in done.stdout, done.stdout
