@@ -105,7 +105,7 @@ def test_uneven_split_names_each_axis_and_fits_otherwise(mesh):
 
 
 def test_the_array_type_is_jaxs_even_when_first_asked_under_jit():
-    """array_type() is cached for the process: asked first inside a trace, it kept the tracer's type."""
+    """array_type() is cached per process: asked first in a trace, it kept the tracer type."""
     code = (
         "import jax, jax.numpy as jnp\n"
         "from treegraft._tree.leaves import array_type\n"
