@@ -1,0 +1,266 @@
+"""Issue #25 rows 5 and 4: planning against a large orbax checkpoint, its fast paths.
+
+Each fast path is proved taken on the checkpoints orbax writes, equal to the
+general path it stands in for (the same tree, leaves, plan entries), and not
+taken where it must not be:
+
+- `_METADATA` read by a scan of orbax's usual text instead of `json`
+  (`metadata_scan`), with `_build`'s tree as the oracle;
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from kauldron_run import init_params, train_state, write_item, write_run
+
+import treegraft as tg
+from treegraft._formats.orbax import metadata as M
+from treegraft._formats.orbax.headers import LazyLeaf, OrbaxStore
+from treegraft._formats.orbax.metadata_scan import scan
+from treegraft._storage.location import Location
+
+
+def _tree_of(tree):
+    """A tree's structure and, per leaf, what a `LazyLeaf` says before any read."""
+    keyed, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return treedef, [
+        (path, type(leaf).__name__, leaf.name, leaf.scalar, leaf.key_impl)
+        if isinstance(leaf, LazyLeaf) else (path, leaf)
+        for path, leaf in keyed
+    ]
+
+
+def _store(directory) -> OrbaxStore:
+    location = Location.parse(os.path.abspath(directory))
+    return OrbaxStore(location, key_impls=M._key_impls(location))
+
+
+def _json_build(directory, text: bytes):
+    """The general path: json, then `_build` (its tree, or the exception it raises)."""
+    try:
+        return M._build(_store(directory), json.loads(text)["tree_metadata"])
+    except Exception as e:  # noqa: BLE001 - compared by type with the scan's refusal
+        return e
+
+
+def _scan_build(directory, text: bytes):
+    """The fast path: `scan`, then `_build_scanned`; None where it leaves the text to json."""
+    scanned = scan(text)
+    if scanned is None:
+        return None
+    try:
+        return M._build_scanned(_store(directory), scanned[1])
+    except (M._Corrupt, ValueError):
+        return None
+
+
+def _mixed():
+    return {
+        "params": {"enc": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)}},
+        "count": jnp.asarray(7, jnp.int32),
+        "epoch": 3,
+        "lr": 0.25,
+        "flag": True,
+        "table": np.arange(6, dtype=np.float64).reshape(3, 2),
+        "lst": [jnp.arange(3), None, {"x": jnp.ones(2)}, (jnp.ones(1), (), [])],
+        "ints": {0: jnp.ones(3), 1: jnp.zeros(3)},
+        "layers": [{"w": jnp.full((2,), float(i))} for i in range(12)],
+        "empty": {},
+        "none": None,
+        "rng": jax.random.key(3),
+    }
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    root = tmp_path_factory.mktemp("r5")
+    out = {"mixed": write_item(root / "mixed", _mixed())}
+    state = train_state(init_params({"dense": {"kernel": (4, 8)}}, seed=1), step=2)
+    write_run(root / "run", {2: state})
+    out["kauldron"] = str(root / "run" / "checkpoints" / "ckpt_2" / "default")
+    return out
+
+
+def _read(directory: str) -> bytes:
+    with open(os.path.join(directory, "_METADATA"), "rb") as f:
+        return f.read()
+
+
+# --- _METADATA by a scan ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mixed", "kauldron"])
+def test_scan_is_taken_on_orbax_checkpoints_and_builds_jsons_tree(items, name):
+    directory = os.path.abspath(items[name])
+    text = _read(directory)
+    fields, entries = scan(text)
+    want = json.loads(text)
+    assert fields == {**want, "tree_metadata": {}}
+    assert [e[0] for e in entries] == list(want["tree_metadata"])
+    assert _tree_of(_scan_build(directory, text)) == _tree_of(_json_build(directory, text))
+
+
+def test_lazy_metadata_takes_the_scan_and_gives_orbaxs_tree(items, caplog):
+    directory = os.path.abspath(items["mixed"])
+    with caplog.at_level(logging.DEBUG, logger="treegraft"):
+        tree = M.lazy_metadata(directory)
+    assert "with json" not in caplog.text
+    assert _tree_of(tree) == _tree_of(_json_build(directory, _read(directory)))
+    # The key array's metadata came through the store the scan made.
+    assert (tree["rng"].shape, str(tree["rng"].dtype)) == ((), "key<fry>")
+    assert tree["layers"][11]["w"].shape == (2,)
+
+
+def _rewrite(directory: str, tmp_path, text: bytes) -> str:
+    """A copy of an orbax item whose `_METADATA` is text."""
+    import shutil
+
+    copy = str(tmp_path / "item")
+    shutil.copytree(directory, copy)
+    with open(os.path.join(copy, "_METADATA"), "wb") as f:
+        f.write(text)
+    return copy
+
+
+def test_other_spacing_goes_to_json_and_plans_the_same(items, tmp_path, caplog):
+    directory = os.path.abspath(items["kauldron"])
+    meta = json.loads(_read(directory))
+    compact = json.dumps(meta, separators=(",", ":")).encode()
+    assert scan(compact) is None
+    copy = _rewrite(directory, tmp_path, compact)
+    with caplog.at_level(logging.DEBUG, logger="treegraft"):
+        slow = M.lazy_metadata(copy)
+    assert "with json: not orbax's usual text" in caplog.text
+    assert _tree_of(slow)[0] == _tree_of(M.lazy_metadata(directory))[0]
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), slow)
+    mapping = {"params": "params", "step": "step"}
+    plans = [tg.plan(state, tg.OrbaxCheckpoint(d), mapping) for d in (copy, directory)]
+    assert [(str(e.target), str(e.source), e.shape) for e in plans[0].entries] == [
+        (str(e.target), str(e.source), e.shape) for e in plans[1].entries
+    ]
+
+
+def _entry(keys, value_type="jax.Array", **extra):
+    value = {"value_type": value_type, "skip_deserialize": value_type not in M._ARRAYS, **extra}
+    return str(tuple(k for k, _ in keys)), {
+        "key_metadata": [{"key": k, "key_type": t} for k, t in keys],
+        "value_metadata": value,
+    }
+
+
+def _text(entries, **fields) -> bytes:
+    tree = dict(entries)
+    return json.dumps({"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False, **fields}
+                      ).encode()
+
+
+GOOD = [_entry([("a", 2), ("w", 2)]), _entry([("a", 2), ("b", 2)], "scalar"),
+        _entry([("l", 2), ("0", 1)], write_shape=[2, 3]), _entry([("e", 2)], "Dict")]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(_text(GOOD).replace(b'"w"', b'"w\\"x"'), id="escaped-quote"),
+        pytest.param(_text(GOOD).replace(b'"w"', b'"w\\u00e9"'), id="unicode-escape"),
+        pytest.param(_text(GOOD).replace(b'"w"', b'"w\x01"'), id="control-char"),
+        pytest.param(_text(GOOD).replace(b'"use_ocdbt"', b'"tree_metadata": {}, "x"'),
+                     id="two-tree-metadata"),
+        pytest.param(_text(GOOD).replace(b"\"('a', 'b')\"", b"\"('a', 'w')\""),
+                     id="duplicate-name"),
+        pytest.param(b"\xef\xbb\xbf" + _text(GOOD), id="bom"),
+        pytest.param(_text(GOOD) + b" x", id="trailing-garbage"),
+        pytest.param(_text(GOOD).replace(b'"w"', b'"\xff"'), id="not-utf8"),
+        pytest.param(_text(GOOD).replace(b'"skip_deserialize": false',
+                                         b'"skip_deserialize": 0'), id="other-field-value"),
+        pytest.param(_text(GOOD).replace(b'[2, 3]', b'[2, 03]'), id="bad-number"),
+        pytest.param(b" " + _text(GOOD), id="leading-space"),
+    ],
+)
+def test_texts_orbax_does_not_write_are_left_to_json(text):
+    assert scan(text) is None
+
+
+def test_the_scanned_text_reads_the_names_orbax_gives():
+    fields, entries = scan(_text(GOOD))
+    assert fields == {"tree_metadata": {}, "use_ocdbt": True, "use_zarr3": False}
+    assert entries == [
+        ("('a', 'w')", '{"key": "a", "key_type": 2}, ', "w", "", "jax.Array"),
+        ("('a', 'b')", '{"key": "a", "key_type": 2}, ', "b", "", "scalar"),
+        ("('l', '0')", '{"key": "l", "key_type": 2}, ', "0", "1", "jax.Array"),
+        ("('e',)", "", "e", "", "Dict"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        pytest.param([_entry([("a", 2), ("0", 1)]), _entry([("a", 2), ("x", 2)])],
+                     id="mixed-kinds"),
+        pytest.param([_entry([("a", 2)]), _entry([("a", 2), ("x", 2)])], id="leaf-and-node"),
+        pytest.param([_entry([("a", 2), ("x", 2)]), _entry([("a", 2)])], id="node-and-leaf"),
+        pytest.param([_entry([("a", 2), ("1", 1)])], id="list-gap"),
+        pytest.param([_entry([("a", 2), ("x", 1)])], id="index-not-digits"),
+        pytest.param([_entry([("a", 2)], "Custom")], id="unknown-type"),
+        pytest.param([_entry([("e", 2)], "Dict"), _entry([("e", 2), ("x", 2)])],
+                     id="empty-node-and-node"),
+        pytest.param([_entry([("a", 2), ("0", 1)]), _entry([("a", 2), ("00", 1)])],
+                     id="one-index-twice"),
+    ],
+)
+def test_trees_build_refuses_are_left_to_it(tmp_path, entries):
+    text = _text(entries)
+    assert scan(text) is not None  # the text is orbax's form: the tree is what is wrong
+    assert _scan_build(tmp_path, text) is None
+    assert isinstance(_json_build(tmp_path, text), Exception)
+
+
+_KEY_CHARS = st.sampled_from(["a", "b", "0", "1", "01", "x y", '"', "\\", "é", "\x01", "'"])
+
+
+@st.composite
+def _metadata_texts(draw):
+    """_METADATA texts in orbax's layout: random trees, some damaged, some keys escaped."""
+    entries = []
+    for _ in range(draw(st.integers(1, 8))):
+        depth = draw(st.integers(1, 3))
+        keys = [(draw(_KEY_CHARS), draw(st.sampled_from([1, 2, 2]))) for _ in range(depth)]
+        kind = draw(st.sampled_from(["jax.Array", "np.ndarray", "scalar", "Dict", "List",
+                                     "None", "Tuple", "Other"]))
+        entries.append(_entry(keys, kind))
+    if draw(st.booleans()):
+        entries.sort(key=lambda e: e[0])
+    return _text(entries, use_zarr3=draw(st.booleans()))
+
+
+@given(_metadata_texts())
+def test_the_scan_builds_jsons_tree_or_leaves_the_text_to_it(tmp_path_factory, text):
+    directory = str(tmp_path_factory.getbasetemp())
+    want = _json_build(directory, text)
+    got = _scan_build(directory, text)
+    if got is not None:
+        assert not isinstance(want, Exception)
+        assert _tree_of(got) == _tree_of(want)
+    elif scan(text) is not None and not isinstance(want, Exception):
+        # The scan refuses a tree only where _build might differ: never a clean one.
+        pytest.fail("the scan refused a tree _build reads")
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c0", "0", "1", "2"]),
+                          st.sampled_from(["b", "w", "0", "1"])), min_size=1, max_size=10))
+def test_clean_trees_take_the_scan(tmp_path_factory, pairs):
+    directory = str(tmp_path_factory.getbasetemp())
+    entries = dict(_entry([(a, 2), (b, 2)]) for a, b in pairs)
+    text = _text(list(entries.items()))
+    got = _scan_build(directory, text)
+    assert got is not None
+    assert _tree_of(got) == _tree_of(_json_build(directory, text))
