@@ -264,3 +264,79 @@ def test_clean_trees_take_the_scan(tmp_path_factory, pairs):
     got = _scan_build(directory, text)
     assert got is not None
     assert _tree_of(got) == _tree_of(_json_build(directory, text))
+
+
+# --- resolve: a literal rule's leaves as one run ---------------------------------------
+
+from treegraft._parse.rules import parse_mapping  # noqa: E402
+from treegraft._plan.context import Inputs  # noqa: E402
+from treegraft._plan.resolve import _assign_rules, _copy_run, fresh_run, resolve  # noqa: E402
+from treegraft._tree.index import TreeIndex  # noqa: E402
+
+
+def _inputs(state, source, mapping):
+    return Inputs(tuple(parse_mapping(mapping)), (), (), TreeIndex(state, "the state"),
+                  TreeIndex(source, "the source"), False)
+
+
+def _resolved(res, n_tgt):
+    """What a resolution says about the first n_tgt target leaves, comparable across runs."""
+    return (
+        res.winner[:n_tgt], res.prefix_len[:n_tgt], res.hits, res.ties,
+        [p for p in res.pairs if p.target < n_tgt],
+        [u for u in res.unpaired if u.target < n_tgt],
+        res.instances, res.bad_unstacks, res.outranked_unfound, res.unmatched,
+    )
+
+
+_NAMES = st.sampled_from(["a", "b", "c", "d"])
+_TREES = st.dictionaries(_NAMES, st.dictionaries(_NAMES, st.just(0), min_size=1, max_size=3),
+                         min_size=1, max_size=4)
+_PATHS = st.one_of(_NAMES, st.tuples(_NAMES, _NAMES).map(".".join))
+
+
+@given(_TREES, _TREES, st.dictionaries(_PATHS, st.one_of(_PATHS, st.none()), min_size=1,
+                                       max_size=4))
+def test_literal_runs_resolve_as_the_leaf_by_leaf_loop(state, source, mapping):
+    """The run fast paths against the general loop, which a non-str key elsewhere forces."""
+    leaf = np.zeros(1)
+    state = jax.tree.map(lambda _: leaf, state)
+    source = jax.tree.map(lambda _: leaf, source)
+    fast = _inputs(state, source, mapping)
+    # 'zz' sorts last: the other leaves keep their indices.
+    slow = _inputs({**state, "zz": [leaf]}, {**source, "zz": [leaf]}, mapping)
+    assert fast.tgt.str_only() and not slow.tgt.str_only()
+    n = len(fast.tgt)
+    assert _resolved(resolve(fast), n) == _resolved(resolve(slow), n)
+
+
+def test_a_literal_rule_takes_its_leaves_as_one_run():
+    leaf = np.zeros(1)
+    state = {"p": {f"b{i}": {"w": leaf, "v": leaf} for i in range(5)}, "q": leaf}
+    source = {"p": {f"b{i}": {"w": leaf, "v": leaf} for i in range(5)}}
+    inputs = _inputs(state, source, {"p": "p"})
+    members = inputs.tgt.under(("p",))
+    assert fresh_run(inputs, 0, members, [-1] * len(inputs.tgt)) == (0, 10)
+    assert _copy_run(inputs, 0, 10, 0, 1, (), {}) == [(i, i, 0, (), None, ()) for i in range(10)]
+    winner = _assign_rules(inputs).winner
+    assert winner == [0] * 10 + [-1]
+
+
+def test_the_runs_are_not_taken_where_a_leaf_would_differ():
+    leaf = np.zeros(1)
+    state = {"p": {"a": leaf, "b": leaf, "c": leaf}}
+    # a leaf has a rule already (a more specific rule came first): not one fresh run
+    inputs = _inputs(state, state, {"p.b": "p.b", "p": "p"})
+    assert fresh_run(inputs, 1, inputs.tgt.under(("p",)), [-1, 0, -1]) is None
+    # a pattern: its leaves may match at other lengths or capture
+    inputs = _inputs(state, state, {"p.*": "p.*"})
+    assert fresh_run(inputs, 0, inputs.tgt.under(("p",)), [-1] * 3) is None
+    # int keys: a look-up may match loosely ('0' finds 0)
+    inputs = _inputs({"p": [leaf, leaf]}, {"p": {"0": leaf, "1": leaf}}, {"p": "p"})
+    assert fresh_run(inputs, 0, inputs.tgt.under(("p",)), [-1] * 2) is None
+    # a source leaf missing: the run gives way to the loop, which says which one
+    inputs = _inputs(state, {"p": {"a": leaf, "c": leaf}}, {"p": "p"})
+    assert _copy_run(inputs, 0, 3, 0, 1, (), {}) is None
+    res = resolve(inputs)
+    assert [p.target for p in res.pairs] == [0, 2]
+    assert [(u.target, u.why) for u in res.unpaired] == [(1, "absent")]

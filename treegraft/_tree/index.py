@@ -99,6 +99,20 @@ class TreeIndex:
         i = self._find(parts + ("value",))
         return i if i is not None and len(self.under(parts)) == 1 else None
 
+    def find_all(self, wanted: list[Parts]) -> list[int | None]:
+        """`find` of each path, in order: one dict look-up each when paths hold str parts only.
+
+        Example:
+          >>> TreeIndex({'a': 1, 'b': {'c': 2}}, 'the tree').find_all([('b', 'c'), ('x',)])
+          [1, None]
+        """
+        if self.str_only():
+            assert self._index is not None
+            found = list(map(self._index.get, wanted))
+            if None not in found:
+                return found
+        return [self.find(parts) for parts in wanted]
+
     def _find(self, parts: Parts) -> int | None:
         if self._index is None:
             self._build_index()
@@ -144,6 +158,10 @@ class TreeIndex:
     def _build_index(self) -> None:
         self._index = {p: i for i, p in enumerate(self.paths)}
         self._all_str = set(map(type, itertools.chain.from_iterable(self.paths))) <= {str}
+
+    def str_only(self) -> bool:
+        """Whether every part of every path is a str (then equal paths have equal types)."""
+        return self._str_only()
 
     def _str_only(self) -> bool:
         """Whether every part of every path is a str (then equal paths have equal types)."""

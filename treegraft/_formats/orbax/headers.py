@@ -246,11 +246,14 @@ def _read_headers(store: OrbaxStore, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
         return leaves
     left = [] if not rest else [leaf for key, leaf in wanted.items() if key not in found]
     parsed: dict[bytes, tuple[tuple[int, ...], np.dtype[Any]] | None] = {}
+    last, spec = None, None
     for key, value in found.items():
         leaf = wanted[key]
-        spec = parsed.get(value, _UNSEEN)
-        if spec is _UNSEEN:  # most headers repeat: parse each text once
-            spec = parsed[value] = _parse_header(value, store.zarr3)
+        if value != last:  # neighbours share a header: compared, not hashed again
+            last = value
+            spec = parsed.get(value, _UNSEEN)
+            if spec is _UNSEEN:  # most headers repeat: parse each text once
+                spec = parsed[value] = _parse_header(value, store.zarr3)
         if spec is None:  # unparsable or unusual: the array open decides
             left.append(leaf)
         elif leaf.scalar or leaf.key_impl is not None:
