@@ -340,3 +340,76 @@ def test_the_runs_are_not_taken_where_a_leaf_would_differ():
     res = resolve(inputs)
     assert [p.target for p in res.pairs] == [0, 2]
     assert [(u.target, u.why) for u in res.unpaired] == [(1, "absent")]
+
+
+# --- fixed costs of a small checkpoint: the walk started only when wanted, key arrays --
+
+
+def _store_of(tree) -> OrbaxStore:
+    return next(x for x in jax.tree_util.tree_leaves(tree) if isinstance(x, LazyLeaf))._store
+
+
+def test_a_small_checkpoint_reads_a_few_headers_key_by_key_without_a_walk(items):
+    from treegraft._formats.orbax.headers import prefetch
+
+    directory = os.path.abspath(items["mixed"])
+    tree = M.lazy_metadata(directory)
+    store = _store_of(tree)
+    assert store.index is None and store.walk_later
+    prefetch([tree["params"]["enc"]["kernel"]])
+    assert store.index is None and store.walk_later  # one header: read by its key
+    assert tree["params"]["enc"]["kernel"].shape == (4, 8)
+
+
+def test_a_small_checkpoint_walks_its_index_for_many_headers(items):
+    from treegraft._formats.orbax.headers import prefetch
+
+    directory = os.path.abspath(items["mixed"])
+    tree = M.lazy_metadata(directory)
+    store = _store_of(tree)
+    prefetch(jax.tree_util.tree_leaves(tree))
+    assert store.index is not None and not store.walk_later
+    assert _specs(tree) == _orbax_specs(directory)
+
+
+def _specs(tree):
+    """Each leaf's shape and dtype; a key array's as saved (orbax's metadata gives its data)."""
+    return [x.stored if x.key_impl else (x.shape, x.dtype) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _orbax_specs(directory):
+    from test_read_metadata import orbax_metadata
+
+    return [(tuple(x.shape), x.dtype) for x in jax.tree_util.tree_leaves(orbax_metadata(directory))]
+
+
+def test_a_large_metadata_file_starts_the_walk_before_parsing(items, monkeypatch):
+    directory = os.path.abspath(items["mixed"])
+    monkeypatch.setattr(M, "_EARLY_WALK_BYTES", 100)  # the threshold, not a fake
+    tree = M.lazy_metadata(directory)
+    store = _store_of(tree)
+    assert store.index is not None and not store.walk_later
+    assert _specs(tree) == _orbax_specs(directory)
+
+
+@pytest.mark.parametrize("spelling", ["escaped", "utf-16"])
+def test_key_arrays_are_found_however_their_metadata_is_spelt(items, tmp_path, spelling):
+    import shutil
+
+    copy = str(tmp_path / "item")
+    shutil.copytree(os.path.abspath(items["mixed"]), copy)
+    folder = os.path.join(copy, "array_metadatas")
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+            text = f.read()
+        assert b"random_key_impl" in text
+        if spelling == "escaped":
+            text = text.replace(b"random_key_impl", b"random\\u005fkey_impl")
+        else:
+            text = text.decode().encode("utf-16")
+        with open(path, "wb") as f:
+            f.write(text)
+    impls = M._key_impls(Location.parse(copy))
+    assert impls == M._key_impls(Location.parse(os.path.abspath(items["mixed"])))
+    assert impls == {"rng": "threefry2x32"}
