@@ -45,6 +45,7 @@ class TreeIndex:
         check_not_traced(self.leaves, self.paths, what)
         self._index: dict[Parts, int] | None = None
         self._all_str = False  # every part a str: an equal path has the same types
+        self._str_known = False  # whether _all_str has been found (with or without _index)
         self._loose: dict[Parts, int] | None = None
         self._groups: dict[int, dict[Parts, list[int]]] = {}
         self._loose_groups: dict[int, dict[Parts, list[int]]] = {}
@@ -107,6 +108,8 @@ class TreeIndex:
           [1, None]
         """
         if self.str_only():
+            if self._index is None:
+                self._build_index()
             assert self._index is not None
             found = list(map(self._index.get, wanted))
             if None not in found:
@@ -157,7 +160,7 @@ class TreeIndex:
 
     def _build_index(self) -> None:
         self._index = {p: i for i, p in enumerate(self.paths)}
-        self._all_str = set(map(type, itertools.chain.from_iterable(self.paths))) <= {str}
+        self._str_only()
 
     def str_only(self) -> bool:
         """Whether every part of every path is a str (then equal paths have equal types)."""
@@ -165,8 +168,10 @@ class TreeIndex:
 
     def _str_only(self) -> bool:
         """Whether every part of every path is a str (then equal paths have equal types)."""
-        if self._index is None:
-            self._build_index()
+        if not self._str_known:
+            # Without the path table: a plan may never look a target leaf up by path.
+            self._all_str = set(map(type, itertools.chain.from_iterable(self.paths))) <= {str}
+            self._str_known = True
         return self._all_str
 
     def node_exists(self, parts: Parts) -> bool:
