@@ -289,7 +289,7 @@ def _resolved(res, n_tgt):
     )
 
 
-_NAMES = st.sampled_from(["a", "b", "c", "d"])
+_NAMES = st.sampled_from(["a", "b", "0", "01"])  # "0" and "01": an int in a rule finds "0"
 _TREES = st.dictionaries(_NAMES, st.dictionaries(_NAMES, st.just(0), min_size=1, max_size=3),
                          min_size=1, max_size=4)
 _PATHS = st.one_of(_NAMES, st.tuples(_NAMES, _NAMES).map(".".join))

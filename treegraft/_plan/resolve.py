@@ -165,9 +165,11 @@ def _assign_rules(inputs: Inputs) -> Assignment:
 def fresh_run(inputs: Inputs, r: int, members: Any, winner: list[int]) -> tuple[int, int] | None:
     """The leaves a literal rule matches, as one run (start, stop) no rule has taken; else None.
 
-    A literal rule's new path matches every leaf under it at its own length
-    with no captures, when paths hold str parts only (then `under` finds no
-    loose match); leaves under one node are neighbours in leaf order.
+    A literal rule's new path matches every leaf `under` it at its own
+    length with no captures when the state's paths hold str parts only (then
+    `under` gives exactly the leaves the rule's matcher takes, int parts of
+    the rule finding their digits either way); leaves under one node are
+    neighbours in leaf order.
     """
     rule = inputs.rules[r]
     if not members or not rule.new.is_literal or not inputs.tgt.str_only():
