@@ -15,6 +15,7 @@ metadata call.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -67,9 +68,8 @@ def lazy_metadata(directory: str | Location) -> Any:
                 walk_later = True
         with young_collections_only():
             text = location.join("_METADATA").read_bytes("metadata file")
-            # The store's settings, and key arrays listed once, whichever parse makes it.
-            impls: list[Any] = [walk_later]
-            tree = _scanned_tree(location, text, context, index, impls)
+            stores = _Stores(location, context, index, walk_later)
+            tree = _scanned_tree(stores, text)
             if tree is not None:
                 return tree
             try:
@@ -85,7 +85,7 @@ def lazy_metadata(directory: str | Location) -> Any:
             if zarr3 not in (True, False) or meta.get("use_ocdbt") is not True:
                 _build(OrbaxStore(location), meta["tree_metadata"])  # its checks only
                 return _fallback(location, "not an OCDBT layout with zarr v2 or v3 arrays")
-            store = _store(location, meta, context, index, impls)
+            store = stores.make(meta)
             entries = meta["tree_metadata"]
             if not isinstance(entries, dict) or not entries:
                 return _fallback(location, "tree_metadata is empty or not a dict")
@@ -119,30 +119,32 @@ def _early_walk(location: Location) -> bool:
         return True  # the read reports it
 
 
-def _store(
-    location: Location, meta: dict[str, Any], context: Any, index: Any, impls: list[Any]
-) -> OrbaxStore:
-    """The `OrbaxStore` of an OCDBT checkpoint whose `_METADATA` fields are meta.
+@dataclasses.dataclass
+class _Stores:
+    """What the `OrbaxStore` of either parse is made with; its key arrays listed once."""
 
-    impls is [walk_later] and then caches `_key_impls` (a listing of the
-    checkpoint) across both parses.
-    """
-    if len(impls) < 2:
-        impls.append(_key_impls(location))
-    return OrbaxStore(
-        location,
-        zarr3=meta.get("use_zarr3", False),
-        key_impls=impls[1],
-        fill_missing=meta.get("store_array_data_equal_to_fill_value") is not True,
-        context=context,
-        index=index,
-        walk_later=impls[0],
-    )
+    location: Location
+    context: Any
+    index: Any
+    walk_later: bool
+    key_impls: dict[str, str] | None = None
+
+    def make(self, meta: dict[str, Any]) -> OrbaxStore:
+        """The store of an OCDBT checkpoint whose `_METADATA` fields are meta."""
+        if self.key_impls is None:
+            self.key_impls = _key_impls(self.location)
+        return OrbaxStore(
+            self.location,
+            zarr3=meta.get("use_zarr3", False),
+            key_impls=self.key_impls,
+            fill_missing=meta.get("store_array_data_equal_to_fill_value") is not True,
+            context=self.context,
+            index=self.index,
+            walk_later=self.walk_later,
+        )
 
 
-def _scanned_tree(
-    location: Location, text: bytes, context: Any, index: Any, impls: list[Any]
-) -> Any:
+def _scanned_tree(stores: _Stores, text: bytes) -> Any:
     """The tree from a scan of orbax's usual `_METADATA` text, or None: then `json` reads it.
 
     None for every text the scan does not vouch for, and for every tree
@@ -151,7 +153,7 @@ def _scanned_tree(
     """
     scanned = scan(text)
     if scanned is None:
-        log.debug("parsing the _METADATA of %s with json: not orbax's usual text", location)
+        log.debug("parsing the _METADATA of %s with json: not orbax's usual text", stores.location)
         return None
     fields, entries = scanned
     if not entries or fields.get("use_zarr3", False) not in (True, False) or (
@@ -159,11 +161,12 @@ def _scanned_tree(
     ):
         return None
     try:
-        tree = _build_scanned(_store(location, fields, context, index, impls), entries)
+        tree = _build_scanned(stores.make(fields), entries)
     except (_Corrupt, ValueError, RecursionError):
         tree = None
     if tree is None:
-        log.debug("parsing the _METADATA of %s with json: its tree needs _build's checks", location)
+        log.debug("parsing the _METADATA of %s with json: its tree needs _build's checks",
+                  stores.location)
     return tree
 
 
