@@ -413,3 +413,15 @@ def test_key_arrays_are_found_however_their_metadata_is_spelt(items, tmp_path, s
     impls = M._key_impls(Location.parse(copy))
     assert impls == M._key_impls(Location.parse(os.path.abspath(items["mixed"])))
     assert impls == {"rng": "threefry2x32"}
+
+
+def test_array_metadata_naming_no_key_array_gives_none(items):
+    folder = os.path.join(os.path.abspath(items["kauldron"]), "array_metadatas")
+    texts = [_read_file(os.path.join(folder, n)) for n in os.listdir(folder)]
+    assert texts and not any(b"random_key_impl" in t for t in texts)  # the skipped parse
+    assert M._key_impls(Location.parse(os.path.abspath(items["kauldron"]))) == {}
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
