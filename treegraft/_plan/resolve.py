@@ -10,6 +10,9 @@ checks (`checks`, `coverage`) turn its `Resolution` into problems.
 
 from __future__ import annotations
 
+import itertools
+import operator
+import typing
 from typing import Any, NamedTuple
 
 from treegraft._parse.paths import Part
@@ -124,7 +127,18 @@ def _assign_rules(inputs: Inputs) -> Assignment:
         # Only the leaves under a rule's literal prefix can match it: with
         # one rule per subtree, planning stays linear in rules + leaves.
         head = rule.new.literal_prefix()
-        for i in tgt.under(head) if head else everything:
+        members = tgt.under(head) if head else everything
+        run = fresh_run(inputs, r, members, winner)
+        if run is not None:
+            # Every leaf of the run matches, at the same length, and none has
+            # a rule yet: the loop below would give each what this gives all.
+            a, b = run
+            hits[r] += b - a
+            winner[a:b] = [r] * (b - a)
+            prefix_len[a:b] = [len(head)] * (b - a)
+            rank[a:b] = [(len(head), literals)] * (b - a)
+            continue
+        for i in members:
             m = match(paths[i])
             if m is None:
                 continue
@@ -146,6 +160,64 @@ def _assign_rules(inputs: Inputs) -> Assignment:
             first.setdefault((winner[i], b), i)
     ties = [(a, b, i) for (a, b), i in first.items()]
     return Assignment(winner, prefix_len, hits, captures, ties, outranked)
+
+
+def fresh_run(inputs: Inputs, r: int, members: Any, winner: list[int]) -> tuple[int, int] | None:
+    """The leaves a literal rule matches, as one run (start, stop) no rule has taken; else None.
+
+    A literal rule's new path matches every leaf `under` it at its own
+    length with no captures when the state's paths hold str parts only (then
+    `under` gives exactly the leaves the rule's matcher takes, int parts of
+    the rule finding their digits either way); leaves under one node are
+    neighbours in leaf order.
+    """
+    rule = inputs.rules[r]
+    if not members or not rule.new.is_literal or not inputs.tgt.str_only():
+        return None
+    a, b = members[0], members[-1] + 1
+    if b - a != len(members) or winner[a:b].count(-1) != b - a:
+        return None
+    return a, b
+
+
+def _runs(winner: list[int], prefix_len: list[int]) -> list[tuple[int, int]]:
+    """(start, stop) of each run of neighbouring leaves with one rule at one prefix length."""
+    keys = list(zip(winner, prefix_len, strict=True))
+    n = len(keys)
+    starts = [0, *itertools.compress(range(1, n), map(operator.ne, keys[1:], keys[:-1]))]
+    return list(zip(starts, [*starts[1:], n], strict=True)) if n else []
+
+
+def _copy_run(
+    inputs: Inputs,
+    a: int,
+    b: int,
+    r: int,
+    n: int,
+    caps: tuple[Any, ...],
+    instances: dict[tuple[int, Parts], Parts | None],
+) -> list[Pair] | None:
+    """The pairs of target leaves a..b-1, all copied by literal rule r; None when one is unpaired.
+
+    The per-leaf loop of `_pair_leaves` would make the same pairs one by
+    one; here the source look-ups are one batch (`TreeIndex.find_all`).
+    """
+    paths = inputs.tgt.paths
+    new_prefix = paths[a][:n]
+    key = (r, new_prefix)
+    if key in instances:
+        old_prefix = instances[key]
+    else:
+        old_prefix = instances[key] = inputs.old_prefix(r, new_prefix, caps)
+    if old_prefix is None:
+        return None
+    run = paths[a:b]
+    wanted = run if old_prefix == new_prefix else [old_prefix + p[n:] for p in run]
+    found = inputs.src.find_all(wanted)
+    if None in found:
+        return None
+    sources = typing.cast(list[int], found)
+    return list(map(Pair, range(a, b), sources, itertools.repeat(r)))
 
 
 def _pair_leaves(
@@ -170,56 +242,64 @@ def _pair_leaves(
     unpaired: list[Unpaired] = []
     bad_unstacks: list[tuple[int, Parts, Any]] = []
     index_clashes: list[tuple[int, Parts, str]] = []
-    for i, r in enumerate(winner):
+    literal_copies = inputs.tgt.str_only()
+    for a, b in _runs(winner, prefix_len):
+        r = winner[a]
         if r < 0:
             continue
         rule = rules[r]
         if rule.old is None:
             continue  # a keep rule: the leaf keeps its value
-        parts = tgt.paths[i]
-        n = prefix_len[i]
-        new_prefix = parts[:n]
-        key = (r, new_prefix)
-        if rule.gather in ("stack", "join"):
-            made = _gather(inputs, i, r, n, captures[i], gathered)
-            if isinstance(made, Unpaired):
-                unpaired.append(made)
-            elif made is not None:
-                pairs.append(made)
-            elif rule.refs and any(ref.unstack for ref in rule.refs):
-                caps = captures[i]
-                if key not in instances and (not caps or as_index(caps[-1]) is None):
-                    bad_unstacks.append((r, new_prefix, caps[-1] if caps else None))
-            instances.setdefault(key, None)
-            continue
-        if key in instances:
-            old_prefix = instances[key]
-        else:
-            old_prefix = instances[key] = inputs.old_prefix(r, new_prefix, captures[i])
+        if literal_copies and rule.gather == "copy" and rule.new.is_literal:
+            batch = _copy_run(inputs, a, b, r, prefix_len[a], captures[a], instances)
+            if batch is not None:
+                pairs.extend(batch)
+                continue
+        for i in range(a, b):
+            parts = tgt.paths[i]
+            n = prefix_len[i]
+            new_prefix = parts[:n]
+            key = (r, new_prefix)
+            if rule.gather in ("stack", "join"):
+                made = _gather(inputs, i, r, n, captures[i], gathered)
+                if isinstance(made, Unpaired):
+                    unpaired.append(made)
+                elif made is not None:
+                    pairs.append(made)
+                elif rule.refs and any(ref.unstack for ref in rule.refs):
+                    caps = captures[i]
+                    if key not in instances and (not caps or as_index(caps[-1]) is None):
+                        bad_unstacks.append((r, new_prefix, caps[-1] if caps else None))
+                instances.setdefault(key, None)
+                continue
+            if key in instances:
+                old_prefix = instances[key]
+            else:
+                old_prefix = instances[key] = inputs.old_prefix(r, new_prefix, captures[i])
+                if rule.gather == "unstack":
+                    caps = rule.new.match(new_prefix) or ()
+                    index = as_index(caps[-1]) if caps else None
+                    taken[key] = index
+                    if index is None:
+                        bad_unstacks.append((r, new_prefix, caps[-1] if caps else None))
+                    else:
+                        spelt.setdefault((r, tuple(caps[:-1])), {}).setdefault(index, []).append(
+                            new_prefix
+                        )
+            if old_prefix is None:
+                unpaired.append(Unpaired(i, r, n, None, "prefix", inputs.ignored_model(parts, n)))
+                continue
+            si = src.find(parts if old_prefix == new_prefix else old_prefix + parts[n:])
+            if si is None:
+                unpaired.append(_unpaired_leaf(inputs, i, r, n, old_prefix))
+                continue
             if rule.gather == "unstack":
-                caps = rule.new.match(new_prefix) or ()
-                index = as_index(caps[-1]) if caps else None
-                taken[key] = index
+                index = taken[key]
                 if index is None:
-                    bad_unstacks.append((r, new_prefix, caps[-1] if caps else None))
-                else:
-                    spelt.setdefault((r, tuple(caps[:-1])), {}).setdefault(index, []).append(
-                        new_prefix
-                    )
-        if old_prefix is None:
-            unpaired.append(Unpaired(i, r, n, None, "prefix", inputs.ignored_model(parts, n)))
-            continue
-        si = src.find(parts if old_prefix == new_prefix else old_prefix + parts[n:])
-        if si is None:
-            unpaired.append(_unpaired_leaf(inputs, i, r, n, old_prefix))
-            continue
-        if rule.gather == "unstack":
-            index = taken[key]
-            if index is None:
-                continue  # a bad unstack, recorded once per instance
-            pairs.append(Pair(i, si, r, (), index))
-        else:
-            pairs.append(Pair(i, si, r))
+                    continue  # a bad unstack, recorded once per instance
+                pairs.append(Pair(i, si, r, (), index))
+            else:
+                pairs.append(Pair(i, si, r))
     stack_instances = []
     for key, olds in gathered.items():
         for op in olds:

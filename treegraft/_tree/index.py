@@ -45,6 +45,7 @@ class TreeIndex:
         check_not_traced(self.leaves, self.paths, what)
         self._index: dict[Parts, int] | None = None
         self._all_str = False  # every part a str: an equal path has the same types
+        self._str_known = False  # whether _all_str has been found (with or without _index)
         self._loose: dict[Parts, int] | None = None
         self._groups: dict[int, dict[Parts, list[int]]] = {}
         self._loose_groups: dict[int, dict[Parts, list[int]]] = {}
@@ -99,6 +100,22 @@ class TreeIndex:
         i = self._find(parts + ("value",))
         return i if i is not None and len(self.under(parts)) == 1 else None
 
+    def find_all(self, wanted: list[Parts]) -> list[int | None]:
+        """`find` of each path, in order: one dict look-up each when paths hold str parts only.
+
+        Example:
+          >>> TreeIndex({'a': 1, 'b': {'c': 2}}, 'the tree').find_all([('b', 'c'), ('x',)])
+          [1, None]
+        """
+        if self.str_only():
+            if self._index is None:
+                self._build_index()
+            assert self._index is not None
+            found = list(map(self._index.get, wanted))
+            if None not in found:
+                return found
+        return [self.find(parts) for parts in wanted]
+
     def _find(self, parts: Parts) -> int | None:
         if self._index is None:
             self._build_index()
@@ -143,12 +160,18 @@ class TreeIndex:
 
     def _build_index(self) -> None:
         self._index = {p: i for i, p in enumerate(self.paths)}
-        self._all_str = set(map(type, itertools.chain.from_iterable(self.paths))) <= {str}
+        self._str_only()
+
+    def str_only(self) -> bool:
+        """Whether every part of every path is a str (then equal paths have equal types)."""
+        return self._str_only()
 
     def _str_only(self) -> bool:
         """Whether every part of every path is a str (then equal paths have equal types)."""
-        if self._index is None:
-            self._build_index()
+        if not self._str_known:
+            # Without the path table: a plan may never look a target leaf up by path.
+            self._all_str = set(map(type, itertools.chain.from_iterable(self.paths))) <= {str}
+            self._str_known = True
         return self._all_str
 
     def node_exists(self, parts: Parts) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from treegraft._errors import CheckpointError
-from treegraft._formats.orbax.ocdbt_index import IndexWalk
+from treegraft._formats.orbax.ocdbt_index import IndexWalk, start_walk, worth_walking
 from treegraft._storage.errors import reason, stalled
 from treegraft._storage.location import Location
 from treegraft._tree.gc import young_collections_only
@@ -59,6 +59,8 @@ class OrbaxStore:
       context: the tensorstore context (`store_context`; made on first use
         when None).
       index: a walk of the store's index started before (`start_walk`), or None.
+      walk_later: with no index, whether the store can be walked: a batch of
+        headers then starts a walk when it beats reading them key by key.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class OrbaxStore:
         fill_missing: bool = True,
         context: Any = None,
         index: IndexWalk | None = None,
+        walk_later: bool = False,
     ):
         self.location = directory
         self.directory = str(directory)
@@ -78,6 +81,7 @@ class OrbaxStore:
         self.fill_missing = fill_missing
         self._context = context
         self.index = index
+        self.walk_later = walk_later and index is None
         self.leaves: list[LazyLeaf] = []  # every leaf of the tree, for one bulk load
         self._single_loads = 0
         self._bulk_loaded = False
@@ -215,6 +219,10 @@ def _read_headers(store: OrbaxStore, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
     suffix = "/zarr.json" if store.zarr3 else "/.zarray"
     wanted = {f"{leaf.name}{suffix}".encode(): leaf for leaf in leaves}
     try:
+        if store.walk_later and worth_walking(len(wanted), 2 * len(store.leaves)):
+            # Each array has a header and at least one chunk: about twice as many keys.
+            store.walk_later = False
+            store.index = start_walk(store.location, store.context())
         index = store.index
         found: dict[bytes, bytes] = {}
         if index is not None:
@@ -246,11 +254,14 @@ def _read_headers(store: OrbaxStore, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
         return leaves
     left = [] if not rest else [leaf for key, leaf in wanted.items() if key not in found]
     parsed: dict[bytes, tuple[tuple[int, ...], np.dtype[Any]] | None] = {}
+    last, spec = None, None
     for key, value in found.items():
         leaf = wanted[key]
-        spec = parsed.get(value, _UNSEEN)
-        if spec is _UNSEEN:  # most headers repeat: parse each text once
-            spec = parsed[value] = _parse_header(value, store.zarr3)
+        if value != last:  # neighbours share a header: compared, not hashed again
+            last = value
+            spec = parsed.get(value, _UNSEEN)
+            if spec is _UNSEEN:  # most headers repeat: parse each text once
+                spec = parsed[value] = _parse_header(value, store.zarr3)
         if spec is None:  # unparsable or unusual: the array open decides
             left.append(leaf)
         elif leaf.scalar or leaf.key_impl is not None:
