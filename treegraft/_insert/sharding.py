@@ -173,20 +173,16 @@ def place(
         )
         shared: list[int] = []  # values whose replicas got one buffer
         for (k, value, sharding), got in zip(puts, placed, strict=True):
-            if (
-                isinstance(value, jax.Array)
-                and value.sharding != sharding
-                and _may_keep(value.sharding, sharding, value.shape)
-                and buffers(got) & buffers(value)
-            ):
+            if type(value) is concrete or isinstance(value, jax.Array):
+                keeps, adopts = _reshard_checks(value.sharding, sharding, value.shape)
+            else:
+                keeps, adopts = False, _on_cpu(sharding) and _has_replicas(
+                    sharding, np.shape(value))
+            if keeps and buffers(got) & buffers(value):
                 # jax keeps the source's buffer as one shard of a resharded array
                 # (one device to replicated), even with may_alias=False.
                 got = copy_array(got)
-            if (
-                _on_cpu(sharding)
-                and _has_replicas(sharding, np.shape(value))
-                and shares_buffers(got)
-            ):
+            if adopts and shares_buffers(got):
                 # Replicas sharing one buffer (docs/design.md section 12): jax's
                 # CPU client adopts an aligned host block's memory as the buffer
                 # of every device that holds that block (whether it adopts depends
@@ -488,6 +484,68 @@ def _may_keep(have: Any, want: Any, shape: tuple[int, ...]) -> bool:
             _KEEPS.clear()
         _KEEPS[key] = found
     return found
+
+
+_CHECKS: dict[tuple[Any, Any, tuple[int, ...]], tuple[bool, bool]] = {}
+
+
+def _reshard_checks(have: Any, want: Any, shape: tuple[int, ...]) -> tuple[bool, bool]:
+    """Which buffers a `jax.device_put` of an array in have onto want must be checked for.
+
+    Returns (keeps, adopts): whether a shard of the result may be a source
+    buffer (`_may_keep`), and whether two replicas of the result may share
+    one buffer. Asked once per pair of shardings and shape; looking at every
+    shard's buffer costs 35 us an array, a third of the put of a 2 KiB bias.
+
+    A reshard that keeps no source block goes through the host: jax gathers
+    the array into one C-ordered host copy and puts each device's slice of it.
+    jax's CPU client adopts a slice as the device buffer only when the slice
+    is one run of memory (and happens to be aligned); a slice with gaps (the
+    columns of a row-major kernel) is always copied into a new buffer. So
+    when no device's block is one run of memory, every shard is new and
+    owns its buffer (docs/design.md section 12), and nothing is checked.
+    """
+    key = (have, want, shape)
+    found = _CHECKS.get(key)
+    if found is None:
+        if have == want:
+            keeps, adopts = False, _on_cpu(want) and _has_replicas(want, shape)
+        else:
+            keeps = _may_keep(have, want, shape)
+            adopts = _on_cpu(want) and _has_replicas(want, shape)
+            if adopts and not keeps:
+                adopts = _any_block_dense(want, shape)
+        found = (keeps, adopts)
+        if len(_CHECKS) > 4096:
+            _CHECKS.clear()
+        _CHECKS[key] = found
+    return found
+
+
+def _any_block_dense(sharding: Any, shape: tuple[int, ...]) -> bool:
+    """Whether some device's block of a C-ordered array of shape is one run of memory."""
+    try:
+        indices = sharding.devices_indices_map(shape)
+    except Exception:  # noqa: BLE001 (a sharding jax cannot map: assume it may be)
+        return True
+    return any(_dense(box_of(tuple(index or ()), shape), shape) for index in indices.values())
+
+
+def _dense(box: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> bool:
+    """Whether a box of a C-ordered array of shape is one run of memory.
+
+    It is when every axis after some axis is whole and every axis before it
+    has one index. An empty box counts as one run (it may be adopted).
+
+    >>> _dense(((0, 4), (0, 8)), (8, 8)), _dense(((0, 8), (0, 4)), (8, 8))
+    (True, False)
+    """
+    if any(b <= a for a, b in box):
+        return True
+    partial = [k for k, ((a, b), n) in enumerate(zip(box, shape, strict=True)) if (a, b) != (0, n)]
+    if not partial:
+        return True
+    return all(b - a == 1 for a, b in box[: partial[-1]])
 
 
 def _within(inner: tuple[tuple[int, int], ...], outer: tuple[tuple[int, int], ...]) -> bool:
