@@ -12,7 +12,11 @@ Proves, on behaviour only (the timings are in `benchmarks/run.py --cases sync`):
   which looks at every leaf;
 - where a block is one run of memory (a bias split over a replicated axis) the
   fast path is not taken: jax's CPU client does adopt such a host block for two
-  devices, and the graft still hands out buffers of their own.
+  devices, and the graft still hands out buffers of their own;
+- many small such reshards (at least half a chunk of one shape, dtype and sharding)
+  are copied whole by the compiled chunk copy, padded to a full chunk, instead of
+  being looked at; fewer, or larger arrays, are looked at as before; both give
+  the general path's values, shardings and owned buffers.
 """
 
 from __future__ import annotations
@@ -147,16 +151,17 @@ def test_the_sync_layouts_get_the_expected_rule():
 # ----------------------------------------------------------------------------
 
 
-def _sync_trees(n=12, side=64):
+def _sync_trees(n=12, side=64, bias=None):
     fsdp, tp = _meshes()
 
-    def layer(mesh, kernel, bias, value):
+    def layer(mesh, kernel, bias_spec, value):
         return {
             "kernel": jax.device_put(
                 np.arange(side * side, dtype=np.float32).reshape(side, side) + value,
                 NamedSharding(mesh, kernel),
             ),
-            "bias": jax.device_put(np.full(side, value, np.float32), NamedSharding(mesh, bias)),
+            "bias": jax.device_put(np.full(bias or side, value, np.float32),
+                                   NamedSharding(mesh, bias_spec)),
         }
 
     source = {"model": {f"layers_{i}": layer(fsdp, P("fsdp", None), P("fsdp"), i + 1.0)
@@ -185,6 +190,11 @@ def _counting(monkeypatch):
 
     monkeypatch.setattr(placing, "shares_buffers", shares_buffers)
     return looked
+
+
+def _compiled_copies():
+    info = placing._chunk_copier.cache_info()
+    return info.hits + info.misses
 
 
 def _assert_sync_result(out, source, target, n):
@@ -264,3 +274,31 @@ def test_a_block_of_one_run_of_memory_is_looked_at_and_owned(monkeypatch, spec):
         _assert_fresh(got, source[f"b{i}"])
     if spec == P("model"):
         assert len(looked) == 6  # replicas: each leaf's shards looked at
+
+
+@pytest.mark.parametrize(
+    ("n", "bias", "copied"),
+    [
+        (160, 64, True),  # 160 biases of 256 B: one chunk, padded
+        (100, 64, False),  # fewer than half a chunk: looked at
+        (160, 4096, False),  # 16 KiB each: looking costs less than copying
+    ],
+)
+def test_many_small_reshards_onto_replicas_are_copied_whole(monkeypatch, n, bias, copied):
+    source, target, mapping = _sync_trees(n, side=8, bias=bias)
+    looked = _counting(monkeypatch)
+    chunks = _compiled_copies()
+    out = tg.graft(target, source, mapping)
+    if copied:
+        assert _compiled_copies() == chunks + 1
+        assert looked == []
+    else:
+        assert _compiled_copies() == chunks
+        assert sorted(looked) == [(bias,)] * n
+    _assert_sync_result(out, source, target, n)
+    monkeypatch.setattr(placing, "_reshard_checks", _general_checks)
+    general = tg.graft(target, source, mapping)
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(general),
+                    strict=True):
+        assert a.sharding == b.sharding and a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
