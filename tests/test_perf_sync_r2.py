@@ -179,6 +179,12 @@ def _general_checks(have, want, shape):
     )
 
 
+def _general_path(monkeypatch):
+    """place as before #25 row 2: every leaf's buffers looked at, none copied whole."""
+    monkeypatch.setattr(placing, "_reshard_checks", _general_checks)
+    monkeypatch.setattr(placing, "_SMALL", -1)
+
+
 def _counting(monkeypatch):
     """Counts the arrays whose shards' buffers place looks at (the real check runs)."""
     looked = []
@@ -225,7 +231,7 @@ def test_sync_gives_what_the_general_path_gives(monkeypatch):
     n = 12
     source, target, mapping = _sync_trees(n)
     fast = tg.graft(target, source, mapping)
-    monkeypatch.setattr(placing, "_reshard_checks", _general_checks)
+    _general_path(monkeypatch)
     looked = _counting(monkeypatch)
     general = tg.graft(target, source, mapping)
     assert len(looked) == 2 * n  # the general path looks at every leaf
@@ -277,27 +283,29 @@ def test_a_block_of_one_run_of_memory_is_looked_at_and_owned(monkeypatch, spec):
 
 
 @pytest.mark.parametrize(
-    ("n", "bias", "copied"),
+    ("n", "bias", "chunks", "looked_at"),
     [
-        (160, 64, True),  # 160 biases of 256 B: one chunk, padded
-        (100, 64, False),  # fewer than half a chunk: looked at
-        (160, 4096, False),  # 16 KiB each: looking costs less than copying
+        (160, 64, 1, 0),  # 160 biases of 256 B: one chunk, padded
+        (100, 64, 0, 100),  # less than half a chunk: looked at
+        (300, 64, 1, 44),  # a full chunk, and a rest of 44 looked at
+        (160, 4096, 0, 160),  # 16 KiB each: looking costs less than copying
     ],
 )
-def test_many_small_reshards_onto_replicas_are_copied_whole(monkeypatch, n, bias, copied):
+def test_many_small_reshards_onto_replicas_are_copied_whole(
+    monkeypatch, n, bias, chunks, looked_at
+):
     source, target, mapping = _sync_trees(n, side=8, bias=bias)
     looked = _counting(monkeypatch)
-    chunks = _compiled_copies()
+    before = _compiled_copies()
     out = tg.graft(target, source, mapping)
-    if copied:
-        assert _compiled_copies() == chunks + 1
-        assert looked == []
-    else:
-        assert _compiled_copies() == chunks
-        assert sorted(looked) == [(bias,)] * n
+    assert _compiled_copies() == before + chunks
+    assert looked == [(bias,)] * looked_at  # never a kernel
     _assert_sync_result(out, source, target, n)
-    monkeypatch.setattr(placing, "_reshard_checks", _general_checks)
+    _general_path(monkeypatch)
+    del looked[:]
     general = tg.graft(target, source, mapping)
+    assert len(looked) == 2 * n  # the general path looks at every leaf
+    _assert_sync_result(general, source, target, n)
     for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(general),
                     strict=True):
         assert a.sharding == b.sharding and a.dtype == b.dtype and a.shape == b.shape

@@ -172,7 +172,7 @@ def place(
             [v for _, v, _ in puts], [sh for _, _, sh in puts], may_alias=[False] * len(puts)
         )
         shared: list[int] = []  # values whose replicas got one buffer
-        whole: list[tuple[int, Any, Any]] = []  # small results copied, not looked at
+        small: list[tuple[int, Any, Any]] = []  # results copied whole, not looked at
         for (k, value, sharding), got in zip(puts, placed, strict=True):
             resharded = False
             if type(value) is concrete or isinstance(value, jax.Array):
@@ -187,7 +187,7 @@ def place(
                 got = copy_array(got)
             out[k] = got
             if resharded and got.nbytes <= _SMALL:
-                whole.append((k, got, sharding))
+                small.append((k, got, sharding))
             elif adopts and shares_buffers(got):
                 # Replicas sharing one buffer (docs/design.md section 12): jax's
                 # CPU client adopts an aligned host block's memory as the buffer
@@ -195,11 +195,11 @@ def place(
                 # on where the host copy happened to land), and resharding a
                 # jax.Array onto replicas (P('b') to P()) shares buffers too.
                 shared.append(k)
-        if whole:
+        if small:
             # Many small reshards onto replicas (a model's biases): a compiled copy
             # of each costs less than looking at its shards' buffers (21 against
             # 33 us for 2 KiB), and a quarter of them needed a copy anyway.
-            rest = _copy_in_chunks(whole, out, pad=True)
+            rest = _copy_in_chunks(small, out, pad=True)
             shared.extend(k for k, got, _ in rest if shares_buffers(got))
         if shared:
             # Copies onto the same sharding, every shard into a new buffer of its
@@ -421,9 +421,9 @@ def _copy_in_chunks(
     the source's buffers, and each result had to be copied again (0.45 ms an
     array). Only groups of at least one chunk go this way (fewer would pay a
     compile for little); the rest is returned for the batched `device_put`.
-    With pad, a group of at least half a chunk goes this way whole: its last
-    chunk is filled up with its last array again (those copies are dropped),
-    so the copy compiled for a full chunk serves it.
+    With pad, a last chunk at least half full goes this way too, filled up
+    with its last array again (those copies are dropped), so the copy
+    compiled for a full chunk serves it.
     """
     # Each sharding hashed once, to its first equal object (arrays made one by
     # one each hold a sharding object of their own); then keyed by ids.
@@ -450,7 +450,7 @@ def _copy_in_chunks(
     for (_, _, sharding_id), members in groups.items():
         sharding = target_of[sharding_id]
         whole = len(members) - len(members) % _CHUNK
-        if pad and len(members) >= _CHUNK // 2:
+        if pad and len(members) % _CHUNK >= _CHUNK // 2:
             whole = len(members)
         if not whole:
             continue
@@ -513,8 +513,9 @@ def _reshard_checks(have: Any, want: Any, shape: tuple[int, ...]) -> tuple[bool,
 
     Returns (keeps, adopts): whether a shard of the result may be a source
     buffer (`_may_keep`), and whether two replicas of the result may share
-    one buffer. Asked once per pair of shardings and shape; looking at every
-    shard's buffer costs 35 us an array, a third of the put of a 2 KiB bias.
+    one buffer. Asked once per pair of shardings and shape: looking at every
+    shard's buffer costs 35 us an array, two thirds of the put of a 2 KiB bias,
+    and waits for the put to finish.
 
     A reshard that keeps no source block goes through the host: jax gathers
     the array into one C-ordered host copy and puts each device's slice of it.
