@@ -81,7 +81,16 @@ def _shardings():
         "tp both": (tp, P("data", "model")),
         "tp cols by data": (tp, P(None, "data")),
         "tp replicated": (tp, P()),
+        "device 0": (jax.devices()[0],),
+        "device 3": (jax.devices()[3],),
     }
+
+
+def _sharding(name):
+    made = _shardings()[name]
+    if len(made) == 1:
+        return jax.sharding.SingleDeviceSharding(made[0])
+    return NamedSharding(*made)
 
 
 _NAMES = sorted(_shardings())
@@ -111,8 +120,7 @@ def _assert_fresh(got, source):
     st.sampled_from([(16, 32), (32, 8), (8, 64)]),
 )
 def test_a_reshard_called_fresh_shares_no_memory(have_name, want_name, shape):
-    named = _shardings()
-    have, want = (NamedSharding(*named[n]) for n in (have_name, want_name))
+    have, want = _sharding(have_name), _sharding(want_name)
     keeps, adopts = placing._reshard_checks(have, want, shape)
     fresh = have != want and not keeps and not placing._any_block_dense(want, shape)
     if fresh:
