@@ -172,28 +172,35 @@ def place(
             [v for _, v, _ in puts], [sh for _, _, sh in puts], may_alias=[False] * len(puts)
         )
         shared: list[int] = []  # values whose replicas got one buffer
+        small: list[tuple[int, Any, Any]] = []  # results copied whole, not looked at
         for (k, value, sharding), got in zip(puts, placed, strict=True):
-            if (
-                isinstance(value, jax.Array)
-                and value.sharding != sharding
-                and _may_keep(value.sharding, sharding, value.shape)
-                and buffers(got) & buffers(value)
-            ):
+            resharded = False
+            if type(value) is concrete or isinstance(value, jax.Array):
+                keeps, adopts = _reshard_checks(value.sharding, sharding, value.shape)
+                resharded = adopts and not keeps and value.sharding != sharding
+            else:
+                keeps, adopts = False, _on_cpu(sharding) and _has_replicas(
+                    sharding, np.shape(value))
+            if keeps and buffers(got) & buffers(value):
                 # jax keeps the source's buffer as one shard of a resharded array
                 # (one device to replicated), even with may_alias=False.
                 got = copy_array(got)
-            if (
-                _on_cpu(sharding)
-                and _has_replicas(sharding, np.shape(value))
-                and shares_buffers(got)
-            ):
+            out[k] = got
+            if resharded and got.nbytes <= _SMALL:
+                small.append((k, got, sharding))
+            elif adopts and shares_buffers(got):
                 # Replicas sharing one buffer (docs/design.md section 12): jax's
                 # CPU client adopts an aligned host block's memory as the buffer
                 # of every device that holds that block (whether it adopts depends
                 # on where the host copy happened to land), and resharding a
                 # jax.Array onto replicas (P('b') to P()) shares buffers too.
                 shared.append(k)
-            out[k] = got
+        if small:
+            # Many small reshards onto replicas (a model's biases): a compiled copy
+            # of each costs less than looking at its shards' buffers (21 against
+            # 33 us for 2 KiB), and a quarter of them needed a copy anyway.
+            rest = _copy_in_chunks(small, out, pad=True)
+            shared.extend(k for k, got, _ in rest if shares_buffers(got))
         if shared:
             # Copies onto the same sharding, every shard into a new buffer of its
             # own: compiled by chunks where many are alike, the rest in one batch
@@ -396,10 +403,11 @@ def _scalar_for(
 
 
 _CHUNK = 256  # arrays per compiled copy
+_SMALL = 8 * 2**10  # bytes up to which a copy costs less than looking at the buffers
 
 
 def _copy_in_chunks(
-    puts: list[tuple[int, Any, Any]], out: list[Any]
+    puts: list[tuple[int, Any, Any]], out: list[Any], *, pad: bool = False
 ) -> list[tuple[int, Any, Any]]:
     """Copies many same-shape arrays onto shardings that keep their layout, by compiled chunks.
 
@@ -413,6 +421,9 @@ def _copy_in_chunks(
     the source's buffers, and each result had to be copied again (0.45 ms an
     array). Only groups of at least one chunk go this way (fewer would pay a
     compile for little); the rest is returned for the batched `device_put`.
+    With pad, a last chunk at least half full goes this way too, filled up
+    with its last array again (those copies are dropped), so the copy
+    compiled for a full chunk serves it.
     """
     # Each sharding hashed once, to its first equal object (arrays made one by
     # one each hold a sharding object of their own); then keyed by ids.
@@ -439,12 +450,16 @@ def _copy_in_chunks(
     for (_, _, sharding_id), members in groups.items():
         sharding = target_of[sharding_id]
         whole = len(members) - len(members) % _CHUNK
+        if pad and len(members) % _CHUNK >= _CHUNK // 2:
+            whole = len(members)
         if not whole:
             continue
         copy = _chunk_copier(sharding)
         for start in range(0, whole, _CHUNK):
             chunk = members[start : start + _CHUNK]
-            for n, got in zip(chunk, copy(*(puts[n][1] for n in chunk)), strict=True):
+            args = [puts[n][1] for n in chunk]
+            args += args[-1:] * (_CHUNK - len(args))
+            for n, got in zip(chunk, copy(*args), strict=False):
                 out[puts[n][0]] = got
             done.update(chunk)
     return [put for n, put in enumerate(puts) if n not in done] if done else puts
@@ -488,6 +503,69 @@ def _may_keep(have: Any, want: Any, shape: tuple[int, ...]) -> bool:
             _KEEPS.clear()
         _KEEPS[key] = found
     return found
+
+
+_CHECKS: dict[tuple[Any, Any, tuple[int, ...]], tuple[bool, bool]] = {}
+
+
+def _reshard_checks(have: Any, want: Any, shape: tuple[int, ...]) -> tuple[bool, bool]:
+    """Which buffers a `jax.device_put` of an array in have onto want must be checked for.
+
+    Returns (keeps, adopts): whether a shard of the result may be a source
+    buffer (`_may_keep`), and whether two replicas of the result may share
+    one buffer. Asked once per pair of shardings and shape: looking at every
+    shard's buffer costs 35 us an array, two thirds of the put of a 2 KiB bias,
+    and waits for the put to finish.
+
+    A reshard that keeps no source block goes through the host: jax gathers
+    the array into one C-ordered host copy and puts each device's slice of it.
+    jax's CPU client adopts a slice as the device buffer only when the slice
+    is one run of memory (and happens to be aligned); a slice with gaps (the
+    columns of a row-major kernel) is always copied into a new buffer. So
+    when no device's block is one run of memory, every shard is new and
+    owns its buffer (docs/design.md section 12), and nothing is checked.
+    """
+    key = (have, want, shape)
+    found = _CHECKS.get(key)
+    if found is None:
+        if have == want:
+            keeps, adopts = False, _on_cpu(want) and _has_replicas(want, shape)
+        else:
+            keeps = _may_keep(have, want, shape)
+            adopts = _on_cpu(want) and _has_replicas(want, shape)
+            if adopts and not keeps:
+                adopts = _any_block_dense(want, shape)
+        found = (keeps, adopts)
+        if len(_CHECKS) > 4096:
+            _CHECKS.clear()
+        _CHECKS[key] = found
+    return found
+
+
+def _any_block_dense(sharding: Any, shape: tuple[int, ...]) -> bool:
+    """Whether some device's block of a C-ordered array of shape is one run of memory."""
+    try:
+        indices = sharding.devices_indices_map(shape)
+    except Exception:  # noqa: BLE001 (a sharding jax cannot map: assume it may be)
+        return True
+    return any(_dense(box_of(tuple(index or ()), shape), shape) for index in indices.values())
+
+
+def _dense(box: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> bool:
+    """Whether a box of a C-ordered array of shape is one run of memory.
+
+    It is when every axis after some axis is whole and every axis before it
+    has one index. An empty box counts as one run (it may be adopted).
+
+    >>> _dense(((0, 4), (0, 8)), (8, 8)), _dense(((0, 8), (0, 4)), (8, 8))
+    (True, False)
+    """
+    if any(b <= a for a, b in box):
+        return True
+    partial = [k for k, ((a, b), n) in enumerate(zip(box, shape, strict=True)) if (a, b) != (0, n)]
+    if not partial:
+        return True
+    return all(b - a == 1 for a, b in box[: partial[-1]])
 
 
 def _within(inner: tuple[tuple[int, int], ...], outer: tuple[tuple[int, int], ...]) -> bool:
