@@ -173,6 +173,7 @@ def place(
         )
         shared: list[int] = []  # values whose replicas got one buffer
         small: list[tuple[int, Any, Any]] = []  # results copied whole, not looked at
+        from_host: dict[int, jax.Array] = {}  # small results resharded through the host
         for (k, value, sharding), got in zip(puts, placed, strict=True):
             resharded = False
             if type(value) is concrete or isinstance(value, jax.Array):
@@ -185,10 +186,21 @@ def place(
                 # jax keeps the source's buffer as one shard of a resharded array
                 # (one device to replicated), even with may_alias=False.
                 got = copy_array(got)
-            out[k] = got
+            # A reshard through the host: jax caches the source's host copy on
+            # the source array and may adopt an aligned slice of it as a device's
+            # buffer, memory the source still holds (section 12).
+            hosted = (isinstance(value, jax.Array) and value.sharding != sharding
+                      and _may_adopt_host_copy(value.sharding, sharding, value.shape))
             if resharded and got.nbytes <= _SMALL:
+                out[k] = got
                 small.append((k, got, sharding))
-            elif adopts and shares_buffers(got):
+                if hosted:
+                    from_host[k] = value
+                continue
+            if hosted and _in_host_copy(value, got):
+                got = copy_array(got)
+            out[k] = got
+            if adopts and shares_buffers(got):
                 # Replicas sharing one buffer (docs/design.md section 12): jax's
                 # CPU client adopts an aligned host block's memory as the buffer
                 # of every device that holds that block (whether it adopts depends
@@ -200,7 +212,8 @@ def place(
             # of each costs less than looking at its shards' buffers (21 against
             # 33 us for 2 KiB), and a quarter of them needed a copy anyway.
             rest = _copy_in_chunks(small, out, pad=True)
-            shared.extend(k for k, got, _ in rest if shares_buffers(got))
+            shared.extend(k for k, got, _ in rest if shares_buffers(got)
+                          or (k in from_host and _in_host_copy(from_host[k], got)))
         if shared:
             # Copies onto the same sharding, every shard into a new buffer of its
             # own: compiled by chunks where many are alike, the rest in one batch
@@ -540,6 +553,34 @@ def _reshard_checks(have: Any, want: Any, shape: tuple[int, ...]) -> tuple[bool,
             _CHECKS.clear()
         _CHECKS[key] = found
     return found
+
+
+@functools.lru_cache(maxsize=4096)
+def _may_adopt_host_copy(have: Any, want: Any, shape: tuple[int, ...]) -> bool:
+    """Whether a reshard from have to want may adopt a slice of the source's host copy.
+
+    Only on the CPU, and only a block that is one run of memory (`_dense`).
+    """
+    return _on_cpu(want) and _any_block_dense(want, shape)
+
+
+def _in_host_copy(value: jax.Array, got: jax.Array) -> bool:
+    """Whether a shard of got lies in the host copy jax cached on value.
+
+    jax keeps that copy as a private attribute: where it is not found, the
+    answer is yes, so that the result is copied rather than perhaps shared.
+    """
+    host = getattr(value, "_npy_value", _UNKNOWN)
+    if host is None:
+        return False
+    if not isinstance(host, np.ndarray):
+        return True
+    lo = host.ctypes.data
+    hi = lo + host.nbytes
+    return any(lo <= p < hi for p in buffers(got))
+
+
+_UNKNOWN = object()
 
 
 def _any_block_dense(sharding: Any, shape: tuple[int, ...]) -> bool:
