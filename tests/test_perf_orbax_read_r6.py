@@ -197,6 +197,43 @@ def test_the_straight_read_allocates_only_the_shards(saved):
     assert NBYTES <= peak < 1.5 * NBYTES, peak
 
 
+def _metric(name):
+    """A tensorstore counter of this process (reads its caches and kvstores made)."""
+    import tensorstore as ts
+
+    (found,) = ts.experimental_collect_matching_metrics(name)
+    return sum(v.get("value", 0) for v in found.get("values", []))
+
+
+def _counts(fn):
+    """(chunk and header reads through tensorstore's caches, file bytes read) while fn runs."""
+    reads = "/tensorstore/cache/kvs_cache_read"
+    read_bytes = "/tensorstore/kvstore/file/bytes_read"
+    before = _metric(reads), _metric(read_bytes)
+    fn()
+    return _metric(reads) - before[0], _metric(read_bytes) - before[1]
+
+
+@pytest.mark.parametrize("name", ["one_chunk", "two_chunks"])
+def test_eight_shards_decode_each_chunk_once(saved, name):
+    """As many cache reads (each a chunk or header fetched and decoded) and file bytes
+    as one read of the whole array to the host, however many shards cut the chunks.
+    Repeated: an unbatched overlay write decodes a chunk again now and then."""
+    path, _ = saved
+    mesh = jax.make_mesh((8,), ("x",))
+    spec = {name: _like(SHAPE, jnp.float32, mesh, P(None, "x"))}
+    host = {name: np.zeros(SHAPE, np.float32)}
+    for _ in range(8):
+        counts = []
+        for like in (host, spec):
+            plan = tg.plan(like, tg.OrbaxCheckpoint(path), {name: name})
+            counts.append(_counts(lambda plan=plan: jax.block_until_ready(tg.execute(plan))))
+        (whole_reads, whole_bytes), (sharded_reads, sharded_bytes) = counts
+        assert whole_bytes >= NBYTES // 2  # the chunks were read (compressed on disk)
+        assert sharded_reads == whole_reads, counts
+        assert sharded_bytes == whole_bytes, counts
+
+
 def _region_read(path, name, slices):
     """DirectReader's region path for slices, as a process holding them would read them."""
     src = tg.OrbaxCheckpoint(path)

@@ -6,11 +6,13 @@ opens those arrays with tensorstore over the location's own kvstore and reads,
 for every addressable device of the target's sharding, exactly the slice that
 device holds, then places it there. One tensorstore context per read call,
 with a bounded cache (64 MiB: the OCDBT index and headers; no decoded
-chunks), serves every array and shard of that call. Slices that cut through
-chunks are read as the chunk-aligned region they share and cut on the host,
-so a chunk that several shards need is fetched and decoded once; boxes read
-for operations (`read_boxes`) keep such a region for the next boxes that cut
-from it (`Regions`).
+chunks), serves every array and shard of that call. Shards that share chunks
+and tile a box are one read of it into an overlay of their own buffers (no
+buffer in between, no copy); slices with gaps between them read the
+chunk-aligned region and are cut from it on the host. Either way a chunk that
+several shards need is fetched and decoded once; boxes read for operations
+(`read_boxes`) keep such a region for the next boxes that cut from it
+(`Regions`).
 
 Anything this reader does not know (typed PRNG keys, a layout its metadata did
 not come from) is left to orbax's restore: `takes` says which requests
@@ -387,15 +389,20 @@ def _start(job: _Job, array: Any, box: Box, members: list[tuple[Box, list[Any]]]
     pieces = [(aligned_empty(tuple(b - a for a, b in m), dtype), devices)
               for m, devices in members]
     if len(pieces) == 1:
-        target = ts.array(pieces[0][0], copy=False, write=True)
-    else:
-        # One read for every piece: tensorstore decodes each chunk once and
-        # writes each piece's part of it straight into that piece's buffer.
-        target = ts.overlay([
-            ts.array(piece, copy=False, write=True).translate_to[tuple(a for a, _ in m)]
-            for (piece, _), (m, _) in zip(pieces, members, strict=True)
-        ])
-    return _Unit(job, target.write(source), nbytes, pieces=pieces)
+        return _Unit(job, ts.array(pieces[0][0], copy=False, write=True).write(source), nbytes,
+                     pieces=pieces)
+    # Each piece's part of the box is written straight into that piece's buffer.
+    target = ts.overlay([
+        ts.array(piece, copy=False, write=True).translate_to[tuple(a for a, _ in m)]
+        for (piece, _), (m, _) in zip(pieces, members, strict=True)
+    ])
+    # tensorstore reads the source once per piece; in one batch those reads
+    # are one read of each chunk, decoded once. Unbatched, a piece whose read
+    # starts after another's has finished reads and decodes the chunk again
+    # (no decoded chunk is kept): 3 to 12 % more bytes, at random.
+    with ts.Batch() as batch:
+        future = target.write(source, batch=batch)
+    return _Unit(job, future, nbytes, pieces=pieces)
 
 
 class DirectReader:
@@ -439,11 +446,13 @@ class DirectReader:
     def read(self, leaves: Sequence[LazyLeaf], requests: Sequence[ReadRequest]) -> list[Any]:
         """The requested leaves, each placed like its target, in the source dtype.
 
-        Each distinct slice (a target shard; replicas read theirs once) that is
-        made of whole chunks is one read, straight into its own buffer. Slices
-        that cut through chunks are grouped by the chunk-aligned region they
-        decode, which is read once and cut on the host, so that a chunk is
-        decoded once however many shards need it. Before a request starts, the
+        The distinct slices (a target shard; replicas read theirs once) are
+        grouped by the chunk-aligned region they decode. The slices of a region
+        that tile a box (every shard of one process does) are one read of that
+        box, each slice's part written straight into its own buffer; slices
+        that leave gaps read the region into a buffer of its own and are cut
+        from it on the host. Either way a chunk is decoded once however many
+        shards need it. Before a request starts, the
         oldest reads are moved to their devices until less than a window of
         bytes (64 MiB, or the request) is in flight; each host slice is dropped
         once placed, so peak memory stays near the bytes grafted plus the window.
