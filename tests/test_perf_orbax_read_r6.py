@@ -234,8 +234,8 @@ def test_eight_shards_decode_each_chunk_once(saved, name):
         assert sharded_bytes == whole_bytes, counts
 
 
-def _region_read(path, name, slices):
-    """DirectReader's region path for slices, as a process holding them would read them."""
+def _read_slices(path, name, slices):
+    """DirectReader's reads of slices, as a process holding only them would read them."""
     src = tg.OrbaxCheckpoint(path)
     leaf = src.metadata()[name]
     reader = arrays.DirectReader(leaf._store)
@@ -254,7 +254,7 @@ def test_the_region_path_still_cuts_slices_with_a_gap(saved):
     path, values = saved
     d = jax.devices()
     slices = {((0, 2), (0, 256), (0, 64)): [d[0]], ((4, 6), (0, 256), (0, 64)): [d[1], d[2]]}
-    cut, buffers = _region_read(path, "one_chunk", slices)
+    cut, buffers = _read_slices(path, "one_chunk", slices)
     assert cut is True
     want = values["one_chunk"]
     for box, devices in slices.items():
@@ -264,6 +264,18 @@ def test_the_region_path_still_cuts_slices_with_a_gap(saved):
             assert np.asarray(got).tobytes() == want[tuple(slice(a, b) for a, b in box)].tobytes()
     pointers = [b.unsafe_buffer_pointer() for b in buffers.values()]
     assert len(set(pointers)) == 3  # replicas of one slice have buffers of their own
+
+
+def test_one_slice_inside_a_chunk_is_read_straight(saved):
+    """A process holding one shard of a chunk reads that box alone: tensorstore decodes
+    the chunk once and copies the box out, with no region buffer of ours."""
+    path, values = saved
+    box = ((1, 3), (32, 96), (0, 64))
+    device = jax.devices()[5]
+    cut, buffers = _read_slices(path, "one_chunk", {box: [device]})
+    assert cut is False and list(buffers) == [device]
+    want = values["one_chunk"][tuple(slice(a, b) for a, b in box)]
+    assert np.asarray(buffers[device]).tobytes() == want.tobytes()
 
 
 def test_a_failed_read_leaves_the_target_alone(saved, tmp_path):
