@@ -452,10 +452,10 @@ class DirectReader:
         box, each slice's part written straight into its own buffer; slices
         that leave gaps read the region into a buffer of its own and are cut
         from it on the host. Either way a chunk is decoded once however many
-        shards need it. Before a request starts, the
-        oldest reads are moved to their devices until less than a window of
-        bytes (64 MiB, or the request) is in flight; each host slice is dropped
-        once placed, so peak memory stays near the bytes grafted plus the window.
+        shards need it. Before a request starts, the oldest reads are moved to
+        their devices until less than a window of bytes (64 MiB, or the
+        request) is in flight; each host slice is dropped once placed, so peak
+        memory stays near the bytes grafted plus the window.
         """
         units: collections.deque[_Unit] = collections.deque()
         try:
