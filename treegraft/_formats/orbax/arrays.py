@@ -6,11 +6,13 @@ opens those arrays with tensorstore over the location's own kvstore and reads,
 for every addressable device of the target's sharding, exactly the slice that
 device holds, then places it there. One tensorstore context per read call,
 with a bounded cache (64 MiB: the OCDBT index and headers; no decoded
-chunks), serves every array and shard of that call. Slices that cut through
-chunks are read as the chunk-aligned region they share and cut on the host,
-so a chunk that several shards need is fetched and decoded once; boxes read
-for operations (`read_boxes`) keep such a region for the next boxes that cut
-from it (`Regions`).
+chunks), serves every array and shard of that call. Shards that share chunks
+and tile a box are one read of it into an overlay of their own buffers (no
+buffer in between, no copy); slices with gaps between them read the
+chunk-aligned region and are cut from it on the host. Either way a chunk that
+several shards need is fetched and decoded once; boxes read for operations
+(`read_boxes`) keep such a region for the next boxes that cut from it
+(`Regions`).
 
 Anything this reader does not know (typed PRNG keys, a layout its metadata did
 not come from) is left to orbax's restore: `takes` says which requests
@@ -153,19 +155,21 @@ class _Job:
 
 
 class _Unit:
-    """One read in flight: a slice for the devices that hold it, or a chunk-aligned
-    region that several slices cut from (`members`: each slice's box and devices)."""
+    """One read in flight: straight into the pieces that tile its source box
+    (`pieces`: each piece and the devices that hold it), or a chunk-aligned region
+    that several slices cut from (`members`: each slice's box and devices)."""
 
-    __slots__ = ("job", "devices", "future", "nbytes", "out", "region", "members")
+    __slots__ = ("job", "pieces", "future", "nbytes", "out", "region", "members")
 
-    def __init__(self, job: _Job, devices: list[Any], future: Any, nbytes: int,
-                 out: np.ndarray, region: Box | None = None,
+    def __init__(self, job: _Job, future: Any, nbytes: int, *,
+                 pieces: list[tuple[np.ndarray, list[Any]]] | None = None,
+                 out: np.ndarray | None = None, region: Box | None = None,
                  members: list[tuple[Box, list[Any]]] | None = None):
         self.job = job
-        self.devices = devices
         self.future = future
         self.nbytes = nbytes
-        self.out: np.ndarray | None = out
+        self.pieces = pieces or []
+        self.out = out
         self.region = region
         self.members = members or []
 
@@ -187,6 +191,56 @@ def _boxes_by_region(slices: dict[Box, list[Any]], chunks: Sequence[int],
     out: dict[Box, list[tuple[Box, list[Any]]]] = {}
     for box, devices in slices.items():
         out.setdefault(region_of(box, chunks, shape), []).append((box, devices))
+    return out
+
+
+def tiled_box(boxes: Sequence[Box]) -> Box | None:
+    """The box that boxes tile exactly (no gap, no overlap), or None.
+
+    The distinct boxes of a sharding's shards form a grid: along each axis
+    their intervals partition the axis' span, and every combination is a box.
+    Such boxes are read with one read of the box they tile, each written
+    straight into its own buffer. An empty box tiles nothing but itself.
+
+    >>> tiled_box([((0, 2), (0, 4)), ((2, 4), (0, 4))])
+    ((0, 4), (0, 4))
+    >>> tiled_box([((0, 2), (0, 4)), ((3, 4), (0, 4))]) is None
+    True
+    """
+    if len(boxes) == 1:
+        return boxes[0]
+    if any(b <= a for box in boxes for a, b in box):
+        return None
+    count = 1
+    span = []
+    for axis in range(len(boxes[0])):
+        cuts = sorted({box[axis] for box in boxes})
+        if any(left[1] != right[0] for left, right in zip(cuts, cuts[1:], strict=False)):
+            return None  # a gap or an overlap along this axis
+        count *= len(cuts)
+        span.append((cuts[0][0], cuts[-1][1]))
+    # Distinct boxes built from the per-axis cuts, as many as their combinations: all of them.
+    return tuple(span) if count == len(set(boxes)) else None
+
+
+def _plan_reads(slices: dict[Box, list[Any]], chunks: Sequence[int], shape: Sequence[int]
+                ) -> list[tuple[Box, list[tuple[Box, list[Any]]], bool]]:
+    """The reads a request's slices take: [(source box, [(box, devices)], cut)].
+
+    The slices that decode the same chunks (one region) are one read: when
+    they tile a box, that box is read straight into their buffers (cut False),
+    each chunk decoded once and nothing allocated beyond the slices
+    themselves; otherwise (a process holding every other shard of a chunk)
+    the chunk-aligned region is read into a buffer of its own and each slice
+    cut from it (cut True).
+    """
+    out = []
+    for region, members in _boxes_by_region(slices, chunks, shape).items():
+        box = tiled_box([b for b, _ in members])
+        if box is None:
+            out.append((region, members, True))
+        else:
+            out.append((box, members, False))
     return out
 
 
@@ -320,6 +374,37 @@ class _BoxRead:
         return self.out
 
 
+def _start(job: _Job, array: Any, box: Box, members: list[tuple[Box, list[Any]]],
+           cut: bool, dtype: Any, nbytes: int) -> _Unit:
+    """Starts the read of array[box]: into the members' own buffers, or into a region to cut."""
+    import tensorstore as ts
+
+    source = array[tuple(slice(a, b) for a, b in box)]
+    if cut:
+        out = aligned_empty(tuple(b - a for a, b in box), dtype)
+        future = ts.array(out, copy=False, write=True).write(source)
+        return _Unit(job, future, nbytes, out=out, region=box, members=members)
+    # Aligned buffers of ours: on CPU, device_put adopts each without a copy, so
+    # peak memory stays at the bytes grafted.
+    pieces = [(aligned_empty(tuple(b - a for a, b in m), dtype), devices)
+              for m, devices in members]
+    if len(pieces) == 1:
+        return _Unit(job, ts.array(pieces[0][0], copy=False, write=True).write(source), nbytes,
+                     pieces=pieces)
+    # Each piece's part of the box is written straight into that piece's buffer.
+    target = ts.overlay([
+        ts.array(piece, copy=False, write=True).translate_to[tuple(a for a, _ in m)]
+        for (piece, _), (m, _) in zip(pieces, members, strict=True)
+    ])
+    # tensorstore reads the source once per piece; in one batch those reads
+    # are one read of each chunk, decoded once. Unbatched, a piece whose read
+    # starts after another's has finished reads and decodes the chunk again
+    # (no decoded chunk is kept): 3 to 12 % more bytes, at random.
+    with ts.Batch() as batch:
+        future = target.write(source, batch=batch)
+    return _Unit(job, future, nbytes, pieces=pieces)
+
+
 class DirectReader:
     """Reads arrays of one checkpoint store with a shared bounded cache.
 
@@ -361,14 +446,16 @@ class DirectReader:
     def read(self, leaves: Sequence[LazyLeaf], requests: Sequence[ReadRequest]) -> list[Any]:
         """The requested leaves, each placed like its target, in the source dtype.
 
-        Each distinct slice (a target shard; replicas read theirs once) that is
-        made of whole chunks is one read, straight into its own buffer. Slices
-        that cut through chunks are grouped by the chunk-aligned region they
-        decode, which is read once and cut on the host, so that a chunk is
-        decoded once however many shards need it. Before a request starts, the
-        oldest reads are moved to their devices until less than a window of
-        bytes (64 MiB, or the request) is in flight; each host slice is dropped
-        once placed, so peak memory stays near the bytes grafted plus the window.
+        The distinct slices (a target shard; replicas read theirs once) are
+        grouped by the chunk-aligned region they decode. The slices of a region
+        that tile a box (every shard of one process does) are one read of that
+        box, each slice's part written straight into its own buffer; slices
+        that leave gaps read the region into a buffer of its own and are cut
+        from it on the host. Either way a chunk is decoded once however many
+        shards need it. Before a request starts, the oldest reads are moved to
+        their devices until less than a window of bytes (64 MiB, or the
+        request) is in flight; each host slice is dropped once placed, so peak
+        memory stays near the bytes grafted plus the window.
         """
         units: collections.deque[_Unit] = collections.deque()
         try:
@@ -381,8 +468,6 @@ class DirectReader:
 
     def _read(self, leaves: Sequence[LazyLeaf], requests: Sequence[ReadRequest],
               units: collections.deque[_Unit]) -> list[Any]:
-        import tensorstore as ts
-
         jobs = []
         in_flight = 0
         for leaf, req in zip(leaves, requests, strict=True):
@@ -393,20 +478,12 @@ class DirectReader:
             dtype = array.dtype.numpy_dtype
             itemsize = np.dtype(dtype).itemsize
             shape = tuple(array.shape)
-            regions = _boxes_by_region(_slices(req.like, shape), chunk_shape(array), shape)
-            sizes = [itemsize * math.prod(b - a for a, b in region) for region in regions]
+            reads = _plan_reads(_slices(req.like, shape), chunk_shape(array), shape)
+            sizes = [itemsize * math.prod(b - a for a, b in box) for box, _, _ in reads]
             while units and in_flight + sum(sizes) > _WINDOW_BYTES:
                 in_flight -= self._place(units.popleft())
-            for (region, members), nbytes in zip(regions.items(), sizes, strict=True):
-                # Read into an aligned buffer of ours: on CPU, device_put then adopts
-                # it without a copy, so peak memory stays at the bytes grafted.
-                out = aligned_empty(tuple(b - a for a, b in region), dtype)
-                future = ts.array(out, copy=False, write=True).write(
-                    array[tuple(slice(a, b) for a, b in region)])
-                if len(members) == 1 and members[0][0] == region:
-                    units.append(_Unit(job, members[0][1], future, nbytes, out))
-                else:
-                    units.append(_Unit(job, [], future, nbytes, out, region, members))
+            for (box, members, cut), nbytes in zip(reads, sizes, strict=True):
+                units.append(_start(job, array, box, members, cut, dtype, nbytes))
                 in_flight += nbytes
         while units:
             self._place(units[0])
@@ -423,10 +500,10 @@ class DirectReader:
         except CheckpointError as e:
             raise _LeafError(job.leaf.name, e) from e.__cause__
         del future
-        assert host is not None
         if unit.region is None:
-            pieces = [(host, unit.devices)]
+            pieces, unit.pieces = unit.pieces, []
         else:
+            assert host is not None
             region = unit.region
             pieces = []
             for box, devices in unit.members:
