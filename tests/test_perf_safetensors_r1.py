@@ -309,3 +309,76 @@ def test_a_strided_block_is_put_without_a_host_copy_and_owns_each_buffer():
     contiguous = host[8:40]  # a C-ordered view is still copied on the host
     copy = placement._copy_block(contiguous)
     assert copy is not contiguous and not np.shares_memory(copy, host)
+
+
+# -- RowArena: the kept rows' memory serves later tensors once no view of it lives -----------
+
+
+@pytest.fixture
+def layers(tmp_path):
+    """Six tensors of the same shape, and their file."""
+    rng = np.random.default_rng(1)
+    tensors = {f"l{k}.weight": rng.standard_normal((F, D)).astype(np.float32) for k in range(6)}
+    path = str(tmp_path / "layers.safetensors")
+    save_file(tensors, path)
+    return path
+
+
+def lend_rows(src, name, rows=(0, F)):
+    """Lends rows of a tensor in two column halves; returns the views and the rows' address."""
+    views = src.lend_boxes([Req(name, (slice(*rows), slice(0, D // 2))),
+                            Req(name, (slice(*rows), slice(D // 2, D)))])
+    (start, end), = kept_ranges(src)
+    return views, start
+
+
+def test_rows_of_later_tensors_are_read_into_memory_used_before(layers):
+    src = tg.SafetensorsCheckpoint(layers)
+    starts = []
+    for k in range(6):
+        views, start = lend_rows(src, f"l{k}.weight")
+        want = oracle(layers, f"l{k}.weight")
+        np.testing.assert_array_equal(np.concatenate(views, axis=1), want)
+        starts.append(start)
+        del views  # nothing holds them: the memory may serve again
+    # Once the first tensor has sized the arena, every later one is read into it
+    # (a second arena only serves while the first is held).
+    assert src._arena.reused == 4
+    assert len(set(starts[1:])) == 1 and len(src._arena._roots) == 1
+
+
+def test_memory_a_lent_view_still_holds_is_never_read_into(layers):
+    src = tg.SafetensorsCheckpoint(layers)
+    lend_rows(src, "l0.weight")  # sizes the arenas
+    held, start = lend_rows(src, "l1.weight")
+    others = []
+    for k in range(2, 6):
+        views, other = lend_rows(src, f"l{k}.weight")
+        others.append(other)
+        del views
+    assert start not in others  # l1's memory was not used again while `held` lives
+    np.testing.assert_array_equal(np.concatenate(held, axis=1), oracle(layers, "l1.weight"))
+    del held
+    lend_rows(src, "l0.weight")  # another tensor: l1's memory is free again, and used
+    views, again = lend_rows(src, "l2.weight")
+    assert again in [start, *others]
+    np.testing.assert_array_equal(np.concatenate(views, axis=1), oracle(layers, "l2.weight"))
+
+
+def test_grafts_of_many_tensors_through_the_arena_match_the_oracle(layers):
+    mesh = mesh_2x4()
+    like = jax.ShapeDtypeStruct((D, F), np.float32, sharding=NamedSharding(mesh, P("a", "b")))
+    state = {f"l{k}": like for k in range(6)}
+    mapping = {f"l{k}": tg.transpose(f"l{k}.weight", (1, 0)) for k in range(6)}
+    src = tg.SafetensorsCheckpoint(layers)
+    out = tg.graft(state, src, mapping)
+    again = tg.graft(state, src, mapping)
+    assert src._arena.reused > 0
+    for k in range(6):
+        want = oracle(layers, f"l{k}.weight").T
+        np.testing.assert_array_equal(np.asarray(out[f"l{k}"]), want)
+        np.testing.assert_array_equal(np.asarray(again[f"l{k}"]), want)
+        assert out[f"l{k}"].sharding == like.sharding
+        assert_owns_buffers(again[f"l{k}"], *out.values())
+        assert_outside(out[f"l{k}"], [(r.ctypes.data, r.ctypes.data + r.nbytes)
+                                       for r in src._arena._roots])

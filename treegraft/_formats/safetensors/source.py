@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -34,7 +34,7 @@ from treegraft._formats.safetensors.boxes import (
     full_box,
     row_box,
 )
-from treegraft._formats.safetensors.files import Files, _aligned, _local_folder
+from treegraft._formats.safetensors.files import Files, RowArena, _aligned, _local_folder
 from treegraft._formats.safetensors.header import INDEX_NAME, TensorInfo, file_path, read_headers
 from treegraft._formats.safetensors.tree import MAX_DEPTH, build_tree
 from treegraft._insert.placement import array_from_blocks, sharding_of
@@ -139,6 +139,7 @@ class SafetensorsCheckpoint(Source):
         self._files = Files(self._loc, self.folder, self.describe())
         # The rows of the tensor read last by `read_boxes`, by file byte range (`_rows_of`).
         self._recent: tuple[TensorInfo, dict[tuple[int, int], np.ndarray]] | None = None
+        self._arena = RowArena()  # the memory of those rows, used again for later tensors
         self._tree: dict[Any, Any] | None = None
         self._by_parts: dict[tuple[Part, ...], TensorInfo] = {}
         self._by_loose: dict[tuple[Part, ...], TensorInfo] | None = None
@@ -311,6 +312,7 @@ class SafetensorsCheckpoint(Source):
     def close(self) -> None:
         """Closes the files and the kvstore; later reads raise `CheckpointError`."""
         self._recent = None
+        self._arena = RowArena()
         self._files.close()
 
     # -- internals --------------------------------------------------------------
@@ -367,6 +369,9 @@ class SafetensorsCheckpoint(Source):
         if kept:  # the checks of a read: the file's stat, then its header
             self._files.pread(info, info.begin, np.empty(0, np.uint8))
             self._files.check_unchanged([info])
+        else:  # another tensor: the earlier one's rows go, their memory may serve again
+            self._recent = None
+            self._arena.restart()
 
         def held(box: Box) -> bool:
             begin, end = covering(info, box)[:2]
@@ -374,21 +379,25 @@ class SafetensorsCheckpoint(Source):
 
         missing = list(dict.fromkeys(row_box(info, box) for box in boxes if not held(box)))
         if missing:
-            for rows, piece in next(self._fetch([(info, missing)])).items():
+            for rows, piece in next(self._fetch([(info, missing)], self._arena.take)).items():
                 flat = piece.reshape(-1)
                 flat.flags.writeable = False
                 kept[covering(info, rows)[:2]] = flat
         self._recent = (info, kept)
         return kept
 
-    def _fetch(self, jobs: Sequence[tuple[TensorInfo, list[Box]]]) -> Iterator[dict[Box, Any]]:
+    def _fetch(
+        self,
+        jobs: Sequence[tuple[TensorInfo, list[Box]]],
+        alloc: Callable[[int], np.ndarray] | None = None,
+    ) -> Iterator[dict[Box, Any]]:
         """The files' pieces of each job, with every BOOL byte checked to be 0 or 1.
 
         Raises:
           CheckpointError: a BOOL tensor holds another byte, naming the tensor,
             the file and the offset of the first such byte read.
         """
-        for (info, _), pieces in zip(jobs, self._files.fetch(jobs), strict=True):
+        for (info, _), pieces in zip(jobs, self._files.fetch(jobs, alloc), strict=True):
             if info.dtype == np.bool_ and (bad := first_bad_bool(info, pieces)) is not None:
                 # Refused, not normalised: a reader never changes a value silently.
                 offset, byte = bad
