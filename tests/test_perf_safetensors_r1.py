@@ -382,3 +382,42 @@ def test_grafts_of_many_tensors_through_the_arena_match_the_oracle(layers):
         assert_owns_buffers(again[f"l{k}"], *out.values())
         assert_outside(out[f"l{k}"], [(r.ctypes.data, r.ctypes.data + r.nbytes)
                                        for r in src._arena._roots])
+
+
+# -- the header check before each use of kept rows: parsed again only when its bytes differ --
+
+
+def test_the_header_is_parsed_once_while_its_bytes_stay_the_same(weights):
+    src = tg.SafetensorsCheckpoint(weights)
+    views = src.lend_boxes([Req("up.weight", (slice(0, 16), slice(0, 8)))])
+    (_, parsed, _), = src._files._headers.values()
+    views += src.lend_boxes([Req("up.weight", (slice(0, 16), slice(8, 16)))])  # checked again
+    (_, again, _), = src._files._headers.values()
+    assert again is parsed  # the same bytes: not parsed again
+    np.testing.assert_array_equal(np.concatenate(views, axis=1), oracle(weights, "up.weight")[
+        0:16, 0:16])
+
+
+def test_a_header_rewritten_in_place_is_still_refused(weights):
+    """Same inode, size and mtime, one dtype changed: the bytes differ, the parse says so."""
+    import os
+
+    src = tg.SafetensorsCheckpoint(weights)
+    mesh = mesh_2x4()
+    like = jax.ShapeDtypeStruct((D, F), np.float32, sharding=NamedSharding(mesh, P("a", "b")))
+    mapping = {"up": tg.transpose("up.weight", (1, 0))}
+    tg.graft({"up": like}, src, mapping)  # up.weight's rows kept, the header's bytes cached
+    with open(weights, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n)
+    start = header.index(b'"up.weight"')
+    changed = header[:start] + header[start:].replace(b'"F32"', b'"I32"', 1)
+    assert len(changed) == len(header) and changed != header
+    stat = os.stat(weights)
+    with open(weights, "r+b") as f:
+        f.seek(8)
+        f.write(changed)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(weights).st_ino == stat.st_ino and os.stat(weights).st_size == stat.st_size
+    with pytest.raises(tg.CheckpointError, match=r"changed since the plan.*up\.weight.*int32"):
+        tg.graft({"up": like}, src, mapping)

@@ -74,6 +74,8 @@ class Files:
         self._fds: dict[str, int] = {}  # local files opened for reading data
         weakref.finalize(self, _close_fds, self._fds)
         self._stats: dict[str, tuple[int, int, int]] = {}  # (inode, size, mtime) at header read
+        # The header bytes last read by check_unchanged, parsed: (bytes, header, data start).
+        self._headers: dict[str, tuple[bytes, dict[str, Any], int]] = {}
         self.generations: dict[str, bytes] = {}  # of each file when its header was read
         self._closed = False
 
@@ -163,11 +165,11 @@ class Files:
         for info in infos:
             by_file.setdefault(info.file, []).append(info)
         for file, group in by_file.items():
-            where = file_path(self.folder, file)
-            header, start = _header_now(self._open(group[0]), where)
+            header, start = self._header_now(file, self._open(group[0]))
             for info in group:
                 if _same_entry(header.get(info.name), info, start):
                     continue
+                where = file_path(self.folder, file)
                 now = _entry_now(header, info, where, start)
                 was = _show(info, info.begin, info.end)
                 if now != was:
@@ -176,6 +178,25 @@ class Files:
                         f"is now {now}; nothing was grafted: open a new SafetensorsCheckpoint "
                         "and plan again to read the new file"
                     )
+
+    def _header_now(self, file: str, fd: int) -> tuple[dict[str, Any], int]:
+        """The file's header as it is now, parsed again only when its bytes differ.
+
+        The rows kept for one tensor are checked before each use (once per
+        device box): one read of the header's bytes, compared with the bytes
+        parsed last time, instead of a JSON parse each time.
+        """
+        last = self._headers.get(file)
+        if last is not None:
+            try:
+                same = os.pread(fd, len(last[0]), 0) == last[0]
+            except OSError:
+                same = False  # _header_now below says what is wrong
+            if same:
+                return last[1], last[2]
+        header, start, raw = _header_now(fd, file_path(self.folder, file))
+        self._headers[file] = (raw, header, start)
+        return header, start
 
     def pread(self, info: TensorInfo, begin: int, buffer: np.ndarray) -> None:
         """Fills buffer with the local file's bytes from begin (one read syscall, or a few)."""
@@ -363,8 +384,8 @@ class RowArena:
         return _aligned(n)
 
 
-def _header_now(fd: int, where: str) -> tuple[dict[str, Any], int]:
-    """The header of an open local file as it is now, and where its data starts.
+def _header_now(fd: int, where: str) -> tuple[dict[str, Any], int, bytes]:
+    """The header of an open local file as it is now, where its data starts, and its bytes.
 
     Raises:
       CheckpointError: the file no longer starts with a safetensors header.
@@ -384,7 +405,7 @@ def _header_now(fd: int, where: str) -> tuple[dict[str, Any], int]:
             f"{where} changed since the plan: it no longer starts with a safetensors header; "
             "nothing was grafted: open a new SafetensorsCheckpoint and plan again"
         )
-    return header, 8 + n
+    return header, 8 + n, raw + text
 
 
 def _same_entry(entry: Any, info: TensorInfo, start: int) -> bool:
