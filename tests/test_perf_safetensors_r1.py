@@ -14,6 +14,8 @@ own), and the cases where it must not be taken.
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import numpy as np
 import pytest
@@ -24,8 +26,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import treegraft as tg
-from treegraft._insert import placement
-from treegraft._insert.transform import reshape_box
+from treegraft._insert import copies, placement
+from treegraft._insert.pullback import reshape_box
 
 safetensors = pytest.importorskip("safetensors")
 save_file = pytest.importorskip("safetensors.numpy").save_file
@@ -421,3 +423,74 @@ def test_a_header_rewritten_in_place_is_still_refused(weights):
     assert os.stat(weights).st_ino == stat.st_ino and os.stat(weights).st_size == stat.st_size
     with pytest.raises(tg.CheckpointError, match=r"changed since the plan.*up\.weight.*int32"):
         tg.graft({"up": like}, src, mapping)
+
+
+# -- copies.place_shared: lent blocks of a large leaf copied by two threads -----------------
+
+
+@pytest.fixture
+def large(tmp_path):
+    """One Linear weight of 4 MiB (the size from which two threads copy), and its file."""
+    w = np.random.default_rng(2).standard_normal((1024, 1024)).astype(np.float32)
+    assert w.nbytes >= copies.SHARED_FROM
+    path = str(tmp_path / "large.safetensors")
+    save_file({"w": w}, path)
+    return path, w
+
+
+def copy_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("treegraft-copy")]
+
+
+@pytest.mark.parametrize(
+    "spec", [P("a", "b"), P(None, "b"), P()], ids=["ab", "cols-replicated", "replicated"]
+)
+def test_a_large_transposed_leaf_is_copied_by_two_threads_and_is_the_oracle(large, spec):
+    path, w = large
+    like = jax.ShapeDtypeStruct((1024, 1024), np.float32, sharding=NamedSharding(mesh_2x4(), spec))
+    src = tg.SafetensorsCheckpoint(path)
+    mapping = {"w": tg.transpose("w", (1, 0))}
+    first = tg.graft({"w": like}, src, mapping)["w"]
+    second = tg.graft({"w": like}, src, mapping)["w"]
+    assert copy_threads()  # the worker was started: the shared path was taken
+    for got in (first, second):
+        np.testing.assert_array_equal(np.asarray(got), oracle(path, "w").T)
+        assert got.sharding == like.sharding and got.dtype == np.float32
+    assert_owns_buffers(second, first)
+    assert_outside(second, kept_ranges(src))
+
+
+def test_a_large_cast_leaf_puts_its_own_blocks_through_the_shared_path(large):
+    """Cast blocks are the caller's own (not lent): put as array_from_blocks puts them."""
+    path, w = large
+    like = jax.ShapeDtypeStruct((1024, 1024), np.float64,
+                                sharding=NamedSharding(mesh_2x4(), P("a", None)))
+    got = tg.graft({"w": like}, tg.SafetensorsCheckpoint(path),
+                   {"w": tg.transpose("w", (1, 0))}, cast=True)["w"]
+    np.testing.assert_array_equal(np.asarray(got), oracle(path, "w").T.astype(np.float64))
+    assert got.sharding == like.sharding
+    assert_owns_buffers(got)
+
+
+def test_a_failing_block_stops_the_shared_copies_and_raises(large):
+    _, w = large
+    sharding = NamedSharding(mesh_2x4(), P("a", "b"))
+    view = w.T
+    view.flags.writeable = False
+    seen = []
+
+    def block_of(box):
+        seen.append(box)
+        if len(seen) == 3:
+            raise tg.GraftError("the third block fails")
+        return view[tuple(slice(a, b) for a, b in box)]
+
+    with pytest.raises(tg.GraftError, match="third block"):
+        copies.place_shared((1024, 1024), sharding, block_of)
+    # The path works again at once: no copy of the failed call is left running.
+    seen.clear()
+    got = copies.place_shared((1024, 1024), sharding,
+                              lambda box: view[tuple(slice(a, b) for a, b in box)])
+    np.testing.assert_array_equal(np.asarray(got), w.T)
+    assert_owns_buffers(got)
+    assert not any(w.ctypes.data <= p < w.ctypes.data + w.nbytes for p in buffer_pointers(got))

@@ -12,7 +12,6 @@ never assembled whole on one host, except through `reshape`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -20,7 +19,9 @@ import jax
 import numpy as np
 
 from treegraft._errors import GraftError
-from treegraft._insert.placement import aligned_empty, array_from_blocks
+from treegraft._insert.copies import SHARED_FROM, place_shared
+from treegraft._insert.placement import Box, aligned_empty, array_from_blocks
+from treegraft._insert.pullback import reshape_box
 from treegraft._insert.sharding import overflow_error, weakly_typed
 from treegraft._parse.ops import Node
 from treegraft._parse.paths import Path, render_parts
@@ -29,7 +30,7 @@ from treegraft._plan.specs import pair_inputs
 from treegraft._read.source import BoxRequest, ReadRequest, reads_boxes
 from treegraft._tree import leaves as _leaves
 
-__all__ = ["Blocks", "build", "leaf_fetch", "reshape_box"]
+__all__ = ["Blocks", "build", "leaf_fetch"]
 
 
 class Blocks:
@@ -285,95 +286,6 @@ def _reshape_pull(fetch: Fetch, general: Fetch, before: Any, after: Any) -> Fetc
     return pulled
 
 
-def reshape_box(
-    shape_in: tuple[int, ...], shape_out: tuple[int, ...], box: tuple[slice, ...]
-) -> tuple[slice, ...] | None:
-    """The box of a reshape's input that holds exactly a box of its output, or None.
-
-    The axes fall into groups whose sizes multiply to the same on both sides;
-    within each group a box whose elements are one flat range in the output
-    (fixed leading axes, one range, then whole axes) is one box of the input
-    when that range is one there too. Then the input box's values, in C order,
-    are the output box's.
-
-    Example:
-      >>> reshape_box((4, 6), (4, 2, 3), (slice(0, 2), slice(1, 2), slice(0, 3)))
-      (slice(0, 2, None), slice(3, 6, None))
-      >>> reshape_box((4, 6), (4, 2, 3), (slice(0, 4), slice(0, 2), slice(1, 2))) is None
-      True
-    """
-    if not shape_in or not shape_out or 0 in shape_in or 0 in shape_out:
-        return None
-    if any(s.stop <= s.start for s in box):
-        return None
-    groups = _axis_groups(shape_in, shape_out)
-    if groups is None:
-        return None
-    out: list[slice] = []
-    for axes_in, axes_out in groups:
-        flat = _flat_range([shape_out[a] for a in axes_out], [box[a] for a in axes_out])
-        if flat is None:
-            return None
-        ranges = _range_box([shape_in[a] for a in axes_in], *flat)
-        if ranges is None:
-            return None
-        out.extend(ranges)
-    return tuple(out)
-
-
-def _axis_groups(
-    a: tuple[int, ...], b: tuple[int, ...]
-) -> list[tuple[list[int], list[int]]] | None:
-    """Consecutive axes of a and of b grouped so that each pair of groups has one size."""
-    groups: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        gi, gj, pi, pj = [i], [j], a[i], b[j]
-        i, j = i + 1, j + 1
-        while pi != pj:
-            if pi < pj and i < len(a):
-                pi, i = pi * a[i], i + 1
-                gi.append(i - 1)
-            elif pj < pi and j < len(b):
-                pj, j = pj * b[j], j + 1
-                gj.append(j - 1)
-            else:
-                return None
-        groups.append((gi, gj))
-    # Trailing axes of size 1 join the last group.
-    if any(d != 1 for d in a[i:]) or any(d != 1 for d in b[j:]) or not groups:
-        return None
-    groups[-1][0].extend(range(i, len(a)))
-    groups[-1][1].extend(range(j, len(b)))
-    return groups
-
-
-def _flat_range(dims: list[int], box: list[slice]) -> tuple[int, int] | None:
-    """The C-order flat range `[lo, hi)` that box covers within dims, if it is one range."""
-    k = next((n for n, s in enumerate(box) if s.stop - s.start != 1), len(box) - 1)
-    if any(s.start != 0 or s.stop != d for s, d in zip(box[k + 1 :], dims[k + 1 :], strict=True)):
-        return None
-    lo = 0
-    for s, d in zip(box, dims, strict=True):
-        lo = lo * d + s.start
-    return lo, lo + (box[k].stop - box[k].start) * math.prod(dims[k + 1 :])
-
-
-def _range_box(dims: list[int], lo: int, hi: int) -> list[slice] | None:
-    """The box of dims whose C-order elements are the flat range `[lo, hi)`, if one is."""
-    for k, d in enumerate(dims):
-        inner = math.prod(dims[k + 1 :])
-        if lo % inner or hi % inner or (lo // inner) // d != (hi // inner - 1) // d:
-            continue
-        prefix = np.unravel_index(lo // inner // d, dims[:k]) if k else ()
-        return (
-            [slice(int(p), int(p) + 1) for p in prefix]
-            + [slice(lo // inner % d, (hi // inner - 1) % d + 1)]
-            + [slice(0, n) for n in dims[k + 1 :]]
-        )
-    return None
-
-
 def _stack_fetch(blocks: Blocks, sources: Sequence[int], axis: int) -> Fetch:
     """A stack of source leaves along a new axis: one `read_boxes` call per box."""
     dtype = _leaves.spec_of(blocks.rec.source.leaves[sources[0]])[1]
@@ -496,9 +408,12 @@ def _place_blocks(
             return jax.device_put(block(whole))
         # Every device gets a buffer of its own (docs/design.md section 12); a
         # block is read once for its replicas, one block at a time.
-        return array_from_blocks(
-            shape, sharding, lambda box: block(tuple(slice(a, b) for a, b in box)), adopt=False
-        )
+        def block_of(box: Box) -> np.ndarray:
+            return block(tuple(slice(a, b) for a, b in box))
+
+        if _leaves.nbytes((shape, dtype)) >= SHARED_FROM:
+            return place_shared(shape, sharding, block_of)  # lent blocks: two threads copy
+        return array_from_blocks(shape, sharding, block_of, adopt=False)
     value = block(whole)
     if isinstance(like, np.ndarray):
         return np.array(value, dtype=like.dtype)
