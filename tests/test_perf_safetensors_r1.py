@@ -4,12 +4,15 @@ A transposed or head-split Linear weight (the tunix Llama 3 recipe) used to be
 read into memory, cut into each device's box, then transposed into the device
 buffer. Now the reader lends read-only views of the rows it keeps
 (`SafetensorsCheckpoint.lend_boxes`), a reshape that only splits axes pulls
-back to the one input box it needs (`transform.reshape_box`), and the device
+back to the one input box it needs (`pullback.reshape_box`), and the device
 put is the one copy (jax copies a strided view into a buffer of its own;
-`placement._copy_block` no longer copies it first on the host). Each test
-checks that the fast path is taken and that its result is the general path's
-(values against `safetensors.safe_open`, shardings, dtypes, buffers of their
-own), and the cases where it must not be taken.
+`placement._copy_block` no longer copies it first on the host), made by two
+threads for a large leaf (`copies.place_shared`). The kept rows are read into
+memory used before once no view of it lives (`files.RowArena`), and the
+header check before each use parses the header only when its bytes changed.
+Each test checks that the fast path is taken and that its result is the
+general path's (values against `safetensors.safe_open`, shardings, dtypes,
+buffers of their own), and the cases where it must not be taken.
 """
 
 from __future__ import annotations

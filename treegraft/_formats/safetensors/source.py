@@ -5,7 +5,9 @@ for each target shard, only the bytes of its box: a range of rows of a
 C-ordered tensor is one contiguous byte range; any other box is read as the
 smallest such range that covers it, then sliced (`boxes`). Boxes
 that overlap are read once (`files`), and so are the boxes of one tensor
-asked for device by device, in calls of their own (`_rows_of`).
+asked for device by device, in calls of their own (`_kept_rows`): copied out
+(`read_boxes`), or lent as read-only views for the device put to copy
+(`lend_boxes`, the insert step's one copy of each byte).
 """
 
 from __future__ import annotations
@@ -265,7 +267,8 @@ class SafetensorsCheckpoint(Source):
 
         A box of a tensor whose rows are kept between calls (a local file, at
         most 256 MiB) is a read-only view of those rows, which are read once
-        and never written again; any other box is read as by `read_boxes`.
+        and not overwritten while any view of them lives; any other box is
+        read as by `read_boxes`.
         The caller must copy what it keeps (the insert step's device put
         does: jax copies a strided view into a buffer of its own), and must
         not write into a lent box.
@@ -362,8 +365,9 @@ class SafetensorsCheckpoint(Source):
         The rows read for earlier boxes of the same tensor are kept (one
         tensor at a time, at most `_RECENT_BYTES`) and used again after
         checking that the file has not changed since; only rows none of them
-        holds are read. Kept rows are read-only and never written again: a
-        view of them stays valid after the next tensor replaces them.
+        holds are read. Kept rows are read-only; their memory is read into
+        again, for a later tensor, only once no view of it lives (`RowArena`):
+        a view stays valid after the next tensor replaces them.
         """
         kept = self._recent[1] if self._recent is not None and self._recent[0] is info else {}
         if kept:  # the checks of a read: the file's stat, then its header
