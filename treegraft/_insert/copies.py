@@ -21,7 +21,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from treegraft._insert.placement import Box, aligned_empty, devices_by_box, put_block
+from treegraft._insert.placement import (
+    Box,
+    aligned_empty,
+    assemble,
+    devices_by_box,
+    put_block,
+)
 
 __all__ = ["SHARED_FROM", "lent", "place_shared"]
 
@@ -65,7 +71,6 @@ def place_shared(
     Returns:
       The jax.Array of shape in sharding, every shard in a buffer of its own.
     """
-    indices = sharding.addressable_devices_indices_map(shape)
     out: dict[Any, jax.Array] = {}
     handed: list[tuple[np.ndarray, Any, Future[jax.Array]]] = []
     used: set[int] = set()
@@ -87,7 +92,7 @@ def place_shared(
     finally:
         for _, _, future in handed:
             future.cancel()  # a failed block: copies not started are not made
-    return jax.make_array_from_single_device_arrays(shape, sharding, [out[d] for d in indices])
+    return assemble(shape, sharding, out)
 
 
 def _collect(handed: Sequence[tuple[np.ndarray, Any, Future[jax.Array]]]) -> dict[Any, jax.Array]:
