@@ -141,6 +141,10 @@ def _copy_block(block: Any) -> Any:
     if isinstance(block, jax.Array):
         return jax.numpy.array(block, copy=True)
     block = np.asarray(block)
+    if not block.flags.c_contiguous:
+        # jax copies a strided array into a buffer of its own (it cannot adopt
+        # one), faster than numpy would: one copy, not two.
+        return block
     copy = aligned_empty(block.shape, block.dtype)  # aligned: the device adopts it as is
     copy[...] = block
     return copy

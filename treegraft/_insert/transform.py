@@ -19,7 +19,9 @@ import jax
 import numpy as np
 
 from treegraft._errors import GraftError
-from treegraft._insert.placement import aligned_empty, array_from_blocks
+from treegraft._insert.copies import SHARED_FROM, place_shared
+from treegraft._insert.placement import Box, aligned_empty, array_from_blocks
+from treegraft._insert.pullback import reshape_box
 from treegraft._insert.sharding import overflow_error, weakly_typed
 from treegraft._parse.ops import Node
 from treegraft._parse.paths import Path, render_parts
@@ -45,6 +47,20 @@ class Blocks:
 
     def fetch(self, si: int, box: tuple[slice, ...]) -> np.ndarray:
         return next(self.fetch_many([(si, box)]))
+
+    def lend(self, si: int, box: tuple[slice, ...]) -> np.ndarray:
+        """A box of a source leaf that the caller only reads and copies, never keeps or writes.
+
+        From a source that lends (`lend_boxes`: the safetensors reader's kept
+        rows), a read-only view, with no copy made here; from any other, a
+        fresh array as `fetch` gives.
+        """
+        rec = self.rec
+        lend = getattr(rec.lazy, "lend_boxes", None)
+        if lend is None:
+            return self.fetch(si, box)
+        request = BoxRequest(Path(rec.source.paths[si]), box)
+        return np.asarray(_next_part(iter(lend([request])), request, rec.lazy))
 
     def fetch_many(self, wanted: Sequence[tuple[int, tuple[slice, ...]]]) -> Iterator[np.ndarray]:
         """Boxes of several source leaves, in order, read in one call where the source can.
@@ -160,7 +176,7 @@ def _axis(axis: int, ndim: int) -> int:
 Fetch = Callable[[tuple[slice, ...]], np.ndarray]
 
 
-def leaf_fetch(rec: PlanRecord, pair: Pair, blocks: Blocks) -> Fetch:
+def leaf_fetch(rec: PlanRecord, pair: Pair, blocks: Blocks, *, lend: bool = False) -> Fetch:
     """A fetch of boxes of one pair's value: the rule's tree, on host arrays.
 
     The insert step places the boxes on devices (`build`); the write step
@@ -168,12 +184,18 @@ def leaf_fetch(rec: PlanRecord, pair: Pair, blocks: Blocks) -> Fetch:
     fetched box is a fresh array in the rule's output dtype (before any cast
     to the target's dtype). A box is pulled back through the tree's nodes
     (`treegraft._parse.ops.Node`) to the boxes of the source leaves it needs.
+
+    Args:
+      lend: a fetched box may instead be a read-only view of the source's
+        memory (`Blocks.lend`), which the caller must copy before it keeps it:
+        a transpose or a reshape then copies nothing, and the one copy is the
+        caller's (the device put). A box that is not read-only is fresh.
     """
     rule = rec.rules[pair.rule]
     refs = pair_inputs(pair)
     specs = [_leaves.spec_of(rec.source.leaves[leaves[0]]) for _, leaves in refs]
     assert rule.tree is not None
-    return _node_fetch(rule.tree, _Context(refs, specs, pair.layer, blocks), ())[0]
+    return _node_fetch(rule.tree, _Context(refs, specs, pair.layer, blocks, lend), ())[0]
 
 
 class _Context(NamedTuple):
@@ -183,6 +205,7 @@ class _Context(NamedTuple):
     specs: list[Any]
     layer: int | None
     blocks: Blocks
+    lend: bool = False
 
 
 def _flat(grid: tuple[int, ...], bound: tuple[int, ...]) -> int:
@@ -198,8 +221,8 @@ def _node_fetch(node: Node, ctx: _Context, bound: tuple[int, ...]) -> tuple[Fetc
     if node.kind == "source":
         grid, leaves = ctx.refs[node.slot]
         si = leaves[_flat(grid, bound)]
-        blocks = ctx.blocks
-        return (lambda box: blocks.fetch(si, box)), ctx.specs[node.slot]
+        get = ctx.blocks.lend if ctx.lend else ctx.blocks.fetch
+        return (lambda box: get(si, box)), ctx.specs[node.slot]
     if node.kind == "concat":
         return _concat_fetch(node, ctx, bound)
     if node.kind == "stack_list":
@@ -225,7 +248,10 @@ def _node_fetch(node: Node, ctx: _Context, bound: tuple[int, ...]) -> tuple[Fetc
     fetch, spec = _node_fetch(node.children[0], ctx, bound)
     if node.kind == "step":
         assert node.step is not None
-        return node.step.pull(fetch, spec), node.step.spec(spec)[0]
+        after = node.step.spec(spec)[0]
+        if node.step.kind == "reshape":
+            return _reshape_pull(fetch, node.step.pull(fetch, spec), spec, after), after
+        return node.step.pull(fetch, spec), after
     # unstack: the new side's index along the axis
     shape = tuple(spec[0])
     axis = _axis(node.axis, len(shape))
@@ -237,6 +263,27 @@ def _node_fetch(node: Node, ctx: _Context, bound: tuple[int, ...]) -> tuple[Fetc
         return np.squeeze(np.asarray(fetch(full)), axis=axis)
 
     return unstacked, (shape[:axis] + shape[axis + 1 :], spec[1])
+
+
+def _reshape_pull(fetch: Fetch, general: Fetch, before: Any, after: Any) -> Fetch:
+    """A reshape's fetch that reads only the input box holding the output box, where one does.
+
+    The general pull (`Step.pull`) fetches the whole input for every box and
+    reshapes it (a copy of the whole leaf per device). When the reshape only
+    splits and merges axes in a way that keeps the box one box of the input
+    (`reshape_box`: a head range of `[D, N * H] -> [D, N, H]`), that box is
+    fetched and reshaped alone (a view where numpy can make one); otherwise
+    the general pull.
+    """
+    shape_in, shape_out = tuple(before[0]), tuple(after[0])
+
+    def pulled(box: tuple[slice, ...]) -> np.ndarray:
+        inner = reshape_box(shape_in, shape_out, box)
+        if inner is None:
+            return general(box)
+        return np.asarray(fetch(inner)).reshape(tuple(s.stop - s.start for s in box))
+
+    return pulled
 
 
 def _stack_fetch(blocks: Blocks, sources: Sequence[int], axis: int) -> Fetch:
@@ -301,13 +348,27 @@ def _concat_fetch(node: Node, ctx: _Context, bound: tuple[int, ...]) -> tuple[Fe
 
 def build(rec: PlanRecord, pair: Pair, blocks: Blocks, like: Any) -> Any:
     """The value of one target leaf under a transforming rule, placed like it."""
-    fetch = leaf_fetch(rec, pair, blocks)
+    # Lent boxes: the device put below is the one copy (a read-only block is never adopted).
+    fetch = leaf_fetch(rec, pair, blocks, lend=True)
     dtype = _leaves.spec_of(like)[1]
     path = render_parts(rec.target.paths[pair.target])
     value = _place_blocks(fetch, like, dtype, cast=rec.cast, path=path)
     if getattr(like, "weak_type", False) and isinstance(value, jax.Array):
         value = weakly_typed(value)  # the target's weak type stays (as `place` keeps it)
     return value
+
+
+def _owned(value: np.ndarray) -> np.ndarray:
+    """value, copied if it is lent (read-only) and C-ordered: jax would adopt its memory.
+
+    A lent strided view is put as it is: jax copies it into a buffer of its
+    own (one transposing copy, where numpy's would be slower and a second one).
+    """
+    if value.flags.writeable or not value.flags.c_contiguous:
+        return value
+    copy = aligned_empty(value.shape, value.dtype)
+    copy[...] = value
+    return copy
 
 
 def _place_blocks(
@@ -327,11 +388,11 @@ def _place_blocks(
     whole = tuple(slice(0, d) for d in shape)
 
     def block(box: tuple[slice, ...]) -> np.ndarray:
-        # Fetches return arrays of their own (docs/design.md section 12), so a block is
-        # copied only to change its dtype.
+        # Fetches return arrays of their own or lent read-only views (docs/design.md
+        # section 12): a block is copied only to change its dtype, or when it is lent.
         value = np.asarray(fetch(box))
         if isinstance(dtype, type) or value.dtype == dtype:
-            return value
+            return _owned(value)
         with np.errstate(invalid="ignore", over="ignore"):  # checked below, or unsafe
             got = value.astype(dtype, copy=False)
         if _leaves.values_checked(value.dtype, np.dtype(dtype), cast):
@@ -347,9 +408,12 @@ def _place_blocks(
             return jax.device_put(block(whole))
         # Every device gets a buffer of its own (docs/design.md section 12); a
         # block is read once for its replicas, one block at a time.
-        return array_from_blocks(
-            shape, sharding, lambda box: block(tuple(slice(a, b) for a, b in box)), adopt=False
-        )
+        def block_of(box: Box) -> np.ndarray:
+            return block(tuple(slice(a, b) for a, b in box))
+
+        if _leaves.nbytes((shape, dtype)) >= SHARED_FROM:
+            return place_shared(shape, sharding, block_of)  # lent blocks: two threads copy
+        return array_from_blocks(shape, sharding, block_of, adopt=False)
     value = block(whole)
     if isinstance(like, np.ndarray):
         return np.array(value, dtype=like.dtype)

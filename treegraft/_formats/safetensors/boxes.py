@@ -17,7 +17,6 @@ __all__ = [
     "box_of",
     "check_box",
     "covering",
-    "cut",
     "first_bad_bool",
     "full_box",
     "merge",
@@ -95,18 +94,6 @@ def row_box(info: TensorInfo, box: Box) -> Box:
     while d < len(info.shape) - 1 and box[d][1] - box[d][0] == 1:
         d += 1
     return (*box[: d + 1], *((0, n) for n in info.shape[d + 1 :]))
-
-
-def cut(info: TensorInfo, rows: np.ndarray, rows_begin: int, box: Box, out: np.ndarray) -> None:
-    """Copies box of the tensor into out, from rows: its elements from file offset rows_begin on.
-
-    rows is a flat array of the tensor's dtype holding the bytes of a range
-    that covers box (`covering`).
-    """
-    begin, _, sub_shape, inner = covering(info, box)
-    offset = (begin - rows_begin) // info.dtype.itemsize
-    piece = rows[offset : offset + math.prod(sub_shape)].reshape(sub_shape)[inner]
-    out[...] = piece.reshape(out.shape)
 
 
 def merge(

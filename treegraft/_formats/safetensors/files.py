@@ -14,8 +14,9 @@ import json
 import math
 import os
 import struct
+import sys
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from treegraft._formats.safetensors.header import (
 from treegraft._storage.local import local_kind, mode_kind, not_regular
 from treegraft._storage.location import Location, check_text
 
-__all__ = ["Files"]
+__all__ = ["Files", "RowArena"]
 
 # Bytes of reads issued ahead of the tensor being assembled (a tensor's own
 # ranges are always issued): bounds the host memory a read needs beyond its
@@ -73,6 +74,8 @@ class Files:
         self._fds: dict[str, int] = {}  # local files opened for reading data
         weakref.finalize(self, _close_fds, self._fds)
         self._stats: dict[str, tuple[int, int, int]] = {}  # (inode, size, mtime) at header read
+        # The header bytes last read by check_unchanged, parsed: (bytes, header, data start).
+        self._headers: dict[str, tuple[bytes, dict[str, Any], int]] = {}
         self.generations: dict[str, bytes] = {}  # of each file when its header was read
         self._closed = False
 
@@ -162,11 +165,11 @@ class Files:
         for info in infos:
             by_file.setdefault(info.file, []).append(info)
         for file, group in by_file.items():
-            where = file_path(self.folder, file)
-            header, start = _header_now(self._open(group[0]), where)
+            header, start = self._header_now(file, self._open(group[0]))
             for info in group:
                 if _same_entry(header.get(info.name), info, start):
                     continue
+                where = file_path(self.folder, file)
                 now = _entry_now(header, info, where, start)
                 was = _show(info, info.begin, info.end)
                 if now != was:
@@ -175,6 +178,25 @@ class Files:
                         f"is now {now}; nothing was grafted: open a new SafetensorsCheckpoint "
                         "and plan again to read the new file"
                     )
+
+    def _header_now(self, file: str, fd: int) -> tuple[dict[str, Any], int]:
+        """The file's header as it is now, parsed again only when its bytes differ.
+
+        The rows kept for one tensor are checked before each use (once per
+        device box): one read of the header's bytes, compared with the bytes
+        parsed last time, instead of a JSON parse each time.
+        """
+        last = self._headers.get(file)
+        if last is not None:
+            try:
+                same = os.pread(fd, len(last[0]), 0) == last[0]
+            except OSError:
+                same = False  # _header_now below says what is wrong
+            if same:
+                return last[1], last[2]
+        header, start, raw = _header_now(fd, file_path(self.folder, file))
+        self._headers[file] = (raw, header, start)
+        return header, start
 
     def pread(self, info: TensorInfo, begin: int, buffer: np.ndarray) -> None:
         """Fills buffer with the local file's bytes from begin (one read syscall, or a few)."""
@@ -208,7 +230,9 @@ class Files:
             done += n
 
     def fetch(
-        self, jobs: Sequence[tuple[TensorInfo, list[Box]]]
+        self,
+        jobs: Sequence[tuple[TensorInfo, list[Box]]],
+        alloc: Callable[[int], np.ndarray] | None = None,
     ) -> Iterator[dict[Box, np.ndarray]]:
         """Yields, per job, its boxes as host arrays that own their memory.
 
@@ -219,6 +243,11 @@ class Files:
         that range's new buffer; other boxes are copied out of a scratch buffer
         kept for the whole call (allocating and freeing a large buffer per
         tensor costs more than reading it: measured 10x slower reads).
+
+        Args:
+          alloc: gives the buffer (uint8, 64-byte aligned) of a range that is a
+            whole box; a new one by default (`RowArena.take` for rows kept
+            between calls).
         """
         kv = self.kvstore()
         local = _local_folder(self.location)
@@ -256,7 +285,8 @@ class Files:
                 in_flight -= e - b
                 boxes = [(box, w) for box, w in where.items() if w[0] == k]
                 if any(nbytes(w[4], info) == e - b for _, w in boxes):
-                    buffer = _aligned(e - b)  # a box is this whole range: it keeps the buffer
+                    # A box is this whole range: it keeps the buffer.
+                    buffer = (alloc or _aligned)(e - b)
                 else:
                     if len(scratch) < e - b:
                         scratch = _aligned(e - b)
@@ -294,8 +324,68 @@ class Files:
             yield pieces
 
 
-def _header_now(fd: int, where: str) -> tuple[dict[str, Any], int]:
-    """The header of an open local file as it is now, and where its data starts.
+class RowArena:
+    """Host memory for the rows of one tensor at a time, used again once no view of it lives.
+
+    The rows a reader keeps for a tensor's device boxes are lent as views
+    and copied by the device put. New memory for each tensor's rows costs
+    more than reading them: the kernel zeroes each new page (numpy asks for
+    2 MiB pages) as the read first writes it (measured: a quarter of the
+    tunix case's time). The rows of a later tensor are read into the same
+    memory instead, but only when nothing holds a view of it any more (its
+    reference count says so): a view still alive, in a caller or in a device
+    copy still in flight (jax holds the last one until it is done), keeps
+    its memory. Two arenas take turns, so that the one just left has time to
+    be let go.
+    """
+
+    _TURNS = 2
+
+    def __init__(self) -> None:
+        self._roots: list[np.ndarray] = []  # each owns its memory
+        self._current: int | None = None  # the arena of the tensor being read
+        self._used = 0
+        self._wanted = 0  # bytes the current tensor's rows took
+        self._size = 0  # the most any tensor's rows took: each arena's size
+        self.reused = 0  # how many tensors were read into memory used before (for tests)
+
+    def restart(self) -> None:
+        """Starts a new tensor: the earlier tensor's rows are no longer read by the reader."""
+        self._size = max(self._size, self._wanted)
+        self._used = self._wanted = 0
+        left, self._current = self._current, None
+        if not self._size:
+            return
+        # An arena is free when only the list and this call's argument refer to it.
+        free = [k for k in range(len(self._roots)) if sys.getrefcount(self._roots[k]) == 2
+                and self._roots[k].nbytes >= self._size]
+        pick = next((k for k in free if k != left), free[0] if free else None)
+        if pick is not None:
+            self.reused += 1
+        else:  # a new arena, in place of one that is held or too small
+            root = np.empty(self._size, np.uint8)
+            if len(self._roots) < self._TURNS:
+                self._roots.append(root)
+                pick = len(self._roots) - 1
+            else:
+                pick = next(k for k in range(len(self._roots)) if k != left)
+                self._roots[pick] = root  # its holders keep the old memory alive
+        self._current = pick
+
+    def take(self, n: int) -> np.ndarray:
+        """n bytes at a 64-byte aligned address: from the arena, or new when it is full."""
+        self._wanted += n + 64  # with room to align it
+        if self._current is not None:
+            root = self._roots[self._current]
+            start = self._used + (-(root.ctypes.data + self._used) % 64)
+            if start + n <= root.nbytes:
+                self._used = start + n
+                return root[start : start + n]
+        return _aligned(n)
+
+
+def _header_now(fd: int, where: str) -> tuple[dict[str, Any], int, bytes]:
+    """The header of an open local file as it is now, where its data starts, and its bytes.
 
     Raises:
       CheckpointError: the file no longer starts with a safetensors header.
@@ -315,7 +405,7 @@ def _header_now(fd: int, where: str) -> tuple[dict[str, Any], int]:
             f"{where} changed since the plan: it no longer starts with a safetensors header; "
             "nothing was grafted: open a new SafetensorsCheckpoint and plan again"
         )
-    return header, 8 + n
+    return header, 8 + n, raw + text
 
 
 def _same_entry(entry: Any, info: TensorInfo, start: int) -> bool:

@@ -5,7 +5,9 @@ for each target shard, only the bytes of its box: a range of rows of a
 C-ordered tensor is one contiguous byte range; any other box is read as the
 smallest such range that covers it, then sliced (`boxes`). Boxes
 that overlap are read once (`files`), and so are the boxes of one tensor
-asked for device by device, in calls of their own (`_rows_of`).
+asked for device by device, in calls of their own (`_kept_rows`): copied out
+(`read_boxes`), or lent as read-only views for the device put to copy
+(`lend_boxes`, the insert step's one copy of each byte).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -30,12 +32,11 @@ from treegraft._formats.safetensors.boxes import (
     box_of,
     check_box,
     covering,
-    cut,
     first_bad_bool,
     full_box,
     row_box,
 )
-from treegraft._formats.safetensors.files import Files, _aligned, _local_folder
+from treegraft._formats.safetensors.files import Files, RowArena, _aligned, _local_folder
 from treegraft._formats.safetensors.header import INDEX_NAME, TensorInfo, file_path, read_headers
 from treegraft._formats.safetensors.tree import MAX_DEPTH, build_tree
 from treegraft._insert.placement import array_from_blocks, sharding_of
@@ -140,6 +141,7 @@ class SafetensorsCheckpoint(Source):
         self._files = Files(self._loc, self.folder, self.describe())
         # The rows of the tensor read last by `read_boxes`, by file byte range (`_rows_of`).
         self._recent: tuple[TensorInfo, dict[tuple[int, int], np.ndarray]] | None = None
+        self._arena = RowArena()  # the memory of those rows, used again for later tensors
         self._tree: dict[Any, Any] | None = None
         self._by_parts: dict[tuple[Part, ...], TensorInfo] = {}
         self._by_loose: dict[tuple[Part, ...], TensorInfo] | None = None
@@ -260,6 +262,42 @@ class SafetensorsCheckpoint(Source):
             given.add((k, box))
         return out
 
+    def lend_boxes(self, requests: Sequence[Any]) -> list[np.ndarray]:
+        """Reads boxes of tensors as `read_boxes` does, but may lend them instead of copying.
+
+        A box of a tensor whose rows are kept between calls (a local file, at
+        most 256 MiB) is a read-only view of those rows, which are read once
+        and not overwritten while any view of them lives; any other box is
+        read as by `read_boxes`.
+        The caller must copy what it keeps (the insert step's device put
+        does: jax copies a strided view into a buffer of its own), and must
+        not write into a lent box.
+
+        Args:
+          requests: as `read_boxes`.
+
+        Returns:
+          One array per request, in order, in the stored dtype.
+
+        Raises:
+          As `read_boxes`.
+
+        Example:
+          >>> from types import SimpleNamespace as Box
+          >>> src = tg.SafetensorsCheckpoint('/models/llama')        # doctest: +SKIP
+          >>> head = Box(path='lm_head.weight', box=(slice(0, 8), slice(None)))
+          >>> [w] = src.lend_boxes([head])                            # doctest: +SKIP
+          >>> w.flags.writeable                                       # doctest: +SKIP
+          False
+        """
+        infos = [self._info(req.path) for req in requests]
+        boxes = [check_box(req.box, info) for req, info in zip(requests, infos, strict=True)]
+        job = (infos[0], list(dict.fromkeys(boxes))) if infos else None
+        if job is None or any(info is not job[0] for info in infos) or not self._keeps_rows(job):
+            return self.read_boxes(requests)
+        views = self._views(*job)
+        return [views[box] for box in boxes]
+
     def box_nbytes(self, path: Path | str, box: tuple[slice, ...]) -> int:
         """Bytes that reading `box` of the tensor at path alone really reads.
 
@@ -277,6 +315,7 @@ class SafetensorsCheckpoint(Source):
     def close(self) -> None:
         """Closes the files and the kvstore; later reads raise `CheckpointError`."""
         self._recent = None
+        self._arena = RowArena()
         self._files.close()
 
     # -- internals --------------------------------------------------------------
@@ -297,42 +336,72 @@ class SafetensorsCheckpoint(Source):
         A target leaf under an operation is built one device at a time, each
         device asking for its own box: devices that need the same rows
         (column shards, replicas, the whole input of a reshape) would each
-        read them again. The rows read for one box are kept (one tensor at a
-        time, at most `_RECENT_BYTES`) and the next boxes of that tensor cut
-        from them, after checking that the file has not changed since.
-        Each box is a new array, never a view of the kept rows.
+        read them again. The rows read for one box are kept (`_kept_rows`)
+        and the next boxes of that tensor cut from them. Each box is a new
+        array, never a view of the kept rows.
+        """
+        out = {}
+        for box, view in self._views(info, boxes).items():
+            piece = _aligned(view.nbytes).view(info.dtype).reshape(view.shape)
+            piece[...] = view
+            out[box] = piece
+        return out
+
+    def _views(self, info: TensorInfo, boxes: list[Box]) -> dict[Box, np.ndarray]:
+        """Each box of one tensor as a read-only view of its kept rows (`_kept_rows`)."""
+        kept = self._kept_rows(info, boxes)
+        out = {}
+        for box in boxes:
+            begin, end, sub_shape, inner = covering(info, box)
+            b, rows = next((b, r) for (b, e), r in kept.items() if b <= begin and end <= e)
+            offset = (begin - b) // info.dtype.itemsize
+            view = rows[offset : offset + math.prod(sub_shape)].reshape(sub_shape)[inner]
+            out[box] = view.reshape(tuple(stop - start for start, stop in box))
+        return out
+
+    def _kept_rows(self, info: TensorInfo, boxes: list[Box]) -> dict[tuple[int, int], np.ndarray]:
+        """The rows of one tensor that hold boxes, by file byte range, read once for many calls.
+
+        The rows read for earlier boxes of the same tensor are kept (one
+        tensor at a time, at most `_RECENT_BYTES`) and used again after
+        checking that the file has not changed since; only rows none of them
+        holds are read. Kept rows are read-only; their memory is read into
+        again, for a later tensor, only once no view of it lives (`RowArena`):
+        a view stays valid after the next tensor replaces them.
         """
         kept = self._recent[1] if self._recent is not None and self._recent[0] is info else {}
         if kept:  # the checks of a read: the file's stat, then its header
             self._files.pread(info, info.begin, np.empty(0, np.uint8))
             self._files.check_unchanged([info])
+        else:  # another tensor: the earlier one's rows go, their memory may serve again
+            self._recent = None
+            self._arena.restart()
 
-        def holder(box: Box) -> tuple[int, int] | None:
+        def held(box: Box) -> bool:
             begin, end = covering(info, box)[:2]
-            return next(((b, e) for b, e in kept if b <= begin and end <= e), None)
+            return any(b <= begin and end <= e for b, e in kept)
 
-        missing = list(dict.fromkeys(row_box(info, box) for box in boxes if holder(box) is None))
+        missing = list(dict.fromkeys(row_box(info, box) for box in boxes if not held(box)))
         if missing:
-            for rows, piece in next(self._fetch([(info, missing)])).items():
-                kept[covering(info, rows)[:2]] = piece.reshape(-1)
+            for rows, piece in next(self._fetch([(info, missing)], self._arena.take)).items():
+                flat = piece.reshape(-1)
+                flat.flags.writeable = False
+                kept[covering(info, rows)[:2]] = flat
         self._recent = (info, kept)
-        out = {}
-        for box in boxes:
-            b, e = holder(box)  # type: ignore[misc]
-            shape = tuple(stop - start for start, stop in box)
-            piece = _aligned(math.prod(shape) * info.dtype.itemsize).view(info.dtype).reshape(shape)
-            cut(info, kept[(b, e)], b, box, piece)
-            out[box] = piece
-        return out
+        return kept
 
-    def _fetch(self, jobs: Sequence[tuple[TensorInfo, list[Box]]]) -> Iterator[dict[Box, Any]]:
+    def _fetch(
+        self,
+        jobs: Sequence[tuple[TensorInfo, list[Box]]],
+        alloc: Callable[[int], np.ndarray] | None = None,
+    ) -> Iterator[dict[Box, Any]]:
         """The files' pieces of each job, with every BOOL byte checked to be 0 or 1.
 
         Raises:
           CheckpointError: a BOOL tensor holds another byte, naming the tensor,
             the file and the offset of the first such byte read.
         """
-        for (info, _), pieces in zip(jobs, self._files.fetch(jobs), strict=True):
+        for (info, _), pieces in zip(jobs, self._files.fetch(jobs, alloc), strict=True):
             if info.dtype == np.bool_ and (bad := first_bad_bool(info, pieces)) is not None:
                 # Refused, not normalised: a reader never changes a value silently.
                 offset, byte = bad

@@ -1,0 +1,107 @@
+"""Lent blocks put on their devices by two threads: this one and one worker.
+
+A transformed leaf read through lent views (`transform.Blocks.lend`) costs
+one copy per device, jax's, made while this thread holds no lock: the
+device put of a strided view copies it into a buffer of the device's own
+(docs/design.md section 12). Those copies are handed to one worker thread
+as the blocks are made, so that reading the next rows here overlaps them;
+once every block is made, this thread takes back the copies the worker has
+not started and makes them itself. A copy is host memory to host memory:
+the wait for the worker's last one is bounded by that copy, and no storage
+is waited on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import jax
+import numpy as np
+
+from treegraft._insert.placement import (
+    Box,
+    aligned_empty,
+    assemble,
+    devices_by_box,
+    put_block,
+)
+
+__all__ = ["SHARED_FROM", "lent", "place_shared"]
+
+# A leaf smaller than this is put by this thread alone: handing a copy over
+# costs some tens of microseconds.
+SHARED_FROM = 4 * 2**20
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _worker() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(1, thread_name_prefix="treegraft-copy")
+        return _pool
+
+
+def lent(block: Any) -> bool:
+    """Whether block is a lent strided view: read-only, not C-ordered (jax copies it)."""
+    return (
+        isinstance(block, np.ndarray)
+        and not block.flags.writeable
+        and not block.flags.c_contiguous
+    )
+
+
+def _put(block: np.ndarray, device: Any) -> jax.Array:
+    return jax.device_put(block, device, may_alias=False)
+
+
+def place_shared(
+    shape: tuple[int, ...], sharding: Any, block_of: Callable[[Box], Any]
+) -> jax.Array:
+    """As `placement.array_from_blocks(..., adopt=False)`, lent blocks copied by two threads.
+
+    Blocks that are not lent strided views are put here, one at a time, as
+    `array_from_blocks` puts them (a block returned twice is copied).
+
+    Returns:
+      The jax.Array of shape in sharding, every shard in a buffer of its own.
+    """
+    out: dict[Any, jax.Array] = {}
+    handed: list[tuple[np.ndarray, Any, Future[jax.Array]]] = []
+    used: set[int] = set()
+    try:
+        for box, devices in devices_by_box(sharding, shape).items():
+            block = block_of(box)
+            if lent(block):
+                handed.extend((block, d, _worker().submit(_put, block, d)) for d in devices)
+                continue
+            if id(block) in used:
+                copy = aligned_empty(np.shape(block), np.asarray(block).dtype)
+                copy[...] = block
+                block = copy
+            used.add(id(block))
+            for device, got in zip(devices, put_block(block, devices, adopt=False), strict=True):
+                out[device] = got
+            del block
+        out.update(_collect(handed))
+    finally:
+        for _, _, future in handed:
+            future.cancel()  # a failed block: copies not started are not made
+    return assemble(shape, sharding, out)
+
+
+def _collect(handed: Sequence[tuple[np.ndarray, Any, Future[jax.Array]]]) -> dict[Any, jax.Array]:
+    """Each handed copy's array: made here if the worker has not started it, else its own."""
+    out: dict[Any, jax.Array] = {}
+    for block, device, future in reversed(handed):
+        if future.cancel():
+            out[device] = _put(block, device)
+    for _, device, future in handed:
+        if device not in out:
+            out[device] = future.result()
+    return out
