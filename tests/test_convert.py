@@ -345,11 +345,14 @@ def test_an_existing_dest_is_refused_before_anything_is_read(tmp_path):
 
 
 class FailingSource(CountingSource):
-    """A source whose second box read fails, as a checkpoint removed mid-read would."""
+    """A source whose box read after the first `reads` fails, as a checkpoint removed
+    mid-read would."""
+
+    reads = 1
 
     def read_boxes(self, requests):
         for part in super().read_boxes(requests):
-            if len(self.boxes) > 1:
+            if len(self.boxes) > self.reads:
                 raise tg.CheckpointError("reading the source failed: the test's source is gone")
             yield part
 

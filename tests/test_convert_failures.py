@@ -28,7 +28,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import servers
-from test_convert import ROOT, CountingSource, _run_unprivileged, file_hash, folder_hash
+from test_convert import (
+    ROOT,
+    FailingSource,
+    _run_unprivileged,
+    file_hash,
+    folder_hash,
+)
 from test_convert_remote import (  # noqa: F401  (fixtures)
     read_only_server,
     refusing_server,
@@ -370,14 +376,10 @@ def test_a_kill_between_the_renames_of_an_overwrite_keeps_a_whole_dest(
             if ".treegraft-old-" in n] == []
 
 
-class FailsLate(CountingSource):
+class FailsLate(FailingSource):
     """A real lazy source whose 6th box read fails, as a checkpoint removed mid-read would."""
 
-    def read_boxes(self, requests):
-        for part in super().read_boxes(requests):
-            if len(self.boxes) > 5:
-                raise tg.CheckpointError("reading the source failed: the test's source is gone")
-            yield part
+    reads = 5
 
 
 def test_a_failed_orbax_write_removes_its_temporary_folder_after_the_writes_in_flight(

@@ -6,7 +6,7 @@ buffer. Now the reader lends read-only views of the rows it keeps
 (`SafetensorsCheckpoint.lend_boxes`), a reshape that only splits axes pulls
 back to the one input box it needs (`pullback.reshape_box`), and the device
 put is the one copy (jax copies a strided view into a buffer of its own;
-`placement._copy_block` no longer copies it first on the host), made by two
+`placement.copy_block` no longer copies it first on the host), made by two
 threads for a large leaf (`copies.place_shared`). The kept rows are read into
 memory used before once no view of it lives (`files.RowArena`), and the
 header check before each use parses the header only when its bytes changed.
@@ -302,7 +302,7 @@ def test_a_cast_of_a_lent_block_is_its_own_array(weights):
 def test_a_strided_block_is_put_without_a_host_copy_and_owns_each_buffer():
     host = np.arange(64 * 48, dtype=np.float32).reshape(64, 48)
     view = host.T[8:40]  # strided: no host copy can be adopted
-    assert placement._copy_block(view) is view  # put as it is: jax copies it
+    assert placement.copy_block(view) is view  # put as it is: jax copies it
     devices = jax.devices()[:3]
     got = placement.put_block(view, devices, adopt=False)
     pointers = [x.unsafe_buffer_pointer() for x in got]
@@ -312,7 +312,7 @@ def test_a_strided_block_is_put_without_a_host_copy_and_owns_each_buffer():
         np.testing.assert_array_equal(np.asarray(x), host.T[8:40])
         assert x.devices() == {device}
     contiguous = host[8:40]  # a C-ordered view is still copied on the host
-    copy = placement._copy_block(contiguous)
+    copy = placement.copy_block(contiguous)
     assert copy is not contiguous and not np.shares_memory(copy, host)
 
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from treegraft._insert.placement import (
     Box,
-    aligned_empty,
     assemble,
+    copy_block,
     devices_by_box,
     put_block,
 )
@@ -81,9 +81,7 @@ def place_shared(
                 handed.extend((block, d, _worker().submit(_put, block, d)) for d in devices)
                 continue
             if id(block) in used:
-                copy = aligned_empty(np.shape(block), np.asarray(block).dtype)
-                copy[...] = block
-                block = copy
+                block = copy_block(block)
             used.add(id(block))
             for device, got in zip(devices, put_block(block, devices, adopt=False), strict=True):
                 out[device] = got

@@ -29,6 +29,7 @@ from treegraft._parse.paths import render_parts
 __all__ = [
     "Box",
     "aligned_empty",
+    "copy_block",
     "default_sharding",
     "sharding_of",
     "box_of",
@@ -116,7 +117,7 @@ def put_block(block: Any, devices: Sequence[Any], *, adopt: bool = True) -> list
         # jax's CPU client adopts an aligned C-ordered block even with
         # may_alias=False: a view into a larger array is copied first, or the
         # shard would keep the whole array alive.
-        piece = block if k == 0 and _adoptable(block) else _copy_block(block)
+        piece = block if k == 0 and _adoptable(block) else copy_block(block)
         out.append(jax.device_put(piece, device, may_alias=may_alias))
     return out
 
@@ -136,7 +137,7 @@ def _adoptable(block: Any) -> bool:
     return root.nbytes <= block.nbytes + _ALIGN
 
 
-def _copy_block(block: Any) -> Any:
+def copy_block(block: Any) -> Any:
     """A copy of a block in memory of its own (a jax.Array stays on its device)."""
     if isinstance(block, jax.Array):
         return jax.numpy.array(block, copy=True)
@@ -188,7 +189,7 @@ def array_from_blocks(
     for box, devices in _group(indices, shape).items():
         block = block_of(box)
         if id(block) in used:
-            block = _copy_block(block)
+            block = copy_block(block)
         used.add(id(block))
         for device, got in zip(devices, put_block(block, devices, adopt=adopt), strict=True):
             out[device] = got

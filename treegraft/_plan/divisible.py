@@ -29,9 +29,9 @@ def check_divisible(res: Resolution) -> list[Problem]:
     problems = []
     for pair in res.pairs:
         leaf = tgt.leaves[pair.target]
-        sharding = getattr(leaf, "sharding", None)
-        if sharding is None or not isinstance(leaf, jax.ShapeDtypeStruct):
+        if not isinstance(leaf, jax.ShapeDtypeStruct) or leaf.sharding is None:
             continue
+        sharding = leaf.sharding
         shape = tuple(leaf.shape)
         cut = uneven_split(shape, sharding)
         if cut is None:
