@@ -4,9 +4,10 @@ orbax saves each array as a zarr (v2 or v3) array in its OCDBT store. For a
 checkpoint whose metadata `metadata.lazy_metadata` could read, this module
 opens those arrays with tensorstore over the location's own kvstore and reads,
 for every addressable device of the target's sharding, exactly the slice that
-device holds, then places it there. One tensorstore context per read call,
-with a bounded cache (64 MiB: the OCDBT index and headers; no decoded
-chunks), serves every array and shard of that call. Shards that share chunks
+device holds, then places it there. Every array and shard of a read call is
+read in one tensorstore context, a child of the checkpoint store's: the OCDBT
+index and headers the plan read are in its bounded cache; decoded chunks are
+never kept. Shards that share chunks
 and tile a box are one read of it into an overlay of their own buffers (no
 buffer in between, no copy); slices with gaps between them read the
 chunk-aligned region and are cut from it on the host. Either way a chunk that
@@ -31,7 +32,7 @@ import jax
 import numpy as np
 
 from treegraft._errors import CheckpointError, describe_leaf
-from treegraft._formats.orbax.headers import LazyLeaf
+from treegraft._formats.orbax.headers import LazyLeaf, store_context
 from treegraft._insert.placement import (
     Box,
     aligned_empty,
@@ -42,11 +43,10 @@ from treegraft._insert.placement import (
 )
 from treegraft._parse.paths import render_parts
 from treegraft._read.source import ReadRequest
-from treegraft._storage.errors import reason
+from treegraft._storage.errors import reason, stalled
 
 __all__ = ["DirectReader", "chunk_shape", "box_nbytes"]
 
-_CACHE_BYTES = 64 << 20
 # Bytes of reads in flight at once (at least one request's): the slices read
 # are the bytes grafted, but each read in flight also holds the chunks it
 # decodes, which the allocator keeps once freed; 64 MiB keeps two cores busy.
@@ -413,35 +413,52 @@ class DirectReader:
     """
 
     def __init__(self, store: Any):
-        import tensorstore as ts
-
         self.store = store
         self.location = store.location
-        # The cache keeps the OCDBT index and zarr headers; decoded array
-        # chunks are not kept (`open`): each is decoded once per read anyway.
-        self.context = ts.Context({
-            "cache_pool": {"total_bytes_limit": _CACHE_BYTES},
-            "cache_pool#chunks": {"total_bytes_limit": 0},
-            **self.location.context_spec(),
-        })
+        # A child of the store's context: the OCDBT manifest, index nodes and
+        # headers the plan read are in its cache and are not read again, only
+        # revalidated (tensorstore rechecks the manifest at each open).
+        self.context = _child_context(store.context())
         self._open: dict[str, Any] = {}
 
     def open(self, name: str) -> Any:
-        """The tensorstore array saved under name (opened once per reader)."""
-        import tensorstore as ts
+        """The tensorstore array saved under name (opened once per reader).
 
+        Raises:
+          CheckpointError: the array cannot be opened (in the store's context,
+            nor in a context of its own).
+        """
         array = self._open.get(name)
         if array is None:
-            spec = dict(self.store.spec(name), fill_missing_data_reads=self.store.fill_missing)
-            # No chunk cache: a read decodes every chunk it needs once (slices that
-            # share chunks are read as one region), and decoded chunks kept for
-            # nothing would only raise peak memory.
-            spec["cache_pool"] = "cache_pool#chunks"
-            array = self._open[name] = self.location.wait(
-                ts.open(spec, open=True, read=True, context=self.context),
-                f"opening array {name!r} of",
-            )
+            try:
+                array = self._open_in(name, self.context)
+            except CheckpointError as e:
+                if stalled(e):  # a context of its own would wait on the same storage
+                    raise
+                # The store's context holds the OCDBT database the plan read; a
+                # checkpoint written anew at the same path since (another
+                # database) fails there on its uuid. In a context of its own it
+                # is opened as it now is, and check_unchanged compares its header
+                # with the plan's (docs/design.md section 4).
+                self.context = _child_context(store_context(self.location))
+                array = self._open_in(name, self.context)
+            self._open[name] = array
         return array
+
+    def _open_in(self, name: str, context: Any) -> Any:
+        import tensorstore as ts
+
+        spec = dict(self.store.spec(name), fill_missing_data_reads=self.store.fill_missing)
+        # No chunk cache: a read decodes every chunk it needs once (slices that
+        # share chunks are read as one region), and decoded chunks kept for
+        # nothing would only raise peak memory.
+        spec["cache_pool"] = "cache_pool#chunks"
+        # Data as of this open, whose header check_unchanged compares with the
+        # plan's: the manifest the open revalidated serves the reads, not read
+        # again for each.
+        spec["recheck_cached_data"] = "open"
+        return self.location.wait(ts.open(spec, open=True, read=True, context=context),
+                                  f"opening array {name!r} of")
 
     def read(self, leaves: Sequence[LazyLeaf], requests: Sequence[ReadRequest]) -> list[Any]:
         """The requested leaves, each placed like its target, in the source dtype.
@@ -599,6 +616,13 @@ class DirectReader:
         array = self.open(leaf.name)
         itemsize = np.dtype(array.dtype.numpy_dtype).itemsize
         return box_nbytes(tuple(array.shape), chunk_shape(array), itemsize, box)
+
+
+def _child_context(parent: Any) -> Any:
+    """A tensorstore context under parent whose decoded chunks are never cached."""
+    import tensorstore as ts
+
+    return ts.Context({"cache_pool#chunks": {"total_bytes_limit": 0}}, parent=parent)
 
 
 class _LeafError(CheckpointError):
