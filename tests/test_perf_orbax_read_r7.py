@@ -217,3 +217,39 @@ def test_reading_writes_nothing_to_the_checkpoint(item):
         tg.graft(_like(sharded), tg.OrbaxCheckpoint(path), MAPPING)
     list(src.read_boxes([BoxRequest(Path(("w",)), (slice(0, 3), slice(1, 5)))]))
     assert _files(path) == before
+
+
+# --- opens started together ---------------------------------------------------------------
+
+
+def test_opens_start_together_and_each_is_waited_for_once(item):
+    path, values = item
+    store = tg.OrbaxCheckpoint(path).metadata()["w"]._store
+    reader = arrays.DirectReader(store)
+    reader.start_opens(["w", "b", "w"])
+    assert sorted(reader._opening) == ["b", "w"]
+    assert reader.open("b").shape == (8,) and reader.open("w").shape == SHAPE
+    assert reader._opening == {}
+    assert reader.open("w") is reader.open("w")  # opened once per reader
+    (w,) = [leaf for leaf in store.leaves if leaf.name == "w"]
+    np.testing.assert_array_equal(reader.read_box(w, (slice(0, 2),) * 2), values["w"][:2, :2])
+
+
+def test_an_array_gone_since_the_plan_fails_typed_and_stops_the_other_opens(item):
+    path, values = item
+    src = tg.OrbaxCheckpoint(path)
+    p = tg.plan(_like(False), src, MAPPING)
+    _rewrite(path, {"b": values["b"]})  # "w" is no longer saved
+    with pytest.raises(tg.CheckpointError, match=rf"opening array 'w' of {path} failed: NOT_FOUND"):
+        tg.execute(p)
+    leaves = [src.metadata()[k] for k in ("w", "b")]
+    reader = arrays.DirectReader(leaves[0]._store)
+    with pytest.raises(tg.CheckpointError, match=r"'w'"):
+        reader.read(leaves, _requests(_like(False)))
+    assert reader._opening == {}
+
+
+def _requests(like: dict) -> list:
+    from treegraft._read.source import ReadRequest
+
+    return [ReadRequest(Path((k,)), like[k], like[k].dtype) for k in ("w", "b")]

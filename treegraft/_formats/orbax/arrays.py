@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -419,7 +419,25 @@ class DirectReader:
         # headers the plan read are in its cache and are not read again, only
         # revalidated (tensorstore rechecks the manifest at each open).
         self.context = _child_context(store.context())
+        self._own_context = False  # True once the checkpoint was found written anew
         self._open: dict[str, Any] = {}
+        self._opening: dict[str, Any] = {}  # opens started, not waited for yet
+
+    def start_opens(self, names: Iterable[str]) -> None:
+        """Starts opening the arrays saved under names, all at once; `open` waits for each.
+
+        A call reading many arrays then waits for the slowest open, not the
+        sum of them (each open is a round trip to remote storage).
+        """
+        for name in names:
+            if name not in self._open and name not in self._opening:
+                self._opening[name] = self._start_open(name, self.context)
+
+    def cancel_opens(self) -> None:
+        """Cancels the opens started and not waited for (a failed call stops them)."""
+        opening, self._opening = self._opening, {}
+        for future in opening.values():
+            future.cancel()
 
     def open(self, name: str) -> Any:
         """The tensorstore array saved under name (opened once per reader).
@@ -429,23 +447,29 @@ class DirectReader:
             nor in a context of its own).
         """
         array = self._open.get(name)
-        if array is None:
-            try:
-                array = self._open_in(name, self.context)
-            except CheckpointError as e:
-                if stalled(e):  # a context of its own would wait on the same storage
-                    raise
-                # The store's context holds the OCDBT database the plan read; a
-                # checkpoint written anew at the same path since (another
-                # database) fails there on its uuid. In a context of its own it
-                # is opened as it now is, and check_unchanged compares its header
-                # with the plan's (docs/design.md section 4).
+        if array is not None:
+            return array
+        future = self._opening.pop(name, None)
+        if future is None:
+            future = self._start_open(name, self.context)
+        try:
+            array = self._wait_open(name, future)
+        except CheckpointError as e:
+            if stalled(e):  # a context of its own would wait on the same storage
+                raise
+            # The store's context holds the OCDBT database the plan read; a
+            # checkpoint written anew at the same path since (another
+            # database) fails there on its uuid. In a context of its own it
+            # is opened as it now is, and check_unchanged compares its header
+            # with the plan's (docs/design.md section 4).
+            if not self._own_context:
+                self._own_context = True
                 self.context = _child_context(store_context(self.location))
-                array = self._open_in(name, self.context)
-            self._open[name] = array
+            array = self._wait_open(name, self._start_open(name, self.context))
+        self._open[name] = array
         return array
 
-    def _open_in(self, name: str, context: Any) -> Any:
+    def _start_open(self, name: str, context: Any) -> Any:
         import tensorstore as ts
 
         spec = dict(self.store.spec(name), fill_missing_data_reads=self.store.fill_missing)
@@ -457,8 +481,10 @@ class DirectReader:
         # plan's: the manifest the open revalidated serves the reads, not read
         # again for each.
         spec["recheck_cached_data"] = "open"
-        return self.location.wait(ts.open(spec, open=True, read=True, context=context),
-                                  f"opening array {name!r} of")
+        return ts.open(spec, open=True, read=True, context=context)
+
+    def _wait_open(self, name: str, future: Any) -> Any:
+        return self.location.wait(future, f"opening array {name!r} of")
 
     def read(self, leaves: Sequence[LazyLeaf], requests: Sequence[ReadRequest]) -> list[Any]:
         """The requested leaves, each placed like its target, in the source dtype.
@@ -476,8 +502,10 @@ class DirectReader:
         """
         units: collections.deque[_Unit] = collections.deque()
         try:
+            self.start_opens(leaf.name for leaf in leaves)
             return self._read(leaves, requests, units)
         except BaseException:
+            self.cancel_opens()
             for unit in units:  # nothing keeps reading after a failure
                 if unit.future is not None:
                     unit.future.cancel()
@@ -566,8 +594,13 @@ class DirectReader:
             a chunk is decoded once for all the target shards that need it.
         """
         reads = []
-        for k, (leaf, box) in enumerate(zip(leaves, boxes, strict=True)):
-            array = self.open(leaf.name)
+        self.start_opens(leaf.name for leaf in leaves)
+        try:
+            opened = [self.open(leaf.name) for leaf in leaves]
+        except BaseException:
+            self.cancel_opens()
+            raise
+        for k, (leaf, box, array) in enumerate(zip(leaves, boxes, opened, strict=True)):
             view = array[box]
             out = outs[k] if outs is not None else None
             reads.append(_BoxRead(leaf, array, view, out if _fits(out, view) else None, regions))
