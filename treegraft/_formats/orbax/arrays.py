@@ -7,9 +7,9 @@ for every addressable device of the target's sharding, exactly the slice that
 device holds, then places it there. Every array and shard of a read call is
 read in one tensorstore context, a child of the checkpoint store's: the OCDBT
 index and headers the plan read are in its bounded cache; decoded chunks are
-never kept. Shards that share chunks
-and tile a box are one read of it into an overlay of their own buffers (no
-buffer in between, no copy); slices with gaps between them read the
+never kept. The arrays of a call are opened all at once. Shards that share
+chunks and tile a box are one read of it into an overlay of their own buffers
+(no buffer in between, no copy); slices with gaps between them read the
 chunk-aligned region and are cut from it on the host. Either way a chunk that
 several shards need is fetched and decoded once; boxes read for operations
 (`read_boxes`) keep such a region for the next boxes that cut from it
@@ -50,6 +50,11 @@ __all__ = ["DirectReader", "chunk_shape", "box_nbytes"]
 # Bytes of reads in flight at once (at least one request's): the slices read
 # are the bytes grafted, but each read in flight also holds the chunks it
 # decodes, which the allocator keeps once freed; 64 MiB keeps two cores busy.
+# One 16 MiB chunk at a time (a 16 MiB window) grew peak RSS by 1.08-1.10x the
+# 1 GiB grafted into 8 devices instead of 1.15-1.22x, but took 0.29 s instead
+# of 0.21 s: glibc keeps up to twice a chunk's bytes in each thread arena a
+# chunk buffer was allocated in, and tensorstore reads and decodes on
+# whichever pool thread is free (benchmarks/run.py --cases sharded).
 _WINDOW_BYTES = 64 << 20
 # Box bytes a `read_boxes` stream keeps in flight (at least one box): host
 # memory then holds the consumer's block and what the reads in flight decode.
