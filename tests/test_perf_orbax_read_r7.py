@@ -30,7 +30,7 @@ from kauldron_run import write_item
 import treegraft as tg
 from treegraft._formats.orbax import arrays
 from treegraft._parse.paths import Path
-from treegraft._read.source import BoxRequest
+from treegraft._read.source import BoxRequest, ReadRequest
 
 SHAPE = (16, 8)
 
@@ -249,7 +249,5 @@ def test_an_array_gone_since_the_plan_fails_typed_and_stops_the_other_opens(item
     assert reader._opening == {}
 
 
-def _requests(like: dict) -> list:
-    from treegraft._read.source import ReadRequest
-
+def _requests(like: dict) -> list[ReadRequest]:
     return [ReadRequest(Path((k,)), like[k], like[k].dtype) for k in ("w", "b")]
