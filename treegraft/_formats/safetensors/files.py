@@ -32,6 +32,7 @@ from treegraft._formats.safetensors.header import (
     read_result,
     tensor_info,
 )
+from treegraft._formats.safetensors.preads import read_range
 from treegraft._storage.local import local_kind, mode_kind, not_regular
 from treegraft._storage.location import Location, check_text
 
@@ -199,7 +200,7 @@ class Files:
         return header, start
 
     def pread(self, info: TensorInfo, begin: int, buffer: np.ndarray) -> None:
-        """Fills buffer with the local file's bytes from begin (one read syscall, or a few)."""
+        """Fills buffer with the local file's bytes from begin (`preads.read_range`)."""
         where = file_path(self.folder, info.file)
         fd = self._open(info)
         try:
@@ -213,21 +214,7 @@ class Files:
                 f"{where} has changed since its header was read (reading tensor "
                 f"{info.name!r}): open a new SafetensorsCheckpoint to read the new file"
             )
-        view = buffer.data
-        done = 0
-        while done < len(view):
-            try:
-                n = os.preadv(fd, [view[done:]], begin + done)
-            except OSError as e:
-                raise CheckpointError(
-                    f"cannot read tensor {info.name!r} from {where}: {type(e).__name__}: {e}"
-                ) from e
-            if n == 0:
-                raise CheckpointError(
-                    f"{where} is truncated or damaged: reading tensor {info.name!r} needs "
-                    f"{begin + len(view)} bytes but the file has {st.st_size}"
-                )
-            done += n
+        read_range(fd, buffer.data, begin, f"tensor {info.name!r}", where, st.st_size)
 
     def fetch(
         self,

@@ -1,0 +1,233 @@
+"""Issue #25 row 1, second round: the work of a safetensors graft spread over threads.
+
+The tunix case's main thread did three times the copy worker's work: every
+read, every leaf under 4 MiB, the Python. Now a byte range of 2 MiB or more
+is read by this thread and a reader thread, half each (`preads.read_range`),
+and leaves from 1 MiB are copied by two threads (`copies.SHARED_FROM`). The
+worker's puts keep the caller's thread-local transfer guard. Each test
+checks the values against `safetensors.safe_open`, that every shard owns its
+buffer, and that the fast path is taken where it should be and not elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import jax
+import numpy as np
+import pytest
+from helpers import assert_owns_buffers, buffer_pointers
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import treegraft as tg
+from treegraft._formats.safetensors import preads
+from treegraft._insert import copies, transform
+
+safetensors = pytest.importorskip("safetensors")
+save_file = pytest.importorskip("safetensors.numpy").save_file
+
+BLOB = 5 * 2**20 + 12345  # bytes of the raw file read_range is tested on
+
+
+def oracle(path: str, name: str) -> np.ndarray:
+    """The tensor as safetensors' own reader gives it."""
+    with safetensors.safe_open(path, "numpy") as f:
+        return f.get_tensor(name)
+
+
+def mesh_2x4():
+    return jax.make_mesh((2, 4), ("a", "b"))
+
+
+def rchar() -> int:
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.fixture
+def spied_reads(monkeypatch):
+    """The name of the thread each `preads._read` ran on, and its byte count (real reads)."""
+    seen: list[tuple[str, int]] = []
+    real = preads._read
+
+    def read(fd, view, *rest):
+        seen.append((threading.current_thread().name, len(view)))
+        return real(fd, view, *rest)
+
+    monkeypatch.setattr(preads, "_read", read)
+    return seen
+
+
+@pytest.fixture
+def layer(tmp_path):
+    """A large Linear weight (8 MiB), an attention-sized one (1 MiB) and a small one."""
+    rng = np.random.default_rng(5)
+    tensors = {
+        "up.weight": rng.standard_normal((2048, 1024)).astype(np.float32),
+        "k.weight": rng.standard_normal((512, 512)).astype(np.float32),
+        "norm.weight": rng.standard_normal((256, 64)).astype(np.float32),
+    }
+    path = str(tmp_path / "layer.safetensors")
+    save_file(tensors, path)
+    return path, tensors
+
+
+@pytest.fixture(scope="module")
+def blob(tmp_path_factory):
+    """A raw file of random bytes, and its bytes."""
+    data = np.random.default_rng(9).integers(0, 256, BLOB, dtype=np.uint8).tobytes()
+    path = str(tmp_path_factory.mktemp("blob") / "blob.bin")
+    with open(path, "wb") as f:
+        f.write(data)
+    return path, data
+
+
+# -- preads.read_range: a large range read by two threads -----------------------------------
+
+
+def test_a_large_tensor_is_read_by_two_threads_once_and_is_the_oracle(layer, spied_reads):
+    path, tensors = layer
+    sharding = NamedSharding(mesh_2x4(), P("a", "b"))
+    like = jax.ShapeDtypeStruct((1024, 2048), np.float32, sharding=sharding)
+    mapping = {"up": tg.transpose("up.weight", (1, 0))}
+    plan = tg.plan({"up": like}, tg.SafetensorsCheckpoint(path), mapping)
+    before = rchar()
+    got = tg.execute(plan)["up"]
+    read = rchar() - before
+    np.testing.assert_array_equal(np.asarray(got), oracle(path, "up.weight").T)
+    assert got.sharding == like.sharding
+    assert_owns_buffers(got)
+    threads = {name for name, _ in spied_reads}
+    assert threading.current_thread().name in threads
+    assert any(name.startswith("treegraft-read") for name in threads), threads
+    # Every byte of the tensor read once (plus the header checks).
+    nbytes = tensors["up.weight"].nbytes
+    assert sum(n for _, n in spied_reads) == nbytes
+    assert nbytes <= read < nbytes + 64 * 2**10
+
+
+def test_ranges_under_the_threshold_are_read_by_this_thread_alone(layer, spied_reads):
+    path, tensors = layer
+    mesh = mesh_2x4()
+    state = {
+        "k": jax.ShapeDtypeStruct((512, 512), np.float32,
+                                  sharding=NamedSharding(mesh, P("a", "b"))),
+        "norm": jax.ShapeDtypeStruct((64, 256), np.float32, sharding=NamedSharding(mesh, P())),
+    }
+    mapping = {"k": tg.transpose("k.weight", (1, 0)), "norm": tg.transpose("norm.weight", (1, 0))}
+    out = tg.graft(state, tg.SafetensorsCheckpoint(path), mapping)
+    np.testing.assert_array_equal(np.asarray(out["k"]), oracle(path, "k.weight").T)
+    np.testing.assert_array_equal(np.asarray(out["norm"]), oracle(path, "norm.weight").T)
+    assert spied_reads and all(n < preads.SPLIT_FROM for _, n in spied_reads)
+    assert {name for name, _ in spied_reads} == {threading.current_thread().name}
+
+
+@given(
+    begin=st.integers(0, BLOB),
+    length=st.one_of(
+        st.integers(0, 2 * preads.SPLIT_FROM), st.just(preads.SPLIT_FROM), st.integers(0, BLOB)
+    ),
+)
+def test_read_range_gives_the_files_bytes_for_any_range(blob, begin, length):
+    path, data = blob
+    length = min(length, BLOB - begin)
+    buffer = np.full(length, 7, np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        preads.read_range(fd, buffer.data, begin, "the blob", path, BLOB)
+    finally:
+        os.close(fd)
+    assert buffer.tobytes() == data[begin : begin + length]
+
+
+@pytest.mark.parametrize("short_by", [1, 3 * 2**20], ids=["reader-half", "both-halves"])
+def test_a_file_shorter_than_a_split_range_is_a_checkpoint_error(blob, short_by):
+    """The reader's half or both halves find the file's end: one typed error, named whole."""
+    path, _ = blob
+    buffer = np.zeros(BLOB, np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(tg.CheckpointError, match=(
+            rf"blob\.bin is truncated or damaged: reading the blob needs {BLOB + short_by} bytes "
+            rf"but the file has {BLOB}"
+        )):
+            preads.read_range(fd, buffer.data, short_by, "the blob", path, BLOB)
+        # The reader is free again at once: nothing of the failed call is still reading.
+        again = np.zeros(BLOB, np.uint8)
+        preads.read_range(fd, again.data, 0, "the blob", path, BLOB)
+    finally:
+        os.close(fd)
+    with open(path, "rb") as f:
+        assert again.tobytes() == f.read()
+
+
+def test_a_read_of_a_closed_file_is_a_checkpoint_error_from_either_half(blob):
+    path, _ = blob
+    fd = os.open(path, os.O_RDONLY)
+    os.close(fd)
+    with pytest.raises(tg.CheckpointError, match=r"cannot read the blob from .*blob\.bin: OSError"):
+        preads.read_range(fd, np.zeros(BLOB, np.uint8).data, 0, "the blob", path, BLOB)
+
+
+# -- copies: leaves from 1 MiB shared, under the caller's transfer guard --------------------
+
+
+def test_an_attention_sized_leaf_takes_the_shared_path_and_is_the_oracle(layer, monkeypatch):
+    path, tensors = layer
+    assert tensors["k.weight"].nbytes == copies.SHARED_FROM
+    shared = []
+    real = transform.place_shared
+
+    def place_shared(shape, sharding, block_of):
+        shared.append(shape)
+        return real(shape, sharding, block_of)
+
+    monkeypatch.setattr(transform, "place_shared", place_shared)
+    mesh = mesh_2x4()
+    state = {
+        "k": jax.ShapeDtypeStruct((512, 512), np.float32,
+                                  sharding=NamedSharding(mesh, P("a", "b"))),
+        "norm": jax.ShapeDtypeStruct((64, 256), np.float32, sharding=NamedSharding(mesh, P("b"))),
+    }
+    mapping = {"k": tg.transpose("k.weight", (1, 0)), "norm": tg.transpose("norm.weight", (1, 0))}
+    out = tg.graft(state, tg.SafetensorsCheckpoint(path), mapping)
+    assert shared == [(512, 512)]  # the 64 KiB leaf stays on this thread
+    np.testing.assert_array_equal(np.asarray(out["k"]), tensors["k.weight"].T)
+    np.testing.assert_array_equal(np.asarray(out["norm"]), tensors["norm.weight"].T)
+    assert_owns_buffers(out["k"], out["norm"])
+
+
+def test_the_copy_worker_puts_under_the_callers_transfer_guard():
+    block = np.arange(64.0).reshape(8, 8).T
+    block.flags.writeable = False
+    device = jax.devices()[1]
+    with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+        copies._worker().submit(copies._put, block, device, "disallow_explicit").result()
+    got = copies._worker().submit(copies._put, block, device, None).result()
+    np.testing.assert_array_equal(np.asarray(got), block)
+
+
+def test_a_shared_leaf_under_a_disallowing_guard_raises_and_allows_under_allow():
+    w = np.random.default_rng(3).standard_normal((1024, 1024)).astype(np.float32)
+    view = w.T
+    view.flags.writeable = False
+    sharding = NamedSharding(mesh_2x4(), P("a", "b"))
+
+    def block_of(box):
+        return view[tuple(slice(a, b) for a, b in box)]
+
+    with jax.transfer_guard_host_to_device("disallow_explicit"):
+        with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+            copies.place_shared((1024, 1024), sharding, block_of)
+        with jax.transfer_guard_host_to_device("allow"):
+            got = copies.place_shared((1024, 1024), sharding, block_of)
+    np.testing.assert_array_equal(np.asarray(got), w.T)
+    assert_owns_buffers(got)
+    assert not any(w.ctypes.data <= p < w.ctypes.data + w.nbytes for p in buffer_pointers(got))
