@@ -176,6 +176,74 @@ def test_a_read_of_a_closed_file_is_a_checkpoint_error_from_either_half(blob):
         preads.read_range(fd, np.zeros(BLOB, np.uint8).data, 0, "the blob", path, BLOB)
 
 
+# -- preads.copy_in_two: the boxes cut out of a range read whole -----------------------------
+
+
+@pytest.fixture
+def spied_copies(monkeypatch):
+    """The thread each `preads._copy` ran on, and the bytes it copied (real copies)."""
+    seen: list[tuple[str, int]] = []
+    real = preads._copy
+
+    def copy(pairs):
+        seen.append((threading.current_thread().name, sum(d.nbytes for d, _ in pairs)))
+        return real(pairs)
+
+    monkeypatch.setattr(preads, "_copy", copy)
+    return seen
+
+
+def test_the_boxes_of_a_plain_leaf_are_cut_by_two_threads_and_are_the_oracle(
+    layer, spied_copies
+):
+    """Column boxes of a row range (a sharded embedding): cut in two threads, owned."""
+    path, tensors = layer
+    like = jax.ShapeDtypeStruct((2048, 1024), np.float32,
+                                sharding=NamedSharding(mesh_2x4(), P("b", "a")))
+    got = tg.graft({"up": like}, tg.SafetensorsCheckpoint(path), {"up": "up.weight"})["up"]
+    np.testing.assert_array_equal(np.asarray(got), oracle(path, "up.weight"))
+    assert got.sharding == like.sharding
+    assert_owns_buffers(got)
+    threads = {name for name, n in spied_copies if n}
+    assert threading.current_thread().name in threads
+    assert any(name.startswith("treegraft-read") for name in threads), threads
+    assert sum(n for _, n in spied_copies) == tensors["up.weight"].nbytes
+
+
+def test_small_boxes_are_cut_by_this_thread_alone(layer, spied_copies):
+    path, tensors = layer
+    like = jax.ShapeDtypeStruct((256, 64), np.float32,
+                                sharding=NamedSharding(mesh_2x4(), P("b", "a")))
+    got = tg.graft({"n": like}, tg.SafetensorsCheckpoint(path), {"n": "norm.weight"})["n"]
+    np.testing.assert_array_equal(np.asarray(got), tensors["norm.weight"])
+    assert_owns_buffers(got)
+    assert {name for name, _ in spied_copies} == {threading.current_thread().name}
+
+
+DTYPES = [np.dtype(np.float32), np.dtype(">f4"), np.dtype(np.bool_), np.dtype(np.int8),
+          np.dtype(jax.numpy.bfloat16), np.dtype(np.complex64)]
+
+
+@given(
+    rows=st.lists(st.integers(1, 1200), min_size=1, max_size=4),
+    cols=st.integers(1, 700),
+    dtype=st.sampled_from(DTYPES),
+    step=st.integers(1, 3),
+)
+def test_copy_in_two_copies_every_pair_exactly(rows, cols, dtype, step):
+    rng = np.random.default_rng(len(rows) * 1000 + cols)
+    pairs, wants = [], []
+    for r in rows:
+        whole = rng.integers(0, 2, (r, cols * step)) if dtype == np.bool_ else (
+            rng.standard_normal((r, cols * step)) * 100)
+        src = whole.astype(dtype)[:, ::step]  # strided, as a box cut out of rows
+        pairs.append((np.full(src.shape, 0, dtype), src))
+        wants.append(src.copy())
+    preads.copy_in_two(pairs)
+    for (dst, _), want in zip(pairs, wants, strict=True):
+        assert dst.tobytes() == want.tobytes()
+
+
 # -- copies: leaves from 1 MiB shared, under the caller's transfer guard --------------------
 
 

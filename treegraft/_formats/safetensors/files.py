@@ -32,7 +32,7 @@ from treegraft._formats.safetensors.header import (
     read_result,
     tensor_info,
 )
-from treegraft._formats.safetensors.preads import read_range
+from treegraft._formats.safetensors.preads import copy_in_two, read_range
 from treegraft._storage.local import local_kind, mode_kind, not_regular
 from treegraft._storage.location import Location, check_text
 
@@ -299,15 +299,20 @@ class Files:
                     buffer[o : o + len(raw)] = np.frombuffer(raw, np.uint8)
                 buf = buffer.view(stored)
                 # Every box of this range is taken out before the scratch is reused.
+                cut: list[tuple[np.ndarray, np.ndarray]] = []
                 for box, (_, offset, sub_shape, inner, shape) in boxes:
                     piece = buf[offset : offset + math.prod(sub_shape)].reshape(sub_shape)[inner]
                     piece = np.asarray(piece).reshape(shape)
                     if piece.nbytes != buf.nbytes:
                         # A copy, aligned as the buffer is: never keep a larger buffer alive.
                         copy = _aligned(piece.nbytes).view(piece.dtype).reshape(piece.shape)
-                        copy[...] = piece
+                        cut.append((copy, piece))
                         piece = copy
-                    pieces[box] = piece if piece.dtype == info.dtype else piece.astype(info.dtype)
+                    pieces[box] = piece
+                copy_in_two(cut)
+                for box, piece in pieces.items():
+                    if piece.dtype != info.dtype:
+                        pieces[box] = piece.astype(info.dtype)
             yield pieces
 
 
