@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -242,6 +243,42 @@ def test_copy_in_two_copies_every_pair_exactly(rows, cols, dtype, step):
     preads.copy_in_two(pairs)
     for (dst, _), want in zip(pairs, wants, strict=True):
         assert dst.tobytes() == want.tobytes()
+
+
+# -- RowArena: an arena a few bytes short of a later tensor's wants is not left unused --------
+
+
+@pytest.fixture
+def same_size(tmp_path):
+    """Three tensors of one size (64 KiB), and their file."""
+    rng = np.random.default_rng(4)
+    tensors = {f"t{k}": rng.standard_normal((128, 128)).astype(np.float32) for k in range(3)}
+    path = str(tmp_path / "same.safetensors")
+    save_file(tensors, path)
+    return path, tensors
+
+
+def lend_row_blocks(src, name, parts):
+    """The tensor lent as `parts` blocks of rows (each take of the arena is aligned)."""
+    step = 128 // parts
+    views = src.lend_boxes([SimpleNamespace(path=name, box=(slice(r, r + step), slice(0, 128)))
+                            for r in range(0, 128, step)])
+    return np.concatenate(views, axis=0)
+
+
+def test_tensors_of_one_size_read_in_more_pieces_reuse_the_arena(same_size):
+    """Four takes want 192 bytes more alignment room than two: the arena still serves."""
+    path, tensors = same_size
+    src = tg.SafetensorsCheckpoint(path)
+    np.testing.assert_array_equal(lend_row_blocks(src, "t0", 2), tensors["t0"])
+    np.testing.assert_array_equal(lend_row_blocks(src, "t1", 4), tensors["t1"])
+    np.testing.assert_array_equal(lend_row_blocks(src, "t2", 4), tensors["t2"])
+    np.testing.assert_array_equal(lend_row_blocks(src, "t0", 2), tensors["t0"])
+    # The first tensor sizes the arena (its rows are new memory); t2 and t0 again
+    # are read into the one arena t1 was, though they want a few bytes more.
+    assert src._arena.reused == 2
+    assert len(src._arena._roots) == 1
+    assert src._arena._roots[0].nbytes == 2 * 2**20
 
 
 # -- copies: leaves from 1 MiB shared, under the caller's transfer guard --------------------

@@ -316,6 +316,9 @@ class Files:
             yield pieces
 
 
+_ROUND = 2 * 2**20  # arenas are a whole number of huge pages
+
+
 class RowArena:
     """Host memory for the rows of one tensor at a time, used again once no view of it lives.
 
@@ -328,7 +331,8 @@ class RowArena:
     reference count says so): a view still alive, in a caller or in a device
     copy still in flight (jax holds the last one until it is done), keeps
     its memory. Two arenas take turns, so that the one just left has time to
-    be let go.
+    be let go; a new one takes the place of one too small before one still
+    held, and is a whole number of huge pages (`_ROUND`).
     """
 
     _TURNS = 2
@@ -349,18 +353,21 @@ class RowArena:
         if not self._size:
             return
         # An arena is free when only the list and this call's argument refer to it.
-        free = [k for k in range(len(self._roots)) if sys.getrefcount(self._roots[k]) == 2
-                and self._roots[k].nbytes >= self._size]
-        pick = next((k for k in free if k != left), free[0] if free else None)
+        free = [k for k in range(len(self._roots)) if sys.getrefcount(self._roots[k]) == 2]
+        fits = [k for k in free if self._roots[k].nbytes >= self._size]
+        pick = next((k for k in fits if k != left), fits[0] if fits else None)
         if pick is not None:
             self.reused += 1
-        else:  # a new arena, in place of one that is held or too small
-            root = np.empty(self._size, np.uint8)
+        else:  # a new arena, in place of one that is too small, else of one still held
+            # Rounded up: tensors of one size want a few bytes more or less (the
+            # alignment of each take), and an arena a few bytes short is not reused.
+            root = np.empty(-(-self._size // _ROUND) * _ROUND, np.uint8)
             if len(self._roots) < self._TURNS:
                 self._roots.append(root)
                 pick = len(self._roots) - 1
             else:
-                pick = next(k for k in range(len(self._roots)) if k != left)
+                others = [k for k in range(len(self._roots)) if k != left]
+                pick = next((k for k in others if k in free), others[0])
                 self._roots[pick] = root  # its holders keep the old memory alive
         self._current = pick
 
