@@ -12,7 +12,9 @@ buffer, and that the fast path is taken where it should be and not elsewhere.
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 from types import SimpleNamespace
 
 import jax
@@ -175,6 +177,37 @@ def test_a_read_of_a_closed_file_is_a_checkpoint_error_from_either_half(blob):
     os.close(fd)
     with pytest.raises(tg.CheckpointError, match=r"cannot read the blob from .*blob\.bin: OSError"):
         preads.read_range(fd, np.zeros(BLOB, np.uint8).data, 0, "the blob", path, BLOB)
+
+
+# jax warns at every fork once it runs; the child here uses no jax.
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_forked_child_reads_with_a_reader_of_its_own(blob):
+    """The parent's reader thread is not in a forked child: the child makes its own."""
+    path, data = blob
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        first = np.zeros(BLOB, np.uint8)
+        preads.read_range(fd, first.data, 0, "the blob", path, BLOB)  # the parent's reader
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if a split read gives the file's bytes
+            ok = False
+            try:
+                got = np.zeros(BLOB, np.uint8)
+                preads.read_range(fd, got.data, 0, "the blob", path, BLOB)
+                ok = got.tobytes() == data
+            finally:
+                os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child's split read did not finish in 60 s")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        os.close(fd)
 
 
 # -- preads.copy_in_two: the boxes cut out of a range read whole -----------------------------

@@ -13,6 +13,7 @@ is waited on.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,16 +38,17 @@ __all__ = ["SHARED_FROM", "lent", "place_shared"]
 # does three times the worker's work otherwise (tunix case, per-thread CPU).
 SHARED_FROM = 2**20
 
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (the process it serves, the pool)
 _pool_lock = threading.Lock()
 
 
 def _worker() -> ThreadPoolExecutor:
+    """The worker's pool, made anew in a forked child (the parent's thread is not there)."""
     global _pool
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(1, thread_name_prefix="treegraft-copy")
-        return _pool
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="treegraft-copy"))
+        return _pool[1]
 
 
 def lent(block: Any) -> bool:

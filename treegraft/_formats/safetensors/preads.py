@@ -27,19 +27,20 @@ __all__ = ["SPLIT_FROM", "copy_in_two", "read_range"]
 # A range smaller than this is read by this thread alone: handing half of it
 # over costs some tens of microseconds, reading 1 MiB about a hundred.
 SPLIT_FROM = 2 * 2**20
-# The reader's half starts on a page boundary of the buffer and of the file.
+# The reader's half starts a whole number of these into the range.
 _PAGE = 2**16
 
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (the process it serves, the pool)
 _pool_lock = threading.Lock()
 
 
 def _reader() -> ThreadPoolExecutor:
+    """The reader thread's pool, made anew in a forked child (the parent's thread is not there)."""
     global _pool
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(1, thread_name_prefix="treegraft-read")
-        return _pool
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="treegraft-read"))
+        return _pool[1]
 
 
 def read_range(fd: int, view: memoryview, begin: int, what: str, where: str, size: int) -> None:
@@ -120,7 +121,12 @@ def _in_two(ours: Callable[[], None], theirs: Callable[[], None]) -> None:
     Theirs is waited for even when ours failed: nothing may still write into
     the caller's buffers once this returns or raises.
     """
-    other: Future[None] = _reader().submit(theirs)
+    try:
+        other: Future[None] = _reader().submit(theirs)
+    except RuntimeError:  # the interpreter is shutting down: no new thread
+        ours()
+        theirs()
+        return
     try:
         ours()
     finally:
