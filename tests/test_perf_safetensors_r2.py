@@ -55,6 +55,20 @@ def rchar() -> int:
 
 
 @pytest.fixture
+def shared_calls(monkeypatch):
+    """How many pieces each `preads._shared` call (two threads) was given; it still runs."""
+    calls: list[int] = []
+    real = preads._shared
+
+    def shared(tasks):
+        calls.append(len(tasks))
+        return real(tasks)
+
+    monkeypatch.setattr(preads, "_shared", shared)
+    return calls
+
+
+@pytest.fixture
 def spied_reads(monkeypatch):
     """The name of the thread each `preads._read` ran on, and its byte count (real reads)."""
     seen: list[tuple[str, int]] = []
@@ -95,7 +109,9 @@ def blob(tmp_path_factory):
 # -- preads.read_range: a large range read by two threads -----------------------------------
 
 
-def test_a_large_tensor_is_read_by_two_threads_once_and_is_the_oracle(layer, spied_reads):
+def test_a_large_tensor_is_read_in_shared_pieces_once_and_is_the_oracle(
+    layer, spied_reads, shared_calls
+):
     path, tensors = layer
     sharding = NamedSharding(mesh_2x4(), P("a", "b"))
     like = jax.ShapeDtypeStruct((1024, 2048), np.float32, sharding=sharding)
@@ -107,16 +123,18 @@ def test_a_large_tensor_is_read_by_two_threads_once_and_is_the_oracle(layer, spi
     np.testing.assert_array_equal(np.asarray(got), oracle(path, "up.weight").T)
     assert got.sharding == like.sharding
     assert_owns_buffers(got)
-    threads = {name for name, _ in spied_reads}
-    assert threading.current_thread().name in threads
-    assert any(name.startswith("treegraft-read") for name in threads), threads
+    # Each 2 MiB row range is offered to both threads, in 1 MiB pieces.
+    assert shared_calls == [2] * 4
+    assert all(n == 2**20 for _, n in spied_reads if n)  # (0: the checks of kept rows)
     # Every byte of the tensor read once (plus the header checks).
     nbytes = tensors["up.weight"].nbytes
     assert sum(n for _, n in spied_reads) == nbytes
     assert nbytes <= read < nbytes + 64 * 2**10
 
 
-def test_ranges_under_the_threshold_are_read_by_this_thread_alone(layer, spied_reads):
+def test_ranges_under_the_threshold_are_read_by_this_thread_alone(
+    layer, spied_reads, shared_calls
+):
     path, tensors = layer
     mesh = mesh_2x4()
     state = {
@@ -130,6 +148,43 @@ def test_ranges_under_the_threshold_are_read_by_this_thread_alone(layer, spied_r
     np.testing.assert_array_equal(np.asarray(out["norm"]), oracle(path, "norm.weight").T)
     assert spied_reads and all(n < preads.SPLIT_FROM for _, n in spied_reads)
     assert {name for name, _ in spied_reads} == {threading.current_thread().name}
+    assert shared_calls == []
+
+
+# -- preads._shared: pieces taken in turn by two threads ------------------------------------
+
+
+def test_shared_pieces_run_on_this_thread_and_the_reader():
+    """Two pieces that each wait for the other: they finish only if two threads run them."""
+    meet = threading.Barrier(2, timeout=20)
+    ran: list[str] = []
+
+    def piece():
+        meet.wait()
+        ran.append(threading.current_thread().name)
+
+    preads._shared([piece, piece])
+    assert sorted(name.startswith("treegraft-read") for name in ran) == [False, True]
+
+
+def test_a_failed_piece_stops_new_pieces_and_raises_after_the_one_in_flight():
+    meet = threading.Barrier(2, timeout=20)
+    finished = threading.Event()
+    later: list[int] = []
+
+    def fails():
+        meet.wait()
+        raise tg.CheckpointError("this piece fails")
+
+    def slow():
+        meet.wait()
+        time.sleep(0.2)
+        finished.set()
+
+    with pytest.raises(tg.CheckpointError, match="this piece fails"):
+        preads._shared([fails, slow] + [lambda k=k: later.append(k) for k in range(50)])
+    assert finished.is_set()  # the other thread's piece was done before the raise
+    assert later == []  # neither thread started a piece once the failure was recorded
 
 
 @given(
@@ -227,8 +282,8 @@ def spied_copies(monkeypatch):
     return seen
 
 
-def test_the_boxes_of_a_plain_leaf_are_cut_by_two_threads_and_are_the_oracle(
-    layer, spied_copies
+def test_the_boxes_of_a_plain_leaf_are_cut_in_shared_pieces_and_are_the_oracle(
+    layer, spied_copies, shared_calls
 ):
     """Column boxes of a row range (a sharded embedding): cut in two threads, owned."""
     path, tensors = layer
@@ -238,13 +293,12 @@ def test_the_boxes_of_a_plain_leaf_are_cut_by_two_threads_and_are_the_oracle(
     np.testing.assert_array_equal(np.asarray(got), oracle(path, "up.weight"))
     assert got.sharding == like.sharding
     assert_owns_buffers(got)
-    threads = {name for name, n in spied_copies if n}
-    assert threading.current_thread().name in threads
-    assert any(name.startswith("treegraft-read") for name in threads), threads
+    # Each 2 MiB row range is read, then its two 1 MiB boxes are cut, in 1 MiB pieces.
+    assert shared_calls == [2, 2] * 4
     assert sum(n for _, n in spied_copies) == tensors["up.weight"].nbytes
 
 
-def test_small_boxes_are_cut_by_this_thread_alone(layer, spied_copies):
+def test_small_boxes_are_cut_by_this_thread_alone(layer, spied_copies, shared_calls):
     path, tensors = layer
     like = jax.ShapeDtypeStruct((256, 64), np.float32,
                                 sharding=NamedSharding(mesh_2x4(), P("b", "a")))
@@ -252,6 +306,7 @@ def test_small_boxes_are_cut_by_this_thread_alone(layer, spied_copies):
     np.testing.assert_array_equal(np.asarray(got), tensors["norm.weight"])
     assert_owns_buffers(got)
     assert {name for name, _ in spied_copies} == {threading.current_thread().name}
+    assert shared_calls == []
 
 
 DTYPES = [np.dtype(np.float32), np.dtype(">f4"), np.dtype(np.bool_), np.dtype(np.int8),

@@ -2,8 +2,8 @@
 
 Reading from the page cache is a copy the kernel makes into the buffer (and,
 into memory never used before, the faults that zero its pages): a range of
-several MiB read by this thread and one reader thread, half each, takes half
-the time when a core is free, which it is while the insert step's copy
+several MiB read by this thread and one reader thread, piece by piece, takes
+half the time when a core is free, which it is while the insert step's copy
 worker waits for the next block (tunix case: the reads were a quarter of the
 main thread's time; docs/benchmarks.md). The boxes cut out of a range read
 whole are copied the same way (`copy_in_two`). A read is local and a copy is
@@ -13,6 +13,7 @@ that read or copy, and no storage is waited on.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -27,8 +28,10 @@ __all__ = ["SPLIT_FROM", "copy_in_two", "read_range"]
 # A range smaller than this is read by this thread alone: handing half of it
 # over costs some tens of microseconds, reading 1 MiB about a hundred.
 SPLIT_FROM = 2 * 2**20
-# The reader's half starts a whole number of these into the range.
-_PAGE = 2**16
+# The pieces a large range is read or copied in: small enough that neither
+# thread waits long for the other's last one, large enough that taking one
+# (a lock, a syscall) costs little beside it.
+_PIECE = 2**20
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (the process it serves, the pool)
 _pool_lock = threading.Lock()
@@ -46,6 +49,10 @@ def _reader() -> ThreadPoolExecutor:
 def read_range(fd: int, view: memoryview, begin: int, what: str, where: str, size: int) -> None:
     """Fills view with the bytes of the open file fd from offset begin.
 
+    A range of `SPLIT_FROM` bytes or more is read in pieces of `_PIECE`
+    bytes, which this thread and the reader take in turn, each the next one
+    not started (`_shared`).
+
     Args:
       view: a writable byte memoryview (the destination, filled whole).
       what: how messages name what is read ("tensor 'w'").
@@ -57,22 +64,21 @@ def read_range(fd: int, view: memoryview, begin: int, what: str, where: str, siz
         (truncated); nothing is left reading into view when it raises.
     """
     said = (what, where, size, begin + len(view))
-    half = (len(view) // 2) // _PAGE * _PAGE
-    if len(view) < SPLIT_FROM or half == 0:
+    if len(view) < SPLIT_FROM:
         _read(fd, view, begin, *said)
         return
-    _in_two(
-        lambda: _read(fd, view[:half], begin, *said),
-        lambda: _read(fd, view[half:], begin + half, *said),
-    )
+    _shared([
+        functools.partial(_read, fd, view[o : o + _PIECE], begin + o, *said)
+        for o in range(0, len(view), _PIECE)
+    ])
 
 
 def copy_in_two(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
     """Copies each source into its destination (`dst[...] = src`), large ones by two threads.
 
-    Pairs of at least `SPLIT_FROM` bytes in all are shared out, a large pair
-    cut in two along its first axis, so that each thread copies about half
-    the bytes; smaller ones are copied here.
+    Pairs of at least `SPLIT_FROM` bytes in all are copied in pieces of about
+    `_PIECE` bytes (a pair cut along its first axis), which this thread and
+    the reader take in turn (`_shared`); smaller ones are copied here.
 
     Example:
       >>> import numpy as np
@@ -85,20 +91,14 @@ def copy_in_two(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
     if sum(d.nbytes for d, _ in pairs) < SPLIT_FROM:
         _copy(pairs)
         return
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    tasks = []
     for dst, src in pairs:
-        n = dst.shape[0] // 2 if dst.ndim else 0
-        if dst.nbytes >= SPLIT_FROM and n:
-            parts += [(dst[:n], src[:n]), (dst[n:], src[n:])]
-        else:
-            parts.append((dst, src))
-    ours: list[tuple[np.ndarray, np.ndarray]] = []
-    theirs: list[tuple[np.ndarray, np.ndarray]] = []
-    for part in sorted(parts, key=lambda p: -p[0].nbytes):  # the larger first, to the lighter
-        lighter = ours if sum(d.nbytes for d, _ in ours) <= sum(
-            d.nbytes for d, _ in theirs) else theirs
-        lighter.append(part)
-    _in_two(lambda: _copy(ours), lambda: _copy(theirs))
+        rows = dst.shape[0] if dst.ndim else 1
+        step = max(1, rows * _PIECE // max(dst.nbytes, 1)) if dst.ndim else 1
+        for r in range(0, rows, step):
+            part = (dst[r : r + step], src[r : r + step]) if dst.ndim else (dst, src)
+            tasks.append(functools.partial(_copy, [part]))
+    _shared(tasks)
 
 
 def _copy(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -115,24 +115,42 @@ def _copy(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
 _UINTS = {n: np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
 
 
-def _in_two(ours: Callable[[], None], theirs: Callable[[], None]) -> None:
-    """Runs theirs on the reader thread and ours here; raises the first failure.
+def _shared(tasks: Sequence[Callable[[], None]]) -> None:
+    """Runs tasks on this thread and the reader, each thread taking the next one not started.
 
-    Theirs is waited for even when ours failed: nothing may still write into
+    A thread held up (the reader not yet scheduled, a slow page fault) then
+    costs the other at most the one piece it is in: this thread does the rest.
+    The first failure stops both from starting another piece, and is raised
+    once the reader's piece in flight is done: nothing may still write into
     the caller's buffers once this returns or raises.
     """
+    pending = iter(tasks)
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        while True:
+            with lock:
+                task = None if failures else next(pending, None)
+            if task is None:
+                return
+            try:
+                task()
+            except BaseException as e:  # noqa: BLE001 (raised by the caller below)
+                with lock:
+                    failures.append(e)
+
     try:
-        other: Future[None] = _reader().submit(theirs)
+        other: Future[None] | None = _reader().submit(work)
     except RuntimeError:  # the interpreter is shutting down: no new thread
-        ours()
-        theirs()
-        return
+        other = None
     try:
-        ours()
+        work()
     finally:
-        failed = other.exception()
-    if failed is not None:
-        raise failed
+        if other is not None:
+            other.exception()  # the reader's piece in flight, if any
+    if failures:
+        raise failures[0]
 
 
 def _read(
