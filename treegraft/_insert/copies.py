@@ -13,6 +13,7 @@ is waited on.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,19 +33,22 @@ from treegraft._insert.placement import (
 __all__ = ["SHARED_FROM", "lent", "place_shared"]
 
 # A leaf smaller than this is put by this thread alone: handing a copy over
-# costs some tens of microseconds.
-SHARED_FROM = 4 * 2**20
+# costs some tens of microseconds. At 1 MiB the attention kernels of a small
+# Llama (1-2 MiB, eight boxes of 128-256 KiB) are shared too: this thread
+# does three times the worker's work otherwise (tunix case, per-thread CPU).
+SHARED_FROM = 2**20
 
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (the process it serves, the pool)
 _pool_lock = threading.Lock()
 
 
 def _worker() -> ThreadPoolExecutor:
+    """The worker's pool, made anew in a forked child (the parent's thread is not there)."""
     global _pool
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(1, thread_name_prefix="treegraft-copy")
-        return _pool
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="treegraft-copy"))
+        return _pool[1]
 
 
 def lent(block: Any) -> bool:
@@ -56,8 +60,16 @@ def lent(block: Any) -> bool:
     )
 
 
-def _put(block: np.ndarray, device: Any) -> jax.Array:
-    return jax.device_put(block, device, may_alias=False)
+def _put(block: np.ndarray, device: Any, guard: str | None = None) -> jax.Array:
+    """The device put of one block, under the caller's host-to-device transfer guard.
+
+    jax's transfer guard is thread-local: a put made by the worker would
+    otherwise escape a guard the caller set (`jax.transfer_guard(...)`).
+    """
+    if guard is None:
+        return jax.device_put(block, device, may_alias=False)
+    with jax.transfer_guard_host_to_device(guard):
+        return jax.device_put(block, device, may_alias=False)
 
 
 def place_shared(
@@ -74,11 +86,15 @@ def place_shared(
     out: dict[Any, jax.Array] = {}
     handed: list[tuple[np.ndarray, Any, Future[jax.Array]]] = []
     used: set[int] = set()
+    # This thread's guard (None: unset); read through jax.config, which answers per thread.
+    guard: str | None = getattr(jax.config, "jax_transfer_guard_host_to_device", None)
     try:
         for box, devices in devices_by_box(sharding, shape).items():
             block = block_of(box)
             if lent(block):
-                handed.extend((block, d, _worker().submit(_put, block, d)) for d in devices)
+                handed.extend(
+                    (block, d, _worker().submit(_put, block, d, guard)) for d in devices
+                )
                 continue
             if id(block) in used:
                 block = copy_block(block)

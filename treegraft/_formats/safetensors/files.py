@@ -32,6 +32,7 @@ from treegraft._formats.safetensors.header import (
     read_result,
     tensor_info,
 )
+from treegraft._formats.safetensors.preads import copy_in_two, read_range
 from treegraft._storage.local import local_kind, mode_kind, not_regular
 from treegraft._storage.location import Location, check_text
 
@@ -199,7 +200,7 @@ class Files:
         return header, start
 
     def pread(self, info: TensorInfo, begin: int, buffer: np.ndarray) -> None:
-        """Fills buffer with the local file's bytes from begin (one read syscall, or a few)."""
+        """Fills buffer with the local file's bytes from begin (`preads.read_range`)."""
         where = file_path(self.folder, info.file)
         fd = self._open(info)
         try:
@@ -213,21 +214,7 @@ class Files:
                 f"{where} has changed since its header was read (reading tensor "
                 f"{info.name!r}): open a new SafetensorsCheckpoint to read the new file"
             )
-        view = buffer.data
-        done = 0
-        while done < len(view):
-            try:
-                n = os.preadv(fd, [view[done:]], begin + done)
-            except OSError as e:
-                raise CheckpointError(
-                    f"cannot read tensor {info.name!r} from {where}: {type(e).__name__}: {e}"
-                ) from e
-            if n == 0:
-                raise CheckpointError(
-                    f"{where} is truncated or damaged: reading tensor {info.name!r} needs "
-                    f"{begin + len(view)} bytes but the file has {st.st_size}"
-                )
-            done += n
+        read_range(fd, buffer.data, begin, f"tensor {info.name!r}", where, st.st_size)
 
     def fetch(
         self,
@@ -312,16 +299,24 @@ class Files:
                     buffer[o : o + len(raw)] = np.frombuffer(raw, np.uint8)
                 buf = buffer.view(stored)
                 # Every box of this range is taken out before the scratch is reused.
+                cut: list[tuple[np.ndarray, np.ndarray]] = []
                 for box, (_, offset, sub_shape, inner, shape) in boxes:
                     piece = buf[offset : offset + math.prod(sub_shape)].reshape(sub_shape)[inner]
                     piece = np.asarray(piece).reshape(shape)
                     if piece.nbytes != buf.nbytes:
                         # A copy, aligned as the buffer is: never keep a larger buffer alive.
                         copy = _aligned(piece.nbytes).view(piece.dtype).reshape(piece.shape)
-                        copy[...] = piece
+                        cut.append((copy, piece))
                         piece = copy
-                    pieces[box] = piece if piece.dtype == info.dtype else piece.astype(info.dtype)
+                    pieces[box] = piece
+                copy_in_two(cut)
+                for box, piece in pieces.items():
+                    if piece.dtype != info.dtype:
+                        pieces[box] = piece.astype(info.dtype)
             yield pieces
+
+
+_ROUND = 2 * 2**20  # arenas are a whole number of huge pages
 
 
 class RowArena:
@@ -336,7 +331,8 @@ class RowArena:
     reference count says so): a view still alive, in a caller or in a device
     copy still in flight (jax holds the last one until it is done), keeps
     its memory. Two arenas take turns, so that the one just left has time to
-    be let go.
+    be let go; a new one takes the place of one too small before one still
+    held, and is a whole number of huge pages (`_ROUND`).
     """
 
     _TURNS = 2
@@ -357,18 +353,21 @@ class RowArena:
         if not self._size:
             return
         # An arena is free when only the list and this call's argument refer to it.
-        free = [k for k in range(len(self._roots)) if sys.getrefcount(self._roots[k]) == 2
-                and self._roots[k].nbytes >= self._size]
-        pick = next((k for k in free if k != left), free[0] if free else None)
+        free = [k for k in range(len(self._roots)) if sys.getrefcount(self._roots[k]) == 2]
+        fits = [k for k in free if self._roots[k].nbytes >= self._size]
+        pick = next((k for k in fits if k != left), fits[0] if fits else None)
         if pick is not None:
             self.reused += 1
-        else:  # a new arena, in place of one that is held or too small
-            root = np.empty(self._size, np.uint8)
+        else:  # a new arena, in place of one that is too small, else of one still held
+            # Rounded up: tensors of one size want a few bytes more or less (the
+            # alignment of each take), and an arena a few bytes short is not reused.
+            root = np.empty(-(-self._size // _ROUND) * _ROUND, np.uint8)
             if len(self._roots) < self._TURNS:
                 self._roots.append(root)
                 pick = len(self._roots) - 1
             else:
-                pick = next(k for k in range(len(self._roots)) if k != left)
+                others = [k for k in range(len(self._roots)) if k != left]
+                pick = next((k for k in others if k in free), others[0])
                 self._roots[pick] = root  # its holders keep the old memory alive
         self._current = pick
 
