@@ -71,6 +71,20 @@ def place(
       MismatchError: a value's dtype differs from its like's and `cast` does
         not allow that cast.
     """
+    # The moves are the ones graft was asked for: a transfer guard the caller
+    # set is for the caller's own code (docs/design.md section 12).
+    with jax.transfer_guard("allow"):
+        return _place(values, likes, cast=cast, owned=owned, name_of=name_of)
+
+
+def _place(
+    values: Sequence[Any],
+    likes: Sequence[Any],
+    *,
+    cast: bool | str,
+    owned: bool,
+    name_of: Callable[[int], str] | None,
+) -> list[Any]:
     out: list[Any] = [None] * len(values)
     checks: list[_Check] = []  # casts on devices whose values are checked at the end
     puts: list[tuple[int, Any, Any]] = []  # (k, value, sharding): one batched device_put
@@ -761,7 +775,8 @@ def _to_host(value: Any) -> np.ndarray:
             f"array (shape {value.shape}, sharding {value.sharding}); make the target a "
             "jax.Array or jax.ShapeDtypeStruct with a sharding instead"
         )
-    return np.asarray(value)
+    with jax.transfer_guard("allow"):
+        return np.asarray(value)
 
 
 def propagate_sharding(values: Any, like: Any, /) -> Any:
