@@ -102,3 +102,70 @@ def test_a_guard_the_caller_sets_still_applies_to_the_callers_own_code(mesh):
         with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
             jax.device_put(x, jax.devices()[0])
     assert np.array_equal(np.asarray(out["w"]), x)
+
+
+# -- a device target of a 64-bit dtype while jax's 64-bit types are off ----------------------
+
+
+def test_a_float64_device_target_with_64_bit_types_off_is_refused_before_any_read(
+        tmp_path, mesh, monkeypatch):
+    """Before: float64 values read into such a target came back float32 (a silent cast).
+
+    jax makes a float64 `ShapeDtypeStruct` with x64 off, but puts float64 host
+    values on a device as float32. From an orbax checkpoint the graft failed
+    after its reads with the wrong remedy ("pass cast=True").
+    """
+    assert not jax.config.jax_enable_x64
+    w = np.random.default_rng(1).standard_normal((8, 4))  # float64
+    path = str(tmp_path / "m.safetensors")
+    save_file({"w": w, "i": np.arange(8, dtype=np.int64)}, path)
+    grid = NamedSharding(mesh, P("b"))
+    like = {"layers": [{"w": jax.ShapeDtypeStruct((8, 4), np.float64, sharding=grid)}
+                       for _ in range(3)],
+            "i": jax.ShapeDtypeStruct((8,), np.int64),
+            "f": jax.ShapeDtypeStruct((8, 4), np.float32, sharding=grid)}
+    mapping = {**{f"layers[{k}].w": "w" for k in range(3)}, "i": "i", "f": tg.cast("w", np.float32)}
+    reads = []
+    real_read = tg.SafetensorsCheckpoint.read
+    monkeypatch.setattr(tg.SafetensorsCheckpoint, "read",
+                        lambda self, *a, **k: reads.append(1) or real_read(self, *a, **k))
+    for source in ({"w": w, "i": np.arange(8, dtype=np.int64)}, tg.SafetensorsCheckpoint(path)):
+        p = tg.plan(like, source, mapping)  # the plan is fine: convert writes 64-bit values
+        with pytest.raises(tg.MismatchError) as err:
+            tg.execute(p)
+        text = str(err.value)
+        assert "device targets of 64-bit dtypes while jax's 64-bit types are off: 4" in text
+        assert ("'layers[0..2].w' in the state is float64[8, 4], which jax puts on a device "
+                "as float32 while its 64-bit types are off") in text
+        assert "'i' in the state is int64[8], which jax puts on a device as int32" in text
+        assert "'f'" not in text  # float32 fits
+        assert "jax.enable_x64(True)" in text and "pass cast=True" not in text.split("to fix")[0]
+        assert {pr.kind for pr in err.value.problems} == {"x64"}
+    assert reads == []  # refused before a byte was read
+    with jax.enable_x64(True):  # the remedy works
+        out = tg.graft(like, tg.SafetensorsCheckpoint(path), mapping)
+        assert out["layers"][2]["w"].dtype == np.float64
+        assert np.array_equal(np.asarray(out["layers"][2]["w"]), w)
+        assert out["i"].dtype == np.int64
+
+
+def test_host_targets_and_convert_keep_64_bit_values_with_64_bit_types_off(tmp_path):
+    """Only device targets are refused: numpy targets and convert's host writes stay exact."""
+    w = np.random.default_rng(2).standard_normal((8, 4))
+    out = tg.graft({"w": np.zeros((8, 4))}, {"w": w}, {"w": "w"})
+    assert out["w"].dtype == np.float64 and np.array_equal(out["w"], w)
+    dest = str(tmp_path / "out.safetensors")
+    tg.convert({"w": w}, dest, {"w": "w"}, like={"w": jax.ShapeDtypeStruct((8, 4), np.float64)})
+    from safetensors import safe_open
+    with safe_open(dest, "numpy") as f:
+        got = f.get_tensor("w")
+    assert got.dtype == np.float64 and np.array_equal(got, w)
+
+
+def test_propagate_sharding_refuses_what_jax_would_narrow(mesh):
+    w = np.ones((8, 4))
+    like = {"w": jax.ShapeDtypeStruct((8, 4), np.float64, sharding=NamedSharding(mesh, P("b")))}
+    with pytest.raises(tg.MismatchError, match=r"'w' in like is float64\[8, 4\], which jax puts"):
+        tg.propagate_sharding({"w": w}, like)
+    with jax.enable_x64(True):
+        assert tg.propagate_sharding({"w": w}, like)["w"].dtype == np.float64

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from treegraft._errors import GraftError, MismatchError, Problem
+from treegraft._errors import GraftError, MismatchError, Problem, count
 from treegraft._insert.placement import (
     array_from_blocks,
     box_of,
@@ -25,6 +25,7 @@ from treegraft._insert.placement import (
     copy_array,
     shares_buffers,
 )
+from treegraft._insert.x64 import check_x64
 from treegraft._parse.paths import Path, render_parts
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.leaves import array_type
@@ -844,6 +845,11 @@ def propagate_sharding(values: Any, like: Any, /) -> Any:
         raise GraftError.from_problems(
             bad,
             header=f"propagate_sharding: values and like differ in shape ({len(bad)} leaves):",
+        )
+    if narrowed := check_x64(range(len(lleaves)), lleaves, lpaths, where="like"):
+        leaves = count(len(narrowed), "leaf", "leaves")
+        raise GraftError.from_problems(
+            narrowed, header=f"propagate_sharding: jax would narrow {leaves}:"
         )
     return ldef.unflatten(
         place(vleaves, lleaves, owned=True, name_of=lambda k: render_parts(vpaths[k]))
