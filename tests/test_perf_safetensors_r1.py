@@ -468,9 +468,11 @@ def test_a_large_cast_leaf_puts_its_own_blocks_through_the_shared_path(large):
     path, w = large
     like = jax.ShapeDtypeStruct((1024, 1024), np.float64,
                                 sharding=NamedSharding(mesh_2x4(), P("a", None)))
-    got = tg.graft({"w": like}, tg.SafetensorsCheckpoint(path),
-                   {"w": tg.transpose("w", (1, 0))}, cast=True)["w"]
-    np.testing.assert_array_equal(np.asarray(got), oracle(path, "w").T.astype(np.float64))
+    with jax.enable_x64(True):  # else jax holds float64 as float32: refused by execute
+        got = tg.graft({"w": like}, tg.SafetensorsCheckpoint(path),
+                       {"w": tg.transpose("w", (1, 0))}, cast=True)["w"]
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(np.asarray(got), oracle(path, "w").T.astype(np.float64))
     assert got.sharding == like.sharding
     assert_owns_buffers(got)
 

@@ -4,7 +4,7 @@ The tunix case's main thread did three times the copy worker's work: every
 read, every leaf under 4 MiB, the Python. Now a byte range of 2 MiB or more
 is read by this thread and a reader thread, half each (`preads.read_range`),
 and leaves from 1 MiB are copied by two threads (`copies.SHARED_FROM`). The
-worker's puts keep the caller's thread-local transfer guard. Each test
+worker puts under the caller's `enable_x64`, allowed whatever guard is set. Each test
 checks the values against `safetensors.safe_open`, that every shard owns its
 buffer, and that the fast path is taken where it should be and not elsewhere.
 """
@@ -369,7 +369,7 @@ def test_tensors_of_one_size_read_in_more_pieces_reuse_the_arena(same_size):
     assert src._arena._roots[0].nbytes == 2 * 2**20
 
 
-# -- copies: leaves from 1 MiB shared, under the caller's transfer guard --------------------
+# -- copies: leaves from 1 MiB shared, under the caller's settings ---------------------------
 
 
 def test_an_attention_sized_leaf_takes_the_shared_path_and_is_the_oracle(layer, monkeypatch):
@@ -397,17 +397,22 @@ def test_an_attention_sized_leaf_takes_the_shared_path_and_is_the_oracle(layer, 
     assert_owns_buffers(out["k"], out["norm"])
 
 
-def test_the_copy_worker_puts_under_the_callers_transfer_guard():
-    block = np.arange(64.0).reshape(8, 8).T
+def test_the_copy_worker_puts_under_the_x64_setting_it_is_given_whatever_its_guard():
+    block = np.arange(64.0).reshape(8, 8).T  # float64
     block.flags.writeable = False
     device = jax.devices()[1]
-    with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
-        copies._worker().submit(copies._put, block, device, "disallow_explicit").result()
-    got = copies._worker().submit(copies._put, block, device, None).result()
-    np.testing.assert_array_equal(np.asarray(got), block)
+    jax.config.update("jax_transfer_guard", "disallow_explicit")  # the worker's thread too
+    try:
+        wide = copies._worker().submit(copies._put, block, device, True).result()
+        narrow = copies._worker().submit(copies._put, block, device, False).result()
+    finally:
+        jax.config.update("jax_transfer_guard", "allow")
+    assert wide.dtype == np.float64 and narrow.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(wide), block)
 
 
-def test_a_shared_leaf_under_a_disallowing_guard_raises_and_allows_under_allow():
+def test_a_shared_leaf_is_placed_under_a_disallowing_guard_the_caller_set():
+    """The puts are the ones graft was asked for (docs/design.md section 12), in either thread."""
     w = np.random.default_rng(3).standard_normal((1024, 1024)).astype(np.float32)
     view = w.T
     view.flags.writeable = False
@@ -417,10 +422,9 @@ def test_a_shared_leaf_under_a_disallowing_guard_raises_and_allows_under_allow()
         return view[tuple(slice(a, b) for a, b in box)]
 
     with jax.transfer_guard_host_to_device("disallow_explicit"):
+        got = copies.place_shared((1024, 1024), sharding, block_of)
         with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
-            copies.place_shared((1024, 1024), sharding, block_of)
-        with jax.transfer_guard_host_to_device("allow"):
-            got = copies.place_shared((1024, 1024), sharding, block_of)
+            jax.device_put(w, jax.devices()[0])  # the caller's own transfers stay guarded
     np.testing.assert_array_equal(np.asarray(got), w.T)
     assert_owns_buffers(got)
     assert not any(w.ctypes.data <= p < w.ctypes.data + w.nbytes for p in buffer_pointers(got))

@@ -54,7 +54,7 @@ __all__ = [
 Kind = Literal[
     "mapping", "ignore", "unmatched_rule", "unmatched_ignore", "missing", "unexpected",
     "structure", "shape", "dtype", "tie", "abstract", "deleted", "unfilled", "insert",
-    "sharding", "indivisible",
+    "sharding", "indivisible", "x64",
 ]
 
 
@@ -69,7 +69,9 @@ class Problem:
         or "ignore" (an entry of a mapping or an ignore pattern that does not
         parse); "insert" (a leaf of `insert`'s subtree that does not fit);
         "sharding" (a leaf of `propagate_sharding` whose shape differs);
-        "indivisible" (an abstract target whose sharding cannot split its shape).
+        "indivisible" (an abstract target whose sharding cannot split its shape);
+        "x64" (a device target of a 64-bit dtype while jax's 64-bit types are
+        off, found by `execute` before it reads).
       message: names the paths and shows both sides; one line, but for a
         syntax error's caret lines.
       target: the path in the state, where there is one.
@@ -252,6 +254,7 @@ KINDS: dict[Kind, tuple[str, type[GraftError]]] = {
     "insert": ("the subtree differs from the one it replaces", MismatchError),
     "sharding": ("values and like differ in shape", MismatchError),
     "indivisible": ("target shardings that do not divide their leaf's shape", MismatchError),
+    "x64": ("device targets of 64-bit dtypes while jax's 64-bit types are off", MismatchError),
 }
 
 LISTED = 20  # problems listed per kind in a message before "... and N more"

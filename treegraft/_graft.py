@@ -12,6 +12,7 @@ from treegraft._errors import GraftError
 from treegraft._insert.placement import concrete_likes
 from treegraft._insert.sharding import place
 from treegraft._insert.transform import Blocks, build
+from treegraft._insert.x64 import check_x64
 from treegraft._parse.paths import Path, render_parts
 from treegraft._parse.rules import CastOption, MappingLike
 from treegraft._plan import GraftPlan, plan
@@ -125,6 +126,9 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
         # Checked again: a source array may be donated between plan and execute.
         raise GraftError.from_problems(gone, rules=len(p.rules))
     tgt, src = rec.target, rec.source
+    # Here, not in plan: convert writes 64-bit values from the host as they are.
+    if narrowed := check_x64([pair.target for pair in rec.pairs], tgt.leaves, tgt.paths):
+        raise GraftError.from_problems(narrowed, rules=len(p.rules))
     likes_of = concrete_likes([pair.target for pair in rec.pairs], tgt.leaves, tgt.paths)
     plain = [pair for pair in rec.pairs if rec.is_copy(pair)]
     changed = [pair for pair in rec.pairs if not rec.is_copy(pair)]

@@ -60,15 +60,16 @@ def lent(block: Any) -> bool:
     )
 
 
-def _put(block: np.ndarray, device: Any, guard: str | None = None) -> jax.Array:
-    """The device put of one block, under the caller's host-to-device transfer guard.
+def _put(block: np.ndarray, device: Any, x64: bool) -> jax.Array:
+    """jax's copy of block on device, made under the caller's settings in any thread.
 
-    jax's transfer guard is thread-local: a put made by the worker would
-    otherwise escape a guard the caller set (`jax.transfer_guard(...)`).
+    jax's `enable_x64` and transfer guard may be set for the calling thread
+    only; the worker would otherwise put under the process's: a float64
+    block became float32 there (a silent cast), or mixed with the caller's
+    float64 shards. The transfer is the one graft was asked for, so it is
+    allowed whatever guard is set (docs/design.md section 12).
     """
-    if guard is None:
-        return jax.device_put(block, device, may_alias=False)
-    with jax.transfer_guard_host_to_device(guard):
+    with jax.enable_x64(x64), jax.transfer_guard("allow"):
         return jax.device_put(block, device, may_alias=False)
 
 
@@ -86,15 +87,12 @@ def place_shared(
     out: dict[Any, jax.Array] = {}
     handed: list[tuple[np.ndarray, Any, Future[jax.Array]]] = []
     used: set[int] = set()
-    # This thread's guard (None: unset); read through jax.config, which answers per thread.
-    guard: str | None = getattr(jax.config, "jax_transfer_guard_host_to_device", None)
+    x64 = bool(jax.config.read("jax_enable_x64"))  # this thread's setting, for the worker
     try:
         for box, devices in devices_by_box(sharding, shape).items():
             block = block_of(box)
             if lent(block):
-                handed.extend(
-                    (block, d, _worker().submit(_put, block, d, guard)) for d in devices
-                )
+                handed.extend((block, d, _worker().submit(_put, block, d, x64)) for d in devices)
                 continue
             if id(block) in used:
                 block = copy_block(block)
@@ -102,19 +100,20 @@ def place_shared(
             for device, got in zip(devices, put_block(block, devices, adopt=False), strict=True):
                 out[device] = got
             del block
-        out.update(_collect(handed))
+        out.update(_collect(handed, x64))
     finally:
         for _, _, future in handed:
             future.cancel()  # a failed block: copies not started are not made
     return assemble(shape, sharding, out)
 
 
-def _collect(handed: Sequence[tuple[np.ndarray, Any, Future[jax.Array]]]) -> dict[Any, jax.Array]:
+def _collect(handed: Sequence[tuple[np.ndarray, Any, Future[jax.Array]]],
+             x64: bool) -> dict[Any, jax.Array]:
     """Each handed copy's array: made here if the worker has not started it, else its own."""
     out: dict[Any, jax.Array] = {}
     for block, device, future in reversed(handed):
         if future.cancel():
-            out[device] = _put(block, device)
+            out[device] = _put(block, device, x64)
     for _, device, future in handed:
         if device not in out:
             out[device] = future.result()

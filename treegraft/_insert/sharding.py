@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from treegraft._errors import GraftError, MismatchError, Problem
+from treegraft._errors import GraftError, MismatchError, Problem, count
 from treegraft._insert.placement import (
     array_from_blocks,
     box_of,
@@ -25,6 +25,7 @@ from treegraft._insert.placement import (
     copy_array,
     shares_buffers,
 )
+from treegraft._insert.x64 import check_x64
 from treegraft._parse.paths import Path, render_parts
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.leaves import array_type
@@ -71,6 +72,20 @@ def place(
       MismatchError: a value's dtype differs from its like's and `cast` does
         not allow that cast.
     """
+    # The moves are the ones graft was asked for: a transfer guard the caller
+    # set is for the caller's own code (docs/design.md section 12).
+    with jax.transfer_guard("allow"):
+        return _place(values, likes, cast=cast, owned=owned, name_of=name_of)
+
+
+def _place(
+    values: Sequence[Any],
+    likes: Sequence[Any],
+    *,
+    cast: bool | str,
+    owned: bool,
+    name_of: Callable[[int], str] | None,
+) -> list[Any]:
     out: list[Any] = [None] * len(values)
     checks: list[_Check] = []  # casts on devices whose values are checked at the end
     puts: list[tuple[int, Any, Any]] = []  # (k, value, sharding): one batched device_put
@@ -761,7 +776,8 @@ def _to_host(value: Any) -> np.ndarray:
             f"array (shape {value.shape}, sharding {value.sharding}); make the target a "
             "jax.Array or jax.ShapeDtypeStruct with a sharding instead"
         )
-    return np.asarray(value)
+    with jax.transfer_guard("allow"):
+        return np.asarray(value)
 
 
 def propagate_sharding(values: Any, like: Any, /) -> Any:
@@ -829,6 +845,11 @@ def propagate_sharding(values: Any, like: Any, /) -> Any:
         raise GraftError.from_problems(
             bad,
             header=f"propagate_sharding: values and like differ in shape ({len(bad)} leaves):",
+        )
+    if narrowed := check_x64(range(len(lleaves)), lleaves, lpaths, where="like"):
+        leaves = count(len(narrowed), "leaf", "leaves")
+        raise GraftError.from_problems(
+            narrowed, header=f"propagate_sharding: jax would narrow {leaves}:"
         )
     return ldef.unflatten(
         place(vleaves, lleaves, owned=True, name_of=lambda k: render_parts(vpaths[k]))

@@ -60,9 +60,10 @@ def array_type() -> type[jax.Array]:
     host value put on a device, not `jnp.zeros`: that compiles a program
     (30 ms of a fresh process's first graft). Made under
     `ensure_compile_time_eval`: a first use inside `jax.jit` would otherwise
-    cache the tracer's type for the whole process.
+    cache the tracer's type for the whole process. Allowed under any transfer
+    guard: the one scalar is treegraft's own, not the caller's data.
     """
-    with jax.ensure_compile_time_eval():
+    with jax.ensure_compile_time_eval(), jax.transfer_guard("allow"):
         return type(jax.device_put(np.zeros((), np.float32)))
 
 

@@ -141,12 +141,15 @@ def orbax_read(meta: Any, directory: Location, requests: Sequence[ReadRequest]) 
         restore_concurrent_gb=max(_WINDOW_BYTES, 2 * largest) / 1e9  # type: ignore[arg-type]
     )
     try:
-        restored = handler.restore(
-            directory.orbax_path(),
-            args=ocp.args.PyTreeRestore(
-                item=item, restore_args=restore_args, partial_restore=True
-            ),
-        )
+        # orbax puts what it reads on the devices: transfers graft was asked
+        # for, allowed whatever guard the caller set (docs/design.md section 12).
+        with jax.transfer_guard("allow"):
+            restored = handler.restore(
+                directory.orbax_path(),
+                args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=restore_args, partial_restore=True
+                ),
+            )
     except CheckpointError:
         raise
     except Exception as e:  # orbax/tensorstore raise ValueError, OSError, ...
