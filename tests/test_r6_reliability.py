@@ -169,3 +169,48 @@ def test_propagate_sharding_refuses_what_jax_would_narrow(mesh):
         tg.propagate_sharding({"w": w}, like)
     with jax.enable_x64(True):
         assert tg.propagate_sharding({"w": w}, like)["w"].dtype == np.float64
+
+
+# -- one checkpoint object read by several threads at once -----------------------------------
+
+
+def test_one_safetensors_checkpoint_grafted_by_four_threads_at_once_gives_each_its_values(
+        tmp_path, mesh):
+    """Before: the reader's reused row memory was shared between threads' reads.
+
+    Four threads each grafting their own tensors, transposed, from one
+    `SafetensorsCheckpoint`: 5 of 600 grafts held another read's bytes
+    (none without the reused memory, none with an object per thread). The
+    switch interval is made short so that threads interleave often.
+    """
+    rng = np.random.default_rng(3)
+    tensors = {f"t{k}": rng.standard_normal((64, 32)).astype(np.float32) for k in range(16)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    source = tg.SafetensorsCheckpoint(str(tmp_path / "m.safetensors"))
+    grid = NamedSharding(mesh, P("a", "b"))
+    wrong, errors = [], []
+
+    def work(names):
+        like = {n: jax.ShapeDtypeStruct((32, 64), np.float32, sharding=grid) for n in names}
+        mapping = {n: tg.transpose(n, (1, 0)) for n in names}
+        try:
+            for r in range(150):
+                out = tg.graft(like, source, mapping)
+                wrong.extend((n, r) for n in names
+                             if not np.array_equal(np.asarray(out[n]), tensors[n].T))
+        except Exception as e:  # noqa: BLE001 (reported below, with the thread's tensors)
+            errors.append((names, repr(e)))
+
+    names = sorted(tensors)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(names[i::4],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == [] and wrong == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -142,6 +143,7 @@ class SafetensorsCheckpoint(Source):
         # The rows of the tensor read last by `read_boxes`, by file byte range (`_rows_of`).
         self._recent: tuple[TensorInfo, dict[tuple[int, int], np.ndarray]] | None = None
         self._arena = RowArena()  # the memory of those rows, used again for later tensors
+        self._rows_lock = threading.Lock()  # held while rows are read into the arena
         self._tree: dict[Any, Any] | None = None
         self._by_parts: dict[tuple[Part, ...], TensorInfo] = {}
         self._by_loose: dict[tuple[Part, ...], TensorInfo] | None = None
@@ -367,28 +369,33 @@ class SafetensorsCheckpoint(Source):
         checking that the file has not changed since; only rows none of them
         holds are read. Kept rows are read-only; their memory is read into
         again, for a later tensor, only once no view of it lives (`RowArena`):
-        a view stays valid after the next tensor replaces them.
+        a view stays valid after the next tensor replaces them. Calls from
+        several threads take turns.
         """
-        kept = self._recent[1] if self._recent is not None and self._recent[0] is info else {}
-        if kept:  # the checks of a read: the file's stat, then its header
-            self._files.pread(info, info.begin, np.empty(0, np.uint8))
-            self._files.check_unchanged([info])
-        else:  # another tensor: the earlier one's rows go, their memory may serve again
-            self._recent = None
-            self._arena.restart()
+        # One thread at a time: the arena hands out its memory by a counter,
+        # and two reads taking from it at once were given the same bytes (one
+        # checkpoint object grafted by several threads: wrong values).
+        with self._rows_lock:
+            kept = self._recent[1] if self._recent is not None and self._recent[0] is info else {}
+            if kept:  # the checks of a read: the file's stat, then its header
+                self._files.pread(info, info.begin, np.empty(0, np.uint8))
+                self._files.check_unchanged([info])
+            else:  # another tensor: the earlier one's rows go, their memory may serve again
+                self._recent = None
+                self._arena.restart()
 
-        def held(box: Box) -> bool:
-            begin, end = covering(info, box)[:2]
-            return any(b <= begin and end <= e for b, e in kept)
+            def held(box: Box) -> bool:
+                begin, end = covering(info, box)[:2]
+                return any(b <= begin and end <= e for b, e in kept)
 
-        missing = list(dict.fromkeys(row_box(info, box) for box in boxes if not held(box)))
-        if missing:
-            for rows, piece in next(self._fetch([(info, missing)], self._arena.take)).items():
-                flat = piece.reshape(-1)
-                flat.flags.writeable = False
-                kept[covering(info, rows)[:2]] = flat
-        self._recent = (info, kept)
-        return kept
+            missing = list(dict.fromkeys(row_box(info, box) for box in boxes if not held(box)))
+            if missing:
+                for rows, piece in next(self._fetch([(info, missing)], self._arena.take)).items():
+                    flat = piece.reshape(-1)
+                    flat.flags.writeable = False
+                    kept[covering(info, rows)[:2]] = flat
+            self._recent = (info, kept)
+            return kept
 
     def _fetch(
         self,
