@@ -13,7 +13,7 @@ from typing import Any
 from treegraft._errors import LISTED, GraftError, Kind
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._plan.problems import Problem, _close_paths, _count, _keep_remedy
-from treegraft._plan.record import Pair
+from treegraft._plan.record import Pair, source_indices
 from treegraft._plan.resolution import Resolution
 from treegraft._plan.specs import pair_inputs, tree_spec
 from treegraft._tree import leaves as _leaves
@@ -391,7 +391,7 @@ def deleted_sources(src: TreeIndex, pairs: Iterable[Pair]) -> list[Problem]:
     `.delete()` leaves an array with its shape and dtype but no values: `plan`
     refuses it, and `execute` checks again, as it may be deleted in between.
     """
-    read = {si for pair in pairs for si in (pair.sources or (pair.source,))}
+    read = set(source_indices(list(pairs)))
     gone = sorted(si for si in read if is_deleted(src.leaves[si]))
     return [
         Problem(

@@ -12,6 +12,7 @@ arithmetic nobody asked for (0.25 s for 100,000 leaves).
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -23,7 +24,7 @@ from treegraft._read.source import Source, reads_boxes
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.index import TreeIndex
 
-__all__ = ["Pair", "PlanRecord", "make_record", "pair_inputs"]
+__all__ = ["Pair", "PlanRecord", "make_record", "pair_inputs", "source_indices"]
 
 
 class Pair(NamedTuple):
@@ -48,6 +49,22 @@ class Pair(NamedTuple):
     sources: tuple[int, ...] = ()
     layer: int | None = None
     grids: tuple[tuple[int, ...], ...] = ()
+
+
+def source_indices(pairs: Sequence[Pair]) -> list[int]:
+    """Every source leaf index the pairs read, pair by pair (a stack's leaves in order).
+
+    Example:
+      >>> source_indices([Pair(0, 4, 0), Pair(1, 5, 0, sources=(5, 6))])
+      [4, 5, 6]
+    """
+    if not any(map(_SOURCES, pairs)):
+        # Pairs of one source leaf each (copies, casts): no Python step per pair.
+        return list(map(_SOURCE, pairs))
+    return [si for pair in pairs for si in (pair.sources or (pair.source,))]
+
+
+_SOURCE, _SOURCES = operator.itemgetter(1), operator.itemgetter(3)
 
 
 # A read of the source: (source leaf index, what of it): None for the whole leaf,

@@ -217,7 +217,13 @@ def _copy_run(
     if None in found:
         return None
     sources = typing.cast(list[int], found)
-    return list(map(Pair, range(a, b), sources, itertools.repeat(r)))
+    # Pair(i, si, r) for each leaf, made as tuples with no Python call per leaf.
+    fields = zip(range(a, b), sources, itertools.repeat(r), *_PAIR_DEFAULTS)
+    return list(map(tuple.__new__, itertools.repeat(Pair), fields))
+
+
+# The fields of a Pair after (target, source, rule), at their defaults, for `_copy_run`.
+_PAIR_DEFAULTS = tuple(map(itertools.repeat, Pair._field_defaults.values()))
 
 
 def _pair_leaves(
