@@ -174,6 +174,7 @@ def _check_distinct_paths(tree: Any, paths: list[tuple[Part, ...]], is_leaf: IsL
 
 # Types seen to be leaves, or generic nodes, in this process. A type registered
 # with jax is a node for good, so the answer can be kept.
+_STR_TYPES = frozenset({str})
 _BUILTIN_LEAF_TYPES = frozenset({bool, int, float, complex, str, bytes})
 _LEAF_TYPES: set[type] = set(_BUILTIN_LEAF_TYPES)
 _NODE_TYPES: set[type] = set()
@@ -218,7 +219,7 @@ def _walk_paths(
         # tree's nodes are leaves, and a call per leaf is what costs.
         t = type(node)
         if t is dict:
-            if plain and not all(type(k) is str for k in node):
+            if plain and not _STR_TYPES.issuperset(map(type, node)):
                 plain = False
             for k in sorted(node):
                 child = node[k]

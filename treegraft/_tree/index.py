@@ -135,6 +135,15 @@ class TreeIndex:
         """Indices of the leaves whose path starts with prefix (int keys loose)."""
         k = len(prefix)
         groups = self._groups.get(k)
+        if groups is None and self.str_only() and _all_str(prefix):
+            # A leaf's own path: no other path starts with it (a leaf has no
+            # children), so the table of every path of that length can wait.
+            if self._index is None:
+                self._build_index()
+            assert self._index is not None
+            i = self._index.get(prefix)
+            if i is not None:
+                return [i]
         if groups is None:
             # Tables are published whole: indexes of equal paths share them
             # (`holding`), possibly across threads.

@@ -20,7 +20,8 @@ from typing import Any
 __all__ = ["Entry", "scan", "scan_keys"]
 
 # A JSON string's body without escapes or control characters: its text is its value.
-_STR = r'[^"\\\x00-\x1f]*'
+# Possessive: it is always followed by a '"' it cannot match, so giving back cannot help.
+_STR = r'[^"\\\x00-\x1f]*+'
 _INT = r"(?:0|[1-9][0-9]*)"
 _KEY = r'\{"key": "' + _STR + r'", "key_type": [12]\}'
 
