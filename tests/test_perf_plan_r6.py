@@ -233,3 +233,23 @@ def test_a_checkpoint_plans_the_same_however_its_entries_are_ordered(tmp_path):
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_lazy_leafs_shape_is_read_on_first_touch_and_then_kept(tmp_path):
+    from kauldron_run import write_item
+
+    from treegraft._formats.orbax.metadata import lazy_metadata
+
+    item = write_item(tmp_path / "ckpt", {"w": np.ones((2, 3), np.float32), "n": 4})
+    meta = lazy_metadata(os.path.abspath(item))
+    leaf = meta["w"]
+    # Other attributes are not the header's: asking for them reads nothing.
+    assert getattr(leaf, "sharding", None) is None and not hasattr(leaf, "nbytes")
+    assert leaf._spec is None
+    assert leaf.shape == (2, 3)  # read now
+    assert leaf._spec == ((2, 3), np.dtype("float32"))
+    # Kept in the slot itself from now on (the slot's own descriptor finds it).
+    assert type(leaf).shape.__get__(leaf) == (2, 3)
+    with pytest.raises(AttributeError):
+        type(leaf).shape.__get__(meta["n"])  # not read yet: no value in the slot
+    assert (meta["n"].shape, meta["n"].dtype) == ((), int)

@@ -6,6 +6,7 @@ costs a small constant per leaf.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import itertools
 import operator
@@ -47,6 +48,7 @@ class TreeIndex:
         self._index: dict[Parts, int] | None = None
         self._all_str = bool(str_only)  # every part a str: an equal path has the same types
         self._str_known = str_only is not None  # whether _all_str has been found
+        self._sorted: bool | None = None  # `sorted_str`, once asked
         self._loose: dict[Parts, int] | None = None
         self._groups: dict[int, dict[Parts, list[int]]] = {}
         self._loose_groups: dict[int, dict[Parts, list[int]]] = {}
@@ -134,16 +136,15 @@ class TreeIndex:
     def under(self, prefix: Parts) -> list[int]:
         """Indices of the leaves whose path starts with prefix (int keys loose)."""
         k = len(prefix)
+        if _all_str(prefix) and self.sorted_str():
+            # Str parts in sorted order: the leaves under prefix are one range,
+            # found by bisection with no table (loose look-ups find no more:
+            # every part is a str already).
+            paths = self.paths
+            a = bisect.bisect_left(paths, prefix)
+            b = bisect.bisect_right(paths, prefix, a, key=operator.itemgetter(slice(0, k)))
+            return list(range(a, b))
         groups = self._groups.get(k)
-        if groups is None and self.str_only() and _all_str(prefix):
-            # A leaf's own path: no other path starts with it (a leaf has no
-            # children), so the table of every path of that length can wait.
-            if self._index is None:
-                self._build_index()
-            assert self._index is not None
-            i = self._index.get(prefix)
-            if i is not None:
-                return [i]
         if groups is None:
             # Tables are published whole: indexes of equal paths share them
             # (`holding`), possibly across threads.
@@ -168,6 +169,23 @@ class TreeIndex:
     def _build_index(self) -> None:
         self._index = dict(zip(self.paths, range(len(self.paths)), strict=True))
         self._str_only()
+
+    def sorted_str(self) -> bool:
+        """Whether every part is a str and the paths are in sorted order (then a prefix's
+        leaves are one range of it): so for plain trees of dicts, whose keys jax sorts.
+
+        Example:
+          >>> TreeIndex({'b': {'y': 1, 'x': 2}, 'a': 3}, 't').sorted_str()
+          True
+          >>> TreeIndex({'a': [1, 2]}, 't').sorted_str()
+          False
+        """
+        if self._sorted is None:
+            paths = self.paths
+            self._sorted = self.str_only() and all(
+                map(operator.lt, paths, itertools.islice(paths, 1, None))
+            )
+        return self._sorted
 
     def str_only(self) -> bool:
         """Whether every part of every path is a str (then equal paths have equal types)."""

@@ -270,6 +270,7 @@ def _read_headers(store: OrbaxStore, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
             # A plain array, as `_set` would set it: one spec object shared by
             # every leaf of that header (100,000 calls of `_set` cost 0.07 s).
             leaf._stored = leaf._spec = spec
+            leaf.shape, leaf.dtype = spec
     return left
 
 
@@ -315,9 +316,13 @@ class LazyLeaf:
     """A saved array's metadata: its shape and dtype once `prefetch` has read them.
 
     A Python scalar saved by orbax has shape () and its Python type as dtype.
+    `shape` and `dtype` are plain attributes once read (a plan compares them
+    for every leaf); until then, touching one reads the header (`__getattr__`).
     """
 
-    __slots__ = ("name", "scalar", "key_impl", "_store", "_spec", "_stored")
+    __slots__ = ("name", "scalar", "key_impl", "_store", "_spec", "_stored", "shape", "dtype")
+    shape: tuple[int, ...]
+    dtype: Any
 
     def __init__(self, store: OrbaxStore, name: str, scalar: bool, key_impl: str | None = None):
         self._store = store
@@ -338,6 +343,7 @@ class LazyLeaf:
             self._spec = (tuple(shape[: len(shape) - data_ndim]), key_dtype)
         else:
             self._spec = (shape, dtype)
+        self.shape, self.dtype = self._spec
 
     def _load(self) -> tuple[tuple[int, ...], Any]:
         # A plan reads every leaf it uses in `prefetch` first, so it never gets
@@ -362,13 +368,13 @@ class LazyLeaf:
         assert self._stored is not None
         return self._stored
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self._spec or self._load())[0]
-
-    @property
-    def dtype(self) -> Any:
-        return (self._spec or self._load())[1]
+    def __getattr__(self, name: str) -> Any:
+        # Called only for an attribute not set: shape and dtype before the header is read.
+        if name == "shape":
+            return self._load()[0]
+        if name == "dtype":
+            return self._load()[1]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self) -> str:
         if self._spec is None:

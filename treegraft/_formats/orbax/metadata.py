@@ -354,7 +354,8 @@ def _build_scanned(store: OrbaxStore, entries: list[Entry]) -> Any:
         if value_type in _ARRAYS:
             # `store.leaf`, inline: one call less for each of 100,000 leaves.
             name = parent_name + raw
-            made = parent[key] = LazyLeaf(store, name, False, key_impls.get(name))
+            impl = key_impls.get(name) if key_impls else None
+            made = parent[key] = LazyLeaf(store, name, False, impl)
             keep(made)
         elif value_type == "scalar":
             made = parent[key] = LazyLeaf(store, parent_name + raw, True, None)
