@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from typing import NamedTuple
 
 import hypothesis.strategies as st
 import jax
@@ -253,3 +254,49 @@ def test_a_lazy_leafs_shape_is_read_on_first_touch_and_then_kept(tmp_path):
     with pytest.raises(AttributeError):
         type(leaf).shape.__get__(meta["n"])  # not read yet: no value in the slot
     assert (meta["n"].shape, meta["n"].dtype) == ((), int)
+
+
+class _Pair(NamedTuple):
+    """A node whose str keys jax keeps in field order, not sorted."""
+
+    zeta: object
+    alpha: object
+
+
+def test_str_paths_out_of_order_are_not_bisected():
+    leaf = np.zeros(1)
+    tree = {"m": _Pair({"y": leaf, "x": leaf}, {"b": leaf, "a": leaf}), "n": leaf}
+    index = TreeIndex(tree, "t")
+    assert index.str_only() and not index.sorted_str()
+    assert [index.paths[i] for i in index.under(("m", "alpha"))] == [
+        ("m", "alpha", "a"), ("m", "alpha", "b")]
+    assert index.under(("m", "zeta", "x")) == [0]
+    assert index.under(("n",)) == [4]
+    plain = TreeIndex({"m": {"zeta": {"y": leaf, "x": leaf}, "alpha": leaf}}, "t")
+    assert plain.sorted_str()
+    assert plain.under(("m", "zeta")) == [1, 2] and plain.under(("m", "zz")) == []
+
+
+@given(st.recursive(_LEAF, lambda kids: st.dictionaries(_KEYS, kids, min_size=1, max_size=3)
+                    | st.tuples(kids, kids).map(lambda t: _Pair(*t)), max_leaves=16))
+def test_under_in_str_trees_sorted_or_not_is_the_leaves_below(tree):
+    index = TreeIndex(tree, "t")
+    for prefix in {p[:n] for p in index.paths for n in range(len(p) + 1)} | {("zz",)}:
+        assert index.under(prefix) == _under_by_table(index.paths, prefix), prefix
+
+
+@pytest.mark.parametrize("mapping", [{"p": "p"}, {"p": "q"}])
+def test_a_run_as_long_as_the_source_range_but_other_names_is_looked_up(mapping):
+    leaf = np.zeros(1)
+    state = {"p": {"a": leaf, "b": leaf}}
+    old = mapping["p"]
+    source = {old: {"a": leaf, "c": leaf}}
+    with pytest.raises(tg.GraftError) as info:
+        tg.plan(state, source, mapping)
+    text = str(info.value)
+    assert "p.b" in text and f"{old}.c" in text  # b missing, c unexpected: not paired by place
+    plan = tg.plan(state, source, mapping, strict=False)
+    assert [(str(e.target), str(e.source)) for e in plan.entries] == [("p.a", f"{old}.a")]
+    same = tg.plan(state, {old: {"a": leaf, "b": leaf}}, mapping)
+    assert [(str(e.target), str(e.source)) for e in same.entries] == [
+        ("p.a", f"{old}.a"), ("p.b", f"{old}.b")]

@@ -171,8 +171,11 @@ class TreeIndex:
         self._str_only()
 
     def sorted_str(self) -> bool:
-        """Whether every part is a str and the paths are in sorted order (then a prefix's
-        leaves are one range of it): so for plain trees of dicts, whose keys jax sorts.
+        """Whether every part is a str and the paths come in sorted order.
+
+        Then a prefix's leaves are one range of the paths. So it is for trees
+        of dicts, whose keys jax sorts; a custom node may order its keys
+        otherwise, so the order is looked at, not assumed.
 
         Example:
           >>> TreeIndex({'b': {'y': 1, 'x': 2}, 'a': 3}, 't').sorted_str()
