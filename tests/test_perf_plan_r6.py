@@ -300,3 +300,53 @@ def test_a_run_as_long_as_the_source_range_but_other_names_is_looked_up(mapping)
     same = tg.plan(state, {old: {"a": leaf, "b": leaf}}, mapping)
     assert [(str(e.target), str(e.source)) for e in same.entries] == [
         ("p.a", f"{old}.a"), ("p.b", f"{old}.b")]
+
+
+# --- the early index walk: the manifest read on tensorstore's threads -----------------
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    from kauldron_run import write_item
+
+    tree = {"w": {f"k{i:03d}": np.full(3, i, np.float32) for i in range(300)}, "n": 5}
+    return os.path.abspath(write_item(tmp_path_factory.mktemp("r6") / "many", tree))
+
+
+def test_a_walk_not_waited_for_reads_what_a_waited_walk_reads(many):
+    import tensorstore as ts
+
+    from treegraft._formats.orbax.ocdbt_index import start_walk
+
+    waited = start_walk(many, ts.Context())
+    early = start_walk(many, ts.Context(), wait=False)
+    assert waited is not None and early is not None
+    assert early.ready() and early.num_keys == waited.num_keys > 300
+    keys = {f"w.k{i:03d}/.zarray".encode() for i in range(0, 300, 7)} | {b"no/such"}
+    assert early.values(keys) == waited.values(keys)
+    assert len(early.values(keys)) == len(keys) - 1
+
+
+def test_an_early_walk_of_an_unreadable_manifest_plans_as_the_late_one(many, tmp_path,
+                                                                     monkeypatch):
+    import shutil
+
+    import tensorstore as ts
+
+    from treegraft._formats.orbax import metadata as M
+    from treegraft._formats.orbax.ocdbt_index import start_walk
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(many, copy)
+    with open(os.path.join(copy, "manifest.ocdbt"), "wb") as f:
+        f.write(b"not a manifest")
+    early = start_walk(copy, ts.Context(), wait=False)
+    assert early is not None and early.ready() is False  # known only once waited for
+    state = {"w": {"k001": np.zeros(3, np.float32)}}
+    errors = []
+    for threshold in (100, 1 << 40):  # the walk started early, then late
+        monkeypatch.setattr(M, "_EARLY_WALK_BYTES", threshold)
+        with pytest.raises(tg.CheckpointError) as info:
+            tg.plan(state, tg.OrbaxCheckpoint(copy), {"w.k001": "w.k001"})
+        errors.append(str(info.value))
+    assert "w.k001" in errors[0] and errors[0] == errors[1]

@@ -218,6 +218,8 @@ def _read_headers(store: OrbaxStore, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
 
     suffix = "/zarr.json" if store.zarr3 else "/.zarray"
     wanted = {f"{leaf.name}{suffix}".encode(): leaf for leaf in leaves}
+    if store.index is not None and not store.index.ready():
+        store.index = None  # no manifest it knows (as if never started): key by key
     try:
         if store.walk_later and worth_walking(len(wanted), 2 * len(store.leaves)):
             # Each array has a header and at least one chunk: about twice as many keys.

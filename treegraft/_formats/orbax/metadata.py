@@ -61,9 +61,10 @@ def lazy_metadata(directory: str | Location) -> Any:
         index, walk_later = None, False
         if not location.is_local or os.path.exists(os.path.join(location.key, "manifest.ocdbt")):
             if _early_walk(location):
-                # Decodes on tensorstore's threads while _METADATA is parsed. Remote,
-                # without a manifest, the walk fails and reads go key by key.
-                index = start_walk(location, context)
+                # Read and decoded on tensorstore's threads while _METADATA is
+                # read and parsed (the manifest not waited for). Remote, without
+                # a manifest, the walk fails and reads go key by key.
+                index = start_walk(location, context, wait=False)
             else:
                 walk_later = True
         with young_collections_only():
