@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -178,13 +179,14 @@ def _load_batch(leaves: Iterable[Any]) -> list[CheckpointError]:
     Returns the error of each leaf whose header could not be read (it is
     left unread), in order.
     """
+    unread = [leaf for leaf in leaves if type(leaf) is LazyLeaf and leaf._spec is None]
+    stores = set(map(_STORE, unread))
     by_store: dict[OrbaxStore, list[LazyLeaf]] = {}
-    for leaf in leaves:
-        if type(leaf) is LazyLeaf and leaf._spec is None:
-            group = by_store.get(leaf._store)
-            if group is None:
-                group = by_store[leaf._store] = []
-            group.append(leaf)
+    if len(stores) == 1:  # the usual case: one checkpoint, no grouping step per leaf
+        by_store[stores.pop()] = unread
+    else:
+        for leaf in unread:
+            by_store.setdefault(leaf._store, []).append(leaf)
     failed: list[CheckpointError] = []
     for store, pending in by_store.items():
         with young_collections_only():
@@ -200,6 +202,9 @@ def _load_batch(leaves: Iterable[Any]) -> list[CheckpointError]:
                     raise
                 failed.append(e)
     return failed
+
+
+_STORE = operator.attrgetter("_store")
 
 
 def _read_headers(store: OrbaxStore, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
