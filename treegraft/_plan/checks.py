@@ -13,7 +13,7 @@ from typing import Any
 from treegraft._errors import LISTED, GraftError, Kind
 from treegraft._parse.paths import Part, Path, render_parts
 from treegraft._plan.problems import Problem, _close_paths, _count, _keep_remedy
-from treegraft._plan.record import Pair
+from treegraft._plan.record import Pair, source_indices
 from treegraft._plan.resolution import Resolution
 from treegraft._plan.specs import pair_inputs, tree_spec
 from treegraft._tree import leaves as _leaves
@@ -202,11 +202,12 @@ def check_copies(res: Resolution) -> list[Problem]:
     """Each plain copy's source leaf has the target's shape, and a dtype it may take."""
     inputs = res.inputs
     tleaves, sleaves, rules = inputs.tgt.leaves, inputs.src.leaves, inputs.rules
+    copy = [rule.is_copy for rule in rules]  # a property: asked once per rule, not per pair
     out = []
     for pair in res.pairs:
-        rule = rules[pair.rule]
-        if not rule.is_copy:
+        if not copy[pair.rule]:
             continue
+        rule = rules[pair.rule]
         tleaf, sleaf = tleaves[pair.target], sleaves[pair.source]
         # Fast path for arrays: plain attribute compares, no spec objects.
         try:
@@ -254,6 +255,8 @@ def _short(value: Any) -> str:
 def check_operations(res: Resolution) -> list[Problem]:
     """What each rule operation makes of its source leaves fits its target exactly."""
     rules = res.inputs.rules
+    if all(rule.is_copy for rule in rules):
+        return []  # only copies: check_copies checks them all
     out = []
     for pair in res.pairs:
         if not rules[pair.rule].is_copy:
@@ -391,7 +394,7 @@ def deleted_sources(src: TreeIndex, pairs: Iterable[Pair]) -> list[Problem]:
     `.delete()` leaves an array with its shape and dtype but no values: `plan`
     refuses it, and `execute` checks again, as it may be deleted in between.
     """
-    read = {si for pair in pairs for si in (pair.sources or (pair.source,))}
+    read = set(source_indices(list(pairs)))
     gone = sorted(si for si in read if is_deleted(src.leaves[si]))
     return [
         Problem(
@@ -418,6 +421,8 @@ def check_unfilled(res: Resolution) -> list[Problem]:
     largest subtree of such leaves, with the rule that would fill it.
     """
     tgt = res.inputs.tgt
+    if -1 not in res.winner:
+        return []  # every leaf has a rule
     unfilled = [
         i for i, leaf in enumerate(tgt.leaves) if res.winner[i] < 0 and is_abstract(leaf)
     ]

@@ -9,13 +9,14 @@ any instance that no target leaf mirrors, for the unexpected check.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from treegraft._errors import GraftError
 from treegraft._parse.keys import loose
 from treegraft._parse.paths import Part
 from treegraft._plan.context import Inputs, source_prefixes
-from treegraft._plan.record import Pair
+from treegraft._plan.record import Pair, source_indices
 from treegraft._plan.resolution import Node, Stray, Unpaired
 
 Parts = tuple[Part, ...]
@@ -127,9 +128,7 @@ def strays(
 ) -> list[Stray]:
     """Source leaves under a rule's old prefix that mirror no target leaf."""
     src, tgt = inputs.src, inputs.tgt
-    paired: set[int] = set()
-    for pair in pairs:
-        paired.update(pair.sources or (pair.source,))
+    paired = set(source_indices(pairs))
     # A source subtree already named by a structure problem is not listed
     # again, leaf by leaf. Compared loosely: those paths are built from the
     # state's int keys, where a checkpoint holds their strings.
@@ -145,9 +144,8 @@ def strays(
         if old_prefix is None or inputs.rules[r].old is None:
             continue
         k = len(old_prefix)
-        for si in src.under(old_prefix):
-            if si in paired:
-                continue
+        # Most leaves under a rule's prefix are paired: those skipped with no Python step each.
+        for si in itertools.filterfalse(paired.__contains__, src.under(old_prefix)):
             sparts = src.paths[si]
             if tgt.find(new_prefix + sparts[k:]) is not None:
                 continue  # taken by a more specific rule, or reported already

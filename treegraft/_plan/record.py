@@ -12,6 +12,7 @@ arithmetic nobody asked for (0.25 s for 100,000 leaves).
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -23,7 +24,7 @@ from treegraft._read.source import Source, reads_boxes
 from treegraft._tree import leaves as _leaves
 from treegraft._tree.index import TreeIndex
 
-__all__ = ["Pair", "PlanRecord", "make_record", "pair_inputs"]
+__all__ = ["Pair", "PlanRecord", "make_record", "pair_inputs", "source_indices"]
 
 
 class Pair(NamedTuple):
@@ -48,6 +49,22 @@ class Pair(NamedTuple):
     sources: tuple[int, ...] = ()
     layer: int | None = None
     grids: tuple[tuple[int, ...], ...] = ()
+
+
+def source_indices(pairs: Sequence[Pair]) -> list[int]:
+    """Every source leaf index the pairs read, pair by pair (a stack's leaves in order).
+
+    Example:
+      >>> source_indices([Pair(0, 4, 0), Pair(1, 5, 0, sources=(5, 6))])
+      [4, 5, 6]
+    """
+    if not any(map(_SOURCES, pairs)):
+        # Pairs of one source leaf each (copies, casts): no Python step per pair.
+        return list(map(_SOURCE, pairs))
+    return [si for pair in pairs for si in (pair.sources or (pair.source,))]
+
+
+_SOURCE, _SOURCES = operator.itemgetter(1), operator.itemgetter(3)
 
 
 # A read of the source: (source leaf index, what of it): None for the whole leaf,
@@ -134,8 +151,12 @@ def make_record(
     """
     rules = tuple(rules)
     measured: dict[ReadKey, int] = {}
-    if lazy is not None and reads_boxes(lazy):
+    # Only an unstack, take or slice reads a box: pairs of other rules measure nothing.
+    boxed = [_boxed_unstack(rule) or _box_step(rule) is not None for rule in rules]
+    if lazy is not None and any(boxed) and reads_boxes(lazy):
         for pair in pairs:
+            if not boxed[pair.rule]:
+                continue
             rule = rules[pair.rule]
             if pair.sources:
                 continue
@@ -183,11 +204,8 @@ def _read_keys(pair: Pair, boxes: bool, rule: Rule, source: TreeIndex) -> Sequen
     return ((pair.source, None),)  # read whole once, sliced for every box
 
 
-def _step_box(rule: Rule, source: TreeIndex, si: int) -> tuple[tuple[int, int], ...] | None:
-    """The box of a leaf a take or slice applied to the leaf itself reads, as bounds.
-
-    None for any other rule (or a take or slice out of range: the plan refuses it).
-    """
+def _box_step(rule: Rule) -> Any:
+    """The take or slice a rule applies to its one source leaf itself, or None."""
     tree = rule.tree
     if tree is None or len(rule.refs) != 1 or rule.refs[0].levels or rule.refs[0].unstack:
         return None
@@ -196,6 +214,17 @@ def _step_box(rule: Rule, source: TreeIndex, si: int) -> tuple[tuple[int, int], 
         node = node.children[0]
     step = node.step
     if node.kind != "step" or step is None or step.kind not in ("take", "slice"):
+        return None
+    return step
+
+
+def _step_box(rule: Rule, source: TreeIndex, si: int) -> tuple[tuple[int, int], ...] | None:
+    """The box of a leaf a take or slice applied to the leaf itself reads, as bounds.
+
+    None for any other rule (or a take or slice out of range: the plan refuses it).
+    """
+    step = _box_step(rule)
+    if step is None:
         return None
     shape = _leaves.spec_of(source.leaves[si])[0]
     if shape is None:

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from treegraft._parse.paths import Part
 from treegraft._plan.context import Inputs
-from treegraft._plan.record import Pair
+from treegraft._plan.record import Pair, source_indices
 
 Parts = tuple[Part, ...]
 # A target node an unmatched rule names: its path, its old path, whether the source has it.
@@ -113,7 +113,7 @@ class Resolution:
         the state has a subtree (their spec is in the structure message).
         """
         leaves = self.inputs.src.leaves
-        out = [leaves[si] for pair in self.pairs for si in (pair.sources or (pair.source,))]
+        out = list(map(leaves.__getitem__, source_indices(self.pairs)))
         out += [
             leaves[u.source_leaf]
             for u in self.unpaired

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import operator
 import typing
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from treegraft._parse.paths import Part
@@ -25,6 +26,7 @@ from treegraft._plan.instances import (
 )
 from treegraft._plan.record import Pair
 from treegraft._plan.resolution import Resolution, Unpaired
+from treegraft._tree.index import TreeIndex
 
 Parts = tuple[Part, ...]
 
@@ -182,10 +184,17 @@ def fresh_run(inputs: Inputs, r: int, members: Any, winner: list[int]) -> tuple[
 
 def _runs(winner: list[int], prefix_len: list[int]) -> list[tuple[int, int]]:
     """(start, stop) of each run of neighbouring leaves with one rule at one prefix length."""
-    keys = list(zip(winner, prefix_len, strict=True))
-    n = len(keys)
-    starts = [0, *itertools.compress(range(1, n), map(operator.ne, keys[1:], keys[:-1]))]
-    return list(zip(starts, [*starts[1:], n], strict=True)) if n else []
+    n = len(winner)
+    if not n:
+        return []
+    # Where either list changes, compared as ints (no pair made per leaf).
+    changes = map(
+        operator.or_,
+        map(operator.ne, itertools.islice(winner, 1, None), winner),
+        map(operator.ne, itertools.islice(prefix_len, 1, None), prefix_len),
+    )
+    starts = [0, *itertools.compress(range(1, n), changes)]
+    return list(zip(starts, [*starts[1:], n], strict=True))
 
 
 def _copy_run(
@@ -212,12 +221,46 @@ def _copy_run(
     if old_prefix is None:
         return None
     run = paths[a:b]
-    wanted = run if old_prefix == new_prefix else [old_prefix + p[n:] for p in run]
-    found = inputs.src.find_all(wanted)
-    if None in found:
+    sources: Sequence[int] | None = _same_suffixes(inputs.src, old_prefix, run, n)
+    if sources is None:
+        wanted = run if old_prefix == new_prefix else [old_prefix + p[n:] for p in run]
+        found = inputs.src.find_all(wanted)
+        if None in found:
+            return None
+        sources = typing.cast(list[int], found)
+    # Pair(i, si, r) for each leaf, made as tuples with no Python call per leaf.
+    fields = zip(range(a, b), sources, itertools.repeat(r), *_PAIR_DEFAULTS)
+    return list(map(tuple.__new__, itertools.repeat(Pair), fields))
+
+
+def _same_suffixes(src: TreeIndex, old_prefix: Parts, run: list[Parts], n: int) -> range | None:
+    """The source leaves of a run when they are the leaves under old_prefix, in order; else None.
+
+    Both trees' paths are str parts in sorted order: the source leaves under
+    old_prefix are one range, and when their suffixes are the run's suffixes
+    (compared whole, with no look-up per leaf), leaf k of the run reads leaf
+    k of the range, as `find_all` would find it. Otherwise `find_all` decides.
+    """
+    if not src.sorted_str():
         return None
-    sources = typing.cast(list[int], found)
-    return list(map(Pair, range(a, b), sources, itertools.repeat(r)))
+    under = src.under(old_prefix)
+    if len(under) != len(run) or not under:
+        return None
+    first, stop = under[0], under[0] + len(run)
+    mine = src.paths[first:stop]
+    if old_prefix == run[0][:n]:
+        same = mine == run  # equal prefixes: the whole paths compare as the suffixes do
+    else:
+        same = _suffixes(mine, len(old_prefix)) == _suffixes(run, n)
+    return range(first, stop) if same else None
+
+
+def _suffixes(paths: list[Parts], k: int) -> list[Parts]:
+    return list(map(operator.itemgetter(slice(k, None)), paths))
+
+
+# The fields of a Pair after (target, source, rule), at their defaults, for `_copy_run`.
+_PAIR_DEFAULTS = tuple(map(itertools.repeat, Pair._field_defaults.values()))
 
 
 def _pair_leaves(

@@ -17,7 +17,7 @@ from treegraft._parse.paths import Part, Path, key_to_part, render_parts
 from treegraft._tree import nnx as _nnx
 from treegraft._tree.nodes import IsLeaf, _find_unsortable, _is_variable, _kids, children
 
-__all__ = ["flatten", "flatten_parts", "flatten_plain"]
+__all__ = ["flatten", "flatten_index", "flatten_parts", "flatten_plain"]
 
 
 def flatten_parts(
@@ -42,14 +42,33 @@ def flatten_plain(
     same paths; a custom node may not say so (its keys can come from its
     children, or change order from one flatten to the next).
     """
+    return flatten_index(tree, is_leaf=is_leaf)[:4]
+
+
+def flatten_index(
+    tree: Any, *, is_leaf: IsLeaf = None
+) -> tuple[list[tuple[Part, ...]], list[Any], tree_util.PyTreeDef, bool, bool | None]:
+    """`flatten_plain`, and True when every part of every path is a str, None when not known.
+
+    True when the walk met a plain tree holding no list or tuple with a
+    child (its dict keys were checked to be str on the way): then no part
+    needs looking at. None leaves the question to the caller.
+
+    Example:
+      >>> flatten_index({'a': {'b': 1}, 'c': []})[3:]
+      (True, True)
+      >>> flatten_index({'a': [1]})[3:]
+      (True, None)
+    """
     if is_leaf is None:
         leaves, treedef = _jax_flatten(tree_util.tree_flatten, tree, None)
         walked = _walk_paths(tree, len(leaves))
         if walked is not None:
-            paths, seen, custom, plain = walked
+            paths, seen, custom, plain, sequences = walked
             if len(seen) == len(leaves) and all(map(operator.is_, seen, leaves)):
                 if not custom or _all_distinct(leaves):
-                    return paths, leaves, treedef, plain
+                    str_only = True if plain and not sequences else None
+                    return paths, leaves, treedef, plain, str_only
                 # The walk flattened the custom nodes a second time, and a
                 # node may order its children differently on each call (a
                 # set-like node): identity pairs only distinct leaves, so a
@@ -81,7 +100,7 @@ def flatten_plain(
         paths.append(tuple(parts))
         leaves.append(leaf)
     _check_distinct_paths(tree, paths, is_leaf)
-    return paths, leaves, treedef, False
+    return paths, leaves, treedef, False, None
 
 
 # jax's flatten gives up (SystemError) at about 1000 levels, fewer when called
@@ -155,6 +174,7 @@ def _check_distinct_paths(tree: Any, paths: list[tuple[Part, ...]], is_leaf: IsL
 
 # Types seen to be leaves, or generic nodes, in this process. A type registered
 # with jax is a node for good, so the answer can be kept.
+_STR_TYPES = frozenset({str})
 _BUILTIN_LEAF_TYPES = frozenset({bool, int, float, complex, str, bytes})
 _LEAF_TYPES: set[type] = set(_BUILTIN_LEAF_TYPES)
 _NODE_TYPES: set[type] = set()
@@ -173,7 +193,7 @@ def _all_distinct(leaves: list[Any]) -> bool:
 
 def _walk_paths(
     tree: Any, n_leaves: int
-) -> tuple[list[tuple[Part, ...]], list[Any], bool, bool] | None:
+) -> tuple[list[tuple[Part, ...]], list[Any], bool, bool, bool] | None:
     """Leaf paths by a direct walk: several times faster than jax's key paths.
 
     Builtin containers are walked here, in jax's order (dict keys sorted);
@@ -182,22 +202,24 @@ def _walk_paths(
     Also returns the leaves it found, for the caller to check against jax's,
     and whether it met a node type that is not a builtin container (whose
     flatten may not give its children in the same order every time), and
-    whether it met only dicts with str keys, lists, tuples and None (plain).
+    whether it met only dicts with str keys, lists, tuples and None (plain),
+    and whether it met a list or tuple holding a child (then a part may be an int).
     """
     paths: list[tuple[Part, ...]] = []
     found: list[Any] = []
     custom = False
     plain = True
+    sequences = False
     add, keep = paths.append, found.append
     leaf_types = _LEAF_TYPES
 
     def visit(prefix: tuple[Part, ...], node: Any) -> None:
-        nonlocal custom, plain
+        nonlocal custom, plain, sequences
         # Children that are known leaves are taken in place: most of a big
         # tree's nodes are leaves, and a call per leaf is what costs.
         t = type(node)
         if t is dict:
-            if plain and not all(type(k) is str for k in node):
+            if plain and not _STR_TYPES.issuperset(map(type, node)):
                 plain = False
             for k in sorted(node):
                 child = node[k]
@@ -207,6 +229,7 @@ def _walk_paths(
                 else:
                     visit(prefix + (k,), child)
         elif t is list or t is tuple:
+            sequences = sequences or bool(node)
             for i, child in enumerate(node):
                 if type(child) in leaf_types:
                     add(prefix + (i,))
@@ -241,7 +264,7 @@ def _walk_paths(
         return None
     except RecursionError:  # deeper than Python's stack: jax walks it
         return None
-    return (paths, found, custom, plain) if len(paths) == n_leaves else None
+    return (paths, found, custom, plain, sequences) if len(paths) == n_leaves else None
 
 
 def _generic_children(node: Any, t: type, where: tuple[Part, ...]) -> list[tuple[Part, Any]] | None:

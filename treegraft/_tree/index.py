@@ -6,8 +6,10 @@ costs a small constant per leaf.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import itertools
+import operator
 import sys
 from typing import Any
 
@@ -16,7 +18,7 @@ import jax
 from treegraft._errors import Names, PathNotFoundError
 from treegraft._parse.keys import could_loosen, loose
 from treegraft._parse.paths import Part, Path, is_index, render_parts, render_pattern
-from treegraft._tree.flat import flatten_plain
+from treegraft._tree.flat import flatten_index
 from treegraft._tree.leaves import check_not_traced
 from treegraft._tree.pytree import children, walk_path
 
@@ -41,11 +43,12 @@ class TreeIndex:
     def __init__(self, root: Any, what: str):
         self.root = root
         self.what = what
-        self.paths, self.leaves, self.treedef, self.plain = flatten_plain(root)
+        self.paths, self.leaves, self.treedef, self.plain, str_only = flatten_index(root)
         check_not_traced(self.leaves, self.paths, what)
         self._index: dict[Parts, int] | None = None
-        self._all_str = False  # every part a str: an equal path has the same types
-        self._str_known = False  # whether _all_str has been found (with or without _index)
+        self._all_str = bool(str_only)  # every part a str: an equal path has the same types
+        self._str_known = str_only is not None  # whether _all_str has been found
+        self._sorted: bool | None = None  # `sorted_str`, once asked
         self._loose: dict[Parts, int] | None = None
         self._groups: dict[int, dict[Parts, list[int]]] = {}
         self._loose_groups: dict[int, dict[Parts, list[int]]] = {}
@@ -133,14 +136,19 @@ class TreeIndex:
     def under(self, prefix: Parts) -> list[int]:
         """Indices of the leaves whose path starts with prefix (int keys loose)."""
         k = len(prefix)
+        if _all_str(prefix) and self.sorted_str():
+            # Str parts in sorted order: the leaves under prefix are one range,
+            # found by bisection with no table (loose look-ups find no more:
+            # every part is a str already).
+            paths = self.paths
+            a = bisect.bisect_left(paths, prefix)
+            b = bisect.bisect_right(paths, prefix, a, key=operator.itemgetter(slice(0, k)))
+            return list(range(a, b))
         groups = self._groups.get(k)
         if groups is None:
             # Tables are published whole: indexes of equal paths share them
             # (`holding`), possibly across threads.
-            groups = {}
-            for i, p in enumerate(self.paths):
-                if len(p) >= k:
-                    groups.setdefault(p[:k], []).append(i)
+            groups = prefix_groups(self.paths, k)
             self._groups[k] = groups
         found = groups.get(prefix)
         if found is not None and (
@@ -159,8 +167,28 @@ class TreeIndex:
         return lgroups.get(loose(prefix), [])
 
     def _build_index(self) -> None:
-        self._index = {p: i for i, p in enumerate(self.paths)}
+        self._index = dict(zip(self.paths, range(len(self.paths)), strict=True))
         self._str_only()
+
+    def sorted_str(self) -> bool:
+        """Whether every part is a str and the paths come in sorted order.
+
+        Then a prefix's leaves are one range of the paths. So it is for trees
+        of dicts, whose keys jax sorts; a custom node may order its keys
+        otherwise, so the order is looked at, not assumed.
+
+        Example:
+          >>> TreeIndex({'b': {'y': 1, 'x': 2}, 'a': 3}, 't').sorted_str()
+          True
+          >>> TreeIndex({'a': [1, 2]}, 't').sorted_str()
+          False
+        """
+        if self._sorted is None:
+            paths = self.paths
+            self._sorted = self.str_only() and all(
+                map(operator.lt, paths, itertools.islice(paths, 1, None))
+            )
+        return self._sorted
 
     def str_only(self) -> bool:
         """Whether every part of every path is a str (then equal paths have equal types)."""
@@ -249,6 +277,43 @@ class TreeIndex:
                     groups.setdefault(loose(p[n : n + k]), []).append(i)
             self._at_groups[key] = groups
         return groups.get(loose(head), [])
+
+
+def prefix_groups(paths: list[Parts], k: int) -> dict[Parts, list[int]]:
+    """{first k parts: indices of the paths of at least k parts starting so}, in order.
+
+    The leaves under one node are neighbours in leaf order, so each group is
+    one run of equal prefixes: found by comparing neighbours, with no Python
+    step per path. Paths where that does not hold (a prefix in two runs) are
+    grouped one by one.
+
+    Example:
+      >>> prefix_groups([('a', 'x'), ('a', 'y'), ('b',), ('c', 'z')], 1)
+      {('a',): [0, 1], ('b',): [2], ('c',): [3]}
+      >>> prefix_groups([('a', 'x'), ('a', 'y'), ('b',), ('c', 'z')], 2)
+      {('a', 'x'): [0], ('a', 'y'): [1], ('c', 'z'): [3]}
+    """
+    n = len(paths)
+    if not n:
+        return {}
+    heads = list(map(operator.itemgetter(slice(0, k)), paths))
+    starts = [0, *itertools.compress(range(1, n), map(operator.ne, heads[1:], heads[:-1]))]
+    groups: dict[Parts, list[int]] = {}
+    runs = 0
+    for a, b in zip(starts, [*starts[1:], n], strict=True):
+        head = heads[a]
+        if len(head) == k:  # shorter paths (a leaf above depth k) are in no group
+            groups[head] = list(range(a, b))
+            runs += 1
+    if len(groups) == runs:
+        return groups
+    # A prefix in two runs: equal parts of distinct nodes (1 and True), or
+    # paths not in leaf order. Grouped one path at a time, as they come.
+    groups = {}
+    for i, p in enumerate(paths):
+        if len(p) >= k:
+            groups.setdefault(p[:k], []).append(i)
+    return groups
 
 
 def _as_index(part: Part) -> Part:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -178,13 +179,14 @@ def _load_batch(leaves: Iterable[Any]) -> list[CheckpointError]:
     Returns the error of each leaf whose header could not be read (it is
     left unread), in order.
     """
+    unread = [leaf for leaf in leaves if type(leaf) is LazyLeaf and leaf._spec is None]
+    stores = set(map(_STORE, unread))
     by_store: dict[OrbaxStore, list[LazyLeaf]] = {}
-    for leaf in leaves:
-        if type(leaf) is LazyLeaf and leaf._spec is None:
-            group = by_store.get(leaf._store)
-            if group is None:
-                group = by_store[leaf._store] = []
-            group.append(leaf)
+    if len(stores) == 1:  # the usual case: one checkpoint, no grouping step per leaf
+        by_store[stores.pop()] = unread
+    else:
+        for leaf in unread:
+            by_store.setdefault(leaf._store, []).append(leaf)
     failed: list[CheckpointError] = []
     for store, pending in by_store.items():
         with young_collections_only():
@@ -200,6 +202,9 @@ def _load_batch(leaves: Iterable[Any]) -> list[CheckpointError]:
                     raise
                 failed.append(e)
     return failed
+
+
+_STORE = operator.attrgetter("_store")
 
 
 def _read_headers(store: OrbaxStore, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
@@ -218,6 +223,8 @@ def _read_headers(store: OrbaxStore, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
 
     suffix = "/zarr.json" if store.zarr3 else "/.zarray"
     wanted = {f"{leaf.name}{suffix}".encode(): leaf for leaf in leaves}
+    if store.index is not None and not store.index.ready():
+        store.index = None  # no manifest it knows (as if never started): key by key
     try:
         if store.walk_later and worth_walking(len(wanted), 2 * len(store.leaves)):
             # Each array has a header and at least one chunk: about twice as many keys.
@@ -270,6 +277,7 @@ def _read_headers(store: OrbaxStore, leaves: list[LazyLeaf]) -> list[LazyLeaf]:
             # A plain array, as `_set` would set it: one spec object shared by
             # every leaf of that header (100,000 calls of `_set` cost 0.07 s).
             leaf._stored = leaf._spec = spec
+            leaf.shape, leaf.dtype = spec
     return left
 
 
@@ -315,9 +323,13 @@ class LazyLeaf:
     """A saved array's metadata: its shape and dtype once `prefetch` has read them.
 
     A Python scalar saved by orbax has shape () and its Python type as dtype.
+    `shape` and `dtype` are plain attributes once read (a plan compares them
+    for every leaf); until then, touching one reads the header (`__getattr__`).
     """
 
-    __slots__ = ("name", "scalar", "key_impl", "_store", "_spec", "_stored")
+    __slots__ = ("name", "scalar", "key_impl", "_store", "_spec", "_stored", "shape", "dtype")
+    shape: tuple[int, ...]
+    dtype: Any
 
     def __init__(self, store: OrbaxStore, name: str, scalar: bool, key_impl: str | None = None):
         self._store = store
@@ -338,6 +350,7 @@ class LazyLeaf:
             self._spec = (tuple(shape[: len(shape) - data_ndim]), key_dtype)
         else:
             self._spec = (shape, dtype)
+        self.shape, self.dtype = self._spec
 
     def _load(self) -> tuple[tuple[int, ...], Any]:
         # A plan reads every leaf it uses in `prefetch` first, so it never gets
@@ -362,13 +375,13 @@ class LazyLeaf:
         assert self._stored is not None
         return self._stored
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self._spec or self._load())[0]
-
-    @property
-    def dtype(self) -> Any:
-        return (self._spec or self._load())[1]
+    def __getattr__(self, name: str) -> Any:
+        # Called only for an attribute not set: shape and dtype before the header is read.
+        if name == "shape":
+            return self._load()[0]
+        if name == "dtype":
+            return self._load()[1]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self) -> str:
         if self._spec is None:

@@ -14,13 +14,15 @@ scan accepts is read exactly as `json` reads it, and nothing else is read by it.
 from __future__ import annotations
 
 import json
+import operator
 import re
 from typing import Any
 
 __all__ = ["Entry", "scan", "scan_keys"]
 
 # A JSON string's body without escapes or control characters: its text is its value.
-_STR = r'[^"\\\x00-\x1f]*'
+# Possessive: it is always followed by a '"' it cannot match, so giving back cannot help.
+_STR = r'[^"\\\x00-\x1f]*+'
 _INT = r"(?:0|[1-9][0-9]*)"
 _KEY = r'\{"key": "' + _STR + r'", "key_type": [12]\}'
 
@@ -88,9 +90,12 @@ def scan(text: bytes) -> tuple[dict[str, Any], list[Entry]] | None:
     if not isinstance(fields, dict) or fields.get("tree_metadata") != {}:
         return None
     entries: list[Entry] = _ENTRY.findall(body, 0, end)
-    if len({e[0] for e in entries}) != len(entries):
+    if len(set(map(_NAME, entries))) != len(entries):
         return None  # a name twice: json keeps the last entry of that name
     return fields, entries
+
+
+_NAME = operator.itemgetter(0)
 
 
 def scan_keys(parent: str) -> list[tuple[str, str]]:
