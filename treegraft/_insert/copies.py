@@ -40,6 +40,7 @@ SHARED_FROM = 2**20
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (the process it serves, the pool)
 _pool_lock = threading.Lock()
+_entered = threading.local()  # the worker's allowing guard, held for the thread's life
 
 
 def _worker() -> ThreadPoolExecutor:
@@ -47,7 +48,8 @@ def _worker() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="treegraft-copy"))
+            _pool = (os.getpid(), ThreadPoolExecutor(
+                1, thread_name_prefix="treegraft-copy", initializer=_allow_transfers))
         return _pool[1]
 
 
@@ -60,16 +62,29 @@ def lent(block: Any) -> bool:
     )
 
 
-def _put(block: np.ndarray, device: Any, x64: bool) -> jax.Array:
-    """jax's copy of block on device, made under the caller's settings in any thread.
+def _allow_transfers() -> None:
+    """Allows transfers in the worker thread for its lifetime (set as the thread starts).
 
-    jax's `enable_x64` and transfer guard may be set for the calling thread
-    only; the worker would otherwise put under the process's: a float64
-    block became float32 there (a silent cast), or mixed with the caller's
-    float64 shards. The transfer is the one graft was asked for, so it is
-    allowed whatever guard is set (docs/design.md section 12).
+    The puts it makes are the ones graft was asked for, allowed whatever guard
+    is set (docs/design.md section 12); a guard entered once, not per put
+    (5 us each).
     """
-    with jax.enable_x64(x64), jax.transfer_guard("allow"):
+    guard = jax.transfer_guard("allow")
+    guard.__enter__()
+    _entered.guard = guard  # kept: a context manager let go of restores the guard it set
+
+
+def _put(block: np.ndarray, device: Any, x64: bool) -> jax.Array:
+    """jax's copy of block on device, made under the caller's `enable_x64` in any thread.
+
+    jax's `enable_x64` may be set for the calling thread only; the worker
+    would otherwise put under the process's: a float64 block became float32
+    there (a silent cast), or mixed with the caller's float64 shards.
+    Transfers are allowed in both threads (`_allow_transfers`, `place_shared`).
+    """
+    if bool(jax.config.read("jax_enable_x64")) == x64:
+        return jax.device_put(block, device, may_alias=False)
+    with jax.enable_x64(x64):
         return jax.device_put(block, device, may_alias=False)
 
 
@@ -88,23 +103,28 @@ def place_shared(
     handed: list[tuple[np.ndarray, Any, Future[jax.Array]]] = []
     used: set[int] = set()
     x64 = bool(jax.config.read("jax_enable_x64"))  # this thread's setting, for the worker
-    try:
-        for box, devices in devices_by_box(sharding, shape).items():
-            block = block_of(box)
-            if lent(block):
-                handed.extend((block, d, _worker().submit(_put, block, d, x64)) for d in devices)
-                continue
-            if id(block) in used:
-                block = copy_block(block)
-            used.add(id(block))
-            for device, got in zip(devices, put_block(block, devices, adopt=False), strict=True):
-                out[device] = got
-            del block
-        out.update(_collect(handed, x64))
-    finally:
-        for _, _, future in handed:
-            future.cancel()  # a failed block: copies not started are not made
-    return assemble(shape, sharding, out)
+    # The transfers graft was asked for, allowed whatever guard the caller set
+    # (docs/design.md section 12): once here, not per block.
+    with jax.transfer_guard("allow"):
+        try:
+            for box, devices in devices_by_box(sharding, shape).items():
+                block = block_of(box)
+                if lent(block):
+                    handed.extend((block, d, _worker().submit(_put, block, d, x64))
+                                  for d in devices)
+                    continue
+                if id(block) in used:
+                    block = copy_block(block)
+                used.add(id(block))
+                for device, got in zip(devices, put_block(block, devices, adopt=False),
+                                       strict=True):
+                    out[device] = got
+                del block
+            out.update(_collect(handed, x64))
+        finally:
+            for _, _, future in handed:
+                future.cancel()  # a failed block: copies not started are not made
+        return assemble(shape, sharding, out)
 
 
 def _collect(handed: Sequence[tuple[np.ndarray, Any, Future[jax.Array]]],
