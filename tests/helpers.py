@@ -119,3 +119,30 @@ def assert_owns_buffers(x: Any, *others: Any) -> None:
     assert len(set(mine)) == len(mine), mine
     theirs = {p for other in others for p in buffer_pointers(other)}
     assert not set(mine) & theirs, (mine, theirs)
+
+
+def mesh_2x4() -> jax.sharding.Mesh:
+    """The 2 x 4 (`a`, `b`) mesh over the 8 CPU devices the suite runs with."""
+    return jax.make_mesh((2, 4), ("a", "b"))
+
+
+# ----------------------------------------------------------------------------
+# Reads.
+# ----------------------------------------------------------------------------
+
+
+def rchar() -> int:
+    """Bytes this process has read so far (`rchar` of /proc/self/io)."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def safetensors_oracle(path: str, name: str) -> np.ndarray:
+    """The tensor as safetensors' own reader gives it."""
+    import safetensors
+
+    with safetensors.safe_open(path, "numpy") as f:
+        return f.get_tensor(name)

@@ -22,7 +22,8 @@ import threading
 import jax
 import numpy as np
 import pytest
-from helpers import assert_owns_buffers, buffer_pointers
+from helpers import assert_owns_buffers, buffer_pointers, mesh_2x4
+from helpers import safetensors_oracle as oracle
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
@@ -32,7 +33,7 @@ import treegraft as tg
 from treegraft._insert import copies, placement
 from treegraft._insert.pullback import reshape_box
 
-safetensors = pytest.importorskip("safetensors")
+pytest.importorskip("safetensors")
 save_file = pytest.importorskip("safetensors.numpy").save_file
 
 D, N, K, H, F = 32, 8, 4, 4, 64  # hidden, heads, kv heads, head dim, ffn
@@ -53,16 +54,6 @@ def weights(tmp_path):
     path = str(tmp_path / "model.safetensors")
     save_file(tensors, path)
     return path
-
-
-def oracle(path: str, name: str) -> np.ndarray:
-    """The tensor as safetensors' own reader gives it."""
-    with safetensors.safe_open(path, "numpy") as f:
-        return f.get_tensor(name)
-
-
-def mesh_2x4():
-    return jax.make_mesh((2, 4), ("a", "b"))
 
 
 def kept_ranges(src):

@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
-from helpers import assert_owns_buffers, buffer_pointers
+from helpers import assert_owns_buffers, buffer_pointers, mesh_2x4, rchar
+from helpers import safetensors_oracle as oracle
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
@@ -30,28 +31,10 @@ import treegraft as tg
 from treegraft._formats.safetensors import preads
 from treegraft._insert import copies, transform
 
-safetensors = pytest.importorskip("safetensors")
+pytest.importorskip("safetensors")
 save_file = pytest.importorskip("safetensors.numpy").save_file
 
 BLOB = 5 * 2**20 + 12345  # bytes of the raw file read_range is tested on
-
-
-def oracle(path: str, name: str) -> np.ndarray:
-    """The tensor as safetensors' own reader gives it."""
-    with safetensors.safe_open(path, "numpy") as f:
-        return f.get_tensor(name)
-
-
-def mesh_2x4():
-    return jax.make_mesh((2, 4), ("a", "b"))
-
-
-def rchar() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-    raise AssertionError("no rchar in /proc/self/io")
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import rchar
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 from kauldron_run import (
@@ -90,14 +91,6 @@ def copy_item(path, tmp_path):
     dst = tmp_path / "copy"
     shutil.copytree(path, dst)
     return str(dst)
-
-
-def rchar():
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-    raise AssertionError("no rchar in /proc/self/io")
 
 
 def spy_reads(monkeypatch):

@@ -16,21 +16,13 @@ import os
 import jax
 import numpy as np
 import pytest
-from helpers import assert_owns_buffers
+from helpers import assert_owns_buffers, mesh_2x4, rchar
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import treegraft as tg
 
 save_file = pytest.importorskip("safetensors.numpy").save_file
-
-
-def rchar() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-    raise AssertionError("no rchar in /proc/self/io")
 
 
 @pytest.fixture
@@ -44,10 +36,6 @@ def weights(tmp_path):
     path = str(tmp_path / "model.safetensors")
     save_file(tensors, path)
     return path, tensors
-
-
-def mesh_2x4():
-    return jax.make_mesh((2, 4), ("a", "b"))
 
 
 def bytes_read(path, state, mapping):

@@ -127,7 +127,7 @@ def execute(p: GraftPlan, /, *, progress: bool | Callable[[int, int], None] = Fa
         raise GraftError.from_problems(gone, rules=len(p.rules))
     tgt, src = rec.target, rec.source
     # Here, not in plan: convert writes 64-bit values from the host as they are.
-    if narrowed := check_x64([pair.target for pair in rec.pairs], tgt.leaves, tgt.paths):
+    if narrowed := check_x64((pair.target for pair in rec.pairs), tgt.leaves, tgt.paths):
         raise GraftError.from_problems(narrowed, rules=len(p.rules))
     likes_of = concrete_likes([pair.target for pair in rec.pairs], tgt.leaves, tgt.paths)
     plain = [pair for pair in rec.pairs if rec.is_copy(pair)]

@@ -13,7 +13,6 @@ is waited on.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +28,7 @@ from treegraft._insert.placement import (
     devices_by_box,
     put_block,
 )
+from treegraft._threads import one_thread
 
 __all__ = ["SHARED_FROM", "lent", "place_shared"]
 
@@ -38,19 +38,12 @@ __all__ = ["SHARED_FROM", "lent", "place_shared"]
 # does three times the worker's work otherwise (tunix case, per-thread CPU).
 SHARED_FROM = 2**20
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (the process it serves, the pool)
-_pool_lock = threading.Lock()
 _entered = threading.local()  # the worker's allowing guard, held for the thread's life
 
 
 def _worker() -> ThreadPoolExecutor:
-    """The worker's pool, made anew in a forked child (the parent's thread is not there)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(
-                1, thread_name_prefix="treegraft-copy", initializer=_allow_transfers))
-        return _pool[1]
+    """The worker's pool (made anew in a forked child: `_threads.one_thread`)."""
+    return one_thread("treegraft-copy", _allow_transfers)
 
 
 def lent(block: Any) -> bool:

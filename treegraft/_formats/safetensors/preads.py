@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from treegraft._errors import CheckpointError
+from treegraft._threads import one_thread
 
 __all__ = ["SPLIT_FROM", "copy_in_two", "read_range"]
 
@@ -33,17 +34,11 @@ SPLIT_FROM = 2 * 2**20
 # (a lock, a syscall) costs little beside it.
 _PIECE = 2**20
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (the process it serves, the pool)
-_pool_lock = threading.Lock()
 
 
 def _reader() -> ThreadPoolExecutor:
-    """The reader thread's pool, made anew in a forked child (the parent's thread is not there)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="treegraft-read"))
-        return _pool[1]
+    """The reader thread's pool (made anew in a forked child: `_threads.one_thread`)."""
+    return one_thread("treegraft-read")
 
 
 def read_range(fd: int, view: memoryview, begin: int, what: str, where: str, size: int) -> None:
