@@ -738,6 +738,18 @@ CATALOGUE: list[Case] = [
          r"axis 0 of size 5 cannot be split 8 ways evenly",
          state=lambda: {"w": jax.ShapeDtypeStruct((5,), jnp.float32, sharding=_uneven())},
          source=lambda: {"w": np.zeros(5, np.float32)}),
+    # -- round 6: jax would narrow 64-bit values in silence (x64 off) ------------------------
+    Case("value-target-float64-with-x64-off", memory({"w": "w"}), tg.MismatchError,
+         r"(?s)'w' in the state is float64\[3\], which jax puts on a device as float32 while "
+         r"its 64-bit types are off.*jax\.enable_x64\(True\)",
+         state=lambda: {"w": jax.ShapeDtypeStruct((3,), np.float64)},
+         source=lambda: {"w": np.arange(3.0)}),
+    Case("value-propagate-int64-with-x64-off",
+         lambda state, source, workdir: tg.propagate_sharding(source, state),
+         tg.MismatchError,
+         r"'w' in like is int64\[3\], which jax puts on a device as int32",
+         state=lambda: {"w": jax.ShapeDtypeStruct((3,), np.int64)},
+         source=lambda: {"w": np.arange(3)}),
 ]
 
 
